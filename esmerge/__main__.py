@@ -1,0 +1,5 @@
+import sys
+
+from esmerge.cli import main
+
+sys.exit(main())
