@@ -125,3 +125,34 @@ def _check_finite(adapter: Adapter) -> None:
 def with_state(template: Adapter, state: LoraState, name: str = "merged", extras: dict | None = None) -> Adapter:
     """A new adapter with ``template``'s config and the given tensors."""
     return Adapter(state, dict(template.config), name, extras or {})
+
+
+def lora_config_of(adapter: Adapter):
+    """The ``peft.LoraConfig`` stored in an adapter's config dict."""
+    from peft import LoraConfig
+
+    fields = LoraConfig.__dataclass_fields__
+    return LoraConfig(**{k: v for k, v in adapter.config.items() if k in fields and k != "peft_type"})
+
+
+def attach(model: torch.nn.Module, adapters: dict[str, Adapter]):
+    """Wrap ``model`` in a ``PeftModel`` holding every adapter under its name (first one active).
+
+    PEFT injects LoRA layers into ``model`` in place; ``peft_model.unload()`` takes them out
+    again and returns the bare model. ``with peft_model.disable_adapter():`` runs the base.
+    """
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    if not adapters:
+        raise ValueError("no adapters to attach")
+    names = list(adapters)
+    peft_model = get_peft_model(model, lora_config_of(adapters[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, lora_config_of(adapters[name]))
+    for name, adapter in adapters.items():
+        result = set_peft_model_state_dict(peft_model, adapter.state, adapter_name=name)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+        if missing:
+            raise AdapterMismatchError(f"adapter {name!r} lacks tensors the model expects, e.g. {missing[:2]}")
+    peft_model.set_adapter(names[0])
+    return peft_model

@@ -1,0 +1,155 @@
+r"""Layer-wise global merging coefficients from coarse embedding signals (paper §4.2, Eq. 2).
+
+For specialist :math:`\theta_j`, input modality :math:`m_i` and layer :math:`l`:
+
+.. math::
+
+    \mathrm{SWD}^l_{i\to j} = \mathrm{SWD}\big(\mathcal H^l_{i\to\mathrm{base}},\,
+                                               \mathcal H^l_{i\to\theta_j}\big), \qquad
+    d^l_{i\to j} = \mathrm{SWD}^l_{i\to j} - \mathrm{SWD}^{l-1}_{i\to j},
+
+    s^l_j = \sum_i \operatorname{zscore}_l\big(d^l_{i\to j}\big), \qquad
+    \alpha^l_j = \frac{\exp(s^l_j/\tau)}{\sum_m \exp(s^l_m/\tau)}.
+
+Layer indexing: ``l = 1..L`` are the outputs of the L transformer blocks (tensor index
+``l - 1``). "Layer 0" is the input embedding: base and specialists receive the *same* probe
+embeddings, so :math:`\mathrm{SWD}^0 = 0` and :math:`d^1 = \mathrm{SWD}^1`. The official code
+may differ; see ``standardize`` and ``equal_size`` below and the book's "Paper vs official code".
+"""
+from __future__ import annotations
+
+import numpy as np
+import ot
+import torch
+
+
+def sliced_projections(dim: int, n_projections: int = 1024, seed: int = 0) -> torch.Tensor:
+    """Seeded unit directions ``[dim, n_projections]`` (float64), identical on every backend.
+
+    Drawn with NumPy from ``seed`` (POT's ``get_random_projections``), then converted, so the
+    same seed gives the same SWD on CPU, GPU, NumPy or torch.
+    """
+    return torch.from_numpy(np.asarray(ot.sliced.get_random_projections(dim, n_projections, seed=seed)))
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: torch.Tensor, p: float = 2.0) -> float:
+    r"""Sliced Wasserstein distance between two empirical distributions (uniform weights).
+
+    :math:`\mathrm{SWD}_p(X, Y) = \big(\frac1P\sum_{\omega} W_p^p(\omega^\top X, \omega^\top Y)\big)^{1/p}`,
+    computed by POT's ``ot.sliced_wasserstein_distance`` with the given projections.
+
+    Args:
+        x: ``[n, d]`` samples; y: ``[m, d]`` samples; projections: ``[d, P]``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(20, 4, generator=g)
+    >>> sliced_wasserstein(x, x, sliced_projections(4, 8))
+    0.0
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"need [n, d] and [m, d] samples, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if projections.shape[0] != x.shape[1]:
+        raise ValueError(f"projections {tuple(projections.shape)} do not match dimension {x.shape[1]}")
+    xs, ys = x.detach().double().cpu(), y.detach().double().cpu()
+    return float(ot.sliced_wasserstein_distance(xs, ys, projections=projections.double(), p=p))
+
+
+def standardize_jointly(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z-score both sets with the mean and std of their union, per dimension (official-code option)."""
+    both = torch.cat([x, y])
+    mean, std = both.mean(0), both.std(0, unbiased=False).clamp_min(eps)
+    return (x - mean) / std, (y - mean) / std
+
+
+def swd_table(
+    base_states: dict[str, torch.Tensor],
+    specialist_states: list[dict[str, torch.Tensor]],
+    n_projections: int = 1024,
+    p: float = 2.0,
+    seed: int = 0,
+    standardize: bool = False,
+    equal_size: int | None = None,
+) -> torch.Tensor:
+    """SWD between base and each specialist's mean-pooled states, per modality and layer.
+
+    Args:
+        base_states: modality -> pooled base states ``[L, K, d]`` (modality order = dict order).
+        specialist_states: one such dict per specialist.
+        n_projections, p, seed: SWD settings (paper A.3: 1024 projections, p = 2).
+        standardize: jointly z-score base and specialist states per layer before SWD
+            (official code; off in the paper).
+        equal_size: if set, subsample both sets to this many probe samples (seeded)
+            before SWD (official code; ``None`` uses all K).
+
+    Returns:
+        ``[n_specialists, n_modalities, L]`` float64 tensor.
+    """
+    modalities = list(base_states)
+    first = base_states[modalities[0]]
+    n_layers, _, dim = first.shape
+    projections = sliced_projections(dim, n_projections, seed)
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.zeros(len(specialist_states), len(modalities), n_layers, dtype=torch.float64)
+    for j, spec in enumerate(specialist_states):
+        for i, modality in enumerate(modalities):
+            base, other = base_states[modality], spec[modality]
+            if base.shape != other.shape:
+                raise ValueError(f"{modality}: base states {tuple(base.shape)} vs specialist {tuple(other.shape)}")
+            if equal_size is not None:
+                idx = torch.randperm(base.shape[1], generator=gen)[:equal_size]
+                base, other = base[:, idx], other[:, idx]
+            for layer in range(n_layers):
+                x, y = base[layer].double(), other[layer].double()
+                if standardize:
+                    x, y = standardize_jointly(x, y)
+                table[j, i, layer] = sliced_wasserstein(x, y, projections, p)
+    return table
+
+
+def zscore(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
+    """Z-score along ``dim`` with the population std; a constant slice maps to 0, never NaN."""
+    mean = x.mean(dim, keepdim=True)
+    std = x.std(dim, unbiased=False, keepdim=True)
+    return torch.where(std > eps, (x - mean) / std.clamp_min(eps), torch.zeros_like(x))
+
+
+def layer_changes(swd: torch.Tensor) -> torch.Tensor:
+    r"""Per-layer change :math:`d^l = \mathrm{SWD}^l - \mathrm{SWD}^{l-1}` with :math:`\mathrm{SWD}^0 = 0`.
+
+    ``swd``: ``[S, M, L]`` -> ``[S, M, L]``.
+    """
+    return torch.diff(swd, dim=-1, prepend=torch.zeros_like(swd[..., :1]))
+
+
+def softmax_over_specialists(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """Softmax along dim 0 (specialists) with temperature ``tau`` (> 0)."""
+    if tau <= 0:
+        raise ValueError(f"temperature tau must be > 0, got {tau}")
+    return torch.softmax(scores / tau, dim=0)
+
+
+def layer_scores(swd: torch.Tensor) -> torch.Tensor:
+    r"""Layer-wise importance :math:`s^l_j = \sum_i \operatorname{zscore}_l(d^l_{i\to j})`.
+
+    ``swd``: ``[S, M, L]`` -> ``[S, L]``.
+    """
+    if swd.ndim != 3:
+        raise ValueError(f"swd must be [n_specialists, n_modalities, n_layers], got {tuple(swd.shape)}")
+    return zscore(layer_changes(swd), dim=-1).sum(dim=1)
+
+
+def layer_coefficients(swd: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    r"""Layer-wise global merging coefficients :math:`\alpha^l_j` (paper Eq. 2).
+
+    Args:
+        swd: ``[n_specialists, n_modalities, n_layers]`` SWD table (``swd_table``).
+        tau: softmax temperature (paper: 0.5).
+
+    Returns:
+        ``[n_specialists, n_layers]``; each column sums to 1.
+
+    >>> swd = torch.tensor([[[1., 3., 4.]], [[1., 2., 3.]]])   # 2 specialists, 1 modality, 3 layers
+    >>> layer_coefficients(swd, tau=1.0).sum(0)
+    tensor([1., 1., 1.])
+    """
+    return softmax_over_specialists(layer_scores(swd), tau)

@@ -1,0 +1,132 @@
+"""ES-Merging and its two ablations, as one engine (paper §4, Table 3).
+
+``es`` uses both coefficient types (Eq. 4); ``es-layer`` fixes the element-wise factor to
+uniform (lambda = alpha); ``es-element`` fixes the layer-wise factor to uniform (lambda = beta).
+
+Defaults follow the paper (App. A.3): 1024 SWD projections, p = 2, tau = 0.5 for both softmaxes,
+Frobenius distance, z-scores within each layer, no standardisation or subsampling before SWD.
+``variant="code"`` switches every setting to the official code's choice (element tau 0.1, MSE
+distance, per-tensor z-scores, joint standardisation and equal-size subsampling before SWD);
+each can also be set on its own.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from esmerge.adapters import Adapter, attach, with_state
+from esmerge.cache import cached, content_key
+from esmerge.methods import MergeResult, register
+
+PAPER_SETTINGS = dict(n_projections=1024, p=2.0, tau_layer=0.5, tau_element=0.5, distance="frobenius",
+                      per_tensor=False, standardize=False, equal_size=None)
+CODE_SETTINGS = dict(PAPER_SETTINGS, tau_element=0.1, distance="mse", per_tensor=True, standardize=True,
+                     equal_size="min")
+
+
+def resolve_settings(variant: str = "paper", **overrides) -> dict:
+    """Paper or official-code defaults, with explicit overrides applied on top."""
+    if variant not in ("paper", "code"):
+        raise ValueError(f"variant must be 'paper' or 'code', got {variant!r}")
+    settings = dict(PAPER_SETTINGS if variant == "paper" else CODE_SETTINGS)
+    unknown = set(overrides) - set(settings) - {"seed"}
+    if unknown:
+        raise TypeError(f"unknown ES-Merging settings: {sorted(unknown)}; known: {sorted(settings)}")
+    settings.update({k: v for k, v in overrides.items() if k != "seed"})
+    return settings
+
+
+def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool = True, **settings) -> dict:
+    """Probe -> states -> SWD table and element scores for these adapters (cached by content).
+
+    Returns ``{"probes", "states", "swd" [S, M, L], "scores": [dict per specialist], "seconds"}``
+    (``scores`` is empty when ``need_scores`` is false).
+    Every intermediate is stored under ``context.cache`` keyed by what produced it, so a rerun
+    is instant and an interrupted run resumes at the first missing piece.
+    """
+    from esmerge import elementwise, layerwise, probe
+    from esmerge.merge import adapter_digest, tensor_digest
+
+    settings = resolve_settings(**settings)
+    base = context.base
+    names = list(context.specialists)
+    projectors = {m: s.projector for m, s in context.specialists.items() if getattr(s, "projector", None) is not None}
+    probe_key = content_key(base.weights_sha256, context.probe_k, seed,
+                            {m: tensor_digest(p.state_dict()) for m, p in projectors.items()})
+    states_key = content_key(probe_key, [adapter_digest(a) for a in adapters])
+    root = context.cache
+    t0 = time.perf_counter()
+
+    def make_probes():
+        raw = probe.probe_entities(k=context.probe_k, seed=seed, exclude_cells=_training_cells(context))
+        n_tokens = {"molecule": 8, "protein": 8, "cell": 24}
+        blocks = probe.encode_blocks(base, projectors, raw, n_tokens)
+        p = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), blocks, raw)
+        return {"embeds": p.embeds, "positions": p.positions, "raw": p.raw, "template": p.template}
+
+    stored = cached(root / f"probes-{probe_key}.pt", make_probes)
+    probes = probe.Probes(stored["embeds"], stored["positions"], stored["raw"], stored["template"])
+
+    peft_model = attach(base.model, dict(zip(names, adapters)))
+    try:
+        states = cached(root / f"states-{states_key}.pt", lambda: probe.collect_states(peft_model, names, probes))
+        equal = settings["equal_size"]
+        if equal == "min":
+            equal = len(probes)
+        swd_key = content_key(states_key, settings["n_projections"], settings["p"], seed,
+                              settings["standardize"], equal)
+        swd = cached(root / f"swd-{swd_key}.pt", lambda: layerwise.swd_table(
+            states["base"]["pooled"], [states[n]["pooled"] for n in names],
+            n_projections=settings["n_projections"], p=settings["p"], seed=seed,
+            standardize=settings["standardize"], equal_size=equal))
+        scores = []
+        for name, adapter in zip(names, adapters if need_scores else []):
+            peft_model.set_adapter(name)
+            key = content_key(states_key, name, settings["distance"])
+            scores.append(cached(root / f"scores-{key}.pt", lambda: elementwise.element_scores(
+                peft_model, probes.embeds, probes.positions, states["base"]["tokens"], settings["distance"])))
+    finally:
+        peft_model.unload()
+    return {"probes": probes, "states": states, "swd": swd, "scores": scores, "seconds": time.perf_counter() - t0}
+
+
+def _training_cells(context) -> set:
+    spec = context.specialists.get("cell")
+    card = getattr(spec, "card", None) or {}
+    return set(card.get("training_cells", []))
+
+
+def es_merge(adapters: list[Adapter], context, use_layer: bool = True, use_element: bool = True,
+             seed: int = 0, variant: str = "paper", **overrides) -> MergeResult:
+    from esmerge.elementwise import element_coefficients
+    from esmerge.layerwise import layer_coefficients
+    from esmerge.merge import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
+
+    settings = resolve_settings(variant, **overrides)
+    sig = signals(adapters, context, seed=seed, need_scores=use_element, **settings)
+    n, n_layers = len(adapters), sig["swd"].shape[-1]
+    alpha = layer_coefficients(sig["swd"], settings["tau_layer"]) if use_layer else uniform_layer_coefficients(n, n_layers)
+    beta = (element_coefficients(sig["scores"], settings["tau_element"], settings["per_tensor"]) if use_element
+            else uniform_element_coefficients(adapters[0].state, n))
+    coefficients = combine(alpha, beta)
+    merged = merge_lora([a.state for a in adapters], coefficients)
+    info = {"settings": settings, "variant": variant, "seed": seed, "use_layer": use_layer,
+            "use_element": use_element, "signal_seconds": sig["seconds"],
+            "alpha": alpha.tolist(), "probe_k": len(sig["probes"])}
+    return MergeResult(with_state(adapters[0], merged, "es"), info)
+
+
+@register("es", "ES-Merging", "Lee, Kim, Hwang 2026, §4 (Eq. 4)", needs_context=True)
+def es(adapters, context=None, **hp):
+    return es_merge(adapters, context, use_layer=True, use_element=True, **hp)
+
+
+@register("es-layer", "Layer-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.2 (Eq. 2)", needs_context=True)
+def es_layer(adapters, context=None, **hp):
+    return es_merge(adapters, context, use_layer=True, use_element=False, **hp)
+
+
+@register("es-element", "Element-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.3 (Eq. 3)", needs_context=True)
+def es_element(adapters, context=None, **hp):
+    return es_merge(adapters, context, use_layer=False, use_element=True, **hp)
