@@ -1,0 +1,98 @@
+"""ES-Merging end to end at smoke scale: probe -> states -> SWD -> scores -> merged PEFT adapter, with caching."""
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from esmerge import methods
+from esmerge.adapters import adapter_from_model, load_adapter
+from esmerge.encoders import make_projector
+from esmerge.merge import MergeContext, run_merge
+from esmerge.models import load_smoke, lora_config
+
+
+@dataclass
+class StandIn:
+    modality: str
+    adapter: object
+    projector: object
+    card: dict
+
+
+def random_specialists(base, seed=0):
+    """Three random LoRA adapters (B non-zero) with fresh projectors: the smoke stand-ins of issue 4."""
+    from peft import get_peft_model
+
+    specs = {}
+    for j, modality in enumerate(("molecule", "protein", "cell")):
+        torch.manual_seed(seed + j)
+        peft_model = get_peft_model(base.model, lora_config())
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05 * (j + 1))
+        adapter = adapter_from_model(peft_model, modality)
+        peft_model.unload()
+        projector = None if modality == "cell" else make_projector(modality, base.model.get_input_embeddings(), seed=j)
+        specs[modality] = StandIn(modality, adapter, projector, {})
+    return specs
+
+
+@pytest.fixture()
+def context(tmp_path, monkeypatch):
+    from esmerge import probe
+
+    smiles = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "O=C=O", "CCCC"]
+    seqs = ["MKTAYIAKQR", "GAVLIPFW", "MSTNPKPQRK", "MAHHHHHHGS", "MKKLLPTAAA", "MDEKRRAQHN"]
+    cells = ["CD3E, CD2, IL7R, LTB, CCR7, MAL, LEF1, TCF7"] * 6
+    monkeypatch.setattr(probe, "probe_entities", lambda k, seed, exclude_cells=None: {
+        "molecule": smiles[:k], "protein": seqs[:k], "cell": cells[:k]})
+    base = load_smoke(seed=0)
+    return MergeContext(base, random_specialists(base), "smoke", 0, probe_k=6, cache=tmp_path / "cache")
+
+
+def test_es_methods_write_loadable_adapters_and_cache(context, tmp_path):
+    from peft import PeftModel
+
+    out = run_merge("es", tmp_path / "es", context)
+    merged = load_adapter(out)
+    adapters = [s.adapter for s in context.specialists.values()]
+    assert set(merged.state) == set(adapters[0].state)
+    # Every merged element is a convex combination of the three specialists' elements.
+    for key, value in merged.state.items():
+        stack = torch.stack([a.state[key] for a in adapters])
+        assert (value <= stack.max(0).values + 1e-6).all() and (value >= stack.min(0).values - 1e-6).all()
+    cached_files = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert cached_files == ["probes", "scores", "scores", "scores", "states", "swd"]
+    # The model is clean again after merging (LoRA layers removed), and the adapter loads in PEFT.
+    assert not any("lora_" in n for n, _ in context.base.model.named_parameters())
+    peft_model = PeftModel.from_pretrained(context.base.model, out)
+    peft_model.unload()
+
+    # es-layer: lambda = alpha, constant within each layer across every LoRA element.
+    run_merge("es-layer", tmp_path / "layer", context)
+    alpha = torch.tensor(methods.get("es-layer").fn(adapters, context).info["alpha"])
+    assert torch.allclose(alpha.sum(0), torch.ones(alpha.shape[1], dtype=alpha.dtype))
+    layer_merge = load_adapter(tmp_path / "layer")
+    key = next(k for k in merged.state if ".layers.1." in k)
+    expected = sum(alpha[j, 1] * adapters[j].state[key].double() for j in range(3)).float()
+    assert torch.allclose(layer_merge.state[key], expected, atol=1e-6)
+
+
+def test_identical_specialists_merge_to_themselves(context, tmp_path):
+    same = context.specialists["molecule"].adapter
+    context.specialists = {m: StandIn(m, same, s.projector, {}) for m, s in context.specialists.items()}
+    for name in ("es", "es-layer", "es-element"):
+        result = methods.run(name, [same, same, same], context)
+        for key, value in result.adapter.state.items():
+            assert torch.allclose(value, same.state[key], atol=1e-6), (name, key)
+
+
+def test_code_variant_and_bad_settings(context):
+    adapters = [s.adapter for s in context.specialists.values()]
+    result = methods.run("es", adapters, context, variant="code", n_projections=64)
+    assert result.info["settings"]["distance"] == "mse" and result.info["settings"]["tau_element"] == 0.1
+    with pytest.raises(TypeError, match="unknown ES-Merging settings"):
+        methods.run("es", adapters, context, tau=0.3)
+    with pytest.raises(ValueError, match="needs a MergeContext"):
+        methods.run("es", adapters, None)
