@@ -15,6 +15,8 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +46,7 @@ class ManifestEntry:
     licence: str
     source: str
     tasks: tuple[str, ...] = ()
+    citation: str = ""
 
 
 @lru_cache(maxsize=1)
@@ -289,3 +292,339 @@ def load_ccle_cells() -> pd.DataFrame:
     out["genes"] = out["genes"].map(list)  # callers may mutate; the cached frame stays intact
     out.attrs = dict(df.attrs)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Restricted unpickling (TGSA ships its GDSC2 tables as pickles)
+# ----------------------------------------------------------------------------------------------
+
+def _numpy_allowed() -> dict[tuple[str, str], object]:
+    """The globals a pickled numpy array needs, under both numpy 1 (``numpy.core``) and numpy 2
+    (``numpy._core``) module names; each is bound to the object of the running numpy."""
+    from numpy._core import multiarray, numeric  # numpy >= 2; the 1.x names below map here
+
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core", "numpy._core"):
+        allowed[(f"{module}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{module}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{module}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol-5 arrays
+    return allowed
+
+
+# Builtin containers/primitives pickle may name by global (dict, list, tuple, str, ... have opcodes).
+# ``_codecs.encode`` is how protocol 2 stores bytes (numpy array buffers); it only encodes a string.
+_BUILTINS_ALLOWED = {("builtins", n): getattr(__import__("builtins"), n)
+                     for n in ("set", "frozenset", "complex", "bytearray", "slice", "range")}
+_BUILTINS_ALLOWED[("_codecs", "encode")] = __import__("codecs").encode
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, fh, source: str):
+        super().__init__(fh)
+        self.source = source
+        self.allowed = {**_numpy_allowed(), **_BUILTINS_ALLOWED}
+
+    def find_class(self, module: str, name: str):
+        # Protocols 0-2 name builtins by their Python 2 modules (``__builtin__.set``); map them the
+        # way CPython's own Unpickler does before checking the allow-list.
+        from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+        module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise DataError(
+                f"{self.source}: refused global {module}.{name} while unpickling (only numpy arrays "
+                f"and builtin containers are allowed); the file is not the expected TGSA table"
+            ) from None
+
+    def persistent_load(self, pid):
+        raise DataError(f"{self.source}: refused persistent id {pid!r} while unpickling")
+
+
+def safe_pickle_load(path: str | os.PathLike):
+    """Unpickle ``path`` allowing only numpy arrays/dtypes/scalars and builtin containers.
+
+    Any other global (``os.system``, ``builtins.eval``, a class) raises ``DataError`` naming it
+    before anything is called, so a tampered file cannot execute code.
+    """
+    with open(path, "rb") as fh:
+        try:
+            return _RestrictedUnpickler(fh, str(path)).load()
+        except DataError:
+            raise
+        except Exception as err:  # truncated or not a pickle at all
+            raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation benchmarks (paper §5, App. A.1, Fig. 7)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One evaluation benchmark: its task group, answer strings (paper Tables 9-10) and files."""
+    name: str
+    group: str            # mol-prot | mol-cell | cyp-inhibition | cyp-substrate
+    positive: str         # answer string for y = 1
+    negative: str         # answer string for y = 0
+    files: tuple[str, ...]
+    enzyme: str | None = None  # CYP tasks: the fixed target in derived/cyp_human.fasta
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return (self.negative, self.positive)
+
+
+_DTI = ("Interacts", "Does not interact")
+_INHIBIT = ("Inhibit", "Does not inhibit")
+_SUBSTRATE = ("Substrate", "Not a substrate")
+CYP_FASTA = "derived/cyp_human.fasta"
+TGSA_DIR = "tgsa/data/similarity_augment/dict"
+TGSA_IC50 = f"{TGSA_DIR}/drug_idx_cell_idx_ic50"
+TGSA_CELLS = f"{TGSA_DIR}/cell_idx2id_dict"
+TGSA_DRUGS = f"{TGSA_DIR}/drug_idx2name_dict"
+TGSA_SMILES = f"{TGSA_DIR}/drug_name2smiles_dict"
+DRUGCOMB = "deepdds/data/new_labels_0_10.csv"
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    spec.name: spec for spec in [
+        BenchmarkSpec("BindingDB", "mol-prot", *_DTI, ("drugban/datasets/bindingdb/random/val.csv",)),
+        BenchmarkSpec("BIOSNAP", "mol-prot", *_DTI, ("drugban/datasets/biosnap/random/test.csv",)),
+        BenchmarkSpec("Human", "mol-prot", *_DTI, ("drugban/datasets/human/random/test.csv",)),
+        BenchmarkSpec("DrugComb", "mol-cell", "Synergistic", "Antagonistic", (DRUGCOMB, CCLE_GMT, CCLE_ANNOTATION)),
+        BenchmarkSpec("GDSC2", "mol-cell", "Sensitive", "Resistant",
+                      (TGSA_IC50, TGSA_CELLS, TGSA_DRUGS, TGSA_SMILES, CCLE_GMT, CCLE_ANNOTATION)),
+        *[BenchmarkSpec(e, "cyp-inhibition", *_INHIBIT, (f"tdc-cyp/data/{e.lower()}_veith.tab", CYP_FASTA), e)
+          for e in ("CYP1A2", "CYP2C19", "CYP2C9", "CYP2D6", "CYP3A4")],
+        *[BenchmarkSpec(f"{e}-substrate", "cyp-substrate", *_SUBSTRATE,
+                        (f"tdc-cyp/data/{e.lower()}_substrate_carbonmangels.tab", CYP_FASTA), e)
+          for e in ("CYP2C9", "CYP2D6", "CYP3A4")],
+    ]
+}
+BENCHMARK_GROUPS = ("mol-prot", "mol-cell", "cyp-inhibition", "cyp-substrate")
+BENCHMARK_COLUMNS = ["molecule", "molecule2", "protein", "cell_id", "cell_genes", "y", "label"]
+CELL_TOP_GENES = 50  # paper A.4: cells are described by their top-50 genes
+GDSC2_QUANTILES = (1 / 3, 2 / 3)  # per-drug ln IC50 tertiles: below = Sensitive, above = Resistant
+
+
+def read_fasta(path: str | os.PathLike) -> dict[str, str]:
+    """Sequences of a FASTA file keyed by the first word of each header."""
+    records, name = {}, None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(">"):
+            name = line[1:].split()[0]
+            records[name] = ""
+        elif name is not None:
+            records[name] += line.strip()
+    return records
+
+
+def cyp_sequences() -> dict[str, str]:
+    """Human CYP enzyme sequences (CYP1A2, CYP2C19, CYP2C9, CYP2D6, CYP3A4) from the derived FASTA."""
+    return read_fasta(data_path(CYP_FASTA))
+
+
+def _normalise_cell_name(name: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", str(name).upper())
+
+
+# DeepDDs (O'Neil) names that differ from the CCLE name stem; checked against the CCLE gene sets.
+DRUGCOMB_CELL_ALIASES = {"LNCAP": "LNCAPCLONEFGC", "MSTO": "MSTO211H"}
+
+
+def ccle_by_stem() -> dict[str, pd.Series]:
+    """CCLE lines keyed by the name stem before the tissue suffix (``A375_SKIN`` -> ``A375``).
+
+    Stems shared by two lines (e.g. ``TT`` oesophagus/thyroid) are ambiguous and left out.
+    """
+    cells = _ccle_cells()
+    stems = cells["ccle_name"].str.split("_", n=1).str[0]
+    unique = stems[~stems.duplicated(keep=False)]
+    return {stem: cells.loc[i] for i, stem in unique.items()}
+
+
+def _with_cells(df: pd.DataFrame, cell_rows: pd.Series, dropped: dict[str, int]) -> pd.DataFrame:
+    """Attach ``cell_id`` (CCLE name) and ``cell_genes`` (top genes); rows whose cell is unknown drop."""
+    df = _drop(df, cell_rows.notna(), "unknown cell line", dropped)
+    cell_rows = cell_rows[df.index]
+    return df.assign(cell_id=[r["ccle_name"] for r in cell_rows],
+                     cell_genes=[list(r["genes"][:CELL_TOP_GENES]) for r in cell_rows])
+
+
+def _raw_drugcomb(dropped: dict[str, int]) -> tuple[pd.DataFrame, int]:
+    raw = pd.read_csv(data_path(DRUGCOMB), dtype={"drug1": str, "drug2": str, "cell": str})
+    df = pd.DataFrame({"molecule": raw["drug1"], "molecule2": raw["drug2"], "y": raw["label"]})
+    stems = ccle_by_stem()
+    cells = raw["cell"].map(lambda c: stems.get(DRUGCOMB_CELL_ALIASES.get(_normalise_cell_name(c),
+                                                                        _normalise_cell_name(c))))
+    df = _drop(df, df["molecule"].map(valid_smiles) & df["molecule2"].map(valid_smiles),
+               "invalid SMILES", dropped)
+    return _with_cells(df, cells, dropped), len(raw)
+
+
+def gdsc2_labels(ic50: np.ndarray, quantiles: tuple[float, float] = GDSC2_QUANTILES) -> np.ndarray:
+    """Binarise GDSC2 ln IC50 per drug: 1 (Sensitive) at or below the drug's lower quantile, 0
+    (Resistant) at or above its upper quantile, -1 (ambiguous, dropped) in between.
+
+    ``ic50``: array, shape (n, 3) with columns (drug_idx, cell_idx, ln IC50) as in TGSA.
+    Returns an int array, shape (n,). Drugs are thresholded separately because their tested
+    concentration ranges differ, so one global ln IC50 cut would label whole drugs at once.
+
+    >>> gdsc2_labels(np.array([[0, 0, 1.0], [0, 1, 2.0], [0, 2, 3.0], [1, 0, 9.0], [1, 1, 8.0], [1, 2, 7.0]])).tolist()
+    [1, -1, 0, 0, -1, 1]
+    """
+    ic50 = np.asarray(ic50, dtype=float)
+    if ic50.ndim != 2 or ic50.shape[1] != 3:
+        raise ValueError(f"expected ic50 of shape (n, 3), got {ic50.shape}")
+    frame = pd.DataFrame({"drug": ic50[:, 0].astype(int), "v": ic50[:, 2]})
+    low = frame.groupby("drug")["v"].transform(lambda v: v.quantile(quantiles[0]))
+    high = frame.groupby("drug")["v"].transform(lambda v: v.quantile(quantiles[1]))
+    labels = np.full(len(frame), -1)
+    labels[(frame["v"] <= low).to_numpy()] = 1
+    labels[(frame["v"] >= high).to_numpy()] = 0
+    return labels
+
+
+def _raw_gdsc2(dropped: dict[str, int]) -> tuple[pd.DataFrame, int]:
+    ic50 = safe_pickle_load(data_path(TGSA_IC50))
+    cell_ids = safe_pickle_load(data_path(TGSA_CELLS))
+    drug_names = safe_pickle_load(data_path(TGSA_DRUGS))
+    smiles = safe_pickle_load(data_path(TGSA_SMILES))
+    if not isinstance(ic50, np.ndarray) or not all(isinstance(d, dict) for d in (cell_ids, drug_names, smiles)):
+        raise DataError(f"{TGSA_DIR}: unexpected TGSA pickle contents (want an array and three dicts)")
+    y = gdsc2_labels(ic50)
+    df = pd.DataFrame({"molecule": [smiles.get(drug_names.get(int(d))) for d in ic50[:, 0]],
+                       "molecule2": None, "y": y,
+                       "depmap_id": [cell_ids.get(int(c)) for c in ic50[:, 1]]})
+    df = _drop(df, df["y"] >= 0, "ambiguous ln IC50 (middle tertile of its drug)", dropped)
+    df = _drop(df, df["molecule"].map(lambda s: isinstance(s, str) and valid_smiles(s)), "invalid SMILES", dropped)
+    by_depmap = {r["depmap_id"]: r for _, r in _ccle_cells().iterrows() if r["depmap_id"]}
+    return _with_cells(df, df["depmap_id"].map(by_depmap), dropped), len(ic50)
+
+
+def _raw_dti(spec: BenchmarkSpec, dropped: dict[str, int]) -> tuple[pd.DataFrame, int]:
+    raw = pd.read_csv(data_path(spec.files[0]), dtype={"SMILES": str, "Protein": str})
+    df = pd.DataFrame({"molecule": raw["SMILES"], "protein": raw["Protein"].str.strip().str.upper(), "y": raw["Y"]})
+    df = _drop(df, df["protein"].map(valid_protein), "empty or non-amino-acid sequence", dropped)
+    df = _drop(df, df["molecule"].map(valid_smiles), "invalid SMILES", dropped)
+    return df, len(raw)
+
+
+def _raw_cyp(spec: BenchmarkSpec, dropped: dict[str, int]) -> tuple[pd.DataFrame, int]:
+    raw = pd.read_csv(data_path(spec.files[0]), sep="\t", dtype={"Drug": str})
+    sequence = cyp_sequences().get(spec.enzyme)
+    if not sequence:
+        raise DataError(f"{CYP_FASTA}: no sequence for {spec.enzyme}")
+    df = pd.DataFrame({"molecule": raw["Drug"], "protein": sequence, "y": raw["Y"]})
+    df = _drop(df, df["molecule"].map(valid_smiles), "invalid SMILES", dropped)
+    return df, len(raw)
+
+
+def _deduplicate(df: pd.DataFrame, dropped: dict[str, int]) -> pd.DataFrame:
+    """One row per instance: repeated instances with one label collapse to one row; instances seen
+    with both labels are dropped. Keeps eval and context pools free of the same instance."""
+    pair = [tuple(sorted(p)) if isinstance(p[1], str) else (p[0],) for p in zip(df["molecule"], df["molecule2"])]
+    key = pd.Series(["\x1f".join(map(str, (*p, prot, cell)))
+                     for p, prot, cell in zip(pair, df["protein"], df["cell_id"])], index=df.index)
+    n_labels = df.groupby(key)["y"].transform("nunique")
+    df = _drop(df, n_labels == 1, "instance seen with both labels", dropped)
+    return _drop(df, ~key[df.index].duplicated(), "duplicate instance", dropped)
+
+
+@lru_cache(maxsize=None)
+def _benchmark(name: str) -> pd.DataFrame:
+    spec = BENCHMARKS[name]
+    dropped: dict[str, int] = {}
+    if spec.group == "mol-prot":
+        df, n_read = _raw_dti(spec, dropped)
+    elif spec.name == "DrugComb":
+        df, n_read = _raw_drugcomb(dropped)
+    elif spec.name == "GDSC2":
+        df, n_read = _raw_gdsc2(dropped)
+    else:
+        df, n_read = _raw_cyp(spec, dropped)
+    df = df.copy()
+    for column in BENCHMARK_COLUMNS:
+        if column not in df:
+            df[column] = None
+    df = _drop(df, df["y"].isin([0, 1]), "missing or non-binary label", dropped)
+    df = df.astype({"y": int})
+    df = _deduplicate(df, dropped)
+    df["label"] = np.where(df["y"] == 1, spec.positive, spec.negative)
+    return _report(f"benchmark {name}", df[BENCHMARK_COLUMNS].reset_index(drop=True), n_read, dropped)
+
+
+def load_benchmark(name: str) -> pd.DataFrame:
+    """All usable instances of benchmark ``name`` (a key of ``BENCHMARKS``).
+
+    Columns: ``molecule`` (SMILES), ``molecule2`` (DrugComb's second drug, else None), ``protein``
+    (sequence; the fixed enzyme for CYP tasks, else None for cell tasks), ``cell_id`` (CCLE name)
+    and ``cell_genes`` (its top-50 Enrichr CCLE genes) for DrugComb/GDSC2 (else None), ``y`` (0/1)
+    and ``label`` (the answer string of paper Tables 9-10). Invalid SMILES or sequences, unknown
+    cell lines, duplicates and conflicting labels are dropped; ``df.attrs["dropped"]`` counts them
+    and the rules are in ``data_manifest/processing.md``. Pools are drawn with ``split_pools``.
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    df = _benchmark(name)
+    out = df.copy()
+    out["cell_genes"] = out["cell_genes"].map(lambda g: list(g) if isinstance(g, list) else None)
+    out.attrs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in df.attrs.items()}
+    out.attrs["benchmark"] = name
+    return out
+
+
+def _stratified_counts(available: pd.Series, n: int, proportions: pd.Series) -> pd.Series:
+    """Largest-remainder allocation of ``n`` rows over labels in ``proportions``, capped by what is
+    ``available`` per label (any shortfall goes to the labels that still have rows)."""
+    quota = proportions * n
+    take = np.floor(quota).astype(int).clip(upper=available)
+    for label in (quota - np.floor(quota)).sort_values(ascending=False, kind="stable").index.tolist() * 2:
+        if take.sum() >= n:
+            break
+        if take[label] < available[label]:
+            take[label] += 1
+    while take.sum() < n:  # a label ran out: fill from the others, largest first
+        label = (available - take).idxmax()
+        take[label] += 1
+    return take
+
+
+def split_pools(df: pd.DataFrame, n_eval: int, n_context: int, seed: int = 0,
+                label_column: str = "y") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Disjoint evaluation and in-context pools, each stratified by label.
+
+    Each pool holds the benchmark's label proportions (largest-remainder rounding); rows are drawn
+    with ``numpy.random.default_rng(seed)`` so a seed gives the same pools on every machine.
+    Returns ``(eval_df, context_df)`` in shuffled order with ``df``'s index preserved.
+    Raises ``ValueError`` if ``n_eval + n_context`` exceeds the rows available.
+    """
+    if n_eval < 0 or n_context < 0:
+        raise ValueError(f"pool sizes must be non-negative, got n_eval={n_eval}, n_context={n_context}")
+    if n_eval + n_context > len(df):
+        raise ValueError(f"n_eval + n_context = {n_eval + n_context} exceeds the {len(df)} rows available")
+    rng = np.random.default_rng(seed)
+    labels = df[label_column]
+    counts = labels.value_counts().sort_index()
+    proportions = counts / counts.sum()
+    shuffled = {label: rng.permutation(np.flatnonzero((labels == label).to_numpy())) for label in counts.index}
+    eval_take = _stratified_counts(counts, n_eval, proportions)
+    context_take = _stratified_counts(counts - eval_take, n_context, proportions)
+    eval_pos = np.concatenate([shuffled[lab][:eval_take[lab]] for lab in counts.index]).astype(int)
+    context_pos = np.concatenate([shuffled[lab][eval_take[lab]:eval_take[lab] + context_take[lab]]
+                                  for lab in counts.index]).astype(int)
+    return df.iloc[rng.permutation(eval_pos)], df.iloc[rng.permutation(context_pos)]
+
+
+def label_balance(names: list[str] | None = None) -> pd.DataFrame:
+    """Positive/negative counts per benchmark (the analogue of paper Fig. 7).
+
+    Returns columns ``benchmark``, ``group``, ``n_pos``, ``n_neg``, ``n_dropped``.
+    """
+    rows = []
+    for name in names or list(BENCHMARKS):
+        df = load_benchmark(name)
+        rows.append((name, BENCHMARKS[name].group, int((df["y"] == 1).sum()), int((df["y"] == 0).sum()),
+                     sum(df.attrs["dropped"].values())))
+    return pd.DataFrame(rows, columns=["benchmark", "group", "n_pos", "n_neg", "n_dropped"])

@@ -107,3 +107,183 @@ def test_load_ccle_cells_joins_annotation():
     first = df.set_index("ccle_name").loc["NCIH810_LUNG"]
     assert first["genes"][:3] == ["CHGA", "RBFOX1", "C22ORF42"]
     assert first["site"] == "lung" and first["depmap_id"].startswith("ACH-")
+
+
+# --------------------------------------------------------------------------- restricted unpickler
+
+class _RunsShell:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _CallsEval:
+    def __reduce__(self):
+        return (eval, ("__import__('os').getcwd()",))
+
+
+def test_safe_pickle_load_accepts_arrays_and_containers(tmp_path):
+    obj = {"a": np.arange(6, dtype=np.float64).reshape(2, 3), "b": [1, "x", (2.5, None)], "c": {3, 4},
+           "d": np.float32(1.5), "e": b"raw", "f": np.array(["u", "v"])}
+    for protocol in (2, 3, 4, 5):
+        path = tmp_path / f"ok{protocol}.pkl"
+        path.write_bytes(pickle.dumps(obj, protocol=protocol))
+        back = data.safe_pickle_load(path)
+        np.testing.assert_array_equal(back["a"], obj["a"])
+        assert back["b"] == obj["b"] and back["c"] == obj["c"] and back["e"] == b"raw"
+        assert back["d"] == np.float32(1.5) and back["f"].tolist() == ["u", "v"]
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_safe_pickle_load_refuses_code_execution(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    payload = _RunsShell()
+    payload.marker = marker
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(payload, protocol=protocol))
+    with pytest.raises(data.DataError, match=r"refused global (posix|os|nt)\.system"):
+        data.safe_pickle_load(path)
+    assert not marker.exists()
+    path.write_bytes(pickle.dumps(_CallsEval(), protocol=protocol))
+    with pytest.raises(data.DataError, match="refused global builtins.eval"):
+        data.safe_pickle_load(path)
+    path.write_bytes(pickle.dumps(pd.DataFrame({"x": [1]}), protocol=protocol))  # arbitrary classes too
+    with pytest.raises(data.DataError, match="refused global pandas"):
+        data.safe_pickle_load(path)
+
+
+def test_safe_pickle_load_reports_garbage(tmp_path):
+    path = tmp_path / "junk.pkl"
+    path.write_bytes(b"\x80\x04not a pickle")
+    with pytest.raises(data.DataError, match="not a readable pickle"):
+        data.safe_pickle_load(path)
+
+
+@needs_data
+def test_safe_pickle_load_reads_the_real_tgsa_pickles():
+    ic50 = data.safe_pickle_load(data.data_path(data.TGSA_IC50))
+    assert isinstance(ic50, np.ndarray) and ic50.shape == (82833, 3)
+    cells = data.safe_pickle_load(data.data_path(data.TGSA_CELLS))
+    drugs = data.safe_pickle_load(data.data_path(data.TGSA_DRUGS))
+    smiles = data.safe_pickle_load(data.data_path(data.TGSA_SMILES))
+    assert len(cells) == 580 and cells[0] == "ACH-000001"
+    assert len(drugs) == 170 and set(drugs.values()) == set(smiles)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+def test_benchmark_registry_matches_the_paper():
+    assert list(data.BENCHMARKS) == ["BindingDB", "BIOSNAP", "Human", "DrugComb", "GDSC2", "CYP1A2", "CYP2C19",
+                                     "CYP2C9", "CYP2D6", "CYP3A4", "CYP2C9-substrate", "CYP2D6-substrate",
+                                     "CYP3A4-substrate"]
+    groups = pd.Series({n: s.group for n, s in data.BENCHMARKS.items()}).value_counts().to_dict()
+    assert groups == {"mol-prot": 3, "mol-cell": 2, "cyp-inhibition": 5, "cyp-substrate": 3}
+    assert data.BENCHMARKS["GDSC2"].labels == ("Resistant", "Sensitive")
+    assert data.BENCHMARKS["CYP2D6-substrate"].labels == ("Not a substrate", "Substrate")
+    assert data.BENCHMARKS["CYP1A2"].labels == ("Does not inhibit", "Inhibit")
+    assert data.BENCHMARKS["DrugComb"].labels == ("Antagonistic", "Synergistic")
+    assert data.BENCHMARKS["Human"].labels == ("Does not interact", "Interacts")
+    manifest = data.manifest()
+    for spec in data.BENCHMARKS.values():
+        assert all(f in manifest and f"benchmark:{spec.name}" in manifest[f].tasks for f in spec.files)
+
+
+def test_gdsc2_labels_per_drug_tertiles():
+    # Drug 0: ln IC50 1..6 -> tertile cuts at 2.667 and 4.333; drug 1 is drug 0 shifted by +100,
+    # so a single global threshold would call every drug-1 pair resistant. Per drug it does not.
+    values = np.arange(1.0, 7.0)
+    rows = [[0, c, v] for c, v in enumerate(values)] + [[1, c, v + 100] for c, v in enumerate(values)]
+    labels = data.gdsc2_labels(np.array(rows))
+    assert labels.tolist() == [1, 1, -1, -1, 0, 0] * 2
+    with pytest.raises(ValueError, match="shape"):
+        data.gdsc2_labels(np.zeros((4, 2)))
+
+
+@needs_data
+@pytest.mark.parametrize("name", list(data.BENCHMARKS))
+def test_load_benchmark_schema_and_labels(name):
+    spec = data.BENCHMARKS[name]
+    df = data.load_benchmark(name)
+    assert list(df.columns) == data.BENCHMARK_COLUMNS
+    assert set(df["y"]) == {0, 1}
+    assert (df["label"] == np.where(df["y"] == 1, spec.positive, spec.negative)).all()
+    assert len(df) == df.attrs["n_read"] - sum(df.attrs["dropped"].values())
+    assert len(df) > 600  # the smallest (CYP substrate tables) have ~670 rows upstream
+    assert df["molecule"].map(data.valid_smiles).all()
+    if spec.group == "mol-cell":
+        assert df["protein"].isna().all()
+        assert df["cell_genes"].map(lambda g: 0 < len(g) <= data.CELL_TOP_GENES).all()
+        assert df["cell_id"].str.contains("_").all()  # CCLE names carry the tissue suffix
+    else:
+        assert df["protein"].map(data.valid_protein).all()
+        assert df["cell_id"].isna().all() and df["cell_genes"].isna().all()
+    if spec.group.startswith("cyp"):
+        assert df["protein"].nunique() == 1
+        assert df["protein"].iloc[0] == data.cyp_sequences()[spec.enzyme]
+    assert df["molecule2"].notna().all() if name == "DrugComb" else df["molecule2"].isna().all()
+
+
+@needs_data
+def test_drugcomb_cell_mapping_and_drops():
+    df = data.load_benchmark("DrugComb")
+    # 31 O'Neil cell lines; A427 has no Enrichr CCLE gene set, LNCAP/MSTO resolve through the aliases.
+    assert df["cell_id"].nunique() == 30
+    assert {"LNCAPCLONEFGC_PROSTATE", "MSTO211H_PLEURA", "A375_SKIN"} <= set(df["cell_id"])
+    raw = pd.read_csv(data.data_path(data.DRUGCOMB))
+    assert df.attrs["dropped"]["unknown cell line"] == int((raw["cell"] == "A427").sum())
+    ccle = data.load_ccle_cells().set_index("ccle_name")
+    row = df[df["cell_id"] == "A375_SKIN"].iloc[0]
+    assert row["cell_genes"] == ccle.loc["A375_SKIN", "genes"][:data.CELL_TOP_GENES]
+
+
+@needs_data
+def test_gdsc2_is_balanced_per_drug():
+    df = data.load_benchmark("GDSC2")
+    per_drug = df.groupby("molecule")["y"].mean()
+    # Tertile labels: every drug has about as many sensitive as resistant lines.
+    assert per_drug.between(0.3, 0.7).mean() > 0.95
+    assert df.attrs["dropped"]["ambiguous ln IC50 (middle tertile of its drug)"] > 20000
+
+
+def test_load_benchmark_unknown_name():
+    with pytest.raises(ValueError, match="unknown benchmark 'Tox21'"):
+        data.load_benchmark("Tox21")
+
+
+# --------------------------------------------------------------------------- pools
+
+def _toy(n_pos=30, n_neg=70):
+    return pd.DataFrame({"molecule": [f"C{i}" for i in range(n_pos + n_neg)],
+                         "y": [1] * n_pos + [0] * n_neg}, index=np.arange(100, 100 + n_pos + n_neg))
+
+
+def test_split_pools_disjoint_stratified_seeded():
+    df = _toy()
+    ev, ctx = data.split_pools(df, n_eval=20, n_context=50, seed=3)
+    assert len(ev) == 20 and len(ctx) == 50
+    assert not set(ev.index) & set(ctx.index)
+    assert set(ev.index) | set(ctx.index) <= set(df.index)
+    assert ev["y"].sum() == 6 and ctx["y"].sum() == 15  # 30 % positives in each pool
+    ev2, ctx2 = data.split_pools(df, n_eval=20, n_context=50, seed=3)
+    assert ev.index.tolist() == ev2.index.tolist() and ctx.index.tolist() == ctx2.index.tolist()
+    ev3, _ = data.split_pools(df, n_eval=20, n_context=50, seed=4)
+    assert set(ev3.index) != set(ev.index)
+
+
+def test_split_pools_rounding_and_exhaustion():
+    df = _toy(n_pos=3, n_neg=7)
+    ev, ctx = data.split_pools(df, n_eval=5, n_context=5, seed=0)  # uses every row
+    assert sorted(ev.index.tolist() + ctx.index.tolist()) == df.index.tolist()
+    assert ev["y"].sum() in (1, 2) and ev["y"].sum() + ctx["y"].sum() == 3
+    ev, _ = data.split_pools(df, n_eval=3, n_context=0, seed=0)
+    assert ev["y"].sum() == 1  # 0.9 positives rounds to 1 (largest remainder), 2.1 negatives to 2
+    with pytest.raises(ValueError, match="exceeds the 10 rows"):
+        data.split_pools(df, n_eval=8, n_context=3)
+
+
+@needs_data
+def test_label_balance_counts_match_loaders():
+    table = data.label_balance(["Human", "CYP2D6-substrate"])
+    human = data.load_benchmark("Human")
+    row = table.set_index("benchmark").loc["Human"]
+    assert (row["n_pos"], row["n_neg"]) == (int(human["y"].sum()), int((human["y"] == 0).sum()))
+    assert (row["n_pos"], row["n_neg"]) == (536, 664)  # DrugBAN human/random/test.csv as shipped
