@@ -1,0 +1,372 @@
+"""Merging baselines and Graft: hand-computed cases, invariants, and end-to-end smoke runs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from esmerge import methods
+from esmerge.adapters import Adapter, AdapterMismatchError, adapter_from_model, load_adapter, save_adapter, with_state
+from esmerge.methods import primitives as P
+from esmerge.methods.adamerging import coefficient_groups, combine
+from esmerge.methods.functional import causal_lm_loss, entropy_objective, lora_forward, mean_entropy
+from esmerge.methods.graft import (
+    compatibility_score, dual_gate_weights, global_gate, graft_matrix, weight_entropy,
+)
+from esmerge.methods.lsmerge import VAEConfig, chunk_vectors, train_vae
+from esmerge.methods.static import emr_benchmark_adapter, emr_task_adapter
+
+OURS = ("avg", "ties", "emr", "pcb", "consensus", "adamerging", "ls-merge", "graft", "avg-ft")
+MODALITIES = ("molecule", "protein", "cell")
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def smoke():
+    """A smoke LLaMA with LoRA, three adapters with randomised A and B, and tokenised prompts."""
+    from peft import get_peft_model
+
+    from esmerge.models import load_base, lora_config
+
+    base = load_base("smoke", seed=0)
+    model = get_peft_model(base.model, lora_config())
+    model.requires_grad_(False)
+    adapters = []
+    for i, name in enumerate(MODALITIES):
+        gen = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if "lora_" in pname:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+        adapters.append(adapter_from_model(model, name))
+    tok = base.tokenizer
+    prompts = ["Does aspirin bind COX1? Answer:", "Is CCO toxic? Answer:", "Protein MKV binds? Answer:",
+               "Cell line A549 sensitive? Answer:"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    batches = [{"input_ids": enc.input_ids[i : i + 2], "attention_mask": enc.attention_mask[i : i + 2]} for i in (0, 2)]
+    label_ids = [tok(" Y").input_ids[-1], tok(" N").input_ids[-1]]
+    return {"base": base, "model": model, "adapters": adapters, "batches": batches, "label_ids": label_ids}
+
+
+def _toy_adapters(tensors: list[dict[str, torch.Tensor]]) -> list[Adapter]:
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "base_model_name_or_path": "toy"}
+    return [Adapter(t, dict(config), name) for t, name in zip(tensors, MODALITIES)]
+
+
+KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+KEY_A1 = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+
+
+def _random_toy(seed: int, n: int = 3) -> list[Adapter]:
+    gen = torch.Generator().manual_seed(seed)
+    return _toy_adapters([
+        {KEY_A: torch.randn(2, 5, generator=gen), KEY_B: torch.randn(4, 2, generator=gen) * 0.1,
+         KEY_A1: torch.randn(2, 5, generator=gen)}
+        for _ in range(n)
+    ])
+
+
+# --------------------------------------------------------------------------- primitives: worked examples
+def test_flatten_unflatten_roundtrip():
+    adapters = _random_toy(0)
+    tau, keys, shapes = P.flatten(adapters)
+    assert tau.shape == (3, 10 + 8 + 10)
+    for t, adapter in enumerate(adapters):
+        back = P.unflatten(tau[t], keys, shapes)
+        for k in adapter.state:
+            torch.testing.assert_close(back[k], adapter.state[k])
+
+
+def test_ties_worked_example():
+    # keep 50%: per row, entries with the 2 largest magnitudes survive.
+    tau = torch.tensor([[0.5, -1.0, 0.1, 2.0],
+                        [-0.2, 0.3, 0.4, -1.0],
+                        [0.6, -0.2, -0.9, -3.0]])
+    trimmed = P.magnitude_trim(tau, keep=0.5)
+    torch.testing.assert_close(trimmed, torch.tensor([[0.0, -1.0, 0.0, 2.0],
+                                                      [0.0, 0.0, 0.4, -1.0],
+                                                      [0.0, 0.0, -0.9, -3.0]]))
+    sign = P.elect_sign(trimmed)  # sums: 0 (-> +1), -1.0, -0.5, -2.0
+    torch.testing.assert_close(sign, torch.tensor([1.0, -1.0, -1.0, -1.0]))
+    # column 0: nothing left -> 0; column 2: 0.4 disagrees; column 3: -1 and -3 agree -> -2, 2.0 excluded.
+    torch.testing.assert_close(P.disjoint_mean(trimmed, sign), torch.tensor([0.0, -1.0, -0.9, -2.0]))
+
+
+def test_ties_method_on_worked_example():
+    adapters = _toy_adapters([{KEY_A: torch.tensor([[v]])} for v in (1.0, 2.0, -4.0)])
+    merged = methods.get("ties").fn(adapters, keep=1.0, scale=1.0).adapter.state[KEY_A]
+    torch.testing.assert_close(merged, torch.tensor([[-4.0]]))  # mass 3 < 4: elect -, only -4 agrees
+    merged2 = methods.get("ties").fn(adapters, keep=1.0, scale=0.5).adapter.state[KEY_A]
+    torch.testing.assert_close(merged2, torch.tensor([[-2.0]]))
+
+
+def test_tall_mask_and_consensus_worked_example():
+    tau = torch.tensor([[1.0, 0.1, 0.0, 0.5],
+                        [1.0, 2.0, 0.0, -0.5],
+                        [1.0, 0.0, 0.3, 0.0]])
+    # tau_MTL = [3, 2.1, 0.3, 0]; |tau_MTL - tau_t|: row0 [2, 2, .3, .5], row1 [2, .1, .3, .5], row2 [2, 2.1, 0, 0]
+    masks = P.tall_masks(tau, 0.5)
+    expected = torch.tensor([[1, 0, 0, 1],   # 1>=1, .1<1, 0<.15, .5>=.25
+                             [1, 1, 0, 1],   # 2>=.05, 0<.15, .5>=.25
+                             [1, 0, 1, 1]],  # .3>=0, 0>=0
+                            dtype=torch.bool)
+    assert torch.equal(masks, expected)
+    assert torch.equal(P.consensus_mask(masks, 2), torch.tensor([True, False, False, True]))
+    per_task = P.tall_masks(tau, torch.tensor([0.5, 0.5, 100.0]))
+    assert torch.equal(per_task[2], torch.tensor([False, False, True, True]))
+
+
+def test_emr_reconstructs_sign_pattern_and_rescales():
+    adapters = _random_toy(1)
+    result = methods.run("emr", adapters)
+    tau, keys, _ = P.flatten(adapters)
+    unified = P.emr_unified(tau)
+    for t, name in enumerate(MODALITIES):
+        rec = torch.cat([emr_task_adapter(result, name).state[k].reshape(-1) for k in keys])
+        nonzero = rec != 0
+        # wherever the reconstruction is non-zero it has the task's own sign ...
+        assert torch.equal(torch.sign(rec[nonzero]), torch.sign(tau[t][nonzero]))
+        # ... and it is non-zero exactly where the task agrees with the elected sign
+        assert torch.equal(nonzero, tau[t] * unified > 0)
+        # the rescaler restores the task vector's L1 mass (EMR Eq. 6)
+        torch.testing.assert_close(rec.abs().sum(), tau[t].abs().sum())
+    both = emr_benchmark_adapter(result, ["molecule", "protein"])
+    expected = (emr_task_adapter(result, "molecule").state[KEY_A] + emr_task_adapter(result, "protein").state[KEY_A]) / 2
+    torch.testing.assert_close(both.state[KEY_A], expected)
+    with pytest.raises(KeyError, match="no EMR mask"):
+        emr_task_adapter(result, "rna")
+
+
+def test_emr_unified_worked_example():
+    tau = torch.tensor([[1.0, -2.0, 0.5], [-3.0, 1.0, 0.2], [0.5, -4.0, -0.1]])
+    # sums -1.5, -5, 0.6 -> signs -, -, +; max agreeing magnitudes 3, 4, 0.5
+    torch.testing.assert_close(P.emr_unified(tau), torch.tensor([-3.0, -4.0, 0.5]))
+
+
+def test_pcb_balance_worked_example():
+    tau = torch.tensor([[1.0, 2.0], [2.0, 2.0]])
+    log_beta = P.pcb_log_balance(tau)
+    # row 0: Norm(tau0^2) = [0, 1]; intra = softmax([0, 2]); Norm(tau0*tau0)=[0,1], Norm(tau0*tau1)=[0,1]
+    intra0 = torch.softmax(torch.tensor([0.0, 2.0]), 0)
+    inter0 = 2 * torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    torch.testing.assert_close(log_beta[0].exp(), intra0 * inter0)
+    # row 1: constant tau1^2 -> Norm = 0 -> uniform; tau1*tau0 = [2, 4] -> [0, 1]
+    intra1 = torch.tensor([0.5, 0.5])
+    inter1 = torch.tensor([0.5, 0.5]) + torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    torch.testing.assert_close(log_beta[1].exp(), intra1 * inter1)
+
+
+def test_pcb_drop_zero_equal_tasks_is_average_and_drop_removes_low_scores():
+    adapters = _random_toy(2)
+    same = [with_state(adapters[0], adapters[0].state, n) for n in MODALITIES]
+    merged = methods.run("pcb", same, drop=0.0)
+    for k, v in adapters[0].state.items():
+        torch.testing.assert_close(merged.adapter.state[k], v)
+    # tasks that are permutation-free copies up to sign flip of a whole task still give equal beta on
+    # shared magnitudes; with drop=0 the weights are a convex combination: result within [min, max]
+    tau, _, _ = P.flatten(adapters)
+    out, _, _ = P.flatten([methods.run("pcb", adapters, drop=0.0).adapter])
+    assert torch.all(out[0] <= tau.max(0).values + 1e-6) and torch.all(out[0] >= tau.min(0).values - 1e-6)
+    keep = P.keep_top_fraction(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), drop=0.5)
+    assert torch.equal(keep, torch.tensor([[True, False, True, False]]))
+
+
+def test_identical_adapters_merge_to_themselves():
+    adapters = _random_toy(3)
+    same = [with_state(adapters[0], adapters[0].state, n) for n in MODALITIES]
+    cases = {"avg": {}, "ties": {"keep": 1.0, "scale": 1.0}, "pcb": {"drop": 0.0}, "consensus": {}, "graft": {}}
+    for name, hp in cases.items():
+        merged = methods.run(name, same, **hp).adapter
+        for k, v in adapters[0].state.items():
+            torch.testing.assert_close(merged.state[k], v, msg=f"{name} changed {k}")
+    emr = methods.run("emr", same)
+    for name in MODALITIES:
+        for k, v in adapters[0].state.items():
+            torch.testing.assert_close(emr_task_adapter(emr, name).state[k], v)
+
+
+# --------------------------------------------------------------------------- Graft
+def test_graft_gates():
+    # Algorithm 1's global gate: 1/2 at equal entropy, within (1/2 - a/2, 1/2 + a/2)
+    assert float(global_gate(1.0, 1.0)) == pytest.approx(0.5)
+    assert float(global_gate(2.0, 1.0, a=0.4, c=500)) == pytest.approx(0.5 + 0.4 / math.pi * math.atan(500), abs=1e-6)
+    assert 0.69 < float(global_gate(5.0, 0.0)) < 0.7
+    w_b, w_g = dual_gate_weights(torch.tensor([0.0, 0.5, 1.0]), torch.tensor(0.5))
+    torch.testing.assert_close(w_b + w_g, torch.ones(3))
+    # hand value at w_l = 1, g = 1/2: tilde_b = .5(1 - e^-.5), tilde_g = 0
+    tb = 0.5 * (1 - math.exp(-0.5))
+    assert float(w_b[2]) == pytest.approx(math.exp(tb) / (math.exp(tb) + 1))
+    assert float(weight_entropy(torch.tensor([0.0, 0.0, 1.0, 1.0]), bins=2)) == pytest.approx(math.log(2))
+    assert float(weight_entropy(torch.zeros(3, 3))) == 0.0
+
+
+def test_graft_identical_inputs_return_input_and_order_matters():
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    fused, _ = graft_matrix(w, w.clone())
+    torch.testing.assert_close(fused, w)
+    adapters = _random_toy(4)
+    forward = methods.run("graft", adapters)
+    backward = methods.run("graft", adapters, order=["cell", "protein", "molecule"])
+    assert not torch.allclose(forward.adapter.state[KEY_A], backward.adapter.state[KEY_A])
+    assert forward.info["hparams"]["order"] == list(MODALITIES)
+    with pytest.raises(ValueError, match="permutation"):
+        methods.run("graft", adapters, order=["cell", "protein"])
+
+
+def test_graft_fused_rows_are_convex_combinations():
+    gen = torch.Generator().manual_seed(1)
+    b, g = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    fused, _ = graft_matrix(b, g)
+    # per row, fused = w b + (1-w) g with a single w in (0,1): recover w from column 0, check all columns
+    w = (fused[:, 0] - g[:, 0]) / (b[:, 0] - g[:, 0])
+    assert torch.all((w > 0) & (w < 1))
+    torch.testing.assert_close(fused, w[:, None] * b + (1 - w[:, None]) * g)
+
+
+def test_compatibility_score_worked_example():
+    acts = {"m1": [torch.tensor([1.0, -1.0, 0.0, 0.0])], "m2": [torch.tensor([2.0, 2.0, 2.0, 2.0])]}
+    out = compatibility_score(acts)
+    # m1: mu .5, s .5, v .5 ; m2: mu 2, s 0, v 0
+    assert out["rho"]["m1"] == pytest.approx(0.5 * 0.5 * math.sqrt(0.5))
+    assert out["rho"]["m2"] == pytest.approx(0.0)
+    # normalised: m1 -> mu' 0, s' 1, v' 1 -> 0; m2 -> mu' 1, s' 0, v' 0 -> 0
+    assert out["compatibility"] == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------- LS-Merge
+def test_ls_merge_vae_reconstruction_improves():
+    tau = torch.randn(3, 300, generator=torch.Generator().manual_seed(0))
+    chunks = chunk_vectors(tau, 64)
+    assert chunks.shape == (3, 5, 64) and torch.all(chunks[:, -1, 300 - 256:] == 0)
+    flat = chunks.reshape(-1, 64)
+    positions = torch.arange(5).repeat(3)
+    _, log = train_vae(flat, positions, VAEConfig(chunk=64, hidden=32, latent=8, epochs=80, batch=15, lr=1e-2), progress=False)
+    assert log["recon_after"] < 0.5 * log["recon_before"]
+
+
+# --------------------------------------------------------------------------- AdaMerging, Avg+FT
+def test_adamerging_combine_is_layerwise_weighted_sum():
+    adapters = _random_toy(5)
+    keys = sorted(adapters[0].state)
+    groups, labels = coefficient_groups(keys, "layer")
+    assert labels == ["layer0", "layer1"]
+    coeff = torch.tensor([[0.1, 1.0], [0.2, 0.0], [0.3, 0.5]])
+    stacked = {k: torch.stack([a.state[k] for a in adapters]) for k in keys}
+    out = combine(stacked, coeff, dict(zip(keys, groups)))
+    s = [a.state for a in adapters]
+    torch.testing.assert_close(out[KEY_B], 0.1 * s[0][KEY_B] + 0.2 * s[1][KEY_B] + 0.3 * s[2][KEY_B])
+    torch.testing.assert_close(out[KEY_A1], 1.0 * s[0][KEY_A1] + 0.5 * s[2][KEY_A1])
+
+
+def test_adamerging_lowers_entropy_on_smoke_model(smoke):
+    objective = entropy_objective(smoke["model"], smoke["batches"], smoke["label_ids"])
+    result = methods.run("adamerging", smoke["adapters"], {"entropy_objective": objective},
+                         steps=10, lr=0.1, progress=False, count_cost=False)
+    ent = result.info["entropy"]
+    assert ent["final"] < ent["first_step"] - 1e-3
+    coeffs = [v for per_task in result.info["coefficients"].values() for v in per_task.values()]
+    assert len(coeffs) == 3 * 4 and all(0.0 <= c <= 1.0 for c in coeffs)
+
+
+def test_lora_forward_matches_loaded_weights(smoke):
+    model, adapter = smoke["model"], smoke["adapters"][1]
+    batch = smoke["batches"][0]
+    functional = lora_forward(model, adapter.state, **batch).logits
+    from peft import set_peft_model_state_dict
+
+    saved = {k: v.clone() for k, v in smoke["adapters"][2].state.items()}
+    set_peft_model_state_dict(model, adapter.state)
+    with torch.no_grad():
+        direct = model(**batch).logits
+    set_peft_model_state_dict(model, saved)
+    torch.testing.assert_close(functional, direct)
+    assert float(mean_entropy(torch.tensor([[0.0, 0.0]]))) == pytest.approx(math.log(2))
+
+
+def test_avg_ft_lowers_training_loss(smoke):
+    tok = smoke["base"].tokenizer
+    enc = tok(["Is CCO toxic? Answer: Yes", "Is CCC toxic? Answer: No"], return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    batches = [{"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}]
+    context = {"train_loss": causal_lm_loss(smoke["model"]), "train_batches": batches, "benchmark": "toy"}
+    result = methods.run("avg-ft", smoke["adapters"], context, epochs=4, lr=2e-2, progress=False)
+    assert result.info["loss"]["last"] < result.info["loss"]["first"]
+    assert result.info["cost"]["flops"] > 0 and result.info["benchmark"] == "toy"
+
+
+# --------------------------------------------------------------------------- end to end + bad input
+def _context(smoke):
+    tok = smoke["base"].tokenizer
+    enc = tok(["Is CCO toxic? Answer: Yes"], return_tensors="pt")
+    train = [{"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": enc.input_ids}]
+    return {
+        "entropy_objective": entropy_objective(smoke["model"], smoke["batches"], smoke["label_ids"]),
+        "train_loss": causal_lm_loss(smoke["model"]),
+        "train_batches": train,
+    }
+
+
+FAST = {"adamerging": {"steps": 2}, "avg-ft": {"epochs": 1}, "ls-merge": {"epochs": 2, "chunk": 1024, "hidden": 16, "latent": 4}}
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_every_method_end_to_end_loads_in_peft(name, smoke, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from esmerge.models import load_base
+
+    assert name in methods.names()
+    result = methods.run(name, smoke["adapters"], _context(smoke), progress=False, **FAST.get(name, {})) \
+        if name in FAST else methods.run(name, smoke["adapters"], _context(smoke))
+    merged = result.adapter
+    assert set(merged.state) == set(smoke["adapters"][0].state)
+    assert all(torch.isfinite(v).all() for v in merged.state.values())
+    assert result.info["cost"]["wall_s"] >= 0
+    out = save_adapter(merged, tmp_path / name, metadata={"method": name, **result.info})
+    loaded = PeftModel.from_pretrained(load_base("smoke", seed=0).model, str(out))
+    state = get_peft_model_state_dict(loaded)
+    for k, v in merged.state.items():
+        torch.testing.assert_close(state[k], v)
+    assert load_adapter(out).state.keys() == merged.state.keys()
+
+
+def _break(adapters, how):
+    bad = [Adapter(dict(a.state), dict(a.config), a.name) for a in adapters]
+    if how == "rank":
+        bad[1].config["r"] = 16
+    elif how == "targets":
+        bad[1].config["target_modules"] = ["q_proj", "v_proj"]
+    elif how == "base":
+        bad[2].config["base_model_name_or_path"] = "other/model"
+    elif how == "shape":
+        bad[1].state[KEY_A] = torch.zeros(3, 5)
+    elif how == "nan":
+        bad[2].state[KEY_B] = bad[2].state[KEY_B].clone()
+        bad[2].state[KEY_B][0, 0] = float("nan")
+    elif how == "inf":
+        bad[0].state[KEY_A] = bad[0].state[KEY_A].clone()
+        bad[0].state[KEY_A][1, 1] = float("inf")
+    elif how == "keys":
+        del bad[1].state[KEY_A1]
+    return bad
+
+
+@pytest.mark.parametrize("how, message", [
+    ("rank", "different r"), ("targets", "different target_modules"), ("base", "different base_model_name_or_path"),
+    ("shape", "has shape"), ("nan", "NaN or Inf"), ("inf", "NaN or Inf"), ("keys", "different LoRA tensors"),
+])
+@pytest.mark.parametrize("name", ["avg", "ties", "graft"])
+def test_bad_adapters_are_refused_with_the_mismatch_named(name, how, message):
+    with pytest.raises(AdapterMismatchError, match=message):
+        methods.run(name, _break(_random_toy(6), how))
+
+
+def test_training_methods_refuse_missing_context(smoke):
+    with pytest.raises(ValueError, match="needs a MergeContext"):
+        methods.run("adamerging", smoke["adapters"])
+    with pytest.raises(ValueError, match="entropy_objective"):
+        methods.run("adamerging", smoke["adapters"], {"train_loss": lambda s, b: 0})
+    with pytest.raises(ValueError, match="train_batches"):
+        methods.run("avg-ft", smoke["adapters"], {"train_loss": lambda s, b: 0})
