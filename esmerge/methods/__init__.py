@@ -36,7 +36,14 @@ class MergeMethod:
 
 METHODS: dict[str, MergeMethod] = {}
 # Modules that register methods on import; listed here so the registry is complete on first use.
-_METHOD_MODULES = ("esmerge.methods.es",)
+_METHOD_MODULES = (
+    "esmerge.methods.es",
+    "esmerge.methods.static",
+    "esmerge.methods.graft",
+    "esmerge.methods.adamerging",
+    "esmerge.methods.finetune",
+    "esmerge.methods.lsmerge",
+)
 
 
 def register(name: str, pretty_name: str, reference: str, needs_context: bool = False):
