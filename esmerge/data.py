@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -628,3 +629,131 @@ def label_balance(names: list[str] | None = None) -> pd.DataFrame:
         rows.append((name, BENCHMARKS[name].group, int((df["y"] == 1).sum()), int((df["y"] == 0).sum()),
                      sum(df.attrs["dropped"].values())))
     return pd.DataFrame(rows, columns=["benchmark", "group", "n_pos", "n_neg", "n_dropped"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification, download, command line (`esmerge data verify|fetch`)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileStatus:
+    """Where a manifest file was found and whether it matches: ``ok``, ``missing`` or ``corrupt``."""
+    path: str
+    bytes: int
+    status: str
+    location: Path | None
+    message: str = ""
+
+
+def check_file(entry: ManifestEntry) -> FileStatus:
+    """Status of one manifest entry, resolved in ``data_path``'s order (first copy found decides)."""
+    for root in search_dirs():
+        candidate = root / entry.path
+        if candidate.is_file():
+            size = candidate.stat().st_size
+            if size == entry.bytes and _verified(str(candidate), entry.sha256):
+                return FileStatus(entry.path, size, "ok", candidate)
+            return FileStatus(entry.path, size, "corrupt", candidate,
+                              f"{entry.path}: corrupt copy at {candidate} ({size} bytes; expected {entry.bytes} "
+                              f"bytes, sha256 {entry.sha256}); remove it and {how_to_get(entry)}")
+    return FileStatus(entry.path, 0, "missing", None,
+                      f"{entry.path}: missing (expected sha256 {entry.sha256}); {how_to_get(entry)}")
+
+
+def verify() -> list[FileStatus]:
+    """Check every manifest file (size, then sha256)."""
+    return [check_file(entry) for entry in manifest().values()]
+
+
+def fetch(entry: ManifestEntry, force: bool = False) -> Path:
+    """Download ``entry`` by its URL into the cache (``$ESMERGE_CACHE/data``), checking its sha256.
+
+    The file is written under a temporary name and renamed into place only when the hash matches,
+    so an interrupted or tampered download leaves nothing behind. Returns the cached path.
+    """
+    import shutil
+    import tempfile
+    import urllib.request
+
+    target = cache_dir() / "data" / entry.path
+    if target.is_file() and not force and file_sha256(target) == entry.sha256:
+        return target
+    if not entry.url:
+        raise DataError(f"{entry.path}: no download URL; {how_to_get(entry)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
+            shutil.copyfileobj(response, out)
+        got = file_sha256(tmp)
+        if got != entry.sha256:
+            raise DataError(f"{entry.path}: downloaded from {entry.url} but sha256 is {got}, expected "
+                            f"{entry.sha256}; the upstream file changed or the download was altered")
+        os.replace(tmp, target)
+    except OSError as err:  # URLError is an OSError: no network, 404, refused
+        raise DataError(f"{entry.path}: download from {entry.url} failed ({err}); "
+                        f"copy the file to $ESMERGE_DATA_DIR/{entry.path} by hand") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _verified.cache_clear()
+    return target
+
+
+def _print_table(statuses: list[FileStatus]) -> None:
+    width = max([len(s.path) for s in statuses] + [4])
+    print(f"{'file':<{width}}  {'bytes':>9}  {'status':<7}  where")
+    for s in statuses:
+        root = str(s.location)[: -len(s.path) - 1] if s.location else "-"  # the search dir it came from
+        print(f"{s.path:<{width}}  {s.bytes:>9}  {s.status:<7}  {root}")
+
+
+def cli(argv: list[str]) -> int:
+    """``esmerge data verify`` | ``esmerge data fetch [--force] [FILE ...]``; returns the exit code."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="esmerge data", description="Upstream data files of the manifest.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("verify", help="check every file against its sha256; exit 0 only if all match")
+    fetch_parser = sub.add_parser("fetch", help="download missing files by URL into the cache, hash-checked")
+    fetch_parser.add_argument("files", nargs="*", help="manifest paths (default: every missing file)")
+    fetch_parser.add_argument("--force", action="store_true", help="download even if a good copy exists")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse has already printed the usage error
+        return int(stop.code or 0)
+    try:
+        entries = manifest()
+    except (OSError, yaml.YAMLError, TypeError, KeyError) as err:
+        print(f"error: cannot read the data manifest {MANIFEST}: {err}", file=sys.stderr)
+        return 1
+
+    if args.command == "verify":
+        statuses = verify()
+        _print_table(statuses)
+        bad = [s for s in statuses if s.status != "ok"]
+        for s in bad:
+            print(f"error: {s.message}", file=sys.stderr)
+        print(f"{len(statuses) - len(bad)} of {len(statuses)} files ok")
+        return 1 if bad else 0
+
+    unknown = [f for f in args.files if f not in entries]
+    if unknown:
+        print(f"error: not in the data manifest: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    failures = 0
+    for entry in (entries[f] for f in args.files or entries):
+        status = check_file(entry)
+        in_cache = status.location is not None and cache_dir() / "data" in status.location.parents
+        if status.status == "ok" and not args.force:
+            continue
+        if status.status == "corrupt" and not in_cache:
+            print(f"error: {status.message}", file=sys.stderr)  # it would shadow a fresh download
+            failures += 1
+            continue
+        try:
+            print(f"fetched {entry.path} -> {fetch(entry, force=True)}")
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failures += 1
+    return 1 if failures else 0

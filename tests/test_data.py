@@ -287,3 +287,106 @@ def test_label_balance_counts_match_loaders():
     row = table.set_index("benchmark").loc["Human"]
     assert (row["n_pos"], row["n_neg"]) == (int(human["y"].sum()), int((human["y"] == 0).sum()))
     assert (row["n_pos"], row["n_neg"]) == (536, 664)  # DrugBAN human/random/test.csv as shipped
+
+
+# --------------------------------------------------------------------------- manifest, verify, fetch
+
+def _fake_entry(path: str, content: bytes, url: str | None = None) -> data.ManifestEntry:
+    import hashlib
+
+    return data.ManifestEntry(path=path, sha256=hashlib.sha256(content).hexdigest(), bytes=len(content),
+                              repo="test/repo", commit="0" * 40, url=url, licence="MIT", source="test")
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """ESMERGE_DATA_DIR and ESMERGE_CACHE in tmp; the manifest replaced by one fake entry."""
+    monkeypatch.setenv("ESMERGE_DATA_DIR", str(tmp_path / "datadir"))
+    monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path / "cache"))
+    content = b"hello esmerge\n"
+    entry = _fake_entry("fake/hello.txt", content)
+    monkeypatch.setattr(data, "manifest", lambda: {entry.path: entry})
+    return tmp_path, entry, content
+
+
+def test_data_path_missing_and_corrupt_name_file_and_hash(isolated):
+    tmp_path, entry, content = isolated
+    with pytest.raises(data.DataError, match=f"fake/hello.txt: not found .*expected sha256 {entry.sha256}"):
+        data.data_path(entry.path)
+    copy = tmp_path / "datadir" / entry.path
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(content[:-1] + b"!")
+    with pytest.raises(data.DataError, match=f"hello.txt: sha256 mismatch \\(expected {entry.sha256}\\)"):
+        data.data_path(entry.path)
+    with pytest.raises(data.DataError, match="not in the data manifest"):
+        data.data_path("fake/other.txt")
+
+
+def test_verify_cli_exit_codes_and_messages(isolated, capsys):
+    tmp_path, entry, content = isolated
+    assert data.cli(["verify"]) == 1
+    out, err = capsys.readouterr()
+    assert "fake/hello.txt" in out and "missing" in out
+    assert err.count("\n") == 1 and entry.sha256 in err and "Traceback" not in err
+    copy = tmp_path / "datadir" / entry.path
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(content)
+    assert data.cli(["verify"]) == 0
+    assert " ok " in capsys.readouterr().out
+    copy.write_bytes(b"X" * len(content))  # same size, different bytes: only the hash can tell
+    data._verified.cache_clear()
+    assert data.cli(["verify"]) == 1
+    out, err = capsys.readouterr()
+    assert "corrupt" in out and "corrupt copy at" in err and entry.sha256 in err and "Traceback" not in err
+    assert data.cli(["nonsense"]) == 2
+
+
+def test_fetch_downloads_by_url_with_hash_check(isolated, monkeypatch, capsys):
+    tmp_path, entry, content = isolated
+    upstream = tmp_path / "upstream.txt"
+    upstream.write_bytes(content)
+    good = data.ManifestEntry(**{**entry.__dict__, "url": upstream.as_uri()})
+    monkeypatch.setattr(data, "manifest", lambda: {good.path: good})
+    assert data.cli(["fetch"]) == 0
+    cached = tmp_path / "cache" / "data" / good.path
+    assert cached.read_bytes() == content
+    assert data.data_path(good.path) == cached  # resolution now finds the cached copy
+    # Upstream changed: the download is refused and nothing is left in the cache.
+    upstream.write_bytes(b"tampered\n")
+    cached.unlink()
+    assert data.cli(["fetch"]) == 1
+    err = capsys.readouterr().err
+    assert f"expected {good.sha256}" in err and "Traceback" not in err
+    assert not cached.exists() and not list(cached.parent.glob(".*"))
+    # No URL (a derived file): a clear one-line error.
+    monkeypatch.setattr(data, "manifest", lambda: {entry.path: entry})
+    assert data.cli(["fetch"]) == 1
+    assert "no download URL" in capsys.readouterr().err
+
+
+@needs_data
+def test_verify_reports_corrupt_copy_in_data_dir_first(tmp_path, monkeypatch, capsys):
+    # ESMERGE_DATA_DIR is searched before ../shared/data, so its corrupt copy must be reported.
+    fasta = "derived/cyp_human.fasta"
+    copy = tmp_path / fasta
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(data.data_path(fasta).read_bytes().replace(b"MALSQ", b"MALSA"))
+    monkeypatch.setenv("ESMERGE_DATA_DIR", str(tmp_path))
+    assert data.cli(["verify"]) == 1
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line] == [line for line in err.splitlines() if fasta in line]
+    assert data.manifest()[fasta].sha256 in err
+    assert f"{len(data.manifest()) - 1} of {len(data.manifest())} files ok" in out
+    with pytest.raises(data.DataError, match="cyp_human.fasta: sha256 mismatch"):
+        data.data_path(fasta)
+
+
+@needs_data
+def test_python_m_esmerge_data_verify():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "esmerge", "data", "verify"], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "ESMERGE_DATA_DIR"})
+    assert done.returncode == 0, done.stderr
+    assert f"{len(data.manifest())} of {len(data.manifest())} files ok" in done.stdout
