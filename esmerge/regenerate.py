@@ -182,7 +182,10 @@ def with_ancestors(notebooks: dict[str, Notebook], stems: list[str]) -> set[str]
         stem = stack.pop()
         if stem not in out:
             out.add(stem)
-            stack.extend(notebooks[stem].needs)
+            for dep in notebooks[stem].needs:
+                if dep not in notebooks:
+                    raise RegenerateError(f"{stem} needs {dep!r} (esmerge-needs line), but there is no notebook {dep}.py")
+                stack.append(dep)
     return out
 
 
@@ -261,6 +264,8 @@ def execute_notebook(
     if not _has_parameters_cell(nb):
         raise NotebookFailed(stem, None, "", f"{source.name} has no cell tagged 'parameters' "
                              "(add `# %% tags=[\"parameters\"]` above `scale = \"cpu\"`)", None)
+    # A .py without a jupytext header carries no kernel; every chapter runs in the same one.
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
     executed.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the final file, so the rename on success is atomic; the dot and the
     # ``.partial.ipynb`` suffix keep it out of the book (see exclude_patterns in _config.yml).
@@ -270,7 +275,7 @@ def execute_notebook(
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
-            str(partial_in), str(partial_out), parameters=parameters, kernel_name=KERNEL,
+            str(partial_in), str(partial_out), parameters=parameters, kernel_name=KERNEL, language="python",
             cwd=str(cwd), progress_bar=False, log_output=False,
         )
         os.replace(partial_out, executed)
@@ -344,6 +349,8 @@ def run_notebooks(
     notebooks = discover(layout.notebooks)
     if not notebooks:
         raise RegenerateError(f"no NN_*.py notebooks in {layout.notebooks}")
+    if only:  # only the selected notebooks and what they need are ordered (and validated)
+        notebooks = {s: nb for s, nb in notebooks.items() if s in with_ancestors(notebooks, only)}
     order = topological_order(notebooks)
     parameters = {"scale": scale, "seed": seed}
     code_hash = tree_hash(layout.package)
@@ -356,7 +363,7 @@ def run_notebooks(
         stale.unlink()
     state_path = layout.state_file(scale)
     state = load_state(state_path)
-    selected = with_ancestors(notebooks, only) if only else set(order)
+    selected = set(order)
     forced = set(only or order) if force else set()
 
     def up_to_date(stem: str) -> bool:
@@ -473,20 +480,22 @@ def _sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------- book
 
 
-def toc_entries(book: Path, scale: str) -> tuple[list[str], list[str]]:
+def toc_entries(book: Path, scale: str, notebooks: Path | None = None) -> tuple[list[str], list[str]]:
     """(chapters, static pages) to list: executed notebooks of ``scale`` that exist, static pages that exist.
 
-    Paths are relative to ``book`` without suffix, as ``_toc.yml`` wants them.
+    With ``notebooks``, an executed notebook whose source ``.py`` is gone (renamed or deleted) is
+    left out too. Paths are relative to ``book`` without suffix, as ``_toc.yml`` wants them.
     """
     executed = book / "executed" / scale
-    chapters = [f"executed/{scale}/{p.stem}" for p in sorted(executed.glob("[0-9][0-9]_*.ipynb"))]
+    chapters = [f"executed/{scale}/{p.stem}" for p in sorted(executed.glob("[0-9][0-9]_*.ipynb"))
+                if notebooks is None or (notebooks / f"{p.stem}.py").exists()]
     pages = [Path(name).stem for name in STATIC_PAGES if (book / name).exists()]
     return chapters, pages
 
 
-def write_toc(book: Path, scale: str) -> Path:
+def write_toc(book: Path, scale: str, notebooks: Path | None = None) -> Path:
     """Generate ``book/_toc.yml`` from what exists: no chapter is listed without its content."""
-    chapters, pages = toc_entries(book, scale)
+    chapters, pages = toc_entries(book, scale, notebooks)
     entries = chapters + pages
     if not entries:
         raise RegenerateError(
@@ -537,7 +546,7 @@ def build_book(scale: str, layout: Layout, log=print) -> Path:
     if not (layout.book / "_config.yml").exists():
         raise RegenerateError(f"no {layout.book / '_config.yml'}")
     write_api_page(layout.book, layout.package)
-    write_toc(layout.book, scale)
+    write_toc(layout.book, scale, layout.notebooks)
     out = layout.book / "_build"
     marker = out / ".esmerge_scale"
     cmd = _jupyter_book() + ["build", str(layout.book), "--builder", "html", "--warningiserror",

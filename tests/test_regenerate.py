@@ -1,0 +1,245 @@
+"""``esmerge regenerate``: ordering, skipping, re-running, failure reporting, TOC and link checks.
+
+Every test works in a temporary repository layout with tiny notebooks that run in a second or
+two under papermill's ``python3`` kernel; nothing here touches the real notebooks or book.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from esmerge import regenerate as rg
+
+NOTEBOOK = """\
+# %% [markdown]
+# # {title}
+
+# %% tags=["parameters"]
+# esmerge-needs: {needs}
+scale = "cpu"
+seed = 0
+
+# %%
+from pathlib import Path
+out = Path("runs") / scale / "{stem}"
+out.mkdir(parents=True, exist_ok=True)
+"""
+
+
+def write_notebook(root: Path, stem: str, body: str, needs: str = "") -> Path:
+    path = root / "notebooks" / f"{stem}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(NOTEBOOK.format(title=stem, needs=needs, stem=stem) + textwrap.dedent(body))
+    return path
+
+
+def make_layout(root: Path) -> rg.Layout:
+    package = root / "pkg"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "helpers.py").write_text("VALUE = 1\n")
+    manifest = root / "files.yaml"
+    manifest.write_text("files: []\n")
+    return rg.Layout(notebooks=root / "notebooks", runs=root / "runs", book=root / "book",
+                     package=package, manifest=manifest, cwd=root)
+
+
+def quiet(*_args):
+    pass
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_parse_needs_reads_the_comment_line():
+    assert rg.parse_needs("x = 1\n# esmerge-needs: 01_data, 02_specialists\n") == ("01_data", "02_specialists")
+    assert rg.parse_needs("# esmerge-needs:\nscale = 'cpu'\n") == ()  # blank list, not the next line
+    assert rg.parse_needs("scale = 'cpu'\n") == ()
+
+
+def test_topological_order_puts_needs_first_and_rejects_bad_graphs(tmp_path):
+    nbs = {s: rg.Notebook(s, tmp_path / f"{s}.py", needs) for s, needs in
+           [("01_a", ("03_c",)), ("02_b", ()), ("03_c", ()), ("04_d", ("01_a", "02_b"))]}
+    assert rg.topological_order(nbs) == ["02_b", "03_c", "01_a", "04_d"]
+
+    cyclic = {**nbs, "02_b": rg.Notebook("02_b", tmp_path / "02_b.py", ("04_d",))}
+    with pytest.raises(rg.RegenerateError, match="cycle among: 02_b, 04_d$"):  # 01_a, 03_c can still run
+        rg.topological_order(cyclic)
+    missing = {"01_a": rg.Notebook("01_a", tmp_path / "01_a.py", ("09_nope",))}
+    with pytest.raises(rg.RegenerateError, match="01_a.py needs '09_nope'"):
+        rg.topological_order(missing)
+
+
+def test_with_ancestors_follows_needs_transitively(tmp_path):
+    nbs = {s: rg.Notebook(s, tmp_path / f"{s}.py", needs) for s, needs in
+           [("01_a", ()), ("02_b", ("01_a",)), ("03_c", ("02_b",)), ("04_d", ())]}
+    assert rg.with_ancestors(nbs, ["03_c"]) == {"01_a", "02_b", "03_c"}
+    with pytest.raises(rg.RegenerateError, match="no notebook named 07_x"):
+        rg.with_ancestors(nbs, ["07_x"])
+
+
+def test_toc_lists_only_chapters_and_pages_that_exist(tmp_path):
+    book = tmp_path / "book"
+    for scale, stem in [("smoke", "00_overview"), ("smoke", "02_specialists"), ("cpu", "01_data")]:
+        (book / "executed" / scale).mkdir(parents=True, exist_ok=True)
+        nbformat.write(nbformat.v4.new_notebook(), book / "executed" / scale / f"{stem}.ipynb")
+    (book / "rerun.md").write_text("# Rerun\n")
+    (book / "executed" / "smoke" / ".03_probe.partial.ipynb").write_text("{}")  # an interrupted run
+
+    toc = yaml.safe_load(rg.write_toc(book, "smoke").read_text())
+    listed = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    # 01_data ran only at cpu, 03_probe never finished, claims.md does not exist: none is listed.
+    assert listed == ["executed/smoke/00_overview", "executed/smoke/02_specialists", "rerun"]
+
+    # With the notebooks folder given, a chapter whose source was renamed away is dropped as well.
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "00_overview.py").write_text("")
+    toc = yaml.safe_load(rg.write_toc(book, "smoke", tmp_path / "notebooks").read_text())
+    assert toc["root"] == "executed/smoke/00_overview"
+    assert [c["file"] for part in toc["parts"] for c in part["chapters"]] == ["rerun"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(rg.RegenerateError, match="nothing to put in the book"):
+        rg.write_toc(empty, "smoke")
+
+
+def test_broken_links_reports_missing_files_and_anchors_only(tmp_path):
+    html = tmp_path / "html"
+    (html / "sub").mkdir(parents=True)
+    (html / "ok.png").write_bytes(b"png")
+    (html / "sub" / "b.html").write_text('<h1 id="there">B</h1><a href="../a.html">back</a>')
+    (html / "a.html").write_text(
+        '<a href="sub/b.html">fine</a> <a href="sub/b.html#there">anchor</a> <img src="ok.png">'
+        '<a href="https://example.org/x.html">external</a> <a href="#top" id="top">self</a>'
+        '<a href="sub/missing.html">gone</a> <img src="figures/none.png"> <a href="sub/b.html#nowhere">bad</a>'
+    )
+    assert rg.broken_links(html) == [
+        "a.html: <a> sub/missing.html (no such file)",
+        "a.html: <img> figures/none.png (no such file)",
+        "a.html: <a> sub/b.html#nowhere (no anchor #nowhere)",
+    ]
+
+
+def test_api_page_lists_only_existing_modules(tmp_path):
+    package = tmp_path / "esmerge"
+    (package / "methods").mkdir(parents=True)
+    (package / "probe.py").write_text("")
+    (package / "methods" / "__init__.py").write_text("")
+    (package / "unlisted.py").write_text("")
+    text = rg.write_api_page(tmp_path, package).read_text()
+    assert [line for line in text.splitlines() if line.startswith(".. automodule::")] == [
+        ".. automodule:: esmerge.probe", ".. automodule:: esmerge.methods"]
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def test_runs_in_order_then_skips_then_reruns_what_changed(tmp_path):
+    layout = make_layout(tmp_path)
+    first = write_notebook(tmp_path, "01_first", """\
+        (out / "value.csv").write_text(f"value\\n{seed + 41}\\n")
+    """)
+    write_notebook(tmp_path, "02_second", """\
+        upstream = int((Path("runs") / scale / "01_first" / "value.csv").read_text().split()[1])
+        (out / "plus_one.csv").write_text(f"value,scale\\n{upstream + 1},{scale}\\n")
+    """, needs="01_first")
+    write_notebook(tmp_path, "03_alone", """\
+        (out / "figure.png").write_bytes(b"not really a png")
+    """)
+
+    report = rg.run_notebooks("smoke", layout, seed=1, log=quiet)
+    assert report.executed == ["01_first", "03_alone", "02_second"] and report.failed is None
+    # 02 read what 01 wrote, with the injected parameters (seed=1, scale=smoke), in the layout's cwd.
+    assert (tmp_path / "runs/smoke/02_second/plus_one.csv").read_text() == "value,scale\n43,smoke\n"
+    executed = nbformat.read(tmp_path / "book/executed/smoke/02_second.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and 'scale = "smoke"' in injected[0].source
+
+    # Nothing changed: nothing runs, and a partial file left by a killed run is cleared.
+    (tmp_path / "book/executed/smoke/.02_second.partial.ipynb").write_text("{")
+    report = rg.run_notebooks("smoke", layout, seed=1, log=quiet)
+    assert report.executed == [] and report.skipped == ["01_first", "03_alone", "02_second"]
+    assert not list((tmp_path / "book/executed/smoke").glob(".*"))
+
+    # A changed notebook re-runs with everything downstream of it, and nothing else.
+    first.write_text(first.read_text() + "# a comment is a change\n")
+    report = rg.run_notebooks("smoke", layout, seed=1, log=quiet)
+    assert report.executed == ["01_first", "02_second"] and report.skipped == ["03_alone"]
+
+    # Changed package code re-runs everything (here two at a time).
+    (layout.package / "helpers.py").write_text("VALUE = 2\n")
+    report = rg.run_notebooks("smoke", layout, seed=1, jobs=2, log=quiet)
+    assert sorted(report.executed) == ["01_first", "02_second", "03_alone"]
+    assert report.executed.index("01_first") < report.executed.index("02_second")
+
+    # produced.json names every figure/table with the notebook and input key that made it.
+    state = json.loads(layout.state_file("smoke").read_text())["notebooks"]
+    produced = json.loads(rg.write_produced("smoke", layout).read_text())["files"]
+    assert {(row["file"], row["notebook"], row["input_key"], row["kind"]) for row in produced} == {
+        ("runs/smoke/01_first/value.csv", "01_first.py", state["01_first"]["key"], "table"),
+        ("runs/smoke/02_second/plus_one.csv", "02_second.py", state["02_second"]["key"], "table"),
+        ("runs/smoke/03_alone/figure.png", "03_alone.py", state["03_alone"]["key"], "figure"),
+    }
+    assert all(row["parameters"] == {"scale": "smoke", "seed": 1} and not row["stale"] for row in produced)
+
+
+def test_failure_names_notebook_and_cell_and_keeps_no_half_notebook(tmp_path, capsys):
+    layout = make_layout(tmp_path)
+    write_notebook(tmp_path, "01_ok", "(out / 'a.csv').write_text('a\\n1\\n')\n")
+    write_notebook(tmp_path, "02_broken", """\
+        print("this cell runs")
+
+        # %%
+        raise ValueError("deliberately broken")
+    """, needs="01_ok")
+    write_notebook(tmp_path, "03_after", "print('must not run')\n", needs="02_broken")
+
+    assert rg.cli(["--scale", "smoke", "--no-book"], layout=layout) == 1
+    out = capsys.readouterr().out
+    assert "notebook 02_broken failed in cell" in out
+    assert "ValueError: deliberately broken" in out
+    assert 'raise ValueError("deliberately broken")' in out  # the failing cell's source
+    assert "not run because of the failure: 03_after" in out
+
+    executed = tmp_path / "book/executed/smoke"
+    assert sorted(p.name for p in executed.iterdir()) == ["01_ok.ipynb"]  # no half notebook, no partials
+    kept = nbformat.read(tmp_path / "runs/smoke/failed/02_broken.ipynb", as_version=4)
+    assert any(o.get("ename") == "ValueError" for c in kept.cells for o in c.get("outputs", []))
+    state = json.loads(layout.state_file("smoke").read_text())["notebooks"]
+    assert sorted(state) == ["01_ok"]
+
+
+def test_notebook_without_parameters_cell_is_refused(tmp_path):
+    layout = make_layout(tmp_path)
+    path = tmp_path / "notebooks" / "01_plain.py"
+    path.parent.mkdir(parents=True)
+    path.write_text("# %%\nscale = 'cpu'\n")
+    report = rg.run_notebooks("smoke", layout, log=quiet)
+    assert report.failed == "01_plain" and "no cell tagged 'parameters'" in report.message
+
+
+def test_book_build_fails_on_sphinx_warning_and_builds_only_existing_chapters(tmp_path):
+    layout = make_layout(tmp_path)
+    layout.book.mkdir()
+    repo_book = Path(rg.__file__).resolve().parent.parent / "book"
+    for name in ("_config.yml", "references.bib"):
+        shutil.copy(repo_book / name, layout.book / name)
+    write_notebook(tmp_path, "01_only", "print('hello from the only chapter')\n")
+    assert rg.run_notebooks("smoke", layout, log=quiet).executed == ["01_only"]
+
+    (layout.book / "claims.md").write_text("# Claims\n\nSee {ref}`no-such-label`.\n")
+    with pytest.raises(rg.RegenerateError, match="no-such-label"):
+        rg.build_book("smoke", layout, log=quiet)
+
+    (layout.book / "claims.md").write_text("# Claims\n\nSee [the chapter](executed/smoke/01_only.ipynb).\n")
+    index = rg.build_book("smoke", layout, log=quiet)
+    html = index.parent
+    assert (html / "executed/smoke/01_only.html").exists() and (html / "claims.html").exists()
+    assert "hello from the only chapter" in (html / "executed/smoke/01_only.html").read_text()
+    assert not (html / "rerun.html").exists()  # no placeholder for a page that does not exist
