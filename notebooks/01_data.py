@@ -1,0 +1,187 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Data
+#
+# Everything this book trains on or evaluates comes from public repositories at pinned commits.
+# No data file lives in this repository: `data_manifest/files.yaml` lists each upstream file with
+# its URL, sha256, size, licence, citation and the tasks that use it, and `esmerge.data` resolves
+# and hash-checks every file before reading it (`esmerge data verify`, `esmerge data fetch`).
+# The processing rules (which file each benchmark uses, how GDSC2 is binarised, how cell lines are
+# matched, how pools are drawn) are recorded in `data_manifest/processing.md`; this chapter shows
+# their outcome.
+
+# %% tags=["parameters"]
+# esmerge-needs:
+scale = "cpu"
+seed = 0
+n_eval = 200  # example pool sizes for the pool illustration below
+n_context = 1000
+
+# %%
+import logging
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from IPython.display import Markdown, display
+
+from esmerge import data
+from esmerge.paths import run_dir
+
+logging.basicConfig(level=logging.WARNING)
+out = run_dir(scale, "01_data")
+print(f"scale={scale} seed={seed}; results in {out}")
+
+# %% [markdown]
+# ## The manifest
+#
+# Each upstream file, where it was found, whether its sha256 matches, its licence and what uses it.
+# The data are the same at every scale; `scale` only selects where results are written.
+
+# %%
+statuses = {s.path: s for s in data.verify()}
+entries = data.manifest()
+manifest_table = pd.DataFrame([
+    {"file": path, "bytes": e.bytes, "status": statuses[path].status, "licence": e.licence,
+     "use": ", ".join(e.tasks), "source": e.repo}
+    for path, e in entries.items()
+])
+manifest_table.to_csv(out / "manifest.csv", index=False)
+display(manifest_table)
+print(f"{(manifest_table['status'] == 'ok').sum()} of {len(manifest_table)} files verified")
+
+# %%
+citations = (pd.DataFrame([{"source": e.repo, "citation": e.citation} for e in entries.values()])
+             .drop_duplicates("source").reset_index(drop=True))
+citations.to_csv(out / "citations.csv", index=False)
+display(citations)
+
+# %% [markdown]
+# ## Training corpora
+#
+# One text corpus per specialist: ChEBI-20 molecule descriptions, Swiss-Prot proteins with their
+# experimental GO terms (three aspects joined into one description), and cells as ranked gene lists
+# (PBMC 68k cell types; CCLE lines with tissue and histology). Loaders count and drop invalid rows.
+
+# %%
+corpora = {
+    "ChEBI-20 test": data.load_chebi20("test"),
+    "ChEBI-20 validation": data.load_chebi20("validation"),
+    "Swiss-Prot GO test": data.load_swissprot_go("test"),
+    "Swiss-Prot GO val": data.load_swissprot_go("val"),
+    "PBMC 68k": data.load_pbmc68k(),
+    "CCLE cell lines": data.load_ccle_cells(),
+}
+corpus_table = pd.DataFrame([
+    {"corpus": name, "rows read": df.attrs["n_read"], "rows kept": len(df),
+     "dropped": "; ".join(f"{n} {why}" for why, n in df.attrs["dropped"].items()) or "none"}
+    for name, df in corpora.items()
+])
+corpus_table.to_csv(out / "corpora.csv", index=False)
+display(corpus_table)
+
+# %%
+examples = pd.DataFrame([
+    {"corpus": "ChEBI-20", "input": corpora["ChEBI-20 test"]["smiles"].iloc[0],
+     "text": corpora["ChEBI-20 test"]["description"].iloc[0]},
+    {"corpus": "Swiss-Prot GO", "input": corpora["Swiss-Prot GO test"]["sequence"].iloc[0][:60] + "...",
+     "text": corpora["Swiss-Prot GO test"]["description"].iloc[0]},
+    {"corpus": "PBMC 68k", "input": ", ".join(corpora["PBMC 68k"]["genes"].iloc[0][:10]) + ", ...",
+     "text": corpora["PBMC 68k"]["cell_type"].iloc[0]},
+    {"corpus": "CCLE", "input": ", ".join(corpora["CCLE cell lines"]["genes"].iloc[0][:10]) + ", ...",
+     "text": "{site}, {histology}".format(**corpora["CCLE cell lines"].iloc[0])},
+])
+with pd.option_context("display.max_colwidth", 120):
+    display(examples)
+
+# %% [markdown]
+# ## Benchmarks and their label balance (paper Fig. 7)
+#
+# Thirteen binary benchmarks in four groups. Counts are of all usable instances in the file each
+# benchmark uses, before evaluation and in-context pools are drawn, so they differ from the
+# paper's test-split counts (see `data_manifest/processing.md`).
+
+# %%
+balance = data.label_balance()
+balance.to_csv(out / "label_balance.csv", index=False)
+display(balance)
+
+# %%
+titles = {"mol-prot": "Molecule-protein interaction", "cyp-inhibition": "CYP inhibition",
+          "cyp-substrate": "CYP substrate", "mol-cell": "Molecule-cell interaction"}
+fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), gridspec_kw={"width_ratios": [3, 5, 3, 2]})
+for ax, (group, title) in zip(axes, titles.items()):
+    part = balance[balance["group"] == group]
+    x = range(len(part))
+    pos = ax.bar([i - 0.2 for i in x], part["n_pos"], width=0.4, label="positive", color="#3b7dd8")
+    neg = ax.bar([i + 0.2 for i in x], part["n_neg"], width=0.4, label="negative", color="#d8823b")
+    for bars in (pos, neg):
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(list(x), [n.replace("-substrate", "") for n in part["benchmark"]], rotation=30, ha="right")
+    ax.set_title(title, fontsize=10)
+    ax.margins(y=0.12)
+axes[0].set_ylabel("instances")
+axes[0].legend(fontsize=8)
+n_total = int(balance[["n_pos", "n_neg"]].to_numpy().sum())
+fig.suptitle(f"Label balance per benchmark (scale={scale}, seed={seed}: data are seed-independent; "
+             f"n={n_total} instances over {len(balance)} benchmarks)", fontsize=10)
+fig.tight_layout()
+fig.savefig(out / "label_balance.png", dpi=150)
+plt.show()
+
+# %% [markdown]
+# ## Dropped rows
+#
+# Every loader keeps a count per reason. Unknown cell lines are DrugComb's A427 (no Enrichr CCLE
+# gene set) and GDSC2 lines without a gene set or annotation; GDSC2's middle ln IC50 tertile per
+# drug is left out as ambiguous by our binarisation rule.
+
+# %%
+benchmarks = {name: data.load_benchmark(name) for name in data.BENCHMARKS}
+dropped = pd.DataFrame([
+    {"benchmark": name, "reason": why, "rows": n}
+    for name, df in benchmarks.items() for why, n in df.attrs["dropped"].items()
+], columns=["benchmark", "reason", "rows"])
+counts = pd.DataFrame([
+    {"benchmark": name, "group": data.BENCHMARKS[name].group, "rows read": df.attrs["n_read"],
+     "rows kept": len(df), "rows dropped": df.attrs["n_read"] - len(df),
+     "labels (1 / 0)": f"{data.BENCHMARKS[name].positive} / {data.BENCHMARKS[name].negative}"}
+    for name, df in benchmarks.items()
+])
+counts.to_csv(out / "benchmark_counts.csv", index=False)
+dropped.to_csv(out / "dropped_rows.csv", index=False)
+display(counts)
+display(dropped)
+
+# %% [markdown]
+# ## Evaluation and in-context pools
+#
+# `split_pools` draws a seeded evaluation pool and a disjoint in-context pool, each with the
+# benchmark's label proportions. Below: the positive fraction of each pool next to the benchmark's
+# (benchmarks smaller than the requested pools are scaled down to fit).
+
+# %%
+rows = []
+for name, df in benchmarks.items():
+    scale_down = min(1.0, len(df) / (n_eval + n_context))
+    ev, ctx = data.split_pools(df, int(n_eval * scale_down), int(n_context * scale_down), seed=seed)
+    assert not set(ev.index) & set(ctx.index)
+    rows.append({"benchmark": name, "n_eval": len(ev), "n_context": len(ctx),
+                 "positive fraction (all)": round(df["y"].mean(), 3),
+                 "positive fraction (eval)": round(ev["y"].mean(), 3),
+                 "positive fraction (context)": round(ctx["y"].mean(), 3)})
+pools = pd.DataFrame(rows)
+pools.to_csv(out / "pools.csv", index=False)
+display(pools)
+display(Markdown(f"Pools drawn with seed={seed}, requested n_eval={n_eval}, n_context={n_context} (scale={scale})."))
