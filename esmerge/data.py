@@ -1,14 +1,24 @@
-"""Upstream data: manifest, resolution, hash verification, and loaders.
+"""Upstream data: manifest, resolution, hash verification, loaders, benchmarks and pools.
 
 Files are never copied into this repository. ``data_manifest/files.yaml`` records, for every
 upstream file, its path (as mirrored in ``../shared/data``), upstream URL at a pinned commit,
-sha256, size and licence. A file is resolved from, in order:
+sha256, size, licence, citation and the tasks that use it. A file is resolved from, in order:
 
 1. ``$ESMERGE_DATA_DIR``;
 2. ``../shared/data`` beside the repository (when it exists);
 3. the user cache (``$ESMERGE_CACHE/data``), where ``fetch`` downloads it by URL.
 
-Every resolved file is checked against its sha256 before use.
+Every resolved file is checked against its sha256 before use. On top of that:
+
+* training corpora, one per specialist: ``load_chebi20``, ``load_swissprot_go``,
+  ``load_pbmc68k``, ``load_ccle_cells``;
+* the paper's 13 benchmarks: ``BENCHMARKS``, ``load_benchmark``, ``label_balance`` (Fig. 7);
+* seeded, stratified, disjoint evaluation / in-context pools: ``split_pools``;
+* ``safe_pickle_load``, the restricted unpickler the TGSA (GDSC2) pickles are read with;
+* ``cli``: ``esmerge data verify`` and ``esmerge data fetch``.
+
+Loaders count and drop invalid rows (``df.attrs["dropped"]``) and log one summary line; every
+processing rule is recorded in ``data_manifest/processing.md``.
 """
 from __future__ import annotations
 
@@ -578,17 +588,20 @@ def load_benchmark(name: str) -> pd.DataFrame:
 
 def _stratified_counts(available: pd.Series, n: int, proportions: pd.Series) -> pd.Series:
     """Largest-remainder allocation of ``n`` rows over labels in ``proportions``, capped by what is
-    ``available`` per label (any shortfall goes to the labels that still have rows)."""
+    ``available`` per label (any shortfall goes to the labels that still have rows).
+
+    >>> _stratified_counts(pd.Series([3, 7]), 3, pd.Series([0.3, 0.7])).tolist()  # 0.9, 2.1 -> 1, 2
+    [1, 2]
+    """
     quota = proportions * n
     take = np.floor(quota).astype(int).clip(upper=available)
-    for label in (quota - np.floor(quota)).sort_values(ascending=False, kind="stable").index.tolist() * 2:
+    for label in (quota - np.floor(quota)).sort_values(ascending=False, kind="stable").index:
         if take.sum() >= n:
             break
         if take[label] < available[label]:
             take[label] += 1
-    while take.sum() < n:  # a label ran out: fill from the others, largest first
-        label = (available - take).idxmax()
-        take[label] += 1
+    while take.sum() < n:  # a label ran out: fill from the label with the most rows left
+        take[(available - take).idxmax()] += 1
     return take
 
 

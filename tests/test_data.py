@@ -390,3 +390,27 @@ def test_python_m_esmerge_data_verify():
                           env={k: v for k, v in os.environ.items() if k != "ESMERGE_DATA_DIR"})
     assert done.returncode == 0, done.stderr
     assert f"{len(data.manifest())} of {len(data.manifest())} files ok" in done.stdout
+
+
+def test_split_pools_property_over_random_sizes():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n_pos, n_neg = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        df = _toy(n_pos, n_neg)
+        n_eval = int(rng.integers(0, len(df) + 1))
+        n_context = int(rng.integers(0, len(df) - n_eval + 1))
+        ev, ctx = data.split_pools(df, n_eval, n_context, seed=trial)
+        assert (len(ev), len(ctx)) == (n_eval, n_context)
+        assert not set(ev.index) & set(ctx.index)
+        p = n_pos / len(df)
+        # Eval pool is within one row of proportional; context too unless eval exhausted a label.
+        assert abs(ev["y"].sum() - p * n_eval) <= 1
+        if n_eval + n_context <= min(n_pos, n_neg):
+            assert abs(ctx["y"].sum() - p * n_context) <= 1
+
+
+def test_module_doctests():
+    import doctest
+
+    result = doctest.testmod(data)
+    assert result.attempted >= 2 and result.failed == 0
