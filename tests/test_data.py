@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from esmerge import data
-
-SHARED = data.REPO_ROOT.parent / "shared" / "data"
 
 
 def _have_data() -> bool:
