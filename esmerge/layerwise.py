@@ -153,3 +153,31 @@ def layer_coefficients(swd: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     tensor([1., 1., 1.])
     """
     return softmax_over_specialists(layer_scores(swd), tau)
+
+
+def own_vs_other(swd: torch.Tensor, own_modality: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper Fig. 2: SWD on each specialist's own modality vs the mean over the other modalities.
+
+    Args:
+        swd: ``[S, M, L]``; own_modality: for each specialist, the index of its modality.
+
+    Returns:
+        (own, other), each ``[S, L]``.
+    """
+    n_spec, n_mod, _ = swd.shape
+    if len(own_modality) != n_spec:
+        raise ValueError(f"need one own modality per specialist ({n_spec}), got {len(own_modality)}")
+    own = torch.stack([swd[j, own_modality[j]] for j in range(n_spec)])
+    other = torch.stack([swd[j, [i for i in range(n_mod) if i != own_modality[j]]].mean(0) for j in range(n_spec)])
+    return own, other
+
+
+def projection_stability(base_states: dict[str, torch.Tensor], specialist_states: list[dict[str, torch.Tensor]],
+                         sizes=(32, 256, 1024), seeds=range(5), tau: float = 0.5, p: float = 2.0) -> dict[int, torch.Tensor]:
+    """Paper Table 7 analogue: layer coefficients recomputed with several projection counts and seeds.
+
+    Returns ``{n_projections: alphas [n_seeds, S, L]}``; their variance across seeds measures how
+    stable the coefficients are for that number of projections.
+    """
+    return {size: torch.stack([layer_coefficients(swd_table(base_states, specialist_states, size, p, seed), tau)
+                               for seed in seeds]) for size in sizes}

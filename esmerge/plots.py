@@ -1,0 +1,76 @@
+"""Figures shared by the notebooks: one colour-blind-safe palette per modality and per method.
+
+Colours are the Okabe-Ito palette, fixed per name so a modality or method has the same colour
+in every chapter. Every ``save`` writes a PNG under the notebook's run directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000", "#999999"]
+MODALITY_COLORS = {"molecule": "#E69F00", "protein": "#56B4E9", "cell": "#009E73", "base": "#999999",
+                   "merged": "#CC79A7"}
+METHODS_ORDER = ["base", "avg", "ties", "emr", "adamerging", "pcb", "consensus", "ls-merge", "graft", "avg-ft",
+                 "es-layer", "es-element", "es"]
+METHOD_COLORS = {name: (OKABE_ITO + ["#882255", "#44AA99", "#117733", "#332288"])[i]
+                 for i, name in enumerate(METHODS_ORDER)}
+
+
+def save(fig, out_dir: Path, name: str) -> Path:
+    """Save ``fig`` as ``out_dir/name.png`` (150 dpi) and return the path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def project_2d(groups: dict[str, torch.Tensor], method: str = "pca", seed: int = 0) -> dict[str, np.ndarray]:
+    """Joint 2-D embedding of several point sets ``{name: [N_i, d]}`` -> ``{name: [N_i, 2]}``.
+
+    ``pca`` (deterministic, fast) or ``tsne`` (seeded); fitted on the union so positions compare.
+    """
+    names = list(groups)
+    data = torch.cat([groups[n].reshape(-1, groups[n].shape[-1]).float() for n in names]).numpy()
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        xy = PCA(n_components=2, random_state=seed).fit_transform(data)
+    elif method == "tsne":
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=min(30, len(data) // 4 or 1)).fit_transform(data)
+    else:
+        raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
+    out, start = {}, 0
+    for n in names:
+        count = groups[n].reshape(-1, groups[n].shape[-1]).shape[0]
+        out[n], start = xy[start:start + count], start + count
+    return out
+
+
+def embedding_scatter(ax, points: dict[str, np.ndarray], colors: dict[str, str] | None = None, title: str = ""):
+    """Scatter of 2-D points per model name, one colour each."""
+    colors = colors or {}
+    for i, (name, xy) in enumerate(points.items()):
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.55, label=name,
+                   color=colors.get(name, OKABE_ITO[i % len(OKABE_ITO)]))
+    ax.set_title(title)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.legend(markerscale=3, fontsize=8, frameon=False)
+
+
+def coefficient_heatmap(ax, matrix: np.ndarray, row_labels: list[str], title: str = "", vmin=0.0, vmax=1.0,
+                        xlabel: str = "layer"):
+    """Heatmap of a coefficient matrix ``[rows, cols]`` with a colour bar (viridis: colour-blind safe)."""
+    im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    plt.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    return im
