@@ -691,16 +691,22 @@ def fetch(entry: ManifestEntry, force: bool = False) -> Path:
     target = cache_dir() / "data" / entry.path
     if target.is_file() and not force and file_sha256(target) == entry.sha256:
         return target
-    if not entry.url:
+    derive = DERIVED.get(entry.path)
+    if not entry.url and derive is None:
         raise DataError(f"{entry.path}: no download URL; {how_to_get(entry)}")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
-            shutil.copyfileobj(response, out)
+        with os.fdopen(fd, "wb") as out:
+            if derive is not None:
+                out.write(derive().encode())
+            else:
+                with urllib.request.urlopen(entry.url, timeout=60) as response:
+                    shutil.copyfileobj(response, out)
         got = file_sha256(tmp)
         if got != entry.sha256:
-            raise DataError(f"{entry.path}: downloaded from {entry.url} but sha256 is {got}, expected "
+            origin = "derived" if derive is not None else f"downloaded from {entry.url}"
+            raise DataError(f"{entry.path}: {origin} but sha256 is {got}, expected "
                             f"{entry.sha256}; the upstream file changed or the download was altered")
         os.replace(tmp, target)
     except OSError as err:  # URLError is an OSError: no network, 404, refused
@@ -711,6 +717,31 @@ def fetch(entry: ManifestEntry, force: bool = False) -> Path:
             os.remove(tmp)
     _verified.cache_clear()
     return target
+
+
+CYP_ACCESSIONS = {"CYP1A2": "P05177", "CYP2C19": "P33261", "CYP2C9": "P11712", "CYP2D6": "P10635",
+                  "CYP3A4": "P08684"}
+MOLTRANS_BIOSNAP = "moltrans/dataset/BIOSNAP/full_data/test.csv"
+
+
+def derive_cyp_fasta() -> str:
+    """The text of ``derived/cyp_human.fasta``: each human CYP enzyme's sequence, taken from MolTrans
+    BIOSNAP by its UniProt accession (column ``Gene``), as ``>NAME ACCESSION len=N`` + 60-column lines."""
+    import textwrap
+
+    biosnap = pd.read_csv(data_path(MOLTRANS_BIOSNAP), usecols=["Gene", "Target Sequence"], dtype=str)
+    records = []
+    for name, accession in CYP_ACCESSIONS.items():
+        sequences = biosnap.loc[biosnap["Gene"] == accession, "Target Sequence"].unique()
+        if len(sequences) != 1:
+            raise DataError(f"{MOLTRANS_BIOSNAP}: expected one sequence for {accession}, found {len(sequences)}")
+        seq = sequences[0]
+        records.append(f">{name} {accession} len={len(seq)}\n" + "\n".join(textwrap.wrap(seq, 60)) + "\n")
+    return "".join(records)
+
+
+# Manifest files made here rather than downloaded: path -> function returning the file's text.
+DERIVED = {CYP_FASTA: derive_cyp_fasta}
 
 
 def _print_table(statuses: list[FileStatus]) -> None:

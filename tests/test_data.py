@@ -411,3 +411,20 @@ def test_module_doctests():
 
     result = doctest.testmod(data)
     assert result.attempted >= 2 and result.failed == 0
+
+
+@needs_data
+def test_derive_cyp_fasta_reproduces_the_manifest_file():
+    import hashlib
+
+    text = data.derive_cyp_fasta()
+    assert hashlib.sha256(text.encode()).hexdigest() == data.manifest()[data.CYP_FASTA].sha256
+    assert data.read_fasta(data.data_path(data.CYP_FASTA)).keys() == data.CYP_ACCESSIONS.keys()
+
+
+@needs_data
+def test_fetch_derives_the_cyp_fasta_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path))
+    path = data.fetch(data.manifest()[data.CYP_FASTA], force=True)
+    assert path == tmp_path / "data" / data.CYP_FASTA
+    assert path.read_bytes() == data.data_path(data.CYP_FASTA).read_bytes()
