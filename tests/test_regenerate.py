@@ -6,8 +6,13 @@ two under papermill's ``python3`` kernel; nothing here touches the real notebook
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nbformat
@@ -213,6 +218,36 @@ def test_failure_names_notebook_and_cell_and_keeps_no_half_notebook(tmp_path, ca
     assert any(o.get("ename") == "ValueError" for c in kept.cells for o in c.get("outputs", []))
     state = json.loads(layout.state_file("smoke").read_text())["notebooks"]
     assert sorted(state) == ["01_ok"]
+
+
+def test_interrupt_keeps_finished_notebooks_and_leaves_no_partial(tmp_path):
+    make_layout(tmp_path)
+    write_notebook(tmp_path, "01_quick", "(out / 'done.csv').write_text('x\\n1\\n')\n")
+    write_notebook(tmp_path, "02_slow", """\
+        (out / "started").write_text("yes")
+        import time
+        time.sleep(120)
+    """, needs="01_quick")
+    script = (
+        "from pathlib import Path\nfrom esmerge import regenerate as rg\n"
+        f"root = Path({str(tmp_path)!r})\n"
+        "rg.run_notebooks('smoke', rg.Layout(notebooks=root / 'notebooks', runs=root / 'runs', book=root / 'book',"
+        " package=root / 'pkg', manifest=root / 'files.yaml', cwd=root))\n"
+    )
+    # Its own process group, as a terminal's Ctrl-C reaches the regenerator and its kernel together.
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = tmp_path / "runs/smoke/02_slow/started"
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert started.exists(), "02_slow never started"
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+
+    executed = tmp_path / "book/executed/smoke"
+    assert sorted(p.name for p in executed.iterdir()) == ["01_quick.ipynb"]
+    assert sorted(json.loads((tmp_path / "runs/smoke/regenerate_state.json").read_text())["notebooks"]) == ["01_quick"]
 
 
 def test_notebook_without_parameters_cell_is_refused(tmp_path):
