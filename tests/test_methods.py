@@ -370,3 +370,77 @@ def test_training_methods_refuse_missing_context(smoke):
         methods.run("adamerging", smoke["adapters"], {"train_loss": lambda s, b: 0})
     with pytest.raises(ValueError, match="train_batches"):
         methods.run("avg-ft", smoke["adapters"], {"train_loss": lambda s, b: 0})
+
+
+def test_lora_state_swapped_matches_functional_call_and_restores(smoke):
+    from esmerge.methods.functional import lora_state_swapped
+
+    model, batch = smoke["model"], smoke["batches"][1]
+    state = {k: v.clone().requires_grad_(True) for k, v in smoke["adapters"][0].state.items()}
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+    with lora_state_swapped(model, state):
+        swapped = model(**batch).logits
+    swapped.sum().backward()
+    assert all(v.grad is not None for v in state.values())
+    torch.testing.assert_close(swapped, lora_forward(model, state, **batch).logits)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) and isinstance(after[n], torch.nn.Parameter) for n, p in before.items())
+    with pytest.raises(KeyError, match="no LoRA parameter"):
+        with lora_state_swapped(model, {KEY_A.replace("q_proj", "x_proj"): torch.zeros(1)}):
+            pass
+
+
+# --------------------------------------------------------------------------- contexts and report helpers
+def test_benchmark_modalities_and_emr_rule():
+    from esmerge.methods.contexts import benchmark_modalities, emr_adapter_for_benchmark
+
+    assert benchmark_modalities("BindingDB") == ["protein", "molecule"]
+    assert benchmark_modalities("DrugComb") == ["cell", "molecule"]  # molecule2 is a molecule too
+    assert benchmark_modalities("CYP3A4-substrate") == ["protein", "molecule"]
+    result = methods.run("emr", _random_toy(7))
+    got = emr_adapter_for_benchmark(result.adapter, "GDSC2").state[KEY_B]
+    expected = (emr_task_adapter(result, "cell").state[KEY_B] + emr_task_adapter(result, "molecule").state[KEY_B]) / 2
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        benchmark_modalities("MNIST")
+
+
+def test_task_names_map_specialist_names_to_modalities():
+    from esmerge.methods.static import task_name, task_names
+
+    assert task_name("molecule-specialist", 0) == "molecule" and task_name("cell", 2) == "cell"
+    assert task_name("", 4) == "task4" and task_name("mine", 1) == "mine"
+    assert task_names(_toy_adapters([{}, {}, {}])) == list(MODALITIES)
+
+
+def test_delta_weight_norms_and_cosine_worked_example():
+    from esmerge.methods.report import cosine_to, delta_weight_norms
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    (adapter,) = _toy_adapters([{KEY_A: a, KEY_B: b}])  # r=2, alpha=4: BA scaled by 2
+    torch.testing.assert_close(delta_weight_norms(adapter), torch.tensor([2.0]))
+    (flipped,) = _toy_adapters([{KEY_A: -a, KEY_B: b}])
+    cos = cosine_to(flipped, {"same": adapter})["same"]
+    assert cos == pytest.approx((-2 + 1) / 3)  # vectors (A, B) = (+-1, +-1, 1): dot -2 + 1, norms 3
+
+
+def test_merge_once_resumes_and_reruns_on_new_hparams(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from esmerge.merge import MergeContext
+    from esmerge.methods import report
+
+    specs = {m: SimpleNamespace(modality=m, adapter=a, projector=None) for m, a in zip(MODALITIES, _random_toy(8))}
+    context = MergeContext(base=None, specialists=specs, scale="smoke")
+    calls = []
+    real = methods.run
+    monkeypatch.setattr(methods, "run", lambda *a, **k: calls.append(k) or real(*a, **k))
+    first, meta = report.merge_once("ties", tmp_path / "ties", context, keep=0.5)
+    again, _ = report.merge_once("ties", tmp_path / "ties", context, keep=0.5)
+    assert len(calls) == 1 and meta["info"]["hparams"]["keep"] == 0.5
+    torch.testing.assert_close(first.state[KEY_A], again.state[KEY_A])
+    report.merge_once("ties", tmp_path / "ties", context, keep=0.3)
+    assert len(calls) == 2
+    emr, _ = report.merge_once("emr", tmp_path / "emr", context)
+    assert emr_task_adapter(emr, "protein").state[KEY_A].shape == (2, 5)

@@ -11,6 +11,7 @@ only knows "a batch of token ids" and "the ids of the two label tokens".
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
 import torch
@@ -36,6 +37,31 @@ def lora_forward(peft_model: torch.nn.Module, state: LoraState, **inputs) -> Any
     if missing:
         raise KeyError(f"LoRA tensors not in the model (different targets/base?): {missing}")
     return torch.func.functional_call(peft_model, params, args=(), kwargs=inputs, strict=False)
+
+
+@contextmanager
+def lora_state_swapped(peft_model: torch.nn.Module, state: LoraState, adapter_name: str = "default"):
+    """Inside the block, ``peft_model``'s LoRA weights *are* the tensors of ``state`` (no copy).
+
+    For code that calls the model in several ways (embeddings, cached decoding), where
+    :func:`lora_forward` cannot wrap a single call. Gradients flow into ``state``'s tensors.
+    The original parameters are put back on exit, also after an exception.
+    """
+    modules = dict(peft_model.named_modules())
+    swapped = []
+    try:
+        for key, value in state.items():
+            module_name, _, attr = lora_param_name(key, adapter_name).rpartition(".")
+            module = modules.get(module_name)
+            if module is None or attr not in module._parameters:
+                raise KeyError(f"{key}: no LoRA parameter {module_name}.{attr} in the model (different targets/base?)")
+            swapped.append((module, attr, module._parameters.pop(attr)))
+            setattr(module, attr, value)  # a plain attribute now, read by the module's forward
+        yield peft_model
+    finally:
+        for module, attr, param in reversed(swapped):
+            delattr(module, attr)
+            module._parameters[attr] = param
 
 
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:

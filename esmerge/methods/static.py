@@ -24,9 +24,20 @@ def _merged(adapters: list[Adapter], vector: torch.Tensor, keys, shapes, name: s
     return MergeResult(with_state(adapters[0], P.unflatten(vector, keys, shapes), name, extras), info)
 
 
+def task_name(name: str, index: int) -> str:
+    """The task of an adapter named ``name``: its modality if the name is or starts with one
+    (``"molecule"``, ``"molecule-specialist"``), else the name itself, else ``task{index}``."""
+    from esmerge.encoders import MODALITIES
+
+    for modality in MODALITIES:
+        if name == modality or name.startswith(modality + "-") or name.startswith(modality + "_"):
+            return modality
+    return name or f"task{index}"
+
+
 def task_names(adapters: list[Adapter]) -> list[str]:
-    """The task (modality) name of each adapter: its ``name``, or ``task{i}`` if unnamed/duplicated."""
-    names = [a.name or f"task{i}" for i, a in enumerate(adapters)]
+    """Task names of the adapters (see :func:`task_name`); ``task{i}`` for all if any two collide."""
+    names = [task_name(a.name, i) for i, a in enumerate(adapters)]
     return names if len(set(names)) == len(names) else [f"task{i}" for i in range(len(adapters))]
 
 

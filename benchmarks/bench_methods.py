@@ -1,0 +1,86 @@
+"""Wall time and FLOPs of every registered baseline on adapters of a scale's shapes.
+
+The three adapters are the scale's LoRA layout with random A and B (seeded), so this needs no
+trained specialist and no data: it measures the methods, not the models' quality. AdaMerging
+and Avg+FT run on short synthetic text prompts with the generic objectives of
+``esmerge.methods.functional`` (entropy over two label tokens; causal-LM loss).
+
+    python benchmarks/bench_methods.py --scale cpu
+    python benchmarks/bench_methods.py --scale smoke --methods avg ties graft
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+import torch
+
+from esmerge import methods
+from esmerge.adapters import adapter_from_model
+from esmerge.methods.functional import causal_lm_loss, entropy_objective
+from esmerge.models import load_base, lora_config
+
+OURS = ("avg", "ties", "emr", "pcb", "consensus", "graft", "ls-merge", "adamerging", "avg-ft")
+PROMPTS = ["Does the molecule CCO inhibit CYP3A4? Answer:", "Is the cell line A549 sensitive to cisplatin? Answer:",
+           "Does aspirin bind COX-1? Answer:", "Is caffeine a substrate of CYP1A2? Answer:"]
+
+
+def random_adapters(scale: str, seed: int = 0):
+    from peft import get_peft_model
+
+    base = load_base(scale, seed=seed)
+    model = get_peft_model(base.model, lora_config())
+    model.requires_grad_(False)
+    adapters = []
+    for i, name in enumerate(("molecule", "protein", "cell")):
+        gen = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if "lora_" in pname:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        adapters.append(adapter_from_model(model, name))
+    return base, model, adapters
+
+
+def main(argv=None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="smoke", choices=("smoke", "cpu"))
+    parser.add_argument("--methods", nargs="*", default=list(OURS))
+    parser.add_argument("--lsmerge-epochs", type=int, default=None, help="default: the method's (1,000)")
+    parser.add_argument("--steps", type=int, default=10, help="AdaMerging steps / Avg+FT epochs over one batch")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    base, model, adapters = random_adapters(args.scale)
+    if base.tokenizer.pad_token is None:  # SmolLM2's tokenizer ships without one
+        base.tokenizer.pad_token = base.tokenizer.eos_token
+    enc = base.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    batches = [{"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}]
+    label_ids = [base.tokenizer(" Yes").input_ids[-1], base.tokenizer(" No").input_ids[-1]]
+    train = [{**batches[0], "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100)}]
+    context = {"entropy_objective": entropy_objective(model, batches, label_ids),
+               "train_loss": causal_lm_loss(model), "train_batches": train}
+    extra = {"adamerging": {"steps": args.steps, "progress": False},
+             "avg-ft": {"epochs": args.steps, "progress": False},
+             "ls-merge": {"progress": False, **({"epochs": args.lsmerge_epochs} if args.lsmerge_epochs else {})}}
+    n_params = sum(v.numel() for v in adapters[0].state.values())
+    rows = []
+    for name in args.methods:
+        start = time.perf_counter()
+        result = methods.run(name, adapters, context, **extra.get(name, {}))
+        wall = time.perf_counter() - start
+        cost = result.info.get("cost", {})
+        steps = extra.get(name, {}).get("steps") or extra.get(name, {}).get("epochs")
+        rows.append({"method": name, "wall_s": round(wall, 3), "flops": cost.get("flops"),
+                     "steps": steps if name in ("adamerging", "avg-ft") else result.info.get("hparams", {}).get("epochs")})
+        print(f"{name:>11}: {wall:8.3f} s   FLOPs {cost.get('flops')}", flush=True)
+    table = pd.DataFrame(rows)
+    print(f"\nscale={args.scale}, {n_params:,} LoRA entries per adapter, 3 adapters, threads={args.threads}")
+    print(table.to_string(index=False))
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The data-facing inputs of the training baselines, built from the evaluation's prompt pipeline.
+
+AdaMerging needs an entropy objective over *unlabeled test prompts*; Avg+FT needs a loss over
+one benchmark's *training examples*. Both reuse ``esmerge.evaluate`` (App. A.4 retrieval, the
+Table 9-10 prompts, two-label scoring) so the merged models are adapted on exactly the prompts
+they are evaluated with:
+
+* unlabeled test prompts: the evaluation pool's queries with ``y`` hidden (AdaMerging is a
+  test-time method; the paper adapts on the test samples);
+* training examples: queries drawn from the benchmark's in-context pool (the training side of
+  ``data.split_pools``), each with in-context examples retrieved from the rest of that pool,
+  and its gold answer.
+
+The functions return plain callables/lists so the methods themselves stay data-agnostic.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterable
+
+import torch
+
+from esmerge.adapters import Adapter, LoraState
+from esmerge.methods.functional import lora_state_swapped, mean_entropy
+
+
+def benchmark_modalities(benchmark: str) -> list[str]:
+    """Modalities an interaction benchmark contains (from its Table 9/10 prompt fields), e.g. molecule+protein."""
+    from esmerge import evaluate
+
+    fields = evaluate.TASKS[evaluate.benchmark_kind(benchmark)].fields
+    out = []
+    for name in fields:
+        modality = "molecule" if name.startswith("molecule") else name
+        if modality not in out:
+            out.append(modality)
+    return out
+
+
+def emr_adapter_for_benchmark(merged: Adapter, benchmark: str) -> Adapter:
+    """EMR's adapter for one benchmark: the mean of the modulated task vectors of its modalities."""
+    from esmerge.methods.static import emr_benchmark_adapter
+
+    return emr_benchmark_adapter(merged, benchmark_modalities(benchmark))
+
+
+def projectors_of(specialists: dict) -> dict:
+    """Every specialist's projector (the merged MLLM keeps all encoders), skipping text-only modalities."""
+    return {m: s.projector for m, s in specialists.items() if getattr(s, "projector", None) is not None}
+
+
+def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, split: str = "eval",
+                      n: int | None = None, seed: int = 0) -> list:
+    """Prompts of ``benchmark`` as ``esmerge.evaluate`` builds them.
+
+    split : ``"eval"`` -- the evaluation queries (labels kept in ``Prompt.y``; callers that must
+    not see them, like AdaMerging, ignore ``y``); ``"train"`` -- queries from the in-context pool,
+    with shots retrieved from the same pool (never the query itself).
+    n : at most this many prompts (seeded sample), default all.
+    """
+    from esmerge import data, evaluate
+
+    config = config or evaluate.CPU_DEFAULTS
+    frame = data.load_benchmark(benchmark)
+    eval_df, context_df = data.split_pools(frame, config.n_eval, config.n_context, config.seed)
+    options = evaluate.PromptOptions(frozenset(projectors), config.top_k_genes, config.protein_chars,
+                                     config.smiles_chars)
+    index = evaluate.ContextIndex(context_df, evaluate.benchmark_kind(benchmark))
+    if split == "eval":
+        queries = eval_df
+    elif split == "train":
+        queries = context_df
+    else:
+        raise ValueError(f"split must be 'eval' or 'train', got {split!r}")
+    if n is not None and n < len(queries):
+        queries = queries.sample(n=n, random_state=seed)
+    prompts = []
+    for _, row in queries.iterrows():
+        shots = index.pool.iloc[evaluate.retrieve_examples(index, row, config.n_shots)]
+        prompts.append(evaluate.build_prompt(benchmark, row, shots, tokenizer, options))
+    return prompts
+
+
+def prompt_batches(prompts: list, tokenizer, projectors: dict, batch_size: int, seed: int = 0) -> list:
+    """Shuffle (seeded) and collate prompts into ``evaluate.PromptBatch`` es."""
+    from esmerge import evaluate
+
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    n_tokens = {getattr(p, "n_tokens", 8) for p in projectors.values()} or {8}
+    if len(n_tokens) > 1:
+        raise ValueError(f"projectors emit different numbers of tokens: {sorted(n_tokens)}")
+    size = n_tokens.pop()
+    return [evaluate.collate([prompts[i] for i in order[s : s + batch_size]], tokenizer, size)
+            for s in range(0, len(order), batch_size)]
+
+
+def trainable_copy(base, template: Adapter):
+    """A PEFT copy of the base LLM with ``template``'s LoRA config; every weight frozen.
+
+    The methods substitute their own LoRA tensors into it (:func:`lora_state_swapped`).
+    """
+    from esmerge.specialists import attach
+
+    model = attach(base, template)
+    model.requires_grad_(False)
+    return model
+
+
+def label_entropy_objective(model, batches: Iterable, projectors: dict):
+    """AdaMerging's objective ``state -> mean entropy of softmax(label_logits)`` on the next batch (cycled).
+
+    ``label_logits`` gives the two answers' log-likelihoods ``[B, 2]``; their softmax is the
+    model's answer distribution over the two labels.
+    """
+    from esmerge import evaluate
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("AdaMerging needs at least one batch of unlabeled prompts")
+    position = {"i": 0}
+
+    def objective(state: LoraState) -> torch.Tensor:
+        batch = batches[position["i"] % len(batches)]
+        position["i"] += 1
+        with lora_state_swapped(model, state):
+            return mean_entropy(evaluate.label_logits(model, batch, projectors))
+
+    return objective
+
+
+def answer_nll_loss(model, projectors: dict):
+    """Avg+FT's loss ``(state, batch) -> mean NLL of the gold answer continuation``.
+
+    The gold answer is ``"Final answer: <label>"``; its log-likelihood is ``label_logits``' column
+    ``y`` -- the supervised fine-tuning loss restricted to the answer tokens.
+    """
+    from esmerge import evaluate
+
+    def loss(state: LoraState, batch) -> torch.Tensor:
+        if (batch.y < 0).any():
+            raise ValueError("fine-tuning batches need gold labels (y >= 0)")
+        with lora_state_swapped(model, state):
+            scores = evaluate.label_logits(model, batch, projectors)
+        return -scores.gather(1, batch.y[:, None].to(scores.device)).mean()
+
+    return loss
+
+
+def adamerging_extras(base, specialists: dict, benchmarks: list[str], n_per_benchmark: int, batch_size: int,
+                      config=None, seed: int = 0) -> dict:
+    """``{"entropy_objective": ...}`` over unlabeled evaluation prompts of ``benchmarks``, mixed and shuffled."""
+    projectors = projectors_of(specialists)
+    prompts = []
+    for benchmark in benchmarks:
+        prompts += benchmark_prompts(benchmark, base.tokenizer, projectors, config, "eval", n_per_benchmark, seed)
+    model = trainable_copy(base, next(iter(specialists.values())).adapter)
+    batches = prompt_batches(prompts, base.tokenizer, projectors, batch_size, seed)
+    return {"entropy_objective": label_entropy_objective(model, batches, projectors),
+            "adamerging_prompts": len(prompts)}
+
+
+def finetune_extras(base, specialists: dict, benchmark: str, n_examples: int, batch_size: int,
+                    config=None, seed: int = 0) -> dict:
+    """``{"train_loss", "train_batches", "benchmark"}`` for Avg+FT on one benchmark."""
+    projectors = projectors_of(specialists)
+    prompts = benchmark_prompts(benchmark, base.tokenizer, projectors, config, "train", n_examples, seed)
+    model = trainable_copy(base, next(iter(specialists.values())).adapter)
+    return {"train_loss": answer_nll_loss(model, projectors),
+            "train_batches": prompt_batches(prompts, base.tokenizer, projectors, batch_size, seed),
+            "benchmark": benchmark}

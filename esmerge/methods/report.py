@@ -1,0 +1,66 @@
+"""Comparing merged adapters with each other and with the specialists (notebook 06), and resumable merging.
+
+All comparisons are on the LoRA tensors or on the weight updates they make,
+:math:`\\Delta W = \\frac{\\alpha}{r} B A` per module.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from esmerge.adapters import Adapter, load_adapter, parse_key
+
+
+def delta_weight_norms(adapter: Adapter) -> torch.Tensor:
+    r"""Per-layer Frobenius norm of the LoRA update, :math:`\sqrt{\sum_{m} \|\tfrac{\alpha}{r} B_m A_m\|_F^2}`.
+
+    Sums over the layer's target modules m. Returns Tensor of shape (n_layers,).
+    """
+    scaling = adapter.config.get("lora_alpha", 1) / adapter.config.get("r", 1)
+    per_layer: dict[int, float] = {}
+    for key, a in adapter.state.items():
+        layer, module, which = parse_key(key)
+        if which != "A":
+            continue
+        b = adapter.state[key.replace("lora_A", "lora_B")]
+        per_layer[layer] = per_layer.get(layer, 0.0) + float((scaling * b.float() @ a.float()).pow(2).sum())
+    return torch.tensor([per_layer[layer] ** 0.5 for layer in sorted(per_layer)])
+
+
+def flat_vector(adapter: Adapter) -> torch.Tensor:
+    """All LoRA tensors of ``adapter`` concatenated in sorted key order, shape (P,)."""
+    return torch.cat([adapter.state[k].float().reshape(-1) for k in sorted(adapter.state)])
+
+
+def cosine_to(merged: Adapter, references: dict[str, Adapter]) -> dict[str, float]:
+    """Cosine similarity of the merged LoRA vector to each reference adapter's."""
+    v = flat_vector(merged)
+    return {name: float(torch.nn.functional.cosine_similarity(v, flat_vector(ref), dim=0)) for name, ref in references.items()}
+
+
+def _meta_matches(meta_file: Path, method: str, hparams: dict, specialists: dict) -> bool:
+    if not meta_file.is_file():
+        return False
+    meta = json.loads(meta_file.read_text())
+    same_hp = json.loads(json.dumps(meta.get("hparams", {}), default=str)) == json.loads(json.dumps(hparams, default=str))
+    return meta.get("method") == method and same_hp and meta.get("specialists") == specialists
+
+
+def merge_once(method: str, out: str | Path, context, refresh: bool = False, **hparams) -> tuple[Adapter, dict]:
+    """``esmerge.merge.run_merge`` unless ``out`` already holds this method's result for the same
+    hyper-parameters and specialists (resume after an interruption). Returns (adapter, esmerge.json)."""
+    from esmerge.merge import adapter_digest, run_merge
+
+    out = Path(out)
+    specialists = {m: adapter_digest(s.adapter) for m, s in context.specialists.items()}
+    if refresh or not _meta_matches(out / "esmerge.json", method, hparams, specialists):
+        run_merge(method, out, context, **hparams)
+    adapter = load_adapter(out, name=method)
+    extras_file = out / "esmerge_extras.safetensors"
+    if extras_file.is_file():
+        from safetensors.torch import load_file
+
+        adapter.extras = load_file(extras_file)
+    return adapter, json.loads((out / "esmerge.json").read_text())

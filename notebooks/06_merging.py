@@ -1,0 +1,228 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Merging and baselines
+#
+# The paper compares ES-Merging with six merging baselines and a fine-tuned model (§5.1,
+# App. A.2): Average, TIES, EMR, layer-wise AdaMerging, PCB, Consensus, LS-Merge and
+# Avg. Merging + task-specific fine-tuning. We add Graft (dual-gate LoRA fusion). Every method
+# lives in `esmerge.methods` behind one registry and works on the three specialists' LoRA A and
+# B matrices element-wise (Eq. 1). This chapter runs each at the chosen scale, saves the merged
+# adapters under `runs/{scale}/06_merging/{method}/` for the evaluation chapter, and compares
+# them: hyper-parameters and cost, the size of each merged update per layer, and how close each
+# lands to each specialist.
+
+# %% tags=["parameters"]
+# esmerge-needs: 02_specialists
+scale = "cpu"
+seed = 0
+adamerging_steps = 40  # original: 500
+adamerging_benchmarks = None  # None: all 13 benchmarks
+adamerging_prompts_per_benchmark = 8
+adamerging_batch = 4
+ft_benchmarks = None  # None: all 13 benchmarks
+ft_examples = 64  # paper: 2,000
+ft_epochs = 2  # paper: 10
+ft_batch = 8  # paper: 16
+lsmerge_epochs = 1000  # paper: 1,000
+
+# %%
+import itertools
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from esmerge import evaluate, methods
+from esmerge.adapters import load_adapter
+from esmerge.merge import build_context
+from esmerge.methods import contexts, report
+from esmerge.paths import run_dir
+
+torch.manual_seed(seed)
+if scale == "smoke":  # keep the smoke run well under a minute
+    adamerging_steps, adamerging_prompts_per_benchmark, ft_examples, ft_epochs, lsmerge_epochs = 3, 2, 4, 1, 10
+    ft_benchmarks = ft_benchmarks or ["BindingDB", "GDSC2"]
+    adamerging_benchmarks = adamerging_benchmarks or ["BindingDB", "GDSC2"]
+ft_benchmarks = list(ft_benchmarks or evaluate.BENCHMARK_NAMES)
+adamerging_benchmarks = list(adamerging_benchmarks or evaluate.BENCHMARK_NAMES)
+eval_config = evaluate.default_config(scale)
+out = run_dir(scale, "06_merging")
+context = build_context(scale, seed)
+specialists = context.specialists
+names = list(specialists)
+adapters = {m: s.adapter for m, s in specialists.items()}
+caption = f"scale={scale}, seed={seed}, n={len(names)} specialists ({', '.join(names)})"
+print(caption, "| base:", context.base.name)
+
+# %% [markdown]
+# ## Training-free methods
+#
+# Defaults are those of the original papers where they have one (TIES k=20%, λ=1; PCB keeps
+# the top 10% of its balancing scores; Consensus k=2) and a stated choice otherwise: see each
+# function's docstring (`help(methods.get("ties").fn)`) for the equations and every choice made
+# where the papers are silent.
+
+# %%
+static_methods = ["avg", "ties", "emr", "pcb", "consensus", "graft"]
+merged, meta = {}, {}
+for name in static_methods:
+    merged[name], meta[name] = report.merge_once(name, out / name, context)
+
+# %% [markdown]
+# ## LS-Merge
+#
+# A VAE over 16,384-entry parameter chunks with the paper's optimiser settings (App. A.3). Our
+# VAE is a small MLP conditioned on the chunk position, not LS-Merge's transformer.
+
+# %%
+merged["ls-merge"], meta["ls-merge"] = report.merge_once(
+    "ls-merge", out / "ls-merge", context, epochs=lsmerge_epochs, seed=seed, progress=False)
+vae = meta["ls-merge"]["info"]["vae"]
+print(f"VAE reconstruction MSE (standardised units): {vae['recon_mse_before']:.3f} -> {vae['recon_mse_after']:.3f}")
+
+# %% [markdown]
+# ## Layer-wise AdaMerging
+#
+# One coefficient per block per specialist, learned by minimising the entropy of the model's
+# two-label answer distribution on unlabeled evaluation prompts of every benchmark (the labels
+# are never read). The objective scores answers with `evaluate.label_logits`, as the evaluation does.
+
+# %%
+context.extras.update(contexts.adamerging_extras(
+    context.base, specialists, adamerging_benchmarks, adamerging_prompts_per_benchmark,
+    adamerging_batch, eval_config, seed))
+merged["adamerging"], meta["adamerging"] = report.merge_once(
+    "adamerging", out / "adamerging", context, steps=adamerging_steps, progress=False)
+ada = meta["adamerging"]["info"]
+coeff = pd.DataFrame(ada["coefficients"])
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+for m in coeff.columns:
+    axes[0].plot(range(len(coeff)), coeff[m], label=m)
+axes[0].set(xlabel="block l", ylabel="λ", title="AdaMerging coefficients")
+axes[0].legend(frameon=False)
+axes[1].plot(ada["entropy"]["history"])
+axes[1].set(xlabel="step", ylabel="mean entropy (nats)", title="entropy objective")
+fig.suptitle(f"AdaMerging, {adamerging_steps} steps on {context.adamerging_prompts} unlabeled prompts; {caption}", fontsize=9)
+fig.tight_layout()
+fig.savefig(out / "adamerging.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# ## Avg. Merging + task-specific fine-tuning
+#
+# One adapter per benchmark, `avg-ft/<benchmark>/`: the averaged LoRA fine-tuned on training
+# prompts of that benchmark (queries from its in-context pool, with retrieved shots) with the
+# negative log-likelihood of the gold answer. The paper uses 2,000 examples, 10 epochs, batch 16.
+
+# %%
+ft_rows = []
+for benchmark in ft_benchmarks:
+    context.extras.update(contexts.finetune_extras(context.base, specialists, benchmark, ft_examples, ft_batch,
+                                                   eval_config, seed))
+    _, m = report.merge_once("avg-ft", out / "avg-ft" / benchmark, context, epochs=ft_epochs, progress=False)
+    loss = m["info"]["loss"]
+    ft_rows.append({"benchmark": benchmark, "first loss": loss["first"], "last loss": loss["last"],
+                    "wall_s": m["info"]["cost"]["wall_s"], "FLOPs": m["info"]["cost"]["flops"]})
+ft_table = pd.DataFrame(ft_rows)
+ft_table.to_csv(out / "avg_ft.csv", index=False)
+ft_table
+
+# %% [markdown]
+# ## Hyper-parameters and cost
+#
+# Wall time on this machine and, for the methods that train, the FLOPs counted by
+# `torch.utils.flop_counter` (forward and backward passes). Avg+FT is summed over benchmarks.
+
+# %%
+rows = []
+for name in static_methods + ["ls-merge", "adamerging"]:
+    info = meta[name]["info"]
+    rows.append({"method": name, "name": methods.get(name).pretty_name,
+                 "hyper-parameters": json.dumps(info.get("hparams", {}), default=str)[:120],
+                 "wall_s": round(info["cost"]["wall_s"], 2), "FLOPs": info["cost"]["flops"]})
+rows.append({"method": "avg-ft", "name": methods.get("avg-ft").pretty_name,
+             "hyper-parameters": json.dumps({"examples": ft_examples, "epochs": ft_epochs, "batch": ft_batch,
+                                             "benchmarks": len(ft_benchmarks)}),
+             "wall_s": round(float(ft_table["wall_s"].sum()), 2), "FLOPs": int(ft_table["FLOPs"].sum())})
+cost = pd.DataFrame(rows)
+cost.to_csv(out / "methods.csv", index=False)
+print(caption)
+cost
+
+# %% [markdown]
+# ## How the merged adapters differ
+#
+# Left: the size of each merged update per block, $\|\frac{\alpha}{r}BA\|_F$ over the block's
+# modules. Merging A's and B's separately (Eq. 1) shrinks the product: averaging three
+# unrelated LoRAs leaves roughly a third of each one's $BA$ per module. Right: cosine
+# similarity of each merged LoRA vector to each specialist's.
+
+# %%
+compare = {**{f"specialist {m}": a for m, a in adapters.items()},
+           **{k: v for k, v in merged.items()},
+           f"avg-ft ({ft_benchmarks[0]})": load_adapter(out / "avg-ft" / ft_benchmarks[0])}
+norms = pd.DataFrame({k: report.delta_weight_norms(v).numpy() for k, v in compare.items()})
+cosines = pd.DataFrame({k: report.cosine_to(v, adapters) for k, v in compare.items() if not k.startswith("specialist")}).T
+norms.to_csv(out / "delta_norms.csv", index_label="layer")
+cosines.to_csv(out / "cosine_to_specialists.csv")
+fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+for k in norms.columns:
+    axes[0].plot(norms.index, norms[k], label=k, lw=2.2 if k.startswith("specialist") else 1.2,
+                 ls="--" if k.startswith("specialist") else "-")
+axes[0].set(xlabel="block l", ylabel=r"$\|\alpha/r\,BA\|_F$", yscale="log", title="update size per block")
+axes[0].legend(frameon=False, fontsize=7, ncol=2)
+im = axes[1].imshow(cosines.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+axes[1].set_xticks(range(len(cosines.columns)), cosines.columns)
+axes[1].set_yticks(range(len(cosines.index)), cosines.index)
+for (i, j), v in np.ndenumerate(cosines.to_numpy()):
+    axes[1].text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+axes[1].set_title("cosine to each specialist (LoRA A,B vector)")
+fig.colorbar(im, ax=axes[1], fraction=0.04)
+fig.suptitle(f"Merged adapters; {caption}", fontsize=9)
+fig.tight_layout()
+fig.savefig(out / "merged_adapters.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# ## Graft: the order of grafting
+#
+# Graft fuses two LoRAs; we extend it to three by grafting sequentially in a given order
+# (default molecule → protein → cell). Each fusion gives the newcomer about half the weight,
+# so the last expert dominates. The table shows the merged adapter's cosine to each
+# specialist for all six orders.
+
+# %%
+order_rows = []
+for order in itertools.permutations(names):
+    result = methods.run("graft", list(adapters.values()), order=list(order))
+    order_rows.append({"order": " → ".join(order), **report.cosine_to(result.adapter, adapters),
+                       "Σ‖ΔW‖": float(report.delta_weight_norms(result.adapter).sum())})
+graft_orders = pd.DataFrame(order_rows).set_index("order")
+graft_orders.to_csv(out / "graft_orders.csv")
+print(f"Graft order effect (cosine to each specialist); {caption}")
+graft_orders.round(3)
+
+# %% [markdown]
+# ## EMR on cross-modal benchmarks
+#
+# EMR keeps a mask and a rescaler per task and applies one task's at inference. Our benchmarks
+# each hold two modalities, so the evaluation uses, identically for all benchmarks, the mean
+# of the modulated adapters of the modalities present (`contexts.emr_adapter_for_benchmark`).
+
+# %%
+emr_info = meta["emr"]["info"]
+pd.DataFrame({"rescaler": emr_info["rescalers"], "mask density": emr_info["mask_density"]}).round(3)
