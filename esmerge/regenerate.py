@@ -328,6 +328,25 @@ class RunReport:
     message: str = ""
 
 
+def current_keys(scale: str, layout: Layout, seed: int = 0) -> dict[str, str]:
+    """Input key every notebook would have now (see ``input_keys``)."""
+    notebooks = discover(layout.notebooks)
+    order = topological_order(notebooks)
+    data_hash = _sha256(layout.manifest.read_bytes()) if layout.manifest.exists() else ""
+    return input_keys(notebooks, order, {"scale": scale, "seed": seed}, tree_hash(layout.package), data_hash)
+
+
+def stale_chapters(scale: str, layout: Layout, seed: int = 0) -> list[str]:
+    """Executed notebooks of ``scale`` whose inputs changed since they ran (the book would show old results)."""
+    try:
+        keys = current_keys(scale, layout, seed)
+    except RegenerateError:
+        return []  # an unrunnable notebook set is reported by the run itself
+    state = load_state(layout.state_file(scale))["notebooks"]
+    return [stem for stem in keys if (layout.executed(scale) / f"{stem}.ipynb").exists()
+            and state.get(stem, {}).get("key") != keys[stem]]
+
+
 def run_notebooks(
     scale: str,
     layout: Layout,
@@ -636,6 +655,9 @@ def regenerate(args: argparse.Namespace, layout: Layout | None = None, log=print
                 log(f"not run because of the failure: {', '.join(report.not_run)}")
             return 1
     if not args.no_book:
+        stale = stale_chapters(args.scale, layout, args.seed)
+        if stale:
+            log(f"  note        executed with older inputs (re-run to refresh): {', '.join(stale)}")
         index = build_book(args.scale, layout, log=log)
         log(str(index))
     return 0

@@ -174,6 +174,7 @@ def test_runs_in_order_then_skips_then_reruns_what_changed(tmp_path):
 
     # A changed notebook re-runs with everything downstream of it, and nothing else.
     first.write_text(first.read_text() + "# a comment is a change\n")
+    assert rg.stale_chapters("smoke", layout, seed=1) == ["01_first", "02_second"]  # the book would warn
     report = rg.run_notebooks("smoke", layout, seed=1, log=quiet)
     assert report.executed == ["01_first", "02_second"] and report.skipped == ["03_alone"]
 
