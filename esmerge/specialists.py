@@ -275,6 +275,7 @@ def load_examples(modality: str, split: str, scale: str = "cpu", cell_top_k: int
                                                   f"ccle:{row['ccle_name']}"))
         info.update(
             sources=["PBMC68k reduced (esmerge.data.load_pbmc68k)", "CCLE lines (esmerge.data.load_ccle_cells)"],
+            training_cells=[e.uid.split(":", 1)[1] for e in examples if e.uid.startswith("ccle:")] if split == "train" else [],
             cell_top_k=top_k,
             holdout={"seed": HOLDOUT_SEED, "fraction": HOLDOUT_FRACTION},
             excluded={
@@ -466,6 +467,55 @@ def specialist_loss(model, base: BaseModel, specialist_or_none, examples: list[E
     return total / count
 
 
+def heldout_examples(modality: str, scale: str, n: int, seed: int = 0) -> list[Example]:
+    """A seeded sample of ``n`` held-out examples (all of them if fewer); see ``load_examples``."""
+    examples, _ = load_examples(modality, "heldout", scale)
+    if n >= len(examples):
+        return examples
+    return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), n))]
+
+
+def cross_loss_table(base: BaseModel, specs: dict[str, Specialist], examples: dict[str, list[Example]],
+                     progress: bool = True) -> torch.Tensor:
+    """Held-out caption loss of the base and of each specialist on every modality.
+
+    Every model sees modality m's inputs through the same encoder f_m, specialist m's projector
+    (cells need none), as in the probe (paper §4.1); rows therefore differ only by their LoRA.
+
+    Args:
+        specs: modality -> specialist (``load_specialists``), in row order after the base.
+        examples: modality -> held-out examples of that modality (column order).
+
+    Returns:
+        ``[1 + len(specs), len(examples)]`` float64 tensor of nats per answer token; row 0 is the base.
+    """
+    rows = [("base", base.model)] + [(m, attach(base, s)) for m, s in specs.items()]
+    table = torch.zeros(len(rows), len(examples), dtype=torch.float64)
+    cells = [(i, j) for i in range(len(rows)) for j in range(len(examples))]
+    for i, j in tqdm(cells, desc="held-out loss", disable=not progress):
+        modality = list(examples)[j]
+        encoder = specs[modality] if modality in specs else None
+        table[i, j] = specialist_loss(rows[i][1], base, encoder, examples[modality])
+    return table
+
+
+@torch.no_grad()
+def generate_answer(model, base: BaseModel, projector, example: Example, max_new_tokens: int = 48) -> str:
+    """Greedy answer of ``model`` to ``example``'s prompt (modality tokens spliced in as for training)."""
+    repair_base(base)
+    tok = base.tokenizer
+    before, after = _prompt_pieces(tok, example)
+    slot = N_TOKENS if example.raw is not None else 0
+    ids = torch.tensor([before + [tok.pad_token_id or 0] * slot + after])
+    batch = {"input_ids": ids, "slot_mask": torch.tensor([[False] * len(before) + [True] * slot + [False] * len(after)]),
+             "raw": [example.raw] if example.raw is not None else None}
+    embeds = input_embeddings(model, projector, batch, example.modality)
+    end = _end_of_turn_id(tok)
+    out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=end, pad_token_id=end)
+    return tok.decode(out[0], skip_special_tokens=True).strip()
+
+
 # --------------------------------------------------------------------------- training
 def _lr_at(step: int, steps: int, lr: float) -> float:
     """Linear warm-up over 5% of the steps, then cosine decay to 10% of ``lr``."""
@@ -604,8 +654,11 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
         "bf16_autocast": bf16, "lora": {"r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
                                         "target_modules": sorted(adapter.config.get("target_modules") or [])},
         "projector": _projector_spec(projector), "prompt": {k: v for k, v in INSTRUCTION.items() if k.startswith(modality[:4])},
-        "data": {k: v for k, v in (data_info or {}).items() if k != "excluded"} | {"n_train": len(examples)},
+        "data": {k: v for k, v in (data_info or {}).items() if k not in ("excluded", "training_cells")}
+        | {"n_train": len(examples)},
         "exclusions": (data_info or {}).get("excluded", {}),
+        # CCLE names the cell specialist trained on: the probe and benchmarks must not use them.
+        "training_cells": (data_info or {}).get("training_cells", []),
         "loss_curve": losses, "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:]),
         "resumed_from_step": resumed_from,
         "timings": {"wall_s": round(wall, 2), "s_per_step": round(wall / steps, 3), "threads": torch.get_num_threads(),
