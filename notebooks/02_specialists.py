@@ -1,0 +1,207 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Specialists
+#
+# ES-Merging merges modality-specialised MLLMs that share one base LLM (paper §3, §5.1). The
+# paper's specialists are Mol-LLaMA, Prot2Text-V2 and Cell-o1 on LLaMA-3.1-8B-Instruct; none of
+# them runs on a laptop CPU, so at `cpu` scale we build our own three on SmolLM2-135M-Instruct.
+# Each is the frozen base LLM plus
+#
+# * a **modality projector** (trained): fixed features (Morgan fingerprint + descriptors for a
+#   molecule, amino-acid / dipeptide composition for a protein, `esmerge.encoders`) mapped by a
+#   2-layer MLP to **8 tokens** in the LLM's embedding space, spliced into the prompt as
+#   `inputs_embeds` (paper §3: $\mathbf H^0 = [\mathbf H_\text{text}; \mathbf H_m; \dots]$);
+#   cells have no projector: like Cell-o1, a cell is text, its top-k genes comma-separated;
+# * a **LoRA** (trained) with *one shared configuration* (r=8, alpha=32 on q/k/v/o/gate/up/down
+#   of every block, paper App. A.3), so the three adapters merge element-wise (Eq. 1).
+#
+# | specialist | input | trained to write | training data | held out |
+# |---|---|---|---|---|
+# | molecule | SMILES -> 8 projector tokens | the ChEBI-20 description | ChEBI-20 `validation` | ChEBI-20 `test` |
+# | protein | sequence -> 8 projector tokens | its Swiss-Prot GO terms (FAPM) | FAPM `val` | FAPM `test` |
+# | cell | top-k genes as text | PBMC68k cell type; CCLE primary site + histology | 80% of PBMC cells and CCLE lines | a fixed seeded 20% |
+#
+# The probe (next chapter) draws its entities from the held-out sets, as the paper does
+# (App. A.3). Molecules, proteins and cell lines that any benchmark uses are removed from
+# training as well; each specialist's `card.json` lists what was excluded.
+#
+# Choices forced by the environment, and how they differ from the paper:
+#
+# * **Protein text.** Prot2Text-V2 learns free-text UniProt "Function" comments; those are not
+#   obtainable here (only on a model hub), so the protein specialist writes the protein's
+#   experimental GO terms (molecular function, biological process, cellular component) from
+#   FAPM's Swiss-Prot files instead.
+# * **Cell genes.** Cell-o1 reads the top 50 genes. SmolLM2's tokenizer spends ~4.5 tokens on a
+#   gene symbol, so at `cpu` scale a cell is its top **12** genes (prompts up to ~135 tokens,
+#   cell sequences capped at 160 tokens; molecule and protein sequences at 128). CCLE "top genes"
+#   are the Enrichr up-regulated gene sets (see the Data chapter).
+# * **Size of training.** 100 AdamW steps of 4 examples per specialist on one CPU thread with
+#   bf16 autocast, minutes each, versus full instruction tuning in the paper. The point is not
+#   captioning quality but a measurable, modality-specific change of the base, which is what
+#   ES-Merging reads.
+#
+# Shipped `cpu` specialists live in `data_manifest/specialists/cpu/<modality>/` (a standard PEFT
+# adapter directory + `projector.safetensors` + `card.json`), checked against the sha256 in
+# `data_manifest/specialists.yaml` when loaded. Retrain one with
+# `esmerge train --scale cpu --modality molecule --steps 100 --batch-size 4 --lr 1e-3 --bf16 --threads 1 --force`.
+# At `smoke` scale three tiny specialists are trained in seconds on hand-made examples.
+
+# %% tags=["parameters"]
+# esmerge-needs:
+scale = "cpu"
+seed = 0
+n_heldout = 32  # held-out examples per modality for the loss table
+n_show = 2  # greedy answers shown per specialist
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from esmerge import plots
+from esmerge import specialists as S
+from IPython.display import display
+
+from esmerge.cache import cached, content_key
+from esmerge.merge import adapter_digest
+from esmerge.models import load_base
+from esmerge.paths import run_dir
+
+torch.set_num_threads(1)
+out = run_dir(scale, "02_specialists")
+base = load_base(scale, seed=seed)
+specs = S.load_specialists(scale, base)
+print(f"scale={scale} seed={seed} base: {base.name} ({base.num_layers} blocks, hidden {base.hidden_size})")
+
+# %% [markdown]
+# ## What was trained
+#
+# One row per specialist, from its `card.json`: the recipe, the data it saw, what was excluded,
+# and the measured wall time.
+
+# %%
+rows = []
+for m, spec in specs.items():
+    c = spec.card
+    excluded = {k: len(v) for k, v in c.get("exclusions", {}).items()}
+    rows.append({
+        "specialist": m, "steps": c["steps"], "batch": c["batch_size"], "lr": c["lr"], "max tokens": c["max_tokens"],
+        "train examples": c["data"]["n_train"], "modality tokens": c["n_tokens"] or "genes as text",
+        "loss (first 10 steps)": round(c["loss_first10"], 3), "loss (last 10 steps)": round(c["loss_last10"], 3),
+        "wall time (min)": round(c["timings"]["wall_s"] / 60, 1), "s / step": c["timings"]["s_per_step"],
+        "excluded": ", ".join(f"{k}: {v}" for k, v in excluded.items()) or "-",
+    })
+cards = pd.DataFrame(rows)
+cards.to_csv(out / "specialist_cards.csv", index=False)
+cards
+
+# %% [markdown]
+# ## Loss curves
+#
+# Training loss (nats per answer token) at every step, and its 10-step moving average.
+
+# %%
+fig, axes = plt.subplots(1, len(specs), figsize=(4.6 * len(specs), 3.2), sharey=False)
+for ax, (m, spec) in zip(np.atleast_1d(axes), specs.items()):
+    curve = np.asarray(spec.card["loss_curve"])
+    window = min(10, len(curve))
+    smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
+    ax.plot(np.arange(1, len(curve) + 1), curve, color=plots.MODALITY_COLORS[m], alpha=0.35, lw=1)
+    ax.plot(np.arange(window, len(curve) + 1), smooth, color=plots.MODALITY_COLORS[m], lw=2)
+    ax.set_title(f"{m} specialist (batch {spec.card['batch_size']})")
+    ax.set_xlabel("step"), ax.set_ylabel("caption loss")
+fig.suptitle(f"Training loss per specialist; scale={scale}, seed={seed}, n=1 run each", y=1.03)
+plots.save(fig, out, "loss_curves")
+plt.show()
+
+# %% [markdown]
+# ## Specialisation on held-out data
+#
+# Mean caption loss (nats per answer token) on `n_heldout` held-out examples of each modality,
+# for the base and each specialist. **How the base sees a molecule or protein**: through the
+# same projector as the specialists, the one trained with that modality's specialist (the
+# modality's encoder $f_m$). This is how the probe feeds every model the same modality tokens
+# (paper §4.1), so the rows differ only by their LoRA, the part that is merged. The base row is
+# therefore "the molecule specialist with its LoRA removed" on molecules, and so on.
+#
+# A specialist has specialised if it beats the base on its own modality (the diagonal) by much
+# more than on the others. At `smoke` scale the "held-out" examples are the hand-made training
+# examples, so that table only checks the plumbing.
+
+# %%
+examples = {m: S.heldout_examples(m, scale, n_heldout, seed) for m in specs}
+key = content_key(base.weights_sha256, {m: adapter_digest(s.adapter) for m, s in specs.items()},
+                  {m: [e.uid for e in ex] for m, ex in examples.items()}, S.CODE_VERSION)
+table = cached(out / f"heldout_loss-{key}.pt", lambda: S.cross_loss_table(base, specs, examples))
+row_names = ["base"] + [f"{m} specialist" for m in specs]
+loss = pd.DataFrame(table.numpy(), index=row_names, columns=[f"{m} (n={len(examples[m])})" for m in specs])
+loss.to_csv(out / "heldout_loss.csv")
+delta = pd.DataFrame((table[1:] - table[0]).numpy(), index=row_names[1:], columns=list(specs))
+delta.to_csv(out / "heldout_loss_minus_base.csv")
+print(f"Held-out caption loss (nats/token); scale={scale}, seed={seed}")
+display(loss.round(3))
+print("Specialist minus base (negative = better than the base)")
+display(delta.round(3))
+
+# %%
+fig, ax = plt.subplots(figsize=(4.8, 3.2))
+im = ax.imshow(delta.to_numpy(), cmap="RdBu", vmin=-abs(delta.to_numpy()).max(), vmax=abs(delta.to_numpy()).max())
+ax.set_xticks(range(len(specs)), [f"{m} data" for m in specs]), ax.set_yticks(range(len(specs)), row_names[1:])
+for i in range(len(specs)):
+    for j in range(len(specs)):
+        ax.text(j, i, f"{delta.iat[i, j]:+.2f}", ha="center", va="center", fontsize=9)
+fig.colorbar(im, ax=ax, label="loss - base loss")
+ax.set_title(f"Held-out loss change vs base\nscale={scale}, seed={seed}, n={n_heldout} per modality", fontsize=9)
+plots.save(fig, out, "heldout_loss_delta")
+plt.show()
+diagonal = np.diag(delta.to_numpy())
+off = [np.delete(delta.to_numpy()[i], i).mean() for i in range(len(specs))]
+summary = pd.DataFrame({"specialist": list(specs), "own-modality change": diagonal, "mean change on other modalities": off,
+                        "specialised (own < others)": diagonal < np.asarray(off)})
+summary.to_csv(out / "specialisation_summary.csv", index=False)
+summary
+
+# %% [markdown]
+# ## What the specialists write
+#
+# Greedy answers to held-out prompts (at `cpu` scale; the `smoke` models are random and
+# write bytes). The base answers through the same projector tokens.
+
+# %%
+if scale != "smoke":
+    shown = []
+    for m, spec in specs.items():
+        model = S.attach(base, spec)
+        for ex in examples[m][:n_show]:
+            shown.append({"specialist": m, "input": (ex.raw or ex.instruction)[:60], "reference": ex.answer[:160],
+                          "specialist answer": S.generate_answer(model, base, spec.projector, ex)[:160],
+                          "base answer": S.generate_answer(base.model, base, spec.projector, ex)[:160]})
+        del model
+    answers = pd.DataFrame(shown)
+    answers.to_csv(out / "greedy_answers.csv", index=False)
+    with pd.option_context("display.max_colwidth", 200):
+        display(answers)
+
+# %% [markdown]
+# The layer-wise view of the same specialisation, the SWD between base and specialist states on
+# each modality's tokens at every block (paper Fig. 2), is in the Layer-wise chapter: it is
+# computed from the probe states that chapter and the Probe chapter share.
+
+# %%
+print(json.dumps({m: {"steps": s.card["steps"], "wall_s": s.card["timings"]["wall_s"],
+                      "loss_last10": round(s.card["loss_last10"], 3)} for m, s in specs.items()}, indent=1))
