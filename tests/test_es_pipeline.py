@@ -96,3 +96,24 @@ def test_code_variant_and_bad_settings(context):
         methods.run("es", adapters, context, tau=0.3)
     with pytest.raises(ValueError, match="needs a MergeContext"):
         methods.run("es", adapters, None)
+
+
+def test_merge_cli_at_smoke_scale(tmp_path):
+    """`esmerge merge --scale smoke --method es` end to end (real probe data, smoke specialists).
+
+    Uses the user cache, so the smoke specialists are trained once per machine and shared with
+    the notebooks."""
+    import json
+
+    from peft import PeftModel
+
+    from esmerge.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--scale", "smoke", "--method", "es", "--probe-k", "4", "--out", str(out)]) == 0
+    meta = json.loads((out / "esmerge.json").read_text())
+    assert meta["method"] == "es" and meta["scale"] == "smoke" and meta["info"]["probe_k"] == 4
+    assert sorted(p.name for p in (out / "projectors").iterdir()) == ["molecule.safetensors", "protein.safetensors"]
+    PeftModel.from_pretrained(load_smoke(seed=0).model, out)
+    with pytest.raises(SystemExit):
+        main(["merge", "--scale", "smoke", "--method", "no-such-method", "--out", str(out)])
