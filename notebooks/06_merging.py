@@ -22,19 +22,25 @@
 # adapters under `runs/{scale}/06_merging/{method}/` for the evaluation chapter, and compares
 # them: hyper-parameters and cost, the size of each merged update per layer, and how close each
 # lands to each specialist.
+#
+# Cost at `cpu` scale (SmolLM2-135M, 2 CPU cores): the training-free methods take seconds and
+# LS-Merge about 7 minutes; one AdaMerging or Avg+FT step (a forward and backward pass over a
+# few few-shot prompts) takes on the order of a minute, so the defaults below run 10 AdaMerging
+# steps and 2 fine-tuning steps per benchmark, far below the paper's budgets. Every merge is
+# saved with its settings and skipped on a rerun with the same settings.
 
 # %% tags=["parameters"]
 # esmerge-needs: 02_specialists
 scale = "cpu"
 seed = 0
-adamerging_steps = 40  # original: 500
+adamerging_steps = 10  # original: 500
 adamerging_benchmarks = None  # None: all 13 benchmarks
-adamerging_prompts_per_benchmark = 8
-adamerging_batch = 4
+adamerging_prompts_per_benchmark = 2
+adamerging_batch = 2
 ft_benchmarks = None  # None: all 13 benchmarks
-ft_examples = 64  # paper: 2,000
-ft_epochs = 2  # paper: 10
-ft_batch = 8  # paper: 16
+ft_examples = 8  # paper: 2,000
+ft_epochs = 1  # paper: 10
+ft_batch = 4  # paper: 16
 lsmerge_epochs = 1000  # paper: 1,000
 
 # %%

@@ -444,3 +444,29 @@ def test_merge_once_resumes_and_reruns_on_new_hparams(tmp_path, monkeypatch):
     assert len(calls) == 2
     emr, _ = report.merge_once("emr", tmp_path / "emr", context)
     assert emr_task_adapter(emr, "protein").state[KEY_A].shape == (2, 5)
+
+
+def test_evaluation_backed_objectives_match_loaded_model(smoke):
+    from peft import set_peft_model_state_dict
+
+    from esmerge import evaluate
+    from esmerge.methods.contexts import answer_nll_loss, label_entropy_objective, trainable_copy
+
+    tok = smoke["base"].tokenizer
+    prompts = [evaluate.Prompt(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True), [], ("No", "Yes"), y)
+               for q, y in (("Is CCO toxic?", 1), ("Does MKV bind?", 0))]
+    batch = evaluate.collate(prompts, tok)
+    from esmerge.models import load_base
+
+    model = trainable_copy(load_base("smoke", seed=0), smoke["adapters"][0])  # a fresh base: the fixture's holds LoRA
+    state = {k: v.clone().requires_grad_(True) for k, v in smoke["adapters"][1].state.items()}
+    entropy = label_entropy_objective(model, [batch], {})(state)
+    nll = answer_nll_loss(model, {})(state, batch)
+    (entropy + nll).backward()
+    assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in state.values())
+    set_peft_model_state_dict(model, smoke["adapters"][1].state)
+    with torch.no_grad():
+        scores = evaluate.label_logits(model, batch, {})
+    assert float(entropy.detach()) == pytest.approx(float(mean_entropy(scores)), rel=1e-5)
+    assert float(nll.detach()) == pytest.approx(float(-(scores[0, 1] + scores[1, 0]) / 2), rel=1e-5)

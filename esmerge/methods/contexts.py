@@ -49,6 +49,23 @@ def projectors_of(specialists: dict) -> dict:
     return {m: s.projector for m, s in specialists.items() if getattr(s, "projector", None) is not None}
 
 
+def benchmark_pools(benchmark: str, config):
+    """``(eval_df, context_df)`` as the evaluation draws them.
+
+    Uses ``evaluate.benchmark_pools`` when the evaluation module provides it; otherwise
+    ``data.split_pools`` with the config's sizes, the in-context pool shrunk to the rows left
+    when a benchmark is smaller than ``n_eval + n_context`` (e.g. the CYP substrate sets).
+    """
+    from esmerge import data, evaluate
+
+    if hasattr(evaluate, "benchmark_pools"):
+        return evaluate.benchmark_pools(benchmark, config)
+    frame = data.load_benchmark(benchmark)
+    n_eval = min(config.n_eval, len(frame) // 2)
+    n_context = min(config.n_context, len(frame) - n_eval)
+    return data.split_pools(frame, n_eval, n_context, config.seed)
+
+
 def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, split: str = "eval",
                       n: int | None = None, seed: int = 0) -> list:
     """Prompts of ``benchmark`` as ``esmerge.evaluate`` builds them.
@@ -58,11 +75,10 @@ def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, 
     with shots retrieved from the same pool (never the query itself).
     n : at most this many prompts (seeded sample), default all.
     """
-    from esmerge import data, evaluate
+    from esmerge import evaluate
 
     config = config or evaluate.CPU_DEFAULTS
-    frame = data.load_benchmark(benchmark)
-    eval_df, context_df = data.split_pools(frame, config.n_eval, config.n_context, config.seed)
+    eval_df, context_df = benchmark_pools(benchmark, config)
     options = evaluate.PromptOptions(frozenset(projectors), config.top_k_genes, config.protein_chars,
                                      config.smiles_chars)
     index = evaluate.ContextIndex(context_df, evaluate.benchmark_kind(benchmark))
