@@ -68,6 +68,8 @@ INSTRUCTION = {
     "cell_line": "Top expressed genes of a cancer cell line: {genes}. Its primary site and histology?",
 }
 SLOT = "<|modality_tokens|>"
+# Longest sequence per modality at cpu scale: a cell prompt of 12 genes runs to ~135 tokens.
+MAX_TOKENS = {"molecule": 128, "protein": 128, "cell": 160}
 
 
 class SpecialistError(RuntimeError):
@@ -441,13 +443,14 @@ def _load_lora_state(model, adapter: Adapter, adapter_name: str = "default") -> 
 
 @torch.no_grad()
 def specialist_loss(model, base: BaseModel, specialist_or_none, examples: list[Example],
-                    batch_size: int = 8, max_tokens: int = 128) -> float:
+                    batch_size: int = 8, max_tokens: int | None = None) -> float:
     """Mean caption loss (nats per answer token) of ``model`` on ``examples``.
 
     ``model`` is what is evaluated (``base.model`` or ``attach(base, spec)``);
     ``specialist_or_none`` supplies the projector that encodes molecule / protein inputs
     (the modality's encoder f_m; every model sees the same modality tokens, as in the probe).
-    Cells need no projector. Token-weighted over all answer tokens of all examples.
+    Cells need no projector. Token-weighted over all answer tokens of all examples; sequences are
+    cut at ``max_tokens`` (default ``MAX_TOKENS`` of the modality).
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -456,6 +459,7 @@ def specialist_loss(model, base: BaseModel, specialist_or_none, examples: list[E
     modality = examples[0].modality
     if any(ex.modality != modality for ex in examples):
         raise ValueError("specialist_loss needs examples of one modality")
+    max_tokens = max_tokens or MAX_TOKENS[modality]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -829,7 +833,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="output directory (default data_manifest/specialists/<scale>/<modality>)")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: MAX_TOKENS of the modality")
     parser.add_argument("--cell-top-k", type=int, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
@@ -852,7 +856,7 @@ def cli(argv: list[str]) -> int:
     out = args.out or SHIPPED_DIR / args.scale / args.modality
     try:
         train_specialist(base, args.modality, args.steps, args.batch_size, args.lr, args.seed, out,
-                         max_tokens=args.max_tokens, resume=not args.no_resume, force=args.force,
+                         max_tokens=args.max_tokens or MAX_TOKENS[args.modality], resume=not args.no_resume, force=args.force,
                          checkpoint_every=args.checkpoint_every, bf16=args.bf16, cell_top_k=args.cell_top_k)
     except (FileExistsError, SpecialistError) as err:
         print(f"esmerge train: {err}", file=sys.stderr)
