@@ -33,7 +33,7 @@ pytest: setup
 # CI: unit tests, then every notebook at the smoke scale, the book (Sphinx warnings are errors,
 # internal links checked), then every page opened in headless Chromium.
 test: pytest
-	$(BIN)/esmerge regenerate --scale smoke --jobs $(JOBS)
+	$(BIN)/esmerge regenerate --scale smoke --jobs 2
 	$(BIN)/python tests/browser/check_book.py --install
 
 regenerate: setup
