@@ -141,8 +141,8 @@ def test_projector_outputs_land_exactly_on_the_placeholders(base, projectors):
     captured = {}
 
     def grab(module, args, kwargs):
-        if kwargs.get("inputs_embeds") is not None:  # the prompt pass (the answer pass feeds ids)
-            captured.setdefault("embeds", kwargs["inputs_embeds"].detach().clone())
+        if kwargs.get("inputs_embeds") is not None:  # prompt passes (the answer pass feeds ids)
+            captured.setdefault("parts", []).append(kwargs["inputs_embeds"].detach().clone())
 
     handle = base.model.model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -150,7 +150,9 @@ def test_projector_outputs_land_exactly_on_the_placeholders(base, projectors):
             ev.label_logits(base.model, batch, projectors)
     finally:
         handle.remove()
-    embeds = captured["embeds"]
+    parts = captured["parts"]  # [shared prefix (one row)], then every row's own tokens
+    assert batch.shared_len > 0 and len(parts) == 2 and parts[0].shape[:2] == (1, batch.shared_len)
+    embeds = torch.cat([parts[0].expand(len(prompts), -1, -1), parts[1]], dim=1)
     plain = base.model.get_input_embeddings()(batch.input_ids)
     touched = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
     for modality, (rows, starts) in batch.slots.items():
@@ -172,8 +174,12 @@ def test_projector_outputs_land_exactly_on_the_placeholders(base, projectors):
 def test_batched_scores_equal_one_by_one(base, projectors):
     for tokens in ({"molecule", "protein"}, set()):
         prompts = _prompts(base, tokens)
+        batch = ev.collate(prompts, base.tokenizer)
+        # the system prompt and instruction are shared, and run once for the batch
+        assert batch.shared_len >= len(base.tokenizer("<|im_start|>system\nYou are an expert")["input_ids"])
+        assert (batch.input_ids[:, :batch.shared_len] == batch.input_ids[0, :batch.shared_len]).all()
         with torch.no_grad():
-            batched = ev.label_logits(base.model, ev.collate(prompts, base.tokenizer), projectors)
+            batched = ev.label_logits(base.model, batch, projectors)
             single = torch.cat([ev.label_logits(base.model, ev.collate([p], base.tokenizer), projectors)
                                 for p in prompts])
         assert batched.shape == (3, 2)
