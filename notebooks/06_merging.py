@@ -174,29 +174,32 @@ cost
 #
 # Left: the size of each merged update per block, $\|\frac{\alpha}{r}BA\|_F$ over the block's
 # modules. Merging A's and B's separately (Eq. 1) shrinks the product: averaging three
-# unrelated LoRAs leaves roughly a third of each one's $BA$ per module. Right: cosine
-# similarity of each merged LoRA vector to each specialist's.
+# LoRAs leaves roughly a third of each one's $BA$ per module when they are unrelated. Right: cosine
+# similarity of each merged update $\{BA\}$ to each specialist's, over all modules (the A and B
+# vectors themselves are dominated by A, which moves little from its shared initialisation).
 
 # %%
 compare = {**{f"specialist {m}": a for m, a in adapters.items()},
            **{k: v for k, v in merged.items()},
            f"avg-ft ({ft_benchmarks[0]})": load_adapter(out / "avg-ft" / ft_benchmarks[0])}
 norms = pd.DataFrame({k: report.delta_weight_norms(v).numpy() for k, v in compare.items()})
-cosines = pd.DataFrame({k: report.cosine_to(v, adapters) for k, v in compare.items() if not k.startswith("specialist")}).T
+cosines = pd.DataFrame({k: report.delta_cosine_to(v, adapters) for k, v in compare.items()}).T
+lora_cosines = pd.DataFrame({k: report.cosine_to(v, adapters) for k, v in compare.items()}).T
 norms.to_csv(out / "delta_norms.csv", index_label="layer")
-cosines.to_csv(out / "cosine_to_specialists.csv")
+cosines.to_csv(out / "delta_cosine_to_specialists.csv")
+lora_cosines.to_csv(out / "lora_cosine_to_specialists.csv")
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
 for k in norms.columns:
     axes[0].plot(norms.index, norms[k], label=k, lw=2.2 if k.startswith("specialist") else 1.2,
                  ls="--" if k.startswith("specialist") else "-")
 axes[0].set(xlabel="block l", ylabel=r"$\|\alpha/r\,BA\|_F$", yscale="log", title="update size per block")
 axes[0].legend(frameon=False, fontsize=7, ncol=2)
-im = axes[1].imshow(cosines.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+im = axes[1].imshow(cosines.to_numpy(), cmap="viridis", vmin=-0.2, vmax=1, aspect="auto")
 axes[1].set_xticks(range(len(cosines.columns)), cosines.columns)
 axes[1].set_yticks(range(len(cosines.index)), cosines.index)
 for (i, j), v in np.ndenumerate(cosines.to_numpy()):
     axes[1].text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
-axes[1].set_title("cosine to each specialist (LoRA A,B vector)")
+axes[1].set_title(r"cosine of the update $\{BA\}$ to each specialist's")
 fig.colorbar(im, ax=axes[1], fraction=0.04)
 fig.suptitle(f"Merged adapters; {caption}", fontsize=9)
 fig.tight_layout()
@@ -208,18 +211,18 @@ plt.show()
 #
 # Graft fuses two LoRAs; we extend it to three by grafting sequentially in a given order
 # (default molecule → protein → cell). Each fusion gives the newcomer about half the weight,
-# so the last expert dominates. The table shows the merged adapter's cosine to each
-# specialist for all six orders.
+# so the last expert dominates. The table shows the merged update's cosine to each
+# specialist's for all six orders.
 
 # %%
 order_rows = []
 for order in itertools.permutations(names):
     result = methods.run("graft", list(adapters.values()), order=list(order))
-    order_rows.append({"order": " → ".join(order), **report.cosine_to(result.adapter, adapters),
+    order_rows.append({"order": " → ".join(order), **report.delta_cosine_to(result.adapter, adapters),
                        "Σ‖ΔW‖": float(report.delta_weight_norms(result.adapter).sum())})
 graft_orders = pd.DataFrame(order_rows).set_index("order")
 graft_orders.to_csv(out / "graft_orders.csv")
-print(f"Graft order effect (cosine to each specialist); {caption}")
+print(f"Graft order effect (cosine of the merged update BA to each specialist's); {caption}")
 graft_orders.round(3)
 
 # %% [markdown]

@@ -470,3 +470,32 @@ def test_evaluation_backed_objectives_match_loaded_model(smoke):
         scores = evaluate.label_logits(model, batch, {})
     assert float(entropy.detach()) == pytest.approx(float(mean_entropy(scores)), rel=1e-5)
     assert float(nll.detach()) == pytest.approx(float(-(scores[0, 1] + scores[1, 0]) / 2), rel=1e-5)
+
+
+def test_delta_inner_matches_explicit_products():
+    from esmerge.methods.report import delta_cosine_to, delta_inner
+
+    gen = torch.Generator().manual_seed(9)
+    a1, a2 = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)
+    b1, b2 = torch.randn(4, 2, generator=gen), torch.randn(4, 2, generator=gen)
+    assert delta_inner(a1, b1, a2, b2) == pytest.approx(float(((b1 @ a1) * (b2 @ a2)).sum()), rel=1e-5)
+    (x,), (y,) = _toy_adapters([{KEY_A: a1, KEY_B: b1}]), _toy_adapters([{KEY_A: a2, KEY_B: b2}])
+    expected = torch.nn.functional.cosine_similarity((b1 @ a1).reshape(-1), (b2 @ a2).reshape(-1), dim=0)
+    assert delta_cosine_to(x, {"y": y})["y"] == pytest.approx(float(expected), rel=1e-5)
+    assert delta_cosine_to(x, {"x": x})["x"] == pytest.approx(1.0)
+
+
+def test_scope_tensor_thresholds_each_lora_tensor_and_model_scope_can_erase_b():
+    adapters = _random_toy(10)  # A entries ~1, B entries ~0.1
+    tau, keys, shapes = P.flatten(adapters)
+    per_tensor = methods.run("ties", adapters, keep=0.5).adapter
+    for k, shape in zip(keys, shapes):
+        part = torch.stack([a.state[k].reshape(-1) for a in adapters])
+        trimmed = P.magnitude_trim(part, 0.5)
+        torch.testing.assert_close(per_tensor.state[k].reshape(-1), P.disjoint_mean(trimmed, P.elect_sign(trimmed)))
+    # over the whole adapter PCB keeps only A entries: every B is dropped and B A = 0
+    whole = methods.run("pcb", adapters, drop=0.7, scope="model").adapter
+    assert torch.count_nonzero(whole.state[KEY_B]) == 0
+    assert torch.count_nonzero(methods.run("pcb", adapters, drop=0.7).adapter.state[KEY_B]) > 0
+    with pytest.raises(ValueError, match="scope"):
+        methods.run("ties", adapters, scope="layer")

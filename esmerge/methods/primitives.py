@@ -41,6 +41,16 @@ def unflatten(vector: torch.Tensor, keys: list[str], shapes: list[torch.Size]) -
     return {k: p.reshape(s).clone() for k, p, s in zip(keys, parts, shapes)}
 
 
+def per_segment(tau: torch.Tensor, shapes: list[torch.Size], fn) -> torch.Tensor:
+    """Apply ``fn: [T, P_k] -> [P_k]`` to each tensor's columns of ``tau`` ``[T, P]`` separately; concatenate.
+
+    Used to take a method's thresholds and normalisations per LoRA tensor instead of over the
+    whole flattened adapter.
+    """
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    return torch.cat([fn(part) for part in torch.split(tau, sizes, dim=1)])
+
+
 # --------------------------------------------------------------------------- TIES
 def magnitude_trim(tau: torch.Tensor, keep: float) -> torch.Tensor:
     r"""Keep the ``keep`` fraction of largest-magnitude entries of each row, zero the rest.

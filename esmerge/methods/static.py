@@ -2,9 +2,10 @@
 
 Each is a composition of the primitives in :mod:`esmerge.methods.primitives` over the
 stacked LoRA task vectors ``tau`` (``[T, P]``, base = zero LoRA), applied element-wise to
-the A and B matrices as the paper's Eq. 1 does. Where an original method is defined over a
-whole model's task vector (TIES' top-k, EMR's rescalers, PCB's softmax), "whole model" here
-is the whole flattened adapter.
+the A and B matrices as the paper's Eq. 1 does. Where an original method ranks or normalises
+over a whole model's task vector (TIES' top-k, PCB's softmaxes and drop), ``scope`` chooses
+between one LoRA tensor (default: A and B entries live on different scales) and the whole
+flattened adapter (the original's literal reading). EMR's rescalers are per whole adapter.
 """
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def _merged(adapters: list[Adapter], vector: torch.Tensor, keys, shapes, name: s
     info = dict(info)
     info["cost"] = {"wall_s": time.perf_counter() - start, "flops": None}
     return MergeResult(with_state(adapters[0], P.unflatten(vector, keys, shapes), name, extras), info)
+
+
+SCOPES = ("tensor", "model")
+
+
+def _scoped(tau: torch.Tensor, shapes, scope: str, fn) -> torch.Tensor:
+    """``fn`` over the whole flattened adapter (``scope="model"``) or per LoRA tensor (``"tensor"``)."""
+    if scope == "model":
+        return fn(tau)
+    if scope == "tensor":
+        return P.per_segment(tau, shapes, fn)
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
 
 def task_name(name: str, index: int) -> str:
@@ -56,7 +69,8 @@ def average(adapters: list[Adapter], context=None) -> MergeResult:
 
 # --------------------------------------------------------------------------- TIES
 @register("ties", "TIES-Merging", "https://arxiv.org/abs/2306.01708")
-def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float = 1.0) -> MergeResult:
+def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float = 1.0,
+         scope: str = "tensor") -> MergeResult:
     r"""TIES-Merging (Yadav et al. 2023, Sec. 4 / Algorithm 1): trim, elect sign, disjoint merge.
 
     :math:`\hat\tau_t = \mathrm{trim}_k(\tau_t)`, :math:`\gamma = \mathrm{sgn}(\sum_t \hat\tau_t)`,
@@ -69,17 +83,25 @@ def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float 
     scale : float
         :math:`\lambda` applied to the merged task vector. The TIES paper tunes it on
         validation data; 1.0 is the value it recommends without validation data.
+    scope : ``"tensor"`` | ``"model"``
+        Where the top-k threshold is taken. The original takes it over the whole model's
+        task vector; for LoRA that ranks A entries (initialised at ~1/sqrt(d_in)) against B
+        entries (trained from 0, much smaller), so most B entries are trimmed and the merged
+        update BA nearly vanishes. We default to a threshold per LoRA tensor (as PEFT's
+        LoRA TIES does); ``"model"`` reproduces the original's global threshold.
 
-    Choices where the papers are silent: the top-k threshold is taken over the whole
-    flattened adapter (all A and B matrices together), as the original code does over the
-    whole model; a zero sign-sum elects +1 (irrelevant to the result).
+    Choices where the papers are silent: the scope above; a zero sign-sum elects +1
+    (irrelevant to the result).
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
-    trimmed = P.magnitude_trim(tau, keep)
-    sign = P.elect_sign(trimmed)
-    merged = scale * P.disjoint_mean(trimmed, sign)
-    return _merged(adapters, merged, keys, shapes, "ties", {"hparams": {"keep": keep, "scale": scale}}, start)
+
+    def merge(part: torch.Tensor) -> torch.Tensor:
+        trimmed = P.magnitude_trim(part, keep)
+        return P.disjoint_mean(trimmed, P.elect_sign(trimmed))
+
+    merged = scale * _scoped(tau, shapes, scope, merge)
+    return _merged(adapters, merged, keys, shapes, "ties", {"hparams": {"keep": keep, "scale": scale, "scope": scope}}, start)
 
 
 # --------------------------------------------------------------------------- EMR
@@ -149,7 +171,8 @@ def emr_benchmark_adapter(result: MergeResult | Adapter, modalities: list[str]) 
 
 # --------------------------------------------------------------------------- PCB
 @register("pcb", "PCB-Merging", "https://arxiv.org/abs/2410.02396")
-def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float = 1.0) -> MergeResult:
+def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float = 1.0,
+        scope: str = "tensor") -> MergeResult:
     r"""PCB-Merging (Du et al. 2024, Eqs. 2-7).
 
     :math:`\beta_i = \mathrm{Softmax}(T\,\mathrm{Norm}(\tau_i^2)) \odot \sum_j \mathrm{Softmax}(\mathrm{Norm}(\tau_i \odot \tau_j))`,
@@ -164,6 +187,11 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float =
     scale : float
         :math:`\lambda`; the paper searches it on validation data (evolutionary search),
         which we do not have; 1.0 leaves the balanced mean unscaled.
+    scope : ``"tensor"`` | ``"model"``
+        Over what the softmaxes, normalisations and the drop quantile run: each LoRA tensor
+        (default) or the whole flattened adapter as the original does over a whole model.
+        Over the whole adapter the kept 10% are almost all A entries (larger than B's), every
+        B is dropped and the merged update BA is exactly 0; hence per tensor.
 
     Choices where the paper is silent or the code differs: we follow the paper's Eq. 3
     (a sum of softmaxes) rather than the official code's ``tanh(tau_i * sum_j tau_j)``;
@@ -173,10 +201,17 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float =
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
-    log_beta = P.pcb_log_balance(tau)
-    keep = P.keep_top_fraction(log_beta, drop)
-    merged = scale * P.balanced_mean(tau, log_beta, keep)
-    info = {"hparams": {"drop": drop, "scale": scale}, "kept_fraction": float(keep.float().mean())}
+    kept = []
+
+    def merge(part: torch.Tensor) -> torch.Tensor:
+        log_beta = P.pcb_log_balance(part)
+        keep = P.keep_top_fraction(log_beta, drop)
+        kept.append(keep.float().sum())
+        return P.balanced_mean(part, log_beta, keep)
+
+    merged = scale * _scoped(tau, shapes, scope, merge)
+    info = {"hparams": {"drop": drop, "scale": scale, "scope": scope},
+            "kept_fraction": float(sum(kept) / tau.numel())}
     return _merged(adapters, merged, keys, shapes, "pcb", info, start)
 
 
