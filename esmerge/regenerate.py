@@ -277,6 +277,8 @@ def execute_notebook(
         papermill.execute_notebook(
             str(partial_in), str(partial_out), parameters=parameters, kernel_name=KERNEL, language="python",
             cwd=str(cwd), progress_bar=False, log_output=False,
+            # The kernel listens on 127.0.0.1 only; its "TCP without encryption" warning is noise.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
         os.replace(partial_out, executed)
     except PapermillExecutionError as err:
@@ -369,7 +371,8 @@ def run_notebooks(
     if not notebooks:
         raise RegenerateError(f"no NN_*.py notebooks in {layout.notebooks}")
     if only:  # only the selected notebooks and what they need are ordered (and validated)
-        notebooks = {s: nb for s, nb in notebooks.items() if s in with_ancestors(notebooks, only)}
+        wanted = with_ancestors(notebooks, only)
+        notebooks = {s: nb for s, nb in notebooks.items() if s in wanted}
     order = topological_order(notebooks)
     parameters = {"scale": scale, "seed": seed}
     code_hash = tree_hash(layout.package)
@@ -382,15 +385,14 @@ def run_notebooks(
         stale.unlink()
     state_path = layout.state_file(scale)
     state = load_state(state_path)
-    selected = set(order)
     forced = set(only or order) if force else set()
 
     def up_to_date(stem: str) -> bool:
         entry = state["notebooks"].get(stem, {})
         return entry.get("key") == keys[stem] and (executed_dir / f"{stem}.ipynb").exists()
 
-    todo = [s for s in order if s in selected and (s in forced or not up_to_date(s))]
-    report = RunReport(skipped=[s for s in order if s in selected and s not in todo])
+    todo = [s for s in order if s in forced or not up_to_date(s)]
+    report = RunReport(skipped=[s for s in order if s not in todo])
     for stem in report.skipped:
         log(f"  up to date  {stem}")
     if not todo:
@@ -411,9 +413,10 @@ def run_notebooks(
     done = set(order) - set(todo)  # what is already up to date counts as finished
     running: dict = {}
     width = len(todo)
-    pool = (futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-            if jobs > 1 else None)
+    # Workers (and the kernels they start) inherit the environment, so set it before they exist.
     with _environ(ESMERGE_RUNS_DIR=str(layout.runs)):
+        pool = (futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+                if jobs > 1 else None)
         try:
             while pending or running:
                 ready = [s for s in pending if set(notebooks[s].needs) <= done] if report.failed is None else []

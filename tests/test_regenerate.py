@@ -172,6 +172,10 @@ def test_runs_in_order_then_skips_then_reruns_what_changed(tmp_path):
     assert report.executed == [] and report.skipped == ["01_first", "03_alone", "02_second"]
     assert not list((tmp_path / "book/executed/smoke").glob(".*"))
 
+    # --only X --force re-runs X alone when what it needs is up to date.
+    report = rg.run_notebooks("smoke", layout, seed=1, only=["02_second"], force=True, log=quiet)
+    assert report.executed == ["02_second"] and report.skipped == ["01_first"]
+
     # A changed notebook re-runs with everything downstream of it, and nothing else.
     first.write_text(first.read_text() + "# a comment is a change\n")
     assert rg.stale_chapters("smoke", layout, seed=1) == ["01_first", "02_second"]  # the book would warn
