@@ -69,7 +69,12 @@ def main(argv=None) -> pd.DataFrame:
     rows = []
     for name in args.methods:
         start = time.perf_counter()
-        result = methods.run(name, adapters, context, **extra.get(name, {}))
+        try:
+            result = methods.run(name, adapters, context, **extra.get(name, {}))
+        except Exception as err:  # report and go on: one broken method should not hide the others' timings
+            print(f"{name:>11}: failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+            rows.append({"method": name, "wall_s": None, "flops": None, "steps": None, "error": type(err).__name__})
+            continue
         wall = time.perf_counter() - start
         cost = result.info.get("cost", {})
         steps = extra.get(name, {}).get("steps") or extra.get(name, {}).get("epochs")

@@ -499,3 +499,15 @@ def test_scope_tensor_thresholds_each_lora_tensor_and_model_scope_can_erase_b():
     assert torch.count_nonzero(methods.run("pcb", adapters, drop=0.7).adapter.state[KEY_B]) > 0
     with pytest.raises(ValueError, match="scope"):
         methods.run("ties", adapters, scope="layer")
+
+
+def test_collect_activations_feeds_compatibility(smoke):
+    from esmerge.methods.graft import collect_activations
+
+    acts = collect_activations(smoke["model"], smoke["batches"], lambda n: n.endswith("mlp.down_proj"))
+    assert len(acts) == 4 and all(len(v) == 2 for v in acts.values())  # 4 layers x 2 batches
+    assert acts[next(iter(acts))][0].shape[-1] == 64
+    score = compatibility_score(acts)
+    assert 0.0 <= score["compatibility"] <= 1.0 and set(score["rho"]) == set(acts)
+    with pytest.raises(ValueError, match="matched no module"):
+        collect_activations(smoke["model"], smoke["batches"], lambda n: False)

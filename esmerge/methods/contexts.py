@@ -15,6 +15,7 @@ The functions return plain callables/lists so the methods themselves stay data-a
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Iterable
 
@@ -49,6 +50,7 @@ def projectors_of(specialists: dict) -> dict:
     return {m: s.projector for m, s in specialists.items() if getattr(s, "projector", None) is not None}
 
 
+@functools.lru_cache(maxsize=32)
 def benchmark_pools(benchmark: str, config):
     """``(eval_df, context_df)`` as the evaluation draws them.
 
@@ -78,7 +80,7 @@ def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, 
     from esmerge import evaluate
 
     config = config or evaluate.CPU_DEFAULTS
-    eval_df, context_df = benchmark_pools(benchmark, config)
+    eval_df, context_df = benchmark_pools(benchmark, config)  # cached: callers only read them
     options = evaluate.PromptOptions(frozenset(projectors), config.top_k_genes, config.protein_chars,
                                      config.smiles_chars)
     index = evaluate.ContextIndex(context_df, evaluate.benchmark_kind(benchmark))
@@ -185,3 +187,68 @@ def finetune_extras(base, specialists: dict, benchmark: str, n_examples: int, ba
     return {"train_loss": answer_nll_loss(model, projectors),
             "train_batches": prompt_batches(prompts, base.tokenizer, projectors, batch_size, seed),
             "benchmark": benchmark}
+
+
+def compatibility_table(base, specialists: dict, benchmarks: list[str], n_prompts: int, config=None, seed: int = 0,
+                        module_suffix: str = "mlp.down_proj") -> list[dict]:
+    """Graft's activation compatibility (Eqs. 9-14) of each specialist with each benchmark.
+
+    Each specialist sees a benchmark's evaluation prompts as it is evaluated (its own modality as
+    tokens, the others as text); activations are the outputs of the modules whose name ends with
+    ``module_suffix`` (one per block, to keep memory small). Returns one row per pair.
+    """
+    from esmerge.methods.graft import compatibility_score
+    from esmerge.specialists import attach
+
+    rows = []
+    for modality, spec in specialists.items():
+        projectors = {modality: spec.projector} if getattr(spec, "projector", None) is not None else {}
+        model = attach(base, spec.adapter)
+        for benchmark in benchmarks:
+            prompts = benchmark_prompts(benchmark, base.tokenizer, projectors, config, "eval", n_prompts, seed)
+            batches = prompt_batches(prompts, base.tokenizer, projectors, len(prompts), seed)
+            captured: dict = {}
+            for batch in batches:
+                with torch.no_grad():
+                    out = _activations_during(model, lambda: _prompt_forward(model, batch, projectors), module_suffix)
+                real = batch.attention_mask.bool()
+                for name, acts in out.items():
+                    # one sample per prompt, its real (unpadded) positions only
+                    captured.setdefault(name, []).extend(acts[b][real[b]] for b in range(acts.shape[0]))
+            score = compatibility_score(captured)
+            rows.append({"specialist": modality, "benchmark": benchmark, "compatibility": score["compatibility"],
+                         "n_prompts": len(prompts)})
+        del model
+    return rows
+
+
+def _prompt_forward(model, batch, projectors: dict):
+    """One forward pass over a ``PromptBatch``'s prompts (modality tokens spliced in, as the evaluation does)."""
+    from esmerge import evaluate
+
+    embedding = model.get_input_embeddings()
+    embeds = embedding(batch.input_ids)
+    tokens = {m: projectors[m](batch.features[m].to(next(projectors[m].parameters()).dtype)) for m in batch.slots}
+    embeds = evaluate.splice_embeddings(embeds, batch.slots, tokens)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions, logits_to_keep=1)
+
+
+def _activations_during(model, run, module_suffix: str) -> dict[str, torch.Tensor]:
+    """Outputs ``[B, T, d]`` of the modules ending in ``module_suffix`` during ``run()``'s first forward pass."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name.endswith(module_suffix):
+            def hook(_mod, _inp, out, name=name):
+                if name not in captured:
+                    captured[name] = (out[0] if isinstance(out, tuple) else out).detach().float()
+            handles.append(module.register_forward_hook(hook))
+    if not handles:
+        raise ValueError(f"no module of the model ends with {module_suffix!r}")
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
