@@ -146,7 +146,7 @@ for benchmark in ft_benchmarks:
     _, m = report.merge_once("avg-ft", out / "avg-ft" / benchmark, context, epochs=ft_epochs, progress=False)
     loss = m["info"]["loss"]
     ft_rows.append({"benchmark": benchmark, "first loss": loss["first"], "last loss": loss["last"],
-                    "wall_s": m["info"]["cost"]["wall_s"], "FLOPs": m["info"]["cost"]["flops"]})
+                    "wall_s": m["info"]["cost"]["wall_seconds"], "FLOPs": m["info"]["cost"]["flops"]})
 ft_table = pd.DataFrame(ft_rows)
 ft_table.to_csv(out / "avg_ft.csv", index=False)
 ft_table
@@ -163,7 +163,7 @@ for name in static_methods + ["ls-merge", "adamerging"]:
     info = meta[name]["info"]
     rows.append({"method": name, "name": methods.get(name).pretty_name,
                  "hyper-parameters": json.dumps(info.get("hparams", {}), default=str)[:120],
-                 "wall_s": round(info["cost"]["wall_s"], 2), "FLOPs": info["cost"]["flops"]})
+                 "wall_s": round(info["cost"]["wall_seconds"], 2), "FLOPs": info["cost"]["flops"]})
 rows.append({"method": "avg-ft", "name": methods.get("avg-ft").pretty_name,
              "hyper-parameters": json.dumps({"examples": ft_examples, "epochs": ft_epochs, "batch": ft_batch,
                                              "benchmarks": len(ft_benchmarks)}),

@@ -102,6 +102,6 @@ def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: floa
         "hparams": {"steps": steps, "lr": lr, "init": init, "granularity": granularity},
         "coefficients": {n: dict(zip(labels, coefficients[i].tolist())) for i, n in enumerate(names)},
         "entropy": {"first_step": history[0] if history else None, "final": final_entropy, "history": history},
-        "cost": {"wall_s": time.perf_counter() - start, "flops": flops},
+        "cost": {"wall_seconds": time.perf_counter() - start, "flops": flops},
     }
     return MergeResult(with_state(adapters[0], state, "adamerging"), info)

@@ -82,6 +82,6 @@ def avg_finetune(adapters: list[Adapter], context=None, epochs: int = PAPER_EPOC
         "hparams": {"epochs": epochs, "lr": lr, "max_steps": max_steps, "n_batches": len(list(batches))},
         "benchmark": benchmark,
         "loss": {"first": losses[0], "last": losses[-1], "history": losses},
-        "cost": {"wall_s": time.perf_counter() - start, "flops": flops},
+        "cost": {"wall_seconds": time.perf_counter() - start, "flops": flops},
     }
     return MergeResult(with_state(adapters[0], state, "avg-ft"), info)

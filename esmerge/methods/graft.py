@@ -147,7 +147,7 @@ def graft(adapters: list[Adapter], context=None, order: list[str] | None = None,
     info = {
         "hparams": {"order": order, "a": a, "c": c, "bins": bins, "phi": "z-score (untrained)"},
         "steps": steps,
-        "cost": {"wall_s": time.perf_counter() - start, "flops": None},
+        "cost": {"wall_seconds": time.perf_counter() - start, "flops": None},
     }
     return MergeResult(with_state(adapters[0], state, "graft"), info)
 

@@ -180,6 +180,6 @@ def ls_merge(adapters: list[Adapter], context=None, count_cost: bool = True, pro
         "vae": {"recon_mse_before": log["recon_before"], "recon_mse_after": log["recon_after"],
                 "final_kl": log["kl"][-1] if log["kl"] else None, "final_kl_weight": log["kl_weight"][-1] if log["kl_weight"] else None,
                 "loss_history": log["loss"]},
-        "cost": {"wall_s": time.perf_counter() - start, "flops": flops},
+        "cost": {"wall_seconds": time.perf_counter() - start, "flops": flops},
     }
     return MergeResult(with_state(adapters[0], P.unflatten(merged, keys, shapes), "ls-merge"), info)

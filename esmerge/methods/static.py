@@ -21,7 +21,7 @@ from esmerge.methods import primitives as P
 def _merged(adapters: list[Adapter], vector: torch.Tensor, keys, shapes, name: str, info: dict, start: float,
             extras: dict | None = None) -> MergeResult:
     info = dict(info)
-    info["cost"] = {"wall_s": time.perf_counter() - start, "flops": None}
+    info["cost"] = {"wall_seconds": time.perf_counter() - start, "flops": None}
     return MergeResult(with_state(adapters[0], P.unflatten(vector, keys, shapes), name, extras), info)
 
 
