@@ -23,10 +23,11 @@
 # them: hyper-parameters and cost, the size of each merged update per layer, and how close each
 # lands to each specialist.
 #
-# Cost at `cpu` scale (SmolLM2-135M, 2 CPU cores): the training-free methods take seconds and
-# LS-Merge about 7 minutes; one AdaMerging or Avg+FT step (a forward and backward pass over a
-# few few-shot prompts) takes on the order of a minute, so the defaults below run 10 AdaMerging
-# steps and 2 fine-tuning steps per benchmark, far below the paper's budgets. Every merge is
+# Cost at `cpu` scale (SmolLM2-135M, one CPU thread): the training-free methods take about a
+# second each and LS-Merge about 7 minutes (1,000 epochs); one AdaMerging step on 2 few-shot
+# prompts takes about 30 s and one fine-tuning step on 4 prompts about 12 s, so the defaults
+# below run 10 AdaMerging steps and 2 fine-tuning steps per benchmark, far below the paper's
+# budgets, and the chapter takes about 20 minutes. Every merge is
 # saved with its settings and skipped on a rerun with the same settings.
 
 # %% tags=["parameters"]

@@ -442,8 +442,12 @@ def test_merge_once_resumes_and_reruns_on_new_hparams(tmp_path, monkeypatch):
     torch.testing.assert_close(first.state[KEY_A], again.state[KEY_A])
     report.merge_once("ties", tmp_path / "ties", context, keep=0.3)
     assert len(calls) == 2
-    emr, _ = report.merge_once("emr", tmp_path / "emr", context)
-    assert emr_task_adapter(emr, "protein").state[KEY_A].shape == (2, 5)
+    merged_emr, _ = report.merge_once("emr", tmp_path / "emr", context)
+    assert any(k.endswith(".rescale") for k in merged_emr.extras)
+    fresh = methods.run("emr", [s.adapter for s in specs.values()])
+    for key in (KEY_A, KEY_B):  # masks and rescalers survive the round trip through the directory
+        torch.testing.assert_close(emr_task_adapter(report.load_merged(tmp_path / "emr"), "protein").state[key],
+                                   emr_task_adapter(fresh, "protein").state[key])
 
 
 def test_evaluation_backed_objectives_match_loaded_model(smoke):

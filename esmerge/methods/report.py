@@ -85,10 +85,16 @@ def merge_once(method: str, out: str | Path, context, refresh: bool = False, **h
     specialists = {m: adapter_digest(s.adapter) for m, s in context.specialists.items()}
     if refresh or not _meta_matches(out / "esmerge.json", method, hparams, specialists):
         run_merge(method, out, context, **hparams)
-    adapter = load_adapter(out, name=method)
-    extras_file = out / "esmerge_extras.safetensors"
+    return load_merged(out, name=method), json.loads((out / "esmerge.json").read_text())
+
+
+def load_merged(path: str | Path, name: str | None = None) -> Adapter:
+    """A merged adapter directory with its ``adapter.extras`` (e.g. EMR's masks and rescalers) restored."""
+    path = Path(path)
+    adapter = load_adapter(path, name=name)
+    extras_file = path / "esmerge_extras.safetensors"
     if extras_file.is_file():
         from safetensors.torch import load_file
 
         adapter.extras = load_file(extras_file)
-    return adapter, json.loads((out / "esmerge.json").read_text())
+    return adapter
