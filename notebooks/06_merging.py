@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esmerge import evaluate, methods
+from esmerge import evaluate, methods, plots
 from esmerge.adapters import load_adapter
 from esmerge.merge import build_context
 from esmerge.methods import contexts, report
@@ -122,14 +122,14 @@ ada = meta["adamerging"]["info"]
 coeff = pd.DataFrame(ada["coefficients"])
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
 for m in coeff.columns:
-    axes[0].plot(range(len(coeff)), coeff[m], label=m)
+    axes[0].plot(range(len(coeff)), coeff[m], label=m, color=plots.MODALITY_COLORS.get(m))
 axes[0].set(xlabel="block l", ylabel="λ", title="AdaMerging coefficients")
 axes[0].legend(frameon=False)
 axes[1].plot(ada["entropy"]["history"])
 axes[1].set(xlabel="step", ylabel="mean entropy (nats)", title="entropy objective")
 fig.suptitle(f"AdaMerging, {adamerging_steps} steps on {context.adamerging_prompts} unlabeled prompts; {caption}", fontsize=9)
 fig.tight_layout()
-fig.savefig(out / "adamerging.png", dpi=120)
+plots.save(fig, out, "adamerging")
 plt.show()
 
 # %% [markdown]
@@ -195,10 +195,12 @@ cosines.to_csv(out / "delta_cosine_to_specialists.csv")
 lora_cosines.to_csv(out / "lora_cosine_to_specialists.csv")
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
 for k in norms.columns:
-    axes[0].plot(norms.index, norms[k], label=k, lw=2.2 if k.startswith("specialist") else 1.2,
-                 ls="--" if k.startswith("specialist") else "-")
+    is_spec = k.startswith("specialist")
+    color = plots.MODALITY_COLORS[k.split()[1]] if is_spec else plots.METHOD_COLORS.get(k.split()[0])
+    axes[0].plot(norms.index, norms[k], label=k, color=color, lw=2.2 if is_spec else 1.2, ls="--" if is_spec else "-")
 axes[0].set(xlabel="block l", ylabel=r"$\|\alpha/r\,BA\|_F$", yscale="log", title="update size per block")
-axes[0].legend(frameon=False, fontsize=7, ncol=2)
+axes[0].legend(frameon=False, fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+axes[0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
 im = axes[1].imshow(cosines.to_numpy(), cmap="viridis", vmin=-0.2, vmax=1, aspect="auto")
 axes[1].set_xticks(range(len(cosines.columns)), cosines.columns)
 axes[1].set_yticks(range(len(cosines.index)), cosines.index)
@@ -208,7 +210,7 @@ axes[1].set_title(r"cosine of the update $\{BA\}$ to each specialist's")
 fig.colorbar(im, ax=axes[1], fraction=0.04)
 fig.suptitle(f"Merged adapters; {caption}", fontsize=9)
 fig.tight_layout()
-fig.savefig(out / "merged_adapters.png", dpi=120)
+plots.save(fig, out, "merged_adapters")
 plt.show()
 
 # %% [markdown]
