@@ -237,7 +237,8 @@ def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k
         so that with every entry kept the result is the plain average (comparable to Avg).
 
     Choices where the paper is silent: :math:`\tau_{MTL}` is the unscaled task-arithmetic
-    sum (as in the TALL paper's code); the same :math:`\lambda` for all tasks.
+    sum of the task vectors (as FusionBench's TALL-mask implementation builds it); the same
+    :math:`\lambda` for all tasks.
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
