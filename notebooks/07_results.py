@@ -43,7 +43,7 @@ scale = "cpu"
 seed = 0
 n_eval = None  # None: evaluate.default_config(scale)
 n_shots = None
-benchmarks = None  # None: all 13
+benchmarks = None  # None: all 13 (smoke: one per group, evaluate.SMOKE_BENCHMARKS)
 methods_only = None  # None: every model found; else a list of method names
 n_resamples = 1000
 
@@ -69,7 +69,7 @@ out = run_dir(scale, "07_results")
 config = ev.default_config(scale)
 config = replace(config, seed=seed, n_resamples=n_resamples if scale != "smoke" else config.n_resamples,
                  **({"n_eval": n_eval} if n_eval else {}), **({"n_shots": n_shots} if n_shots else {}))
-benchmarks = list(benchmarks or ev.BENCHMARK_NAMES)
+benchmarks = list(benchmarks or ev.default_benchmarks(scale))
 context = build_context(scale, seed)
 base, specialists = context.base, context.specialists
 projectors = contexts.projectors_of(specialists)
@@ -149,7 +149,8 @@ for name, mut in tqdm(list(models.items()), desc="models"):
 table = ev.summary(results)
 table.to_csv(out / "per_benchmark.csv", index=False)
 print(f"{len(models)} models x {len(benchmarks)} benchmarks; {table['seconds'].sum() / 60:.1f} min of evaluation "
-      f"(0 for cached results); mean prompt length {table['prompt_tokens'].mean():.0f} tokens")
+      f"(as recorded when each result was computed); mean prompt length {table['prompt_tokens'].mean():.0f} tokens; "
+      f"{table['seconds'].sum() / len(models) / 60:.1f} min per model")
 table.round(1).head(13)
 
 # %% [markdown]
@@ -205,10 +206,14 @@ ev.wide_table(t8, "accuracy")
 # %%
 group_rows = pd.concat([t1, t2])
 group_rows = group_rows[(group_rows["metric"] == "accuracy") & group_rows["dataset"].str.startswith("Avg.")]
+# the ablation variants' paper values are in Table 8 only
+t8_paper = t8.set_index(["method", "dataset"])["paper"]
+group_rows["paper"] = [p if pd.notna(p) else t8_paper.get((m, d), np.nan)
+                       for m, d, p in zip(group_rows["method"], group_rows["dataset"], group_rows["paper"])]
 order = list(models)
 fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharey=True)
 for ax, group in zip(axes, ev.GROUPS):
-    part = group_rows[group_rows["dataset"] == f"Avg. {group}"].set_index("method").reindex(order)
+    part = group_rows[group_rows["dataset"].str.startswith(f"Avg. {group}")].set_index("method").reindex(order)
     x = np.arange(len(order))
     colors = ["tab:red" if m == "es" else "tab:orange" if m.startswith("es-") else
               "tab:gray" if m == "base" or m.startswith("specialist") else "tab:blue" for m in order]
@@ -218,7 +223,7 @@ for ax, group in zip(axes, ev.GROUPS):
     ax.scatter(x, part["paper"], marker="_", s=160, color="k", zorder=3, label="paper")
     ax.axhline(50, color="gray", lw=0.6, ls=":")
     ax.set_xticks(x, order, rotation=75, fontsize=7)
-    ax.set_title(f"Avg. {group}")
+    ax.set_title(part["dataset"].dropna().iloc[0] if part["dataset"].notna().any() else f"Avg. {group}")
 axes[0].set_ylabel("accuracy (%)")
 axes[0].legend(frameon=False, fontsize=8)
 fig.suptitle(f"Group-average accuracy, ours (bars, 95% CI) vs paper (ticks); {caption}", fontsize=9)
@@ -276,6 +281,8 @@ disagree = register[~register["verdict"].str.startswith("supported")]
 for _, row in disagree.iterrows():
     print(f"- {row['claim']}: paper margin {row['paper']:+.1f} pts; ours {row['ours']:+.1f} "
           f"[{row['lo']:+.1f}, {row['hi']:+.1f}] -> {row['verdict']}")
+for _, row in register[register["paper"] <= 0].iterrows():
+    print(f"- note: the paper's own numbers give this claim a margin of {row['paper']:+.1f} pts: {row['claim']}")
 supported = register[register["verdict"].str.startswith("supported")]
 print(f"\n{len(supported)} of {len(register)} claims supported at this scale, "
       f"{(register['verdict'] == 'not supported').sum()} contradicted, "
@@ -286,8 +293,9 @@ paper_ranks = group_rows.dropna(subset=["paper"]).pivot(index="method", columns=
 if "es" in ranks.index:
     print("\nES-Merging's rank among the evaluated models per group, ours vs paper:")
     for col in ranks.columns:
-        print(f"  {col}: {ranks.loc['es', col]:.0f} of {ranks[col].notna().sum()} "
-              f"(paper: {paper_ranks.loc['es', col]:.0f} of {paper_ranks[col].notna().sum()})")
+        paper_rank = (f"paper: {paper_ranks.loc['es', col]:.0f} of {paper_ranks[col].notna().sum()}"
+                      if col in paper_ranks.columns and "es" in paper_ranks.index else "no paper value: partial group")
+        print(f"  {col}: {ranks.loc['es', col]:.0f} of {ranks[col].notna().sum()} ({paper_rank})")
 widths = table.assign(width=table["acc_hi"] - table["acc_lo"])["width"]
 print(f"\nMedian 95% CI width of a per-benchmark accuracy: {widths.median():.0f} points (n={config.n_eval});"
       " differences smaller than this are not resolved at this scale.")
