@@ -46,7 +46,8 @@ NEEDS_RE = re.compile(r"^#\s*esmerge-needs:[ \t]*(.*)$", re.MULTILINE)
 STEM_RE = re.compile(r"^\d\d_[A-Za-z0-9_]+$")
 # Files under runs/{scale}/{stem}/ that count as a figure or a table in produced.json.
 PRODUCT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".csv", ".tsv", ".tex")
-# Static pages of the book, in TOC order; each is listed only if the file exists.
+# Static pages of the book, in TOC order, each listed only if it exists; any other book/*.md
+# (but README.md) follows them alphabetically.
 STATIC_PAGES = ("paper_vs_code.md", "claims.md", "rerun.md", "api.md", "references.md")
 # Modules documented on the API page, when present in the package.
 API_MODULES = (
@@ -511,8 +512,9 @@ def toc_entries(book: Path, scale: str, notebooks: Path | None = None) -> tuple[
     executed = book / "executed" / scale
     chapters = [f"executed/{scale}/{p.stem}" for p in sorted(executed.glob("[0-9][0-9]_*.ipynb"))
                 if notebooks is None or (notebooks / f"{p.stem}.py").exists()]
-    pages = [Path(name).stem for name in STATIC_PAGES if (book / name).exists()]
-    return chapters, pages
+    known = [name for name in STATIC_PAGES if (book / name).exists()]
+    others = sorted(p.name for p in book.glob("*.md") if p.name not in STATIC_PAGES and p.name != "README.md")
+    return chapters, [Path(name).stem for name in known + others]
 
 
 def write_toc(book: Path, scale: str, notebooks: Path | None = None) -> Path:

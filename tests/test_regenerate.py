@@ -94,19 +94,20 @@ def test_toc_lists_only_chapters_and_pages_that_exist(tmp_path):
         (book / "executed" / scale).mkdir(parents=True, exist_ok=True)
         nbformat.write(nbformat.v4.new_notebook(), book / "executed" / scale / f"{stem}.ipynb")
     (book / "rerun.md").write_text("# Rerun\n")
+    (book / "glossary.md").write_text("# Glossary\n")  # a page nobody listed still gets in, last
     (book / "executed" / "smoke" / ".03_probe.partial.ipynb").write_text("{}")  # an interrupted run
 
     toc = yaml.safe_load(rg.write_toc(book, "smoke").read_text())
     listed = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
     # 01_data ran only at cpu, 03_probe never finished, claims.md does not exist: none is listed.
-    assert listed == ["executed/smoke/00_overview", "executed/smoke/02_specialists", "rerun"]
+    assert listed == ["executed/smoke/00_overview", "executed/smoke/02_specialists", "rerun", "glossary"]
 
     # With the notebooks folder given, a chapter whose source was renamed away is dropped as well.
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "notebooks" / "00_overview.py").write_text("")
     toc = yaml.safe_load(rg.write_toc(book, "smoke", tmp_path / "notebooks").read_text())
     assert toc["root"] == "executed/smoke/00_overview"
-    assert [c["file"] for part in toc["parts"] for c in part["chapters"]] == ["rerun"]
+    assert [c["file"] for part in toc["parts"] for c in part["chapters"]] == ["rerun", "glossary"]
 
     empty = tmp_path / "empty"
     empty.mkdir()
