@@ -55,6 +55,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 from esmerge import models
 from esmerge.paths import NOTEBOOKS_DIR, REPO_ROOT, run_dir
 
+pd.set_option("display.max_colwidth", None)  # the tables here are prose: show it whole
 out = run_dir(scale, "00_overview")
 print(f"scale={scale} seed={seed}; figures and tables go to {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}")
 
@@ -74,17 +75,17 @@ STAGES = [  # (label, module, column, row)
     ("evaluation\nvs. paper", "evaluate", 5, 1.5),
 ]
 EDGES = [(0, 1), (1, 2), (2, 3), (2, 4), (3, 5), (4, 5), (5, 6)]
-W, H, DX = 1.7, 0.84, 2.1  # box width, box height, column spacing
+W, H, DX = 1.95, 0.95, 2.25  # box width, box height, column spacing
 
-fig, ax = plt.subplots(figsize=(11, 4.2))
+fig, ax = plt.subplots(figsize=(10, 4.2))
 centres = []
 for label, module, col, y in STAGES:
     x = col * DX
     centres.append((x, y))
     ax.add_patch(FancyBboxPatch((x - W / 2, y - H / 2), W, H, boxstyle="round,pad=0.04",
                                 facecolor="#e8f0fb", edgecolor="#3b6fb6"))
-    ax.text(x, y + 0.08, label, ha="center", va="center", fontsize=9)
-    ax.text(x, y - 0.3, f"esmerge.{module}", ha="center", va="center", fontsize=7, family="monospace",
+    ax.text(x, y + 0.1, label, ha="center", va="center", fontsize=11)
+    ax.text(x, y - 0.32, f"esmerge.{module}", ha="center", va="center", fontsize=8.5, family="monospace",
             color="#555555")
 for a, b in EDGES:
     (xa, ya), (xb, yb) = centres[a], centres[b]
@@ -97,11 +98,11 @@ ax.plot([xa, xa, xb], [ya - H / 2 - 0.04, low, low], color="#3b6fb6", linestyle=
 ax.add_patch(FancyArrowPatch((xb, low), (xb, yb - H / 2 - 0.06), arrowstyle="-|>", mutation_scale=12,
                              color="#3b6fb6", linestyle="--"))
 ax.text((xa + xb) / 2, low + 0.07, "the specialists' adapters, weighted by the coefficients", ha="center",
-        fontsize=8, color="#3b6fb6")
-ax.set_xlim(-1.0, 5 * DX + 1.0)
-ax.set_ylim(low - 0.15, 3.0)
+        fontsize=10, color="#3b6fb6")
+ax.set_xlim(-W / 2 - 0.15, 5 * DX + W / 2 + 0.15)
+ax.set_ylim(low - 0.15, 3.05)
 ax.axis("off")
-ax.set_title(f"ES-Merging pipeline as implemented here (scale={scale}, seed={seed}, n=3 specialists)", fontsize=10)
+ax.set_title(f"ES-Merging pipeline as implemented here (scale={scale}, seed={seed}, n=3 specialists)", fontsize=11)
 fig.tight_layout()
 fig.savefig(out / "pipeline.png", dpi=120)
 plt.show()
