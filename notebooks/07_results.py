@@ -33,9 +33,16 @@
 # claims' margins from a paired bootstrap (every model sees the same examples and shots).
 #
 # **Scale.** At `cpu` scale the base is SmolLM2-135M, the specialists are our small LoRA
-# specialists, and each benchmark is scored on `n_eval` examples with fewer shots than the paper's
-# 5 (`esmerge.evaluate.CPU_DEFAULTS`); CIs are correspondingly wide. The paper's values are read
-# from `../shared/reference/paper_results.csv` and never copied into this repository.
+# specialists, and each benchmark is scored on 64 examples with 3 shots instead of the paper's
+# full test sets and 5 shots (`esmerge.evaluate.CPU_DEFAULTS`), so that one model takes about
+# 3 minutes (molecules and proteins as tokens, ~250-token prompts) to 7 minutes (everything as
+# text, ~450 tokens) on an idle 2-core CPU (`benchmarks/bench_evaluate.py`). The price is width:
+# at n = 64 a per-benchmark accuracy has a 95 % CI of about ±12 points, a three-dataset group
+# average about ±7, the 13-benchmark average about ±3.4 (paired differences between models are
+# usually tighter). Differences of a few points, like most in the paper's tables, are not resolved
+# here. At `smoke` scale one benchmark per group is scored on 3 examples to exercise the code.
+# The paper's values are read from `../shared/reference/paper_results.csv` and never copied
+# into this repository.
 
 # %% tags=["parameters"]
 # esmerge-needs: 06_merging

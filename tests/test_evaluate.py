@@ -372,3 +372,16 @@ def test_missing_reference_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ESMERGE_REFERENCE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="paper_results.csv"):
         ev.paper_results()
+
+
+def test_partial_groups_are_labelled_and_have_no_paper_value():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 30)
+    results = {"es": {"BindingDB": _fake_run(y, y, "BindingDB"), "BIOSNAP": _fake_run(y, 1 - y, "BIOSNAP")}}
+    table = ev.results_table(results, "Table 1", n_resamples=100)
+    avg = table[(table.metric == "accuracy") & table.dataset.str.startswith("Avg.")]
+    assert avg["dataset"].tolist() == ["Avg. Mol-Prot (2/3 datasets)"]
+    assert avg["ours"].iloc[0] == pytest.approx(50.0) and avg["paper"].isna().all()
+    register = ev.claims({**results, "base": results["es"]}, n_resamples=100).set_index("claim")
+    row = register.loc["ES-Merging beats the base LLM on all 13 benchmarks (avg.)"]
+    assert row["datasets"] == "2/13" and row["verdict"] == "inconclusive (partial)"
