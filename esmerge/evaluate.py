@@ -925,8 +925,9 @@ def wide_table(long: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     cell = part.apply(lambda r: f"{r.ours:.1f} [{r.lo:.0f}, {r.hi:.0f}]"
                       + (f" ({r.paper:.1f})" if pd.notna(r.paper) else ""), axis=1)
     frame = part.assign(cell=cell).pivot(index="method", columns="dataset", values="cell")
-    order = list(dict.fromkeys(part["dataset"]))
-    return frame[order]
+    columns = list(dict.fromkeys(part["dataset"]))
+    rows = list(dict.fromkeys(part["method"]))  # the caller's order (base, specialists, merges), not A-Z
+    return frame.loc[rows, columns]
 
 
 @dataclass(frozen=True)
