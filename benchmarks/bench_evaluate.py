@@ -29,14 +29,6 @@ from esmerge.encoders import make_projector
 from esmerge.models import load_base
 
 
-def materialise_rotary(model) -> None:
-    """``models.load_cpu`` builds the model on the meta device; a non-persistent buffer (the rotary
-    ``inv_freq``) is then left without data. Rebuild it if so (a no-op once load_cpu does this)."""
-    rotary = model.model.rotary_emb
-    if rotary.inv_freq.is_meta:
-        model.model.rotary_emb = type(rotary)(model.config)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="cpu")
@@ -49,7 +41,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = load_base(args.scale)
-    materialise_rotary(base.model)
     emb = base.model.get_input_embeddings()
     projectors = {m: make_projector(m, emb) for m in ("molecule", "protein")}
     models = {"text entities (base)": {}, "token entities (merged)": projectors}

@@ -743,7 +743,10 @@ def default_config(scale: str) -> EvalConfig:
 
 
 def eval_dir(scale: str) -> Path:
-    return REPO_ROOT / "runs" / scale / "07_results" / "evals"
+    """Default cache of evaluation results: ``runs/{scale}/07_results/evals`` (``$ESMERGE_RUNS_DIR`` honoured)."""
+    from esmerge.paths import runs_root
+
+    return runs_root() / scale / "07_results" / "evals"
 
 
 def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig = CPU_DEFAULTS, *,
