@@ -278,8 +278,10 @@ def execute_notebook(
         papermill.execute_notebook(
             str(partial_in), str(partial_out), parameters=parameters, kernel_name=KERNEL, language="python",
             cwd=str(cwd), progress_bar=False, log_output=False,
-            # The kernel listens on 127.0.0.1 only; its "TCP without encryption" warning is noise.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            # The kernel's own log is noise here: a "TCP without encryption" warning (it listens on
+            # 127.0.0.1 only) and "KeyboardInterrupt caught" when jupyter_client interrupts it as
+            # part of a normal shutdown. Cell errors reach us through papermill, not this log.
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
         )
         os.replace(partial_out, executed)
     except PapermillExecutionError as err:
@@ -331,12 +333,15 @@ class RunReport:
     message: str = ""
 
 
+def _keys_now(notebooks: dict[str, Notebook], order: list[str], parameters: dict, layout: Layout) -> dict[str, str]:
+    data_hash = _sha256(layout.manifest.read_bytes()) if layout.manifest.exists() else ""
+    return input_keys(notebooks, order, parameters, tree_hash(layout.package), data_hash)
+
+
 def current_keys(scale: str, layout: Layout, seed: int = 0) -> dict[str, str]:
     """Input key every notebook would have now (see ``input_keys``)."""
     notebooks = discover(layout.notebooks)
-    order = topological_order(notebooks)
-    data_hash = _sha256(layout.manifest.read_bytes()) if layout.manifest.exists() else ""
-    return input_keys(notebooks, order, {"scale": scale, "seed": seed}, tree_hash(layout.package), data_hash)
+    return _keys_now(notebooks, topological_order(notebooks), {"scale": scale, "seed": seed}, layout)
 
 
 def stale_chapters(scale: str, layout: Layout, seed: int = 0) -> list[str]:
@@ -376,9 +381,7 @@ def run_notebooks(
         notebooks = {s: nb for s, nb in notebooks.items() if s in wanted}
     order = topological_order(notebooks)
     parameters = {"scale": scale, "seed": seed}
-    code_hash = tree_hash(layout.package)
-    data_hash = _sha256(layout.manifest.read_bytes()) if layout.manifest.exists() else ""
-    keys = input_keys(notebooks, order, parameters, code_hash, data_hash)
+    keys = _keys_now(notebooks, order, parameters, layout)
 
     executed_dir = layout.executed(scale)
     executed_dir.mkdir(parents=True, exist_ok=True)
