@@ -568,6 +568,21 @@ def macro_f1(y, pred) -> float | np.ndarray:
 METRICS = {"accuracy": accuracy, "macro_f1": macro_f1}
 
 
+def auroc(y, margin) -> float:
+    """Area under the ROC curve (percent) of ``margin = score[:, 1] - score[:, 0]`` for class 1.
+
+    Not a paper metric: a threshold-free check of whether a model *ranks* examples better than
+    chance even when its argmax always picks one label (common for a 135M base). Ties count half
+    (Mann-Whitney U). NaN when only one class is present.
+    """
+    y, margin = np.asarray(y), np.asarray(margin, dtype=float)
+    pos, neg = margin[y == 1], margin[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(100.0 * greater / (len(pos) * len(neg)))
+
+
 def bootstrap_ci(y, pred, metric: str = "accuracy", n_resamples: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of a metric over examples; ``y``, ``pred`` ``[n]``."""
@@ -803,6 +818,7 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig = CPU_DEFAU
         "accuracy_ci": list(bootstrap_ci(y, pred, "accuracy", config.n_resamples, config.seed)),
         "macro_f1": float(macro_f1(y, pred)),
         "macro_f1_ci": list(bootstrap_ci(y, pred, "macro_f1", config.n_resamples, config.seed)),
+        "auroc": auroc(y, score[:, 1] - score[:, 0]),
         "mean_prompt_tokens": float(np.mean([len(prompt_token_ids(p, tokenizer, n_tokens, 0)[0]) for p in prompts])),
         "seconds": time.time() - started,
         "example_ids": [str(i) for i in eval_df.index], "y": y.tolist(), "pred": pred.tolist(),
@@ -863,6 +879,7 @@ def summary(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
             rows.append({"method": method, "benchmark": bench, "n": r["n"], "seed": r["seed"],
                          "accuracy": r["accuracy"], "acc_lo": r["accuracy_ci"][0], "acc_hi": r["accuracy_ci"][1],
                          "macro_f1": r["macro_f1"], "f1_lo": r["macro_f1_ci"][0], "f1_hi": r["macro_f1_ci"][1],
+                         "auroc": r.get("auroc", np.nan), "predicted_positive": float(np.mean(r["pred"])),
                          "seconds": r["seconds"], "prompt_tokens": r["mean_prompt_tokens"]})
     return pd.DataFrame(rows)
 

@@ -158,7 +158,15 @@ table.to_csv(out / "per_benchmark.csv", index=False)
 print(f"{len(models)} models x {len(benchmarks)} benchmarks; {table['seconds'].sum() / 60:.1f} min of evaluation "
       f"(as recorded when each result was computed); mean prompt length {table['prompt_tokens'].mean():.0f} tokens; "
       f"{table['seconds'].sum() / len(models) / 60:.1f} min per model")
+# Not in the paper: the share of "positive" answers and the AUROC of the answer margin show
+# whether a model that always gives one answer still ranks the examples (50 = chance).
 table.round(1).head(13)
+
+# %%
+overview = table.groupby("method", sort=False)[["accuracy", "macro_f1", "auroc", "predicted_positive"]].mean()
+overview.to_csv(out / "overview.csv")
+print(f"Mean over the evaluated benchmarks per model (predicted_positive: share of positive answers); {caption}")
+overview.round(2)
 
 # %% [markdown]
 # ## Table 1: instance-varying interaction prediction

@@ -277,6 +277,17 @@ def test_accuracy_and_macro_f1_hand_computed():
         assert ev.macro_f1(a, b) == pytest.approx(100 * f1_score(a, b, average="macro", labels=[0, 1], zero_division=0))
 
 
+def test_auroc_hand_computed():
+    # positives {3, 1}, negatives {2, 0, 1}: pairs won 3>2, 3>0, 3>1, 1>0, tie 1=1 -> (4 + 0.5) / 6
+    assert ev.auroc([1, 1, 0, 0, 0], [3, 1, 2, 0, 1]) == pytest.approx(100 * 4.5 / 6)
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    y, m = rng.integers(0, 2, 40), rng.normal(size=40).round(1)
+    assert ev.auroc(y, m) == pytest.approx(100 * roc_auc_score(y, m))
+    assert np.isnan(ev.auroc([1, 1], [0.2, 0.1]))
+
+
 def test_bootstrap_ci_contains_point_and_is_seed_stable():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 80)
