@@ -57,7 +57,6 @@ n_resamples = 1000
 # %%
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -106,7 +105,7 @@ def merged_models() -> dict[str, ev.ModelUnderTest]:
     for folder in sorted(p for p in merge_root.iterdir() if p.is_dir()):
         name = folder.name
         if (folder / "adapter_config.json").is_file():
-            adapter, _ = load_adapter(folder, name=name), None
+            adapter = load_adapter(folder, name=name)
             if name == "emr":
                 extras = folder / "esmerge_extras.safetensors"
                 if extras.is_file():
