@@ -29,9 +29,7 @@ PROMPTS = ["Does the molecule CCO inhibit CYP3A4? Answer:", "Is the cell line A5
 def random_adapters(scale: str, seed: int = 0):
     from peft import get_peft_model
 
-    from esmerge.specialists import repair_base
-
-    base = repair_base(load_base(scale, seed=seed))  # the cpu base leaves its rotary buffer on "meta"
+    base = load_base(scale, seed=seed)
     model = get_peft_model(base.model, lora_config())
     model.requires_grad_(False)
     adapters = []

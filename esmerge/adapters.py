@@ -141,7 +141,7 @@ def attach(model: torch.nn.Module, adapters: dict[str, Adapter]):
     PEFT injects LoRA layers into ``model`` in place; ``peft_model.unload()`` takes them out
     again and returns the bare model. ``with peft_model.disable_adapter():`` runs the base.
     """
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model
 
     if not adapters:
         raise ValueError("no adapters to attach")
@@ -150,9 +150,17 @@ def attach(model: torch.nn.Module, adapters: dict[str, Adapter]):
     for name in names[1:]:
         peft_model.add_adapter(name, lora_config_of(adapters[name]))
     for name, adapter in adapters.items():
-        result = set_peft_model_state_dict(peft_model, adapter.state, adapter_name=name)
-        missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
-        if missing:
-            raise AdapterMismatchError(f"adapter {name!r} lacks tensors the model expects, e.g. {missing[:2]}")
+        load_lora_state(peft_model, adapter.state, name)
     peft_model.set_adapter(names[0])
     return peft_model
+
+
+def load_lora_state(peft_model, state: LoraState, adapter_name: str = "default") -> None:
+    """Copy LoRA tensors into a ``PeftModel``'s adapter ``adapter_name``; refuse a state that does not fit."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
+    if missing or result.unexpected_keys:
+        raise AdapterMismatchError(f"adapter {adapter_name!r} does not fit the model: missing {missing[:2]}, "
+                                   f"unexpected {list(result.unexpected_keys)[:2]}")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from esmerge import encoders
+from esmerge import adapters as adapter_io
 from esmerge.adapters import Adapter, adapter_from_model, load_adapter, save_adapter
 from esmerge.cache import atomic_torch_save, cache_dir, content_key, file_sha256
 from esmerge.models import BaseModel, lora_config
@@ -384,21 +385,6 @@ def answer_nll(model, projector, batch: dict, modality: str | None = None) -> tu
 
 
 # --------------------------------------------------------------------------- models
-def repair_base(base: BaseModel) -> BaseModel:
-    """Materialise the rotary embedding if ``base.model`` left it on the meta device.
-
-    ``models.load_cpu`` builds SmolLM2 on "meta" and assigns the checkpoint's tensors; the rotary
-    inverse frequencies are a non-persistent buffer (not in any checkpoint), so they stay on meta
-    and every forward fails. Rebuilding the module from the config gives exactly the values a
-    normal load computes. A no-op for a base that is already complete.
-    """
-    inner = getattr(base.model, "model", None)
-    rotary = getattr(inner, "rotary_emb", None)
-    if rotary is not None and rotary.inv_freq.is_meta:
-        inner.rotary_emb = type(rotary)(base.model.config)
-    return base
-
-
 def attach(base: BaseModel, spec_or_adapter, adapter_name: str = "default"):
     """A ``PeftModel``: a *copy* of the base LLM with the specialist's (or adapter's) LoRA, in eval mode.
 
@@ -406,39 +392,17 @@ def attach(base: BaseModel, spec_or_adapter, adapter_name: str = "default"):
     leaves ``base.model`` usable as the plain base. Feed it ``inputs_embeds`` from
     ``input_embeddings`` (or the probe's) like any causal LM.
     """
-    from peft import get_peft_model
-
-    repair_base(base)
     adapter = spec_or_adapter.adapter if isinstance(spec_or_adapter, Specialist) else spec_or_adapter
     if not isinstance(adapter, Adapter):
         raise TypeError(f"attach needs a Specialist or an Adapter, got {type(spec_or_adapter).__name__}")
-    model = get_peft_model(copy.deepcopy(base.model), _lora_config_from(adapter.config), adapter_name=adapter_name)
-    _load_lora_state(model, adapter, adapter_name)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-def _lora_config_from(config: dict):
-    from peft import LoraConfig
-
     shared = lora_config()
     for field_name in ("r", "lora_alpha"):
-        if config.get(field_name) != getattr(shared, field_name):
-            raise SpecialistError(f"adapter has {field_name}={config.get(field_name)!r}, the shared LoRA config has "
-                                  f"{getattr(shared, field_name)!r} (models.lora_config)")
-    keep = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__ and k not in ("peft_type", "task_type")}
-    return LoraConfig(task_type="CAUSAL_LM", **keep)
-
-
-def _load_lora_state(model, adapter: Adapter, adapter_name: str = "default") -> None:
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, adapter.state, adapter_name=adapter_name)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise SpecialistError(f"adapter {adapter.name!r} does not fit the base: missing {missing[:2]}, "
-                              f"unexpected {list(result.unexpected_keys)[:2]}")
+        if adapter.config.get(field_name) != getattr(shared, field_name):
+            raise SpecialistError(f"adapter has {field_name}={adapter.config.get(field_name)!r}, the shared LoRA "
+                                  f"config has {getattr(shared, field_name)!r} (models.lora_config)")
+    model = adapter_io.attach(copy.deepcopy(base.model), {adapter_name: adapter})
+    model.requires_grad_(False)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -454,7 +418,6 @@ def specialist_loss(model, base: BaseModel, specialist_or_none, examples: list[E
     """
     if not examples:
         raise ValueError("no examples to evaluate")
-    repair_base(base)
     projector = specialist_or_none.projector if isinstance(specialist_or_none, Specialist) else specialist_or_none
     modality = examples[0].modality
     if any(ex.modality != modality for ex in examples):
@@ -506,7 +469,6 @@ def cross_loss_table(base: BaseModel, specs: dict[str, Specialist], examples: di
 @torch.no_grad()
 def generate_answer(model, base: BaseModel, projector, example: Example, max_new_tokens: int = 48) -> str:
     """Greedy answer of ``model`` to ``example``'s prompt (modality tokens spliced in as for training)."""
-    repair_base(base)
     tok = base.tokenizer
     before, after = _prompt_pieces(tok, example)
     slot = N_TOKENS if example.raw is not None else 0
@@ -588,7 +550,6 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
 
     from peft import get_peft_model
 
-    repair_base(base)
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base.model), lora_config())
     projector = None
@@ -607,7 +568,7 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
             changed = sorted(k for k in recipe if state["recipe"].get(k) != recipe[k])
             raise SpecialistError(f"{ckpt} was made with a different recipe ({', '.join(changed)}); "
                                   "delete it or pass resume=False (--no-resume) to start over")
-        _load_lora_state(model, Adapter(state["lora"], {}, modality))
+        adapter_io.load_lora_state(model, state["lora"])
         if projector is not None:
             projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
@@ -795,7 +756,6 @@ def load_specialists(scale: str, base: BaseModel) -> dict[str, Specialist]:
       and cached under ``cache_dir()`` keyed by the base weights, recipe and code version.
     * ``paper``: not available here (see the error).
     """
-    repair_base(base)
     if scale == "cpu":
         dirs = verify_shipped("cpu")
         return {m: load_specialist(dirs[m], base) for m in MODALITIES}
