@@ -157,17 +157,47 @@ def element_scores(
     Returns:
         LoRA key -> scores with that tensor's shape (float32, >= 0).
     """
+    return element_scores_by_distance(model, probe_embeds, positions, base_tokens, (distance,), progress)[distance]
+
+
+def element_scores_by_distance(
+    model: torch.nn.Module,
+    probe_embeds: torch.Tensor,
+    positions: dict[str, torch.Tensor],
+    base_tokens: dict[str, torch.Tensor],
+    distances: tuple[str, ...] = DISTANCES,
+    progress: bool = True,
+) -> dict[str, dict[str, torch.Tensor]]:
+    r"""``element_scores`` for several distances from one pass over the probes.
+
+    With :math:`D` the token-state difference of ``T_m`` tokens of width ``d``,
+    :math:`r_F = \lVert D\rVert_F` and :math:`r_{MSE} = r_F^2/(T_m d)`, so
+    :math:`\partial r_{MSE}/\partial\theta = \frac{2 r_F}{T_m d}\,\partial r_F/\partial\theta`: one
+    Frobenius gradient per (sample, modality) gives both scores.
+
+    Returns:
+        distance -> (LoRA key -> scores).
+    """
+    unknown = set(distances) - set(DISTANCES)
+    if unknown:
+        raise ValueError(f"unknown distance(s) {sorted(unknown)}; choose from {DISTANCES}")
     params = lora_parameters(model)
     for p in params.values():
         p.requires_grad_(True)
-    scores = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-    n_samples = probe_embeds.shape[0]
-    for k in tqdm(range(n_samples), desc="element scores", disable=not progress, leave=False):
+    layer = {key: layer_of(key) for key in params}
+    scores = {dist: {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()} for dist in distances}
+    width = probe_embeds.shape[-1]
+    for k in tqdm(range(probe_embeds.shape[0]), desc="element scores", disable=not progress, leave=False):
         sample_base = {m: base_tokens[m][:, k] for m in positions}
-        grads, _ = sample_distance_gradients(model, probe_embeds[k], positions, sample_base, distance)
-        for per_modality in grads.values():
-            for key, g in per_modality.items():
-                scores[key] += g.detach().abs().float()
+        grads, frob = sample_distance_gradients(model, probe_embeds[k], positions, sample_base, "frobenius")
+        for modality, per_key in grads.items():
+            mse_factor = 2.0 * frob[modality] / (len(positions[modality]) * width)
+            for key, g in per_key.items():
+                g = g.detach().abs().float()
+                if "frobenius" in scores:
+                    scores["frobenius"][key] += g
+                if "mse" in scores:
+                    scores["mse"][key] += g * float(mse_factor[layer[key]])
     return scores
 
 

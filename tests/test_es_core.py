@@ -247,3 +247,24 @@ def test_gradients_are_layer_isolated(tiny_peft):
     for key, value in grads["protein"].items():
         same = torch.allclose(value, grads2["protein"][key])
         assert same == (".layers.1." not in key), key
+
+
+def test_one_pass_mse_scores_equal_direct_mse_gradients(tiny_peft):
+    """element_scores_by_distance derives MSE scores from Frobenius gradients; check against direct MSE gradients."""
+    from esmerge.elementwise import element_scores_by_distance
+
+    g = torch.Generator().manual_seed(4)
+    embeds = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+    positions = {"molecule": torch.tensor([1, 2]), "cell": torch.tensor([5, 6, 7])}
+    base_tokens = {m: 0.5 * torch.randn(3, 2, len(p), 32, generator=g, dtype=torch.float64) for m, p in positions.items()}
+    both = element_scores_by_distance(tiny_peft, embeds, positions, base_tokens, progress=False)
+    direct = {k: torch.zeros_like(v) for k, v in both["mse"].items()}
+    for k in range(2):
+        grads, _ = sample_distance_gradients(tiny_peft, embeds[k], positions,
+                                             {m: base_tokens[m][:, k] for m in positions}, "mse")
+        for per_key in grads.values():
+            for key, value in per_key.items():
+                direct[key] += value.abs().float()
+    for key in direct:
+        assert torch.allclose(both["mse"][key], direct[key], rtol=1e-5, atol=1e-9), key
+    assert not torch.allclose(both["mse"][next(iter(direct))], both["frobenius"][next(iter(direct))])

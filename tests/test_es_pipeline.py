@@ -63,7 +63,7 @@ def test_es_methods_write_loadable_adapters_and_cache(context, tmp_path):
         stack = torch.stack([a.state[key] for a in adapters])
         assert (value <= stack.max(0).values + 1e-6).all() and (value >= stack.min(0).values - 1e-6).all()
     cached_files = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
-    assert cached_files == ["probes", "scores", "scores", "scores", "states", "swd"]
+    assert cached_files == ["probes"] + ["scores"] * 6 + ["states", "swd"]  # scores for both distances, one pass
     # The model is clean again after merging (LoRA layers removed), and the adapter loads in PEFT.
     assert not any("lora_" in n for n, _ in context.base.model.named_parameters())
     peft_model = PeftModel.from_pretrained(context.base.model, out)

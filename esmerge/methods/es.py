@@ -16,7 +16,7 @@ import time
 import torch
 
 from esmerge.adapters import Adapter, attach, with_state
-from esmerge.cache import cached, content_key
+from esmerge.cache import atomic_torch_save, cached, content_key
 from esmerge.methods import MergeResult, register
 
 PAPER_SETTINGS = dict(n_projections=1024, p=2.0, tau_layer=0.5, tau_element=0.5, distance="frobenius",
@@ -81,11 +81,16 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
             n_projections=settings["n_projections"], p=settings["p"], seed=seed,
             standardize=settings["standardize"], equal_size=equal))
         scores = []
-        for name, adapter in zip(names, adapters if need_scores else []):
-            peft_model.set_adapter(name)
-            key = content_key(states_key, name, settings["distance"])
-            scores.append(cached(root / f"scores-{key}.pt", lambda: elementwise.element_scores(
-                peft_model, probes.embeds, probes.positions, states["base"]["tokens"], settings["distance"])))
+        for name in names if need_scores else []:
+            files = {dist: root / f"scores-{content_key(states_key, name, dist)}.pt" for dist in elementwise.DISTANCES}
+            if not files[settings["distance"]].exists():
+                # One pass yields the scores of every distance; store each so either is instant later.
+                peft_model.set_adapter(name)
+                computed = elementwise.element_scores_by_distance(
+                    peft_model, probes.embeds, probes.positions, states["base"]["tokens"])
+                for dist, path in files.items():
+                    atomic_torch_save(computed[dist], path)
+            scores.append(torch.load(files[settings["distance"]], weights_only=True))
     finally:
         peft_model.unload()
     return {"probes": probes, "states": states, "swd": swd, "scores": scores, "seconds": time.perf_counter() - t0}
