@@ -693,29 +693,20 @@ def _load_into_wrapper(base, adapter: Adapter) -> nn.Module:
     """Load ``adapter``'s tensors into the one PEFT copy kept per base model (created on first use)."""
     import copy
 
-    from peft import get_peft_model, set_peft_model_state_dict
+    from esmerge.adapters import attach, lora_config_of, load_lora_state
 
-    from esmerge.models import lora_config
-
-    cfg = adapter.config or {}
-    targets = tuple(sorted(cfg.get("target_modules") or ()))
-    config = lora_config(**({"target_modules": targets} if targets else {}),
-                         **({"r": cfg["r"]} if "r" in cfg else {}),
-                         **({"alpha": cfg["lora_alpha"]} if "lora_alpha" in cfg else {}))
     key = id(base.model)
     if key not in _peft_wrappers or _peft_wrappers[key][0] is not base.model:
         # PEFT injects LoRA layers into the module it wraps, hence the copy.
-        _peft_wrappers[key] = (base.model, get_peft_model(copy.deepcopy(base.model), config).eval())
+        _peft_wrappers[key] = (base.model, attach(copy.deepcopy(base.model), {"default": adapter}).eval())
+        return _peft_wrappers[key][1]
     wrapper = _peft_wrappers[key][1]
-    have = wrapper.peft_config["default"]
-    if have.r != config.r or sorted(have.target_modules) != sorted(config.target_modules):
-        raise ValueError(f"adapter {adapter.name!r} has r={config.r}, targets={sorted(config.target_modules)}; "
-                         f"the evaluation copy holds r={have.r}, targets={sorted(have.target_modules)}")
-    result = set_peft_model_state_dict(wrapper, adapter.state)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"adapter {adapter.name!r} does not fit the base: missing {missing[:2]}, "
-                         f"unexpected {list(result.unexpected_keys)[:2]}")
+    have, want = wrapper.peft_config["default"], lora_config_of(adapter)
+    if (have.r, have.lora_alpha, sorted(have.target_modules)) != (want.r, want.lora_alpha, sorted(want.target_modules)):
+        raise ValueError(f"adapter {adapter.name!r} has r={want.r}, alpha={want.lora_alpha}, targets="
+                         f"{sorted(want.target_modules)}; the evaluation copy holds r={have.r}, "
+                         f"alpha={have.lora_alpha}, targets={sorted(have.target_modules)}")
+    load_lora_state(wrapper, adapter.state)
     return wrapper
 
 
