@@ -12,7 +12,9 @@ Measured on the project's 2-core Xeon (avx512): a plain SmolLM2-135M forward cos
 per token in fp32 with 2 threads when the machine is idle (bf16 was not faster here), i.e.
 ~0.24 s per example with molecules/proteins as tokens (~250-token prompts, the shared system
 prompt run once per batch of 8) and ~0.5 s with every entity as text (~450 tokens). With other
-jobs on the two cores, wall times were 3-10x higher; the cpu-s/thread column is then the better guide.
+jobs on the two cores (load average 4-7), wall times were 10-20x higher: a merged model on all 13
+benchmarks at n_eval=16 took 2.5-5 s per example (BindingDB 2.5, CYP1A2 4.4, DrugComb 5.2), i.e.
+~50 min per model at n_eval=64. The cpu-s/thread column is then the better guide.
 """
 from __future__ import annotations
 
