@@ -83,7 +83,7 @@ for ax, modality in zip(axes, probes.positions):
     plots.embedding_scatter(ax, xy, {("base" if n == "base" else f"{n} specialist"): colors[n] for n in names},
                             f"{modality} tokens, block {last + 1}")
 fig.suptitle(f"Last-block token embeddings ({embedding_method.upper()}); scale={scale}, seed={seed}, "
-             f"K={K} probes x block tokens per model")
+             f"K={K} probes x block tokens per model", y=1.04)
 plots.save(fig, out, "fig1_last_block_tokens")
 plt.show()
 

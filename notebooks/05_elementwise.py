@@ -79,7 +79,7 @@ def module_grid(coefs: dict, layers: list[int], module: str, title: str, name: s
             if j == 0:
                 axes[r, j].set_ylabel(f"L{layer} {part}", fontsize=8)
     fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01)
-    fig.suptitle(f"{module}: {title}")
+    fig.suptitle(f"{module}: {title}", y=1.04)
     plots.save(fig, out, f"{name}_{module}")
     plt.show()
 
@@ -166,7 +166,7 @@ for ax, modality in zip(axes, probes.positions):
     for n in names:
         d = (merged_states["pooled"][modality][last] - states[n]["pooled"][modality][last]).norm(dim=-1).mean()
         distances.append({"modality tokens": modality, "specialist": n, "mean distance merged-specialist": float(d)})
-fig.suptitle(f"Specialists and the ES-merged model, last block (PCA); {caption}")
+fig.suptitle(f"Specialists and the ES-merged model, last block (PCA); {caption}", y=1.04)
 plots.save(fig, out, "fig8_merged_embeddings")
 plt.show()
 closest = pd.DataFrame(distances).pivot(index="modality tokens", columns="specialist", values="mean distance merged-specialist")
