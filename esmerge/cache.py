@@ -30,6 +30,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor], length: int = 16) -> str:
+    """Content hash of named tensors (as float32), independent of dict order and device."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:length]
+
+
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (parameters, upstream hashes, code version)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from esmerge.adapters import Adapter
+from esmerge.cache import tensor_digest
 from esmerge.encoders import FEATURISERS, cell_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -624,14 +625,6 @@ def paired_bootstrap(runs_a: dict[str, dict], runs_b: dict[str, dict] | None, me
 
 
 # --------------------------------------------------------------------------- models under test
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 @dataclass
 class ModelUnderTest:
     """A base LLM, an optional LoRA adapter and the projectors of the modalities it reads as tokens.
@@ -673,9 +666,9 @@ class ModelUnderTest:
         """Hash of base weights, the adapter used on ``benchmark`` and the projectors."""
         adapter = self.adapter_for(benchmark)
         parts = [self.base.weights_sha256 or self.base.name,
-                 _tensor_digest(adapter.state) if adapter is not None else "no-adapter"]
+                 tensor_digest(adapter.state) if adapter is not None else "no-adapter"]
         for modality in sorted(self.projectors):
-            parts.append(f"{modality}:{_tensor_digest(self.projectors[modality].state_dict())}")
+            parts.append(f"{modality}:{tensor_digest(self.projectors[modality].state_dict())}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     @contextmanager

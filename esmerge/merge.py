@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from esmerge.adapters import Adapter, LoraState, layer_of, save_adapter, with_state
+from esmerge.adapters import Adapter, LoraState, layer_of, save_adapter
+from esmerge.cache import tensor_digest
 
 
 def combine(alpha: torch.Tensor, beta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,17 +92,6 @@ def merge_lora(states: list[LoraState], coefficients: dict[str, torch.Tensor]) -
         stacked = torch.stack([s[key].double() for s in states])
         merged[key] = (coef.double() * stacked).sum(0).to(ref.dtype)
     return merged
-
-
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Content hash of named tensors (cache keys depend on what is merged, not on names)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def adapter_digest(adapter: Adapter) -> str:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from esmerge.cache import cache_dir, file_sha256
+from esmerge.cache import cache_dir, file_sha256, tensor_digest
 
 SCALES = ("smoke", "cpu", "paper")
 PAPER_MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
@@ -217,10 +216,4 @@ def load_base(scale: str = "cpu", seed: int = 0, **kwargs) -> BaseModel:
 # --------------------------------------------------------------------------- hashing
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """Hash of a model's weights, recorded on specialist cards to tie them to their base."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return tensor_digest(model.state_dict(), length=64)

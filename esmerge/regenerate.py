@@ -40,6 +40,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from esmerge.cache import file_sha256
 from esmerge.paths import REPO_ROOT, SCALES
 
 NEEDS_RE = re.compile(r"^#\s*esmerge-needs:[ \t]*(.*)$", re.MULTILINE)
@@ -483,7 +484,7 @@ def write_produced(scale: str, layout: Layout) -> Path:
                 "notebook": f"{stem}.py",
                 "parameters": entry.get("parameters"),
                 "input_key": entry.get("key"),
-                "sha256": _sha256_file(path),
+                "sha256": file_sha256(path),
                 "stale": path.stat().st_mtime + 1 < started,
             })
     out = layout.runs / scale / "produced.json"
@@ -493,14 +494,6 @@ def write_produced(scale: str, layout: Layout) -> Path:
 
 def _display_path(path: Path, base: Path) -> str:
     return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- book

@@ -45,7 +45,6 @@ scale = "cpu"
 seed = 0
 
 # %%
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd

@@ -94,7 +94,6 @@ plt.show()
 # input modality (rows: specialists). The diagonal should dominate if specialisation is real.
 
 # %%
-import torch
 
 rows = []
 for name in context.specialists:

@@ -34,7 +34,6 @@ stability_seeds = 5
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 
 from esmerge import layerwise, plots
 from esmerge.merge import build_context

@@ -34,7 +34,6 @@ code_distance = True  # also compute MSE-based scores (official code) to measure
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
 

@@ -1,7 +1,6 @@
 """ES-Merging core: Eqs. 1-4 on hand-computed cases, SWD against POT, gradients against finite differences."""
 import math
 
-import numpy as np
 import ot
 import pytest
 import torch

@@ -46,7 +46,8 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     is instant and an interrupted run resumes at the first missing piece.
     """
     from esmerge import elementwise, layerwise, probe
-    from esmerge.merge import adapter_digest, tensor_digest
+    from esmerge.cache import tensor_digest
+    from esmerge.merge import adapter_digest
 
     settings = resolve_settings(**settings)
     base = context.base
