@@ -52,6 +52,15 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as JSON (sorted keys) through a temporary file, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def cached(path: Path, compute: Callable[[], Any], refresh: bool = False) -> Any:
     """Return the object stored at ``path``, computing and storing it first if absent."""
     if path.exists() and not refresh:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from esmerge.adapters import Adapter
-from esmerge.cache import tensor_digest
+from esmerge.cache import atomic_write_json, tensor_digest
 from esmerge.encoders import FEATURISERS, cell_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -808,7 +808,7 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig = CPU_DEFAU
         "example_ids": [str(i) for i in eval_df.index], "y": y.tolist(), "pred": pred.tolist(),
         "scores": score.round(4).tolist(),
     }
-    _atomic_write_json(path, result)
+    atomic_write_json(path, result)
     return result
 
 
@@ -839,13 +839,6 @@ def _frame_digest(frame: pd.DataFrame) -> str:
     cols = [c for c in ("molecule", "molecule2", "protein", "cell_id", "y") if c in frame]
     blob = frame[cols].astype(str).to_csv().encode() + ",".join(map(str, frame.index)).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def evaluate_all(mut: ModelUnderTest, benchmarks: Iterable[str] = BENCHMARK_NAMES,

@@ -40,7 +40,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from esmerge.cache import file_sha256
+from esmerge.cache import atomic_write_json, file_sha256
 from esmerge.paths import REPO_ROOT, SCALES
 
 NEEDS_RE = re.compile(r"^#\s*esmerge-needs:[ \t]*(.*)$", re.MULTILINE)
@@ -236,13 +236,6 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- execution
 
 
@@ -412,7 +405,7 @@ def run_notebooks(
     def record(stem: str, seconds: float, started: str) -> None:
         state["notebooks"][stem] = {"key": keys[stem], "parameters": parameters, "started": started,
                                     "seconds": round(seconds, 2)}
-        _write_json_atomic(state_path, state)
+        atomic_write_json(state_path, state)
 
     pending = list(todo)
     done = set(order) - set(todo)  # what is already up to date counts as finished
@@ -488,7 +481,7 @@ def write_produced(scale: str, layout: Layout) -> Path:
                 "stale": path.stat().st_mtime + 1 < started,
             })
     out = layout.runs / scale / "produced.json"
-    _write_json_atomic(out, {"scale": scale, "files": rows})
+    atomic_write_json(out, {"scale": scale, "files": rows})
     return out
 
 

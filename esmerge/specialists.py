@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 from esmerge import encoders
 from esmerge import adapters as adapter_io
 from esmerge.adapters import Adapter, adapter_from_model, load_adapter, save_adapter
-from esmerge.cache import atomic_torch_save, cache_dir, content_key, file_sha256
+from esmerge.cache import atomic_torch_save, atomic_write_json, cache_dir, content_key, file_sha256
 from esmerge.models import BaseModel, lora_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -664,9 +663,7 @@ def save_specialist(spec: Specialist, out_dir) -> Path:
         state = {k: v.detach().contiguous() for k, v in spec.projector.state_dict().items()}
         save_file(state, out / "projector.safetensors")
     card = dict(spec.card, projector=_projector_spec(spec.projector))
-    tmp = out / "card.json.tmp"
-    tmp.write_text(json.dumps(card, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, out / "card.json")
+    atomic_write_json(out / "card.json", card, indent=1)
     return out
 
 
