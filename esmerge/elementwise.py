@@ -86,15 +86,31 @@ def isolated_layers(model: torch.nn.Module):
             handle.remove()
 
 
-def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """LoRA A/B parameters keyed like PEFT's saved state dict (adapter name removed)."""
+_LORA_PARAM = re.compile(r"\.(lora_[AB])\.([^.]+)\.weight$")
+
+
+def lora_parameters(model: torch.nn.Module, adapter_name: str | None = None) -> dict[str, torch.nn.Parameter]:
+    """LoRA A/B parameters of one adapter, keyed like PEFT's saved state dict (adapter name removed).
+
+    ``adapter_name`` defaults to the model's active adapter. Only that adapter's tensors are
+    returned: a PEFT model holding several adapters has one parameter per adapter under the same
+    key, and the gradients must be taken with respect to the active one.
+    """
+    if adapter_name is None:
+        active = getattr(model, "active_adapter", None)
+        adapter_name = active[0] if isinstance(active, (list, tuple)) else active
     params = {}
     for name, param in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            # "...q_proj.lora_A.default.weight" -> "...q_proj.lora_A.weight"
-            params[re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)] = param
+        match = _LORA_PARAM.search(name)
+        if match is None or (adapter_name is not None and match.group(2) != adapter_name):
+            continue
+        # "...q_proj.lora_A.molecule.weight" -> "...q_proj.lora_A.weight"
+        key = name[:match.start()] + f".{match.group(1)}.weight"
+        if key in params:
+            raise ValueError(f"several adapters own {key}; name the one to score (adapter_name)")
+        params[key] = param
     if not params:
-        raise ValueError("model has no LoRA parameters; attach the specialist's adapter first")
+        raise ValueError(f"model has no LoRA parameters for adapter {adapter_name!r}; attach the specialist's adapter first")
     return params
 
 

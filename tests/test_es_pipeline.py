@@ -117,3 +117,36 @@ def test_merge_cli_at_smoke_scale(tmp_path):
     PeftModel.from_pretrained(load_smoke(seed=0).model, out)
     with pytest.raises(SystemExit):
         main(["merge", "--scale", "smoke", "--method", "no-such-method", "--out", str(out)])
+
+
+def test_element_scores_follow_the_active_adapter_when_several_are_attached(context):
+    """With all three adapters in one PeftModel, scores of each must equal scores with it alone."""
+    from esmerge import probe as probe_mod
+    from esmerge.adapters import attach
+    from esmerge.elementwise import element_scores
+
+    base = context.base
+    specs = context.specialists
+    raw = probe_mod.probe_entities(k=3, seed=0)
+    blocks = probe_mod.encode_blocks(base, {m: s.projector for m, s in specs.items() if s.projector is not None},
+                                     raw, {"molecule": 8, "protein": 8, "cell": 24})
+    probes = probe_mod.build_probes(base.tokenizer, base.model.get_input_embeddings(), blocks, raw)
+    names = list(specs)
+    together = attach(base.model, {n: specs[n].adapter for n in names})
+    try:
+        base_tokens = probe_mod.collect_states(together, names, probes)["base"]["tokens"]
+        joint = {}
+        for n in names:
+            together.set_adapter(n)
+            joint[n] = element_scores(together, probes.embeds, probes.positions, base_tokens, progress=False)
+    finally:
+        together.unload()
+    for n in names:
+        alone = attach(base.model, {n: specs[n].adapter})
+        try:
+            single = element_scores(alone, probes.embeds, probes.positions, base_tokens, progress=False)
+        finally:
+            alone.unload()
+        for key in single:
+            assert single[key].abs().sum() > 0, (n, key)
+            assert torch.allclose(joint[n][key], single[key], rtol=1e-4, atol=1e-7), (n, key)

@@ -19,6 +19,9 @@ from esmerge.adapters import Adapter, attach, with_state
 from esmerge.cache import atomic_torch_save, cached, content_key
 from esmerge.methods import MergeResult, register
 
+# Bumped whenever the element-score computation changes, so stale cached scores are never reused
+# (2: gradients taken w.r.t. the active adapter only, when several adapters are attached).
+SCORES_VERSION = 2
 PAPER_SETTINGS = dict(n_projections=1024, p=2.0, tau_layer=0.5, tau_element=0.5, distance="frobenius",
                       per_tensor=False, standardize=False, equal_size=None)
 CODE_SETTINGS = dict(PAPER_SETTINGS, tau_element=0.1, distance="mse", per_tensor=True, standardize=True,
@@ -83,7 +86,8 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
             standardize=settings["standardize"], equal_size=equal))
         scores = []
         for name in names if need_scores else []:
-            files = {dist: root / f"scores-{content_key(states_key, name, dist)}.pt" for dist in elementwise.DISTANCES}
+            files = {dist: root / f"scores-{content_key(states_key, name, dist, SCORES_VERSION)}.pt"
+                     for dist in elementwise.DISTANCES}
             if not files[settings["distance"]].exists():
                 # One pass yields the scores of every distance; store each so either is instant later.
                 peft_model.set_adapter(name)
