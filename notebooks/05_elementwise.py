@@ -170,6 +170,10 @@ plots.save(fig, out, "fig8_merged_embeddings")
 plt.show()
 closest = pd.DataFrame(distances).pivot(index="modality tokens", columns="specialist", values="mean distance merged-specialist")
 closest.to_csv(out / "fig8_distances.csv")
+for modality in closest.index:
+    nearest = closest.loc[modality].idxmin()
+    print(f"{modality} tokens: the merged model is nearest the {nearest} specialist"
+          f" ({'as the paper reports' if nearest == modality else 'NOT the matching specialist, unlike the paper'}).")
 closest.style.format("{:.3f}").highlight_min(axis=1)
 
 # %% [markdown]
