@@ -58,10 +58,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 @contextmanager
-def isolated_layers(model: torch.nn.Module):
-    """Detach every decoder layer's input and record every layer's output.
+def block_outputs(model: torch.nn.Module, detach_inputs: bool = False):
+    """Record every decoder layer's output; with ``detach_inputs``, also detach every layer's input.
 
-    Yields a list that the forward fills with each block's output ``[B, T, d]`` (in layer order).
+    Yields a list that the forward fills with each block's output ``[B, T, d]`` (in layer order),
+    read before the model's final norm.
     """
     outputs: list[torch.Tensor] = []
     handles = []
@@ -77,7 +78,8 @@ def isolated_layers(model: torch.nn.Module):
         outputs.append(output[0] if isinstance(output, tuple) else output)
 
     for layer in decoder_layers(model):
-        handles.append(layer.register_forward_pre_hook(detach_input, with_kwargs=True))
+        if detach_inputs:
+            handles.append(layer.register_forward_pre_hook(detach_input, with_kwargs=True))
         handles.append(layer.register_forward_hook(record_output))
     try:
         yield outputs
@@ -136,7 +138,7 @@ def sample_distance_gradients(
     """
     params = lora_parameters(model)
     keys, tensors = list(params), list(params.values())
-    with isolated_layers(model) as outputs:
+    with block_outputs(model, detach_inputs=True) as outputs:
         model(inputs_embeds=probe_embeds.unsqueeze(0), use_cache=False)
     gradients, distances = {}, {}
     modalities = list(positions)

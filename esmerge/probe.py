@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from esmerge.elementwise import block_outputs
 from esmerge.encoders import MODALITIES, cell_text, encode
 
 # Fig. 4: a user turn listing each modality by name, followed by its token block.
@@ -136,16 +137,6 @@ def probe_entities(k: int = 110, seed: int = 0, top_k_genes: int = 20, exclude_c
     }
 
 
-def _block_outputs(model: torch.nn.Module):
-    from esmerge.elementwise import decoder_layers
-
-    outputs, handles = [], []
-    for layer in decoder_layers(model):
-        handles.append(layer.register_forward_hook(
-            lambda mod, args, out: outputs.append(out[0] if isinstance(out, tuple) else out)))
-    return outputs, handles
-
-
 @torch.no_grad()
 def hidden_states(model: torch.nn.Module, probes: Probes, batch_size: int = 16, progress: bool = False) -> dict:
     """Per-layer states of each modality block for one model.
@@ -159,12 +150,8 @@ def hidden_states(model: torch.nn.Module, probes: Probes, batch_size: int = 16, 
     tokens = {m: [] for m in probes.modalities}
     n = len(probes)
     for start in tqdm(range(0, n, batch_size), desc="hidden states", disable=not progress, leave=False):
-        outputs, handles = _block_outputs(model)
-        try:
+        with block_outputs(model) as outputs:
             model(inputs_embeds=probes.embeds[start:start + batch_size], use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         for m, pos in probes.positions.items():
             tokens[m].append(torch.stack([o[:, pos].float().cpu() for o in outputs]))
     tokens = {m: torch.cat(chunks, dim=1) for m, chunks in tokens.items()}
