@@ -284,3 +284,20 @@ def test_book_build_fails_on_sphinx_warning_and_builds_only_existing_chapters(tm
     assert (html / "executed/smoke/01_only.html").exists() and (html / "claims.html").exists()
     assert "hello from the only chapter" in (html / "executed/smoke/01_only.html").read_text()
     assert not (html / "rerun.html").exists()  # no placeholder for a page that does not exist
+
+
+def test_conda_environment_pins_what_pyproject_pins():
+    """environment.yml (conda route) and pyproject.toml (pip route) must not drift apart."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+    repo = Path(__file__).resolve().parents[1]
+    pip_route = set(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"])
+    pip_entries = next(d["pip"] for d in yaml.safe_load((repo / "environment.yml").read_text())["dependencies"]
+                       if isinstance(d, dict))
+    conda_route = {e for e in pip_entries if not e.startswith("-") and e not in ("torch==2.13.0", "pytest")}
+    assert conda_route == pip_route, (sorted(conda_route - pip_route), sorted(pip_route - conda_route))
+    assert "torch==2.13.0" in pip_entries
+    assert re.search(r"^\s+- --extra-index-url https://download\.pytorch\.org/whl/cpu$",
+                     (repo / "environment.yml").read_text(), re.M), "conda route must take torch's CPU build"

@@ -8,6 +8,7 @@ Serves ``book/_build/html`` on 127.0.0.1 (python's http.server), opens each page
 * every ``<img>`` finished loading with ``naturalWidth > 0`` (a broken figure has width 0),
 * every table in the page body has rows, cells and a non-zero rendered height,
 * the page has a heading,
+* every equation was typeset by MathJax (served from the book itself, so this holds offline),
 
 and saves a full-page screenshot per page under ``book/_build/screenshots/``. The protocol runs
 over ``--remote-debugging-pipe`` (file descriptors 3 and 4), so no port and no websocket library
@@ -47,8 +48,14 @@ PAGE_PROBE = """
   await Promise.all(images.map(img => img.complete ? null : new Promise(done => {
     img.addEventListener('load', done); img.addEventListener('error', done); setTimeout(done, 10000);
   })));
+  // MathJax typesets after load; wait for it so unrendered TeX is caught, not raced.
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    await Promise.race([MathJax.startup.promise, new Promise(done => setTimeout(done, 10000))]);
+  }
   const body = document.querySelector('main') || document.body;
   return {
+    math: body.querySelectorAll('.math').length,
+    mathRendered: body.querySelectorAll('mjx-container').length,
     title: document.title,
     heading: (body.querySelector('h1') || {}).textContent || '',
     images: images.map(img => ({src: img.getAttribute('src'), naturalWidth: img.naturalWidth,
@@ -187,6 +194,8 @@ def page_problems(page: str, report: dict) -> list[str]:
     for img in report["images"]:
         if not img["complete"] or img["naturalWidth"] == 0:
             problems.append(f"{page}: image {img['src']} did not load (naturalWidth {img['naturalWidth']})")
+    if report["math"] and not report["mathRendered"]:
+        problems.append(f"{page}: {report['math']} equations left as raw TeX (MathJax did not typeset)")
     for i, table in enumerate(report["tables"]):
         if table["rows"] == 0 or table["cells"] == 0 or table["height"] <= 0:
             problems.append(f"{page}: table {i} not rendered ({table})")
@@ -234,7 +243,8 @@ def check_book(book: Path, browser: str, shots: Path) -> list[str]:
                 png.write_bytes(base64.b64decode(shot["data"]))
                 summary[page] = {"heading": report["heading"].strip(), "images": len(report["images"]),
                                  "tables": len(report["tables"]), "screenshot": png.name}
-                print(f"  {page}: {len(report['images'])} images, {len(report['tables'])} tables -> {png}")
+                print(f"  {page}: {len(report['images'])} images, {len(report['tables'])} tables, "
+                      f"{report['mathRendered']}/{report['math']} equations typeset -> {png}")
             (shots / "report.json").write_text(json.dumps({"pages": summary, "problems": problems}, indent=2))
         finally:
             tools.close()
