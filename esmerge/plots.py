@@ -20,6 +20,13 @@ METHOD_COLORS = {name: (OKABE_ITO + ["#882255", "#44AA99", "#117733", "#332288"]
                  for i, name in enumerate(METHODS_ORDER)}
 
 
+def method_color(name: str) -> str:
+    """One colour per model across the book: a specialist takes its modality's colour."""
+    if name.startswith("specialist-"):
+        return MODALITY_COLORS.get(name.removeprefix("specialist-"), "#999999")
+    return METHOD_COLORS.get(name, "#999999")
+
+
 def save(fig, out_dir: Path, name: str) -> Path:
     """Save ``fig`` as ``out_dir/name.png`` (150 dpi) and return the path."""
     out_dir = Path(out_dir)

@@ -49,7 +49,7 @@ STEM_RE = re.compile(r"^\d\d_[A-Za-z0-9_]+$")
 PRODUCT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".csv", ".tsv", ".tex")
 # Static pages of the book, in TOC order, each listed only if it exists; any other book/*.md
 # (but README.md) follows them alphabetically.
-STATIC_PAGES = ("paper_vs_code.md", "claims.md", "rerun.md", "api.md", "references.md")
+STATIC_PAGES = ("paper_vs_code.md", "rerun.md", "api.md", "references.md")
 # Modules documented on the API page, when present in the package.
 API_MODULES = (
     "models", "adapters", "encoders", "data", "probe", "layerwise", "elementwise", "merge",

@@ -64,6 +64,7 @@ import pandas as pd
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import plots
 from esmerge.adapters import load_adapter
 from esmerge.merge import build_context
 from esmerge.methods import contexts, report
@@ -154,6 +155,8 @@ for name, mut in tqdm(list(models.items()), desc="models"):
     results[name] = ev.evaluate_all(mut, covers.get(name, benchmarks), config, out_dir=out / "evals")
 table = ev.summary(results)
 table.to_csv(out / "per_benchmark.csv", index=False)
+# every per-example answer, for the claims register (08_claims) and anyone re-analysing
+(out / "results.json").write_text(json.dumps(results))
 print(f"{len(models)} models x {len(benchmarks)} benchmarks; {table['seconds'].sum() / 60:.1f} min of evaluation "
       f"(as recorded when each result was computed); mean prompt length {table['prompt_tokens'].mean():.0f} tokens; "
       f"{table['seconds'].sum() / len(models) / 60:.1f} min per model")
@@ -229,9 +232,7 @@ fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharey=True)
 for ax, group in zip(axes, ev.GROUPS):
     part = group_rows[group_rows["dataset"].str.startswith(f"Avg. {group}")].set_index("method").reindex(order)
     x = np.arange(len(order))
-    colors = ["tab:red" if m == "es" else "tab:orange" if m.startswith("es-") else
-              "tab:gray" if m == "base" or m.startswith("specialist") else "tab:blue" for m in order]
-    ax.bar(x, part["ours"], color=colors, alpha=0.8)
+    ax.bar(x, part["ours"], color=[plots.method_color(m) for m in order], alpha=0.85)
     ax.errorbar(x, part["ours"], yerr=[part["ours"] - part["lo"], part["hi"] - part["ours"]], fmt="none",
                 ecolor="k", lw=0.8, capsize=2)
     ax.scatter(x, part["paper"], marker="_", s=160, color="k", zorder=3, label="paper")
@@ -242,7 +243,7 @@ axes[0].set_ylabel("accuracy (%)")
 axes[0].legend(frameon=False, fontsize=8)
 fig.suptitle(f"Group-average accuracy, ours (bars, 95% CI) vs paper (ticks); {caption}", fontsize=9)
 fig.tight_layout()
-fig.savefig(out / "group_averages.png", dpi=120)
+plots.save(fig, out, "group_averages")
 plt.show()
 
 # %% [markdown]
@@ -271,55 +272,5 @@ print(f"Table 4 analogue; {caption}")
 cost
 
 # %% [markdown]
-# ## The paper's claims, checked
-#
-# Each row: a claim, the paper's margin (accuracy points, the claimed method minus the strongest
-# competitor), ours with a paired-bootstrap 95 % CI, and a verdict: *supported* (the CI lies above
-# zero for every competitor), *not supported* (some competitor is significantly better),
-# *inconclusive* (the CI straddles zero), *not measured* (a model is missing).
-
-# %%
-register = ev.claims(results, n_resamples, seed)
-register.to_csv(out / "claims.csv", index=False)
-print(f"Claims register; {caption}")
-register
-
-# %% [markdown]
-# ## Where our small-scale results disagree with the paper
-#
-# The list below is generated from the register and the tables above, so it always describes
-# the numbers in this build.
-
-# %%
-disagree = register[~register["verdict"].str.startswith("supported")]
-for _, row in disagree.iterrows():
-    print(f"- {row['claim']}: paper margin {row['paper']:+.1f} pts; ours {row['ours']:+.1f} "
-          f"[{row['lo']:+.1f}, {row['hi']:+.1f}] -> {row['verdict']}")
-for _, row in register[register["paper"] <= 0].iterrows():
-    print(f"- note: the paper's own numbers give this claim a margin of {row['paper']:+.1f} pts: {row['claim']}")
-supported = register[register["verdict"].str.startswith("supported")]
-print(f"\n{len(supported)} of {len(register)} claims supported at this scale, "
-      f"{(register['verdict'] == 'not supported').sum()} contradicted, "
-      f"{register['verdict'].str.startswith('inconclusive').sum()} inconclusive, "
-      f"{(register['verdict'] == 'not measured').sum()} not measured.")
-ranks = group_rows.pivot(index="method", columns="dataset", values="ours").rank(ascending=False)
-paper_ranks = group_rows.dropna(subset=["paper"]).pivot(index="method", columns="dataset", values="paper").rank(ascending=False)
-if "es" in ranks.index:
-    print("\nES-Merging's rank among the evaluated models per group, ours vs paper:")
-    for col in ranks.columns:
-        paper_rank = (f"paper: {paper_ranks.loc['es', col]:.0f} of {paper_ranks[col].notna().sum()}"
-                      if col in paper_ranks.columns and "es" in paper_ranks.index else "no paper value: partial group")
-        print(f"  {col}: {ranks.loc['es', col]:.0f} of {ranks[col].notna().sum()} ({paper_rank})")
-widths = table.assign(width=table["acc_hi"] - table["acc_lo"])["width"]
-print(f"\nMedian 95% CI width of a per-benchmark accuracy: {widths.median():.0f} points (n={config.n_eval});"
-      " differences smaller than this are not resolved at this scale.")
-
-# %% [markdown]
-# Reasons to expect disagreement at `cpu` scale: the base is a 135M-parameter model rather than
-# LLaMA-3.1-8B, so in-context reasoning over SMILES and gene lists is weak and many models sit
-# near the majority-class rate; our specialists are small LoRAs trained for minutes on public
-# captioning data rather than the published Mol-LLaMA, Prot2Text-V2 and Cell-o1; answers are
-# scored rather than generated, so nothing is ever unparsable (the paper's DrugComb/GDSC2 rows
-# where macro-F1 exceeds accuracy suggest unparsable answers counted as wrong there); and each
-# benchmark is scored on a few dozen examples with fewer shots, so only large differences are
-# resolved. A claim marked *inconclusive* here is untested, not refuted.
+# The paper's claims, each checked against these numbers with a paired-bootstrap CI, are in the
+# next chapter, the claims register.

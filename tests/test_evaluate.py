@@ -396,3 +396,21 @@ def test_partial_groups_are_labelled_and_have_no_paper_value():
     register = ev.claims({**results, "base": results["es"]}, n_resamples=100).set_index("claim")
     row = register.loc["ES-Merging beats the base LLM on all 13 benchmarks (avg.)"]
     assert row["datasets"] == "2/13" and row["verdict"] == "inconclusive (partial)"
+
+
+def test_mechanism_claims_on_hand_made_tables():
+    shift = pd.DataFrame({"molecule": [3.0, 1.0], "protein": [2.0, 1.5]}, index=["molecule", "protein"])
+    # protein specialist moves molecule tokens (1.0) less than protein tokens (1.5): holds for both
+    shift.loc["protein", "molecule"] = 2.0  # now it moves molecule tokens most: fails for protein
+    gap = pd.DataFrame({"specialist": ["molecule", "protein"], "layers where own > other": [3, 2],
+                        "of layers": [4, 4], "mean own / other": [1.2, 1.5]})
+    stability = pd.DataFrame({"projections": [256, 32, 1024], "mean std of alpha over seeds": [0.04, 0.1, 0.01]})
+    distances = pd.DataFrame({"molecule": [1.0, 3.0], "protein": [2.0, 2.5]}, index=["molecule", "protein"])
+    table = ev.mechanism_claims(shift, gap, stability, distances).set_index(["source", "claim"])["verdict"]
+    by_source = table.groupby(level=0).apply(list).to_dict()
+    assert by_source["Fig. 1"] == ["holds", "does not hold"]
+    assert by_source["Fig. 2"] == ["holds", "does not hold"]  # 2 of 4 blocks is not "most"
+    assert by_source["Table 7"] == ["holds"]  # sorted by projections: 0.1 > 0.04 > 0.01
+    assert by_source["Fig. 8"] == ["holds", "holds"]
+    stability.loc[2, "mean std of alpha over seeds"] = 0.05
+    assert ev.mechanism_claims(shift, gap, stability, distances).set_index("source").loc["Table 7", "verdict"] == "does not hold"
