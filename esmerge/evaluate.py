@@ -987,8 +987,9 @@ def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: i
     benchmarks, minimised over the B's. Verdict: *supported* when the CI of every margin lies above
     0 (for ">=" claims: when no margin is significantly below 0 and the point margins are >= 0),
     *not supported* when some margin's CI lies below 0 (for "beats": also when the point margin is
-    <= 0 and the CI excludes the claimed direction), *inconclusive* otherwise, *not measured* when a
-    method or benchmark is missing.
+    <= 0 and the CI excludes the claimed direction), *inconclusive* otherwise, *inconclusive
+    (identical answers)* when every competitor answers exactly as ``a`` on every example (a margin of
+    0 with a CI of [0, 0] tests nothing), *not measured* when a method or benchmark is missing.
     """
     paper = paper_results()
     rows = []
@@ -1010,7 +1011,12 @@ def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: i
                                        "accuracy", n_resamples, seed, level) for b in c.b if b in have}
         worst = min(margins, key=lambda b: margins[b][0])
         point, lo, hi = margins[worst]
-        if c.at_least:
+        # Two models that give the same answer on every example (e.g. both always answer the
+        # majority label) have a margin of exactly 0 with a CI of [0, 0]: that tests nothing.
+        identical = [b for b in margins if all(results[c.a][x]["pred"] == results[b][x]["pred"] for x in benches)]
+        if len(identical) == len(margins):
+            verdict = "inconclusive (identical answers)"
+        elif c.at_least:
             verdict = ("not supported" if any(m[2] < 0 for m in margins.values())
                        else "supported" if all(m[0] >= 0 for m in margins.values()) else "inconclusive")
         else:
@@ -1018,7 +1024,8 @@ def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: i
                        else "not supported" if any(m[2] < 0 for m in margins.values()) else "inconclusive")
         if len(margins) < len(c.b) or len(benches) < len(all_benches):
             verdict += " (partial)"
-        detail = "; ".join(f"vs {b}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}]" for b, m in margins.items())
+        detail = "; ".join(f"vs {b}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}]" + (" (identical answers)" if b in identical else "")
+                           for b, m in margins.items())
         rows.append({**row, "ours": round(point, 1), "lo": round(lo, 1), "hi": round(hi, 1),
                      "n_compared": len(margins), "verdict": verdict, "detail": detail})
     return pd.DataFrame(rows)

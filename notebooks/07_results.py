@@ -35,8 +35,9 @@
 # **Scale.** At `cpu` scale the base is SmolLM2-135M, the specialists are our small LoRA
 # specialists, and each benchmark is scored on 64 examples with 3 shots instead of the paper's
 # full test sets and 5 shots (`esmerge.evaluate.CPU_DEFAULTS`), so that one model takes about
-# 3 minutes (molecules and proteins as tokens, ~250-token prompts) to 7 minutes (everything as
-# text, ~450 tokens) on an idle 2-core CPU (`benchmarks/bench_evaluate.py`). The price is width:
+# 3.5 minutes (molecules and proteins as tokens, ~290-token prompts) to 8 minutes (the base,
+# everything as text, ~430 tokens) on a 2-core CPU, 74 minutes for all 16 models
+# (`benchmarks/bench_evaluate.py` times one model). The price is width:
 # at n = 64 a per-benchmark accuracy has a 95 % CI of about ±12 points, a three-dataset group
 # average about ±7, the 13-benchmark average about ±3.4 (paired differences between models are
 # usually tighter). Differences of a few points, like most in the paper's tables, are not resolved

@@ -25,7 +25,9 @@
 #   strongest competitor, from the paper's own table) and ours with a paired-bootstrap 95 % CI
 #   over examples (every model sees the same examples and shots). Verdicts: *supported* (the CI
 #   lies above zero for every competitor), *not supported* (some competitor is significantly
-#   better), *inconclusive* (the CI straddles zero), *not measured* (a model is missing);
+#   better), *inconclusive* (the CI straddles zero; *identical answers* when the models answer
+#   exactly alike on every example, so the margin is 0 and tests nothing), *not measured* (a
+#   model is missing);
 #   *(partial)* when only some of the group's benchmarks were evaluated.
 #
 # Nothing here is typed in by hand: the tables and the list of disagreements below are generated
@@ -88,7 +90,7 @@ if len(measured):
                       "inconclusive": plots.OKABE_ITO[8]}
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(measured) + 1.2))
     y = np.arange(len(measured))[::-1]
-    colors = [verdict_colors[v.replace(" (partial)", "")] for v in measured["verdict"]]
+    colors = [next(c for v, c in verdict_colors.items() if verdict.startswith(v)) for verdict in measured["verdict"]]
     ax.errorbar(measured["ours"], y, xerr=[measured["ours"] - measured["lo"], measured["hi"] - measured["ours"]],
                 fmt="none", ecolor="k", lw=0.8, capsize=2)
     ax.scatter(measured["ours"], y, c=colors, s=40, zorder=3)
@@ -131,6 +133,14 @@ if "es" in ranks.index:
         paper_rank = (f"paper: {paper_ranks.loc['es', col]:.0f} of {paper_ranks[col].notna().sum()}"
                       if col in paper_ranks.columns and "es" in paper_ranks.index else "no paper value: partial group")
         print(f"  {col}: {ranks.loc['es', col]:.0f} of {ranks[col].notna().sum()} ({paper_rank})")
+positive_answers = {m: np.mean([np.mean(r["pred"]) for r in runs.values()]) * 100 for m, runs in results.items()}
+positive_rate = np.mean([np.mean(r["y"]) for r in next(iter(results.values())).values()]) * 100
+aurocs = {m: np.nanmean([r["auroc"] for r in runs.values()]) for m, runs in results.items()}
+print(f"\nModels answer 'positive' on {min(positive_answers.values()):.0f}-{max(positive_answers.values()):.0f}% of "
+      f"examples, while {positive_rate:.0f}% are positive: where every model gives the majority answer, accuracies "
+      "coincide and margins are exactly 0. The answer margin still ranks examples: mean AUROC "
+      f"{min(aurocs.values()):.0f}-{max(aurocs.values()):.0f} (50 = chance), base {aurocs.get('base', np.nan):.0f}, "
+      f"ES-Merging {aurocs.get('es', np.nan):.0f}.")
 widths = [r["accuracy_ci"][1] - r["accuracy_ci"][0] for runs in results.values() for r in runs.values()]
 print(f"\nMedian 95% CI width of a per-benchmark accuracy: {np.median(widths):.0f} points ({caption});"
       " differences smaller than this are not resolved at this scale.")

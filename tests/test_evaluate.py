@@ -374,6 +374,11 @@ def test_results_table_and_claims_against_the_paper():
     assert row["paper"] == pytest.approx(65.7 - 64.2)
     assert register.loc["ES-Merging beats the base LLM on all 13 benchmarks (avg.)", "verdict"] == "supported"
     assert register.loc["Layer x element >= each alone on Mol-Prot", "verdict"] == "not measured"
+    # a ">=" claim whose models answer identically everywhere is not evidence for it
+    same = {**results, "es-layer": results["es"], "es-element": results["es"]}
+    row = ev.claims(same, n_resamples=100).set_index("claim").loc["Layer x element >= each alone on Mol-Prot"]
+    assert (row["ours"], row["lo"], row["hi"]) == (0.0, 0.0, 0.0)
+    assert row["verdict"] == "inconclusive (identical answers)" and "identical answers" in row["detail"]
     reversed_results = {"es": results["base"], "base": results["es"]}
     rev = ev.claims(reversed_results, n_resamples=200).set_index("claim")
     assert rev.loc["ES-Merging beats the base LLM on all 13 benchmarks (avg.)", "verdict"] == "not supported"
@@ -395,7 +400,7 @@ def test_partial_groups_are_labelled_and_have_no_paper_value():
     assert avg["ours"].iloc[0] == pytest.approx(50.0) and avg["paper"].isna().all()
     register = ev.claims({**results, "base": results["es"]}, n_resamples=100).set_index("claim")
     row = register.loc["ES-Merging beats the base LLM on all 13 benchmarks (avg.)"]
-    assert row["datasets"] == "2/13" and row["verdict"] == "inconclusive (partial)"
+    assert row["datasets"] == "2/13" and row["verdict"] == "inconclusive (identical answers) (partial)"
 
 
 def test_mechanism_claims_on_hand_made_tables():
