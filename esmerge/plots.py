@@ -14,16 +14,19 @@ import torch
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000", "#999999"]
 MODALITY_COLORS = {"molecule": "#E69F00", "protein": "#56B4E9", "cell": "#009E73", "base": "#999999",
                    "merged": "#CC79A7"}
-METHODS_ORDER = ["base", "avg", "ties", "emr", "adamerging", "pcb", "consensus", "ls-merge", "graft", "avg-ft",
-                 "es-layer", "es-element", "es"]
-METHOD_COLORS = {name: (OKABE_ITO + ["#882255", "#44AA99", "#117733", "#332288"])[i]
-                 for i, name in enumerate(METHODS_ORDER)}
+# Colour-blind-safe (Okabe-Ito and Tol muted), none shared with the modalities above: ES-Merging
+# takes the "merged" colour it has in the embedding plots.
+METHOD_COLORS = {"base": MODALITY_COLORS["base"], "avg": "#DDCC77", "ties": "#999933", "emr": "#CC6677",
+                 "adamerging": "#0072B2", "pcb": "#D55E00", "consensus": "#AA4499", "ls-merge": "#44AA99",
+                 "graft": "#332288", "avg-ft": "#882255", "es-layer": "#88CCEE", "es-element": "#000000",
+                 "es": MODALITY_COLORS["merged"]}
 
 
 def method_color(name: str) -> str:
-    """One colour per model across the book: a specialist takes its modality's colour."""
-    if name.startswith("specialist-"):
-        return MODALITY_COLORS.get(name.removeprefix("specialist-"), "#999999")
+    """One colour per model across the book: a specialist (``specialist-cell`` or ``specialist cell``)
+    takes its modality's colour; unknown names are grey."""
+    if name.startswith("specialist"):
+        return MODALITY_COLORS.get(name[len("specialist"):].strip(" -"), "#999999")
     return METHOD_COLORS.get(name, "#999999")
 
 

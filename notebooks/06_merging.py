@@ -196,7 +196,7 @@ lora_cosines.to_csv(out / "lora_cosine_to_specialists.csv")
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
 for k in norms.columns:
     is_spec = k.startswith("specialist")
-    color = plots.MODALITY_COLORS[k.split()[1]] if is_spec else plots.METHOD_COLORS.get(k.split()[0])
+    color = plots.method_color(k if is_spec else k.split()[0])
     axes[0].plot(norms.index, norms[k], label=k, color=color, lw=2.2 if is_spec else 1.2, ls="--" if is_spec else "-")
 axes[0].set(xlabel="block l", ylabel=r"$\|\alpha/r\,BA\|_F$", yscale="log", title="update size per block")
 axes[0].legend(frameon=False, fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))

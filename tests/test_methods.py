@@ -515,3 +515,14 @@ def test_collect_activations_feeds_compatibility(smoke):
     assert 0.0 <= score["compatibility"] <= 1.0 and set(score["rho"]) == set(acts)
     with pytest.raises(ValueError, match="matched no module"):
         collect_activations(smoke["model"], smoke["batches"], lambda n: False)
+
+
+def test_every_method_and_specialist_has_its_own_colour():
+    from esmerge import plots
+    from esmerge.methods import names
+
+    models = ["base", *names(), *(f"specialist-{m}" for m in ("molecule", "protein", "cell"))]
+    colours = {m: plots.method_color(m) for m in models}
+    assert len(set(colours.values())) == len(models), colours
+    assert plots.method_color("specialist cell") == plots.MODALITY_COLORS["cell"]
+    assert plots.method_color("es") == plots.MODALITY_COLORS["merged"]  # as in the embedding plots
