@@ -235,21 +235,31 @@ def test_interrupt_keeps_finished_notebooks_and_leaves_no_partial(tmp_path):
         time.sleep(120)
     """, needs="01_quick")
     script = (
+        # SIGUSR1 dumps every thread's stack to stderr: if the interrupt ever hangs, the failure says where.
+        "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
         "from pathlib import Path\nfrom esmerge import regenerate as rg\n"
         f"root = Path({str(tmp_path)!r})\n"
         "rg.run_notebooks('smoke', rg.Layout(notebooks=root / 'notebooks', runs=root / 'runs', book=root / 'book',"
         " package=root / 'pkg', manifest=root / 'files.yaml', cwd=root))\n"
     )
     # Its own process group, as a terminal's Ctrl-C reaches the regenerator and its kernel together.
+    stderr = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=stderr)
     started = tmp_path / "runs/smoke/02_slow/started"
     deadline = time.monotonic() + 60
     while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert started.exists(), "02_slow never started"
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
+    try:
+        assert proc.wait(timeout=60) != 0
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("regenerate did not exit within 60 s of Ctrl-C; its threads were at:\n"
+                    + (tmp_path / "stderr.txt").read_text()[-6000:])
 
     executed = tmp_path / "book/executed/smoke"
     assert sorted(p.name for p in executed.iterdir()) == ["01_quick.ipynb"]
