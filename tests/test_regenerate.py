@@ -244,7 +244,11 @@ def test_interrupt_keeps_finished_notebooks_and_leaves_no_partial(tmp_path):
     )
     # Its own process group, as a terminal's Ctrl-C reaches the regenerator and its kernel together.
     stderr = (tmp_path / "stderr.txt").open("w")
+    # A shell starts background jobs with SIGINT ignored, and children inherit that; a terminal's
+    # foreground job has the default disposition, which is what Ctrl-C meets. Restore it here, so
+    # the test means the same however pytest itself was started.
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.DEVNULL, stderr=stderr)
     started = tmp_path / "runs/smoke/02_slow/started"
     deadline = time.monotonic() + 60
