@@ -239,6 +239,9 @@ def load_state(path: Path) -> dict:
 # --------------------------------------------------------------------------- execution
 
 
+KERNEL_START_ATTEMPTS = 3
+
+
 def _has_parameters_cell(nb) -> bool:
     return any("parameters" in cell.metadata.get("tags", []) for cell in nb.cells)
 
@@ -269,14 +272,23 @@ def execute_notebook(
     nbformat.write(nb, partial_in)
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(
-            str(partial_in), str(partial_out), parameters=parameters, kernel_name=KERNEL, language="python",
-            cwd=str(cwd), progress_bar=False, log_output=False,
-            # The kernel's own log is noise here: a "TCP without encryption" warning (it listens on
-            # 127.0.0.1 only) and "KeyboardInterrupt caught" when jupyter_client interrupts it as
-            # part of a normal shutdown. Cell errors reach us through papermill, not this log.
-            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
-        )
+        for attempt in range(KERNEL_START_ATTEMPTS):
+            try:
+                papermill.execute_notebook(
+                    str(partial_in), str(partial_out), parameters=parameters, kernel_name=KERNEL,
+                    language="python", cwd=str(cwd), progress_bar=False, log_output=False,
+                    # The kernel's own log is noise here: a "TCP without encryption" warning (it listens
+                    # on 127.0.0.1 only) and "KeyboardInterrupt caught" when jupyter_client interrupts it
+                    # as part of a normal shutdown. Cell errors reach us through papermill, not this log.
+                    extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+                )
+                break
+            except RuntimeError as err:
+                # Kernels started at the same moment (--jobs N) can be handed the same free TCP port
+                # and one dies before its first reply. No cell has run then, so starting again is safe.
+                if "Kernel died before replying to kernel_info" not in str(err) or attempt + 1 == KERNEL_START_ATTEMPTS:
+                    raise
+                print(f"  retrying   {stem}: its kernel died while starting ({err})", file=sys.stderr)
         os.replace(partial_out, executed)
     except PapermillExecutionError as err:
         failed_dir.mkdir(parents=True, exist_ok=True)

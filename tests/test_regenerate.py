@@ -315,3 +315,41 @@ def test_conda_environment_pins_what_pyproject_pins():
     assert "torch==2.13.0" in pip_entries
     assert re.search(r"^\s+- --extra-index-url https://download\.pytorch\.org/whl/cpu$",
                      (repo / "environment.yml").read_text(), re.M), "conda route must take torch's CPU build"
+
+
+def test_kernel_that_dies_while_starting_is_started_again_then_reported(tmp_path, monkeypatch, capsys):
+    """Parallel kernels can race for a TCP port; that start-up failure is retried, nothing else is."""
+    import papermill
+
+    make_layout(tmp_path)
+    source = write_notebook(tmp_path, "01_ok", "(out / 'x.txt').write_text('1')\n")
+    calls = []
+
+    def flaky(input_path, output_path, **kwargs):
+        calls.append(kwargs["kernel_name"])
+        if len(calls) < failures_before_success:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        shutil.copy(input_path, output_path)
+
+    monkeypatch.setattr(papermill, "execute_notebook", flaky)
+    executed = tmp_path / "book/executed/smoke/01_ok.ipynb"
+    args = ("01_ok", source, executed, {"scale": "smoke"}, tmp_path, tmp_path / "failed")
+
+    failures_before_success = 2  # one failed start, then success
+    rg.execute_notebook(*args)
+    assert len(calls) == 2 and executed.is_file()
+    assert "retrying" in capsys.readouterr().err
+
+    calls.clear()
+    executed.unlink()
+    failures_before_success = rg.KERNEL_START_ATTEMPTS + 1  # never starts: the error is raised, no notebook kept
+    with pytest.raises(RuntimeError, match="kernel_info"):
+        rg.execute_notebook(*args)
+    assert len(calls) == rg.KERNEL_START_ATTEMPTS and not executed.exists()
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        rg.execute_notebook(*args)
+    assert len(calls) == 1  # any other error is not retried
