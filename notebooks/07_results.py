@@ -67,6 +67,7 @@ import torch
 from esmerge import evaluate as ev
 from esmerge import plots
 from esmerge.adapters import load_adapter
+from esmerge.cache import atomic_write_json
 from esmerge.merge import build_context
 from esmerge.methods import contexts, report
 from esmerge.paths import run_dir
@@ -157,7 +158,7 @@ for name, mut in tqdm(list(models.items()), desc="models"):
 table = ev.summary(results)
 table.to_csv(out / "per_benchmark.csv", index=False)
 # every per-example answer, for the claims register (08_claims) and anyone re-analysing
-(out / "results.json").write_text(json.dumps(results))
+atomic_write_json(out / "results.json", results)
 print(f"{len(models)} models x {len(benchmarks)} benchmarks; {table['seconds'].sum() / 60:.1f} min of evaluation "
       f"(as recorded when each result was computed); mean prompt length {table['prompt_tokens'].mean():.0f} tokens; "
       f"{table['seconds'].sum() / len(models) / 60:.1f} min per model")

@@ -122,7 +122,8 @@ print(f"\nRepresentation: {(mechanism['verdict'] == 'holds').sum()} of {len(mech
       f"{register['verdict'].str.startswith('inconclusive').sum()} inconclusive, "
       f"{(register['verdict'] == 'not measured').sum()} not measured.")
 
-group_rows = pd.concat([ev.results_table(results, t, n_resamples, seed) for t in ("Table 1", "Table 2")])
+# the results chapter's Tables 1 and 2, as it saved them (their bootstrap CIs are not recomputed)
+group_rows = pd.concat([pd.read_csv(run_dir(scale, "07_results") / f"table{t}.csv") for t in (1, 2)])
 group_rows = group_rows[(group_rows["metric"] == "accuracy") & group_rows["dataset"].str.startswith("Avg.")]
 ranks = group_rows.pivot(index="method", columns="dataset", values="ours").rank(ascending=False)
 paper_ranks = (group_rows.dropna(subset=["paper"]).pivot(index="method", columns="dataset", values="paper")
