@@ -509,6 +509,23 @@ def is_finished(out_dir) -> bool:
     return (Path(out_dir) / "card.json").exists() and (Path(out_dir) / "adapter_model.safetensors").exists()
 
 
+def load_checkpoint(path: Path) -> dict:
+    """Read a training checkpoint with ``weights_only=True``: tensors and plain containers only.
+
+    A file that needs anything else to unpickle (a planted ``__reduce__``, say) is refused before
+    any of its code can run; nothing in a checkpoint we write needs more.
+    """
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        raise SpecialistError(f"{path} is not a checkpoint this trainer wrote ({type(err).__name__}); "
+                              "delete it or pass --no-resume to start over") from None
+    if not isinstance(state, dict) or not {"recipe", "step", "lora", "optimizer"} <= set(state):
+        raise SpecialistError(f"{path} is not a checkpoint this trainer wrote (missing keys); "
+                              "delete it or pass --no-resume to start over")
+    return state
+
+
 def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int, lr: float, seed: int,
                      out_dir, max_tokens: int = 128, resume: bool = True, *, force: bool = False,
                      examples: list[Example] | None = None, data_info: dict | None = None,
@@ -562,7 +579,7 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
     if force and ckpt.exists() and is_finished(out_dir):
         ckpt.unlink()
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = load_checkpoint(ckpt)
         if state["recipe"] != recipe:
             changed = sorted(k for k in recipe if state["recipe"].get(k) != recipe[k])
             raise SpecialistError(f"{ckpt} was made with a different recipe ({', '.join(changed)}); "

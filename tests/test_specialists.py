@@ -223,3 +223,37 @@ def test_shipped_cpu_specialists_match_their_hashes():
     specs = S.load_specialists("cpu", base)
     check_compatible([s.adapter for s in specs.values()])
     assert specs["molecule"].projector.hidden_size == base.hidden_size == 576
+
+
+class _Planted:
+    """Unpickling this calls ``Path.touch`` on a marker: what a planted checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_planted_checkpoint_runs_no_code_and_is_refused(base, tmp_path):
+    examples, info = S.load_examples("molecule", "train", "smoke")
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "out" / "checkpoint" / "state.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"recipe": _Planted(marker), "step": 1, "lora": {}, "optimizer": {}}, ckpt)
+    with pytest.raises(S.SpecialistError, match="state.pt is not a checkpoint this trainer wrote"):
+        S.train_specialist(base, "molecule", out_dir=tmp_path / "out", examples=examples, data_info=info, **RECIPE)
+    assert not marker.exists()
+
+
+def test_train_cli_refuses_a_planted_checkpoint_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "out" / "checkpoint" / "state.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"recipe": _Planted(marker), "step": 1, "lora": {}, "optimizer": {}}, ckpt)
+    rc = S.cli(["--scale", "smoke", "--modality", "molecule", "--steps", "3", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and not marker.exists()
+    assert len(err) == 1 and "state.pt" in err[0] and "--no-resume" in err[0]

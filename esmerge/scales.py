@@ -1,0 +1,76 @@
+"""Every number that differs between the ``smoke``, ``cpu`` and ``paper`` scales, in one place.
+
+One frozen ``ScaleConfig`` per scale (as nanoGPT keeps its configuration in one dataclass); the
+rest of the package reads ``scales.get(scale)`` and hard-codes no scale's numbers.
+
+>>> get("smoke").probe_k, get("cpu").probe_k
+(8, 110)
+>>> get("gpu")
+Traceback (most recent call last):
+...
+esmerge.errors.UsageError: unknown scale 'gpu': choose smoke, cpu or paper
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from esmerge.errors import UsageError
+
+NAMES = ("smoke", "cpu", "paper")
+
+
+@dataclass(frozen=True)
+class EvalDefaults:
+    """Default evaluation settings of a scale (``evaluate.EvalConfig`` takes its defaults from here)."""
+
+    n_eval: int = 64
+    n_context: int = 512  # fits the smallest benchmark (CYP2D6 substrate, 663 rows) beside n_eval
+    n_shots: int = 3
+    top_k_genes: int = 8
+    protein_chars: int = 40
+    smiles_chars: int | None = None
+    batch_size: int = 8
+    n_resamples: int = 1000
+    benchmarks: tuple[str, ...] | None = None  # None: all 13
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a scale's specialists are trained when they are not shipped."""
+
+    steps: int = 150
+    batch_size: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    max_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    name: str
+    probe_k: int  # probe samples per modality (paper §4.1: 110)
+    cell_top_k: int  # genes per cell in specialist prompts
+    train: TrainRecipe
+    evaluation: EvalDefaults = field(default_factory=EvalDefaults)
+
+
+SCALES = {
+    "smoke": ScaleConfig(
+        "smoke", probe_k=8, cell_top_k=5,
+        train=TrainRecipe(steps=30, batch_size=4, lr=5e-3, seed=0, max_tokens=128),
+        # One benchmark per group keeps the results chapter under a minute.
+        evaluation=EvalDefaults(n_eval=3, n_context=12, n_shots=1, top_k_genes=3, protein_chars=12,
+                                smiles_chars=24, batch_size=3, n_resamples=100,
+                                benchmarks=("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate"))),
+    # cpu: SmolLM2's tokenizer spends ~4.5 tokens per gene symbol, hence 12 genes per cell.
+    "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe()),
+    "paper": ScaleConfig("paper", probe_k=110, cell_top_k=50, train=TrainRecipe()),  # paper A.4: top-50 genes
+}
+
+
+def get(scale: str) -> ScaleConfig:
+    """The ``ScaleConfig`` of ``scale``; a ``UsageError`` naming the choices otherwise."""
+    try:
+        return SCALES[scale]
+    except (KeyError, TypeError):
+        raise UsageError(f"unknown scale {scale!r}: choose {', '.join(NAMES[:-1])} or {NAMES[-1]}") from None
