@@ -14,12 +14,12 @@ A tie in the context pool itself (exactly as many positives as negatives) goes t
 Two protocols:
 
 * ``yardstick_runs(benchmark, config)`` -- the pools and shots the LLMs see at a scale
-  (``data.split_pools`` with the ``EvalConfig``'s sizes and seed, ``config.n_shots`` shots);
+  (``benchmarks.split_pools`` with the ``EvalConfig``'s sizes and seed, ``config.n_shots`` shots);
 * ``full_protocol(benchmark)`` -- the paper's protocol on the whole benchmark (App. A.4: 5 shots
   retrieved from the training side, evaluation on the whole test side). The project has no
   upstream train/test split per benchmark (``data_manifest/processing.md``: one file per
   benchmark), so ``paper_split`` draws one: a seeded, label-stratified 80/20 split of the rows
-  ``data.load_benchmark`` returns (20 % is TDC's test fraction, which the paper's CYP sizes
+  ``benchmarks.load_benchmark`` returns (20 % is TDC's test fraction, which the paper's CYP sizes
   match). **These splits are not the paper's**; its test sides have the sizes of its App. A.1.
 
 ``verdict_table`` puts the yardstick beside the paper's ES-Merging (``paper_results.csv``).
@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from esmerge import data
+from esmerge import benchmarks
 from esmerge import evaluate
 from esmerge.errors import UsageError
 
@@ -118,7 +118,7 @@ def yardstick_from_shots(benchmark: str, eval_df: pd.DataFrame, context_df: pd.D
 
 def scale_pools(benchmark: str, config: "evaluate.EvalConfig") -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(eval_df, context_df)`` exactly as ``evaluate.evaluate`` draws them for ``config``."""
-    return data.split_pools(data.load_benchmark(benchmark), config.n_eval, config.n_context, config.seed)
+    return benchmarks.split_pools(benchmarks.load_benchmark(benchmark), config.n_eval, config.n_context, config.seed)
 
 
 def yardstick_runs(benchmark: str, config: "evaluate.EvalConfig", *,
@@ -130,7 +130,7 @@ def yardstick_runs(benchmark: str, config: "evaluate.EvalConfig", *,
     """
     started = time.time()
     eval_df, context_df = pools if pools is not None else scale_pools(benchmark, config)
-    index = evaluate.ContextIndex(context_df, evaluate.benchmark_kind(benchmark))
+    index = evaluate.ContextIndex(context_df, benchmarks.spec(benchmark).kind)
     shots = [evaluate.retrieve_examples(index, row, config.n_shots) for _, row in eval_df.iterrows()]
     return yardstick_from_shots(benchmark, eval_df, context_df, shots, config, time.time() - started)
 
@@ -143,10 +143,11 @@ def yardstick_run(benchmark: str, config: "evaluate.EvalConfig", method: str = "
     return yardstick_runs(benchmark, config, pools=pools)[method]
 
 
-def yardstick_all(benchmarks: Iterable[str], config: "evaluate.EvalConfig") -> dict[str, dict[str, dict]]:
-    """``{method: {benchmark: result}}``, the shape ``evaluate.results_table`` and ``claims`` take."""
+def yardstick_all(names: Iterable[str], config: "evaluate.EvalConfig") -> dict[str, dict[str, dict]]:
+    """``{method: {benchmark: result}}`` over benchmarks ``names``: the shape ``evaluate.results_table``
+    and ``evaluate.claims`` take."""
     out: dict[str, dict[str, dict]] = {m: {} for m in METHODS}
-    for bench in benchmarks:
+    for bench in names:
         for method, result in yardstick_runs(bench, config).items():
             out[method][bench] = result
     return out
@@ -156,7 +157,7 @@ def yardstick_all(benchmarks: Iterable[str], config: "evaluate.EvalConfig") -> d
 def paper_split(df: pd.DataFrame, seed: int = 0, test_fraction: float = TEST_FRACTION
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(test_df, train_df)``: a seeded, label-stratified split of all of ``df``'s rows
-    (``data.split_pools`` with ``n_eval = round(test_fraction * len(df))`` and the rest as context).
+    (``benchmarks.split_pools`` with ``n_eval = round(test_fraction * len(df))`` and the rest as context).
 
     >>> frame = pd.DataFrame({"y": [0] * 6 + [1] * 4})
     >>> test, train = paper_split(frame, seed=0, test_fraction=0.5)
@@ -166,7 +167,7 @@ def paper_split(df: pd.DataFrame, seed: int = 0, test_fraction: float = TEST_FRA
     if not 0 < test_fraction < 1:
         raise UsageError(f"test_fraction={test_fraction}: choose a fraction strictly between 0 and 1")
     n_test = int(round(test_fraction * len(df)))
-    return data.split_pools(df, n_test, len(df) - n_test, seed)
+    return benchmarks.split_pools(df, n_test, len(df) - n_test, seed)
 
 
 def full_protocol(benchmark: str, seed: int = 0, n_shots: int = PAPER_SHOTS, test_fraction: float = TEST_FRACTION,
@@ -174,10 +175,10 @@ def full_protocol(benchmark: str, seed: int = 0, n_shots: int = PAPER_SHOTS, tes
     """Both yardsticks under the paper's protocol on the whole benchmark (``paper_split``; shots by
     ``retrieve_all``, equal to ``evaluate.retrieve_examples`` but fast on a 40,000-row pool)."""
     started = time.time()
-    test_df, train_df = paper_split(data.load_benchmark(benchmark), seed, test_fraction)
+    test_df, train_df = paper_split(benchmarks.load_benchmark(benchmark), seed, test_fraction)
     config = evaluate.EvalConfig(n_eval=len(test_df), n_context=len(train_df), n_shots=n_shots, seed=seed,
                                  n_resamples=n_resamples)
-    shots = retrieve_all(train_df, test_df, evaluate.benchmark_kind(benchmark), n_shots)
+    shots = retrieve_all(train_df, test_df, benchmarks.spec(benchmark).kind, n_shots)
     return yardstick_from_shots(benchmark, test_df, train_df, shots, config, time.time() - started)
 
 
@@ -333,18 +334,18 @@ def verdict_table(runs: dict[str, dict[str, dict]], paper_method: str = "es", me
 
     ``runs`` is ``{"majority": {benchmark: result}, "knn-shots": {benchmark: result}}``; averages
     are means of per-dataset values with ``evaluate.paired_bootstrap`` CIs. ``paper`` maps a paper
-    dataset name (``evaluate.PAPER_DATASET`` values, ``"Avg. <group>"``) to its value; by default it
+    dataset name (``benchmarks.spec(b).paper_dataset``, ``"Avg. <group>"``) to its value; by default it
     is read from ``paper_results.csv``. The mean over all 13 is the mean of the paper's 13 values.
     ``verdict`` reads "k-NN vote <above|below|within CI of> the paper's value".
     """
     paper = _paper_values(paper_method, metric) if paper is None else paper
     knn, majority = runs["knn-shots"], runs["majority"]
-    units = [(evaluate.PAPER_DATASET[b], [b]) for b in evaluate.BENCHMARK_NAMES if b in knn]
-    units += [(f"Avg. {g}", [b for b in benches if b in knn]) for g, benches in evaluate.GROUPS.items()
+    units = [(benchmarks.spec(b).paper_dataset, [b]) for b in benchmarks.BENCHMARK_NAMES if b in knn]
+    units += [(f"Avg. {g}", [b for b in benches if b in knn]) for g, benches in benchmarks.GROUPS.items()
               if all(b in knn for b in benches)]
-    if all(b in knn for b in evaluate.BENCHMARK_NAMES):
-        units.append(("Mean of 13", list(evaluate.BENCHMARK_NAMES)))
-        values = [paper.get(evaluate.PAPER_DATASET[b], np.nan) for b in evaluate.BENCHMARK_NAMES]
+    if all(b in knn for b in benchmarks.BENCHMARK_NAMES):
+        units.append(("Mean of 13", list(benchmarks.BENCHMARK_NAMES)))
+        values = [paper.get(benchmarks.spec(b).paper_dataset, np.nan) for b in benchmarks.BENCHMARK_NAMES]
         paper = {**paper, "Mean of 13": float(np.mean(values))}
     rows = []
     for name, benches in units:

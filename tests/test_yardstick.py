@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esmerge import data
+from esmerge import benchmarks, data
 from esmerge import evaluate as ev
 from esmerge import yardstick as ys
 
@@ -127,8 +127,8 @@ needs_data = pytest.mark.skipif(not _have_data(), reason="upstream data not avai
 @needs_data
 @pytest.mark.parametrize("benchmark", ["BIOSNAP", "DrugComb", "GDSC2", "CYP2D6-substrate"])
 def test_fast_retrieval_equals_evaluate_on_real_pools(benchmark):
-    eval_df, context_df = data.split_pools(data.load_benchmark(benchmark), 12, 300, seed=3)
-    _same_as_evaluate(context_df, eval_df, ev.benchmark_kind(benchmark), ys.PAPER_SHOTS)
+    eval_df, context_df = benchmarks.split_pools(benchmarks.load_benchmark(benchmark), 12, 300, seed=3)
+    _same_as_evaluate(context_df, eval_df, benchmarks.spec(benchmark).kind, ys.PAPER_SHOTS)
 
 
 # --------------------------------------------------------------------------- the paper's protocol
@@ -178,7 +178,7 @@ def test_verdict_table_on_hand_made_numbers():
 
 def test_verdict_table_reads_the_paper_values_by_default():
     y = np.array([1, 0] * 10)
-    runs = {m: {b: _run(y, y) for b in ev.BENCHMARK_NAMES} for m in ys.METHODS}
+    runs = {m: {b: _run(y, y) for b in benchmarks.BENCHMARK_NAMES} for m in ys.METHODS}
     table = ys.verdict_table(runs, n_resamples=50).set_index("dataset")
     assert table.loc["GDSC2", "paper"] == 94.1 and table.loc["CYP2D6 Inh.", "paper"] == 80.7
     assert table.loc["Avg. CYP Sub.", "paper"] == 61.9
