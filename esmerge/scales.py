@@ -52,6 +52,8 @@ class ScaleConfig:
     cell_top_k: int  # genes per cell in specialist prompts
     train: TrainRecipe
     evaluation: EvalDefaults = field(default_factory=EvalDefaults)
+    # (notebook stem, seconds) measured in book/rerun.md: `esmerge regenerate`'s estimate before a first run.
+    notebook_seconds: tuple[tuple[str, float], ...] = ()
 
 
 SCALES = {
@@ -61,9 +63,15 @@ SCALES = {
         # One benchmark per group keeps the results chapter under a minute.
         evaluation=EvalDefaults(n_eval=3, n_context=12, n_shots=1, top_k_genes=3, protein_chars=12,
                                 smiles_chars=24, batch_size=3, n_resamples=100,
-                                benchmarks=("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate"))),
+                                benchmarks=("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate")),
+        notebook_seconds=(("00_overview", 8), ("01_data", 25), ("02_specialists", 16), ("03_probe", 19),
+                          ("04_layerwise", 28), ("05_elementwise", 32), ("06_merging", 54),
+                          ("07_results", 403), ("08_claims", 3))),
     # cpu: SmolLM2's tokenizer spends ~4.5 tokens per gene symbol, hence 12 genes per cell.
-    "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe()),
+    "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe(),
+                       notebook_seconds=(("00_overview", 3), ("01_data", 12), ("02_specialists", 39),
+                                         ("03_probe", 11), ("04_layerwise", 52), ("05_elementwise", 40),
+                                         ("06_merging", 581), ("07_results", 4463), ("08_claims", 4))),
     "paper": ScaleConfig("paper", probe_k=110, cell_top_k=50, train=TrainRecipe()),  # paper A.4: top-50 genes
 }
 
