@@ -761,10 +761,10 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig = CPU_DEFAU
 
     benchmark_kind(benchmark)
     if pools is None:
-        from esmerge import data
+        from esmerge import benchmarks
 
-        frame = data.load_benchmark(benchmark)
-        pools = data.split_pools(frame, config.n_eval, config.n_context, config.seed)
+        frame = benchmarks.load_benchmark(benchmark)
+        pools = benchmarks.split_pools(frame, config.n_eval, config.n_context, config.seed)
     eval_df, context_df = pools
     if len(context_df) < config.n_shots:
         raise ValueError(f"{benchmark}: context pool has {len(context_df)} rows, fewer than n_shots={config.n_shots}")

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esmerge import data
+from esmerge import benchmarks, data, sources
+from esmerge.errors import EsmergeError
 
 
 def _have_data() -> bool:
@@ -25,22 +26,22 @@ needs_data = pytest.mark.skipif(not _have_data(), reason="upstream data not avai
 # --------------------------------------------------------------------------- validation helpers
 
 def test_valid_smiles_and_protein_on_known_inputs():
-    assert data.valid_smiles("CCO")
-    assert data.valid_smiles("c1ccccc1")
-    assert not data.valid_smiles("C1CC")          # unclosed ring
-    assert not data.valid_smiles("C(C)(C)(C)(C)C")  # pentavalent carbon fails sanitisation
-    assert not data.valid_smiles("")
-    assert data.valid_protein("MKTAYIAKQR")
-    assert data.valid_protein("MKUX")  # selenocysteine and unknown are amino-acid codes
-    assert not data.valid_protein("")
-    assert not data.valid_protein("MKT AYI")
-    assert not data.valid_protein("ACGT1")
+    assert sources.valid_smiles("CCO")
+    assert sources.valid_smiles("c1ccccc1")
+    assert not sources.valid_smiles("C1CC")          # unclosed ring
+    assert not sources.valid_smiles("C(C)(C)(C)(C)C")  # pentavalent carbon fails sanitisation
+    assert not sources.valid_smiles("")
+    assert sources.valid_protein("MKTAYIAKQR")
+    assert sources.valid_protein("MKUX")  # selenocysteine and unknown are amino-acid codes
+    assert not sources.valid_protein("")
+    assert not sources.valid_protein("MKT AYI")
+    assert not sources.valid_protein("ACGT1")
 
 
 def test_read_gmt_roundtrip(tmp_path):
     path = tmp_path / "sets.gmt"
     path.write_text("A_LUNG\t\tG1\tG2\tG3\nB_SKIN\tdesc\tG9\t\n")
-    assert data.read_gmt(path) == {"A_LUNG": ["G1", "G2", "G3"], "B_SKIN": ["G9"]}
+    assert sources.read_gmt(path) == {"A_LUNG": ["G1", "G2", "G3"], "B_SKIN": ["G9"]}
 
 
 # --------------------------------------------------------------------------- training corpora
@@ -48,23 +49,23 @@ def test_read_gmt_roundtrip(tmp_path):
 @needs_data
 @pytest.mark.parametrize("split,n_file_rows", [("test", 3300), ("validation", 3301)])
 def test_load_chebi20(split, n_file_rows):
-    df = data.load_chebi20(split)
+    df = sources.load_chebi20(split)
     assert list(df.columns) == ["cid", "smiles", "description"]
     assert df.attrs["n_read"] == n_file_rows
     assert len(df) == n_file_rows - sum(df.attrs["dropped"].values())
     assert len(df) > 3000 and df["cid"].is_unique
-    assert df["smiles"].map(data.valid_smiles).all()
+    assert df["smiles"].map(sources.valid_smiles).all()
     assert df["description"].str.startswith("The molecule is").mean() > 0.9
 
 
 @needs_data
 def test_load_swissprot_go_joins_the_three_aspects():
-    test, val = data.load_swissprot_go("test"), data.load_swissprot_go("val")
+    test, val = sources.load_swissprot_go("test"), sources.load_swissprot_go("val")
     assert list(test.columns) == ["accession", "sequence", "description"]
     # SOURCES.md: 6,764 unique proteins over test and val, which are disjoint.
     assert len(test) + len(val) == 6764
     assert not set(test["accession"]) & set(val["accession"])
-    assert test["sequence"].map(data.valid_protein).all()
+    assert test["sequence"].map(sources.valid_protein).all()
     # P48347's molecular-function row in the mf file is "ATP binding"; it must open the description.
     row = test.set_index("accession").loc["P48347"]
     assert row["description"].startswith("Molecular function: ATP binding")
@@ -74,18 +75,18 @@ def test_load_swissprot_go_joins_the_three_aspects():
 
 def test_load_swissprot_go_rejects_unknown_split():
     with pytest.raises(ValueError, match="split"):
-        data.load_swissprot_go("train")
+        sources.load_swissprot_go("train")
 
 
 @needs_data
 def test_load_pbmc68k_ranks_by_expression():
     import h5py
 
-    df = data.load_pbmc68k()
+    df = sources.load_pbmc68k()
     assert list(df.columns) == ["cell_id", "genes", "cell_type"]
     assert len(df) == 700 and df["cell_type"].nunique() == 10
     # Recompute the first cell's top gene straight from the CSR arrays.
-    with h5py.File(data.data_path(data.PBMC68K)) as fh:
+    with h5py.File(data.data_path(sources.PBMC68K)) as fh:
         start, stop = fh["raw/X/indptr"][0:2]
         values = fh["raw/X/data"][start:stop]
         indices = fh["raw/X/indices"][start:stop]
@@ -97,7 +98,7 @@ def test_load_pbmc68k_ranks_by_expression():
 
 @needs_data
 def test_load_ccle_cells_joins_annotation():
-    df = data.load_ccle_cells()
+    df = sources.load_ccle_cells()
     assert list(df.columns) == ["ccle_name", "depmap_id", "genes", "site", "histology"]
     assert 900 < len(df) <= 967
     assert df.attrs["dropped"]["unknown cell line (not in the DeepCDR annotation)"] == 967 - len(df)
@@ -157,11 +158,11 @@ def test_safe_pickle_load_reports_garbage(tmp_path):
 
 @needs_data
 def test_safe_pickle_load_reads_the_real_tgsa_pickles():
-    ic50 = data.safe_pickle_load(data.data_path(data.TGSA_IC50))
+    ic50 = data.safe_pickle_load(data.data_path(sources.TGSA_IC50))
     assert isinstance(ic50, np.ndarray) and ic50.shape == (82833, 3)
-    cells = data.safe_pickle_load(data.data_path(data.TGSA_CELLS))
-    drugs = data.safe_pickle_load(data.data_path(data.TGSA_DRUGS))
-    smiles = data.safe_pickle_load(data.data_path(data.TGSA_SMILES))
+    cells = data.safe_pickle_load(data.data_path(sources.TGSA_CELLS))
+    drugs = data.safe_pickle_load(data.data_path(sources.TGSA_DRUGS))
+    smiles = data.safe_pickle_load(data.data_path(sources.TGSA_SMILES))
     assert len(cells) == 580 and cells[0] == "ACH-000001"
     assert len(drugs) == 170 and set(drugs.values()) == set(smiles)
 
@@ -169,18 +170,21 @@ def test_safe_pickle_load_reads_the_real_tgsa_pickles():
 # --------------------------------------------------------------------------- benchmarks
 
 def test_benchmark_registry_matches_the_paper():
-    assert list(data.BENCHMARKS) == ["BindingDB", "BIOSNAP", "Human", "DrugComb", "GDSC2", "CYP1A2", "CYP2C19",
+    assert list(benchmarks.BENCHMARKS) == ["BindingDB", "BIOSNAP", "Human", "DrugComb", "GDSC2", "CYP1A2", "CYP2C19",
                                      "CYP2C9", "CYP2D6", "CYP3A4", "CYP2C9-substrate", "CYP2D6-substrate",
                                      "CYP3A4-substrate"]
-    groups = pd.Series({n: s.group for n, s in data.BENCHMARKS.items()}).value_counts().to_dict()
-    assert groups == {"mol-prot": 3, "mol-cell": 2, "cyp-inhibition": 5, "cyp-substrate": 3}
-    assert data.BENCHMARKS["GDSC2"].labels == ("Resistant", "Sensitive")
-    assert data.BENCHMARKS["CYP2D6-substrate"].labels == ("Not a substrate", "Substrate")
-    assert data.BENCHMARKS["CYP1A2"].labels == ("Does not inhibit", "Inhibit")
-    assert data.BENCHMARKS["DrugComb"].labels == ("Antagonistic", "Synergistic")
-    assert data.BENCHMARKS["Human"].labels == ("Does not interact", "Interacts")
+    groups = pd.Series({n: s.group for n, s in benchmarks.BENCHMARKS.items()}).value_counts().to_dict()
+    assert groups == {"Mol-Prot": 3, "Mol-Cell": 2, "CYP Inh.": 5, "CYP Sub.": 3}
+    assert benchmarks.GROUPS["CYP Sub."] == ("CYP2C9-substrate", "CYP2D6-substrate", "CYP3A4-substrate")
+    assert {s.kind for s in benchmarks.BENCHMARKS.values()} == set(benchmarks.TASKS)
+    assert benchmarks.BENCHMARKS["CYP2C19"].paper_dataset == "CYP2C19 Inh."
+    assert benchmarks.BENCHMARKS["GDSC2"].labels == ("Resistant", "Sensitive")
+    assert benchmarks.BENCHMARKS["CYP2D6-substrate"].labels == ("Not a substrate", "Substrate")
+    assert benchmarks.BENCHMARKS["CYP1A2"].labels == ("Does not inhibit", "Inhibit")
+    assert benchmarks.BENCHMARKS["DrugComb"].labels == ("Antagonistic", "Synergistic")
+    assert benchmarks.BENCHMARKS["Human"].labels == ("Does not interact", "Interacts")
     manifest = data.manifest()
-    for spec in data.BENCHMARKS.values():
+    for spec in benchmarks.BENCHMARKS.values():
         assert all(f in manifest and f"benchmark:{spec.name}" in manifest[f].tasks for f in spec.files)
 
 
@@ -189,52 +193,51 @@ def test_gdsc2_labels_per_drug_tertiles():
     # so a single global threshold would call every drug-1 pair resistant. Per drug it does not.
     values = np.arange(1.0, 7.0)
     rows = [[0, c, v] for c, v in enumerate(values)] + [[1, c, v + 100] for c, v in enumerate(values)]
-    labels = data.gdsc2_labels(np.array(rows))
+    labels = sources.gdsc2_labels(np.array(rows))
     assert labels.tolist() == [1, 1, -1, -1, 0, 0] * 2
     with pytest.raises(ValueError, match="shape"):
-        data.gdsc2_labels(np.zeros((4, 2)))
+        sources.gdsc2_labels(np.zeros((4, 2)))
 
 
 @needs_data
-@pytest.mark.parametrize("name", list(data.BENCHMARKS))
+@pytest.mark.parametrize("name", list(benchmarks.BENCHMARKS))
 def test_load_benchmark_schema_and_labels(name):
-    spec = data.BENCHMARKS[name]
-    df = data.load_benchmark(name)
-    assert list(df.columns) == data.BENCHMARK_COLUMNS
+    spec = benchmarks.BENCHMARKS[name]
+    df = benchmarks.load_benchmark(name)
+    assert list(df.columns) == benchmarks.BENCHMARK_COLUMNS
     assert set(df["y"]) == {0, 1}
-    assert (df["label"] == np.where(df["y"] == 1, spec.positive, spec.negative)).all()
     assert len(df) == df.attrs["n_read"] - sum(df.attrs["dropped"].values())
     assert len(df) > 600  # the smallest (CYP substrate tables) have ~670 rows upstream
-    assert df["molecule"].map(data.valid_smiles).all()
-    if spec.group == "mol-cell":
+    assert df["molecule"].map(sources.valid_smiles).all()
+    if spec.group == "Mol-Cell":
         assert df["protein"].isna().all()
-        assert df["cell_genes"].map(lambda g: 0 < len(g) <= data.CELL_TOP_GENES).all()
+        assert df["cell_genes"].map(lambda g: 0 < len(g) <= sources.CELL_TOP_GENES).all()
         assert df["cell_id"].str.contains("_").all()  # CCLE names carry the tissue suffix
     else:
-        assert df["protein"].map(data.valid_protein).all()
+        assert df["protein"].map(sources.valid_protein).all()
         assert df["cell_id"].isna().all() and df["cell_genes"].isna().all()
-    if spec.group.startswith("cyp"):
+    if spec.group.startswith("CYP"):
         assert df["protein"].nunique() == 1
-        assert df["protein"].iloc[0] == data.cyp_sequences()[spec.enzyme]
+        assert df["protein"].iloc[0] == sources.cyp_sequences()[spec.enzyme]
     assert df["molecule2"].notna().all() if name == "DrugComb" else df["molecule2"].isna().all()
 
 
 @needs_data
 def test_drugcomb_cell_mapping_and_drops():
-    df = data.load_benchmark("DrugComb")
+    df = benchmarks.load_benchmark("DrugComb")
     # 31 O'Neil cell lines; A427 has no Enrichr CCLE gene set, LNCAP/MSTO resolve through the aliases.
     assert df["cell_id"].nunique() == 30
     assert {"LNCAPCLONEFGC_PROSTATE", "MSTO211H_PLEURA", "A375_SKIN"} <= set(df["cell_id"])
-    raw = pd.read_csv(data.data_path(data.DRUGCOMB))
+    raw = pd.read_csv(data.data_path(sources.DRUGCOMB))
     assert df.attrs["dropped"]["unknown cell line"] == int((raw["cell"] == "A427").sum())
-    ccle = data.load_ccle_cells().set_index("ccle_name")
+    ccle = sources.load_ccle_cells().set_index("ccle_name")
     row = df[df["cell_id"] == "A375_SKIN"].iloc[0]
-    assert row["cell_genes"] == ccle.loc["A375_SKIN", "genes"][:data.CELL_TOP_GENES]
+    assert row["cell_genes"] == ccle.loc["A375_SKIN", "genes"][:sources.CELL_TOP_GENES]
 
 
 @needs_data
 def test_gdsc2_is_balanced_per_drug():
-    df = data.load_benchmark("GDSC2")
+    df = benchmarks.load_benchmark("GDSC2")
     per_drug = df.groupby("molecule")["y"].mean()
     # Tertile labels: every drug has about as many sensitive as resistant lines.
     assert per_drug.between(0.3, 0.7).mean() > 0.95
@@ -243,7 +246,7 @@ def test_gdsc2_is_balanced_per_drug():
 
 def test_load_benchmark_unknown_name():
     with pytest.raises(ValueError, match="unknown benchmark 'Tox21'"):
-        data.load_benchmark("Tox21")
+        benchmarks.load_benchmark("Tox21")
 
 
 # --------------------------------------------------------------------------- pools
@@ -255,32 +258,32 @@ def _toy(n_pos=30, n_neg=70):
 
 def test_split_pools_disjoint_stratified_seeded():
     df = _toy()
-    ev, ctx = data.split_pools(df, n_eval=20, n_context=50, seed=3)
+    ev, ctx = benchmarks.split_pools(df, n_eval=20, n_context=50, seed=3)
     assert len(ev) == 20 and len(ctx) == 50
     assert not set(ev.index) & set(ctx.index)
     assert set(ev.index) | set(ctx.index) <= set(df.index)
     assert ev["y"].sum() == 6 and ctx["y"].sum() == 15  # 30 % positives in each pool
-    ev2, ctx2 = data.split_pools(df, n_eval=20, n_context=50, seed=3)
+    ev2, ctx2 = benchmarks.split_pools(df, n_eval=20, n_context=50, seed=3)
     assert ev.index.tolist() == ev2.index.tolist() and ctx.index.tolist() == ctx2.index.tolist()
-    ev3, _ = data.split_pools(df, n_eval=20, n_context=50, seed=4)
+    ev3, _ = benchmarks.split_pools(df, n_eval=20, n_context=50, seed=4)
     assert set(ev3.index) != set(ev.index)
 
 
 def test_split_pools_rounding_and_exhaustion():
     df = _toy(n_pos=3, n_neg=7)
-    ev, ctx = data.split_pools(df, n_eval=5, n_context=5, seed=0)  # uses every row
+    ev, ctx = benchmarks.split_pools(df, n_eval=5, n_context=5, seed=0)  # uses every row
     assert sorted(ev.index.tolist() + ctx.index.tolist()) == df.index.tolist()
     assert ev["y"].sum() in (1, 2) and ev["y"].sum() + ctx["y"].sum() == 3
-    ev, _ = data.split_pools(df, n_eval=3, n_context=0, seed=0)
+    ev, _ = benchmarks.split_pools(df, n_eval=3, n_context=0, seed=0)
     assert ev["y"].sum() == 1  # 0.9 positives rounds to 1 (largest remainder), 2.1 negatives to 2
     with pytest.raises(ValueError, match="exceeds the 10 rows"):
-        data.split_pools(df, n_eval=8, n_context=3)
+        benchmarks.split_pools(df, n_eval=8, n_context=3)
 
 
 @needs_data
 def test_label_balance_counts_match_loaders():
-    table = data.label_balance(["Human", "CYP2D6-substrate"])
-    human = data.load_benchmark("Human")
+    table = benchmarks.label_balance(["Human", "CYP2D6-substrate"])
+    human = benchmarks.load_benchmark("Human")
     row = table.set_index("benchmark").loc["Human"]
     assert (row["n_pos"], row["n_neg"]) == (int(human["y"].sum()), int((human["y"] == 0).sum()))
     assert (row["n_pos"], row["n_neg"]) == (536, 664)  # DrugBAN human/random/test.csv as shipped
@@ -298,6 +301,7 @@ def _fake_entry(path: str, content: bytes, url: str | None = None) -> data.Manif
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
     """ESMERGE_DATA_DIR and ESMERGE_CACHE in tmp; the manifest replaced by one fake entry."""
+    (tmp_path / "datadir").mkdir()
     monkeypatch.setenv("ESMERGE_DATA_DIR", str(tmp_path / "datadir"))
     monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path / "cache"))
     content = b"hello esmerge\n"
@@ -311,7 +315,7 @@ def test_data_path_missing_and_corrupt_name_file_and_hash(isolated):
     with pytest.raises(data.DataError, match=f"fake/hello.txt: not found .*expected sha256 {entry.sha256}"):
         data.data_path(entry.path)
     copy = tmp_path / "datadir" / entry.path
-    copy.parent.mkdir(parents=True)
+    copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_bytes(content[:-1] + b"!")
     with pytest.raises(data.DataError, match=f"hello.txt: sha256 mismatch \\(expected {entry.sha256}\\)"):
         data.data_path(entry.path)
@@ -326,7 +330,7 @@ def test_verify_cli_exit_codes_and_messages(isolated, capsys):
     assert "fake/hello.txt" in out and "missing" in out
     assert err.count("\n") == 1 and entry.sha256 in err and "Traceback" not in err
     copy = tmp_path / "datadir" / entry.path
-    copy.parent.mkdir(parents=True)
+    copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_bytes(content)
     assert data.cli(["verify"]) == 0
     assert " ok " in capsys.readouterr().out
@@ -396,7 +400,7 @@ def test_split_pools_property_over_random_sizes():
         df = _toy(n_pos, n_neg)
         n_eval = int(rng.integers(0, len(df) + 1))
         n_context = int(rng.integers(0, len(df) - n_eval + 1))
-        ev, ctx = data.split_pools(df, n_eval, n_context, seed=trial)
+        ev, ctx = benchmarks.split_pools(df, n_eval, n_context, seed=trial)
         assert (len(ev), len(ctx)) == (n_eval, n_context)
         assert not set(ev.index) & set(ctx.index)
         p = n_pos / len(df)
@@ -409,8 +413,9 @@ def test_split_pools_property_over_random_sizes():
 def test_module_doctests():
     import doctest
 
-    result = doctest.testmod(data)
-    assert result.attempted >= 2 and result.failed == 0
+    for module, at_least in ((benchmarks, 4), (sources, 3)):
+        result = doctest.testmod(module)
+        assert result.attempted >= at_least and result.failed == 0
 
 
 @needs_data
@@ -419,7 +424,7 @@ def test_derive_cyp_fasta_reproduces_the_manifest_file():
 
     text = data.derive_cyp_fasta()
     assert hashlib.sha256(text.encode()).hexdigest() == data.manifest()[data.CYP_FASTA].sha256
-    assert data.read_fasta(data.data_path(data.CYP_FASTA)).keys() == data.CYP_ACCESSIONS.keys()
+    assert sources.read_fasta(data.data_path(data.CYP_FASTA)).keys() == data.CYP_ACCESSIONS.keys()
 
 
 @needs_data
@@ -428,3 +433,65 @@ def test_fetch_derives_the_cyp_fasta_into_the_cache(tmp_path, monkeypatch):
     path = data.fetch(data.manifest()[data.CYP_FASTA], force=True)
     assert path == tmp_path / "data" / data.CYP_FASTA
     assert path.read_bytes() == data.data_path(data.CYP_FASTA).read_bytes()
+
+
+# --------------------------------------------------------------------------- bad input (issue 15)
+
+def test_one_text_label_is_refused_naming_file_and_value(tmp_path, monkeypatch):
+    """Before: a single "yes" made pandas read the column as text, and every row was dropped as non-binary."""
+    path = tmp_path / "val.csv"
+    path.write_text("SMILES,Protein,Y\nCCO,MKTAYIAKQR,1\nCCN,MKTAYIAKQR,yes\nCCC,MKTAYIAKQR,0\n")
+    monkeypatch.setattr(sources, "data_path", lambda relpath: path)
+    spec = benchmarks.BENCHMARKS["Human"]
+    with pytest.raises(data.DataError, match=r"^drugban/datasets/human/random/test.csv: label 'yes' \(row 1\) is text"):
+        sources.raw_dti(spec, {})
+    path.write_text("SMILES,Protein,Y\nCCO,MKTAYIAKQR,1\nCCN,MKTAYIAKQR,2\nCCC,MKTAYIAKQR,0\nCO,MKTAYIAKQR,\n")
+    rows, n_read = sources.raw_dti(spec, {})
+    assert n_read == 4 and rows["y"].tolist()[:3] == [1, 2, 0] and np.isnan(rows["y"].iloc[3])
+
+
+def test_data_dir_that_does_not_exist_is_refused(tmp_path, monkeypatch, capsys):
+    """Before: ESMERGE_DATA_DIR=/nonexistent was skipped silently and files came from elsewhere."""
+    missing = tmp_path / "nonexistent"
+    monkeypatch.setenv("ESMERGE_DATA_DIR", str(missing))
+    with pytest.raises(data.DataError, match=f"^ESMERGE_DATA_DIR={missing} is not a folder"):
+        data.data_path(data.CYP_FASTA)
+    assert isinstance(data.DataError("x"), EsmergeError)
+    assert data.cli(["verify"]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "is not a folder" in err and "Traceback" not in err
+
+
+def test_verify_prints_the_table_with_an_unreadable_file(isolated, monkeypatch, capsys):
+    """Before: a file (or folder) without read permission crashed `esmerge data verify` with a traceback."""
+    tmp_path, entry, content = isolated
+    copy = tmp_path / "datadir" / entry.path
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes(content)
+
+    def denied(path, *args, **kwargs):  # what a chmod 000 file gives a non-root user
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data, "file_sha256", denied)
+    data._verified.cache_clear()
+    assert data.cli(["verify"]) == 1
+    out, err = capsys.readouterr()
+    assert "fake/hello.txt" in out and "unreadable" in out and "0 of 1 files ok" in out
+    assert err.count("\n") == 1 and "cannot read" in err and "Permission denied" in err
+    with pytest.raises(data.DataError, match="cannot be read"):
+        data.data_path(entry.path)
+    data._verified.cache_clear()
+
+
+def test_verify_reports_an_unreadable_folder(isolated, monkeypatch, capsys):
+    tmp_path, entry, content = isolated
+    real_is_file = type(tmp_path).is_file
+
+    def is_file(self):
+        if "datadir" in str(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(type(tmp_path), "is_file", is_file)
+    assert data.cli(["verify"]) == 1
+    assert "unreadable" in capsys.readouterr().out
