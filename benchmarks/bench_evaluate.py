@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from esmerge import data
+from esmerge import benchmarks
 from esmerge import evaluate as ev
 from esmerge.encoders import make_projector
 from esmerge.models import load_base
@@ -54,8 +54,8 @@ def main(argv=None) -> None:
           f"timed n={args.n}/benchmark; extrapolating to n_eval={args.n_eval}")
     print(f"{'benchmark':18s} {'model':26s} {'tokens':>7s} {'s/example':>10s} {'cpu-s/thread':>13s}")
     for bench in args.benchmarks:
-        frame = data.load_benchmark(bench)
-        eval_df, context_df = data.split_pools(frame, args.n, min(cfg.n_context, len(frame) - args.n), 0)
+        frame = benchmarks.load_benchmark(bench)
+        eval_df, context_df = benchmarks.split_pools(frame, args.n, min(cfg.n_context, len(frame) - args.n), 0)
         index = ev.ContextIndex(context_df, ev.benchmark_kind(bench))
         for name, projs in models.items():
             options = ev.PromptOptions(frozenset(projs), cfg.top_k_genes, cfg.protein_chars, cfg.smiles_chars)

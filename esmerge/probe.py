@@ -120,11 +120,11 @@ def probe_entities(k: int = 110, seed: int = 0, top_k_genes: int = 20, exclude_c
     lines as top-``top_k_genes`` gene text. Cells named in ``exclude_cells`` (e.g. the cell
     specialist's training lines) are never used.
     """
-    from esmerge import data
+    from esmerge import sources
 
-    molecules = data.load_chebi20("test").sample(k, random_state=seed)["smiles"].tolist()
-    proteins = data.load_swissprot_go("test").sample(k, random_state=seed)["sequence"].tolist()
-    cells = data.load_ccle_cells()
+    molecules = sources.load_chebi20("test").sample(k, random_state=seed)["smiles"].tolist()
+    proteins = sources.load_swissprot_go("test").sample(k, random_state=seed)["sequence"].tolist()
+    cells = sources.load_ccle_cells()
     if exclude_cells:
         cells = cells[~cells["ccle_name"].isin(exclude_cells)]
     if len(cells) < k:

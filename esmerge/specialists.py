@@ -187,22 +187,22 @@ def benchmark_entities() -> dict:
     Read with ``esmerge.data.load_benchmark`` for every benchmark in ``esmerge.data.BENCHMARKS``
     and cached (keyed by the data manifest), since RDKit canonicalisation takes a while.
     """
-    from esmerge import data
+    from esmerge import benchmarks, data
 
-    key = content_key(file_sha256(data.MANIFEST), sorted(data.BENCHMARKS), CODE_VERSION)
+    key = content_key(file_sha256(data.MANIFEST), sorted(benchmarks.BENCHMARKS), CODE_VERSION)
     path = cache_dir() / "specialists" / f"benchmark-entities-{key}.json"
     if path.exists():
         found = json.loads(path.read_text())
     else:
         molecules, proteins, cells = set(), set(), set()
-        for name in data.BENCHMARKS:
-            df = data.load_benchmark(name)
+        for name in benchmarks.BENCHMARKS:
+            df = benchmarks.load_benchmark(name)
             for column in ("molecule", "molecule2"):
                 molecules |= {s for s in df[column].dropna()}
             proteins |= set(df["protein"].dropna())
             cells |= set(df["cell_id"].dropna())
         found = {"molecule": sorted({c for c in map(_canonical, molecules) if c}), "protein": sorted(proteins),
-                 "cell": sorted(cells), "checked": sorted(data.BENCHMARKS)}
+                 "cell": sorted(cells), "checked": sorted(benchmarks.BENCHMARKS)}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(found))
     return {k: (set(v) if k != "checked" else v) for k, v in found.items()}
@@ -234,12 +234,12 @@ def load_examples(modality: str, split: str, scale: str = "cpu", cell_top_k: int
     if scale == "smoke":
         examples = smoke_examples(modality)
         return examples, {"sources": ["esmerge.specialists.SMOKE_DATA"], "n": len(examples), "excluded": {}}
-    from esmerge import data
+    from esmerge import sources
 
     bench = benchmark_entities() if split == "train" else {"molecule": set(), "protein": set(), "cell": set(), "checked": []}
     info = {"benchmarks_checked": bench["checked"], "excluded": {}}
     if modality == "molecule":
-        table = data.load_chebi20("validation" if split == "train" else "test")
+        table = sources.load_chebi20("validation" if split == "train" else "test")
         canon = [_canonical(s) for s in table["smiles"]]
         bad = [str(c) for c, k in zip(table["cid"], canon) if k is None]
         bench_hit = [str(c) for c, k in zip(table["cid"], canon) if k is not None and k in bench["molecule"]]
@@ -249,7 +249,7 @@ def load_examples(modality: str, split: str, scale: str = "cpu", cell_top_k: int
         info.update(sources=[f"ChEBI-20 {'validation' if split == 'train' else 'test'} (esmerge.data.load_chebi20)"],
                     excluded={"unparsable_cids": bad, "benchmark_molecule_cids": bench_hit})
     elif modality == "protein":
-        table = data.load_swissprot_go("val" if split == "train" else "test")
+        table = sources.load_swissprot_go("val" if split == "train" else "test")
         std = set(encoders.AMINO_ACIDS)
         bad = [a for a, s in zip(table["accession"], table["sequence"]) if not set(s.upper()) & std]
         bench_hit = [a for a, s in zip(table["accession"], table["sequence"]) if s in bench["protein"]]
@@ -260,7 +260,7 @@ def load_examples(modality: str, split: str, scale: str = "cpu", cell_top_k: int
                     excluded={"no_standard_residue": bad, "benchmark_protein_accessions": bench_hit})
     else:
         top_k = cell_top_k or CELL_TOP_K.get(scale, CELL_TOP_K["cpu"])
-        pbmc, ccle = data.load_pbmc68k(), data.load_ccle_cells()
+        pbmc, ccle = sources.load_pbmc68k(), sources.load_ccle_cells()
         pbmc_held = _split_mask(len(pbmc))
         ccle_held = _split_mask(len(ccle))
         want_held = split == "heldout"

@@ -58,14 +58,14 @@ def benchmark_pools(benchmark: str, config):
     ``data.split_pools`` with the config's sizes, the in-context pool shrunk to the rows left
     when a benchmark is smaller than ``n_eval + n_context`` (e.g. the CYP substrate sets).
     """
-    from esmerge import data, evaluate
+    from esmerge import benchmarks, evaluate
 
     if hasattr(evaluate, "benchmark_pools"):
         return evaluate.benchmark_pools(benchmark, config)
-    frame = data.load_benchmark(benchmark)
+    frame = benchmarks.load_benchmark(benchmark)
     n_eval = min(config.n_eval, len(frame) // 2)
     n_context = min(config.n_context, len(frame) - n_eval)
-    return data.split_pools(frame, n_eval, n_context, config.seed)
+    return benchmarks.split_pools(frame, n_eval, n_context, config.seed)
 
 
 def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, split: str = "eval",
