@@ -7,7 +7,7 @@ SCALE   ?= cpu
 JOBS    ?= 1
 export PYTHONHASHSEED := 0
 
-.PHONY: all setup test pytest regenerate book browser-test clean
+.PHONY: all setup test pytest regenerate book browser-test reproduce-smoke clean
 
 all: setup regenerate book
 
@@ -35,6 +35,16 @@ pytest: setup
 test: pytest
 	$(BIN)/esmerge regenerate --scale smoke --jobs 2
 	$(BIN)/python tests/browser/check_book.py --install
+	$(MAKE) --no-print-directory reproduce-smoke
+
+# A second, cold smoke run (empty cache and runs folder) must reproduce runs/smoke file by file,
+# timings aside (esmerge.reproducibility says which fields are timings).
+REPRO := build/reproduce
+reproduce-smoke: setup
+	rm -rf $(REPRO)
+	ESMERGE_RUNS_DIR=$(CURDIR)/$(REPRO)/runs ESMERGE_CACHE=$(CURDIR)/$(REPRO)/cache \
+	  $(BIN)/esmerge regenerate --scale smoke --jobs 2 --no-book
+	$(BIN)/python -m esmerge.reproducibility runs/smoke $(REPRO)/runs/smoke
 
 regenerate: setup
 	$(BIN)/esmerge regenerate --scale $(SCALE) --jobs $(JOBS) --no-book
