@@ -48,6 +48,7 @@ def make_layout(root: Path) -> rg.Layout:
     package = root / "pkg"
     package.mkdir(parents=True, exist_ok=True)
     (package / "helpers.py").write_text("VALUE = 1\n")
+    (package / "plots.py").write_text("from . import helpers\n")
     manifest = root / "files.yaml"
     manifest.write_text("files: []\n")
     return rg.Layout(notebooks=root / "notebooks", runs=root / "runs", book=root / "book",
@@ -149,18 +150,21 @@ def test_api_page_lists_only_existing_modules(tmp_path):
 def test_runs_in_order_then_skips_then_reruns_what_changed(tmp_path):
     layout = make_layout(tmp_path)
     first = write_notebook(tmp_path, "01_first", """\
-        (out / "value.csv").write_text(f"value\\n{seed + 41}\\n")
+        from pkg import helpers
+        (out / "value.csv").write_text(f"value\\n{seed + 40 + helpers.VALUE}\\n")
     """)
     write_notebook(tmp_path, "02_second", """\
         upstream = int((Path("runs") / scale / "01_first" / "value.csv").read_text().split()[1])
         (out / "plus_one.csv").write_text(f"value,scale\\n{upstream + 1},{scale}\\n")
     """, needs="01_first")
     write_notebook(tmp_path, "03_alone", """\
+        import pkg.plots
         (out / "figure.png").write_bytes(b"not really a png")
     """)
+    write_notebook(tmp_path, "04_no_package", "print('imports nothing of pkg')\n")
 
     report = rg.run_notebooks("smoke", layout, seed=1, log=quiet)
-    assert report.executed == ["01_first", "03_alone", "02_second"] and report.failed is None
+    assert report.executed == ["01_first", "03_alone", "04_no_package", "02_second"] and report.failed is None
     # 02 read what 01 wrote, with the injected parameters (seed=1, scale=smoke), in the layout's cwd.
     assert (tmp_path / "runs/smoke/02_second/plus_one.csv").read_text() == "value,scale\n43,smoke\n"
     executed = nbformat.read(tmp_path / "book/executed/smoke/02_second.ipynb", as_version=4)
@@ -170,7 +174,7 @@ def test_runs_in_order_then_skips_then_reruns_what_changed(tmp_path):
     # Nothing changed: nothing runs, and a partial file left by a killed run is cleared.
     (tmp_path / "book/executed/smoke/.02_second.partial.ipynb").write_text("{")
     report = rg.run_notebooks("smoke", layout, seed=1, log=quiet)
-    assert report.executed == [] and report.skipped == ["01_first", "03_alone", "02_second"]
+    assert report.executed == [] and report.skipped == ["01_first", "03_alone", "04_no_package", "02_second"]
     assert not list((tmp_path / "book/executed/smoke").glob(".*"))
 
     # --only X --force re-runs X alone when what it needs is up to date.
@@ -181,13 +185,20 @@ def test_runs_in_order_then_skips_then_reruns_what_changed(tmp_path):
     first.write_text(first.read_text() + "# a comment is a change\n")
     assert rg.stale_chapters("smoke", layout, seed=1) == ["01_first", "02_second"]  # the book would warn
     report = rg.run_notebooks("smoke", layout, seed=1, log=quiet)
-    assert report.executed == ["01_first", "02_second"] and report.skipped == ["03_alone"]
+    assert report.executed == ["01_first", "02_second"] and report.skipped == ["03_alone", "04_no_package"]
 
-    # Changed package code re-runs everything (here two at a time).
-    (layout.package / "helpers.py").write_text("VALUE = 2\n")
+    # Package code re-runs the notebooks that import it, directly (01; 02 reads 01's output) or
+    # through another module (03 imports plots, which imports helpers), here two at a time;
+    # 04 imports nothing of the package and stays up to date.
+    (layout.package / "helpers.py").write_text("VALUE = 1  # same value, new text\n")
     report = rg.run_notebooks("smoke", layout, seed=1, jobs=2, log=quiet)
-    assert sorted(report.executed) == ["01_first", "02_second", "03_alone"]
+    assert sorted(report.executed) == ["01_first", "02_second", "03_alone"] and report.skipped == ["04_no_package"]
     assert report.executed.index("01_first") < report.executed.index("02_second")
+    # A module only 03 reaches re-runs 03 alone.
+    (layout.package / "plots.py").write_text("from . import helpers  # edited\n")
+    assert rg.stale_chapters("smoke", layout, seed=1) == ["03_alone"]
+    report = rg.run_notebooks("smoke", layout, seed=1, log=quiet)
+    assert report.executed == ["03_alone"]
 
     # produced.json names every figure/table with the notebook and input key that made it.
     state = json.loads(layout.state_file("smoke").read_text())["notebooks"]
