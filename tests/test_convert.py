@@ -128,6 +128,16 @@ def test_mol_llama_refuses_the_wrong_base(base, other_base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_mol_llama_reads_a_legacy_torch_file(base, ids, tmp_path):
+    folder, model = base
+    src = tmp_path / "stage2.ckpt"
+    source_llm = standins.mol_llama_checkpoint(src, model, str(folder), layout="lightning")
+    torch.save(torch.load(src, weights_only=True), src, _use_new_zipfile_serialization=False)  # not mmap-able
+    out = convert.convert_mol_llama(src, tmp_path / "molecule", base=folder)
+    want = logits(source_llm, ids)[..., : standins.VOCAB]
+    assert (logits_with(out, model, ids) - want).abs().max().item() < 1e-4
+
+
 def test_mol_llama_refuses_wrong_shapes_and_rank(base, tmp_path):
     folder, model = base
     small = tmp_path / "small"

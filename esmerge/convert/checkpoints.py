@@ -65,7 +65,12 @@ def read_config(path: Path) -> dict:
 
 def _torch_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped, so a large file is not read at once; only the zip format allows it
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (pre-1.6) format
     except Exception as err:  # UnpicklingError for planted objects, RuntimeError for a truncated zip
         raise CheckpointError(f"{file}: not a plain tensor checkpoint ({type(err).__name__}); "
                               "only tensors and plain containers are read (weights_only=True)") from None
