@@ -134,7 +134,8 @@ class Monitor:
         out = []
         for stem, run in self.running.items():
             run.reader.poll()
-            out.append(status_line(stem, now - run.started, run.expected, run.reader.summary()))
+            detail = run.reader.summary() if run.reader.cell is not None else "kernel starting"
+            out.append(status_line(stem, now - run.started, run.expected, detail))
         return out
 
     # ---------------------------------------------------------------- drawing

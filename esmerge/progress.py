@@ -189,11 +189,19 @@ def track(iterable: Iterable | None = None, total: int | None = None, desc: str 
 
 
 def write_event(path: str | os.PathLike, event: dict) -> None:
-    """Append one JSON line to ``path``; a single short ``O_APPEND`` write, so writers never interleave."""
+    """Append one JSON line to ``path``; a single short ``O_APPEND`` write, so writers never interleave.
+
+    A failure to write (disk full, folder gone) is ignored: progress must never stop the work.
+    """
     data = (json.dumps(event, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        return
     try:
         os.write(fd, data)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
