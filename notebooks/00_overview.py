@@ -51,7 +51,8 @@ import pandas as pd
 from IPython.display import Markdown, display
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-from esmerge import models
+from esmerge import evaluate, models
+from esmerge.notebook_graph import discover
 from esmerge.paths import NOTEBOOKS_DIR, REPO_ROOT, run_dir
 
 pd.set_option("display.max_colwidth", None)  # the tables here are prose: show it whole
@@ -134,17 +135,11 @@ scales
 # ## What the paper reports
 #
 # The paper's numbers are kept outside this repository, in `shared/reference/paper_results.csv`
-# beside it (one row per table, method, dataset and metric). Later chapters compare against
-# these rows; here is the shape of each table.
+# beside it, or in the folder `$ESMERGE_REFERENCE_DIR` names (one row per table, method, dataset
+# and metric). Later chapters compare against these rows; here is the shape of each table.
 
 # %%
-reference = REPO_ROOT.parent / "shared" / "reference" / "paper_results.csv"
-if not reference.exists():
-    raise FileNotFoundError(
-        f"paper results not found at {reference}: put paper_results.csv in a folder "
-        "shared/reference/ next to the repository (it is not part of the repository)"
-    )
-paper = pd.read_csv(reference)
+paper = evaluate.paper_results()
 shape = (
     paper.groupby("table")
     .agg(
@@ -168,10 +163,8 @@ shape
 
 # %%
 rows = []
-for path in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py")):
-    title = next((line[4:].strip() for line in path.read_text().splitlines() if line.startswith("# # ")), path.stem)
-    needs = next((line.split(":", 1)[1].strip() for line in path.read_text().splitlines()
-                  if line.startswith("# esmerge-needs:")), "")
-    rows.append((path.name, title, needs or "-"))
+for nb in discover(NOTEBOOKS_DIR).values():  # the regenerator's own parser of `# esmerge-needs:`
+    title = next((line[4:].strip() for line in nb.path.read_text().splitlines() if line.startswith("# # ")), nb.stem)
+    rows.append((nb.path.name, title, ", ".join(nb.needs) or "-"))
 chapters = pd.DataFrame(rows, columns=["notebook", "title", "needs"])
 chapters
