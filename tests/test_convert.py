@@ -12,15 +12,24 @@ from esmerge import convert
 from esmerge.adapters import attach, load_adapter
 from esmerge.convert import extract, lowrank
 from esmerge.errors import InputError, OutputExistsError
-from esmerge.models import BaseModel, state_dict_sha256
+from esmerge.models import BaseModel, checkpoint_sha256, state_dict_sha256
 from esmerge.specialists import SpecialistError, is_finished, load_specialist
 import standins
 
 BASE_NAME = "meta-llama/Llama-3.1-8B-Instruct"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Hash memos (models.checkpoint_sha256) go to a temporary cache, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, private_cache):
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("base") / "llama"
     return folder, standins.save_base(folder, seed=0)
@@ -102,7 +111,7 @@ def test_mol_llama_round_trips_logits(base, ids, tmp_path, layout):
     assert (got - want).abs().max().item() < 1e-4
     assert (got - logits(model, ids)).abs().max().item() > 1e-2  # the LoRA does something
     card = json.loads((out / "card.json").read_text())
-    assert card["modality"] == "molecule" and card["base_weights_sha256"] == state_dict_sha256(model)
+    assert card["modality"] == "molecule" and card["base_weights_sha256"] == checkpoint_sha256(folder)
     assert card["lora"] == {"r": 8, "lora_alpha": 32, "target_modules": sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
     projector = load_file(out / "projector.safetensors")
@@ -114,7 +123,7 @@ def test_mol_llama_round_trips_logits(base, ids, tmp_path, layout):
         assert card["base_identity"] == "weights compared"
     else:
         assert not (out / "encoder.safetensors").exists() and card["vocab"]["added_rows"] == 0
-    spec = load_specialist(out, BaseModel("paper", model, None, BASE_NAME, state_dict_sha256(model)))
+    spec = load_specialist(out, BaseModel("paper", model, None, BASE_NAME, checkpoint_sha256(folder)))
     assert spec.projector is None and spec.card["encoder"]["n_tokens"] == 8
     with pytest.raises(SpecialistError, match="trained on base weights"):
         load_specialist(out, BaseModel("paper", model, None, BASE_NAME, "0" * 64))
@@ -266,17 +275,26 @@ def test_interrupted_extraction_leaves_nothing_finished_and_resumes(base, tmp_pa
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_a_changed_source_discards_the_partial_work(base, tmp_path, monkeypatch):
+def test_a_changed_source_discards_the_partial_work(base, ids, tmp_path, monkeypatch):
     folder, model = base
     standins.prot2text_checkpoint(tmp_path / "p2t", model, delta_rank=8, seed=2)
-    real = lowrank.lowrank_factors
-    monkeypatch.setattr(lowrank, "lowrank_factors", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real, calls = lowrank.lowrank_factors, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # layer 0 finished and stored
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lowrank, "lowrank_factors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert.convert_prot2text(tmp_path / "p2t", tmp_path / "out", base=folder)
+    assert (tmp_path / ".out.partial" / extract.FACTORS / "layer_000.safetensors").exists()
     monkeypatch.setattr(lowrank, "lowrank_factors", real)
-    standins.prot2text_checkpoint(tmp_path / "p2t", model, delta_rank=8, seed=5, shards=2)  # re-downloaded, different
+    decoder = standins.prot2text_checkpoint(tmp_path / "p2t", model, delta_rank=8, seed=5)  # same files, new weights
     result = convert.convert_prot2text(tmp_path / "p2t", tmp_path / "out", base=folder)
     assert result.report["resumed_layers"] == 0 and result.report["max_relative_error"] < 1e-5
+    assert (logits_with(tmp_path / "out", model, ids) - logits(decoder, ids)).abs().max().item() < 1e-4
 
 
 def test_existing_outputs_are_refused_unless_forced(base, tmp_path):

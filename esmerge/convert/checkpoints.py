@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from esmerge.errors import InputError
+from esmerge.models import checkpoint_sha256
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -222,6 +223,13 @@ def state_digest(source: TensorSource, prefix: str = "", tie_word_embeddings: bo
     return digest.hexdigest()
 
 
+def base_weights_sha256(source: TensorSource, tie_word_embeddings: bool = False) -> str:
+    """The hash ``models.load_paper`` records for this base, so ``load_specialist`` can match a card to it:
+    ``models.checkpoint_sha256`` of its safetensors files, or else the streamed state-dict digest."""
+    return checkpoint_sha256(source.path if source.path.is_dir() else None) or state_digest(
+        source, "", tie_word_embeddings)
+
+
 def describe(source: TensorSource) -> dict:
     """Where a checkpoint came from, for a card: its path, weight files with sizes, config sha256."""
     folder = source.path if source.path.is_dir() else source.path.parent
@@ -230,6 +238,13 @@ def describe(source: TensorSource) -> dict:
     if (folder / "config.json").exists():
         record["config_sha256"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
     return record
+
+
+def fingerprint(source: TensorSource) -> dict:
+    """What must be unchanged for an interrupted conversion to resume: each weight file's size and
+    modification time (a re-download changes it), and the config's sha256."""
+    files = sorted({source.file_of(k) for k in source.keys()})
+    return describe(source) | {"modified_ns": {f.name: f.stat().st_mtime_ns for f in files}}
 
 
 def check_same_architecture(config: dict, base: dict, where: Path, base_path: Path) -> None:

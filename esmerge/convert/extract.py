@@ -153,16 +153,16 @@ def lora_extract(finetuned: str | Path, base: str | Path, out: str | Path, rank:
     ck.check_same_architecture(ck.llama_config(ck.read_config(ft_path), ft_path), base_config, ft_path, base_path)
     prefix = ck.llama_prefix(ft)
     changed = changed_other_tensors(ft, prefix, base_source, base_config["tie_word_embeddings"])
-    recipe = {"converter": "lora-extract", "version": CONVERTER_VERSION, "source": ck.describe(ft),
-              "base": ck.describe(base_source), "rank": rank, "alpha": LORA_ALPHA}
+    recipe = {"converter": "lora-extract", "version": CONVERTER_VERSION, "source": ck.fingerprint(ft),
+              "base": ck.fingerprint(base_source), "rank": rank, "alpha": LORA_ALPHA}
     with output.staged(out, recipe, force) as stage:
         result = extract_layers(ft, prefix, base_source, base_config["num_hidden_layers"], stage, rank,
                                 device=device, max_relative_delta=max_relative_delta)
         result.report["changed_other_tensors"] = changed
         output.write_parts(stage, result.lora, str(base), rank=rank)
         card = {"modality": modality, "scale": "paper", "converter": {"name": "lora-extract", "version": CONVERTER_VERSION},
-                "source": recipe["source"], "base_name": str(base), "base_path": str(base_path),
-                "base_weights_sha256": ck.state_digest(base_source, "", base_config["tie_word_embeddings"]),
+                "source": ck.describe(ft), "base_name": str(base), "base_path": str(base_path),
+                "base_weights_sha256": ck.base_weights_sha256(base_source, base_config["tie_word_embeddings"]),
                 "lora": {"r": rank, "lora_alpha": LORA_ALPHA, "target_modules": sorted(LORA_TARGET_MODULES)},
                 "projector": None, "extraction": result.report, "n_tokens": 0,
                 "steps": None, "batch_size": None, "lr": None, "seed": None,

@@ -125,7 +125,7 @@ def convert_mol_llama(src: str | Path, out: str | Path, base: str | Path | None 
         "modality": "molecule", "scale": "paper", "converter": {"name": "mol-llama", "version": CONVERTER_VERSION},
         "source": ck.describe(source) | {"model": "DongkiKim/Mol-Llama-3.1-8B-Instruct"},
         "base_name": base_name, "base_path": str(base_path),
-        "base_weights_sha256": ck.state_digest(base_source, "", base_config["tie_word_embeddings"]),
+        "base_weights_sha256": ck.base_weights_sha256(base_source, base_config["tie_word_embeddings"]),
         "base_identity": "weights compared" if base_keys else "shapes and config only (no base tensors in the checkpoint)",
         "lora": {"r": LORA_RANK, "lora_alpha": LORA_ALPHA, "target_modules": sorted(LORA_TARGET_MODULES)},
         "projector": None,  # not the cpu-scale MLP: the modality part is described under "encoder"
@@ -141,7 +141,8 @@ def convert_mol_llama(src: str | Path, out: str | Path, base: str | Path | None 
         "steps": None, "batch_size": None, "lr": None, "seed": None,
         "timings": {"wall_s": round(time.perf_counter() - began, 2)},
     }
-    recipe = {"converter": "mol-llama", "version": CONVERTER_VERSION, "source": card["source"], "base": str(base_path)}
+    recipe = {"converter": "mol-llama", "version": CONVERTER_VERSION, "source": ck.fingerprint(source),
+              "base": ck.fingerprint(base_source)}
     with output.staged(out, recipe, force) as stage:
         output.write_parts(stage, lora, base_name, proj, enc)
         return output.finish(stage, card)

@@ -60,17 +60,17 @@ def convert_prot2text(src: str | Path, out: str | Path, base: str | Path, *, for
         raise ck.CheckpointError(f"{source.file_of('adapter.fc2.weight')}: adapter.fc2.weight maps to {fc2.shape[0]} "
                                  f"dims, but the base's hidden size is {base_config['hidden_size']}")
     esm = config.get("esm_config") or {}
-    recipe = {"converter": "prot2text", "version": CONVERTER_VERSION, "source": ck.describe(source),
-              "base": ck.describe(base_source), "rank": LORA_RANK, "alpha": LORA_ALPHA}
+    recipe = {"converter": "prot2text", "version": CONVERTER_VERSION, "source": ck.fingerprint(source),
+              "base": ck.fingerprint(base_source), "rank": LORA_RANK, "alpha": LORA_ALPHA}
     with output.staged(out, recipe, force) as stage:
         result = extract_layers(source, DECODER_PREFIX, base_source, base_config["num_hidden_layers"], stage,
                                 device=device, max_relative_delta=max_relative_delta)
         output.write_parts(stage, result.lora, str(base), projector, encoder)
         card = {
             "modality": "protein", "scale": "paper", "converter": {"name": "prot2text", "version": CONVERTER_VERSION},
-            "source": recipe["source"] | {"model": "xiao-fei/Prot2Text-V2-11B-Instruct-hf"},
+            "source": ck.describe(source) | {"model": "xiao-fei/Prot2Text-V2-11B-Instruct-hf"},
             "base_name": str(base), "base_path": str(base_path),
-            "base_weights_sha256": ck.state_digest(base_source, "", base_config["tie_word_embeddings"]),
+            "base_weights_sha256": ck.base_weights_sha256(base_source, base_config["tie_word_embeddings"]),
             "base_identity": "every non-projection decoder tensor equals the base",
             "lora": {"r": LORA_RANK, "lora_alpha": LORA_ALPHA, "target_modules": sorted(LORA_TARGET_MODULES)},
             "projector": None,  # not the cpu-scale MLP: the modality part is described under "encoder"
