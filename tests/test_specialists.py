@@ -1,4 +1,6 @@
-"""Specialists: batching, training, resume, save/load, shipped hashes (smoke scale, seconds)."""
+"""Specialists: batching, training, resume, save/load, shipped hashes (smoke scale, seconds).
+
+Checkpoint formats and fault injection: tests/test_train.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,8 +11,10 @@ import pytest
 import torch
 import yaml
 
-from esmerge import encoders
+from esmerge import captions as C
+from esmerge import encoders, heldout
 from esmerge import specialists as S
+from esmerge import train as T
 from esmerge.adapters import check_compatible
 from esmerge.models import load_base, lora_config
 
@@ -25,7 +29,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def molecule(base, tmp_path_factory):
-    examples, info = S.load_examples("molecule", "train", "smoke")
+    examples, info = C.load_examples("molecule", "train", "smoke")
     out = tmp_path_factory.mktemp("spec") / "molecule"
     return S.train_specialist(base, "molecule", out_dir=out, examples=examples, data_info=info, **RECIPE), out
 
@@ -40,12 +44,12 @@ def smoke_specs(base, tmp_path_factory):
 
 def test_collate_labels_only_the_answer_and_marks_the_slot(base):
     tok = base.tokenizer
-    ex = S.molecule_example("CCO", "An alcohol.")
-    batch = S.collate(tok, [ex, S.smoke_examples("cell")[0]], max_tokens=128)
+    ex = C.molecule_example("CCO", "An alcohol.")
+    batch = C.collate_examples(tok, [ex, C.smoke_examples("cell")[0]], max_tokens=128)
     answer_ids = tok("An alcohol.", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert labelled == answer_ids
-    assert int(batch["slot_mask"][0].sum()) == S.N_TOKENS and int(batch["slot_mask"][1].sum()) == 0
+    assert int(batch["slot_mask"][0].sum()) == C.N_TOKENS and int(batch["slot_mask"][1].sum()) == 0
     # The answer sits at the end of row 0's real tokens, right after the generation prompt.
     n_real = int(batch["attention_mask"][0].sum())
     assert batch["input_ids"][0, n_real - len(answer_ids):n_real].tolist() == answer_ids
@@ -53,19 +57,19 @@ def test_collate_labels_only_the_answer_and_marks_the_slot(base):
 
 
 def test_collate_cuts_long_answers_and_rejects_prompts_that_do_not_fit(base):
-    ex = S.molecule_example("CCO", "x" * 500)
-    batch = S.collate(base.tokenizer, [ex], max_tokens=100)
+    ex = C.molecule_example("CCO", "x" * 500)
+    batch = C.collate_examples(base.tokenizer, [ex], max_tokens=100)
     assert batch["input_ids"].shape[1] == 100
-    with pytest.raises(S.SpecialistError, match="max_tokens"):
-        S.collate(base.tokenizer, [ex], max_tokens=20)
+    with pytest.raises(C.SpecialistError, match="max_tokens"):
+        C.collate_examples(base.tokenizer, [ex], max_tokens=20)
 
 
 def test_projector_tokens_replace_exactly_the_slot(base, molecule):
     spec, _ = molecule
-    batch = S.collate(base.tokenizer, S.smoke_examples("molecule")[:3])
-    embeds = S.input_embeddings(base.model, spec.projector, batch, "molecule")
+    batch = C.collate_examples(base.tokenizer, C.smoke_examples("molecule")[:3])
+    embeds = C.input_embeddings(base.model, spec.projector, batch, "molecule")
     tokens = spec.projector(encoders.molecule_features(batch["raw"]))
-    assert tokens.shape == (3, S.N_TOKENS, base.hidden_size)
+    assert tokens.shape == (3, C.N_TOKENS, base.hidden_size)
     assert torch.equal(embeds[batch["slot_mask"]], tokens.reshape(-1, base.hidden_size))
     plain = base.model.get_input_embeddings()(batch["input_ids"])
     assert torch.equal(embeds[~batch["slot_mask"]], plain[~batch["slot_mask"]])
@@ -73,9 +77,9 @@ def test_projector_tokens_replace_exactly_the_slot(base, molecule):
 
 def test_smoke_training_reduces_caption_loss(base, smoke_specs):
     for modality, spec in smoke_specs.items():
-        examples = S.smoke_examples(modality)
-        before = S.specialist_loss(base.model, base, spec, examples)
-        after = S.specialist_loss(S.attach(base, spec), base, spec, examples)
+        examples = C.smoke_examples(modality)
+        before = heldout.specialist_loss(base.model, base, spec, examples)
+        after = heldout.specialist_loss(S.attach_specialist(base, spec), base, spec, examples)
         assert after < before - 0.1, (modality, before, after)
         assert spec.card["loss_last10"] < spec.card["loss_first10"]
 
@@ -84,7 +88,7 @@ def test_attach_leaves_the_base_untouched(base, molecule):
     spec, _ = molecule
     ids = torch.tensor([[5, 6, 7, 8]])
     before = base.model(ids).logits
-    model = S.attach(base, spec)
+    model = S.attach_specialist(base, spec)
     assert not any("lora" in name for name, _ in base.model.named_parameters())
     assert torch.equal(base.model(ids).logits, before)
     with model.disable_adapter():
@@ -103,7 +107,7 @@ def test_three_smoke_specialists_share_one_lora_config(smoke_specs):
     assert smoke_specs["cell"].projector is None
     for m in ("molecule", "protein"):
         p = smoke_specs[m].projector
-        assert p.n_tokens == S.N_TOKENS and p.hidden_size == 64
+        assert p.n_tokens == C.N_TOKENS and p.hidden_size == 64
 
 
 def test_save_load_round_trip_gives_identical_outputs(base, molecule, tmp_path):
@@ -111,17 +115,17 @@ def test_save_load_round_trip_gives_identical_outputs(base, molecule, tmp_path):
     S.save_specialist(spec, tmp_path / "copy")
     loaded = S.load_specialist(tmp_path / "copy", base)
     assert loaded.card["loss_curve"] == spec.card["loss_curve"]
-    batch = S.collate(base.tokenizer, S.smoke_examples("molecule")[:4])
+    batch = C.collate_examples(base.tokenizer, C.smoke_examples("molecule")[:4])
     with torch.no_grad():
-        a = S.answer_nll(S.attach(base, spec), spec.projector, batch, "molecule")[0]
-        b = S.answer_nll(S.attach(base, loaded), loaded.projector, batch, "molecule")[0]
+        a = C.answer_nll(S.attach_specialist(base, spec), spec.projector, batch, "molecule")[0]
+        b = C.answer_nll(S.attach_specialist(base, loaded), loaded.projector, batch, "molecule")[0]
     assert torch.equal(a, b)
     # A standard PEFT directory: peft itself can load it.
     from peft import PeftModel
     import copy
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(tmp_path / "copy"))
     ids = torch.tensor([[5, 6, 7]])
-    assert torch.allclose(peft_model(input_ids=ids).logits, S.attach(base, spec)(input_ids=ids).logits)
+    assert torch.allclose(peft_model(input_ids=ids).logits, S.attach_specialist(base, spec)(input_ids=ids).logits)
 
 
 def test_load_refuses_a_different_base(molecule):
@@ -132,12 +136,12 @@ def test_load_refuses_a_different_base(molecule):
 
 
 def test_resume_continues_from_the_checkpoint(base, tmp_path, capsys):
-    examples, info = S.load_examples("protein", "train", "smoke")
+    examples, info = C.load_examples("protein", "train", "smoke")
     full = S.train_specialist(base, "protein", out_dir=tmp_path / "full", examples=examples, data_info=info, **RECIPE)
     out = tmp_path / "cut"
     assert S.train_specialist(base, "protein", out_dir=out, examples=examples, data_info=info, stop_after=5,
                               **RECIPE) is None
-    assert (out / "checkpoint" / "state.pt").exists() and not S.is_finished(out)
+    assert (out / "checkpoint" / "state.json").exists() and not S.is_finished(out)
     resumed = S.train_specialist(base, "protein", out_dir=out, examples=examples, data_info=info, **RECIPE)
     assert "resuming from step 5" in capsys.readouterr().out
     assert resumed.card["resumed_from_step"] == 5 and full.card["resumed_from_step"] is None
@@ -149,7 +153,7 @@ def test_resume_continues_from_the_checkpoint(base, tmp_path, capsys):
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(base, tmp_path):
-    examples, info = S.load_examples("cell", "train", "smoke")
+    examples, info = C.load_examples("cell", "train", "smoke")
     S.train_specialist(base, "cell", out_dir=tmp_path, examples=examples, data_info=info, stop_after=5, **RECIPE)
     with pytest.raises(S.SpecialistError, match="lr"):
         S.train_specialist(base, "cell", out_dir=tmp_path, examples=examples, data_info=info,
@@ -158,7 +162,7 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(base, tmp_path):
 
 def test_finished_specialist_is_not_overwritten_without_force(base, molecule):
     spec, out = molecule
-    examples = S.smoke_examples("molecule")
+    examples = C.smoke_examples("molecule")
     card = (out / "card.json").read_text()
     with pytest.raises(FileExistsError, match="force"):
         S.train_specialist(base, "molecule", out_dir=out, examples=examples, **RECIPE)
@@ -169,25 +173,25 @@ def test_finished_specialist_is_not_overwritten_without_force(base, molecule):
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    assert S._lr_at(0, 100, 1.0) == pytest.approx(0.2)  # warm-up of 5 steps
-    assert S._lr_at(4, 100, 1.0) == pytest.approx(1.0)
-    assert S._lr_at(5, 100, 1.0) == pytest.approx(1.0)
-    assert S._lr_at(100, 100, 1.0) == pytest.approx(0.1)
+    assert T.lr_at(0, 100, 1.0) == pytest.approx(0.2)  # warm-up of 5 steps
+    assert T.lr_at(4, 100, 1.0) == pytest.approx(1.0)
+    assert T.lr_at(5, 100, 1.0) == pytest.approx(1.0)
+    assert T.lr_at(100, 100, 1.0) == pytest.approx(0.1)
     mid = 5 + 95 / 2
-    assert S._lr_at(mid, 100, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert T.lr_at(mid, 100, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
 
 
 def test_batches_cover_each_example_once_per_epoch():
     n, b = 10, 4
-    seen = [i for step in range(5) for i in S._batch_indices(step, b, n, seed=3)]  # 20 = two epochs
+    seen = [i for step in range(5) for i in T.batch_indices(step, b, n, seed=3)]  # 20 = two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert seen[:10] != seen[10:]
 
 
 def test_cell_holdout_split_is_fixed_and_sized():
-    mask = S._split_mask(700)
-    assert sum(mask) == 140 and mask == S._split_mask(700)
-    assert S._split_mask(700, seed=1) != mask
+    mask = C._split_mask(700)
+    assert sum(mask) == 140 and mask == C._split_mask(700)
+    assert C._split_mask(700, seed=1) != mask
 
 
 def test_paper_scale_explains_the_conversion(base):
@@ -237,7 +241,7 @@ class _Planted:
 
 
 def test_planted_checkpoint_runs_no_code_and_is_refused(base, tmp_path):
-    examples, info = S.load_examples("molecule", "train", "smoke")
+    examples, info = C.load_examples("molecule", "train", "smoke")
     marker = tmp_path / "code-ran"
     ckpt = tmp_path / "out" / "checkpoint" / "state.pt"
     ckpt.parent.mkdir(parents=True)
