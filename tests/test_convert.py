@@ -313,3 +313,28 @@ def test_existing_outputs_are_refused_unless_forced(base, tmp_path):
         convert.convert_mol_llama(src, out, base=folder)
     convert.convert_mol_llama(src, out, base=folder, force=True)
     assert is_finished(out) and not (tmp_path / ".molecule.replaced").exists()
+
+
+def test_a_second_converter_waits_for_the_first(base, tmp_path):
+    import threading
+
+    from esmerge.cache import key_lock
+
+    folder, model = base
+    src = tmp_path / "src.ckpt"
+    standins.mol_llama_checkpoint(src, model, str(folder), layout="lightning")
+    out, errors = tmp_path / "molecule", []
+
+    def second():
+        try:
+            convert.convert_mol_llama(src, out, base=folder)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    with key_lock(out):  # as a first converter holds it while it writes
+        worker = threading.Thread(target=second)
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not out.exists()  # waiting, nothing written
+    worker.join(timeout=60)
+    assert not errors and is_finished(out)
