@@ -146,6 +146,11 @@ def spec(name: str) -> BenchmarkSpec:
         raise UsageError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}") from None
 
 
+def benchmark_kind(name: str) -> str:
+    """The task kind of ``name``: which prompt (``TASKS``) and retrieval rule it uses."""
+    return spec(name).kind
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading (clean, deduplicated rows)
 # ----------------------------------------------------------------------------------------------

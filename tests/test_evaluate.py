@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from esmerge import evaluate as ev
+from esmerge.evaluate import run
 from esmerge.adapters import adapter_from_model
 from esmerge.encoders import make_projector
 from esmerge.models import load_base, lora_config
@@ -81,11 +82,21 @@ def test_cell_and_cyp_prompts(base):
     assert "Final answer: Not a substrate" in cyp.text and "Protein:" not in cyp.text
 
 
-def test_label_strings_agree_with_the_data_module():
-    from esmerge import data
+def test_prompt_labels_and_groups_come_from_the_one_benchmark_table(base):
+    from esmerge import benchmarks
 
+    df = frame(SMILES[:2], [PROT_A, PROT_B], [0, 1], genes=[["G1", "G2"], ["G3"]], molecule2=SMILES[2:4],
+               cell_ids=["a", "b"])
     for name in ev.BENCHMARK_NAMES:
-        assert ev.label_strings(name) == data.BENCHMARKS[name].labels
+        spec = benchmarks.spec(name)
+        prompt = ev.build_prompt(name, df.iloc[0], df.iloc[1:2], base.tokenizer)
+        assert prompt.labels == spec.labels and spec.prompt.system in prompt.text
+        assert name in ev.GROUPS[spec.group] and ev.PAPER_DATASET[name] == spec.paper_dataset
+    assert ev.default_config("smoke") == ev.EvalConfig(n_eval=3, n_context=12, n_shots=1, top_k_genes=3,
+                                                       protein_chars=12, smiles_chars=24, batch_size=3, n_resamples=100)
+    assert ev.default_config("cpu") == ev.EvalConfig() and ev.EvalConfig().n_eval == 64
+    assert ev.default_benchmarks("smoke") == ("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate")
+    assert ev.default_benchmarks("cpu") == ev.BENCHMARK_NAMES
 
 
 # --------------------------------------------------------------------------- retrieval
@@ -198,7 +209,7 @@ def test_scores_are_the_answer_log_likelihood(base):
             logp = torch.log_softmax(base.model(ids).logits[0, :-1], -1)
             targets = ids[0, 1:]
             per_token = logp.gather(1, targets[:, None])[:, 0]
-            shared = len(ev._answer_tokens(base.tokenizer, prompt.labels)[0])
+            shared = len(ev.answer_tokens(base.tokenizer, prompt.labels)[0])
             expected = per_token[len(prefix) - 1 + shared:].sum()
             torch.testing.assert_close(score[j], expected, atol=1e-3, rtol=1e-5)
 
@@ -342,7 +353,7 @@ def test_evaluate_caches_and_resumes(base, projectors, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a cached evaluation must not run the model")
 
-    monkeypatch.setattr(ev, "label_logits", boom)
+    monkeypatch.setattr(run, "label_logits", boom)
     again = ev.evaluate(mut, "Human", config, pools=_pools(), out_dir=tmp_path, progress=False)
     assert again == first
     # a different setting is a different cache entry and does run
@@ -419,3 +430,73 @@ def test_mechanism_claims_on_hand_made_tables():
     assert by_source["Fig. 8"] == ["holds", "holds"]
     stability.loc[2, "mean std of alpha over seeds"] = 0.05
     assert ev.mechanism_claims(shift, gap, stability, distances).set_index("source").loc["Table 7", "verdict"] == "does not hold"
+
+
+# --------------------------------------------------------------------------- bad pools (issue 15)
+def _no_model_work(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("bad rows must be refused before any model work")
+
+    monkeypatch.setattr(run, "label_logits", boom)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda e, c: (e.assign(y=[0, 2, 1, 0]), c), r"Human eval pool, row 1: label 2 is not 0 or 1"),
+    (lambda e, c: (e.assign(y=[0, np.nan, 1, 0]), c), r"Human eval pool, row 1: label is NaN"),
+    (lambda e, c: (pd.concat([e, e.iloc[:1]]), c), r"Human eval pool, row 0: appears twice"),
+    (lambda e, c: (e, c.assign(y=["1"] * len(c))), r"Human context pool, row 4: label '1' is not 0 or 1"),
+    (lambda e, c: (e.assign(molecule=["CCO", "C1CC", "CCN", "CCC"]), c), r"row 1: molecule 'C1CC' is not a valid SMILES"),
+])
+def test_evaluate_refuses_bad_pools_before_scoring(base, tmp_path, monkeypatch, spoil, message):
+    """Before: label 2 was scored as a wrong answer, a repeated row counted twice, and a NaN label
+    crashed only after every prompt had been scored."""
+    from esmerge.errors import InputError
+
+    _no_model_work(monkeypatch)
+    mut = ev.ModelUnderTest.base_only(base)
+    config = ev.EvalConfig(n_eval=4, n_context=6, n_shots=2, batch_size=3, n_resamples=100)
+    with pytest.raises(InputError, match=message):
+        ev.evaluate(mut, "Human", config, pools=spoil(*_pools()), out_dir=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_evaluate_refuses_an_unknown_cell_line_before_scoring(base, tmp_path, monkeypatch):
+    from esmerge.errors import InputError
+
+    _no_model_work(monkeypatch)
+    genes = [["G1", "G2"], None, ["G3"], ["G1"], ["G4", "G5"], ["G2", "G6"]]
+    df = frame(SMILES[:6], y=[0, 1, 0, 1, 0, 1], genes=genes, cell_ids=list("abcdef"))
+    config = ev.EvalConfig(n_eval=2, n_context=4, n_shots=1, n_resamples=100)
+    with pytest.raises(InputError, match=r"GDSC2 eval pool, row 1: cell line 'b' has no gene list \(unknown cell line\)"):
+        ev.evaluate(ev.ModelUnderTest.base_only(base), "GDSC2", config, pools=(df.iloc[:2], df.iloc[2:]),
+                    out_dir=tmp_path, progress=False)
+    with pytest.raises(InputError, match=r"no column cell_genes"):
+        ev.evaluate(ev.ModelUnderTest.base_only(base), "GDSC2", config,
+                    pools=(df.iloc[:2].drop(columns="cell_genes"), df.iloc[2:]), out_dir=tmp_path, progress=False)
+
+
+def test_caches_live_on_objects_not_in_the_module(base, projectors, monkeypatch):
+    """Features, shots and the PEFT copy are kept by the caller's EvalSession; nothing is module-global."""
+    from esmerge.evaluate import scoring
+
+    calls = []
+    real = scoring.FEATURISERS["molecule"]
+    monkeypatch.setitem(scoring.FEATURISERS, "molecule", (lambda v: calls.append(list(v)) or real[0](v), real[1]))
+    prompts = _prompts(base, {"molecule"})
+    features = ev.FeatureCache()
+    first = ev.collate(prompts, base.tokenizer, features=features)
+    second = ev.collate(prompts, base.tokenizer, features=features)
+    assert len(calls) == 1 and len(calls[0]) == len(set(calls[0]))  # each distinct molecule featurised once
+    torch.testing.assert_close(first.features["molecule"], second.features["molecule"])
+    ev.collate(prompts, base.tokenizer, features=ev.FeatureCache())  # a fresh cache computes again
+    assert len(calls) == 2
+    pool = mol_prot_frame()
+    retrieval = ev.RetrievalCache()
+    shots = retrieval.shots("mol-prot", "Human", pool.iloc[:3], pool.iloc[3:], 2)
+    assert retrieval.shots("mol-prot", "Human", pool.iloc[:3], pool.iloc[3:], 2) is shots
+    index = ev.ContextIndex(pool.iloc[3:], "mol-prot")
+    assert shots[1] == [ev.retrieve_examples(index, row, 2) for _, row in pool.iloc[:3].iterrows()]
+    for module in ("retrieval", "scoring", "under_test", "run"):
+        mod = __import__(f"esmerge.evaluate.{module}", fromlist=["x"])
+        private_dicts = [k for k, v in vars(mod).items() if isinstance(v, dict) and k.startswith("_") and k[1] != "_"]
+        assert private_dicts in ([], ["_FIELD_TITLE"]), module

@@ -1,0 +1,174 @@
+"""The claims register: each claim of the paper tested against our results, with a verdict.
+
+``claims`` checks the accuracy claims (Tables 1-3, 8; §5) with paired-bootstrap margins;
+``mechanism_claims`` the representation claims (Figs. 1, 2, 8; Table 7) on the tables the probe,
+layer-wise and element-wise chapters save. ``disagreements``, ``es_ranks`` and ``answer_bias``
+summarise where and why our numbers differ from the paper's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from esmerge.benchmarks import BENCHMARK_NAMES, GROUPS
+from esmerge.evaluate.report import PAPER_DATASET, paper_results
+from esmerge.evaluate.stats import paired_bootstrap
+
+MERGING_BASELINES = ("avg", "ties", "emr", "adamerging", "pcb", "consensus", "ls-merge")
+SPECIALISTS = ("specialist-molecule", "specialist-protein", "specialist-cell")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper: method ``a`` beats each of ``b`` on the mean accuracy over ``benchmarks``."""
+
+    claim: str
+    source: str
+    a: str
+    b: tuple[str, ...]
+    group: str | None  # None: all 13 benchmarks
+    table: str
+    at_least: bool = False  # ">=": supported unless significantly worse
+
+
+def _claims_list() -> list[Claim]:
+    out = []
+    for group, table in (("Mol-Prot", "Table 1"), ("Mol-Cell", "Table 1"), ("CYP Inh.", "Table 2"), ("CYP Sub.", "Table 2")):
+        out.append(Claim(f"ES-Merging beats every merging baseline on {group} (avg. accuracy)",
+                         "§5.2-5.3", "es", MERGING_BASELINES, group, table))
+    out.append(Claim("ES-Merging beats every merging baseline on all 13 benchmarks (avg.)", "§5.2-5.3",
+                     "es", MERGING_BASELINES, None, "Table 1+2"))
+    out.append(Claim("ES-Merging beats Avg. Merging + FT on Mol-Prot", "§5.2", "es", ("avg-ft",), "Mol-Prot", "Table 1"))
+    out.append(Claim("ES-Merging is at least as good as Mol-LLaMA on CYP Sub.", "§5.3", "es",
+                     ("specialist-molecule",), "CYP Sub.", "Table 2", at_least=True))
+    out.append(Claim("ES-Merging beats the base LLM on all 13 benchmarks (avg.)", "Tables 1-2", "es", ("base",),
+                     None, "Table 1+2"))
+    out.append(Claim("ES-Merging beats every specialist on all 13 benchmarks (avg.)", "Tables 1-2", "es",
+                     SPECIALISTS, None, "Table 1+2"))
+    for group in GROUPS:
+        out.append(Claim(f"Layer x element >= each alone on {group}", "§5.4, Table 3", "es",
+                         ("es-layer", "es-element"), group, "Table 8", at_least=True))
+    for group in ("Mol-Prot", "CYP Inh."):
+        out.append(Claim(f"ES-Layer alone beats every merging baseline on {group}", "§5.4", "es-layer",
+                         MERGING_BASELINES, group, "Table 2" if group.startswith("CYP") else "Table 1"))
+    return out
+
+
+CLAIMS = _claims_list()
+
+
+def _paper_group_value(paper: pd.DataFrame, method: str, group: str | None, table: str) -> float:
+    tables = ("Table 1", "Table 2") if table == "Table 1+2" else (table,)
+    if method not in set(paper[paper["table"].isin(tables)]["method"]):
+        tables = ("Table 8",)  # the ablation variants appear only there
+    sub = paper[(paper["method"] == method) & paper["table"].isin(tables) & (paper["metric"] == "accuracy")]
+    if group is None:
+        datasets = [PAPER_DATASET[b] for b in BENCHMARK_NAMES]
+    else:
+        datasets = [f"Avg. {group}"]
+    values = sub[sub["dataset"].isin(datasets)]["value"]
+    return float(values.mean()) if len(values) == len(datasets) else float("nan")
+
+
+def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
+           level: float = 0.95) -> pd.DataFrame:
+    """The claims register: each paper claim, the paper's margin, ours with a paired-bootstrap CI.
+
+    For "A beats B" the margin is ``mean accuracy(A) - mean accuracy(B)`` over the group's
+    benchmarks, minimised over the B's. Verdict: *supported* when the CI of every margin lies above
+    0 (for ">=" claims: when no margin is significantly below 0 and the point margins are >= 0),
+    *not supported* when some margin's CI lies below 0 (for "beats": also when the point margin is
+    <= 0 and the CI excludes the claimed direction), *inconclusive* otherwise, *inconclusive
+    (identical answers)* when every competitor answers exactly as ``a`` on every example (a margin of
+    0 with a CI of [0, 0] tests nothing), *not measured* when a method or benchmark is missing.
+    """
+    paper = paper_results()
+    rows = []
+    for c in CLAIMS:
+        benches = list(BENCHMARK_NAMES) if c.group is None else list(GROUPS[c.group])
+        paper_a = _paper_group_value(paper, c.a, c.group, c.table)
+        paper_b = {b: _paper_group_value(paper, b, c.group, c.table) for b in c.b}
+        paper_margin = paper_a - max(paper_b.values()) if paper_b else float("nan")
+        all_benches = benches
+        benches = [x for x in benches if x in results.get(c.a, {})]
+        have = [m for m in (c.a, *c.b) if m in results and benches and all(x in results[m] for x in benches)]
+        row = {"claim": c.claim, "source": c.source, "paper": round(paper_margin, 1),
+               "datasets": f"{len(benches)}/{len(all_benches)}"}
+        if c.a not in have or not any(b in have for b in c.b):
+            rows.append({**row, "ours": np.nan, "lo": np.nan, "hi": np.nan, "n_compared": 0,
+                         "verdict": "not measured", "detail": f"missing: {sorted(set((c.a, *c.b)) - set(have))}"})
+            continue
+        margins = {b: paired_bootstrap({x: results[c.a][x] for x in benches}, {x: results[b][x] for x in benches},
+                                       "accuracy", n_resamples, seed, level) for b in c.b if b in have}
+        worst = min(margins, key=lambda b: margins[b][0])
+        point, lo, hi = margins[worst]
+        # Two models that give the same answer on every example (e.g. both always answer the
+        # majority label) have a margin of exactly 0 with a CI of [0, 0]: that tests nothing.
+        identical = [b for b in margins if all(results[c.a][x]["pred"] == results[b][x]["pred"] for x in benches)]
+        if len(identical) == len(margins):
+            verdict = "inconclusive (identical answers)"
+        elif c.at_least:
+            verdict = ("not supported" if any(m[2] < 0 for m in margins.values())
+                       else "supported" if all(m[0] >= 0 for m in margins.values()) else "inconclusive")
+        else:
+            verdict = ("supported" if all(m[1] > 0 for m in margins.values())
+                       else "not supported" if any(m[2] < 0 for m in margins.values()) else "inconclusive")
+        if len(margins) < len(c.b) or len(benches) < len(all_benches):
+            verdict += " (partial)"
+        detail = "; ".join(f"vs {b}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}]" + (" (identical answers)" if b in identical else "")
+                           for b, m in margins.items())
+        rows.append({**row, "ours": round(point, 1), "lo": round(lo, 1), "hi": round(hi, 1),
+                     "n_compared": len(margins), "verdict": verdict, "detail": detail})
+    return pd.DataFrame(rows)
+
+
+def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
+                     projection_stability: pd.DataFrame, merged_distances: pd.DataFrame) -> pd.DataFrame:
+    """The paper's claims about representations (Figs. 1, 2, 8 and Table 7), checked on the tables
+    the probe, layer-wise and element-wise chapters save.
+
+    Inputs (one seed, so verdicts are descriptive, without CIs):
+
+    * ``last_block_shift``: rows specialists, columns token modalities; mean last-block distance
+      between base and specialist tokens (``03_probe``). Fig. 1: each specialist moves its own
+      modality's tokens furthest.
+    * ``own_vs_other``: columns ``specialist``, ``layers where own > other``, ``of layers``,
+      ``mean own / other`` (``04_layerwise``). Fig. 2: own-modality SWD exceeds other-modality SWD
+      at most blocks and on average.
+    * ``projection_stability``: columns ``projections``, ``mean std of alpha over seeds``
+      (``04_layerwise``). Table 7: more projections, steadier coefficients (strictly falling).
+    * ``merged_distances``: rows token modalities, columns specialists; distance from the ES-merged
+      model (``05_elementwise``). Fig. 8: on each modality the merged model is nearest the
+      matching specialist.
+
+    Returns ``claim, source, evidence, verdict`` with verdict ``holds`` or ``does not hold``.
+    """
+    rows = []
+
+    def add(claim, source, evidence, holds):
+        rows.append({"claim": claim, "source": source, "evidence": evidence,
+                     "verdict": "holds" if holds else "does not hold"})
+
+    for name, row in last_block_shift.iterrows():
+        if name in row.index:
+            furthest = row.idxmax()
+            add(f"the {name} specialist moves {name} tokens furthest from the base (last block)", "Fig. 1",
+                ", ".join(f"{m} {v:.3g}" for m, v in row.items()), furthest == name)
+    for row in own_vs_other.itertuples(index=False):
+        spec, above, total, ratio = row[0], row[1], row[2], row[3]
+        add(f"{spec} specialist: SWD on {spec} tokens exceeds SWD on other tokens", "Fig. 2",
+            f"{above}/{total} blocks, mean ratio {ratio:.2f}", above > total / 2 and ratio > 1)
+    ordered = projection_stability.sort_values("projections")
+    spread = ordered["mean std of alpha over seeds"].to_numpy()
+    add("more random projections give steadier layer coefficients", "Table 7",
+        ", ".join(f"{p}: {v:.3f}" for p, v in zip(ordered["projections"], spread)),
+        bool(len(spread) > 1 and np.all(np.diff(spread) < 0)))
+    for modality, row in merged_distances.iterrows():
+        if modality in row.index:
+            add(f"on {modality} tokens the ES-merged model is nearest the {modality} specialist", "Fig. 8",
+                "nearest: " + row.idxmin() + "; " + ", ".join(f"{m} {v:.3g}" for m, v in row.items()),
+                row.idxmin() == modality)
+    return pd.DataFrame(rows, columns=["claim", "source", "evidence", "verdict"])
+

@@ -1,0 +1,222 @@
+"""Batching and two-label scoring: prompts -> ``PromptBatch`` -> ``label_logits`` ``[B, 2]``.
+
+``label_logits`` is the log-likelihood of ``"Final answer: <label>"`` for both labels,
+differentiable (AdaMerging minimises the entropy of its softmax). Free generation plus parsing,
+as in the paper, is replaced by this two-way scoring: it is the same decision for a model that
+answers in the requested format and costs one forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from esmerge.encoders import FEATURISERS
+from esmerge.evaluate.prompts import ANSWER_PREFIX, MARK_RE, Prompt
+
+
+@dataclass
+class PromptBatch:
+    """Prompts ready for ``label_logits``.
+
+    input_ids, attention_mask : ``[B, L]``, left-padded (placeholder positions hold ``pad_id``)
+    slots : modality -> ``(row [K], start [K])``; entity k occupies ``start[k] : start[k]+n_tokens``
+    features : modality -> ``[K, F]`` featurised entities, in slot order
+    continuations, continuation_mask : ``[B, 2, C]``, the answer tokens after the shared prefix
+    y : ``[B]`` gold labels (-1 when unknown)
+    shared_len : the first ``shared_len`` tokens are the same in every row (see ``collate``)
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    slots: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    features: dict[str, torch.Tensor]
+    continuations: torch.Tensor
+    continuation_mask: torch.Tensor
+    y: torch.Tensor
+    n_tokens: int
+    shared_len: int = 0
+
+
+
+
+class FeatureCache:
+    """``FEATURISERS[modality]`` rows memoised per entity: every model under test sees the same
+    shots, so one cache shared over a sweep fingerprints each molecule once. At most ``limit``
+    entities are kept (all are forgotten beyond that)."""
+
+    def __init__(self, limit: int = 50_000):
+        self.limit = limit
+        self._rows: dict[tuple[str, str], torch.Tensor] = {}
+
+    def __call__(self, modality: str, values: list[str]) -> torch.Tensor:
+        """Features of ``values`` in order, ``[K, F]``."""
+        todo = sorted({v for v in values if (modality, v) not in self._rows})
+        if todo:
+            if len(self._rows) > self.limit:
+                self._rows.clear()
+            for v, row in zip(todo, FEATURISERS[modality][0](todo)):
+                self._rows[(modality, v)] = row
+        return torch.stack([self._rows[(modality, v)] for v in values])
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_tokens(tokenizer, labels: tuple[str, str]) -> tuple[list[int], list[list[int]]]:
+    """Split ``"Final answer: <label>"`` into the token prefix both labels share and the two rests."""
+    full = [_tokens(tokenizer, f"{ANSWER_PREFIX} {label}") for label in labels]
+    shared = 0
+    while shared < min(map(len, full)) and full[0][shared] == full[1][shared]:
+        shared += 1
+    rests = [ids[shared:] for ids in full]
+    if not all(rests):
+        raise ValueError(f"labels {labels} tokenise so that one is a prefix of the other; cannot score them")
+    return full[0][:shared], rests
+
+
+def prompt_token_ids(prompt: Prompt, tokenizer, n_tokens: int, pad_id: int) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt (answer prefix included) and the start of each entity's block."""
+    ids, starts = [], []
+    pieces = MARK_RE.split(prompt.text)
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            ids += _tokens(tokenizer, piece) if piece else []
+        else:
+            starts.append(len(ids))
+            ids += [pad_id] * n_tokens
+    shared, _ = answer_tokens(tokenizer, prompt.labels)
+    return ids + shared, starts
+
+
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
+
+
+def _shared_prefix_length(rows: list[list[int]], starts: list[list[int]]) -> int:
+    """Tokens at the start that every row has in common, before any placeholder and leaving each
+    row at least one token of its own; 0 for a single row or a short common part."""
+    if len(rows) < 2:
+        return 0
+    limit = min(min(map(len, rows)) - 1, *(s for row in starts for s in row[:1]), 10**9)
+    n = 0
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def collate(prompts: list[Prompt], tokenizer, n_tokens: int = 8, features: FeatureCache | None = None) -> PromptBatch:
+    """Pad prompts into a ``PromptBatch``; featurise token entities for the projectors (through
+    ``features``, a fresh ``FeatureCache`` when None).
+
+    Row layout: ``[shared prefix][padding][rest of the prompt]``. The shared prefix (the system
+    prompt and instruction, identical across a benchmark's queries) is run once per batch by
+    ``label_logits``; with no shared prefix this is plain left padding.
+    """
+    if not prompts:
+        raise ValueError("collate needs at least one prompt")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, starts_all = [], []
+    for p in prompts:
+        ids, starts = prompt_token_ids(p, tokenizer, n_tokens, pad_id)
+        rows.append(ids)
+        starts_all.append(starts)
+    shared = _shared_prefix_length(rows, starts_all)
+    length = shared + max(len(r) - shared for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    raw: dict[str, list[str]] = {}
+    slot_rows: dict[str, list[int]] = {}
+    slot_starts: dict[str, list[int]] = {}
+    for b, (ids, starts, p) in enumerate(zip(rows, starts_all, prompts)):
+        offset = length - len(ids)
+        input_ids[b, :shared] = torch.tensor(ids[:shared], dtype=torch.long)
+        mask[b, :shared] = 1
+        input_ids[b, offset + shared:] = torch.tensor(ids[shared:])
+        mask[b, offset + shared:] = 1
+        for (modality, value), start in zip(p.entities, starts):
+            raw.setdefault(modality, []).append(value)
+            slot_rows.setdefault(modality, []).append(b)
+            slot_starts.setdefault(modality, []).append(offset + start)
+    conts = [answer_tokens(tokenizer, p.labels)[1] for p in prompts]
+    width = max(len(c) for pair in conts for c in pair)
+    continuations = torch.full((len(prompts), 2, width), pad_id, dtype=torch.long)
+    cmask = torch.zeros((len(prompts), 2, width), dtype=torch.long)
+    for b, pair in enumerate(conts):
+        for j, c in enumerate(pair):
+            continuations[b, j, : len(c)] = torch.tensor(c)
+            cmask[b, j, : len(c)] = 1
+    featurise = features or FeatureCache()
+    features = {m: featurise(m, values) for m, values in raw.items()}
+    slots = {m: (torch.tensor(slot_rows[m]), torch.tensor(slot_starts[m])) for m in raw}
+    y = torch.tensor([p.y for p in prompts], dtype=torch.long)
+    return PromptBatch(input_ids, mask, slots, features, continuations, cmask, y, n_tokens, shared)
+
+
+def splice_embeddings(embeds: torch.Tensor, slots: dict, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Replace placeholder positions by modality tokens (out of place, so gradients flow).
+
+    embeds : ``[B, L, d]``; tokens[m] : ``[K_m, T, d]`` placed at ``slots[m] = (row [K_m], start [K_m])``.
+    Returns ``[B, L, d]``.
+    """
+    for modality, (rows, starts) in slots.items():
+        block = tokens[modality]
+        k, t, d = block.shape
+        if k != len(rows):
+            raise ValueError(f"{modality}: {k} token blocks for {len(rows)} placeholder slots")
+        r = rows[:, None].expand(k, t).reshape(-1).to(embeds.device)
+        c = (starts[:, None] + torch.arange(t)).reshape(-1).to(embeds.device)
+        embeds = embeds.index_put((r, c), block.reshape(-1, d).to(embeds.dtype))
+    return embeds
+
+
+def label_logits(model: nn.Module, batch: PromptBatch, projectors: dict[str, nn.Module] | None = None) -> torch.Tensor:
+    """Total log-likelihood of each label's answer continuation, ``[B, 2]`` (column = class y).
+
+    .. math:: s_{b,j} = \\sum_t \\log p_\\theta(c^{(j)}_t \\mid \\text{prompt}_b, c^{(j)}_{<t})
+
+    The prompt (with the shared ``"Final answer:"`` tokens) is run once; its key/value cache is
+    repeated for the two continuations. The prefix common to the batch runs once for all rows. Differentiable when grad is enabled. ``projectors`` must
+    cover every modality the batch holds as tokens.
+    """
+    projectors = projectors or {}
+    missing = set(batch.slots) - set(projectors)
+    if missing:
+        raise ValueError(f"batch has {sorted(missing)} token entities but no projector for them")
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    embeds = embedding(ids)
+    tokens = {}
+    for modality in batch.slots:
+        proj = projectors[modality]
+        param = next(proj.parameters())
+        tokens[modality] = proj(batch.features[modality].to(param.device, param.dtype))
+    embeds = splice_embeddings(embeds, batch.slots, tokens)
+    # Padding sits between the shared prefix and each row's own tokens; positions count real
+    # tokens only, so a padded prompt sees the same positions as an unpadded one.
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    shared = batch.shared_len
+    cache = None
+    if shared:
+        prefix = model(inputs_embeds=embeds[:1, :shared], position_ids=positions[:1, :shared], use_cache=True,
+                       logits_to_keep=1)
+        cache = prefix.past_key_values
+        cache.batch_repeat_interleave(embeds.shape[0])
+    out = model(inputs_embeds=embeds[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+    b, _, width = batch.continuations.shape
+    cont = batch.continuations.to(device).reshape(2 * b, width)
+    cmask = batch.continuation_mask.to(device).reshape(2 * b, width)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)
+    full_mask = torch.cat([mask.repeat_interleave(2, dim=0), cmask], dim=1)
+    cont_pos = positions[:, -1:].repeat_interleave(2, dim=0) + 1 + torch.arange(width, device=device)
+    out2 = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos, past_key_values=cache)
+    logp = torch.log_softmax(out2.logits[:, :-1].float(), dim=-1)  # predicts cont[:, 1:]
+    first = first_logp.repeat_interleave(2, dim=0).gather(1, cont[:, :1]).squeeze(1)
+    rest = logp.gather(2, cont[:, 1:, None]).squeeze(2) * cmask[:, 1:]
+    return (first + rest.sum(1)).view(b, 2)
+
