@@ -35,9 +35,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="cpu")
     parser.add_argument("--n", type=int, default=8, help="examples timed per benchmark")
-    parser.add_argument("--shots", type=int, default=ev.CPU_DEFAULTS.n_shots)
-    parser.add_argument("--n-eval", type=int, default=ev.CPU_DEFAULTS.n_eval, help="n_eval to extrapolate to")
-    parser.add_argument("--batch-size", type=int, default=ev.CPU_DEFAULTS.batch_size)
+    parser.add_argument("--shots", type=int, default=ev.default_config("cpu").n_shots)
+    parser.add_argument("--n-eval", type=int, default=ev.default_config("cpu").n_eval, help="n_eval to extrapolate to")
+    parser.add_argument("--batch-size", type=int, default=ev.default_config("cpu").batch_size)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--benchmarks", nargs="*", default=list(ev.BENCHMARK_NAMES))
     args = parser.parse_args(argv)
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     emb = base.model.get_input_embeddings()
     projectors = {m: make_projector(m, emb) for m in ("molecule", "protein")}
     models = {"text entities (base)": {}, "token entities (merged)": projectors}
-    cfg = ev.CPU_DEFAULTS
+    cfg = ev.default_config("cpu")
     totals = {name: 0.0 for name in models}
     totals_idle = {name: 0.0 for name in models}
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work slows wall time)")

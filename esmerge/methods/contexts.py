@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
+from esmerge import benchmarks, evaluate
 from esmerge.adapters import Adapter, LoraState
-from esmerge.methods.functional import lora_state_swapped, mean_entropy
+from esmerge.methods.graft import compatibility_score
+from esmerge.methods.objectives import lora_state_swapped, mean_entropy
+from esmerge.methods.static import emr_benchmark_adapter
+from esmerge.specialists import attach_specialist
 
 
 def benchmark_modalities(benchmark: str) -> list[str]:
     """Modalities an interaction benchmark contains (from its Table 9/10 prompt fields), e.g. molecule+protein."""
-    from esmerge import evaluate
-
     fields = evaluate.TASKS[evaluate.benchmark_kind(benchmark)].fields
     out = []
     for name in fields:
@@ -40,8 +42,6 @@ def benchmark_modalities(benchmark: str) -> list[str]:
 
 def emr_adapter_for_benchmark(merged: Adapter, benchmark: str) -> Adapter:
     """EMR's adapter for one benchmark: the mean of the modulated task vectors of its modalities."""
-    from esmerge.methods.static import emr_benchmark_adapter
-
     return emr_benchmark_adapter(merged, benchmark_modalities(benchmark))
 
 
@@ -58,8 +58,6 @@ def benchmark_pools(benchmark: str, config):
     ``data.split_pools`` with the config's sizes, the in-context pool shrunk to the rows left
     when a benchmark is smaller than ``n_eval + n_context`` (e.g. the CYP substrate sets).
     """
-    from esmerge import benchmarks, evaluate
-
     if hasattr(evaluate, "benchmark_pools"):
         return evaluate.benchmark_pools(benchmark, config)
     frame = benchmarks.load_benchmark(benchmark)
@@ -77,9 +75,7 @@ def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, 
     with shots retrieved from the same pool (never the query itself).
     n : at most this many prompts (seeded sample), default all.
     """
-    from esmerge import evaluate
-
-    config = config or evaluate.CPU_DEFAULTS
+    config = config or evaluate.EvalConfig()
     eval_df, context_df = benchmark_pools(benchmark, config)  # cached: callers only read them
     options = evaluate.PromptOptions(frozenset(projectors), config.top_k_genes, config.protein_chars,
                                      config.smiles_chars)
@@ -101,8 +97,6 @@ def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, 
 
 def prompt_batches(prompts: list, tokenizer, projectors: dict, batch_size: int, seed: int = 0) -> list:
     """Shuffle (seeded) and collate prompts into ``evaluate.PromptBatch`` es."""
-    from esmerge import evaluate
-
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
     n_tokens = {getattr(p, "n_tokens", 8) for p in projectors.values()} or {8}
@@ -118,9 +112,7 @@ def trainable_copy(base, template: Adapter):
 
     The methods substitute their own LoRA tensors into it (:func:`lora_state_swapped`).
     """
-    from esmerge.specialists import attach
-
-    model = attach(base, template)
+    model = attach_specialist(base, template)
     model.requires_grad_(False)
     return model
 
@@ -131,8 +123,6 @@ def label_entropy_objective(model, batches: Iterable, projectors: dict):
     ``label_logits`` gives the two answers' log-likelihoods ``[B, 2]``; their softmax is the
     model's answer distribution over the two labels.
     """
-    from esmerge import evaluate
-
     batches = list(batches)
     if not batches:
         raise ValueError("AdaMerging needs at least one batch of unlabeled prompts")
@@ -153,8 +143,6 @@ def answer_nll_loss(model, projectors: dict):
     The gold answer is ``"Final answer: <label>"``; its log-likelihood is ``label_logits``' column
     ``y`` -- the supervised fine-tuning loss restricted to the answer tokens.
     """
-    from esmerge import evaluate
-
     def loss(state: LoraState, batch) -> torch.Tensor:
         if (batch.y < 0).any():
             raise ValueError("fine-tuning batches need gold labels (y >= 0)")
@@ -197,20 +185,18 @@ def compatibility_table(base, specialists: dict, benchmarks: list[str], n_prompt
     tokens, the others as text); activations are the outputs of the modules whose name ends with
     ``module_suffix`` (one per block, to keep memory small). Returns one row per pair.
     """
-    from esmerge.methods.graft import compatibility_score
-    from esmerge.specialists import attach
-
     rows = []
     for modality, spec in specialists.items():
         projectors = {modality: spec.projector} if getattr(spec, "projector", None) is not None else {}
-        model = attach(base, spec.adapter)
+        model = attach_specialist(base, spec.adapter)
         for benchmark in benchmarks:
             prompts = benchmark_prompts(benchmark, base.tokenizer, projectors, config, "eval", n_prompts, seed)
             batches = prompt_batches(prompts, base.tokenizer, projectors, len(prompts), seed)
             captured: dict = {}
             for batch in batches:
                 with torch.no_grad():
-                    out = _activations_during(model, lambda: _prompt_forward(model, batch, projectors), module_suffix)
+                    out = module_outputs(model, lambda: _prompt_forward(model, batch, projectors),
+                                         lambda name: name.endswith(module_suffix))
                 real = batch.attention_mask.bool()
                 for name, acts in out.items():
                     # one sample per prompt, its real (unpadded) positions only
@@ -224,8 +210,6 @@ def compatibility_table(base, specialists: dict, benchmarks: list[str], n_prompt
 
 def _prompt_forward(model, batch, projectors: dict):
     """One forward pass over a ``PromptBatch``'s prompts (modality tokens spliced in, as the evaluation does)."""
-    from esmerge import evaluate
-
     embedding = model.get_input_embeddings()
     embeds = embedding(batch.input_ids)
     tokens = {m: projectors[m](batch.features[m].to(next(projectors[m].parameters()).dtype)) for m in batch.slots}
@@ -234,18 +218,21 @@ def _prompt_forward(model, batch, projectors: dict):
     return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions, logits_to_keep=1)
 
 
-def _activations_during(model, run, module_suffix: str) -> dict[str, torch.Tensor]:
-    """Outputs ``[B, T, d]`` of the modules ending in ``module_suffix`` during ``run()``'s first forward pass."""
+def module_outputs(model, run: Callable[[], object], module_filter: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """Outputs ``[B, T, d]`` of the modules whose name passes ``module_filter``, from ``run()``'s first forward pass.
+
+    Graft's compatibility score (Eqs. 9-14) reads these; hooks are removed afterwards.
+    """
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():
-        if name.endswith(module_suffix):
+        if module_filter(name):
             def hook(_mod, _inp, out, name=name):
                 if name not in captured:
                     captured[name] = (out[0] if isinstance(out, tuple) else out).detach().float()
             handles.append(module.register_forward_hook(hook))
     if not handles:
-        raise ValueError(f"no module of the model ends with {module_suffix!r}")
+        raise ValueError("module_filter matched no module of the model")
     try:
         run()
     finally:
