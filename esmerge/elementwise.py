@@ -34,11 +34,11 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-from tqdm.auto import tqdm
 
 from esmerge.adapters import layer_of
 from esmerge.errors import InputError
 from esmerge.layerwise import softmax_over_specialists
+from esmerge.progress import track
 
 DISTANCES = ("frobenius", "mse")
 # Probe samples per batched pass: the autograd graph of one SmolLM2 probe (~70 tokens) holds
@@ -349,7 +349,7 @@ def element_scores_by_distance(
             scores["mse"][key] += (magnitude * factor.float().view(-1, *[1] * (magnitude.dim() - 1))).sum(dim=0)
 
     n = probe_embeds.shape[0]
-    for start in tqdm(range(0, n, batch_size), desc="element scores", disable=not progress, leave=False):
+    for start in track(range(0, n, batch_size), desc="element scores", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
         batch_distance_gradients(model, probe_embeds[chunk], positions, {m: base_tokens[m][:, chunk] for m in positions},
                                  "frobenius", on_gradient=accumulate)

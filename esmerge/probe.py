@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from esmerge.elementwise import block_outputs
 from esmerge.encoders import MODALITIES, cell_text, encode
+from esmerge.progress import track
 
 # Fig. 4: a user turn listing each modality by name, followed by its token block.
 PROBE_PREFIXES = {"molecule": "Molecule: ", "protein": "Protein: ", "cell": "Cell: "}
@@ -149,7 +149,7 @@ def hidden_states(model: torch.nn.Module, probes: Probes, batch_size: int = 16, 
     """
     tokens = {m: [] for m in probes.modalities}
     n = len(probes)
-    for start in tqdm(range(0, n, batch_size), desc="hidden states", disable=not progress, leave=False):
+    for start in track(range(0, n, batch_size), desc="hidden states", unit="batch", disable=not progress):
         with block_outputs(model) as outputs:
             model(inputs_embeds=probes.embeds[start:start + batch_size], use_cache=False)
         for m, pos in probes.positions.items():
@@ -166,7 +166,7 @@ def collect_states(peft_model, adapter_names: list[str], probes: Probes, batch_s
     peft_model.eval()
     with peft_model.disable_adapter():
         result = {"base": hidden_states(peft_model, probes, batch_size)}
-    for name in tqdm(adapter_names, desc="specialist states", leave=False):
+    for name in track(adapter_names, desc="specialist states", unit="adapter"):
         peft_model.set_adapter(name)
         result[name] = hidden_states(peft_model, probes, batch_size)
     return result
