@@ -1,0 +1,186 @@
+"""Trainer reliability: JSON + safetensors checkpoints, a stop at every file write, the output lock,
+other chat formats, and the paper-scale training path on a stand-in base (smoke scale, seconds)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import pytest
+import torch
+
+from esmerge import adapters, models
+from esmerge import captions as C
+from esmerge import specialists as S
+from esmerge import train as T
+from esmerge.errors import InputError, OutputExistsError
+
+RECIPE = dict(steps=6, batch_size=4, lr=5e-3, seed=0, progress=False, checkpoint_every=2)
+OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "projector.safetensors")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+LLAMA3_SPECIALS = ("<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+class Crash(BaseException):
+    """The process stopping mid-write (not an ``Exception``, so nothing on the way catches it)."""
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(1)
+    return models.load_base("smoke")
+
+
+@pytest.fixture(scope="module")
+def molecule_data():
+    return C.load_examples("molecule", "train", "smoke")
+
+
+def _train(base, data, out, **extra):
+    examples, info = data
+    return S.train_specialist(base, "molecule", out_dir=out, examples=examples, data_info=info, **{**RECIPE, **extra})
+
+
+def _leftovers(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and not p.name.endswith(".lock"))
+
+
+def test_checkpoint_is_json_and_safetensors_and_replaced_whole(base, molecule_data, tmp_path):
+    out = tmp_path / "cut"
+    assert _train(base, molecule_data, out, stop_after=4) is None
+    folder = out / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors-000004.safetensors"]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["step"] == 4 and len(state["losses"]) == 4 and state["recipe"]["lr"] == 5e-3
+    assert state["tensors_sha256"] == hashlib.sha256((folder / state["tensors"]).read_bytes()).hexdigest()
+    _, tensors = T.load_checkpoint(folder)
+    assert any(k.startswith("lora.") for k in tensors) and any(k.startswith("optimizer.") for k in tensors)
+    # An altered tensors file is refused, not half-used.
+    (folder / state["tensors"]).write_bytes(b"not the file state.json names")
+    with pytest.raises(C.SpecialistError, match="state.json is not a checkpoint this trainer wrote"):
+        _train(base, molecule_data, out)
+
+
+def test_a_stop_at_every_file_write_resumes_byte_identically(base, molecule_data, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    _train(base, molecule_data, reference)
+    expected = {f: (reference / f).read_bytes() for f in OUTPUTS}
+    real = adapters.write_file
+    writes = []
+    monkeypatch.setattr(adapters, "write_file", lambda path, data: (writes.append(path.name), real(path, data)))
+    _train(base, molecule_data, tmp_path / "counted")
+    # 3 checkpoints (tensors, then state.json) and the finished directory (card.json last).
+    assert len(writes) == 10 and writes[-1] == "card.json"
+    for n in range(1, len(writes) + 1):
+        out, calls = tmp_path / f"stop-{n}", []
+
+        def faulty(path, data, n=n, calls=calls):
+            calls.append(path)
+            if len(calls) == n:
+                real(path, data[: len(data) // 2])  # half a file, then the process dies
+                raise Crash(path)
+            real(path, data)
+
+        monkeypatch.setattr(adapters, "write_file", faulty)
+        with pytest.raises(Crash):
+            _train(base, molecule_data, out)
+        assert not S.is_finished(out), n
+        # What a hard kill leaves beside the output: a staging folder, even one with a card.
+        junk = out.with_name(f".{out.name}.staging-999-dead")
+        junk.mkdir()
+        (junk / "card.json").write_text("{}")
+        monkeypatch.setattr(adapters, "write_file", real)
+        spec = _train(base, molecule_data, out)
+        assert {f: (out / f).read_bytes() for f in OUTPUTS} == expected, n
+        assert spec.card["loss_curve"] == json.loads((reference / "card.json").read_text())["loss_curve"]
+        assert not (out / "checkpoint").exists() and _leftovers(out) == [], n
+
+
+def test_two_trainers_into_one_output_do_not_both_succeed(base, molecule_data, tmp_path, monkeypatch):
+    out, started, results = tmp_path / "shared", threading.Event(), {}
+    real = S.train_lora
+
+    def slow_start(*args, **kwargs):
+        started.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "train_lora", slow_start)
+
+    def first():
+        results["first"] = _train(base, molecule_data, out)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(60)
+    with pytest.raises(OutputExistsError, match="force"):
+        _train(base, molecule_data, out)  # waits for the first, then finds it finished
+    thread.join()
+    assert S.is_finished(out) and results["first"] is not None
+
+
+def test_an_output_folder_with_other_files_is_refused_before_training(base, molecule_data, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not a specialist directory"):
+        _train(base, molecule_data, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _llama3_tokenizer():
+    return models.byte_tokenizer(LLAMA3_SPECIALS, eos="<|eot_id|>", chat_template=LLAMA3_TEMPLATE)
+
+
+def test_end_of_turn_comes_from_the_chat_template():
+    chatml, llama3 = models.byte_tokenizer(), _llama3_tokenizer()
+    assert chatml.convert_ids_to_tokens(models.end_of_turn_id(chatml)) == "<|im_end|>"
+    assert llama3.convert_ids_to_tokens(models.end_of_turn_id(llama3)) == "<|eot_id|>"
+    plain = models.byte_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(InputError, match="not a special token"):
+        models.end_of_turn_id(plain)
+
+
+def test_llama3_batches_end_each_answer_with_eot():
+    tok = _llama3_tokenizer()
+    batch = C.collate_examples(tok, [C.molecule_example("CCO", "An alcohol.")], max_tokens=128)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert labelled == tok("An alcohol.", add_special_tokens=False)["input_ids"] + [eot]
+    assert int(batch["slot_mask"][0].sum()) == C.N_TOKENS
+
+
+def test_load_base_casts_and_keeps_the_weights_hash():
+    fp32, bf16 = models.load_base("smoke"), models.load_base("smoke", dtype=torch.bfloat16, device="cpu")
+    assert bf16.model.dtype == torch.bfloat16 and fp32.model.dtype == torch.float32
+    assert bf16.weights_sha256 == fp32.weights_sha256
+
+
+@pytest.fixture()
+def paper_standin(tmp_path):
+    """A LLaMA-3-style checkpoint folder (tiny LLaMA, tokenizer without a pad token) for ``load_paper``."""
+    tiny = models.load_smoke(seed=3, num_layers=2, hidden_size=32)
+    tok = _llama3_tokenizer()
+    tok.pad_token = None
+    tiny.model.resize_token_embeddings(len(tok))
+    tiny.model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_load_paper_sets_a_pad_token_and_hashes_the_weights(paper_standin):
+    loaded = models.load_paper(str(paper_standin))
+    assert loaded.tokenizer.pad_token == "<|eot_id|>" and loaded.model.config.pad_token_id == loaded.tokenizer.pad_token_id
+    sha = hashlib.sha256((paper_standin / "model.safetensors").read_bytes()).hexdigest()
+    assert loaded.weights_sha256 == hashlib.sha256(f"model.safetensors {sha}\n".encode()).hexdigest()
+
+
+def test_paper_scale_trains_an_r8_cell_lora(paper_standin, tmp_path):
+    """``esmerge train --scale paper --modality cell`` as a library call, on the stand-in base."""
+    base = models.load_paper(str(paper_standin))
+    spec = S.train_for_scale("paper", "cell", tmp_path / "cell", base=base, examples=C.smoke_examples("cell"),
+                             steps=3, progress=False)
+    card = json.loads((tmp_path / "cell" / "card.json").read_text())
+    assert card["scale"] == "paper" and card["max_tokens"] == 384 and card["base_weights_sha256"] == base.weights_sha256
+    assert (card["lora"]["r"], card["lora"]["lora_alpha"]) == (8, 32) and spec.projector is None
+    assert S.load_specialist(tmp_path / "cell", base).adapter.state.keys() == spec.adapter.state.keys()
