@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     marker = args.out / FILES[-1]
     if marker.exists() and not args.force:
         raise OutputExistsError(f"{marker} exists: pass --force to recompute the yardstick")
+    evaluate.paper_results()  # fail now, not after minutes of retrieval, if the reference is missing
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()

@@ -6,7 +6,7 @@ as a row in every results table and claims register:
 * ``"majority"`` -- always the majority label of the **context pool** (never of the evaluation
   rows, which would leak their labels);
 * ``"knn-shots"`` -- the majority label of the shots each prompt shows (the very examples
-  ``evaluate.retrieve_examples`` hands the LLM). A tied vote (an even number of shots, or fewer
+  ``evaluate.evaluate`` puts in the LLM's prompt). A tied vote (an even number of shots, or fewer
   shots than asked) goes to the context-pool majority.
 
 A tie in the context pool itself (exactly as many positives as negatives) goes to y = 0.
@@ -122,16 +122,18 @@ def scale_pools(benchmark: str, config: "evaluate.EvalConfig") -> tuple[pd.DataF
 
 
 def yardstick_runs(benchmark: str, config: "evaluate.EvalConfig", *,
-                   pools: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> dict[str, dict]:
+                   pools: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+                   retrieval: "evaluate.RetrievalCache | None" = None) -> dict[str, dict]:
     """``{"majority": result, "knn-shots": result}`` at the evaluation's pools and shots.
 
-    The shots come from ``evaluate.ContextIndex`` + ``evaluate.retrieve_examples`` with
-    ``config.n_shots``: the code path that picks the LLM's in-context examples.
+    The shots come from ``evaluate.RetrievalCache.shots`` with ``config.n_shots``: the call that
+    picks the LLM's in-context examples in ``evaluate.evaluate`` (pass the sweep's
+    ``EvalSession.retrieval`` to reuse its shots).
     """
     started = time.time()
     eval_df, context_df = pools if pools is not None else scale_pools(benchmark, config)
-    index = evaluate.ContextIndex(context_df, benchmarks.spec(benchmark).kind)
-    shots = [evaluate.retrieve_examples(index, row, config.n_shots) for _, row in eval_df.iterrows()]
+    retrieval = retrieval if retrieval is not None else evaluate.RetrievalCache()
+    _, shots = retrieval.shots(benchmarks.spec(benchmark).kind, benchmark, eval_df, context_df, config.n_shots)
     return yardstick_from_shots(benchmark, eval_df, context_df, shots, config, time.time() - started)
 
 
@@ -143,12 +145,13 @@ def yardstick_run(benchmark: str, config: "evaluate.EvalConfig", method: str = "
     return yardstick_runs(benchmark, config, pools=pools)[method]
 
 
-def yardstick_all(names: Iterable[str], config: "evaluate.EvalConfig") -> dict[str, dict[str, dict]]:
+def yardstick_all(names: Iterable[str], config: "evaluate.EvalConfig",
+                  retrieval: "evaluate.RetrievalCache | None" = None) -> dict[str, dict[str, dict]]:
     """``{method: {benchmark: result}}`` over benchmarks ``names``: the shape ``evaluate.results_table``
     and ``evaluate.claims`` take."""
     out: dict[str, dict[str, dict]] = {m: {} for m in METHODS}
     for bench in names:
-        for method, result in yardstick_runs(bench, config).items():
+        for method, result in yardstick_runs(bench, config, retrieval=retrieval).items():
             out[method][bench] = result
     return out
 

@@ -38,8 +38,9 @@ def test_knn_vote_on_a_hand_made_pool_where_the_answer_is_known():
     assert knn["example_ids"] == ["10", "11", "12", "13"] and knn["n"] == 4 and knn["n_context"] == 10
     assert knn["scores"][0] == [0.0, 1.0]  # all three shots positive
     # the shots voted on are exactly the ones evaluate retrieves for the prompt
+    _, shots = ev.RetrievalCache().shots("cyp-inh", "CYP1A2", queries, context, 3)
     index = ev.ContextIndex(context, "cyp-inh")
-    shots = [ev.retrieve_examples(index, q, 3) for _, q in queries.iterrows()]
+    assert shots == [ev.retrieve_examples(index, q, 3) for _, q in queries.iterrows()]
     assert all(set(s) <= set(range(5)) for s in shots[:2]) and all(set(s) <= set(range(5, 10)) for s in shots[2:])
     assert ys.yardstick_from_shots("CYP1A2", queries, context, shots, config())["knn-shots"]["pred"] == knn["pred"]
     # a 5-5 pool majority ties: y = 0 by the documented rule, so always-majority scores 50 here
