@@ -172,6 +172,17 @@ def own_vs_other(swd: torch.Tensor, own_modality: list[int]) -> tuple[torch.Tens
     return own, other
 
 
+def specialisation_verdict(blocks_above: int, n_blocks: int, mean_ratio: float) -> bool:
+    """Paper Fig. 2's pattern for one specialist: SWD on its own modality exceeds the mean SWD on
+    the other modalities at a clear majority of blocks (more than half) and on average
+    (``mean_ratio`` = mean own / mean other, from ``own_vs_other``, above 1).
+
+    >>> specialisation_verdict(3, 4, 1.2), specialisation_verdict(2, 4, 1.5), specialisation_verdict(4, 4, 0.9)
+    (True, False, False)
+    """
+    return bool(blocks_above > n_blocks / 2 and mean_ratio > 1)
+
+
 def projection_stability(base_states: dict[str, torch.Tensor], specialist_states: list[dict[str, torch.Tensor]],
                          sizes=(32, 256, 1024), seeds=range(5), tau: float = 0.5, p: float = 2.0) -> dict[int, torch.Tensor]:
     """Paper Table 7 analogue: layer coefficients recomputed with several projection counts and seeds.

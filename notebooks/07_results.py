@@ -34,7 +34,7 @@
 #
 # **Scale.** At `cpu` scale the base is SmolLM2-135M, the specialists are our small LoRA
 # specialists, and each benchmark is scored on 64 examples with 3 shots instead of the paper's
-# full test sets and 5 shots (`esmerge.evaluate.CPU_DEFAULTS`), so that one model takes about
+# full test sets and 5 shots (`esmerge.scales.get("cpu").evaluation`), so that one model takes about
 # 3.5 minutes (molecules and proteins as tokens, ~290-token prompts) to 8 minutes (the base,
 # everything as text, ~430 tokens) on a 2-core CPU, 74 minutes for all 16 models
 # (`benchmarks/bench_evaluate.py` times one model). The price is width:
@@ -51,26 +51,24 @@ scale = "cpu"
 seed = 0
 n_eval = None  # None: evaluate.default_config(scale)
 n_shots = None
-benchmarks = None  # None: all 13 (smoke: one per group, evaluate.SMOKE_BENCHMARKS)
+benchmarks = None  # None: evaluate.default_benchmarks(scale) (all 13; smoke: one per group)
 methods_only = None  # None: every model found; else a list of method names
 n_resamples = 1000
 
 # %%
-import json
 from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import torch
 
 from esmerge import evaluate as ev
 from esmerge import plots
-from esmerge.adapters import load_adapter
 from esmerge.cache import atomic_write_json
-from esmerge.merge import build_context
-from esmerge.methods import contexts, report
+from esmerge.methods import contexts
 from esmerge.paths import run_dir
+from esmerge.pipeline import build_context, merge_once
+from esmerge.progress import track
 
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -100,48 +98,21 @@ print("evaluation settings:", config)
 merge_root = run_dir(scale, "06_merging")
 
 
-covers: dict[str, list[str]] = {}  # benchmarks a per-benchmark method has adapters for
-
-
-def merged_models() -> dict[str, ev.ModelUnderTest]:
-    found = {}
-    for folder in sorted(p for p in merge_root.iterdir() if p.is_dir()):
-        name = folder.name
-        if (folder / "adapter_config.json").is_file():
-            adapter = load_adapter(folder, name=name)
-            if name == "emr":
-                extras = folder / "esmerge_extras.safetensors"
-                if extras.is_file():
-                    from safetensors.torch import load_file
-
-                    adapter.extras = load_file(extras)
-                found[name] = ev.ModelUnderTest.emr(
-                    base, lambda b, a=adapter: contexts.emr_adapter_for_benchmark(a, b), projectors, name)
-            else:
-                found[name] = ev.ModelUnderTest.merged(base, adapter, projectors, name)
-        elif any((folder / b / "adapter_config.json").is_file() for b in benchmarks):
-            per_benchmark = {b: load_adapter(folder / b, name=f"{name}/{b}") for b in benchmarks
-                             if (folder / b / "adapter_config.json").is_file()}
-            covers[name] = list(per_benchmark)
-            if len(per_benchmark) < len(benchmarks):
-                print(f"{name}: adapters for {len(per_benchmark)} of {len(benchmarks)} benchmarks; evaluated on those")
-            found[name] = ev.ModelUnderTest.emr(base, per_benchmark.__getitem__, projectors, name)
-        else:
-            print(f"skipping {folder}: neither an adapter nor one adapter per evaluated benchmark")
-    for name in ("es", "es-layer", "es-element"):
-        if name not in found:
-            adapter, _ = report.merge_once(name, out / "merged" / name, context)
-            found[name] = ev.ModelUnderTest.merged(base, adapter, projectors, name)
-    return found
+merged, covers, notes = ev.merged_models(merge_root, base, projectors, benchmarks, contexts.emr_adapter_for_benchmark)
+for note in notes:
+    print(note)
+for name in ("es", "es-layer", "es-element"):
+    if name not in merged:
+        adapter, _ = merge_once(name, out / "merged" / name, context)
+        merged[name] = ev.ModelUnderTest.merged(base, adapter, projectors, name)
 
 
 models = {"base": ev.ModelUnderTest.base_only(base)}
 models.update({f"specialist-{m}": ev.ModelUnderTest.specialist(base, s) for m, s in specialists.items()})
-models.update(merged_models())
+models.update(merged)
 if methods_only:
     models = {k: v for k, v in models.items() if k in methods_only}
-pd.DataFrame([{"method": k, "adapter": "per benchmark" if m.adapter_for_benchmark else ("yes" if m.adapter else "none"),
-               "modalities as tokens": ", ".join(sorted(m.projectors)) or "none"} for k, m in models.items()])
+ev.models_table(models)
 
 # %% [markdown]
 # ## Evaluation
@@ -150,11 +121,10 @@ pd.DataFrame([{"method": k, "adapter": "per benchmark" if m.adapter_for_benchmar
 # model's weights, the benchmark, the pools and the settings, so an interrupted run resumes.
 
 # %%
-from tqdm.auto import tqdm
-
+session = ev.EvalSession()  # entity features, shots and the PEFT copy of the base, shared by every model
 results: dict[str, dict[str, dict]] = {}
-for name, mut in tqdm(list(models.items()), desc="models"):
-    results[name] = ev.evaluate_all(mut, covers.get(name, benchmarks), config, out_dir=out / "evals")
+for name, mut in track(list(models.items()), desc="models", unit="model"):
+    results[name] = ev.evaluate_all(mut, covers.get(name, benchmarks), config, out_dir=out / "evals", session=session)
 table = ev.summary(results)
 table.to_csv(out / "per_benchmark.csv", index=False)
 # every per-example answer, for the claims register (08_claims) and anyone re-analysing
@@ -167,7 +137,7 @@ print(f"{len(models)} models x {len(benchmarks)} benchmarks; {table['seconds'].s
 table.round(1).head(13)
 
 # %%
-overview = table.groupby("method", sort=False)[["accuracy", "macro_f1", "auroc", "predicted_positive"]].mean()
+overview = ev.overview(table)
 overview.to_csv(out / "overview.csv")
 print(f"Mean over the evaluated benchmarks per model (predicted_positive: share of positive answers); {caption}")
 overview.round(2)
@@ -223,12 +193,7 @@ ev.wide_table(t8, "accuracy")
 # scales; the question is whether the *ordering* of methods carries over.
 
 # %%
-group_rows = pd.concat([t1, t2])
-group_rows = group_rows[(group_rows["metric"] == "accuracy") & group_rows["dataset"].str.startswith("Avg.")]
-# the ablation variants' paper values are in Table 8 only
-t8_paper = t8.set_index(["method", "dataset"])["paper"]
-group_rows["paper"] = [p if pd.notna(p) else t8_paper.get((m, d), np.nan)
-                       for m, d, p in zip(group_rows["method"], group_rows["dataset"], group_rows["paper"])]
+group_rows = ev.group_averages([t1, t2], ablation=t8)  # the ablation variants' paper values are in Table 8 only
 order = list(models)
 fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharey=True)
 for ax, group in zip(axes, ev.GROUPS):
@@ -255,19 +220,8 @@ plt.show()
 # (Table 4, no unit given). Our FLOPs are counted by `torch.utils.flop_counter` at this scale.
 
 # %%
-method_dirs = {p.name: p for p in sorted(merge_root.iterdir()) if p.is_dir()}
-method_dirs.update({p.name: p for p in sorted((out / "merged").glob("*")) if p.is_dir()})
-for name, folder in list(method_dirs.items()):
-    if not (folder / "esmerge.json").is_file():  # one adapter per benchmark: sum their costs
-        metas = [json.loads(f.read_text()) for f in sorted(folder.glob("*/esmerge.json"))]
-        method_dirs.pop(name)
-        if metas:
-            summed = {"info": {"cost": {k: sum(m["info"].get("cost", {}).get(k, 0) or 0 for m in metas)
-                                        for k in ("wall_s", "flops")}}}
-            (out / "cost_sums").mkdir(exist_ok=True)
-            (out / "cost_sums" / name).mkdir(exist_ok=True)
-            (out / "cost_sums" / name / "esmerge.json").write_text(json.dumps(summed))
-            method_dirs[name] = out / "cost_sums" / name
+# a method with one merged model per benchmark (Avg. Merging + FT) reports the sum of their costs
+method_dirs = ev.merge_folders(merge_root, out / "merged")
 cost = ev.cost_table(method_dirs)
 cost.to_csv(out / "table4.csv", index=False)
 print(f"Table 4 analogue; {caption}")
