@@ -74,7 +74,7 @@ gap = pd.DataFrame({"specialist": names,
                     "mean own / other": [float(own[j].mean() / other[j].mean()) for j in range(len(names))]})
 gap.to_csv(out / "fig2_summary.csv", index=False)
 for row in gap.itertuples():
-    holds = row[2] > L / 2 and row[4] > 1
+    holds = layerwise.specialisation_verdict(row[2], L, row[4])
     print(f"{row.specialist} specialist: own-modality SWD exceeds other-modality SWD at {row[2]}/{L} blocks "
           f"(mean ratio {row[4]:.2f}); the paper's Fig. 2 pattern {'holds' if holds else 'does NOT hold'} here.")
 gap
