@@ -185,19 +185,25 @@ def run_notebooks(
 def interrupted_message(stopped: list[str], report: RunReport, executed_dir: Path, state_path: Path) -> str:
     """What Ctrl-C kept and how to resume.
 
+    >>> import tempfile
+    >>> executed = Path(tempfile.mkdtemp())
+    >>> for stem in ("00_overview", "06_merging", "07_results"):
+    ...     _ = (executed / f"{stem}.ipynb").write_text("{}")
     >>> print(interrupted_message(["07_results"], RunReport(executed=["06_merging"], skipped=["00_overview"]),
-    ...                           Path("book/executed/cpu"), Path("runs/cpu/regenerate_state.json")))
-      interrupted stopped 07_results; nothing of that run was kept (an earlier complete copy, if any, is untouched)
-                  kept: 2 notebooks complete in book/executed/cpu (00_overview, 06_merging), keys in runs/cpu/regenerate_state.json
-                  resume: run the same command again; the notebooks kept are skipped
+    ...                           executed, Path("runs/cpu/regenerate_state.json")))  # doctest: +ELLIPSIS
+      interrupted stopped 07_results: its unfinished run was discarded; its last complete copy, if any, is untouched
+                  kept: finished in this run: 06_merging; up to date: 00_overview; 3 executed notebooks in ...
+                  resume: run the same command again; finished and up-to-date notebooks are skipped (keys in runs/cpu/regenerate_state.json)
     """
-    kept = sorted(report.skipped + report.executed)
-    lines = [f"  interrupted stopped {', '.join(stopped) or 'between notebooks'}; nothing of that run was kept "
-             "(an earlier complete copy, if any, is untouched)",
-             f"              kept: {len(kept)} notebooks complete in {executed_dir}"
-             + (f" ({', '.join(kept)})" if kept else "") + f", keys in {state_path}",
-             "              resume: run the same command again; the notebooks kept are skipped"]
-    return "\n".join(lines)
+    on_disk = len(list(executed_dir.glob("[0-9][0-9]_*.ipynb")))
+    return "\n".join([
+        f"  interrupted stopped {', '.join(stopped) or 'between notebooks'}: its unfinished run was discarded; "
+        "its last complete copy, if any, is untouched",
+        f"              kept: finished in this run: {', '.join(report.executed) or 'none'}; "
+        f"up to date: {', '.join(report.skipped) or 'none'}; {on_disk} executed notebooks in {executed_dir}",
+        "              resume: run the same command again; finished and up-to-date notebooks are skipped "
+        f"(keys in {state_path})",
+    ])
 
 
 # --------------------------------------------------------------------------- products

@@ -260,7 +260,7 @@ def test_interrupt_keeps_finished_notebooks_and_leaves_no_partial(tmp_path):
     # the test means the same however pytest itself was started.
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-                            stdout=subprocess.DEVNULL, stderr=stderr)
+                            stdout=(tmp_path / "stdout.txt").open("w"), stderr=stderr)
     started = tmp_path / "runs/smoke/02_slow/started"
     deadline = time.monotonic() + 60
     while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -279,6 +279,10 @@ def test_interrupt_keeps_finished_notebooks_and_leaves_no_partial(tmp_path):
     executed = tmp_path / "book/executed/smoke"
     assert sorted(p.name for p in executed.iterdir()) == ["01_quick.ipynb"]
     assert sorted(json.loads((tmp_path / "runs/smoke/regenerate_state.json").read_text())["notebooks"]) == ["01_quick"]
+    said = (tmp_path / "stdout.txt").read_text()  # what was kept and how to resume
+    assert "interrupted stopped 02_slow: its unfinished run was discarded" in said
+    assert "kept: finished in this run: 01_quick; up to date: none; 1 executed notebooks in" in said
+    assert "resume: run the same command again" in said
 
 
 def test_notebook_without_parameters_cell_is_refused(tmp_path):
