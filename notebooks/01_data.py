@@ -36,7 +36,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from esmerge import data
+from esmerge import benchmarks as bm
+from esmerge import data_tables
 from esmerge.paths import run_dir
 
 logging.basicConfig(level=logging.WARNING)
@@ -50,20 +51,13 @@ print(f"scale={scale} seed={seed}; results in {out}")
 # The data are the same at every scale; `scale` only selects where results are written.
 
 # %%
-statuses = {s.path: s for s in data.verify()}
-entries = data.manifest()
-manifest_table = pd.DataFrame([
-    {"file": path, "bytes": e.bytes, "status": statuses[path].status, "licence": e.licence,
-     "use": ", ".join(e.tasks), "source": e.repo}
-    for path, e in entries.items()
-])
+manifest_table = data_tables.manifest_table()
 manifest_table.to_csv(out / "manifest.csv", index=False)
 display(manifest_table)
 print(f"{(manifest_table['status'] == 'ok').sum()} of {len(manifest_table)} files verified")
 
 # %%
-citations = (pd.DataFrame([{"source": e.repo, "citation": e.citation} for e in entries.values()])
-             .drop_duplicates("source").reset_index(drop=True))
+citations = data_tables.citations_table()
 citations.to_csv(out / "citations.csv", index=False)
 display(citations)
 
@@ -75,33 +69,13 @@ display(citations)
 # (PBMC 68k cell types; CCLE lines with tissue and histology). Loaders count and drop invalid rows.
 
 # %%
-corpora = {
-    "ChEBI-20 test": data.load_chebi20("test"),
-    "ChEBI-20 validation": data.load_chebi20("validation"),
-    "Swiss-Prot GO test": data.load_swissprot_go("test"),
-    "Swiss-Prot GO val": data.load_swissprot_go("val"),
-    "PBMC 68k": data.load_pbmc68k(),
-    "CCLE cell lines": data.load_ccle_cells(),
-}
-corpus_table = pd.DataFrame([
-    {"corpus": name, "rows read": df.attrs["n_read"], "rows kept": len(df),
-     "dropped": "; ".join(f"{n} {why}" for why, n in df.attrs["dropped"].items()) or "none"}
-    for name, df in corpora.items()
-])
+corpora = data_tables.load_corpora()
+corpus_table = data_tables.corpus_table(corpora)
 corpus_table.to_csv(out / "corpora.csv", index=False)
 display(corpus_table)
 
 # %%
-examples = pd.DataFrame([
-    {"corpus": "ChEBI-20", "input": corpora["ChEBI-20 test"]["smiles"].iloc[0],
-     "text": corpora["ChEBI-20 test"]["description"].iloc[0]},
-    {"corpus": "Swiss-Prot GO", "input": corpora["Swiss-Prot GO test"]["sequence"].iloc[0][:60] + "...",
-     "text": corpora["Swiss-Prot GO test"]["description"].iloc[0]},
-    {"corpus": "PBMC 68k", "input": ", ".join(corpora["PBMC 68k"]["genes"].iloc[0][:10]) + ", ...",
-     "text": corpora["PBMC 68k"]["cell_type"].iloc[0]},
-    {"corpus": "CCLE", "input": ", ".join(corpora["CCLE cell lines"]["genes"].iloc[0][:10]) + ", ...",
-     "text": "{site}, {histology}".format(**corpora["CCLE cell lines"].iloc[0])},
-])
+examples = data_tables.corpus_examples(corpora)
 with pd.option_context("display.max_colwidth", 120):
     display(examples)
 
@@ -113,13 +87,13 @@ with pd.option_context("display.max_colwidth", 120):
 # paper's test-split counts (see `data_manifest/processing.md`).
 
 # %%
-balance = data.label_balance()
+balance = bm.label_balance()
 balance.to_csv(out / "label_balance.csv", index=False)
 display(balance)
 
 # %%
-titles = {"mol-prot": "Molecule-protein interaction", "cyp-inhibition": "CYP inhibition",
-          "cyp-substrate": "CYP substrate", "mol-cell": "Molecule-cell interaction"}
+titles = {"Mol-Prot": "Molecule-protein interaction", "CYP Inh.": "CYP inhibition",
+          "CYP Sub.": "CYP substrate", "Mol-Cell": "Molecule-cell interaction"}
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), gridspec_kw={"width_ratios": [3, 5, 3, 2]})
 for ax, (group, title) in zip(axes, titles.items()):
     part = balance[balance["group"] == group]
@@ -148,17 +122,9 @@ plt.show()
 # drug is left out as ambiguous by our binarisation rule.
 
 # %%
-benchmarks = {name: data.load_benchmark(name) for name in data.BENCHMARKS}
-dropped = pd.DataFrame([
-    {"benchmark": name, "reason": why, "rows": n}
-    for name, df in benchmarks.items() for why, n in df.attrs["dropped"].items()
-], columns=["benchmark", "reason", "rows"])
-counts = pd.DataFrame([
-    {"benchmark": name, "group": data.BENCHMARKS[name].group, "rows read": df.attrs["n_read"],
-     "rows kept": len(df), "rows dropped": df.attrs["n_read"] - len(df),
-     "labels (1 / 0)": f"{data.BENCHMARKS[name].positive} / {data.BENCHMARKS[name].negative}"}
-    for name, df in benchmarks.items()
-])
+benchmarks = {name: bm.load_benchmark(name) for name in bm.BENCHMARKS}
+counts = data_tables.benchmark_counts(benchmarks)
+dropped = data_tables.dropped_rows(benchmarks)
 counts.to_csv(out / "benchmark_counts.csv", index=False)
 dropped.to_csv(out / "dropped_rows.csv", index=False)
 display(counts)
@@ -172,16 +138,7 @@ display(dropped)
 # (benchmarks smaller than the requested pools are scaled down to fit).
 
 # %%
-rows = []
-for name, df in benchmarks.items():
-    scale_down = min(1.0, len(df) / (n_eval + n_context))
-    ev, ctx = data.split_pools(df, int(n_eval * scale_down), int(n_context * scale_down), seed=seed)
-    assert not set(ev.index) & set(ctx.index)
-    rows.append({"benchmark": name, "n_eval": len(ev), "n_context": len(ctx),
-                 "positive fraction (all)": round(df["y"].mean(), 3),
-                 "positive fraction (eval)": round(ev["y"].mean(), 3),
-                 "positive fraction (context)": round(ctx["y"].mean(), 3)})
-pools = pd.DataFrame(rows)
+pools = data_tables.pool_balance(benchmarks, n_eval, n_context, seed)
 pools.to_csv(out / "pools.csv", index=False)
 display(pools)
 display(Markdown(f"Pools drawn with seed={seed}, requested n_eval={n_eval}, n_context={n_context} (scale={scale})."))
