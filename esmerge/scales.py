@@ -73,7 +73,7 @@ SCALES = {
                                 benchmarks=("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate")),
         notebook_seconds=(("00_overview", 8), ("01_data", 25), ("02_specialists", 16), ("03_probe", 19),
                           ("04_layerwise", 28), ("05_elementwise", 32), ("06_merging", 54),
-                          ("07_results", 403), ("08_claims", 3))),
+                          ("07_results", 403))),
     # cpu: SmolLM2's tokenizer spends ~4.5 tokens per gene symbol, hence 12 genes per cell.
     "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe(),
                        notebook_seconds=(("00_overview", 3), ("01_data", 12), ("02_specialists", 39),

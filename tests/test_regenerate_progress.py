@@ -6,6 +6,7 @@ import io
 import json
 import re
 import time
+from pathlib import Path
 
 import nbformat
 
@@ -85,3 +86,16 @@ def test_on_a_terminal_the_block_is_redrawn_in_place_and_cleared_for_log_lines(t
     assert len(drawn) >= 2  # redrawn, not appended once
     # Every drawn line is erased again (cursor up + erase line), so the terminal ends clean.
     assert text.count("\x1b[1A\x1b[2K") == text.count("\n")
+
+
+def test_estimates_before_a_first_run_are_the_figures_of_the_rerun_page():
+    """scales.ScaleConfig.notebook_seconds is the machine-readable copy of book/rerun.md's table: keep them equal."""
+    from esmerge import scales
+
+    rows = re.findall(r"^\| `(\d\d_\w+)` \| ([^|]*)\|[^|]*\| ([^|]*)\|$",
+                      (Path(rg.__file__).resolve().parents[1] / "book" / "rerun.md").read_text(), re.M)
+    assert len(rows) >= 9, "the per-notebook table of book/rerun.md changed shape"
+    smoke_cold = {stem: float(m.group(1)) for stem, cold, _ in rows if (m := re.match(r"\s*(\d+) s", cold))}
+    cpu = {stem: float(re.match(r"\s*(\d+) s", col).group(1)) for stem, _, col in rows}
+    assert dict(scales.get("smoke").notebook_seconds) == smoke_cold
+    assert dict(scales.get("cpu").notebook_seconds) == cpu
