@@ -2,8 +2,8 @@
 
 The three adapters are the scale's LoRA layout with random A and B (seeded), so this needs no
 trained specialist and no data: it measures the methods, not the models' quality. AdaMerging
-and Avg+FT run on short synthetic text prompts with the generic objectives of
-``esmerge.methods.functional`` (entropy over two label tokens; causal-LM loss).
+and Avg+FT run on short synthetic text prompts with the production objectives of
+``esmerge.methods.contexts`` (entropy of the two-label answer distribution; gold-answer NLL).
 
     python benchmarks/bench_methods.py --scale cpu
     python benchmarks/bench_methods.py --scale smoke --methods avg ties graft
@@ -16,9 +16,9 @@ import time
 import pandas as pd
 import torch
 
-from esmerge import methods
+from esmerge import evaluate, methods
 from esmerge.adapters import adapter_from_model
-from esmerge.methods.functional import causal_lm_loss, entropy_objective
+from esmerge.methods.contexts import answer_nll_loss, label_entropy_objective
 from esmerge.models import load_base, lora_config
 
 OURS = ("avg", "ties", "emr", "pcb", "consensus", "graft", "ls-merge", "adamerging", "avg-ft")
@@ -56,12 +56,13 @@ def main(argv=None) -> pd.DataFrame:
     base, model, adapters = random_adapters(args.scale)
     if base.tokenizer.pad_token is None:  # SmolLM2's tokenizer ships without one
         base.tokenizer.pad_token = base.tokenizer.eos_token
-    enc = base.tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    batches = [{"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}]
-    label_ids = [base.tokenizer(" Yes").input_ids[-1], base.tokenizer(" No").input_ids[-1]]
-    train = [{**batches[0], "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100)}]
-    context = {"entropy_objective": entropy_objective(model, batches, label_ids),
-               "train_loss": causal_lm_loss(model), "train_batches": train}
+    tok = base.tokenizer
+    prompts = [evaluate.Prompt(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True), [], ("No", "Yes"), i % 2)
+               for i, q in enumerate(PROMPTS)]
+    batches = [evaluate.collate(prompts, tok)]
+    context = {"entropy_objective": label_entropy_objective(model, batches, {}),
+               "train_loss": answer_nll_loss(model, {}), "train_batches": batches}
     extra = {"adamerging": {"steps": args.steps, "progress": False},
              "avg-ft": {"epochs": args.steps, "progress": False},
              "ls-merge": {"progress": False, **({"epochs": args.lsmerge_epochs} if args.lsmerge_epochs else {})}}

@@ -22,13 +22,29 @@ import numpy as np
 import ot
 import torch
 
+from esmerge.errors import InputError, UsageError
+
+
+def _require_finite(name: str, x: torch.Tensor) -> None:
+    """Refuse NaN/Inf loudly: a softmax of NaN is NaN, and z-scores of it silently become 0 (uniform weights)."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"{name} has {bad} NaN/Inf entries of {x.numel()}; the states or SWD it came from are broken")
+
 
 def sliced_projections(dim: int, n_projections: int = 1024, seed: int = 0) -> torch.Tensor:
     """Seeded unit directions ``[dim, n_projections]`` (float64), identical on every backend.
 
     Drawn with NumPy from ``seed`` (POT's ``get_random_projections``), then converted, so the
     same seed gives the same SWD on CPU, GPU, NumPy or torch.
+
+    >>> sliced_projections(3, 0)
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: n_projections must be an integer >= 1, got 0 (an SWD over no directions is NaN)
     """
+    if isinstance(n_projections, bool) or not isinstance(n_projections, int) or n_projections < 1:
+        raise UsageError(f"n_projections must be an integer >= 1, got {n_projections!r} (an SWD over no directions is NaN)")
     return torch.from_numpy(np.asarray(ot.sliced.get_random_projections(dim, n_projections, seed=seed)))
 
 
@@ -123,8 +139,8 @@ def layer_changes(swd: torch.Tensor) -> torch.Tensor:
 
 def softmax_over_specialists(scores: torch.Tensor, tau: float) -> torch.Tensor:
     """Softmax along dim 0 (specialists) with temperature ``tau`` (> 0)."""
-    if tau <= 0:
-        raise ValueError(f"temperature tau must be > 0, got {tau}")
+    if not tau > 0:  # also refuses NaN
+        raise UsageError(f"temperature tau must be > 0, got {tau}")
     return torch.softmax(scores / tau, dim=0)
 
 
@@ -135,6 +151,7 @@ def layer_scores(swd: torch.Tensor) -> torch.Tensor:
     """
     if swd.ndim != 3:
         raise ValueError(f"swd must be [n_specialists, n_modalities, n_layers], got {tuple(swd.shape)}")
+    _require_finite("SWD table", swd)
     return zscore(layer_changes(swd), dim=-1).sum(dim=1)
 
 
@@ -149,8 +166,12 @@ def layer_coefficients(swd: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
         ``[n_specialists, n_layers]``; each column sums to 1.
 
     >>> swd = torch.tensor([[[1., 3., 4.]], [[1., 2., 3.]]])   # 2 specialists, 1 modality, 3 layers
-    >>> layer_coefficients(swd, tau=1.0).sum(0)
-    tensor([1., 1., 1.])
+    >>> bool(torch.allclose(layer_coefficients(swd, tau=1.0).sum(0), torch.ones(3)))
+    True
+    >>> layer_coefficients(torch.full((2, 1, 3), float("nan")))
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.InputError: SWD table has 6 NaN/Inf entries of 6; the states or SWD it came from are broken
     """
     return softmax_over_specialists(layer_scores(swd), tau)
 

@@ -38,7 +38,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from esmerge import plots
-from esmerge.merge import build_context
+from esmerge.pipeline import build_context
 from esmerge.methods.es import signals
 from esmerge.paths import run_dir
 

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from esmerge import layerwise, plots
-from esmerge.merge import build_context
+from esmerge.pipeline import build_context
 from esmerge.methods.es import signals
 from esmerge.paths import run_dir
 

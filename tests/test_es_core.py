@@ -63,6 +63,40 @@ def test_layer_coefficients_reject_bad_input():
         layer_coefficients(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="tau"):
         layer_coefficients(SWD_2x3x4, tau=0.0)
+    with pytest.raises(ValueError, match="tau"):
+        layer_coefficients(SWD_2x3x4, tau=float("nan"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_layer_coefficients_refuse_non_finite_swd(bad):
+    """Regression: z-scores of a NaN SWD row became 0 and the coefficients silently uniform."""
+    from esmerge.errors import InputError
+
+    swd = SWD_2x3x4.clone()
+    swd[1, 0, 2] = bad
+    with pytest.raises(InputError, match="SWD table has 1 NaN/Inf"):
+        layer_coefficients(swd)
+
+
+def test_zero_projections_are_refused_not_nan():
+    """Regression (issue 15): n_projections=0 gave SWD = NaN and uniform 1/3 coefficients, exit 0."""
+    from esmerge.errors import UsageError
+
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UsageError, match="n_projections must be an integer >= 1, got 0"):
+        swd_table({"m": x[None]}, [{"m": x[None] + 1}], n_projections=0)
+
+
+def test_combine_and_merge_lora_refuse_non_finite_coefficients():
+    from esmerge.errors import InputError
+
+    key = "layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(InputError, match="alpha"):
+        combine(torch.tensor([[float("nan")], [0.5]]), {key: torch.full((2, 2), 0.5)})
+    with pytest.raises(InputError, match=f"beta of {key}"):
+        combine(torch.full((2, 1), 0.5), {key: torch.tensor([[float("inf"), 0.5], [0.5, 0.5]])})
+    with pytest.raises(InputError, match="coefficients of w"):
+        merge_lora([{"w": torch.ones(2)}, {"w": torch.ones(2)}], {"w": torch.tensor([float("nan"), 1.0])})
 
 
 # --------------------------------------------------------------------------- SWD

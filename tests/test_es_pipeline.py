@@ -7,7 +7,8 @@ import torch
 from esmerge import methods
 from esmerge.adapters import adapter_from_model, load_adapter
 from esmerge.encoders import make_projector
-from esmerge.merge import MergeContext, run_merge
+from esmerge.errors import UsageError
+from esmerge.pipeline import MergeContext, run_merge
 from esmerge.models import load_smoke, lora_config
 
 
@@ -34,7 +35,7 @@ def random_specialists(base, seed=0):
         adapter = adapter_from_model(peft_model, modality)
         peft_model.unload()
         projector = None if modality == "cell" else make_projector(modality, base.model.get_input_embeddings(), seed=j)
-        specs[modality] = StandIn(modality, adapter, projector, {})
+        specs[modality] = StandIn(modality, adapter, projector, {"base_weights_sha256": base.weights_sha256})
     return specs
 
 
@@ -62,7 +63,7 @@ def test_es_methods_write_loadable_adapters_and_cache(context, tmp_path):
     for key, value in merged.state.items():
         stack = torch.stack([a.state[key] for a in adapters])
         assert (value <= stack.max(0).values + 1e-6).all() and (value >= stack.min(0).values - 1e-6).all()
-    cached_files = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    cached_files = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert cached_files == ["probes"] + ["scores"] * 6 + ["states", "swd"]  # scores for both distances, one pass
     # The model is clean again after merging (LoRA layers removed), and the adapter loads in PEFT.
     assert not any("lora_" in n for n, _ in context.base.model.named_parameters())
@@ -92,7 +93,7 @@ def test_code_variant_and_bad_settings(context):
     adapters = [s.adapter for s in context.specialists.values()]
     result = methods.run("es", adapters, context, variant="code", n_projections=64)
     assert result.info["settings"]["distance"] == "mse" and result.info["settings"]["tau_element"] == 0.1
-    with pytest.raises(TypeError, match="unknown ES-Merging settings"):
+    with pytest.raises(UsageError, match="unknown hyper-parameter 'tau'"):
         methods.run("es", adapters, context, tau=0.3)
     with pytest.raises(ValueError, match="needs a MergeContext"):
         methods.run("es", adapters, None)

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from esmerge import methods
+from esmerge import evaluate, methods
 from esmerge.adapters import Adapter, AdapterMismatchError, adapter_from_model, load_adapter, save_adapter, with_state
 from esmerge.methods import primitives as P
-from esmerge.methods.adamerging import coefficient_groups, combine
-from esmerge.methods.functional import causal_lm_loss, entropy_objective, lora_forward, mean_entropy
+from esmerge.methods.adamerging import coefficient_groups, layerwise_sum
+from esmerge.methods.contexts import answer_nll_loss, label_entropy_objective, module_outputs
+from esmerge.methods.objectives import lora_state_swapped, mean_entropy
 from esmerge.methods.graft import (
     compatibility_score, dual_gate_weights, global_gate, graft_matrix, weight_entropy,
 )
@@ -45,8 +46,12 @@ def smoke():
                "Cell line A549 sensitive? Answer:"]
     enc = tok(prompts, return_tensors="pt", padding=True)
     batches = [{"input_ids": enc.input_ids[i : i + 2], "attention_mask": enc.attention_mask[i : i + 2]} for i in (0, 2)]
-    label_ids = [tok(" Y").input_ids[-1], tok(" N").input_ids[-1]]
-    return {"base": base, "model": model, "adapters": adapters, "batches": batches, "label_ids": label_ids}
+    # The evaluation's own prompts and batches, as the production objectives see them.
+    asked = [evaluate.Prompt(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                     add_generation_prompt=True), [], ("No", "Yes"), y)
+             for q, y in zip(prompts, (1, 0, 1, 0))]
+    prompt_batches = [evaluate.collate(asked[i : i + 2], tok) for i in (0, 2)]
+    return {"base": base, "model": model, "adapters": adapters, "batches": batches, "prompt_batches": prompt_batches}
 
 
 def _toy_adapters(tensors: list[dict[str, torch.Tensor]]) -> list[Adapter]:
@@ -254,14 +259,14 @@ def test_adamerging_combine_is_layerwise_weighted_sum():
     assert labels == ["layer0", "layer1"]
     coeff = torch.tensor([[0.1, 1.0], [0.2, 0.0], [0.3, 0.5]])
     stacked = {k: torch.stack([a.state[k] for a in adapters]) for k in keys}
-    out = combine(stacked, coeff, dict(zip(keys, groups)))
+    out = layerwise_sum(stacked, coeff, dict(zip(keys, groups)))
     s = [a.state for a in adapters]
     torch.testing.assert_close(out[KEY_B], 0.1 * s[0][KEY_B] + 0.2 * s[1][KEY_B] + 0.3 * s[2][KEY_B])
     torch.testing.assert_close(out[KEY_A1], 1.0 * s[0][KEY_A1] + 0.5 * s[2][KEY_A1])
 
 
 def test_adamerging_lowers_entropy_on_smoke_model(smoke):
-    objective = entropy_objective(smoke["model"], smoke["batches"], smoke["label_ids"])
+    objective = label_entropy_objective(smoke["model"], smoke["prompt_batches"], {})
     result = methods.run("adamerging", smoke["adapters"], {"entropy_objective": objective},
                          steps=10, lr=0.1, progress=False, count_cost=False)
     ent = result.info["entropy"]
@@ -270,27 +275,25 @@ def test_adamerging_lowers_entropy_on_smoke_model(smoke):
     assert len(coeffs) == 3 * 4 and all(0.0 <= c <= 1.0 for c in coeffs)
 
 
-def test_lora_forward_matches_loaded_weights(smoke):
-    model, adapter = smoke["model"], smoke["adapters"][1]
-    batch = smoke["batches"][0]
-    functional = lora_forward(model, adapter.state, **batch).logits
+def test_lora_state_swapped_matches_loaded_weights(smoke):
     from peft import set_peft_model_state_dict
 
+    model, adapter = smoke["model"], smoke["adapters"][1]
+    batch = smoke["batches"][0]
+    with torch.no_grad(), lora_state_swapped(model, adapter.state):
+        swapped = model(**batch).logits
     saved = {k: v.clone() for k, v in smoke["adapters"][2].state.items()}
     set_peft_model_state_dict(model, adapter.state)
     with torch.no_grad():
         direct = model(**batch).logits
     set_peft_model_state_dict(model, saved)
-    torch.testing.assert_close(functional, direct)
+    torch.testing.assert_close(swapped, direct)
     assert float(mean_entropy(torch.tensor([[0.0, 0.0]]))) == pytest.approx(math.log(2))
 
 
 def test_avg_ft_lowers_training_loss(smoke):
-    tok = smoke["base"].tokenizer
-    enc = tok(["Is CCO toxic? Answer: Yes", "Is CCC toxic? Answer: No"], return_tensors="pt", padding=True)
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    batches = [{"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}]
-    context = {"train_loss": causal_lm_loss(smoke["model"]), "train_batches": batches, "benchmark": "toy"}
+    context = {"train_loss": answer_nll_loss(smoke["model"], {}), "train_batches": smoke["prompt_batches"],
+               "benchmark": "toy"}
     result = methods.run("avg-ft", smoke["adapters"], context, epochs=4, lr=2e-2, progress=False)
     assert result.info["loss"]["last"] < result.info["loss"]["first"]
     assert result.info["cost"]["flops"] > 0 and result.info["benchmark"] == "toy"
@@ -298,13 +301,10 @@ def test_avg_ft_lowers_training_loss(smoke):
 
 # --------------------------------------------------------------------------- end to end + bad input
 def _context(smoke):
-    tok = smoke["base"].tokenizer
-    enc = tok(["Is CCO toxic? Answer: Yes"], return_tensors="pt")
-    train = [{"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": enc.input_ids}]
     return {
-        "entropy_objective": entropy_objective(smoke["model"], smoke["batches"], smoke["label_ids"]),
-        "train_loss": causal_lm_loss(smoke["model"]),
-        "train_batches": train,
+        "entropy_objective": label_entropy_objective(smoke["model"], smoke["prompt_batches"], {}),
+        "train_loss": answer_nll_loss(smoke["model"], {}),
+        "train_batches": smoke["prompt_batches"][:1],
     }
 
 
@@ -372,9 +372,7 @@ def test_training_methods_refuse_missing_context(smoke):
         methods.run("avg-ft", smoke["adapters"], {"train_loss": lambda s, b: 0})
 
 
-def test_lora_state_swapped_matches_functional_call_and_restores(smoke):
-    from esmerge.methods.functional import lora_state_swapped
-
+def test_lora_state_swapped_is_differentiable_and_restores(smoke):
     model, batch = smoke["model"], smoke["batches"][1]
     state = {k: v.clone().requires_grad_(True) for k, v in smoke["adapters"][0].state.items()}
     before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
@@ -382,7 +380,6 @@ def test_lora_state_swapped_matches_functional_call_and_restores(smoke):
         swapped = model(**batch).logits
     swapped.sum().backward()
     assert all(v.grad is not None for v in state.values())
-    torch.testing.assert_close(swapped, lora_forward(model, state, **batch).logits)
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], p) and isinstance(after[n], torch.nn.Parameter) for n, p in before.items())
     with pytest.raises(KeyError, match="no LoRA parameter"):
@@ -428,33 +425,32 @@ def test_delta_weight_norms_and_cosine_worked_example():
 def test_merge_once_resumes_and_reruns_on_new_hparams(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from esmerge.merge import MergeContext
-    from esmerge.methods import report
+    from esmerge.adapters import load_merged
+    from esmerge.pipeline import MergeContext, merge_once
 
     specs = {m: SimpleNamespace(modality=m, adapter=a, projector=None) for m, a in zip(MODALITIES, _random_toy(8))}
     context = MergeContext(base=None, specialists=specs, scale="smoke")
     calls = []
     real = methods.run
     monkeypatch.setattr(methods, "run", lambda *a, **k: calls.append(k) or real(*a, **k))
-    first, meta = report.merge_once("ties", tmp_path / "ties", context, keep=0.5)
-    again, _ = report.merge_once("ties", tmp_path / "ties", context, keep=0.5)
+    first, meta = merge_once("ties", tmp_path / "ties", context, keep=0.5)
+    again, _ = merge_once("ties", tmp_path / "ties", context, keep=0.5)
     assert len(calls) == 1 and meta["info"]["hparams"]["keep"] == 0.5
     torch.testing.assert_close(first.state[KEY_A], again.state[KEY_A])
-    report.merge_once("ties", tmp_path / "ties", context, keep=0.3)
+    merge_once("ties", tmp_path / "ties", context, keep=0.3)
     assert len(calls) == 2
-    merged_emr, _ = report.merge_once("emr", tmp_path / "emr", context)
+    merged_emr, _ = merge_once("emr", tmp_path / "emr", context)
     assert any(k.endswith(".rescale") for k in merged_emr.extras)
     fresh = methods.run("emr", [s.adapter for s in specs.values()])
     for key in (KEY_A, KEY_B):  # masks and rescalers survive the round trip through the directory
-        torch.testing.assert_close(emr_task_adapter(report.load_merged(tmp_path / "emr"), "protein").state[key],
+        torch.testing.assert_close(emr_task_adapter(load_merged(tmp_path / "emr").adapter, "protein").state[key],
                                    emr_task_adapter(fresh, "protein").state[key])
 
 
 def test_evaluation_backed_objectives_match_loaded_model(smoke):
     from peft import set_peft_model_state_dict
 
-    from esmerge import evaluate
-    from esmerge.methods.contexts import answer_nll_loss, label_entropy_objective, trainable_copy
+    from esmerge.methods.contexts import trainable_copy
 
     tok = smoke["base"].tokenizer
     prompts = [evaluate.Prompt(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
@@ -505,16 +501,16 @@ def test_scope_tensor_thresholds_each_lora_tensor_and_model_scope_can_erase_b():
         methods.run("ties", adapters, scope="layer")
 
 
-def test_collect_activations_feeds_compatibility(smoke):
-    from esmerge.methods.graft import collect_activations
-
-    acts = collect_activations(smoke["model"], smoke["batches"], lambda n: n.endswith("mlp.down_proj"))
-    assert len(acts) == 4 and all(len(v) == 2 for v in acts.values())  # 4 layers x 2 batches
-    assert acts[next(iter(acts))][0].shape[-1] == 64
-    score = compatibility_score(acts)
+def test_module_outputs_feed_compatibility(smoke):
+    model, batches = smoke["model"], smoke["batches"]
+    with torch.no_grad():
+        acts = module_outputs(model, lambda: [model(**b) for b in batches], lambda n: n.endswith("mlp.down_proj"))
+    assert len(acts) == 4  # 4 layers; the first forward pass only
+    assert acts[next(iter(acts))].shape == (*batches[0]["input_ids"].shape, 64)
+    score = compatibility_score({k: [v] for k, v in acts.items()})
     assert 0.0 <= score["compatibility"] <= 1.0 and set(score["rho"]) == set(acts)
     with pytest.raises(ValueError, match="matched no module"):
-        collect_activations(smoke["model"], smoke["batches"], lambda n: False)
+        module_outputs(model, lambda: model(**batches[0]), lambda n: False)
 
 
 def test_every_method_and_specialist_has_its_own_colour():

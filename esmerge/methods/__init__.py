@@ -1,12 +1,21 @@
 """One registry of merging methods, looked up by name everywhere (CLI, notebooks, tests).
 
+The methods, grouped by idea:
+
+* training-free, parameter space: ``static`` (Average, TIES, EMR, PCB, Consensus, built from
+  ``primitives``) and ``graft`` (Graft's dual-gate fusion);
+* data- or training-driven: ``es`` (ES-Merging and its ablations, from probe embeddings),
+  ``adamerging`` (test-time entropy), ``finetune`` (Avg+FT), ``lsmerge`` (a VAE over parameters);
+* what the training methods optimise: ``objectives`` (differentiable model calls with a given
+  LoRA state, entropy, answer NLL) and ``contexts`` (which prompts they see);
+* ``report``: comparing merged adapters.
+
 Every method has the same signature::
 
     fn(adapters: list[Adapter], context: MergeContext | None = None, **hparams) -> MergeResult
 
-``adapters`` are the specialists' LoRA adapters in a fixed modality order (molecule, protein,
-cell). Parameter-space methods ignore ``context``; methods that need a model or data
-(ES-Merging, AdaMerging, Avg+FT, Graft's compatibility score) read it from ``context``.
+and declares its hyper-parameters (``HParam``: name, type, default, range) on its registry
+entry, so ``validate`` converts or refuses ``--set`` values before any model is loaded.
 """
 from __future__ import annotations
 
@@ -14,7 +23,12 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from esmerge.adapters import Adapter
+from esmerge.adapters import Adapter, check_compatible
+from esmerge.errors import UsageError
+from esmerge.methods.hparams import HParam, check_all, parse_set
+
+__all__ = ["HParam", "MergeMethod", "MergeResult", "UnknownMethodError", "describe", "get", "names", "parse_set",
+           "register", "run", "validate"]
 
 
 @dataclass
@@ -32,6 +46,14 @@ class MergeMethod:
     reference: str
     fn: Callable[..., MergeResult]
     needs_context: bool = False
+    hparams: tuple[HParam, ...] = ()
+
+
+class UnknownMethodError(UsageError, KeyError):
+    """A method name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -46,13 +68,14 @@ _METHOD_MODULES = (
 )
 
 
-def register(name: str, pretty_name: str, reference: str, needs_context: bool = False):
-    """Decorator adding a merge function to the registry under ``name``."""
+def register(name: str, pretty_name: str, reference: str, needs_context: bool = False,
+             hparams: tuple[HParam, ...] = ()):
+    """Decorator adding a merge function to the registry under ``name`` with its declared ``hparams``."""
 
     def wrap(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = MergeMethod(name, pretty_name, reference, fn, needs_context)
+        METHODS[name] = MergeMethod(name, pretty_name, reference, fn, needs_context, tuple(hparams))
         return fn
 
     return wrap
@@ -64,9 +87,14 @@ def _load_all() -> None:
 
 
 def get(name: str) -> MergeMethod:
+    """The registered method ``name``; an ``UnknownMethodError`` listing the available ones.
+
+    >>> get("avg").pretty_name
+    'Avg. Merging'
+    """
     _load_all()
     if name not in METHODS:
-        raise KeyError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}")
+        raise UnknownMethodError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
@@ -75,12 +103,42 @@ def names() -> list[str]:
     return sorted(METHODS)
 
 
-def run(name: str, adapters: list[Adapter], context: Any = None, **hparams) -> MergeResult:
-    """Merge ``adapters`` with the method registered as ``name``."""
-    from esmerge.adapters import check_compatible
+def validate(name: str, hparams: dict) -> dict:
+    """``hparams`` converted to their declared types; a one-line ``UsageError`` for an unknown
+    method, an unknown key or a value out of range. Needs no model: call it first.
 
+    >>> validate("ties", {"keep": "0.5", "scope": "model"})
+    {'keep': 0.5, 'scope': 'model'}
+    >>> validate("es", {"tau": 0.1})
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: es: unknown hyper-parameter 'tau'; known: distance, equal_size, n_projections, p, per_tensor, seed, standardize, tau_element, tau_layer, variant
+    """
+    return check_all(name, get(name).hparams, dict(hparams))
+
+
+def describe(name: str | None = None) -> list[dict]:
+    """One row per (method, hyper-parameter): what ``esmerge methods`` lists.
+
+    >>> [r["parameter"] for r in describe("pcb")]
+    ['drop', 'scale', 'scope']
+    """
+    rows = []
+    for method in ([get(name)] if name else [get(n) for n in names()]):
+        if not method.hparams:
+            rows.append({"method": method.name, "name": method.pretty_name, "parameter": "", "type": "",
+                         "default": "", "range": "", "doc": "no hyper-parameters"})
+        for h in method.hparams:
+            rows.append({"method": method.name, "name": method.pretty_name, "parameter": h.name,
+                         "type": h.type.__name__, "default": h.default, "range": h.range_text(), "doc": h.doc})
+    return rows
+
+
+def run(name: str, adapters: list[Adapter], context: Any = None, **hparams) -> MergeResult:
+    """Merge ``adapters`` with the method registered as ``name`` (hyper-parameters validated first)."""
     method = get(name)
+    hparams = validate(name, hparams)
     check_compatible(adapters)
     if method.needs_context and context is None:
-        raise ValueError(f"merge method {name!r} needs a MergeContext (model, probes or data)")
+        raise UsageError(f"merge method {name!r} needs a MergeContext (model, probes or data)")
     return method.fn(adapters, context, **hparams)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from esmerge.adapters import Adapter, parse_key, with_state
-from esmerge.methods import MergeResult, register
-from esmerge.methods.functional import count_flops, from_context
+from esmerge.methods import HParam, MergeResult, register
+from esmerge.methods.objectives import count_flops, from_context
 from esmerge.methods.static import task_names
+from esmerge.progress import track
 
 
 def coefficient_groups(keys: list[str], granularity: str = "layer") -> tuple[list[int], list[str]]:
@@ -34,7 +34,7 @@ def coefficient_groups(keys: list[str], granularity: str = "layer") -> tuple[lis
     return [index[parse_key(k)[0]] for k in keys], [f"layer{layer}" for layer in layers]
 
 
-def combine(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor, groups: dict[str, int]) -> dict[str, torch.Tensor]:
+def layerwise_sum(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor, groups: dict[str, int]) -> dict[str, torch.Tensor]:
     r"""Layer-wise weighted sum :math:`\sum_t \lambda_t^{g(k)} \tau_t^k` (paper Eq. 1 with per-layer :math:`\lambda`).
 
     stacked : ``{key: Tensor (T, *shape)}``; coefficients : Tensor, shape (T, G);
@@ -47,14 +47,20 @@ def combine(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor, groups
     return out
 
 
-@register("adamerging", "AdaMerging (layer-wise)", "https://arxiv.org/abs/2310.02575", needs_context=True)
+@register("adamerging", "AdaMerging (layer-wise)", "https://arxiv.org/abs/2310.02575", needs_context=True, hparams=(
+    HParam("steps", int, 500, low=0, doc="Adam steps"),
+    HParam("lr", float, 1e-3, low=0.0, low_open=True, doc="Adam learning rate"),
+    HParam("init", float, 0.3, low=0.0, high=1.0, doc="initial value of every coefficient"),
+    HParam("granularity", str, "layer", choices=("layer", "tensor"), doc="one coefficient per block or per LoRA tensor"),
+    HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),
+    HParam("progress", bool, True, doc="show a progress bar")))
 def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: float = 1e-3, init: float = 0.3,
                granularity: str = "layer", count_cost: bool = True, progress: bool = True) -> MergeResult:
     r"""Layer-wise AdaMerging: learn :math:`\lambda_t^l` by entropy minimisation (AdaMerging Eqs. 5-6).
 
     ``context.entropy_objective(state) -> scalar`` must return the mean Shannon entropy of
     the model's two-label answer distribution on (a batch of) unlabeled test prompts when the
-    model carries the LoRA ``state`` (see :func:`esmerge.methods.functional.entropy_objective`).
+    model carries the LoRA ``state`` (see :func:`esmerge.methods.objectives.label_entropy_objective`).
 
     Parameters
     ----------
@@ -84,8 +90,8 @@ def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: floa
     history: list[float] = []
 
     def train():
-        for _ in tqdm(range(steps), desc="adamerging", disable=not progress, leave=False):
-            loss = objective(combine(stacked, coefficients, groups))
+        for _ in track(range(steps), desc="adamerging", unit="step", disable=not progress):
+            loss = objective(layerwise_sum(stacked, coefficients, groups))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -95,8 +101,8 @@ def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: floa
 
     _, flops = count_flops(train, enabled=count_cost)
     with torch.no_grad():
-        final_entropy = float(objective(combine(stacked, coefficients, groups)))
-        state = {k: v.detach().clone() for k, v in combine(stacked, coefficients, groups).items()}
+        final_entropy = float(objective(layerwise_sum(stacked, coefficients, groups)))
+        state = {k: v.detach().clone() for k, v in layerwise_sum(stacked, coefficients, groups).items()}
     names = task_names(adapters)
     info = {
         "hparams": {"steps": steps, "lr": lr, "init": init, "granularity": granularity},

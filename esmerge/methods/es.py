@@ -15,9 +15,12 @@ import time
 
 import torch
 
-from esmerge.adapters import Adapter, attach, with_state
-from esmerge.cache import atomic_torch_save, cached, content_key
-from esmerge.methods import MergeResult, register
+from esmerge import elementwise, layerwise, probe
+from esmerge.adapters import Adapter, adapter_digest, attach, with_state
+from esmerge.cache import atomic_torch_save, cached, content_key, tensor_digest
+from esmerge.errors import UsageError
+from esmerge.merge import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
+from esmerge.methods import HParam, MergeResult, register
 
 # Bumped whenever the element-score computation changes, so stale cached scores are never reused
 # (2: gradients taken w.r.t. the active adapter only, when several adapters are attached).
@@ -26,16 +29,30 @@ PAPER_SETTINGS = dict(n_projections=1024, p=2.0, tau_layer=0.5, tau_element=0.5,
                       per_tensor=False, standardize=False, equal_size=None)
 CODE_SETTINGS = dict(PAPER_SETTINGS, tau_element=0.1, distance="mse", per_tensor=True, standardize=True,
                      equal_size="min")
+# Declared defaults are the paper's; ``variant="code"`` changes those not given (see CODE_SETTINGS).
+HPARAMS = (
+    HParam("variant", str, "paper", choices=("paper", "code"), doc="paper settings, or the official code's"),
+    HParam("n_projections", int, 1024, low=1, doc="SWD projections (an SWD of 0 projections is NaN)"),
+    HParam("p", float, 2.0, low=1.0, doc="SWD order"),
+    HParam("tau_layer", float, 0.5, low=0.0, low_open=True, doc="layer softmax temperature (Eq. 2)"),
+    HParam("tau_element", float, 0.5, low=0.0, low_open=True, doc="element softmax temperature (Eq. 3); code: 0.1"),
+    HParam("distance", str, "frobenius", choices=tuple(elementwise.DISTANCES), doc="token distance; code: mse"),
+    HParam("per_tensor", bool, False, doc="z-score element scores per LoRA tensor, not per layer; code: true"),
+    HParam("standardize", bool, False, doc="jointly z-score states before SWD; code: true"),
+    HParam("equal_size", int, None, low=1, also=("min",), nullable=True,
+           doc="subsample probes before SWD; 'min': all K (code); null: none"),
+    HParam("seed", int, 0, doc="seed of the probe sample and the SWD projections"),
+)
 
 
 def resolve_settings(variant: str = "paper", **overrides) -> dict:
     """Paper or official-code defaults, with explicit overrides applied on top."""
     if variant not in ("paper", "code"):
-        raise ValueError(f"variant must be 'paper' or 'code', got {variant!r}")
+        raise UsageError(f"es: variant must be 'paper' or 'code', got {variant!r}")
     settings = dict(PAPER_SETTINGS if variant == "paper" else CODE_SETTINGS)
     unknown = set(overrides) - set(settings) - {"seed"}
     if unknown:
-        raise TypeError(f"unknown ES-Merging settings: {sorted(unknown)}; known: {sorted(settings)}")
+        raise UsageError(f"es: unknown ES-Merging settings {sorted(unknown)}; known: {sorted(settings)}")
     settings.update({k: v for k, v in overrides.items() if k != "seed"})
     return settings
 
@@ -48,10 +65,6 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     Every intermediate is stored under ``context.cache`` keyed by what produced it, so a rerun
     is instant and an interrupted run resumes at the first missing piece.
     """
-    from esmerge import elementwise, layerwise, probe
-    from esmerge.cache import tensor_digest
-    from esmerge.merge import adapter_digest
-
     settings = resolve_settings(**settings)
     base = context.base
     names = list(context.specialists)
@@ -107,19 +120,25 @@ def _training_cells(context) -> set:
     return set(card.get("training_cells", []))
 
 
+def coefficients_from_signals(sig: dict, template, settings: dict, use_layer: bool = True, use_element: bool = True):
+    """``(alpha [S, L], beta {key: [S, *shape]}, lambda {key: [S, *shape]})`` from ``signals``' output.
+
+    alpha by Eq. 2 (or uniform), beta by Eq. 3 (or uniform), lambda by Eq. 4; ``template`` is one
+    adapter's LoRA state (keys and shapes of the uniform beta).
+    """
+    n, n_layers = sig["swd"].shape[0], sig["swd"].shape[-1]
+    alpha = (layerwise.layer_coefficients(sig["swd"], settings["tau_layer"]) if use_layer
+             else uniform_layer_coefficients(n, n_layers))
+    beta = (elementwise.element_coefficients(sig["scores"], settings["tau_element"], settings["per_tensor"])
+            if use_element else uniform_element_coefficients(template, n))
+    return alpha, beta, combine(alpha, beta)
+
+
 def es_merge(adapters: list[Adapter], context, use_layer: bool = True, use_element: bool = True,
              seed: int = 0, variant: str = "paper", **overrides) -> MergeResult:
-    from esmerge.elementwise import element_coefficients
-    from esmerge.layerwise import layer_coefficients
-    from esmerge.merge import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
-
     settings = resolve_settings(variant, **overrides)
     sig = signals(adapters, context, seed=seed, need_scores=use_element, **settings)
-    n, n_layers = len(adapters), sig["swd"].shape[-1]
-    alpha = layer_coefficients(sig["swd"], settings["tau_layer"]) if use_layer else uniform_layer_coefficients(n, n_layers)
-    beta = (element_coefficients(sig["scores"], settings["tau_element"], settings["per_tensor"]) if use_element
-            else uniform_element_coefficients(adapters[0].state, n))
-    coefficients = combine(alpha, beta)
+    alpha, _, coefficients = coefficients_from_signals(sig, adapters[0].state, settings, use_layer, use_element)
     merged = merge_lora([a.state for a in adapters], coefficients)
     info = {"settings": settings, "variant": variant, "seed": seed, "use_layer": use_layer,
             "use_element": use_element, "signal_seconds": sig["seconds"],
@@ -127,16 +146,18 @@ def es_merge(adapters: list[Adapter], context, use_layer: bool = True, use_eleme
     return MergeResult(with_state(adapters[0], merged, "es"), info)
 
 
-@register("es", "ES-Merging", "Lee, Kim, Hwang 2026, §4 (Eq. 4)", needs_context=True)
+@register("es", "ES-Merging", "Lee, Kim, Hwang 2026, §4 (Eq. 4)", needs_context=True, hparams=HPARAMS)
 def es(adapters, context=None, **hp):
     return es_merge(adapters, context, use_layer=True, use_element=True, **hp)
 
 
-@register("es-layer", "Layer-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.2 (Eq. 2)", needs_context=True)
+@register("es-layer", "Layer-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.2 (Eq. 2)", needs_context=True,
+          hparams=HPARAMS)
 def es_layer(adapters, context=None, **hp):
     return es_merge(adapters, context, use_layer=True, use_element=False, **hp)
 
 
-@register("es-element", "Element-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.3 (Eq. 3)", needs_context=True)
+@register("es-element", "Element-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.3 (Eq. 3)", needs_context=True,
+          hparams=HPARAMS)
 def es_element(adapters, context=None, **hp):
     return es_merge(adapters, context, use_layer=False, use_element=True, **hp)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from esmerge.adapters import Adapter, with_state
-from esmerge.methods import MergeResult, register
-from esmerge.methods.functional import count_flops, from_context
+from esmerge.methods import HParam, MergeResult, register
+from esmerge.methods.objectives import count_flops, from_context
+from esmerge.progress import track
 
 # Paper App. A.2: 2,000 sampled training examples, 10 epochs, batch size 16.
 PAPER_EXAMPLES, PAPER_EPOCHS, PAPER_BATCH = 2000, 10, 16
@@ -23,7 +23,7 @@ def finetune_state(state: dict[str, torch.Tensor], loss_fn, batches, epochs: int
                    max_steps: int | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Adam on the LoRA tensors of ``state`` over ``epochs`` passes of ``batches``.
 
-    ``loss_fn(state, batch) -> scalar`` (e.g. :func:`esmerge.methods.functional.causal_lm_loss`).
+    ``loss_fn(state, batch) -> scalar`` (e.g. :func:`esmerge.methods.objectives.answer_nll_loss`).
     Returns the trained state (detached copies) and the loss per step.
     """
     params = {k: v.detach().clone().float().requires_grad_(True) for k, v in state.items()}
@@ -33,7 +33,7 @@ def finetune_state(state: dict[str, torch.Tensor], loss_fn, batches, epochs: int
         raise ValueError("avg-ft needs at least one training batch")
     losses: list[float] = []
     total = epochs * len(batches) if max_steps is None else min(max_steps, epochs * len(batches))
-    bar = tqdm(total=total, desc="avg-ft", disable=not progress, leave=False)
+    bar = track(total=total, desc="avg-ft", unit="step", disable=not progress)
     for _ in range(epochs):
         for batch in batches:
             if len(losses) >= total:
@@ -48,7 +48,12 @@ def finetune_state(state: dict[str, torch.Tensor], loss_fn, batches, epochs: int
     return {k: v.detach().clone() for k, v in params.items()}, losses
 
 
-@register("avg-ft", "Avg. Merging + FT", "ES-Merging paper, App. A.2", needs_context=True)
+@register("avg-ft", "Avg. Merging + FT", "ES-Merging paper, App. A.2", needs_context=True, hparams=(
+    HParam("epochs", int, PAPER_EPOCHS, low=1, doc="passes over the training batches"),
+    HParam("lr", float, 1e-4, low=0.0, low_open=True, doc="Adam learning rate"),
+    HParam("max_steps", int, None, low=1, nullable=True, doc="cap on optimiser steps; null: none"),
+    HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),
+    HParam("progress", bool, True, doc="show a progress bar")))
 def avg_finetune(adapters: list[Adapter], context=None, epochs: int = PAPER_EPOCHS, lr: float = 1e-4,
                  max_steps: int | None = None, count_cost: bool = True, progress: bool = True) -> MergeResult:
     r"""Average the adapters (Eq. 1, :math:`\lambda = 1/K`), then fine-tune the LoRA on one benchmark.

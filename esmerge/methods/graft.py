@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from esmerge.adapters import Adapter, with_state
-from esmerge.methods import MergeResult, register
+from esmerge.methods import HParam, MergeResult, register
 from esmerge.methods.static import task_names
 
 GRAFT_A, GRAFT_C, GRAFT_BINS = 0.4, 500.0, 10  # Graft Sec. 4.1
@@ -106,7 +106,11 @@ def graft_pair(base: dict[str, torch.Tensor], graft: dict[str, torch.Tensor], **
     return fused, gates
 
 
-@register("graft", "Graft", "Dai et al. 2025, Graft: Integrating the Domain Knowledge via Efficient Parameter Synergy for MLLMs")
+@register("graft", "Graft", "Dai et al. 2025, Graft: Integrating the Domain Knowledge via Efficient Parameter Synergy for MLLMs",
+          hparams=(HParam("order", list, None, nullable=True, doc="grafting order of the tasks; null: the adapters' order"),
+                   HParam("a", float, GRAFT_A, low=0.0, high=1.0, low_open=True, doc="global-gate range"),
+                   HParam("c", float, GRAFT_C, low=0.0, low_open=True, doc="global-gate slope"),
+                   HParam("bins", int, GRAFT_BINS, low=1, doc="histogram bins of the weight entropy")))
 def graft(adapters: list[Adapter], context=None, order: list[str] | None = None, a: float = GRAFT_A,
           c: float = GRAFT_C, bins: int = GRAFT_BINS) -> MergeResult:
     r"""Graft's dual-gate LoRA fusion (Eqs. 1-8, Algorithm 1) extended to K experts by sequential grafting.
@@ -188,27 +192,3 @@ def compatibility_score(activations: dict[str, list[torch.Tensor]], eps: float =
         "rho": dict(zip(names, rho.tolist())),
         "rho_normalized": dict(zip(names, rho_n.tolist())),
     }
-
-
-def collect_activations(model: torch.nn.Module, batches, module_filter: Callable[[str], bool]) -> dict[str, list[torch.Tensor]]:
-    """Outputs of the modules whose name passes ``module_filter``, one tensor per (module, batch).
-
-    ``batches``: dicts of model inputs. Runs without gradients; hooks are removed afterwards.
-    """
-    captured: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if module_filter(name):
-            def hook(_mod, _inp, out, name=name):
-                captured.setdefault(name, []).append((out[0] if isinstance(out, tuple) else out).detach().float())
-            handles.append(module.register_forward_hook(hook))
-    if not handles:
-        raise ValueError("module_filter matched no module of the model")
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured

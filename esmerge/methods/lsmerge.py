@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from esmerge.adapters import Adapter, with_state
-from esmerge.methods import MergeResult, register
+from esmerge.methods import HParam, MergeResult, register
 from esmerge.methods import primitives as P
-from esmerge.methods.functional import count_flops
+from esmerge.methods.objectives import count_flops
+from esmerge.progress import track
 
 
 @dataclass
@@ -121,7 +121,7 @@ def train_vae(chunks: torch.Tensor, positions: torch.Tensor, config: VAEConfig, 
     warmup = min(config.warmup, max(1, total // 10))
     beta, step = config.kl_weight, 0
     log = {"recon_before": reconstruction_error(vae, chunks, positions), "loss": [], "kl": [], "kl_weight": []}
-    for _ in tqdm(range(config.epochs), desc="ls-merge VAE", disable=not progress, leave=False):
+    for _ in track(range(config.epochs), desc="ls-merge VAE", unit="epoch", disable=not progress):
         order = torch.randperm(len(chunks), generator=gen)
         for start in range(0, len(chunks), config.batch):
             idx = order[start : start + config.batch]
@@ -144,7 +144,24 @@ def train_vae(chunks: torch.Tensor, positions: torch.Tensor, config: VAEConfig, 
     return vae, log
 
 
-@register("ls-merge", "LS-Merge", "Soro et al. 2026 (LS-Merge); settings of ES-Merging App. A.3")
+_VAE_FIELDS = (
+    HParam("chunk", int, 16384, low=1, doc="parameters per chunk"),
+    HParam("hidden", int, 256, low=1, doc="VAE hidden width"),
+    HParam("latent", int, 64, low=1, doc="VAE latent size"),
+    HParam("epochs", int, 1000, low=0, doc="VAE training epochs"),
+    HParam("batch", int, 512, low=1, doc="chunks per batch"),
+    HParam("lr", float, 3e-4, low=0.0, low_open=True, doc="peak learning rate"),
+    HParam("warmup", int, 500, low=0, doc="warm-up steps"),
+    HParam("kl_weight", float, 1e-4, low=0.0, doc="initial KL weight"),
+    HParam("target_kl", float, 50.0, low=0.0, doc="target KL per chunk (nats)"),
+    HParam("kl_adapt", float, 1.01, low=1.0, doc="multiplicative step of the KL-weight controller"),
+    HParam("seed", int, 0, doc="seed of the VAE and its batches"),
+)
+
+
+@register("ls-merge", "LS-Merge", "Soro et al. 2026 (LS-Merge); settings of ES-Merging App. A.3", hparams=(
+    *_VAE_FIELDS, HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),
+    HParam("progress", bool, True, doc="show a progress bar")))
 def ls_merge(adapters: list[Adapter], context=None, count_cost: bool = True, progress: bool = True,
              **config_overrides) -> MergeResult:
     r"""LS-Merge: :math:`\hat\theta = \mathrm{Dec}(\frac1K \sum_t \mu_{\phi}(\theta_t))` chunk by chunk.

@@ -1,22 +1,21 @@
-"""Running a model with a given LoRA state differentiably, for the methods that train.
+"""What the training baselines optimise, independent of data: a model run with a given LoRA state.
 
 AdaMerging and Avg+FT need gradients of a model loss with respect to merged LoRA tensors
-(or to the coefficients that produce them). Instead of copying tensors into a ``PeftModel``
-we call it with :func:`torch.func.functional_call`, substituting the LoRA parameters by the
-tensors of a state dict, so the graph runs from the loss back to whatever built the state.
-
-The data-facing parts (which prompts, which labels) are injected as callables; this module
-only knows "a batch of token ids" and "the ids of the two label tokens".
+(or to the coefficients that produce them). :func:`lora_state_swapped` makes a ``PeftModel``'s
+LoRA parameters *be* the tensors of a state dict for the duration of a block, so the graph
+runs from the loss back to whatever built the state. The objectives over real prompts
+(:func:`esmerge.methods.contexts.label_entropy_objective`, ``answer_nll_loss``) are built on it;
+this module knows no prompts, labels or files.
 """
 from __future__ import annotations
 
-import itertools
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
 from esmerge.adapters import LoraState
+from esmerge.errors import UsageError
 
 
 def lora_param_name(key: str, adapter_name: str = "default") -> str:
@@ -30,21 +29,12 @@ def lora_param_name(key: str, adapter_name: str = "default") -> str:
     raise ValueError(f"not a LoRA A/B key: {key!r}")
 
 
-def lora_forward(peft_model: torch.nn.Module, state: LoraState, **inputs) -> Any:
-    """``peft_model(**inputs)`` with its LoRA weights replaced by ``state`` (differentiably)."""
-    params = {lora_param_name(k): v for k, v in state.items()}
-    missing = [n for n in list(params)[:3] if n not in dict(peft_model.named_parameters())]
-    if missing:
-        raise KeyError(f"LoRA tensors not in the model (different targets/base?): {missing}")
-    return torch.func.functional_call(peft_model, params, args=(), kwargs=inputs, strict=False)
-
-
 @contextmanager
 def lora_state_swapped(peft_model: torch.nn.Module, state: LoraState, adapter_name: str = "default"):
     """Inside the block, ``peft_model``'s LoRA weights *are* the tensors of ``state`` (no copy).
 
-    For code that calls the model in several ways (embeddings, cached decoding), where
-    :func:`lora_forward` cannot wrap a single call. Gradients flow into ``state``'s tensors.
+    Works however the code inside calls the model (embeddings, spliced modality tokens, several
+    calls). Gradients flow into ``state``'s tensors.
     The original parameters are put back on exit, also after an exception.
     """
     modules = dict(peft_model.named_modules())
@@ -77,52 +67,11 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1).mean()
 
 
-def last_token_label_logits(outputs_logits: torch.Tensor, attention_mask: torch.Tensor,
-                            label_ids: list[int]) -> torch.Tensor:
-    """Next-token logits of the label tokens after each prompt's last real token.
-
-    outputs_logits : Tensor, shape (B, L, V); attention_mask : Tensor, shape (B, L) (right
-    or left padding); label_ids : the first token id of each label. Returns ``(B, len(label_ids))``.
-    """
-    last = attention_mask.long().cumsum(dim=1).argmax(dim=1)  # index of the last 1 in each row
-    rows = outputs_logits[torch.arange(outputs_logits.shape[0]), last]
-    return rows[:, label_ids]
-
-
-def entropy_objective(peft_model: torch.nn.Module, batches: Iterable[dict], label_ids: list[int]
-                      ) -> Callable[[LoraState], torch.Tensor]:
-    """An AdaMerging objective: ``state -> mean entropy over the label tokens`` of the next batch.
-
-    ``batches``: tokenised prompts ``{"input_ids": [B, L], "attention_mask": [B, L]}``, cycled
-    forever (test-time adaptation re-visits the unlabeled test prompts).
-    """
-    stream = itertools.cycle(list(batches))
-
-    def objective(state: LoraState) -> torch.Tensor:
-        batch = next(stream)
-        out = lora_forward(peft_model, state, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return mean_entropy(last_token_label_logits(out.logits, batch["attention_mask"], label_ids))
-
-    return objective
-
-
-def causal_lm_loss(peft_model: torch.nn.Module) -> Callable[[LoraState, dict], torch.Tensor]:
-    """``(state, batch) -> next-token cross-entropy`` for batches with ``input_ids``, ``attention_mask``, ``labels``.
-
-    ``labels`` use -100 for positions not trained on (the prompt), as transformers expects.
-    """
-
-    def loss(state: LoraState, batch: dict) -> torch.Tensor:
-        return lora_forward(peft_model, state, **batch).loss
-
-    return loss
-
-
 def from_context(context: Any, name: str, method: str):
     """Attribute or key ``name`` of ``context``, or an error saying which method needs it."""
     value = context.get(name) if isinstance(context, dict) else getattr(context, name, None)
     if value is None:
-        raise ValueError(f"merge method {method!r} needs `{name}` in its context")
+        raise UsageError(f"merge method {method!r} needs `{name}` in its context")
     return value
 
 

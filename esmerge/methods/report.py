@@ -1,16 +1,13 @@
-"""Comparing merged adapters with each other and with the specialists (notebook 06), and resumable merging.
+"""Comparing merged adapters with each other and with the specialists (notebook 06).
 
 All comparisons are on the LoRA tensors or on the weight updates they make,
 :math:`\\Delta W = \\frac{\\alpha}{r} B A` per module.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from esmerge.adapters import Adapter, load_adapter, parse_key
+from esmerge.adapters import Adapter, parse_key
 
 
 def _pairs(adapter: Adapter):
@@ -66,35 +63,3 @@ def cosine_to(merged: Adapter, references: dict[str, Adapter]) -> dict[str, floa
     """Cosine similarity of the merged LoRA vector to each reference adapter's."""
     v = flat_vector(merged)
     return {name: float(torch.nn.functional.cosine_similarity(v, flat_vector(ref), dim=0)) for name, ref in references.items()}
-
-
-def _meta_matches(meta_file: Path, method: str, hparams: dict, specialists: dict) -> bool:
-    if not meta_file.is_file():
-        return False
-    meta = json.loads(meta_file.read_text())
-    same_hp = json.loads(json.dumps(meta.get("hparams", {}), default=str)) == json.loads(json.dumps(hparams, default=str))
-    return meta.get("method") == method and same_hp and meta.get("specialists") == specialists
-
-
-def merge_once(method: str, out: str | Path, context, refresh: bool = False, **hparams) -> tuple[Adapter, dict]:
-    """``esmerge.merge.run_merge`` unless ``out`` already holds this method's result for the same
-    hyper-parameters and specialists (resume after an interruption). Returns (adapter, esmerge.json)."""
-    from esmerge.merge import adapter_digest, run_merge
-
-    out = Path(out)
-    specialists = {m: adapter_digest(s.adapter) for m, s in context.specialists.items()}
-    if refresh or not _meta_matches(out / "esmerge.json", method, hparams, specialists):
-        run_merge(method, out, context, **hparams)
-    return load_merged(out, name=method), json.loads((out / "esmerge.json").read_text())
-
-
-def load_merged(path: str | Path, name: str | None = None) -> Adapter:
-    """A merged adapter directory with its ``adapter.extras`` (e.g. EMR's masks and rescalers) restored."""
-    path = Path(path)
-    adapter = load_adapter(path, name=name)
-    extras_file = path / "esmerge_extras.safetensors"
-    if extras_file.is_file():
-        from safetensors.torch import load_file
-
-        adapter.extras = load_file(extras_file)
-    return adapter

@@ -14,7 +14,8 @@ import time
 import torch
 
 from esmerge.adapters import Adapter, with_state
-from esmerge.methods import MergeResult, register
+from esmerge.encoders import MODALITIES
+from esmerge.methods import HParam, MergeResult, register
 from esmerge.methods import primitives as P
 
 
@@ -40,8 +41,6 @@ def _scoped(tau: torch.Tensor, shapes, scope: str, fn) -> torch.Tensor:
 def task_name(name: str, index: int) -> str:
     """The task of an adapter named ``name``: its modality if the name is or starts with one
     (``"molecule"``, ``"molecule-specialist"``), else the name itself, else ``task{index}``."""
-    from esmerge.encoders import MODALITIES
-
     for modality in MODALITIES:
         if name == modality or name.startswith(modality + "-") or name.startswith(modality + "_"):
             return modality
@@ -68,7 +67,13 @@ def average(adapters: list[Adapter], context=None) -> MergeResult:
 
 
 # --------------------------------------------------------------------------- TIES
-@register("ties", "TIES-Merging", "https://arxiv.org/abs/2306.01708")
+SCALE = HParam("scale", float, 1.0, doc="lambda applied to the merged task vector")
+SCOPE = HParam("scope", str, "tensor", choices=SCOPES, doc="threshold per LoRA tensor or over the whole adapter")
+
+
+@register("ties", "TIES-Merging", "https://arxiv.org/abs/2306.01708", hparams=(
+    HParam("keep", float, 0.2, low=0.0, high=1.0, low_open=True, doc="fraction of each task vector kept"),
+    SCALE, SCOPE))
 def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float = 1.0,
          scope: str = "tensor") -> MergeResult:
     r"""TIES-Merging (Yadav et al. 2023, Sec. 4 / Algorithm 1): trim, elect sign, disjoint merge.
@@ -170,7 +175,9 @@ def emr_benchmark_adapter(result: MergeResult | Adapter, modalities: list[str]) 
 
 
 # --------------------------------------------------------------------------- PCB
-@register("pcb", "PCB-Merging", "https://arxiv.org/abs/2410.02396")
+@register("pcb", "PCB-Merging", "https://arxiv.org/abs/2410.02396", hparams=(
+    HParam("drop", float, 0.9, low=0.0, high=1.0, high_open=True, doc="fraction of each task's entries dropped"),
+    SCALE, SCOPE))
 def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float = 1.0,
         scope: str = "tensor") -> MergeResult:
     r"""PCB-Merging (Du et al. 2024, Eqs. 2-7).
@@ -216,7 +223,10 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float =
 
 
 # --------------------------------------------------------------------------- Consensus
-@register("consensus", "Consensus Merging", "https://arxiv.org/abs/2405.07813")
+@register("consensus", "Consensus Merging", "https://arxiv.org/abs/2405.07813", hparams=(
+    HParam("tall_lambda", float, 0.4, low=0.0, doc="TALL mask threshold lambda_t, the same for every task"),
+    HParam("k", int, 2, low=1, doc="minimum number of tasks an entry must matter to"),
+    HParam("scale", float, None, nullable=True, doc="task-arithmetic alpha; null: 1/T")))
 def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k: int = 2,
               scale: float | None = None) -> MergeResult:
     r"""Consensus Task Arithmetic (Wang et al. 2024, "Localizing task information...", Sec. 5).

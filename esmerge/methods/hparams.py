@@ -1,0 +1,151 @@
+"""Declared hyper-parameters of merging methods: name, type, default, range; checked before any model loads.
+
+Each method lists its ``HParam`` s on its registry entry (as mergekit's method classes declare
+their parameters), so ``esmerge merge --set key=value`` is converted and refused with one line
+naming the value, and ``esmerge methods`` can list every parameter.
+
+>>> tau = HParam("tau_layer", float, 0.5, low=0.0, low_open=True, doc="layer softmax temperature")
+>>> tau.check("es", "0.1")
+0.1
+>>> tau.check("es", "abc")
+Traceback (most recent call last):
+...
+esmerge.errors.UsageError: es: tau_layer must be a number > 0, got 'abc'
+>>> parse_set(["tau_layer=0.1", "variant=code", 'order=["cell", "molecule"]'])
+{'tau_layer': 0.1, 'variant': 'code', 'order': ['cell', 'molecule']}
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from esmerge.errors import UsageError
+
+_TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list of names"}
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyper-parameter of a merge method.
+
+    ``type``: float, int, bool, str or list (of str). ``low``/``high``: inclusive bounds
+    (``low_open``/``high_open`` make them strict). ``choices``: the allowed values of a str.
+    ``also``: literal values accepted besides the type (e.g. ``"min"`` for an int size).
+    ``nullable``: ``None`` is allowed (and means "the method's own rule", see ``doc``).
+    """
+
+    name: str
+    type: type
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    also: tuple = ()
+    nullable: bool = False
+    doc: str = ""
+
+    def range_text(self) -> str:
+        """The allowed values in words, e.g. ``"> 0"``, ``"in [0, 1)"``, ``"paper | code"``."""
+        if self.choices:
+            text = " | ".join(map(str, self.choices))
+        elif self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        elif self.high is not None:
+            text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            text = ""
+        extra = [repr(a) for a in self.also] + (["null"] if self.nullable else [])
+        return " or ".join(t for t in [text, *extra] if t)
+
+    def _refuse(self, method: str, value) -> UsageError:
+        wanted = _TYPE_WORDS[self.type] if not self.choices else "one of"
+        rng = self.range_text()
+        return UsageError(f"{method}: {self.name} must be {wanted}{' ' + rng if rng else ''}, got {value!r}")
+
+    def check(self, method: str, value: Any) -> Any:
+        """``value`` converted to this parameter's type (strings from the command line are parsed), or a ``UsageError``."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise self._refuse(method, value)
+        if value in self.also and not isinstance(value, bool):
+            return value
+        converted = self._convert(value)
+        if converted is None or not self._in_range(converted):
+            raise self._refuse(method, value)
+        return converted
+
+    def _convert(self, value):
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            return {"true": True, "false": False}.get(str(value).lower()) if isinstance(value, str) else None
+        if isinstance(value, bool):
+            return None  # True is not a number here
+        if self.type is float:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                return None
+            return number if math.isfinite(number) else None
+        if self.type is int:
+            try:
+                number = float(value) if isinstance(value, str) else value
+            except ValueError:
+                return None
+            if isinstance(number, float) and number.is_integer():
+                return int(number)
+            return number if isinstance(number, int) else None
+        if self.type is str:
+            return value if isinstance(value, str) else None
+        if self.type is list:
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            return list(value) if ok else None
+        raise TypeError(f"unsupported hyper-parameter type {self.type}")
+
+    def _in_range(self, value) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.type not in (int, float):
+            return True
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return True
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def check_all(method: str, declared: tuple[HParam, ...], hparams: dict) -> dict:
+    """Every given value converted; a ``UsageError`` naming an unknown key and the known ones."""
+    by_name = {h.name: h for h in declared}
+    out = {}
+    for key, value in hparams.items():
+        if key not in by_name:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise UsageError(f"{method}: unknown hyper-parameter {key!r}; known: {known}")
+        out[key] = by_name[key].check(method, value)
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    """``["key=value", ...]`` (``--set``) -> ``{key: value}``; a value is JSON if it parses, else the string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: write KEY=VALUE, e.g. --set tau_layer=0.1")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

@@ -1,0 +1,211 @@
+"""Running a merge method on a scale's models and writing the merged model: ``esmerge merge`` as a library.
+
+``build_context`` loads the base and the specialists; ``run_merge`` validates the
+hyper-parameters, checks that every specialist was trained on this base's weights, runs the
+method and writes the merged-model directory (``esmerge.adapters.save_merged``: atomic, locked,
+refusing an existing output unless ``force``); ``merge_once`` does the same unless the
+directory already holds this exact merge (resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from esmerge import methods, scales
+from esmerge.adapters import Adapter, AdapterMismatchError, adapter_digest, is_merged, load_merged, refuse_existing
+from esmerge.adapters import save_merged
+from esmerge.cache import cache_dir
+from esmerge.errors import UsageError
+from esmerge.models import load_base
+from esmerge.specialists import load_specialists
+
+
+def check_probe_k(probe_k) -> int:
+    """``probe_k`` if it is an integer >= 1, else a ``UsageError`` (0 used to mean "the default").
+
+    >>> check_probe_k(8)
+    8
+    >>> check_probe_k(0)
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: probe_k must be an integer >= 1 (probe samples per modality), got 0
+    """
+    if isinstance(probe_k, bool) or not isinstance(probe_k, int) or probe_k < 1:
+        raise UsageError(f"probe_k must be an integer >= 1 (probe samples per modality), got {probe_k!r}")
+    return probe_k
+
+
+@dataclass
+class MergeContext:
+    """What data-aware merging methods need besides the adapters.
+
+    Attributes:
+        base: the base LLM (``esmerge.models.BaseModel``).
+        specialists: modality -> ``Specialist`` (adapter, projector, card), modality order.
+        scale, seed: run settings.
+        probe_k: probe samples per modality (paper: 110).
+        cache: directory for cached intermediates (probes, states, SWD, scores).
+        extras: method-specific inputs (e.g. an entropy objective for AdaMerging).
+    """
+
+    base: object
+    specialists: dict
+    scale: str = "cpu"
+    seed: int = 0
+    probe_k: int = 110
+    cache: Path | None = None
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_probe_k(self.probe_k)
+
+    def __getattr__(self, name):
+        # Lets methods read optional inputs as attributes (context.objective, ...).
+        extras = self.__dict__.get("extras", {})
+        if name in extras:
+            return extras[name]
+        raise AttributeError(name)
+
+
+def check_base(base, specialists: dict) -> None:
+    """Refuse specialists not trained on ``base``'s weights (``AdapterMismatchError``, one line).
+
+    The authority is the weights hash: a specialist's card records ``base_weights_sha256``,
+    compared with ``base.weights_sha256``. Without a recorded hash, the adapter's
+    ``base_model_name_or_path`` must name this base (``base.name``). A base without a known
+    hash (``None``) or no base at all (parameter-space use) is not checked.
+    """
+    if base is None or not getattr(base, "weights_sha256", None):
+        return
+    for modality, spec in specialists.items():
+        card = getattr(spec, "card", None) or {}
+        recorded = card.get("base_weights_sha256")
+        if recorded is not None:
+            if recorded != base.weights_sha256:
+                raise AdapterMismatchError(
+                    f"{modality} specialist was trained on base weights {recorded[:12]}..., but the base is "
+                    f"{base.name} ({base.weights_sha256[:12]}...); use specialists trained on this base")
+            continue
+        named = (spec.adapter.config or {}).get("base_model_name_or_path")
+        if named and named != base.name:
+            raise AdapterMismatchError(
+                f"{modality} adapter names base {named!r} and records no base weights hash, but the base is "
+                f"{base.name}; merge adapters trained on this base")
+
+
+def build_context(scale: str, seed: int = 0, probe_k: int | None = None, **extras) -> MergeContext:
+    """Load the base and the three specialists of a scale into a ``MergeContext``.
+
+    ``probe_k``: probe samples per modality, default ``scales.get(scale).probe_k``.
+    """
+    config = scales.get(scale)
+    k = config.probe_k if probe_k is None else check_probe_k(probe_k)
+    base = load_base(scale, seed=seed)
+    specs = load_specialists(scale, base)
+    check_base(base, specs)
+    return MergeContext(base, specs, scale, seed, k, cache_dir() / "es" / scale, dict(extras))
+
+
+def _projector_states(context: MergeContext) -> dict:
+    return {m: {k: v.contiguous() for k, v in s.projector.state_dict().items()}
+            for m, s in context.specialists.items() if getattr(s, "projector", None) is not None}
+
+
+def specialist_digests(context: MergeContext) -> dict[str, str]:
+    """modality -> content hash of its adapter: what a merge's ``esmerge.json`` records."""
+    return {m: adapter_digest(s.adapter) for m, s in context.specialists.items()}
+
+
+def run_merge(method: str, out: str | Path, context: MergeContext, force: bool = False, **hparams) -> Path:
+    """Merge the context's specialists with ``method`` and write a merged-model directory to ``out``.
+
+    Hyper-parameters are validated before any work; an existing ``out`` is refused unless
+    ``force``. The directory holds the PEFT adapter, each specialist's projector (the merged
+    MLLM keeps every modality's encoder) and ``esmerge.json`` with the method,
+    hyper-parameters and cost, written last (``esmerge.adapters.save_merged``).
+    """
+    hparams = methods.validate(method, hparams)
+    refuse_existing(out, force)
+    check_base(context.base, context.specialists)
+    adapters = [spec.adapter for spec in context.specialists.values()]
+    start = time.perf_counter()
+    result = methods.run(method, adapters, context, **hparams)
+    seconds = time.perf_counter() - start
+    meta = {
+        "method": method,
+        "pretty_name": methods.get(method).pretty_name,
+        "hparams": hparams,
+        "scale": context.scale,
+        "seed": context.seed,
+        "specialists": specialist_digests(context),
+        "wall_seconds": seconds,
+        "info": result.info,
+    }
+    return save_merged(out, result.adapter, meta, _projector_states(context), force=force)
+
+
+def _same(a, b) -> bool:
+    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
+
+
+def holds_merge(out: str | Path, method: str, hparams: dict, specialists: dict) -> bool:
+    """True when ``out`` is a finished merge of ``method`` with these hyper-parameters and specialists."""
+    if not is_merged(out):
+        return False
+    meta = json.loads((Path(out) / "esmerge.json").read_text())
+    return meta.get("method") == method and _same(meta.get("hparams", {}), hparams) \
+        and meta.get("specialists") == specialists
+
+
+def merge_once(method: str, out: str | Path, context: MergeContext, refresh: bool = False,
+               **hparams) -> tuple[Adapter, dict]:
+    """``run_merge`` unless ``out`` already holds this method's result for the same hyper-parameters
+    and specialists (resume after an interruption). Returns (adapter with extras, esmerge.json).
+
+    A finished merge with other settings in ``out`` is replaced (a notebook rerun with new
+    parameters); anything else in ``out`` is refused unless ``refresh``.
+    """
+    hparams = methods.validate(method, hparams)
+    out = Path(out)
+    if refresh or not holds_merge(out, method, hparams, specialist_digests(context)):
+        run_merge(method, out, context, force=refresh or is_merged(out), **hparams)
+    merged = load_merged(out, name=method)
+    return merged.adapter, merged.meta
+
+
+# --------------------------------------------------------------------------- CLI (moves to esmerge.cli)
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="esmerge merge", description="Merge the three specialists.")
+    parser.add_argument("--scale", default="cpu", choices=scales.NAMES)
+    parser.add_argument("--method", default="es", help=f"one of: {', '.join(methods.names())}")
+    parser.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-k", type=int, default=None, help="probe samples per modality (default: the scale's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="method hyper-parameter (JSON value), e.g. --set tau_layer=0.1; see `esmerge methods`")
+    args = parser.parse_args(argv)
+    try:
+        methods.get(args.method)
+    except methods.UnknownMethodError as err:
+        parser.error(str(err))
+    out = merge_command(args.scale, args.method, args.out, methods.parse_set(args.set), seed=args.seed,
+                        probe_k=args.probe_k, force=args.force)
+    meta = json.loads((out / "esmerge.json").read_text())
+    print(f"merged with {args.method} in {meta['wall_seconds']:.1f} s -> {out}")
+    return 0
+
+
+def merge_command(scale: str, method: str, out: str | Path, hparams: dict, seed: int = 0,
+                  probe_k: int | None = None, force: bool = False) -> Path:
+    """What ``esmerge merge`` does: every check that needs no model first, then load, merge, write."""
+    hparams = methods.validate(method, hparams)
+    scales.get(scale)
+    if probe_k is not None:
+        check_probe_k(probe_k)
+    refuse_existing(out, force)
+    context = build_context(scale, seed, probe_k)
+    return run_merge(method, out, context, force=force, **hparams)
