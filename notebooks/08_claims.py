@@ -109,41 +109,23 @@ if len(measured):
 # ## Where our results disagree with the paper
 
 # %%
-for _, row in mechanism[mechanism["verdict"] != "holds"].iterrows():
-    print(f"- {row['source']}: {row['claim']} -> does not hold here ({row['evidence']})")
-for _, row in register[~register["verdict"].str.startswith("supported")].iterrows():
-    ours = "not measured" if pd.isna(row["ours"]) else f"{row['ours']:+.1f} [{row['lo']:+.1f}, {row['hi']:+.1f}]"
-    print(f"- {row['source']}: {row['claim']}: paper margin {row['paper']:+.1f} pts; ours {ours} -> {row['verdict']}")
-for _, row in register[register["paper"] <= 0].iterrows():
-    print(f"- note: the paper's own numbers give this claim a margin of {row['paper']:+.1f} pts: {row['claim']}")
-print(f"\nRepresentation: {(mechanism['verdict'] == 'holds').sum()} of {len(mechanism)} hold. "
-      f"Accuracy: {register['verdict'].str.startswith('supported').sum()} of {len(register)} supported, "
-      f"{(register['verdict'] == 'not supported').sum()} contradicted, "
-      f"{register['verdict'].str.startswith('inconclusive').sum()} inconclusive, "
-      f"{(register['verdict'] == 'not measured').sum()} not measured.")
+print("\n".join(ev.disagreements(mechanism, register)))
 
 # the results chapter's Tables 1 and 2, as it saved them (their bootstrap CIs are not recomputed)
-group_rows = pd.concat([pd.read_csv(run_dir(scale, "07_results") / f"table{t}.csv") for t in (1, 2)])
-group_rows = group_rows[(group_rows["metric"] == "accuracy") & group_rows["dataset"].str.startswith("Avg.")]
-ranks = group_rows.pivot(index="method", columns="dataset", values="ours").rank(ascending=False)
-paper_ranks = (group_rows.dropna(subset=["paper"]).pivot(index="method", columns="dataset", values="paper")
-               .rank(ascending=False))
-if "es" in ranks.index:
+ranks = ev.es_ranks([pd.read_csv(run_dir(scale, "07_results") / f"table{t}.csv") for t in (1, 2)])
+if len(ranks):
     print("\nES-Merging's rank among the evaluated models per group, ours vs paper:")
-    for col in ranks.columns:
-        paper_rank = (f"paper: {paper_ranks.loc['es', col]:.0f} of {paper_ranks[col].notna().sum()}"
-                      if col in paper_ranks.columns and "es" in paper_ranks.index else "no paper value: partial group")
-        print(f"  {col}: {ranks.loc['es', col]:.0f} of {ranks[col].notna().sum()} ({paper_rank})")
-positive_answers = {m: np.mean([np.mean(r["pred"]) for r in runs.values()]) * 100 for m, runs in results.items()}
-positive_rate = np.mean([np.mean(r["y"]) for r in next(iter(results.values())).values()]) * 100
-aurocs = {m: np.nanmean([r["auroc"] for r in runs.values()]) for m, runs in results.items()}
+    for r in ranks.itertuples(index=False):
+        paper_rank = f"paper: {r.paper_rank:.0f} of {r.paper_of}" if r.paper_of else "no paper value: partial group"
+        print(f"  {r.group}: {r.rank:.0f} of {r.of} ({paper_rank})")
+bias = ev.answer_bias(results)
+positive_answers, aurocs = bias["positive_answers"], bias["auroc"]
 print(f"\nModels answer 'positive' on {min(positive_answers.values()):.0f}-{max(positive_answers.values()):.0f}% of "
-      f"examples, while {positive_rate:.0f}% are positive: where every model gives the majority answer, accuracies "
+      f"examples, while {bias['positive_rate']:.0f}% are positive: where every model gives the majority answer, accuracies "
       "coincide and margins are exactly 0. The answer margin still ranks examples: mean AUROC "
       f"{min(aurocs.values()):.0f}-{max(aurocs.values()):.0f} (50 = chance), base {aurocs.get('base', np.nan):.0f}, "
       f"ES-Merging {aurocs.get('es', np.nan):.0f}.")
-widths = [r["accuracy_ci"][1] - r["accuracy_ci"][0] for runs in results.values() for r in runs.values()]
-print(f"\nMedian 95% CI width of a per-benchmark accuracy: {np.median(widths):.0f} points ({caption});"
+print(f"\nMedian 95% CI width of a per-benchmark accuracy: {bias['median_ci_width']:.0f} points ({caption});"
       " differences smaller than this are not resolved at this scale.")
 
 # %% [markdown]

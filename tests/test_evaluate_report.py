@@ -96,3 +96,30 @@ def test_overview_is_the_mean_over_benchmarks_in_method_order():
     table = ev.overview(per)
     assert list(table.index) == ["z", "a"]
     assert table.loc["z"].tolist() == [60.0, 2.0, 50.0, 0.5]
+
+
+def test_claims_chapter_summaries():
+    mechanism = pd.DataFrame({"claim": ["c1", "c2"], "source": ["Fig. 1", "Fig. 2"], "evidence": ["e1", "e2"],
+                              "verdict": ["holds", "does not hold"]})
+    register = pd.DataFrame({"claim": ["a", "b", "c"], "source": ["§5", "§5", "T2"], "paper": [1.5, -0.2, 2.0],
+                             "ours": [3.0, np.nan, -4.0], "lo": [1.0, np.nan, -6.0], "hi": [5.0, np.nan, -2.0],
+                             "verdict": ["supported", "not measured", "not supported"]})
+    lines = ev.disagreements(mechanism, register)
+    assert lines[:4] == ["- Fig. 2: c2 -> does not hold here (e2)",
+                         "- §5: b: paper margin -0.2 pts; ours not measured -> not measured",
+                         "- T2: c: paper margin +2.0 pts; ours -4.0 [-6.0, -2.0] -> not supported",
+                         "- note: the paper's own numbers give this claim a margin of -0.2 pts: b"]
+    assert lines[4] == ("\nRepresentation: 1 of 2 hold. Accuracy: 1 of 3 supported, 1 contradicted, "
+                        "0 inconclusive, 1 not measured.")
+    table = pd.DataFrame({"method": ["es", "avg", "base", "es", "avg"], "metric": ["accuracy"] * 5,
+                          "dataset": ["Avg. Mol-Prot"] * 3 + ["Avg. CYP Inh. (2/5 datasets)"] * 2,
+                          "ours": [70.0, 60.0, 65.0, 40.0, 50.0], "paper": [65.7, 64.0, np.nan, np.nan, np.nan]})
+    ranks = ev.es_ranks([table]).set_index("group")
+    assert ranks.loc["Avg. Mol-Prot", ["rank", "of", "paper_rank", "paper_of"]].tolist() == [1.0, 3, 1.0, 2]
+    assert ranks.loc["Avg. CYP Inh. (2/5 datasets)", "rank"] == 2.0
+    assert np.isnan(ranks.loc["Avg. CYP Inh. (2/5 datasets)", "paper_rank"])
+    assert ev.es_ranks([table], method="graft").empty
+    run = {"pred": [1, 1, 0, 0], "y": [1, 0, 0, 0], "auroc": 60.0, "accuracy_ci": [40.0, 90.0]}
+    bias = ev.answer_bias({"es": {"A": run, "B": {**run, "pred": [1] * 4, "auroc": 40.0}}})
+    assert bias["positive_answers"] == {"es": 75.0} and bias["positive_rate"] == 25.0
+    assert bias["auroc"] == {"es": 50.0} and bias["median_ci_width"] == 50.0

@@ -16,7 +16,8 @@ One module per step; every name below is importable from ``esmerge.evaluate``:
 The benchmarks themselves (groups, kinds, prompts, labels) are described once, in ``esmerge.benchmarks``.
 """
 from esmerge.benchmarks import BENCHMARK_NAMES, GROUPS, TASKS, TaskPrompt, benchmark_kind
-from esmerge.evaluate.claims import CLAIMS, MERGING_BASELINES, SPECIALISTS, Claim, claims, mechanism_claims
+from esmerge.evaluate.claims import (CLAIMS, MERGING_BASELINES, SPECIALISTS, Claim, answer_bias, claims, disagreements,
+                                     es_ranks, mechanism_claims)
 from esmerge.evaluate.prompts import ANSWER_PREFIX, Prompt, PromptOptions, build_prompt
 from esmerge.evaluate.report import (PAPER_DATASET, TABLE_GROUPS, cost_table, group_averages, merge_folders,
                                      paper_results, reference_dir, results_table, wide_table)
@@ -32,8 +33,8 @@ __all__ = [
     "ANSWER_PREFIX", "BENCHMARK_NAMES", "CLAIMS", "Claim", "ContextIndex", "EvalConfig", "EvalSession",
     "FeatureCache", "GROUPS", "MERGING_BASELINES", "METRICS", "ModelUnderTest", "PAPER_DATASET", "PeftCopies",
     "Prompt", "PromptBatch", "PromptOptions", "RetrievalCache", "SPECIALISTS", "TABLE_GROUPS", "TASKS",
-    "TaskPrompt", "accuracy", "answer_tokens", "auroc", "benchmark_kind", "bootstrap_ci", "build_prompt", "claims",
-    "collate", "cost_table", "default_benchmarks", "default_config", "eval_dir", "evaluate", "evaluate_all",
+    "TaskPrompt", "accuracy", "answer_bias", "answer_tokens", "auroc", "benchmark_kind", "bootstrap_ci", "build_prompt", "claims",
+    "collate", "cost_table", "default_benchmarks", "default_config", "disagreements", "es_ranks", "eval_dir", "evaluate", "evaluate_all",
     "group_averages", "label_logits", "macro_f1", "mechanism_claims", "merge_folders", "merged_models",
     "models_table", "overview", "paired_bootstrap", "paper_results", "prompt_token_ids", "reference_dir",
     "results_table", "retrieve_examples", "splice_embeddings", "summary", "tanimoto", "wide_table",

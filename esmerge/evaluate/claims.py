@@ -172,3 +172,53 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
                 row.idxmin() == modality)
     return pd.DataFrame(rows, columns=["claim", "source", "evidence", "verdict"])
 
+
+
+# --------------------------------------------------------------------------- summaries (claims chapter)
+def disagreements(mechanism: pd.DataFrame, register: pd.DataFrame) -> list[str]:
+    """One line per claim that does not hold or is not supported here, then one per claim whose
+    margin is already <= 0 in the paper's own numbers, then a count of the verdicts."""
+    lines = [f"- {r['source']}: {r['claim']} -> does not hold here ({r['evidence']})"
+             for _, r in mechanism[mechanism["verdict"] != "holds"].iterrows()]
+    for _, r in register[~register["verdict"].str.startswith("supported")].iterrows():
+        ours = "not measured" if pd.isna(r["ours"]) else f"{r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]"
+        lines.append(f"- {r['source']}: {r['claim']}: paper margin {r['paper']:+.1f} pts; ours {ours} -> {r['verdict']}")
+    lines += [f"- note: the paper's own numbers give this claim a margin of {r['paper']:+.1f} pts: {r['claim']}"
+              for _, r in register[register["paper"] <= 0].iterrows()]
+    verdicts = register["verdict"]
+    lines.append(f"\nRepresentation: {(mechanism['verdict'] == 'holds').sum()} of {len(mechanism)} hold. "
+                 f"Accuracy: {verdicts.str.startswith('supported').sum()} of {len(register)} supported, "
+                 f"{(verdicts == 'not supported').sum()} contradicted, "
+                 f"{verdicts.str.startswith('inconclusive').sum()} inconclusive, "
+                 f"{(verdicts == 'not measured').sum()} not measured.")
+    return lines
+
+
+def es_ranks(tables: list[pd.DataFrame], method: str = "es") -> pd.DataFrame:
+    """``method``'s rank among the evaluated models on each group-average accuracy, ours and the paper's.
+
+    ``tables``: ``results_table`` outputs (Tables 1-2). Rank 1 is best; ``paper_rank`` is NaN where
+    the paper has no value (a partial group). Columns ``group, rank, of, paper_rank, paper_of``.
+    """
+    rows = pd.concat(tables)
+    rows = rows[(rows["metric"] == "accuracy") & rows["dataset"].str.startswith("Avg.")]
+    ours = rows.pivot(index="method", columns="dataset", values="ours").rank(ascending=False)
+    paper = rows.dropna(subset=["paper"]).pivot(index="method", columns="dataset", values="paper").rank(ascending=False)
+    out = []
+    for col in ours.columns if method in ours.index else []:
+        has_paper = col in paper.columns and method in paper.index
+        out.append({"group": col, "rank": ours.loc[method, col], "of": int(ours[col].notna().sum()),
+                    "paper_rank": paper.loc[method, col] if has_paper else np.nan,
+                    "paper_of": int(paper[col].notna().sum()) if has_paper else 0})
+    return pd.DataFrame(out, columns=["group", "rank", "of", "paper_rank", "paper_of"])
+
+
+def answer_bias(results: dict[str, dict[str, dict]]) -> dict:
+    """How one-sided the answers are: per model the % of positive answers and the mean AUROC over
+    benchmarks; the % of positive examples; the median width of a per-benchmark accuracy CI."""
+    return {"positive_answers": {m: np.mean([np.mean(r["pred"]) for r in runs.values()]) * 100
+                                 for m, runs in results.items()},
+            "positive_rate": np.mean([np.mean(r["y"]) for r in next(iter(results.values())).values()]) * 100,
+            "auroc": {m: np.nanmean([r["auroc"] for r in runs.values()]) for m, runs in results.items()},
+            "median_ci_width": float(np.median([r["accuracy_ci"][1] - r["accuracy_ci"][0]
+                                                for runs in results.values() for r in runs.values()]))}
