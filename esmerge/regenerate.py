@@ -170,6 +170,8 @@ def run_notebooks(
                     else:
                         report.message += "\n" + result["message"]
         except KeyboardInterrupt:
+            for stem in running:
+                monitor.finish(stem)
             say(interrupted_message(list(running), report, executed_dir, state_path))
             raise
         finally:
@@ -200,7 +202,8 @@ def interrupted_message(stopped: list[str], report: RunReport, executed_dir: Pat
         f"  interrupted stopped {', '.join(stopped) or 'between notebooks'}: its unfinished run was discarded; "
         "its last complete copy, if any, is untouched",
         f"              kept: finished in this run: {', '.join(report.executed) or 'none'}; "
-        f"up to date: {', '.join(report.skipped) or 'none'}; {on_disk} executed notebooks in {executed_dir}",
+        f"up to date: {', '.join(report.skipped) or 'none'}; {on_disk} executed notebook{'s' * (on_disk != 1)} "
+        f"in {executed_dir}",
         "              resume: run the same command again; finished and up-to-date notebooks are skipped "
         f"(keys in {state_path})",
     ])

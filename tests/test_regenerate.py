@@ -281,7 +281,7 @@ def test_interrupt_keeps_finished_notebooks_and_leaves_no_partial(tmp_path):
     assert sorted(json.loads((tmp_path / "runs/smoke/regenerate_state.json").read_text())["notebooks"]) == ["01_quick"]
     said = (tmp_path / "stdout.txt").read_text()  # what was kept and how to resume
     assert "interrupted stopped 02_slow: its unfinished run was discarded" in said
-    assert "kept: finished in this run: 01_quick; up to date: none; 1 executed notebooks in" in said
+    assert "kept: finished in this run: 01_quick; up to date: none; 1 executed notebook in" in said
     assert "resume: run the same command again" in said
 
 
