@@ -49,7 +49,7 @@ def _gene_set(genes, top: int = 50) -> frozenset:
 class ContextIndex:
     """A context pool with the similarity features App. A.4 ranks by, computed once.
 
-    ``pool`` has the columns of ``data.load_benchmark``. Fingerprints, protein features
+    ``pool`` has the columns of ``benchmarks.load_benchmark``. Fingerprints, protein features
     (unit-normalised ``encoders.protein_features``, our stand-in for ESM2 embeddings) and
     top-50 gene sets are computed per distinct entity.
     """
