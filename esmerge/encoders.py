@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from esmerge.errors import InputError
+
 MODALITIES = ("molecule", "protein", "cell")
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 MORGAN_BITS = 2048
@@ -45,7 +47,7 @@ def molecule_features(smiles: list[str]) -> torch.Tensor:
     for smi in smiles:
         mol = Chem.MolFromSmiles(smi)
         if mol is None:
-            raise ValueError(f"invalid SMILES: {smi!r}")
+            raise InputError(f"invalid SMILES: {smi!r}")
         bits = generator.GetFingerprintAsNumPy(mol).astype(np.float32)
         # Descriptors are log/linearly squashed to O(1) so they do not dominate the bits.
         desc = [
@@ -71,7 +73,7 @@ def protein_features(sequences: list[str]) -> torch.Tensor:
         seq = seq.upper()
         ids = [index[a] for a in seq if a in index]
         if not ids:
-            raise ValueError(f"protein sequence has no standard amino acid: {seq[:30]!r}")
+            raise InputError(f"protein sequence has no standard amino acid: {seq[:30]!r}")
         ids_arr = np.asarray(ids)
         aa = np.bincount(ids_arr, minlength=20).astype(np.float32) / len(ids)
         di = np.bincount(ids_arr[:-1] * 20 + ids_arr[1:], minlength=400).astype(np.float32)
@@ -118,7 +120,7 @@ FEATURISERS = {"molecule": (molecule_features, MOLECULE_FEATURES), "protein": (p
 def make_projector(modality: str, embedding: nn.Embedding, n_tokens: int = 8, seed: int = 0) -> Projector:
     """A fresh projector for ``modality`` sized to the LLM whose input embedding is given."""
     if modality not in FEATURISERS:
-        raise ValueError(f"{modality!r} has no projector (cells are text); choose one of {sorted(FEATURISERS)}")
+        raise InputError(f"{modality!r} has no projector (cells are text); choose one of {sorted(FEATURISERS)}")
     torch.manual_seed(seed)
     scale = embedding.weight.detach().float().pow(2).mean().sqrt().item()
     return Projector(FEATURISERS[modality][1], embedding.weight.shape[1], n_tokens, embed_scale=scale)
@@ -134,19 +136,19 @@ def encode(modality: str, raw: list, projector: Projector | None = None, tokeniz
     """
     if modality in FEATURISERS:
         if projector is None:
-            raise ValueError(f"encoding {modality} needs its specialist's projector")
+            raise InputError(f"encoding {modality} needs its specialist's projector")
         featurise = FEATURISERS[modality][0]
         param = next(projector.parameters())
         return projector(featurise(list(raw)).to(param.device, param.dtype))
     if modality == "cell":
         if tokenizer is None or embedding is None:
-            raise ValueError("encoding cells needs the LLM's tokenizer and input embedding")
+            raise InputError("encoding cells needs the LLM's tokenizer and input embedding")
         ids = []
         for text in raw:
             tok = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(tok) < n_tokens:
-                raise ValueError(f"cell text has {len(tok)} tokens, fewer than n_tokens={n_tokens}: {text[:40]!r}")
+                raise InputError(f"cell text has {len(tok)} tokens, fewer than n_tokens={n_tokens}: {text[:40]!r}")
             ids.append(tok[:n_tokens])
         ids_t = torch.tensor(ids, device=embedding.weight.device)
         return embedding(ids_t)
-    raise ValueError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
+    raise InputError(f"unknown modality {modality!r}; choose one of {MODALITIES}")

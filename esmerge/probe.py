@@ -9,6 +9,12 @@ A probe sample k concatenates a short text prefix per modality with that modalit
 
 The same embeddings are fed to the base LLM (LoRA disabled) and to every specialist, and the
 states of each modality's block are read at the output of every transformer block.
+
+A modality's blocks may differ in length between samples (Prot2Text-V2 emits one token per
+residue, plus two): each block then occupies the region of the longest one, the unused slots are
+masked out of attention (``Probes.attention_mask``), positions run over real tokens only, and
+block statistics skip the masked slots (``Probes.block_mask``). With equal lengths everything
+is as before: no mask at all.
 """
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from esmerge import sources
 from esmerge.elementwise import block_outputs
 from esmerge.encoders import MODALITIES, cell_text, encode
+from esmerge.errors import InputError
 from esmerge.progress import track
 
 # Fig. 4: a user turn listing each modality by name, followed by its token block.
@@ -34,12 +42,17 @@ class Probes:
         positions: modality -> ``[T_m]`` token positions of its block (same for every sample).
         raw: modality -> the K raw inputs (SMILES, sequences, cell texts).
         template: the prompt with ``<|modality|>`` where each block goes (for display).
+        attention_mask: ``[K, T]`` (1 = real token), or ``None`` when every block has one length.
+        block_mask: modality -> ``[K, T_m]`` (True = a real token of that sample's block), only
+            for modalities whose blocks differ in length.
     """
 
     embeds: torch.Tensor
     positions: dict[str, torch.Tensor]
     raw: dict[str, list] = field(default_factory=dict)
     template: str = ""
+    attention_mask: torch.Tensor | None = None
+    block_mask: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def modalities(self) -> list[str]:
@@ -63,16 +76,32 @@ def build_probes(tokenizer, embedding: torch.nn.Embedding, blocks: dict[str, tor
         tokenizer: the LLM's tokenizer (renders the Fig. 4 template and its text pieces).
         embedding: the LLM's input embedding (embeds the text pieces).
         blocks: modality -> ``[K, T_m, d]`` token embeddings from that modality's encoder
-            (``encode_blocks``); the dict order is the order in the probe.
+            (``encode_blocks``), or a list of K ``[T_mk, d]`` blocks of varying length; the dict
+            order is the order in the probe.
         raw: optional raw inputs, kept for display.
 
     Returns:
-        ``Probes`` with ``embeds [K, T, d]`` and each block's positions.
+        ``Probes`` with ``embeds [K, T, d]`` and each block's positions (and masks, see the
+        module docstring, when lengths vary).
+
+    >>> from esmerge.models import byte_tokenizer
+    >>> tok = byte_tokenizer(); emb = torch.nn.Embedding(len(tok), 4)
+    >>> p = build_probes(tok, emb, {"protein": [torch.ones(2, 4), torch.ones(3, 4)]})
+    >>> len(p.positions["protein"]), p.block_mask["protein"].tolist()
+    (3, [[True, True, False], [True, True, True]])
+    >>> int(p.attention_mask.sum()) == 2 * p.embeds.shape[1] - 1  # one padding slot, in sample 0
+    True
     """
     modalities = list(blocks)
+    blocks, block_mask = dict(blocks), {}
+    for m in modalities:
+        if isinstance(blocks[m], (list, tuple)):
+            blocks[m], mask = pad_blocks(blocks[m])
+            if not bool(mask.all()):
+                block_mask[m] = mask
     sizes = {blocks[m].shape[0] for m in modalities}
     if len(sizes) != 1:
-        raise ValueError(f"every modality needs the same number K of probe samples, got "
+        raise InputError(f"every modality needs the same number K of probe samples, got "
                          f"{ {m: blocks[m].shape[0] for m in modalities} }")
     (k,) = sizes
     template = probe_template(tokenizer, modalities)
@@ -97,7 +126,31 @@ def build_probes(tokenizer, embedding: torch.nn.Embedding, blocks: dict[str, tor
             positions[value] = torch.arange(cursor, cursor + block.shape[1])
             parts.append(block)
         cursor += parts[-1].shape[1]
-    return Probes(torch.cat(parts, dim=1), positions, dict(raw or {}), template)
+    embeds = torch.cat(parts, dim=1)
+    if not block_mask:
+        return Probes(embeds, positions, dict(raw or {}), template)
+    attention = torch.ones(embeds.shape[:2], dtype=torch.long)
+    for m, mask in block_mask.items():
+        attention[:, positions[m]] = mask.long()
+    return Probes(embeds, positions, dict(raw or {}), template, attention, block_mask)
+
+
+def pad_blocks(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K blocks ``[T_k, d]`` -> zero-padded ``[K, max T_k, d]`` and the mask ``[K, max T_k]`` of real tokens.
+
+    >>> padded, mask = pad_blocks([torch.ones(1, 2), torch.ones(2, 2)])
+    >>> padded.shape, mask.tolist()
+    (torch.Size([2, 2, 2]), [[True, False], [True, True]])
+    """
+    if not blocks:
+        raise InputError("no probe blocks given")
+    width = max(b.shape[0] for b in blocks)
+    padded = blocks[0].new_zeros(len(blocks), width, blocks[0].shape[-1])
+    mask = torch.zeros(len(blocks), width, dtype=torch.bool)
+    for k, block in enumerate(blocks):
+        padded[k, : block.shape[0]] = block
+        mask[k, : block.shape[0]] = True
+    return padded, mask
 
 
 def encode_blocks(base, projectors: dict, raw: dict[str, list], n_tokens: dict[str, int]) -> dict[str, torch.Tensor]:
@@ -120,15 +173,13 @@ def probe_entities(k: int = 110, seed: int = 0, top_k_genes: int = 20, exclude_c
     lines as top-``top_k_genes`` gene text. Cells named in ``exclude_cells`` (e.g. the cell
     specialist's training lines) are never used.
     """
-    from esmerge import sources
-
     molecules = sources.load_chebi20("test").sample(k, random_state=seed)["smiles"].tolist()
     proteins = sources.load_swissprot_go("test").sample(k, random_state=seed)["sequence"].tolist()
     cells = sources.load_ccle_cells()
     if exclude_cells:
         cells = cells[~cells["ccle_name"].isin(exclude_cells)]
     if len(cells) < k:
-        raise ValueError(f"only {len(cells)} held-out cell lines for {k} probe samples")
+        raise InputError(f"only {len(cells)} held-out cell lines for {k} probe samples")
     cells = cells.sample(k, random_state=seed)
     return {
         "molecule": molecules,
@@ -150,12 +201,25 @@ def hidden_states(model: torch.nn.Module, probes: Probes, batch_size: int = 16, 
     tokens = {m: [] for m in probes.modalities}
     n = len(probes)
     for start in track(range(0, n, batch_size), desc="hidden states", unit="batch", disable=not progress):
+        rows = slice(start, start + batch_size)
+        extra = {}
+        if probes.attention_mask is not None:  # blocks of varying length: skip their padding slots
+            mask = probes.attention_mask[rows]
+            extra = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
         with block_outputs(model) as outputs:
-            model(inputs_embeds=probes.embeds[start:start + batch_size], use_cache=False)
+            model(inputs_embeds=probes.embeds[rows], use_cache=False, **extra)
         for m, pos in probes.positions.items():
             tokens[m].append(torch.stack([o[:, pos].float().cpu() for o in outputs]))
     tokens = {m: torch.cat(chunks, dim=1) for m, chunks in tokens.items()}
-    return {"tokens": tokens, "pooled": {m: t.mean(dim=2) for m, t in tokens.items()}}
+    return {"tokens": tokens, "pooled": {m: _block_mean(t, probes.block_mask.get(m)) for m, t in tokens.items()}}
+
+
+def _block_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over a block's tokens ``[L, K, T_m, d] -> [L, K, d]``, over the real ones when ``mask [K, T_m]`` is given."""
+    if mask is None:
+        return tokens.mean(dim=2)
+    weights = mask.to(tokens.dtype)[None, :, :, None]
+    return (tokens * weights).sum(dim=2) / weights.sum(dim=2)
 
 
 def collect_states(peft_model, adapter_names: list[str], probes: Probes, batch_size: int = 16) -> dict:

@@ -184,3 +184,38 @@ def test_paper_scale_trains_an_r8_cell_lora(paper_standin, tmp_path):
     assert card["scale"] == "paper" and card["max_tokens"] == 384 and card["base_weights_sha256"] == base.weights_sha256
     assert (card["lora"]["r"], card["lora"]["lora_alpha"]) == (8, 32) and spec.projector is None
     assert S.load_specialist(tmp_path / "cell", base).adapter.state.keys() == spec.adapter.state.keys()
+
+
+def test_probe_blocks_of_varying_length_match_each_sample_alone():
+    """Prot2Text-style blocks (length + 2 tokens): padding slots change no real token's state."""
+    from esmerge import probe
+
+    base = models.load_smoke(seed=0)
+    emb = base.model.get_input_embeddings()
+    torch.manual_seed(0)
+    short, long_ = torch.randn(3, 64), torch.randn(5, 64)
+    cell = torch.randn(2, 4, 64)
+    varied = probe.build_probes(base.tokenizer, emb, {"protein": [short, long_], "cell": cell})
+    assert varied.block_mask["protein"].tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    states = probe.hidden_states(base.model, varied)
+    for k, block in enumerate((short, long_)):
+        alone = probe.build_probes(base.tokenizer, emb, {"protein": block[None], "cell": cell[k:k + 1]})
+        assert alone.attention_mask is None
+        ref = probe.hidden_states(base.model, alone)
+        n = block.shape[0]
+        assert torch.allclose(states["tokens"]["protein"][:, k, :n], ref["tokens"]["protein"][:, 0], atol=1e-5)
+        assert torch.allclose(states["tokens"]["cell"][:, k], ref["tokens"]["cell"][:, 0], atol=1e-5)
+        assert torch.allclose(states["pooled"]["protein"][:, k], ref["pooled"]["protein"][:, 0], atol=1e-5)
+
+
+def test_probe_blocks_of_one_length_are_built_as_before():
+    from esmerge import probe
+
+    base = models.load_smoke(seed=0)
+    emb = base.model.get_input_embeddings()
+    blocks = torch.randn(2, 8, 64)
+    as_list = probe.build_probes(base.tokenizer, emb, {"molecule": list(blocks)})
+    as_tensor = probe.build_probes(base.tokenizer, emb, {"molecule": blocks})
+    assert as_list.attention_mask is None and as_list.block_mask == {}
+    assert torch.equal(as_list.embeds, as_tensor.embeds)
+    assert torch.equal(as_list.positions["molecule"], as_tensor.positions["molecule"])
