@@ -34,14 +34,14 @@ code_distance = True  # also compute MSE-based scores (official code) to measure
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
 import torch
 
-from esmerge import elementwise, layerwise, plots, probe
-from esmerge.adapters import attach, parse_key
-from esmerge.merge import build_context, combine, merge_lora
-from esmerge.methods.es import signals
+from esmerge import plots
+from esmerge.adapters import parse_key
+from esmerge.methods import es_report
+from esmerge.methods.es import coefficients_from_signals, signals
 from esmerge.paths import run_dir
+from esmerge.pipeline import build_context
 
 out = run_dir(scale, "05_elementwise")
 context = build_context(scale, seed, probe_k)
@@ -49,9 +49,8 @@ names = list(context.specialists)
 adapters = [s.adapter for s in context.specialists.values()]
 sig = signals(adapters, context, seed=seed, need_scores=True)
 K, L = len(sig["probes"]), sig["swd"].shape[-1]
-alpha = layerwise.layer_coefficients(sig["swd"], tau_layer)
-beta = elementwise.element_coefficients(sig["scores"], tau_element)
-lam = combine(alpha, beta)
+settings = {"tau_layer": tau_layer, "tau_element": tau_element, "per_tensor": False}
+alpha, beta, lam = coefficients_from_signals(sig, adapters[0].state, settings)
 caption = f"scale={scale}, seed={seed}, K={K} probes per modality, tau={tau_element}"
 print(f"{caption}; signals took {sig['seconds']:.0f} s (0 when cached)")
 
@@ -127,14 +126,7 @@ for module in attn:
 # %%
 for module in attn:
     module_grid(lam, four_layers, module, f"combined coefficients lambda (Eq. 4); {caption}", "fig10_combined_coefficients")
-summary = pd.DataFrame([{
-    "specialist": n,
-    "mean alpha": float(alpha[j].mean()),
-    "mean beta": float(torch.cat([b[j].flatten() for b in beta.values()]).mean()),
-    "mean lambda": float(torch.cat([v[j].flatten() for v in lam.values()]).mean()),
-    "share of elements where it has the largest lambda": float(
-        torch.cat([(v.argmax(0) == j).flatten().float() for v in lam.values()]).mean()),
-} for j, n in enumerate(names)])
+summary = es_report.coefficient_summary(alpha, beta, lam, names)
 summary.to_csv(out / "coefficient_summary.csv", index=False)
 summary
 
@@ -145,35 +137,23 @@ summary
 # model sitting between the specialists, closest to the matching specialist on each modality.
 
 # %%
-merged = merge_lora([a.state for a in adapters], lam)
-from esmerge.adapters import with_state
-
 probes, states = sig["probes"], sig["states"]
-peft_model = attach(context.base.model, {"es": with_state(adapters[0], merged, "es")})
-try:
-    merged_states = probe.hidden_states(peft_model, probes)
-finally:
-    peft_model.unload()
+merged_states = es_report.merged_states(context.base.model, es_report.merged_adapter(adapters, lam), probes)
 last = L - 1
 fig, axes = plt.subplots(1, len(probes.positions), figsize=(5 * len(probes.positions), 4.4))
-distances = []
 for ax, modality in zip(axes, probes.positions):
     groups = {f"{n} specialist": states[n]["tokens"][modality][last] for n in names}
     groups["ES-merged"] = merged_states["tokens"][modality][last]
     colors = {f"{n} specialist": plots.MODALITY_COLORS[n] for n in names} | {"ES-merged": plots.MODALITY_COLORS["merged"]}
     plots.embedding_scatter(ax, plots.project_2d(groups, "pca", seed), colors, f"{modality} tokens, block {last + 1}")
-    for n in names:
-        d = (merged_states["pooled"][modality][last] - states[n]["pooled"][modality][last]).norm(dim=-1).mean()
-        distances.append({"modality tokens": modality, "specialist": n, "mean distance merged-specialist": float(d)})
 fig.suptitle(f"Specialists and the ES-merged model, last block (PCA); {caption}", y=1.04)
 plots.save(fig, out, "fig8_merged_embeddings")
 plt.show()
-closest = pd.DataFrame(distances).pivot(index="modality tokens", columns="specialist", values="mean distance merged-specialist")
+closest = es_report.merged_distances(merged_states, states, names, last)
 closest.to_csv(out / "fig8_distances.csv")
-for modality in closest.index:
-    nearest = closest.loc[modality].idxmin()
+for modality, (nearest, matches) in es_report.nearest_specialists(closest).items():
     print(f"{modality} tokens: the merged model is nearest the {nearest} specialist"
-          f" ({'as the paper reports' if nearest == modality else 'NOT the matching specialist, unlike the paper'}).")
+          f" ({'as the paper reports' if matches else 'NOT the matching specialist, unlike the paper'}).")
 closest.style.format("{:.3f}").highlight_min(axis=1)
 
 # %% [markdown]
@@ -184,20 +164,7 @@ closest.style.format("{:.3f}").highlight_min(axis=1)
 # row changes one setting and reports how much the final coefficients lambda move.
 
 # %%
-def effect(label, lam_other):
-    delta = torch.cat([(lam_other[k] - lam[k]).abs().flatten() for k in lam])
-    flips = torch.cat([(lam_other[k].argmax(0) != lam[k].argmax(0)).flatten().float() for k in lam])
-    return {"setting": label, "mean |delta lambda|": float(delta.mean()), "max |delta lambda|": float(delta.max()),
-            "elements whose top specialist changes": float(flips.mean())}
-
-
-rows = [effect("element tau 0.1 (code)", combine(alpha, elementwise.element_coefficients(sig["scores"], 0.1))),
-        effect("per-tensor z-score (code)",
-               combine(alpha, elementwise.element_coefficients(sig["scores"], tau_element, per_tensor=True)))]
-if code_distance:
-    sig_mse = signals(adapters, context, seed=seed, need_scores=True, distance="mse")
-    rows.append(effect("MSE instead of Frobenius (code)",
-                       combine(alpha, elementwise.element_coefficients(sig_mse["scores"], tau_element))))
-code_effect = pd.DataFrame(rows)
+mse_scores = signals(adapters, context, seed=seed, need_scores=True, distance="mse")["scores"] if code_distance else None
+code_effect = es_report.code_vs_paper_element(sig["scores"], alpha, lam, tau_element, mse_scores)
 code_effect.to_csv(out / "code_vs_paper_element.csv", index=False)
 code_effect

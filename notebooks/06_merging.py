@@ -47,19 +47,16 @@ compat_benchmarks = ("BindingDB", "CYP3A4", "GDSC2", "DrugComb")
 compat_prompts = 2
 
 # %%
-import itertools
-import json
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
-from esmerge import evaluate, methods, plots
-from esmerge.adapters import load_adapter
-from esmerge.merge import build_context
+from esmerge import evaluate, plots
+from esmerge.adapters import load_merged
 from esmerge.methods import contexts, report
 from esmerge.paths import run_dir
+from esmerge.pipeline import build_context, merge_once
 
 torch.manual_seed(seed)
 torch.set_num_threads(1)  # the book's machines are shared; small tensor ops thrash with more threads
@@ -85,13 +82,14 @@ print(caption, "| base:", context.base.name)
 # Defaults are those of the original papers where they have one (TIES k=20%, λ=1; PCB keeps
 # the top 10% of its balancing scores; Consensus k=2) and a stated choice otherwise: see each
 # function's docstring (`help(methods.get("ties").fn)`) for the equations and every choice made
-# where the papers are silent.
+# where the papers are silent; `methods.describe("ties")` lists each hyper-parameter's type,
+# default and range.
 
 # %%
 static_methods = ["avg", "ties", "emr", "pcb", "consensus", "graft"]
 merged, meta = {}, {}
 for name in static_methods:
-    merged[name], meta[name] = report.merge_once(name, out / name, context)
+    merged[name], meta[name] = merge_once(name, out / name, context)
 
 # %% [markdown]
 # ## LS-Merge
@@ -100,7 +98,7 @@ for name in static_methods:
 # VAE is a small MLP conditioned on the chunk position, not LS-Merge's transformer.
 
 # %%
-merged["ls-merge"], meta["ls-merge"] = report.merge_once(
+merged["ls-merge"], meta["ls-merge"] = merge_once(
     "ls-merge", out / "ls-merge", context, epochs=lsmerge_epochs, seed=seed, progress=False)
 vae = meta["ls-merge"]["info"]["vae"]
 print(f"VAE reconstruction MSE (standardised units): {vae['recon_mse_before']:.3f} -> {vae['recon_mse_after']:.3f}")
@@ -116,7 +114,7 @@ print(f"VAE reconstruction MSE (standardised units): {vae['recon_mse_before']:.3
 context.extras.update(contexts.adamerging_extras(
     context.base, specialists, adamerging_benchmarks, adamerging_prompts_per_benchmark,
     adamerging_batch, eval_config, seed))
-merged["adamerging"], meta["adamerging"] = report.merge_once(
+merged["adamerging"], meta["adamerging"] = merge_once(
     "adamerging", out / "adamerging", context, steps=adamerging_steps, progress=False)
 ada = meta["adamerging"]["info"]
 coeff = pd.DataFrame(ada["coefficients"])
@@ -140,15 +138,12 @@ plt.show()
 # negative log-likelihood of the gold answer. The paper uses 2,000 examples, 10 epochs, batch 16.
 
 # %%
-ft_rows = []
+ft_meta = {}
 for benchmark in ft_benchmarks:
     context.extras.update(contexts.finetune_extras(context.base, specialists, benchmark, ft_examples, ft_batch,
                                                    eval_config, seed))
-    _, m = report.merge_once("avg-ft", out / "avg-ft" / benchmark, context, epochs=ft_epochs, progress=False)
-    loss = m["info"]["loss"]
-    ft_rows.append({"benchmark": benchmark, "first loss": loss["first"], "last loss": loss["last"],
-                    "wall_s": m["info"]["cost"]["wall_seconds"], "FLOPs": m["info"]["cost"]["flops"]})
-ft_table = pd.DataFrame(ft_rows)
+    _, ft_meta[benchmark] = merge_once("avg-ft", out / "avg-ft" / benchmark, context, epochs=ft_epochs, progress=False)
+ft_table = report.finetune_table(ft_meta)
 ft_table.to_csv(out / "avg_ft.csv", index=False)
 ft_table
 
@@ -159,17 +154,8 @@ ft_table
 # `torch.utils.flop_counter` (forward and backward passes). Avg+FT is summed over benchmarks.
 
 # %%
-rows = []
-for name in static_methods + ["ls-merge", "adamerging"]:
-    info = meta[name]["info"]
-    rows.append({"method": name, "name": methods.get(name).pretty_name,
-                 "hyper-parameters": json.dumps(info.get("hparams", {}), default=str)[:120],
-                 "wall_s": round(info["cost"]["wall_seconds"], 2), "FLOPs": info["cost"]["flops"]})
-rows.append({"method": "avg-ft", "name": methods.get("avg-ft").pretty_name,
-             "hyper-parameters": json.dumps({"examples": ft_examples, "epochs": ft_epochs, "batch": ft_batch,
-                                             "benchmarks": len(ft_benchmarks)}),
-             "wall_s": round(float(ft_table["wall_s"].sum()), 2), "FLOPs": int(ft_table["FLOPs"].sum())})
-cost = pd.DataFrame(rows)
+cost = report.cost_table({name: meta[name] for name in static_methods + ["ls-merge", "adamerging"]}, ft_table,
+                         {"examples": ft_examples, "epochs": ft_epochs, "batch": ft_batch, "benchmarks": len(ft_benchmarks)})
 cost.to_csv(out / "methods.csv", index=False)
 print(caption)
 cost
@@ -186,10 +172,8 @@ cost
 # %%
 compare = {**{f"specialist {m}": a for m, a in adapters.items()},
            **{k: v for k, v in merged.items()},
-           f"avg-ft ({ft_benchmarks[0]})": load_adapter(out / "avg-ft" / ft_benchmarks[0])}
-norms = pd.DataFrame({k: report.delta_weight_norms(v).numpy() for k, v in compare.items()})
-cosines = pd.DataFrame({k: report.delta_cosine_to(v, adapters) for k, v in compare.items()}).T
-lora_cosines = pd.DataFrame({k: report.cosine_to(v, adapters) for k, v in compare.items()}).T
+           f"avg-ft ({ft_benchmarks[0]})": load_merged(out / "avg-ft" / ft_benchmarks[0]).adapter}
+norms, cosines, lora_cosines = report.comparison_tables(compare, adapters)
 norms.to_csv(out / "delta_norms.csv", index_label="layer")
 cosines.to_csv(out / "delta_cosine_to_specialists.csv")
 lora_cosines.to_csv(out / "lora_cosine_to_specialists.csv")
@@ -222,12 +206,7 @@ plt.show()
 # specialist's for all six orders.
 
 # %%
-order_rows = []
-for order in itertools.permutations(names):
-    result = methods.run("graft", list(adapters.values()), order=list(order))
-    order_rows.append({"order": " → ".join(order), **report.delta_cosine_to(result.adapter, adapters),
-                       "Σ‖ΔW‖": float(report.delta_weight_norms(result.adapter).sum())})
-graft_orders = pd.DataFrame(order_rows).set_index("order")
+graft_orders = report.graft_order_table(adapters)
 graft_orders.to_csv(out / "graft_orders.csv")
 print(f"Graft order effect (cosine of the merged update BA to each specialist's); {caption}")
 graft_orders.round(3)
@@ -256,5 +235,4 @@ compat.pivot(index="specialist", columns="benchmark", values="compatibility").ro
 # of the modulated adapters of the modalities present (`contexts.emr_adapter_for_benchmark`).
 
 # %%
-emr_info = meta["emr"]["info"]
-pd.DataFrame({"rescaler": emr_info["rescalers"], "mask density": emr_info["mask_density"]}).round(3)
+report.emr_table(meta["emr"]["info"]).round(3)
