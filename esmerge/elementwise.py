@@ -252,7 +252,7 @@ def batch_distance_gradients(
                 grads = torch.zeros(probe_embeds.shape[0], *weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                                     device=weight.device)
             else:
-                grads = per_sample_weight_gradients(seen[key][0], g)
+                grads = per_sample_weight_gradients(seen[key][0].detach(), g)
             if on_gradient is None:
                 per_key[key] = grads
             else:

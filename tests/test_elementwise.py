@@ -1,41 +1,29 @@
 """Batched element scores (paper §4.3) against the per-sample loop they replace, and NaN/Inf refusals."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 from esmerge import elementwise, probe
-from esmerge.adapters import attach, layer_of
+from esmerge.adapters import attach
 from esmerge.errors import InputError
+
+
+def _bench_es():
+    """benchmarks/bench_es.py holds the per-sample loop that element scores used before batching."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_es.py"
+    spec = importlib.util.spec_from_file_location("bench_es", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference_scores = _bench_es().per_sample_loop_scores
 
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "O=C=O"]
 SEQUENCES = ["MKTAYIAKQR", "GAVLIPFW", "MSTNPKPQRK", "MAHHHHHHGS", "MKKLLPTAAA"]
 CELLS = ["CD3E, CD2, IL7R, LTB, CCR7", "MS4A1, CD79A, CD79B", "NKG7, GNLY, GZMB, PRF1", "LYZ, S100A8", "PPBP, PF4"]
-
-
-def reference_scores(model, embeds, positions, base_tokens):
-    """The per-sample loop that element scores used before batching: one forward per probe
-    sample, one backward per modality w.r.t. the LoRA parameters, |gradient| summed.
-
-    Returns distance -> (key -> scores), as ``element_scores_by_distance``.
-    """
-    params = elementwise.lora_parameters(model)
-    keys, tensors = list(params), list(params.values())
-    for p in tensors:
-        p.requires_grad_(True)
-    scores = {d: {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()} for d in elementwise.DISTANCES}
-    width = embeds.shape[-1]
-    for k in range(embeds.shape[0]):
-        with elementwise.block_outputs(model, detach_inputs=True) as outputs:
-            model(inputs_embeds=embeds[k].unsqueeze(0), use_cache=False)
-        for idx, (modality, pos) in enumerate(positions.items()):
-            r = torch.stack([elementwise.token_distance(out[0, pos], base_tokens[modality][l, k].to(out.dtype))
-                             for l, out in enumerate(outputs)])
-            grads = torch.autograd.grad(r.sum(), tensors, retain_graph=idx < len(positions) - 1, allow_unused=True)
-            factor = 2.0 * r.detach() / (len(pos) * width)
-            for key, g, t in zip(keys, grads, tensors):
-                g = (g if g is not None else torch.zeros_like(t)).abs().float()
-                scores["frobenius"][key] += g
-                scores["mse"][key] += g * float(factor[layer_of(key)])
-    return scores
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +66,8 @@ def test_batched_scores_equal_the_per_sample_loop(smoke_setup):
                                                      progress=False, batch_size=2)  # chunks 2, 2, 1
         for distance in elementwise.DISTANCES:
             assert set(new[distance]) == set(old[distance])
+            # Plain values: no autograd graph kept alive by the scores (it once held every batch's graph).
+            assert not any(v.requires_grad for v in new[distance].values())
             assert_relatively_equal(new[distance], old[distance])
         # The public single-distance entry point returns the same Frobenius scores.
         frob = elementwise.element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False)
