@@ -23,7 +23,8 @@ STATIC_PAGES = ("paper_vs_code.md", "rerun.md", "api.md", "references.md")
 # Modules documented on the API page, when present in the package.
 API_MODULES = (
     "models", "adapters", "encoders", "data", "probe", "layerwise", "elementwise", "merge",
-    "methods", "specialists", "evaluate", "cache", "paths", "progress", "regenerate",
+    "methods", "specialists", "evaluate", "cache", "paths", "progress", "notebook_graph", "input_keys",
+    "execute", "monitor", "book", "regenerate",
 )
 
 

@@ -47,6 +47,7 @@ class CellProgressEngine(NBClientEngine):
 
     @classmethod
     def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+        """Run the notebook as papermill does, first wrapping ``nb_man.cell_start`` to report each cell."""
         path = os.environ.get(progress.ENV_FILE)
         if path:
             start_cell, n = nb_man.cell_start, len(nb_man.nb.cells)

@@ -1,5 +1,7 @@
 """Progress of long library calls, shown where the user is looking and never in the book.
 
+Use::
+
     for row in progress.track(rows, desc="evaluate BindingDB", unit="ex"):
         ...
     bar = progress.track(total=steps, desc="train molecule", unit="step")
