@@ -30,7 +30,6 @@ from esmerge.evaluate.stats import accuracy, auroc, bootstrap_ci, macro_f1
 from esmerge.evaluate.under_test import ModelUnderTest, PeftCopies
 from esmerge.paths import runs_root
 from esmerge.progress import track
-from esmerge.progress import track
 
 PROMPT_VERSION = 1  # bump when prompts or scoring change, so cached results are recomputed
 _CPU = scales.get("cpu").evaluation
