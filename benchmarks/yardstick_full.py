@@ -31,14 +31,14 @@ OUT = Path(__file__).resolve().parent / "results"
 FILES = ("yardstick_full.csv", "yardstick_cpu.csv", "yardstick.json")
 
 
-def table(runs: dict[str, dict[str, dict]], n_resamples: int, seed: int) -> pd.DataFrame:
+def table(runs: dict[str, dict[str, dict]], n_resamples: int, seed: int, protocol: str) -> pd.DataFrame:
     """Accuracy and macro-F1 verdict tables side by side, rounded for the committed CSV."""
     acc = yardstick.verdict_table(runs, "es", "accuracy", n_resamples=n_resamples, seed=seed)
     f1 = yardstick.verdict_table(runs, "es", "macro_f1", n_resamples=n_resamples, seed=seed)
     f1 = f1.drop(columns=["benchmarks", "n_eval", "n_context"]).add_suffix("_f1").rename(columns={"dataset_f1": "dataset"})
     merged = acc.rename(columns={"majority": "majority_acc", "knn": "knn_acc", "paper": "paper_es_acc"}).merge(
         f1.rename(columns={"paper_f1": "paper_es_f1"}), on="dataset")
-    return merged.round(2)
+    return merged.round(2).assign(protocol=protocol)
 
 
 def summary(runs: dict[str, dict[str, dict]]) -> dict:
@@ -86,13 +86,17 @@ def main(argv=None) -> None:
               f"{full['majority'][name]['accuracy']:.1f}, knn {r['accuracy']:.1f} "
               f"[{r['accuracy_ci'][0]:.1f}, {r['accuracy_ci'][1]:.1f}] ({seconds[name]} s)", flush=True)
     full_seconds = time.time() - started
-    write_csv(table(full, args.n_resamples, args.seed), args.out / FILES[0])
+    write_csv(table(full, args.n_resamples, args.seed,
+                    f"our seeded stratified {1 - args.test_fraction:.0%}/{args.test_fraction:.0%} split, not the paper's; "
+                    f"{args.shots} shots; seed {args.seed}"), args.out / FILES[0])
 
     t0 = time.time()
     cpu_config = evaluate.default_config("cpu")
     cpu = yardstick.yardstick_all(benchmarks.BENCHMARK_NAMES, cpu_config)
     cpu_seconds = time.time() - t0
-    write_csv(table(cpu, cpu_config.n_resamples, cpu_config.seed), args.out / FILES[1])
+    write_csv(table(cpu, cpu_config.n_resamples, cpu_config.seed,
+                    f"cpu pools of the LLM evaluation: {cpu_config.n_eval} eval / {cpu_config.n_context} context rows, "
+                    f"{cpu_config.n_shots} shots; seed {cpu_config.seed}"), args.out / FILES[1])
 
     meta = {
         "what": "retrieval-only yardstick (issue 10): always-majority of the context pool; k-NN vote "

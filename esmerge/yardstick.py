@@ -331,7 +331,8 @@ def _paper_values(paper_method: str, metric: str) -> dict[str, float]:
 
 
 def verdict_table(runs: dict[str, dict[str, dict]], paper_method: str = "es", metric: str = "accuracy",
-                  paper: dict[str, float] | None = None, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+                  paper: dict[str, float] | None = None, n_resamples: int = 1000, seed: int = 0,
+                  paper_label: str = "ES-Merging") -> pd.DataFrame:
     """The yardstick beside the paper's ``paper_method`` (default ES-Merging), one row per dataset,
     per group average and for the mean over all benchmarks present.
 
@@ -339,7 +340,7 @@ def verdict_table(runs: dict[str, dict[str, dict]], paper_method: str = "es", me
     are means of per-dataset values with ``evaluate.paired_bootstrap`` CIs. ``paper`` maps a paper
     dataset name (``benchmarks.spec(b).paper_dataset``, ``"Avg. <group>"``) to its value; by default it
     is read from ``paper_results.csv``. The mean over all 13 is the mean of the paper's 13 values.
-    ``verdict`` reads "k-NN vote <above|below|within CI of> the paper's value".
+    ``verdict`` reads "k-NN vote <above|below|within CI of> the paper's <paper_label>".
     """
     paper = _paper_values(paper_method, metric) if paper is None else paper
     knn, majority = runs["knn-shots"], runs["majority"]
@@ -365,6 +366,6 @@ def verdict_table(runs: dict[str, dict[str, dict]], paper_method: str = "es", me
         row["paper"] = paper.get(name, np.nan)
         where = paper_verdict(row["knn_lo"], row["knn_hi"], row["paper"])
         row["verdict"] = where if where == "no paper value" else (
-            f"k-NN vote {'within CI of' if where == 'within CI' else where} the paper's {paper_method}")
+            f"k-NN vote {'within CI of' if where == 'within CI' else where} the paper's {paper_label}")
         rows.append(row)
     return pd.DataFrame(rows)

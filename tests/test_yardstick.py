@@ -168,12 +168,12 @@ def test_verdict_table_on_hand_made_numbers():
             "majority": {b: _run(y, np.zeros(100, int)) for b in ("GDSC2", "DrugComb", "Human")}}
     paper = {"GDSC2": 94.1, "DrugComb": 80.7, "Avg. Mol-Cell": 87.4}
     table = ys.verdict_table(runs, paper=paper, n_resamples=200).set_index("dataset")
-    assert table.loc["GDSC2", "knn"] == 100.0 and table.loc["GDSC2", "verdict"] == "k-NN vote above the paper's es"
-    assert table.loc["DrugComb", "knn"] == 50.0 and table.loc["DrugComb", "verdict"].endswith("below the paper's es")
+    assert table.loc["GDSC2", "knn"] == 100.0 and table.loc["GDSC2", "verdict"] == "k-NN vote above the paper's ES-Merging"
+    assert table.loc["DrugComb", "knn"] == 50.0 and table.loc["DrugComb", "verdict"].endswith("below the paper's ES-Merging")
     assert table.loc["Human", "verdict"] == "no paper value" and table.loc["Human", "majority"] == 50.0
     avg = table.loc["Avg. Mol-Cell"]
     assert avg["knn"] == pytest.approx(75.0) and avg["knn_lo"] < 75.0 < avg["knn_hi"] and avg["n_eval"] == 200
-    assert avg["verdict"] == "k-NN vote below the paper's es"  # 87.4 lies above the CI of 75
+    assert avg["verdict"] == "k-NN vote below the paper's ES-Merging"  # 87.4 lies above the CI of 75
     assert "Avg. Mol-Prot" not in table.index and "Mean of 13" not in table.index  # incomplete groups
 
 
