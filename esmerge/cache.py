@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -68,9 +69,22 @@ def _temporary_sibling(path: Path) -> Iterator[Path]:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a unique temporary sibling, so readers and parallel writers never see half a file."""
-    with _temporary_sibling(Path(path)) as tmp:
+    """``torch.save`` through a unique temporary sibling, so readers and parallel writers never see half a file.
+
+    ``torch.save`` names the records inside its zip after the file it writes, so the temporary file
+    sits in a private folder under the fixed name ``<name>.tmp``: the bytes do not depend on which
+    writer made them (two runs write identical files).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
+    private.mkdir()
+    try:
+        tmp = private / f"{path.name}.tmp"
         torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def atomic_write_json(path: Path, obj: Any, indent: int = 2) -> None:
