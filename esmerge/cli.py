@@ -1,32 +1,256 @@
-"""``esmerge`` command line: a thin dispatcher; each subcommand lives with the module it drives.
+"""esmerge: merge LoRA specialists with ES-Merging (or any baseline), evaluate them, rebuild the book.
 
-    esmerge data verify                         check every upstream file against the manifest
-    esmerge train --scale cpu --modality molecule   train one specialist
-    esmerge merge --scale cpu --method es --out DIR merge the three specialists
-    esmerge regenerate --scale cpu              run every notebook (papermill) and build the book
+    esmerge data verify                               check every upstream file against the manifest
+    esmerge data fetch [FILE ...]                     download missing files (needs internet)
+    esmerge train --scale cpu --modality molecule     train one specialist
+    esmerge merge --scale cpu --method es --out DIR   merge the three specialists
+    esmerge methods [NAME]                            list merge methods and their hyper-parameters
+    esmerge evaluate --scale cpu --model base --model DIR   evaluate models on the 13 benchmarks
+    esmerge convert mol-llama|prot2text|lora-extract ...    published checkpoints -> specialist folders
+    esmerge regenerate --scale cpu                    run every notebook (papermill) and build the book
+
+Every subcommand is declared here, once, and calls one library function. A refusal is one line on stderr, ``esmerge <command>: <what and what to do>``, exit code 1
+(2 for a usage error); ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
-import importlib
+import argparse
 import sys
+from pathlib import Path
 
-SUBCOMMANDS = {
-    "data": ("esmerge.data", "Data manifest: verify / fetch upstream files."),
-    "train": ("esmerge.specialists", "Train a modality specialist (LoRA + projector)."),
-    "merge": ("esmerge.merge", "Merge the specialists with any registered method."),
-    "regenerate": ("esmerge.regenerate", "Run all notebooks with papermill, in dependency order."),
-}
+from esmerge import scales
+from esmerge.errors import EsmergeError, UsageError
+
+
+# --------------------------------------------------------------------------- subcommands
+def _data(args) -> int:
+    from esmerge import data
+
+    if args.action == "verify":
+        statuses = data.verify()
+        width = max([len(s.path) for s in statuses] + [4])
+        status_width = max([len(s.status) for s in statuses] + [7])
+        print(f"{'file':<{width}}  {'bytes':>9}  {'status':<{status_width}}  where")
+        for s in statuses:
+            root = str(s.location)[: -len(s.path) - 1] if s.location else "-"  # the search dir it came from
+            print(f"{s.path:<{width}}  {s.bytes:>9}  {s.status:<{status_width}}  {root}")
+        bad = [s for s in statuses if s.status != "ok"]
+        for s in bad:
+            print(f"error: {s.message}", file=sys.stderr)
+        print(f"{len(statuses) - len(bad)} of {len(statuses)} files ok")
+        return 1 if bad else 0
+    failures = 0
+    for path, outcome in data.fetch_missing(args.files, force=args.force):
+        if isinstance(outcome, Exception):
+            print(f"error: {outcome}", file=sys.stderr)
+            failures += 1
+        else:
+            print(f"fetched {path} -> {outcome}")
+    return 1 if failures else 0
+
+
+def _train(args) -> int:
+    import torch
+
+    from esmerge import specialists
+
+    if args.write_manifest:
+        print(f"wrote {specialists.write_manifest(args.scale)}")
+        return 0
+    if args.modality is None:
+        raise UsageError("--modality is required (molecule, protein or cell)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or specialists.SHIPPED_DIR / args.scale / args.modality
+    specialists.train_for_scale(args.scale, args.modality, out, device=args.device, steps=args.steps,
+                                batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_tokens=args.max_tokens,
+                                resume=not args.no_resume, force=args.force, checkpoint_every=args.checkpoint_every,
+                                bf16=args.bf16, cell_top_k=args.cell_top_k)
+    print(f"saved {out}")
+    return 0
+
+
+def _merge(args) -> int:
+    from esmerge import methods, pipeline
+
+    out = pipeline.merge_command(args.scale, args.method, args.out, methods.parse_set(args.set), seed=args.seed,
+                                 probe_k=args.probe_k, force=args.force)  # validates before loading a model
+    print(f"merged with {args.method} -> {out}")
+    return 0
+
+
+def _methods(args) -> int:
+    import pandas as pd
+
+    from esmerge import methods
+
+    print(pd.DataFrame(methods.describe(args.name)).to_string(index=False))
+    return 0
+
+
+def _evaluate(args) -> int:
+    import pandas as pd
+
+    from esmerge.evaluate.by_name import evaluate_by_name
+
+    rows = evaluate_by_name(args.scale, args.model, args.benchmarks, seed=args.seed, out_dir=args.out,
+                            n_eval=args.n_eval, n_shots=args.n_shots)
+    with pd.option_context("display.width", 160, "display.max_rows", 500):
+        print(rows[["method", "benchmark", "n", "accuracy", "acc_lo", "acc_hi", "macro_f1"]].round(1).to_string(index=False))
+        print(rows.groupby("method", sort=False)[["accuracy", "macro_f1"]].mean().round(1).to_string())
+    return 0
+
+
+def _convert(args) -> int:
+    from esmerge import convert
+
+    if args.source_kind == "mol-llama":
+        print(f"wrote {convert.convert_mol_llama(args.src, args.out, base=args.base, force=args.force)}")
+        return 0
+    if args.source_kind == "prot2text":
+        result = convert.convert_prot2text(args.src, args.out, args.base, force=args.force, device=args.device)
+    else:
+        result = convert.lora_extract(args.finetuned, args.base, args.out, rank=args.rank, modality=args.modality,
+                                      force=args.force, device=args.device)
+    print(convert.summary(result.report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _regenerate(args) -> int:
+    from esmerge import regenerate
+
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if args.book_only and args.no_book:
+        raise UsageError("--book-only and --no-book together do nothing; drop one")
+    return regenerate.regenerate(args)
+
+
+# --------------------------------------------------------------------------- parser
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    def scale_option(p, default="cpu"):
+        p.add_argument("--scale", default=default, choices=scales.NAMES, help=f"model/data scale (default: {default})")
+
+    top = argparse.ArgumentParser(prog="esmerge", parents=[common], description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("data", parents=[common], help="upstream data files of the manifest: verify / fetch")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("verify", parents=[common], help="check every file against its sha256; exit 0 only if all match")
+    fetch = actions.add_parser("fetch", parents=[common], help="download missing files by URL into the cache, hash-checked")
+    fetch.add_argument("files", nargs="*", help="manifest paths (default: every missing file)")
+    fetch.add_argument("--force", action="store_true", help="download even if a good copy exists")
+    p.set_defaults(run=_data)
+
+    p = sub.add_parser("train", parents=[common], help="train a modality specialist (LoRA + projector)")
+    scale_option(p)
+    p.add_argument("--modality", choices=("molecule", "protein", "cell"))
+    p.add_argument("--steps", type=int, default=None, help="default: the scale's recipe (esmerge.scales)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", type=Path, help="output directory (default data_manifest/specialists/<scale>/<modality>)")
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the recipe's, per modality")
+    p.add_argument("--cell-top-k", type=int, default=None, help="genes per cell (default: the scale's)")
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: cpu; paper: device_map auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--force", action="store_true", help="overwrite a finished specialist")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--write-manifest", action="store_true",
+                   help="only (re)write data_manifest/specialists.yaml from the shipped directories")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("merge", parents=[common], help="merge the specialists with any registered method")
+    scale_option(p)
+    p.add_argument("--method", default="es", help="a registered method (see `esmerge methods`)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists, unless --force)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-k", type=int, default=None, help="probe samples per modality (default: the scale's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyper-parameter, e.g. --set tau_layer=0.1 (see `esmerge methods`)")
+    p.add_argument("--force", action="store_true", help="replace a finished output directory")
+    p.set_defaults(run=_merge)
+
+    p = sub.add_parser("methods", parents=[common], help="list merge methods and their hyper-parameters")
+    p.add_argument("name", nargs="?", help="one method (default: all)")
+    p.set_defaults(run=_methods)
+
+    p = sub.add_parser("evaluate", parents=[common], help="evaluate models on the interaction benchmarks")
+    scale_option(p)
+    p.add_argument("--model", action="append", required=True, metavar="NAME_OR_DIR",
+                   help="base, specialist-<modality> or a merged-model folder; repeat for several")
+    p.add_argument("--benchmarks", nargs="+", default=None, help="default: the scale's")
+    p.add_argument("--n-eval", type=int, default=None, help="examples per benchmark (default: the scale's)")
+    p.add_argument("--n-shots", type=int, default=None, help="in-context examples (default: the scale's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="results cache (default runs/<scale>/07_results/evals)")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("convert", parents=[common], help="convert a published checkpoint to a specialist folder")
+    kinds = p.add_subparsers(dest="source_kind", required=True)
+    k = kinds.add_parser("mol-llama", parents=[common], help="Mol-LLaMA: its LoRA, Q-Former and projector")
+    k.add_argument("src", help="Mol-LLaMA checkpoint folder or file (hub id with internet)")
+    k.add_argument("out", type=Path)
+    k.add_argument("--base", default=None, help="base model path or id (default: the one the checkpoint names)")
+    k = kinds.add_parser("prot2text", parents=[common], help="Prot2Text-V2: a rank-8 LoRA by SVD of its merged decoder")
+    k.add_argument("src")
+    k.add_argument("out", type=Path)
+    k.add_argument("--base", required=True, help="LLaMA-3.1-8B-Instruct path or id")
+    k.add_argument("--device", default=None, help="where the SVD runs (default: cuda if present)")
+    k = kinds.add_parser("lora-extract", parents=[common], help="any full fine-tune: a LoRA by truncated SVD")
+    k.add_argument("finetuned")
+    k.add_argument("base")
+    k.add_argument("out", type=Path)
+    k.add_argument("--rank", type=int, default=8)
+    k.add_argument("--modality", default=None, choices=("molecule", "protein", "cell"))
+    k.add_argument("--device", default=None)
+    for k in kinds.choices.values():
+        k.add_argument("--force", action="store_true", help="replace a finished output folder")
+    p.set_defaults(run=_convert)
+
+    p = sub.add_parser("regenerate", parents=[common], help="run every notebook (papermill) and build the book")
+    scale_option(p)
+    p.add_argument("--seed", type=int, default=0, help="seed injected into every notebook (default: 0)")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks run in parallel when independent")
+    p.add_argument("--only", nargs="+", metavar="STEM", help="run these notebooks (and any stale one they need)")
+    p.add_argument("--force", action="store_true", help="re-run the selected notebooks even if unchanged")
+    p.add_argument("--book-only", action="store_true", help="build the book from existing executed notebooks")
+    p.add_argument("--no-book", action="store_true", help="run notebooks only; do not build the book")
+    p.set_defaults(run=_regenerate)
+    return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        print(__doc__.strip())
-        for name, (_, summary) in SUBCOMMANDS.items():
-            print(f"  {name:<11} {summary}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    return int(module.cli(argv[1:]) or 0)
+    try:
+        args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as stop:  # argparse printed the usage error (or --help)
+        return int(stop.code or 0)
+    try:
+        return int(args.run(args) or 0)
+    except EsmergeError as err:
+        if args.debug:
+            raise
+        print(f"esmerge {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"esmerge {args.command}: interrupted; finished outputs were kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # a defect, not a refusal: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"esmerge {args.command}: unexpected {type(err).__name__}: {err} (rerun with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Every resolved file is checked against its sha256 before use. Also here:
 
 * ``verify`` / ``check_file``: the status of every file (ok, missing, corrupt, unreadable);
 * ``safe_pickle_load``, the restricted unpickler the TGSA (GDSC2) pickles are read with;
-* ``cli``: ``esmerge data verify`` and ``esmerge data fetch``.
+* ``fetch_missing``: what ``esmerge data fetch`` does.
 
 The readers of these files are in ``esmerge.sources``; the 13 benchmarks built from them, and their
 evaluation pools, in ``esmerge.benchmarks``.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +31,7 @@ import pandas as pd
 import yaml
 
 from esmerge.cache import cache_dir, file_sha256
-from esmerge.errors import EsmergeError
+from esmerge.errors import EsmergeError, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = REPO_ROOT / "data_manifest" / "files.yaml"
@@ -58,9 +57,13 @@ class ManifestEntry:
 
 @lru_cache(maxsize=1)
 def manifest() -> dict[str, ManifestEntry]:
-    """All manifest entries keyed by their path."""
-    rows = yaml.safe_load(MANIFEST.read_text())["files"]
-    return {row["path"]: ManifestEntry(**{**row, "tasks": tuple(row.get("tasks") or ())}) for row in rows}
+    """All manifest entries keyed by their path; ``DataError`` naming the manifest if it cannot be read."""
+    try:
+        rows = yaml.safe_load(MANIFEST.read_text())["files"]
+        return {row["path"]: ManifestEntry(**{**row, "tasks": tuple(row.get("tasks") or ())}) for row in rows}
+    except (OSError, yaml.YAMLError, TypeError, KeyError) as err:
+        raise DataError(f"cannot read the data manifest {MANIFEST} ({type(err).__name__}: {err}); "
+                        "restore it from git") from None
 
 
 def search_dirs() -> list[Path]:
@@ -288,69 +291,27 @@ def derive_cyp_fasta() -> str:
 DERIVED = {CYP_FASTA: derive_cyp_fasta}
 
 
-def _print_table(statuses: list[FileStatus]) -> None:
-    width = max([len(s.path) for s in statuses] + [4])
-    status_width = max([len(s.status) for s in statuses] + [7])
-    print(f"{'file':<{width}}  {'bytes':>9}  {'status':<{status_width}}  where")
-    for s in statuses:
-        root = str(s.location)[: -len(s.path) - 1] if s.location else "-"  # the search dir it came from
-        print(f"{s.path:<{width}}  {s.bytes:>9}  {s.status:<{status_width}}  {root}")
+def fetch_missing(paths: list[str] | None = None, force: bool = False):
+    """What ``esmerge data fetch`` does: yield ``(path, result)`` for each manifest file that needs a
+    download (all of ``paths``, default every file that is not ``ok``; with ``force`` every one).
 
-
-def cli(argv: list[str]) -> int:
-    """``esmerge data verify`` | ``esmerge data fetch [--force] [FILE ...]``; returns the exit code."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="esmerge data", description="Upstream data files of the manifest.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("verify", help="check every file against its sha256; exit 0 only if all match")
-    fetch_parser = sub.add_parser("fetch", help="download missing files by URL into the cache, hash-checked")
-    fetch_parser.add_argument("files", nargs="*", help="manifest paths (default: every missing file)")
-    fetch_parser.add_argument("--force", action="store_true", help="download even if a good copy exists")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # argparse has already printed the usage error
-        return int(stop.code or 0)
-    try:
-        entries = manifest()
-    except (OSError, yaml.YAMLError, TypeError, KeyError) as err:
-        print(f"error: cannot read the data manifest {MANIFEST}: {err}", file=sys.stderr)
-        return 1
-
-    if args.command == "verify":
-        try:
-            statuses = verify()
-        except DataError as err:  # e.g. ESMERGE_DATA_DIR is not a folder
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        _print_table(statuses)
-        bad = [s for s in statuses if s.status != "ok"]
-        for s in bad:
-            print(f"error: {s.message}", file=sys.stderr)
-        print(f"{len(statuses) - len(bad)} of {len(statuses)} files ok")
-        return 1 if bad else 0
-
-    unknown = [f for f in args.files if f not in entries]
+    ``result`` is the cached ``Path`` or the ``DataError`` that stopped that file; a corrupt copy
+    outside the cache is reported, not shadowed by a fresh download. Unknown ``paths`` are refused
+    with ``UsageError`` before anything is fetched.
+    """
+    entries = manifest()
+    unknown = [p for p in paths or [] if p not in entries]
     if unknown:
-        print(f"error: not in the data manifest: {', '.join(unknown)}", file=sys.stderr)
-        return 2
-    failures = 0
-    for entry in (entries[f] for f in args.files or entries):
-        try:
-            status = check_file(entry)
-        except DataError as err:  # e.g. ESMERGE_DATA_DIR is not a folder
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        raise UsageError(f"not in the data manifest: {', '.join(unknown)}; see data_manifest/files.yaml")
+    for entry in (entries[p] for p in paths or entries):
+        status = check_file(entry)
         in_cache = status.location is not None and cache_dir() / "data" in status.location.parents
-        if status.status == "ok" and not args.force:
+        if status.status == "ok" and not force:
             continue
         if status.status in ("corrupt", "unreadable") and not in_cache:
-            print(f"error: {status.message}", file=sys.stderr)  # it would shadow a fresh download
-            failures += 1
+            yield entry.path, DataError(status.message)  # a fresh download would hide behind it
             continue
         try:
-            print(f"fetched {entry.path} -> {fetch(entry, force=True)}")
+            yield entry.path, fetch(entry, force=True)
         except DataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            failures += 1
-    return 1 if failures else 0
+            yield entry.path, err

@@ -103,12 +103,3 @@ def merge_lora(states: list[LoraState], coefficients: dict[str, torch.Tensor]) -
         stacked = torch.stack([s[key].double() for s in states])
         merged[key] = (coef.double() * stacked).sum(0).to(ref.dtype)
     return merged
-
-
-def cli(argv: list[str]) -> int:
-    """``esmerge merge``: kept here only because ``esmerge.cli`` dispatches ``merge`` to this module."""
-    # Deferred, not circular at import time: esmerge.pipeline imports this module. Remove once
-    # esmerge.cli calls esmerge.pipeline.cli directly.
-    from esmerge import pipeline
-
-    return pipeline.cli(argv)

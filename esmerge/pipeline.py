@@ -8,7 +8,6 @@ directory already holds this exact merge (resume).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -176,29 +175,7 @@ def merge_once(method: str, out: str | Path, context: MergeContext, refresh: boo
     return merged.adapter, merged.meta
 
 
-# --------------------------------------------------------------------------- CLI (moves to esmerge.cli)
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="esmerge merge", description="Merge the three specialists.")
-    parser.add_argument("--scale", default="cpu", choices=scales.NAMES)
-    parser.add_argument("--method", default="es", help=f"one of: {', '.join(methods.names())}")
-    parser.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--probe-k", type=int, default=None, help="probe samples per modality (default: the scale's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="method hyper-parameter (JSON value), e.g. --set tau_layer=0.1; see `esmerge methods`")
-    args = parser.parse_args(argv)
-    try:
-        methods.get(args.method)
-    except methods.UnknownMethodError as err:
-        parser.error(str(err))
-    out = merge_command(args.scale, args.method, args.out, methods.parse_set(args.set), seed=args.seed,
-                        probe_k=args.probe_k, force=args.force)
-    meta = json.loads((out / "esmerge.json").read_text())
-    print(f"merged with {args.method} in {meta['wall_seconds']:.1f} s -> {out}")
-    return 0
-
-
+# --------------------------------------------------------------------------- what `esmerge merge` calls
 def merge_command(scale: str, method: str, out: str | Path, hparams: dict, seed: int = 0,
                   probe_k: int | None = None, force: bool = False) -> Path:
     """What ``esmerge merge`` does: every check that needs no model first, then load, merge, write."""

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from esmerge import benchmarks, data, sources
+from esmerge.cli import main as cli_main
 from esmerge.errors import EsmergeError
 
 
@@ -325,21 +326,21 @@ def test_data_path_missing_and_corrupt_name_file_and_hash(isolated):
 
 def test_verify_cli_exit_codes_and_messages(isolated, capsys):
     tmp_path, entry, content = isolated
-    assert data.cli(["verify"]) == 1
+    assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert "fake/hello.txt" in out and "missing" in out
     assert err.count("\n") == 1 and entry.sha256 in err and "Traceback" not in err
     copy = tmp_path / "datadir" / entry.path
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_bytes(content)
-    assert data.cli(["verify"]) == 0
+    assert cli_main(["data", "verify"]) == 0
     assert " ok " in capsys.readouterr().out
     copy.write_bytes(b"X" * len(content))  # same size, different bytes: only the hash can tell
     data._verified.cache_clear()
-    assert data.cli(["verify"]) == 1
+    assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert "corrupt" in out and "corrupt copy at" in err and entry.sha256 in err and "Traceback" not in err
-    assert data.cli(["nonsense"]) == 2
+    assert cli_main(["data", "nonsense"]) == 2
 
 
 def test_fetch_downloads_by_url_with_hash_check(isolated, monkeypatch, capsys):
@@ -348,20 +349,20 @@ def test_fetch_downloads_by_url_with_hash_check(isolated, monkeypatch, capsys):
     upstream.write_bytes(content)
     good = data.ManifestEntry(**{**entry.__dict__, "url": upstream.as_uri()})
     monkeypatch.setattr(data, "manifest", lambda: {good.path: good})
-    assert data.cli(["fetch"]) == 0
+    assert cli_main(["data", "fetch"]) == 0
     cached = tmp_path / "cache" / "data" / good.path
     assert cached.read_bytes() == content
     assert data.data_path(good.path) == cached  # resolution now finds the cached copy
     # Upstream changed: the download is refused and nothing is left in the cache.
     upstream.write_bytes(b"tampered\n")
     cached.unlink()
-    assert data.cli(["fetch"]) == 1
+    assert cli_main(["data", "fetch"]) == 1
     err = capsys.readouterr().err
     assert f"expected {good.sha256}" in err and "Traceback" not in err
     assert not cached.exists() and not list(cached.parent.glob(".*"))
     # No URL (a derived file): a clear one-line error.
     monkeypatch.setattr(data, "manifest", lambda: {entry.path: entry})
-    assert data.cli(["fetch"]) == 1
+    assert cli_main(["data", "fetch"]) == 1
     assert "no download URL" in capsys.readouterr().err
 
 
@@ -373,7 +374,7 @@ def test_verify_reports_corrupt_copy_in_data_dir_first(tmp_path, monkeypatch, ca
     copy.parent.mkdir(parents=True)
     copy.write_bytes(data.data_path(fasta).read_bytes().replace(b"MALSQ", b"MALSA"))
     monkeypatch.setenv("ESMERGE_DATA_DIR", str(tmp_path))
-    assert data.cli(["verify"]) == 1
+    assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert [line for line in err.splitlines() if line] == [line for line in err.splitlines() if fasta in line]
     assert data.manifest()[fasta].sha256 in err
@@ -457,7 +458,7 @@ def test_data_dir_that_does_not_exist_is_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(data.DataError, match=f"^ESMERGE_DATA_DIR={missing} is not a folder"):
         data.data_path(data.CYP_FASTA)
     assert isinstance(data.DataError("x"), EsmergeError)
-    assert data.cli(["verify"]) == 1
+    assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "is not a folder" in err and "Traceback" not in err
 
@@ -474,7 +475,7 @@ def test_verify_prints_the_table_with_an_unreadable_file(isolated, monkeypatch, 
 
     monkeypatch.setattr(data, "file_sha256", denied)
     data._verified.cache_clear()
-    assert data.cli(["verify"]) == 1
+    assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert "fake/hello.txt" in out and "unreadable" in out and "0 of 1 files ok" in out
     assert err.count("\n") == 1 and "cannot read" in err and "Permission denied" in err
@@ -493,5 +494,5 @@ def test_verify_reports_an_unreadable_folder(isolated, monkeypatch, capsys):
         return real_is_file(self)
 
     monkeypatch.setattr(type(tmp_path), "is_file", is_file)
-    assert data.cli(["verify"]) == 1
+    assert cli_main(["data", "verify"]) == 1
     assert "unreadable" in capsys.readouterr().out

@@ -14,6 +14,7 @@ import yaml
 from esmerge import captions as C
 from esmerge import encoders, heldout
 from esmerge import specialists as S
+from esmerge.cli import main as cli_main
 from esmerge import train as T
 from esmerge.adapters import check_compatible
 from esmerge.models import load_base, lora_config
@@ -167,7 +168,7 @@ def test_finished_specialist_is_not_overwritten_without_force(base, molecule):
     with pytest.raises(FileExistsError, match="force"):
         S.train_specialist(base, "molecule", out_dir=out, examples=examples, **RECIPE)
     assert (out / "card.json").read_text() == card
-    assert S.cli(["--scale", "smoke", "--modality", "molecule", "--steps", "2", "--out", str(out)]) == 1
+    assert cli_main(["train", "--scale", "smoke", "--modality", "molecule", "--steps", "2", "--out", str(out)]) == 1
     redone = S.train_specialist(base, "molecule", out_dir=out, examples=examples, force=True, **{**RECIPE, "steps": 3})
     assert redone.card["steps"] == 3
 
@@ -257,7 +258,7 @@ def test_train_cli_refuses_a_planted_checkpoint_in_one_line(tmp_path, capsys, mo
     ckpt = tmp_path / "out" / "checkpoint" / "state.pt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"recipe": _Planted(marker), "step": 1, "lora": {}, "optimizer": {}}, ckpt)
-    rc = S.cli(["--scale", "smoke", "--modality", "molecule", "--steps", "3", "--out", str(tmp_path / "out")])
+    rc = cli_main(["train", "--scale", "smoke", "--modality", "molecule", "--steps", "3", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and not marker.exists()
     assert len(err) == 1 and "state.pt" in err[0] and "--no-resume" in err[0]
