@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import torch
 from torch import nn
 
 from esmerge.adapters import Adapter, attach, is_merged, load_lora_state, load_merged, lora_config_of
@@ -80,9 +81,15 @@ class PeftCopies:
 
     PEFT injects LoRA layers into the module it wraps, hence a copy; keeping one per base (rather
     than one per adapter) bounds memory to one extra base whatever the number of models swept.
+    With ``merge=True`` (the default) the loaded adapter is merged into the copy's weights
+    (``W + s B A``, PEFT's ``merge_adapter``), so a forward pass costs what the base's does: no
+    per-module LoRA matmuls. Before the next adapter is loaded the copy is unmerged and its
+    weights are copied back from ``base.model``, so merging never accumulates rounding error
+    across adapters. ``merge=False`` keeps PEFT's unmerged forward (for gradients through LoRA).
     """
 
-    def __init__(self):
+    def __init__(self, merge: bool = True):
+        self.merge = merge
         self._copies: dict[int, tuple[nn.Module, nn.Module]] = {}
 
     def load(self, base, adapter: Adapter) -> nn.Module:
@@ -90,15 +97,42 @@ class PeftCopies:
         key = id(base.model)
         if key not in self._copies or self._copies[key][0] is not base.model:
             self._copies[key] = (base.model, attach(copy.deepcopy(base.model), {"default": adapter}).eval())
-            return self._copies[key][1]
+            return self._merged(self._copies[key][1])
         wrapper = self._copies[key][1]
         have, want = wrapper.peft_config["default"], lora_config_of(adapter)
         if (have.r, have.lora_alpha, sorted(have.target_modules)) != (want.r, want.lora_alpha, sorted(want.target_modules)):
             raise ValueError(f"adapter {adapter.name!r} has r={want.r}, alpha={want.lora_alpha}, targets="
                              f"{sorted(want.target_modules)}; the evaluation copy holds r={have.r}, "
                              f"alpha={have.lora_alpha}, targets={sorted(have.target_modules)}")
+        if _is_merged(wrapper):
+            wrapper.unmerge_adapter()
+            _restore_base_weights(wrapper, base.model)
         load_lora_state(wrapper, adapter.state)
+        return self._merged(wrapper)
+
+    def _merged(self, wrapper: nn.Module) -> nn.Module:
+        if self.merge:
+            wrapper.merge_adapter()
         return wrapper
+
+
+def _lora_layers(wrapper: nn.Module):
+    """``(name in the wrapped model, LoRA layer)`` of every module PEFT injected."""
+    from peft.tuners.lora import LoraLayer  # peft is imported lazily everywhere in esmerge (heavy)
+
+    prefix = "base_model.model."
+    return [(name.removeprefix(prefix), m) for name, m in wrapper.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _is_merged(wrapper: nn.Module) -> bool:
+    return any(m.merged for _, m in _lora_layers(wrapper))
+
+
+@torch.no_grad()
+def _restore_base_weights(wrapper: nn.Module, model: nn.Module) -> None:
+    """Copy ``model``'s weights back into the wrapper's LoRA base layers (undoes unmerge's rounding)."""
+    for name, layer in _lora_layers(wrapper):
+        layer.get_base_layer().weight.copy_(model.get_submodule(name).weight)
 
 
 def merged_models(folder: Path, base, projectors: dict[str, nn.Module], benchmarks: list[str],
