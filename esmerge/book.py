@@ -1,21 +1,33 @@
 """The book: its table of contents and API page generated from what exists, the Sphinx build, the link check.
 
 The book (Jupyter Book 1.x, no execution at build time) renders the executed notebooks of one
-scale; its ``_toc.yml`` is generated from the chapters that exist, so a chapter that has not run
-is absent rather than a placeholder. Sphinx warnings are errors, and relative links and images in
-the built HTML are checked.
+scale: those of a local run (``book/executed/{scale}/``) when there are any, else those shipped
+with the repository (``book/shipped/{scale}/``, see ``esmerge.ship``). Its ``_toc.yml`` is
+generated from the chapters that exist, so a chapter that has not run is absent rather than a
+placeholder; "Findings at a glance" (``esmerge.findings``) follows the overview, and every chapter
+shows under its title the commit and input key it ran from and whether that key still matches the
+code (``esmerge.freshness``, rendered by the ``esmerge.sphinx_freshness`` extension). Sphinx
+warnings are errors, and relative links and images in the built HTML are checked.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from esmerge.notebook_graph import RegenerateError
+from esmerge.findings import PAGE as FINDINGS_PAGE
+from esmerge.findings import write_findings_page
+from esmerge.freshness import NOT_EXECUTED, banner_plain, banner_segments, chapter_statuses, summary_lines, text_sha256
+from esmerge.input_keys import current_keys, load_state
+from esmerge.notebook_graph import RegenerateError, discover
 from esmerge.paths import Layout
+from esmerge.ship import load_shipment, shipped_dir
+from esmerge.sphinx_freshness import DATA as FRESHNESS_DATA
 
 # Static pages of the book, in TOC order, each listed only if it exists; any other book/*.md
 # (but README.md) follows them alphabetically.
@@ -24,27 +36,33 @@ STATIC_PAGES = ("paper_vs_code.md", "rerun.md", "api.md", "references.md")
 API_MODULES = (
     "models", "adapters", "encoders", "data", "probe", "layerwise", "elementwise", "merge",
     "methods", "specialists", "evaluate", "cache", "paths", "progress", "notebook_graph", "input_keys",
-    "execute", "monitor", "book", "regenerate",
+    "execute", "monitor", "freshness", "findings", "ship", "sphinx_freshness", "book", "regenerate",
 )
 
 
-def toc_entries(book: Path, scale: str, notebooks: Path | None = None) -> tuple[list[str], list[str]]:
+def toc_entries(book: Path, scale: str, notebooks: Path | None = None,
+                chapters_dir: str | None = None) -> tuple[list[str], list[str]]:
     """(chapters, static pages) to list: executed notebooks of ``scale`` that exist, static pages that exist.
 
-    With ``notebooks``, an executed notebook whose source ``.py`` is gone (renamed or deleted) is
-    left out too. Paths are relative to ``book`` without suffix, as ``_toc.yml`` wants them.
+    Chapters are the notebooks in ``book/{chapters_dir}`` (default ``executed/{scale}``). With
+    ``notebooks``, an executed notebook whose source ``.py`` is gone (renamed or deleted) is left
+    out too. ``findings.md``, when it exists, is the chapter after the first. Paths are relative
+    to ``book`` without suffix, as ``_toc.yml`` wants them.
     """
-    executed = book / "executed" / scale
-    chapters = [f"executed/{scale}/{p.stem}" for p in sorted(executed.glob("[0-9][0-9]_*.ipynb"))
+    chapters_dir = chapters_dir or f"executed/{scale}"
+    chapters = [f"{chapters_dir}/{p.stem}" for p in sorted((book / chapters_dir).glob("[0-9][0-9]_*.ipynb"))
                 if notebooks is None or (notebooks / f"{p.stem}.py").exists()]
+    if chapters and (book / FINDINGS_PAGE).exists():
+        chapters.insert(1, Path(FINDINGS_PAGE).stem)
     known = [name for name in STATIC_PAGES if (book / name).exists()]
-    others = sorted(p.name for p in book.glob("*.md") if p.name not in STATIC_PAGES and p.name != "README.md")
+    others = sorted(p.name for p in book.glob("*.md")
+                    if p.name not in STATIC_PAGES and p.name not in ("README.md", FINDINGS_PAGE))
     return chapters, [Path(name).stem for name in known + others]
 
 
-def write_toc(book: Path, scale: str, notebooks: Path | None = None) -> Path:
+def write_toc(book: Path, scale: str, notebooks: Path | None = None, chapters_dir: str | None = None) -> Path:
     """Generate ``book/_toc.yml`` from what exists: no chapter is listed without its content."""
-    chapters, pages = toc_entries(book, scale, notebooks)
+    chapters, pages = toc_entries(book, scale, notebooks, chapters_dir)
     entries = chapters + pages
     if not entries:
         raise RegenerateError(
@@ -90,12 +108,74 @@ def _jupyter_book() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "jupyter_book.cli.main"]
 
 
-def build_book(scale: str, layout: Layout, log=print) -> Path:
-    """Build the HTML book for ``scale`` with warnings as errors; check links; return ``index.html``."""
+@dataclass(frozen=True)
+class ChapterSource:
+    """Where the rendered chapters of one scale come from."""
+
+    chapters_dir: str  # relative to the book: executed/{scale} or shipped/{scale}
+    results: Path  # the runs folder of that scale (tables the findings page reads)
+    state: Path  # its regenerate_state.json
+    origin: str  # what the banners say: "a local run" / "shipped with the repository"
+
+
+def chapter_source(scale: str, layout: Layout, prefer: str = "auto") -> ChapterSource:
+    """Local executed notebooks of ``scale`` if any (``prefer="auto"`` or ``"local"``), else the shipped ones.
+
+    ``prefer="shipped"`` renders the shipped results even when a local run exists; it raises
+    ``RegenerateError`` when nothing of ``scale`` is shipped.
+    """
+    local = ChapterSource(f"executed/{scale}", layout.runs / scale, layout.state_file(scale), "a local run")
+    has_local = any(layout.executed(scale).glob("[0-9][0-9]_*.ipynb"))
+    shipment = load_shipment(layout, scale)
+    if prefer == "local" or (prefer == "auto" and (has_local or shipment is None)):
+        return local
+    if shipment is None:
+        raise RegenerateError(f"no shipped {scale} results in {shipped_dir(layout, scale)}: "
+                              f"run `esmerge regenerate --scale {scale}` then `--ship`, or build a local run")
+    folder = shipped_dir(layout, scale)
+    commit = (shipment.get("commit") or "unknown commit")[:12]
+    return ChapterSource(f"shipped/{scale}", folder / "runs", folder / "regenerate_state.json",
+                         f"shipped with the repository on {shipment.get('shipped', '?')[:10]} at {commit}")
+
+
+def write_freshness(book: Path, scale: str, layout: Layout, source: ChapterSource) -> list:
+    """Write ``book/_freshness.json`` (every rendered chapter's banner); return the chapter statuses."""
+    state = load_state(source.state)
+    executed = {p.stem for p in (book / source.chapters_dir).glob("[0-9][0-9]_*.ipynb")}
+    seeds = {e.get("parameters", {}).get("seed", 0) for e in state["notebooks"].values()}
+    keys = current_keys(scale, layout, seed=seeds.pop() if len(seeds) == 1 else 0)
+    notebooks = discover(layout.notebooks)
+    texts = {stem: text_sha256(notebooks[stem].path) for stem in keys}
+    statuses = chapter_statuses(state, executed, keys, texts)
+    banners = {f"{source.chapters_dir}/{s.stem}": {"status": s.status, "segments": banner_segments(s, source.origin)}
+               for s in statuses if s.stem in executed}
+    text = json.dumps(banners, indent=1, sort_keys=True) + "\n"
+    path = book / FRESHNESS_DATA
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return statuses
+
+
+def build_book(scale: str, layout: Layout, log=print, prefer: str = "auto") -> Path:
+    """Build the HTML book for ``scale`` with warnings as errors; check links; return ``index.html``.
+
+    ``prefer`` picks the chapters (see ``chapter_source``): a local run's or the shipped ones.
+    """
     if not (layout.book / "_config.yml").exists():
         raise RegenerateError(f"no {layout.book / '_config.yml'}")
+    source = chapter_source(scale, layout, prefer)
+    log(f"  chapters    {source.chapters_dir}/ ({source.origin})")
     write_api_page(layout.book, layout.package)
-    write_toc(layout.book, scale, layout.notebooks)
+    statuses = write_freshness(layout.book, scale, layout, source)
+    rendered = [s for s in statuses if s.status != NOT_EXECUTED]
+    for line in summary_lines(rendered, source.chapters_dir):
+        log(line)
+    claims = next((s for s in rendered if s.stem == "08_claims"), None)
+    write_findings_page(layout.book, source.results / "08_claims", scale,
+                        chapter_link=f"{source.chapters_dir}/08_claims.ipynb" if claims else None,
+                        provenance=("Claims chapter: " + banner_plain(banner_segments(claims, source.origin))
+                                    if claims else None))
+    write_toc(layout.book, scale, layout.notebooks, source.chapters_dir)
     out = layout.book / "_build"
     marker = out / ".esmerge_scale"
     cmd = _jupyter_book() + ["build", str(layout.book), "--builder", "html", "--warningiserror",

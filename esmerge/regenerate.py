@@ -1,7 +1,9 @@
 """Run every notebook (papermill, in dependency order, skipping what is unchanged) and build the book.
 
     esmerge regenerate [--scale smoke|cpu|paper] [--jobs N] [--only STEM ...] [--force]
-                       [--seed S] [--book-only] [--no-book]
+                       [--seed S] [--book-only [--shipped]] [--no-book]
+    esmerge regenerate --scale cpu --ship [--force]    copy the finished run into book/shipped/cpu
+    esmerge regenerate --scale cpu --check             are the shipped results still those of the code?
 
 This module drives the pieces, one module each: ``notebook_graph`` (which notebooks, in which
 order), ``input_keys`` (when one must run again: its text, parameters, data, upstream keys and
@@ -28,21 +30,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esmerge import scales
+from esmerge.errors import EsmergeError
 from esmerge.book import API_MODULES, STATIC_PAGES, broken_links, build_book, toc_entries, write_api_page, write_toc
 from esmerge.cache import atomic_write_json, file_sha256
 from esmerge.execute import KERNEL, KERNEL_START_ATTEMPTS, NotebookFailed, environ, execute_job, execute_notebook
+from esmerge.freshness import source_commit, text_sha256
 from esmerge.input_keys import current_keys, import_closure, input_keys, keys_now, load_state, stale_chapters
 from esmerge.monitor import Monitor, estimate
 from esmerge.notebook_graph import (NEEDS_RE, STEM_RE, Notebook, RegenerateError, discover, parse_needs,
                                     topological_order, with_ancestors)
 from esmerge.paths import Layout
+from esmerge.ship import check_shipped, ship
 
 # Importers of the pre-split module find these names here still.
 __all__ = [
     "API_MODULES", "KERNEL", "KERNEL_START_ATTEMPTS", "Layout", "NEEDS_RE", "Notebook", "NotebookFailed",
     "PRODUCT_SUFFIXES", "RegenerateError", "RunReport", "STATIC_PAGES", "STEM_RE", "broken_links", "build_book",
-    "cli", "current_keys", "discover", "execute_notebook", "import_closure", "input_keys", "load_state",
-    "parse_needs", "parser", "regenerate", "run_notebooks", "stale_chapters", "toc_entries", "topological_order",
+    "check_shipped", "cli", "current_keys", "discover", "execute_notebook", "import_closure", "input_keys", "load_state",
+    "parse_needs", "parser", "regenerate", "run_notebooks", "ship", "stale_chapters", "toc_entries", "topological_order",
     "with_ancestors", "write_api_page", "write_produced", "write_toc",
 ]
 
@@ -109,6 +114,7 @@ def run_notebooks(
         return report
 
     monitor = monitor or Monitor()
+    provenance = source_commit(layout.cwd)  # the commit each chapter is executed from, shown in the book
     progress_dir = Path(tempfile.mkdtemp(prefix="esmerge-progress-"))
 
     def say(message: str) -> None:
@@ -123,7 +129,8 @@ def run_notebooks(
 
     def record(stem: str, seconds: float, started: str) -> None:
         state["notebooks"][stem] = {"key": keys[stem], "parameters": parameters, "started": started,
-                                    "seconds": round(seconds, 2)}
+                                    "seconds": round(seconds, 2), **provenance,
+                                    "text_sha256": text_sha256(notebooks[stem].path)}
         atomic_write_json(state_path, state)
 
     pending = list(todo)
@@ -249,6 +256,11 @@ def _display_path(path: Path, base: Path) -> str:
 def regenerate(args: argparse.Namespace, layout: Layout | None = None, log=print) -> int:
     """Run the notebooks and/or build the book as ``args`` (from ``parser()``) says; the exit code."""
     layout = layout or Layout.default()
+    if getattr(args, "check", False):
+        return check_shipped(args.scale, layout, log=log)
+    if getattr(args, "ship", False):
+        ship(args.scale, layout, seed=args.seed, force=args.force, log=log)
+        return 0
     if not args.book_only:
         t0 = time.perf_counter()
         try:
@@ -266,10 +278,8 @@ def regenerate(args: argparse.Namespace, layout: Layout | None = None, log=print
                 log(f"not run because of the failure: {', '.join(report.not_run)}")
             return 1
     if not args.no_book:
-        stale = stale_chapters(args.scale, layout, args.seed)
-        if stale:
-            log(f"  note        executed with older inputs (re-run to refresh): {', '.join(stale)}")
-        index = build_book(args.scale, layout, log=log)
+        index = build_book(args.scale, layout, log=log,
+                           prefer="shipped" if getattr(args, "shipped", False) else "auto")
         log(str(index))
     return 0
 
@@ -283,6 +293,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run the selected notebooks even if unchanged")
     p.add_argument("--book-only", action="store_true", help="build the book from existing executed notebooks")
     p.add_argument("--no-book", action="store_true", help="run notebooks only; do not build the book")
+    p.add_argument("--shipped", action="store_true",
+                   help="with --book-only: render the results shipped in book/shipped/SCALE even if a local run exists")
+    p.add_argument("--ship", action="store_true",
+                   help="copy the finished regeneration of SCALE into book/shipped/SCALE (runs nothing; "
+                        "--force replaces an existing shipment)")
+    p.add_argument("--check", action="store_true",
+                   help="compare the shipped results of SCALE with the code now; exit 1 if a notebook's text changed")
     return p
 
 
@@ -292,8 +309,14 @@ def cli(argv: list[str], layout: Layout | None = None) -> int:
         parser().error("--jobs must be at least 1")
     if args.book_only and args.no_book:
         parser().error("--book-only and --no-book together do nothing")
+    if args.ship and args.check:
+        parser().error("--ship and --check are separate steps: ship first, then check")
+    if (args.ship or args.check) and (args.book_only or args.no_book or args.only):
+        parser().error("--ship and --check run no notebooks and build no book: drop --book-only/--no-book/--only")
+    if args.shipped and not args.book_only:
+        parser().error("--shipped renders shipped results: use it with --book-only")
     try:
         return regenerate(args, layout)
-    except RegenerateError as err:
+    except EsmergeError as err:
         print(f"esmerge regenerate: {err}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", 1)
