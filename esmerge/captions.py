@@ -350,8 +350,8 @@ def input_embeddings(model, projector: encoders.Projector | None, batch: dict, m
     return embeds.masked_scatter(slot_mask.unsqueeze(-1), flat)
 
 
-def answer_nll(model, projector, batch: dict, modality: str | None = None) -> tuple[torch.Tensor, int]:
-    """Summed next-token negative log-likelihood over answer tokens, and their count."""
+def _answer_logits(model, projector, batch: dict, modality: str | None):
+    """Logits ``[T, V]`` at the answer positions of ``batch``, their labels ``[T]`` and the mask ``[B, L-1]``."""
     embeds = input_embeddings(model, projector, batch, modality)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     mask = batch["attention_mask"].to(embeds.device)
@@ -360,5 +360,20 @@ def answer_nll(model, projector, batch: dict, modality: str | None = None) -> tu
     scored = labels != -100
     # The vocabulary projection is a fifth of SmolLM2's compute; apply it only where a loss is taken.
     logits = causal_lm.lm_head(hidden[:, :-1][scored])
-    nll = F.cross_entropy(logits.float(), labels[scored], reduction="sum")
+    return logits, labels[scored], scored
+
+
+def answer_nll(model, projector, batch: dict, modality: str | None = None) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood over answer tokens, and their count."""
+    logits, labels, scored = _answer_logits(model, projector, batch, modality)
+    nll = F.cross_entropy(logits.float(), labels, reduction="sum")
     return nll, int(scored.sum())
+
+
+def answer_nll_per_example(model, projector, batch: dict, modality: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed answer NLL ``[B]`` (float64) and answer-token counts ``[B]``: ``answer_nll`` split by row."""
+    logits, labels, scored = _answer_logits(model, projector, batch, modality)
+    per_token = F.cross_entropy(logits.float(), labels, reduction="none").double()
+    rows = scored.nonzero()[:, 0]  # boolean indexing keeps row-major order, so token t belongs to rows[t]
+    nll = torch.zeros(scored.shape[0], dtype=torch.float64, device=per_token.device).index_add_(0, rows, per_token)
+    return nll.cpu(), scored.sum(1).cpu()

@@ -32,6 +32,12 @@ class EvalDefaults:
     batch_size: int = 8
     n_resamples: int = 1000
     benchmarks: tuple[str, ...] | None = None  # None: all 13
+    # "loglik": the likelier answer (evaluate.scoring); "generate": the paper's greedy reply read by
+    # its `Final answer:` (evaluate.generation), with the invalid-answer rate
+    scoring: str = "loglik"
+    # how scores become answers (evaluate.calibration): "argmax", "contextual" or "context-threshold"
+    decision: str = "argmax"
+    n_calibration: int = 32  # context rows a fitted decision is fitted on (never evaluation rows)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class ScaleConfig:
     evaluation: EvalDefaults = field(default_factory=EvalDefaults)
     # (notebook stem, seconds) measured in book/rerun.md: `esmerge regenerate`'s estimate before a first run.
     notebook_seconds: tuple[tuple[str, float], ...] = ()
+    # held-out examples per modality on which 09_retention scores every model (issue 10 item 4: n >= 200)
+    n_retention: int = 200
 
 
 SCALES = {
@@ -73,13 +81,15 @@ SCALES = {
                                 benchmarks=("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate")),
         notebook_seconds=(("00_overview", 8), ("01_data", 25), ("02_specialists", 16), ("03_probe", 19),
                           ("04_layerwise", 28), ("05_elementwise", 32), ("06_merging", 54),
-                          ("07_results", 403))),
+                          ("07_results", 403)),
+        n_retention=8),  # all of SMOKE_DATA
     # cpu: SmolLM2's tokenizer spends ~4.5 tokens per gene symbol, hence 12 genes per cell.
     "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe(),
                        notebook_seconds=(("00_overview", 3), ("01_data", 12), ("02_specialists", 39),
                                          ("03_probe", 11), ("04_layerwise", 52), ("05_elementwise", 40),
                                          ("06_merging", 581), ("07_results", 4463), ("08_claims", 4))),
-    "paper": ScaleConfig("paper", probe_k=110, cell_top_k=50, train=TrainRecipe(cell_max_tokens=384)),  # paper A.4: top-50 genes
+    "paper": ScaleConfig("paper", probe_k=110, cell_top_k=50, train=TrainRecipe(cell_max_tokens=384),
+                         evaluation=EvalDefaults(scoring="generate")),  # paper A.4: top-50 genes
 }
 
 

@@ -1,0 +1,349 @@
+"""Retention: how much of each specialist's own skill a merged model keeps (issue 10 item 4).
+
+For modality m, let L be the mean held-out answer NLL (nats per answer token, lower is better)
+of the base, specialist m and a merged model, all on the same examples of specialist m's task
+(ChEBI-20 test captions, held-out Swiss-Prot GO texts, held-out PBMC68k / CCLE cells). Then
+
+.. math:: R_m = \\frac{L_{merged} - L_{base}}{L_{spec} - L_{base}}
+
+is 1 when the merged model is as good as the specialist on its own task, 0 when it is no better
+than the base and negative when it is worse. Parameter-space merging papers report the same
+"normalised performance": merged accuracy over the fine-tuned model's (task arithmetic, Ilharco
+et al. 2023; TIES-Merging, Yadav et al. 2023). An NLL has no natural zero, so the base is the
+zero point here. CIs come from a paired bootstrap: examples are resampled jointly for every
+model, so the base, the specialist and each merged model always see the same resample.
+
+Pure functions (``mean_nll``, ``retained_fraction``, ``resampled_retention``, ``retention_table``,
+``retention_claims``) take per-example summed NLLs; ``retention_models`` and ``score_models``
+produce them, cached per (weights, examples, settings) under ``cache_dir()/retention``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esmerge import scales
+from esmerge.adapters import Adapter, is_merged, load_merged
+from esmerge.cache import atomic_write_json, cache_dir, content_key, key_lock, tensor_digest
+from esmerge.captions import Example, answer_nll_per_example, collate_examples
+from esmerge.evaluate.under_test import PeftCopies
+from esmerge.methods.static import emr_task_adapter
+from esmerge.models import state_dict_sha256
+from esmerge.progress import track
+
+CODE_VERSION = 1  # bump when a change alters what an NLL cache entry holds
+MODALITIES = ("molecule", "protein", "cell")
+SOURCE = "issue 10 item 4; normalised performance (Ilharco et al. 2023, Yadav et al. 2023)"
+VERDICTS = ("supported", "not supported", "inconclusive", "not measured")  # esmerge.evaluate.claims' words
+
+
+# --------------------------------------------------------------------------- the statistic
+def mean_nll(nll: np.ndarray, tokens: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+    """Token-weighted mean NLL ``sum(nll) / sum(tokens)`` over examples, as ``heldout.specialist_loss``.
+
+    ``nll``, ``tokens``: ``[n]`` per-example summed NLL and answer-token counts; ``idx``: optional
+    ``[R, n]`` bootstrap indices, giving ``[R]`` resampled means.
+
+    >>> float(mean_nll(np.array([2.0, 6.0]), np.array([1, 3])))
+    2.0
+    >>> mean_nll(np.array([2.0, 6.0]), np.array([1, 3]), np.array([[0, 0], [1, 1]])).tolist()
+    [2.0, 2.0]
+    """
+    nll, tokens = np.asarray(nll, dtype=float), np.asarray(tokens, dtype=float)
+    if idx is None:
+        return np.float64(nll.sum() / tokens.sum())
+    return nll[idx].sum(-1) / tokens[idx].sum(-1)
+
+
+def retained_fraction(merged, base, specialist):
+    """``(merged - base) / (specialist - base)`` on mean NLLs (scalars or ``[R]`` arrays).
+
+    1: as good as the specialist; 0: no better than the base; < 0: worse than the base; NaN where
+    the specialist is not better than the base (nothing to retain).
+
+    >>> retained_fraction(1.5, 2.0, 1.0)   # halfway from the base to the specialist
+    0.5
+    >>> retained_fraction(1.0, 2.0, 1.0), retained_fraction(2.0, 2.0, 1.0), retained_fraction(2.5, 2.0, 1.0)
+    (1.0, 0.0, -0.5)
+    >>> retained_fraction(1.5, 2.0, 2.0)
+    nan
+    """
+    merged, base, specialist = (np.asarray(x, dtype=float) for x in (merged, base, specialist))
+    gain = base - specialist
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(gain > 0, (base - merged) / gain, np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """``[n_resamples, n]`` example indices drawn with replacement; one draw shared by every model (paired)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+@dataclass(frozen=True)
+class Resampled:
+    """Point estimates and bootstrap draws of retention, shared by the table and the claims."""
+
+    point: dict[str, dict[str, float]]  # model -> modality (and "mean") -> retained fraction
+    draws: dict[str, dict[str, np.ndarray]]  # same keys -> [R]
+    nll: dict[str, dict[str, float]]  # model -> modality -> mean NLL
+    gain: dict[str, tuple[float, np.ndarray]]  # modality -> specialist's NLL gain over the base, and its draws
+    n: dict[str, int]  # modality -> examples
+
+
+def resampled_retention(nlls: dict[str, dict[str, np.ndarray]], tokens: dict[str, np.ndarray],
+                        base: str = "base", specialist_of: Callable[[str], str] = lambda m: f"specialist-{m}",
+                        n_resamples: int = 1000, seed: int = 0) -> Resampled:
+    """Retained fraction of every model on every modality, and its mean over modalities, with draws.
+
+    ``nlls[modality][model]``: ``[n_m]`` per-example summed NLL, the same examples for every model;
+    ``tokens[modality]``: ``[n_m]`` answer-token counts. Within a modality one set of bootstrap
+    indices is used for every model (the paired design); modalities are resampled independently.
+    The mean over modalities is taken per draw, so its CI is paired too.
+    """
+    modalities = list(nlls)
+    models = list(dict.fromkeys(k for m in modalities for k in nlls[m]))
+    point = {k: {} for k in models}
+    draws = {k: {} for k in models}
+    nll = {k: {} for k in models}
+    gain = {}
+    for i, m in enumerate(modalities):
+        spec = specialist_of(m)
+        for need in (base, spec):
+            if need not in nlls[m]:
+                raise KeyError(f"retention on {m} needs the NLLs of {need!r}; have {sorted(nlls[m])}")
+        idx = bootstrap_indices(len(tokens[m]), n_resamples, seed + i)
+        means = {k: mean_nll(v, tokens[m]) for k, v in nlls[m].items()}
+        boots = {k: mean_nll(v, tokens[m], idx) for k, v in nlls[m].items()}
+        gain[m] = (float(means[base] - means[spec]), boots[base] - boots[spec])
+        for k in nlls[m]:
+            nll[k][m] = float(means[k])
+            point[k][m] = retained_fraction(means[k], means[base], means[spec])
+            draws[k][m] = retained_fraction(boots[k], boots[base], boots[spec])
+    for k in models:
+        if all(m in point[k] for m in modalities):
+            point[k]["mean"] = float(np.mean([point[k][m] for m in modalities]))
+            draws[k]["mean"] = np.mean([draws[k][m] for m in modalities], axis=0)
+    return Resampled(point, draws, nll, gain, {m: len(tokens[m]) for m in modalities})
+
+
+def percentile_ci(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of bootstrap ``draws`` ``[R]``; NaN draws (a resample whose specialist is no better
+    than the base) are dropped, unless more than ``(1 - level) / 2`` of them are: then ``(nan, nan)``.
+
+    >>> tuple(round(x, 6) for x in percentile_ci(np.arange(101.0), 0.9))
+    (5.0, 95.0)
+    >>> percentile_ci(np.array([1.0, np.nan, np.nan, 2.0]))
+    (nan, nan)
+    """
+    draws = np.asarray(draws, dtype=float)
+    alpha = (1 - level) / 2
+    if np.isnan(draws).mean() > alpha:
+        return float("nan"), float("nan")
+    return float(np.nanquantile(draws, alpha)), float(np.nanquantile(draws, 1 - alpha))
+
+
+def retention_table(res: Resampled, level: float = 0.95) -> pd.DataFrame:
+    """One row per (model, modality or "mean"): mean NLL, retained fraction and its paired CI.
+
+    Columns ``method, modality, n, nll, retained, lo, hi``; plus ``specialist_gain`` (base NLL -
+    specialist NLL, nats per token) with ``gain_lo, gain_hi``, which says whether there is
+    anything to retain on that modality (a CI reaching 0 makes every retained fraction unstable).
+    """
+    rows = []
+    for k, per in res.point.items():
+        for m, value in per.items():
+            lo, hi = percentile_ci(res.draws[k][m], level)
+            row = {"method": k, "modality": m, "n": res.n.get(m, sum(res.n.values())),
+                   "nll": res.nll[k].get(m, np.nan), "retained": value, "lo": lo, "hi": hi}
+            if m in res.gain:
+                g, gd = res.gain[m]
+                row.update(specialist_gain=g, gain_lo=percentile_ci(gd, level)[0], gain_hi=percentile_ci(gd, level)[1])
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["method", "modality", "n", "nll", "retained", "lo", "hi",
+                                       "specialist_gain", "gain_lo", "gain_hi"])
+
+
+def verdict(lo: float, hi: float) -> str:
+    """``supported`` when a CI of ``a - b`` lies above 0, ``not supported`` below, else ``inconclusive``.
+
+    >>> verdict(0.1, 0.3), verdict(-0.3, -0.1), verdict(-0.1, 0.2), verdict(float("nan"), 0.2)
+    ('supported', 'not supported', 'inconclusive', 'not measured')
+    """
+    if np.isnan(lo) or np.isnan(hi):
+        return "not measured"
+    return "supported" if lo > 0 else "not supported" if hi < 0 else "inconclusive"
+
+
+def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None = None,
+                     level: float = 0.95) -> pd.DataFrame:
+    """The claims-register section: ``a`` beats each baseline on mean retention over modalities.
+
+    ``baselines``: default every model except ``a``, the base, the specialists and ``a``'s
+    ablations (``es-*``). Each row: the paired-bootstrap margin ``mean R(a) - mean R(b)``
+    (resampling examples jointly for a, b, the base and the specialists), ``rank`` of ``a``
+    among ``a`` and the baselines by mean retention (1 = best) and a verdict (``verdict``). The
+    first row is the claim over all baselines: its margin the smallest one, supported only when
+    every margin is, not supported when some margin's CI lies below 0 (as in ``claims.claims``).
+    Columns ``claim, source, a, b, ours, lo, hi, verdict, rank, of, detail``.
+    """
+    if baselines is None:
+        baselines = [k for k in res.point if k != a and k != "base" and not k.startswith("specialist-")
+                     and not k.startswith(f"{a}-")]
+    columns = ["claim", "source", "a", "b", "ours", "lo", "hi", "verdict", "rank", "of", "detail"]
+    if a not in res.point or "mean" not in res.point[a] or not baselines:
+        return pd.DataFrame([{"claim": f"{a} retains more of the specialists' skill than every baseline",
+                              "source": SOURCE, "a": a, "b": ", ".join(baselines or []), "ours": np.nan, "lo": np.nan,
+                              "hi": np.nan, "verdict": "not measured", "rank": np.nan, "of": 0,
+                              "detail": f"missing: {a if a not in res.point else 'baselines'}"}], columns=columns)
+    compared = [b for b in baselines if "mean" in res.point.get(b, {})]
+    ranked = sorted([a, *compared], key=lambda k: -res.point[k]["mean"])
+    rank, of = ranked.index(a) + 1, len(ranked)
+    rows = []
+    for b in compared:
+        diff = res.draws[a]["mean"] - res.draws[b]["mean"]
+        lo, hi = percentile_ci(diff, level)
+        per = "; ".join(f"{m} {res.point[a][m] - res.point[b][m]:+.3f}" for m in res.point[a] if m != "mean")
+        rows.append({"claim": f"{a} retains more of the specialists' skill than {b} (mean over modalities)",
+                     "source": SOURCE, "a": a, "b": b, "ours": res.point[a]["mean"] - res.point[b]["mean"],
+                     "lo": lo, "hi": hi, "verdict": verdict(lo, hi), "rank": rank, "of": of,
+                     "detail": f"{a} {res.point[a]['mean']:.3f} vs {b} {res.point[b]['mean']:.3f}; per modality: {per}"})
+    worst = min(rows, key=lambda r: r["ours"]) if rows else None
+    verdicts = [r["verdict"] for r in rows]
+    overall = ("supported" if verdicts and all(v == "supported" for v in verdicts)
+               else "not supported" if "not supported" in verdicts
+               else "not measured" if not verdicts or all(v == "not measured" for v in verdicts) else "inconclusive")
+    if len(compared) < len(baselines):
+        overall += " (partial)"
+    head = {"claim": f"{a} retains more of the specialists' skill than every baseline (mean over modalities)",
+            "source": SOURCE, "a": a, "b": ", ".join(compared), "ours": worst["ours"] if worst else np.nan,
+            "lo": worst["lo"] if worst else np.nan, "hi": worst["hi"] if worst else np.nan, "verdict": overall,
+            "rank": rank, "of": of, "detail": f"smallest margin vs {worst['b']}" if worst else ""}
+    return pd.DataFrame([head, *rows], columns=columns)
+
+
+# --------------------------------------------------------------------------- the models and their NLLs
+@dataclass
+class RetentionModel:
+    """A model scored for retention: the base plus the LoRA adapter it uses on each modality (None: none).
+
+    A merged model uses one adapter everywhere; EMR uses its task-specific modulation for the
+    specialist's task (EMR Eq. 7, ``emr_task_adapter``).
+    """
+
+    name: str
+    adapter_for: Callable[[str], Adapter | None]
+
+
+def retention_models(specialists: dict, merge_root: Path | None = None, avg_ft_benchmarks: list[str] | None = None,
+                     extra: dict[str, Adapter] | None = None) -> tuple[dict[str, RetentionModel], list[str]]:
+    """The base, each specialist, every merged model under ``merge_root`` and ``extra`` (name -> adapter).
+
+    ``merge_root`` holds one folder per method as ``06_merging`` writes them (read with
+    ``adapters.load_merged``); a folder of per-benchmark adapters (Avg. Merging + FT) contributes
+    ``<method>/<benchmark>`` for each of ``avg_ft_benchmarks`` it has (each is a different model,
+    fine-tuned on one benchmark). Returns ``(models, notes)``: one note per folder not used.
+    """
+    models = {"base": RetentionModel("base", lambda m: None)}
+    for m, s in specialists.items():
+        models[f"specialist-{m}"] = RetentionModel(f"specialist-{m}", lambda _, a=s.adapter: a)
+    notes = []
+    for sub in sorted(p for p in Path(merge_root).iterdir() if p.is_dir()) if merge_root else []:
+        if is_merged(sub):
+            adapter = load_merged(sub, name=sub.name).adapter
+            if sub.name == "emr":
+                models["emr"] = RetentionModel("emr", lambda m, a=adapter: emr_task_adapter(a, m))
+            else:
+                models[sub.name] = RetentionModel(sub.name, lambda _, a=adapter: a)
+            continue
+        inside = sorted(p.name for p in sub.iterdir() if p.is_dir() and is_merged(p))
+        if not inside:
+            notes.append(f"skipping {sub}: not a merged model")
+            continue
+        wanted = [b for b in (avg_ft_benchmarks or []) if b in inside]
+        for b in wanted:
+            adapter = load_merged(sub / b, name=f"{sub.name}/{b}").adapter
+            models[f"{sub.name}/{b}"] = RetentionModel(f"{sub.name}/{b}", lambda _, a=adapter: a)
+        notes.append(f"{sub.name}: {len(inside)} per-benchmark adapters; scored {', '.join(wanted) or 'none'} "
+                     f"(avg_ft_benchmarks)")
+    for name, adapter in (extra or {}).items():
+        models[name] = RetentionModel(name, lambda _, a=adapter: a)
+    return models, notes
+
+
+@torch.no_grad()
+def example_nlls(model, tokenizer, projector, examples: list[Example], max_tokens: int,
+                 batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example summed answer NLL ``[n]`` and answer-token counts ``[n]`` of ``model`` on ``examples``.
+
+    Batches group examples of similar length (less padding, the same NLLs up to float rounding);
+    the outputs are in the order of ``examples``.
+    """
+    was_training = model.training
+    model.eval()
+    lengths = [len(ex.instruction) + len(ex.answer) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    nll, tokens = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = collate_examples(tokenizer, [examples[i] for i in rows], max_tokens)
+        s, t = answer_nll_per_example(model, projector, batch, examples[0].modality)
+        nll[rows], tokens[rows] = s.numpy(), t.numpy()
+    model.train(was_training)
+    return nll, tokens
+
+
+def examples_digest(examples: list[Example]) -> str:
+    """Content hash of the examples (uid, prompt, answer, raw input), order included."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(repr((ex.modality, ex.uid, ex.instruction, ex.answer, ex.raw)).encode())
+    return h.hexdigest()[:16]
+
+
+def score_models(models: dict[str, RetentionModel], base, specialists: dict, examples: dict[str, list[Example]],
+                 batch_size: int = 8, cache: Path | None = None, progress: bool = True):
+    """Per-example NLLs of every model on every modality's examples, cached on disk.
+
+    Modality m's inputs go through specialist m's projector for every model (cells need none),
+    as in ``heldout.cross_loss_table``, so models differ only by their LoRA. Each (model,
+    modality) entry is one JSON file under ``cache`` (default ``cache_dir()/retention``) keyed by
+    the base weights and dtype, the adapter, the projector, the examples and the settings; an
+    interrupted run resumes at the next entry.
+
+    Returns ``(nlls, tokens)``: ``nlls[modality][model]`` ``[n]`` arrays, ``tokens[modality]`` ``[n]``.
+    """
+    cache = Path(cache or cache_dir() / "retention")
+    base_id = base.weights_sha256 or state_dict_sha256(base.model)
+    dtype = str(next(base.model.parameters()).dtype)
+    copies = PeftCopies()
+    nlls, tokens = {m: {} for m in examples}, {}
+    cells = [(k, m) for m in examples for k in models]
+    for name, m in track(cells, desc="retention NLLs", unit="model x modality", disable=not progress):
+        projector = getattr(specialists[m], "projector", None) if m in specialists else None
+        adapter = models[name].adapter_for(m)
+        max_tokens = scales.get(base.scale).train.max_tokens_for(m)
+        key = content_key(base_id, dtype, tensor_digest(adapter.state) if adapter is not None else "no-adapter",
+                          tensor_digest(projector.state_dict()) if projector is not None else "no-projector",
+                          examples_digest(examples[m]), max_tokens, batch_size, CODE_VERSION)
+        path = cache / f"{m}-{key}.json"
+        with key_lock(path):
+            if not path.exists():
+                model = base.model if adapter is None else copies.load(base, adapter)
+                s, t = example_nlls(model, base.tokenizer, projector, examples[m], max_tokens, batch_size)
+                atomic_write_json(path, {"model": name, "modality": m, "nll": s.tolist(), "tokens": t.tolist(),
+                                         "uids": [ex.uid for ex in examples[m]]})
+        entry = json.loads(path.read_text())
+        nlls[m][name] = np.asarray(entry["nll"], dtype=float)
+        t = np.asarray(entry["tokens"], dtype=int)
+        if m in tokens and not np.array_equal(tokens[m], t):
+            raise ValueError(f"{name} on {m}: answer-token counts differ from the other models' ({path})")
+        tokens[m] = t
+    return nlls, tokens
