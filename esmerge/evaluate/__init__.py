@@ -6,7 +6,10 @@ One module per step; every name below is importable from ``esmerge.evaluate``:
 2. ``prompts`` -- the system + user messages of Tables 9-10 (``build_prompt``).
 3. ``scoring`` -- ``collate`` into a ``PromptBatch`` and ``label_logits``, the log-likelihood of
    ``"Final answer: <label>"`` for both labels, ``[B, 2]``, differentiable.
-4. ``stats`` -- accuracy, macro-F1 (App. A.5), AUROC, bootstrap and paired-bootstrap CIs.
+4. ``stats`` -- accuracy, macro-F1 (App. A.5), AUROC, bootstrap and paired-bootstrap CIs, the
+   minimal detectable paired difference.
+   ``calibration`` -- decisions that read the prompt (contextual calibration, a threshold fitted
+   on the context pool) and the shots-shuffled control.
 5. ``under_test`` -- ``ModelUnderTest`` (base, specialist, merged, per-benchmark adapters).
 6. ``run`` -- ``evaluate`` / ``evaluate_all`` with ``EvalConfig`` (defaults from ``esmerge.scales``),
    rows validated before any model work, results cached on disk so an interrupted sweep resumes.
@@ -26,7 +29,8 @@ from esmerge.evaluate.run import (EvalConfig, EvalSession, default_benchmarks, d
                                   evaluate_all, overview, summary)
 from esmerge.evaluate.scoring import (FeatureCache, PromptBatch, answer_tokens, collate, label_logits,
                                       prompt_token_ids, splice_embeddings)
-from esmerge.evaluate.stats import METRICS, accuracy, auroc, bootstrap_ci, macro_f1, paired_bootstrap
+from esmerge.evaluate.stats import (METRICS, accuracy, auroc, bootstrap_ci, discordance, macro_f1,
+                                    minimal_detectable_difference, paired_bootstrap, paired_mde)
 from esmerge.evaluate.under_test import ModelUnderTest, PeftCopies, merged_models, models_table
 
 __all__ = [
@@ -34,8 +38,9 @@ __all__ = [
     "FeatureCache", "GROUPS", "MERGING_BASELINES", "METRICS", "ModelUnderTest", "PAPER_DATASET", "PeftCopies",
     "Prompt", "PromptBatch", "PromptOptions", "RetrievalCache", "SPECIALISTS", "TABLE_GROUPS", "TASKS",
     "TaskPrompt", "accuracy", "answer_bias", "answer_tokens", "auroc", "benchmark_kind", "bootstrap_ci", "build_prompt", "claims",
-    "collate", "cost_table", "default_benchmarks", "default_config", "disagreements", "es_ranks", "eval_dir", "evaluate", "evaluate_all",
+    "collate", "cost_table", "default_benchmarks", "default_config", "disagreements", "discordance", "es_ranks", "eval_dir", "evaluate", "evaluate_all",
     "group_averages", "label_logits", "macro_f1", "mechanism_claims", "merge_folders", "merged_models",
+    "minimal_detectable_difference", "paired_mde",
     "models_table", "overview", "paired_bootstrap", "paper_results", "prompt_token_ids", "reference_dir",
     "results_table", "retrieve_examples", "splice_embeddings", "summary", "tanimoto", "wide_table",
 ]

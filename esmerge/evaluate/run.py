@@ -23,6 +23,8 @@ from torch import nn
 from esmerge import scales
 from esmerge.benchmarks import BENCHMARK_NAMES, check_rows, load_benchmark, spec, split_pools
 from esmerge.cache import atomic_write_json
+from esmerge.errors import UsageError
+from esmerge.evaluate import calibration
 from esmerge.evaluate.prompts import PromptOptions, build_prompt
 from esmerge.evaluate.retrieval import RetrievalCache, frame_digest
 from esmerge.evaluate.scoring import FeatureCache, collate, label_logits, prompt_token_ids
@@ -31,6 +33,7 @@ from esmerge.evaluate.under_test import ModelUnderTest, PeftCopies
 from esmerge.paths import runs_root
 from esmerge.progress import track
 
+SHOT_LABELS = ("retrieved", "shuffled")
 PROMPT_VERSION = 1  # bump when prompts or scoring change, so cached results are recomputed
 _CPU = scales.get("cpu").evaluation
 
@@ -52,6 +55,9 @@ class EvalConfig:
     smiles_chars: int | None = _CPU.smiles_chars
     batch_size: int = _CPU.batch_size
     n_resamples: int = _CPU.n_resamples
+    decision: str = _CPU.decision  # calibration.DECISIONS
+    n_calibration: int = _CPU.n_calibration
+    shot_labels: str = "retrieved"  # "shuffled": the shots-shuffled control (calibration.shuffled_shot_labels)
 
     @classmethod
     def for_scale(cls, scale: str, **overrides) -> "EvalConfig":
@@ -60,8 +66,21 @@ class EvalConfig:
         own = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in defaults.__dict__.items() if k in own}, **overrides})
 
+    def __post_init__(self):
+        if self.decision not in calibration.DECISIONS:
+            raise UsageError(f"decision={self.decision!r}: choose one of {', '.join(calibration.DECISIONS)}")
+        if self.shot_labels not in SHOT_LABELS:
+            raise UsageError(f"shot_labels={self.shot_labels!r}: choose one of {', '.join(SHOT_LABELS)}")
+
     def key(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "batch_size"}
+        """The settings that decide the numbers; the decision fields only when they differ from the
+        plain argmax on retrieved shots, so results computed before they existed keep their keys."""
+        key = {k: v for k, v in self.__dict__.items() if k != "batch_size"}
+        if self.decision == "argmax":
+            key.pop("decision"), key.pop("n_calibration")
+        if self.shot_labels == "retrieved":
+            key.pop("shot_labels")
+        return key
 
 
 def default_config(scale: str) -> EvalConfig:
@@ -127,20 +146,21 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
     started = time.time()
     tokenizer = mut.base.tokenizer
     n_tokens = _n_tokens(mut.projectors)
-    pool, shot_positions = session.retrieval.shots(kind, benchmark, eval_df, context_df, config.n_shots)
-    prompts = [build_prompt(benchmark, row, pool.iloc[positions], tokenizer, options)
-               for (_, row), positions in zip(eval_df.iterrows(), shot_positions)]
-    scores = []
-    chunks = range(0, len(prompts), config.batch_size)
-    if progress:
-        chunks = track(chunks, desc=f"{mut.name} / {benchmark}", unit="batch")
+    prompts = _prompts(benchmark, kind, eval_df, context_df, config, options, tokenizer, session)
+    fit_prompts, fit_y = _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, session)
     with mut.model_for(benchmark, session.copies) as model, torch.no_grad():
-        for start in chunks:
-            batch = collate(prompts[start: start + config.batch_size], tokenizer, n_tokens, session.features)
-            scores.append(label_logits(model, batch, mut.projectors).float().cpu())
-    score = torch.cat(scores).numpy()
+        def score_all(todo, desc):
+            chunks = range(0, len(todo), config.batch_size)
+            if progress:
+                chunks = track(chunks, desc=desc, unit="batch")
+            return torch.cat([label_logits(model, collate(todo[i: i + config.batch_size], tokenizer, n_tokens,
+                                                          session.features), mut.projectors).float().cpu()
+                              for i in chunks]).numpy()
+
+        score = score_all(prompts, f"{mut.name} / {benchmark}")
+        fit_score = score_all(fit_prompts, f"{mut.name} / {benchmark} (calibration)") if fit_prompts else None
     y = eval_df["y"].astype(int).to_numpy()
-    pred = score.argmax(1)
+    pred, decision = _decide(score, fit_score, fit_y, config)
     result = {
         "method": mut.name, "benchmark": benchmark, "model_id": mut.model_id(benchmark),
         "n": int(len(y)), "seed": config.seed, "config": config.key(), "options": options.key(),
@@ -154,8 +174,54 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
         "example_ids": [str(i) for i in eval_df.index], "y": y.tolist(), "pred": pred.tolist(),
         "scores": score.round(4).tolist(),
     }
+    if decision:
+        result["decision"] = decision
+        result["pred_argmax"] = score.argmax(1).tolist()
     atomic_write_json(path, result)
     return result
+
+
+def _prompts(benchmark, kind, queries, pool_df, config, options, tokenizer, session, content_free=False,
+             shuffle=None):
+    """The prompts of ``queries`` with shots retrieved from ``pool_df``: shot labels shuffled when
+    ``shuffle`` (default: ``config.shot_labels == "shuffled"``), queries blanked when ``content_free``."""
+    pool, positions = session.retrieval.shots(kind, benchmark, queries, pool_df, config.n_shots)
+    labels = [pool["y"].to_numpy()[p].astype(int).tolist() for p in positions]
+    if config.shot_labels == "shuffled" if shuffle is None else shuffle:
+        labels = calibration.shuffled_shot_labels(labels, config.seed)
+    return [build_prompt(benchmark, calibration.content_free(row) if content_free else row,
+                         calibration.relabelled(pool.iloc[p], lab), tokenizer, options)
+            for (_, row), p, lab in zip(queries.iterrows(), positions, labels)]
+
+
+def _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, session):
+    """``(prompts, labels)`` a fitted decision is fitted on: context rows only
+    (``calibration.calibration_pools``), shots from the rest of the context pool, their labels as
+    retrieved even in the shuffled control (which differs from the real run only in the evaluation
+    prompts' shot labels); ``([], None)`` for argmax."""
+    if config.decision == "argmax":
+        return [], None
+    fit_df, rest_df = calibration.calibration_pools(context_df, config.n_calibration, config.seed)
+    if len(rest_df) < config.n_shots:
+        raise ValueError(f"{benchmark}: {len(rest_df)} context rows left to retrieve the calibration rows' shots "
+                         f"from, fewer than n_shots={config.n_shots}; lower n_calibration")
+    content_free = config.decision == "contextual"
+    return (_prompts(benchmark, kind, fit_df, rest_df, config, options, tokenizer, session, content_free, False),
+            fit_df["y"].astype(int).to_numpy())
+
+
+def _decide(score: np.ndarray, cal_scores: np.ndarray | None, cal_y: np.ndarray | None,
+            config: EvalConfig) -> tuple[np.ndarray, dict]:
+    """Answers from scores ``[n, 2]`` by ``config.decision``, and what was fitted (``{}`` for argmax).
+    ``cal_scores`` ``[n_cal, 2]`` and ``cal_y`` ``[n_cal]`` are the context rows' (never evaluation rows')."""
+    if config.decision == "argmax":
+        return score.argmax(1), {}
+    info = {"rule": config.decision, "n_calibration": int(len(cal_scores)), "shot_labels": config.shot_labels}
+    if config.decision == "contextual":
+        bias = calibration.content_free_bias(cal_scores)
+        return calibration.threshold_decision(calibration.margin(score), bias), {**info, "content_free_bias": bias}
+    threshold = calibration.fit_threshold(calibration.margin(cal_scores), cal_y)
+    return calibration.threshold_decision(calibration.margin(score), threshold), {**info, "threshold": threshold}
 
 
 def evaluate_all(mut: ModelUnderTest, benchmarks: Iterable[str] = BENCHMARK_NAMES,

@@ -6,6 +6,8 @@ same examples, which is what makes the claims' margins tight.
 """
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 
 
@@ -94,3 +96,50 @@ def paired_bootstrap(runs_a: dict[str, dict], runs_b: dict[str, dict] | None, me
     alpha = (1 - level) / 2
     mean_boot = np.mean(boot, axis=0)
     return float(np.mean(point)), float(np.quantile(mean_boot, alpha)), float(np.quantile(mean_boot, 1 - alpha))
+
+
+
+def discordance(run_a: dict, run_b: dict) -> float:
+    """Share of examples on which exactly one of two runs on the same examples is right, in [0, 1].
+
+    >>> discordance({"example_ids": [1, 2, 3, 4], "y": [1, 0, 1, 0], "pred": [1, 0, 0, 0]},
+    ...             {"example_ids": [1, 2, 3, 4], "y": [1, 0, 1, 0], "pred": [1, 1, 1, 0]})
+    0.5
+    """
+    if list(run_a["example_ids"]) != list(run_b["example_ids"]):
+        raise ValueError("the two runs were evaluated on different examples; cannot pair them")
+    y = np.asarray(run_a["y"])
+    right_a, right_b = np.asarray(run_a["pred"]) == y, np.asarray(run_b["pred"]) == y
+    return float(np.mean(right_a != right_b)) if len(y) else float("nan")
+
+
+def minimal_detectable_difference(discordances, ns, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true paired accuracy difference (points) on the mean over benchmarks that a
+    two-sided test at level ``alpha`` detects with probability ``power`` (normal approximation).
+
+    For benchmark ``b`` with ``n_b`` examples and discordance rate ``q_b`` (share of examples on
+    which exactly one model is right), the per-example difference ``d = c_A - c_B`` lies in
+    {-1, 0, 1} with variance ``q_b`` under no difference, so the mean over ``B`` benchmarks has
+
+    .. math:: \\mathrm{SE} = \\frac{1}{B}\\sqrt{\\sum_b q_b / n_b}, \\qquad
+              \\mathrm{MDE} = 100\\,(z_{1-\\alpha/2} + z_{\\text{power}})\\,\\mathrm{SE}
+
+    (McNemar's test in its normal form; ``z_{0.975} + z_{0.8} = 2.80``). ``discordances`` and
+    ``ns`` are ``[B]``; a single benchmark is ``B = 1``.
+
+    >>> round(minimal_detectable_difference([0.2], [64]), 1)  # 2.80 * sqrt(0.2 / 64)
+    15.7
+    >>> round(minimal_detectable_difference([0.2] * 13, [64] * 13), 1)  # the mean over 13
+    4.3
+    """
+    q, n = np.asarray(discordances, dtype=float), np.asarray(ns, dtype=float)
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return float(100.0 * z * np.sqrt(np.sum(q / n)) / len(q))
+
+
+def paired_mde(runs_a: dict[str, dict], runs_b: dict[str, dict], alpha: float = 0.05, power: float = 0.8) -> float:
+    """``minimal_detectable_difference`` of A vs B on the mean over ``runs_a``'s benchmarks, from
+    the observed discordance rates (``runs_*[benchmark]``: ``evaluate`` results, same examples)."""
+    benches = list(runs_a)
+    return minimal_detectable_difference([discordance(runs_a[b], runs_b[b]) for b in benches],
+                                         [len(runs_a[b]["y"]) for b in benches], alpha, power)

@@ -1,0 +1,177 @@
+"""Does the cpu base read its shots? Decision rules and shot counts against the shots-shuffled control.
+
+For each option (a number of shots and a decision rule of ``esmerge.evaluate.calibration``) the
+base LLM is scored on the cpu pools of all 13 benchmarks (``benchmarks.split_pools`` with
+``--n-eval`` evaluation rows and a 512-row context pool, seed ``--seed``), and again on the
+shots-shuffled control (same prompts, shot labels permuted across the benchmark's prompts; the
+decision's fitted part, from context-pool prompts, is the same in both). Printed per option: mean
+accuracy over the 13 benchmarks with its paired-bootstrap 95 % CI, the paired differences against
+the always-majority yardstick and against the option's own shuffled control (CIs), and the share
+of positive answers. The retrieval-only yardsticks (majority, k-NN vote over the same shots) are
+printed for reference.
+
+    timeout 3h python benchmarks/bench_shots.py --n-eval 32 --shots 3 5 --dtype bf16
+
+Scores are kept under ``--work`` (one ``.npy`` per benchmark, shot count and prompt set), so an
+interrupted run resumes and the table can be reprinted with ``--table-only``. The decisions never
+read an evaluation label: the threshold is fitted on ``--n-fit`` context rows scored with shots
+retrieved from the rest of the context pool (``calibration.calibration_pools``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esmerge import benchmarks, yardstick
+from esmerge import evaluate as ev
+from esmerge.evaluate import calibration as cal
+from esmerge.models import load_base
+
+SETS = ("eval", "eval-shuffled", "fit", "cf")
+
+
+def _prompts(bench, queries, pool, positions, labels, options, tokenizer, content_free=False):
+    out = []
+    for (_, row), pos, lab in zip(queries.iterrows(), positions, labels):
+        shots = cal.relabelled(pool.iloc[pos], lab)
+        out.append(ev.build_prompt(bench, cal.content_free(row) if content_free else row, shots, tokenizer, options))
+    return out
+
+
+def _score(model, prompts, tokenizer, batch_size) -> np.ndarray:
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = ev.collate(prompts[start: start + batch_size], tokenizer, 8)
+            chunks.append(ev.label_logits(model, batch, {}).float().cpu())
+    return torch.cat(chunks).numpy()
+
+
+def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval) -> dict:
+    """Scores ``[n, 2]`` of every prompt set of ``SETS`` for ``bench`` at ``k`` shots (cached)."""
+    config = ev.EvalConfig(n_eval=args.n_eval, n_context=args.n_context, n_shots=k, seed=args.seed)
+    eval_df, context_df = yardstick.scale_pools(bench, config)
+    fit_df, rest_df = cal.calibration_pools(context_df, args.n_fit, args.seed)
+    kind = benchmarks.spec(bench).kind
+    pool, eval_pos = retrieval.shots(kind, bench, eval_df, context_df, k)
+    rest, fit_pos = retrieval.shots(kind, bench, fit_df, rest_df, k)
+    eval_lab = [pool["y"].to_numpy()[p].tolist() for p in eval_pos]
+    fit_lab = [rest["y"].to_numpy()[p].tolist() for p in fit_pos]
+    eval_shuf = cal.shuffled_shot_labels(eval_lab, args.seed)
+    options = ev.PromptOptions(frozenset(), config.top_k_genes, config.protein_chars, config.smiles_chars)
+    tok = base.tokenizer
+    plan = {"eval": (eval_df, pool, eval_pos, eval_lab, False), "eval-shuffled": (eval_df, pool, eval_pos, eval_shuf, False),
+            "fit": (fit_df, rest, fit_pos, fit_lab, False), "cf": (fit_df, rest, fit_pos, fit_lab, True)}
+    out = {"y": eval_df["y"].astype(int).to_numpy(), "fit_y": fit_df["y"].astype(int).to_numpy(),
+           "ids": [str(i) for i in eval_df.index], "eval_shot_labels": eval_lab,
+           "context_majority": yardstick.majority_vote(context_df["y"].astype(int).to_numpy())}
+    for name, (queries, p, positions, labels, cf) in plan.items():
+        path = work / f"{bench}-k{k}-{name}.npy".replace(" ", "_")
+        if not path.exists():
+            started = time.time()
+            scores = _score(base.model, _prompts(bench, queries, p, positions, labels, options, tok, cf), tok, args.batch_size)
+            np.save(path, scores)
+            print(f"  {bench} k={k} {name}: {len(scores)} prompts in {time.time() - started:.0f} s", flush=True)
+        out[name] = np.load(path)
+    return out
+
+
+def decisions(s: dict, shuffled: bool) -> dict[str, np.ndarray]:
+    """Every decision rule's predictions on the eval rows, for the real run or its control (the
+    control's eval prompts have shuffled shot labels; what a rule fits comes from the same
+    context-pool prompts in both, so the two differ only in the eval prompts' shot labels)."""
+    m = cal.margin(s["eval-shuffled" if shuffled else "eval"])
+    return {"argmax": (m > 0).astype(int),
+            "contextual": cal.threshold_decision(m, cal.content_free_bias(s["cf"])),
+            "context-threshold": cal.threshold_decision(m, cal.fit_threshold(cal.margin(s["fit"]), s["fit_y"]))}
+
+
+def _run(ids, y, pred) -> dict:
+    return {"example_ids": ids, "y": np.asarray(y).tolist(), "pred": np.asarray(pred).tolist()}
+
+
+def table(all_scores: dict[int, dict[str, dict]], n_resamples: int, seed: int) -> pd.DataFrame:
+    rows = []
+    any_k = next(iter(all_scores))
+    majority = {b: _run(s["ids"], s["y"], np.full(len(s["y"]), s["context_majority"]))
+                for b, s in all_scores[any_k].items()}
+
+    def row(option, runs, control=None):
+        point, lo, hi = ev.paired_bootstrap(runs, None, "accuracy", n_resamples, seed)
+        d_maj = ev.paired_bootstrap(runs, majority, "accuracy", n_resamples, seed)
+        out = {"option": option, "mean_acc": point, "lo": lo, "hi": hi,
+               "vs_majority": d_maj[0], "vs_majority_lo": d_maj[1], "vs_majority_hi": d_maj[2],
+               "positive_answers": 100 * np.mean([np.mean(r["pred"]) for r in runs.values()])}
+        if control is not None:
+            d = ev.paired_bootstrap(runs, control, "accuracy", n_resamples, seed)
+            out.update({"vs_shuffled": d[0], "vs_shuffled_lo": d[1], "vs_shuffled_hi": d[2],
+                        "shuffled_acc": ev.paired_bootstrap(control, None, "accuracy", n_resamples, seed)[0]})
+        rows.append(out)
+
+    row("yardstick: always-majority (context pool)", majority)
+    for k, per_bench in all_scores.items():
+        knn = {b: _run(s["ids"], s["y"], yardstick.knn_vote(s["eval_shot_labels"], s["context_majority"]))
+               for b, s in per_bench.items()}
+        row(f"yardstick: k-NN vote over the {k} shots", knn)
+        real = {b: decisions(s, False) for b, s in per_bench.items()}
+        ctrl = {b: decisions(s, True) for b, s in per_bench.items()}
+        for rule in cal.DECISIONS:
+            row(f"base, {k} shots, {rule}", {b: _run(s["ids"], s["y"], real[b][rule]) for b, s in per_bench.items()},
+                {b: _run(s["ids"], s["y"], ctrl[b][rule]) for b, s in per_bench.items()})
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-eval", type=int, default=32)
+    parser.add_argument("--n-context", type=int, default=512)
+    parser.add_argument("--n-fit", type=int, default=32, help="context rows the threshold is fitted on")
+    parser.add_argument("--shots", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-resamples", type=int, default=2000)
+    parser.add_argument("--benchmarks", nargs="*", default=list(ev.BENCHMARK_NAMES))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_shots"))
+    parser.add_argument("--out", type=Path, default=None, help="write the table here (.csv, and .json beside it)")
+    parser.add_argument("--table-only", action="store_true", help="only print what --work holds")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = args.work / f"n{args.n_eval}-c{args.n_context}-f{args.n_fit}-s{args.seed}-{args.dtype}"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    base = None if args.table_only else load_base("cpu", dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    retrieval = ev.RetrievalCache()
+    all_scores: dict[int, dict[str, dict]] = {}
+    for k in args.shots:
+        all_scores[k] = {}
+        for bench in args.benchmarks:
+            if base is None and not (work / f"{bench}-k{k}-{SETS[-1]}.npy".replace(" ", "_")).exists():
+                continue
+            all_scores[k][bench] = score_benchmark(base, bench, k, args, work, retrieval)
+        if not all_scores[k]:
+            del all_scores[k]
+    result = table(all_scores, args.n_resamples, args.seed)
+    benches = sorted({b for per in all_scores.values() for b in per})
+    header = (f"bench_shots: cpu base ({args.dtype}), n_eval={args.n_eval} per benchmark x {len(benches)} benchmarks, "
+              f"context pool {args.n_context}, threshold fitted on {args.n_fit} context rows, seed {args.seed}, "
+              f"{args.n_resamples} paired-bootstrap resamples; {time.time() - started:.0f} s")
+    print(header)
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(result.round(1).to_string(index=False))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result.round(2).to_csv(args.out, index=False)
+        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "benchmarks": benches,
+                                                             "rows": result.round(3).to_dict("records")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Decisions that read the prompt, and the control that shows whether they do (issue 10 item 2).
+
+A small base LLM scored by ``label_logits`` leans towards one label whatever its shots say: the
+argmax of the two label log-likelihoods gives the majority answer on nearly every example. Two
+ways to turn the answer margin ``m = s_1 - s_0`` (``s`` = ``label_logits``, ``[n, 2]``) into a
+decision without ever looking at an evaluation label:
+
+* ``"contextual"`` -- contextual calibration (Zhao et al. 2021, "Calibrate before use"):
+  context-pool prompts are scored with their query replaced by the content-free input ``"N/A"``
+  (same instruction, shots retrieved as usual); the decision is ``m - m_cf > 0``, i.e. the label
+  probabilities divided by the mean content-free ones (``W = diag(p_cf)^-1``, no bias), argmax.
+* ``"context-threshold"`` -- a threshold on ``m`` fitted on the **context pool only**
+  (``calibration_pools``: some context rows scored with shots retrieved from the rest of the
+  pool), chosen to maximise accuracy there (``fit_threshold``), then applied to the evaluation
+  rows: ``m > t``.
+
+``"argmax"`` (``m > 0``) is the paper's decision for a model that answers in the requested form.
+
+The **shots-shuffled control** (``shuffled_shot_labels``): the same prompts -- same queries, same
+retrieved shot entities in the same order -- but the labels shown with the shots are a seeded
+permutation of all shot labels of the benchmark's evaluation prompts (every ``(query, shot)``
+slot, pooled). The multiset of shown labels, hence the share of positive shots, is unchanged;
+what is destroyed is the link between a query and the labels of its nearest neighbours. What a
+decision fits (content-free bias, context-pool threshold) comes from the same context-pool prompts
+as in the real run, so the control differs from it only in the evaluation prompts' shot labels. A
+model that uses its shots scores higher than its control on the same examples (a paired test).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+DECISIONS = ("argmax", "contextual", "context-threshold")
+CONTENT_FREE = "N/A"
+
+
+def margin(scores) -> np.ndarray:
+    """The answer margin ``s_1 - s_0`` of ``label_logits`` scores ``[n, 2]`` -> ``[n]``.
+
+    >>> margin([[-2.0, -3.5], [-1.0, -0.5]]).tolist()
+    [-1.5, 0.5]
+    """
+    scores = np.asarray(scores, dtype=float)
+    return scores[:, 1] - scores[:, 0]
+
+
+def content_free_bias(content_free_scores) -> float:
+    """The content-free log-odds ``m_cf = log(p_cf / (1 - p_cf))``, ``p_cf`` the probability of
+    label 1 normalised over the two labels and averaged over the content-free prompts ``[n_cf, 2]``
+    (Zhao et al. 2021 average ``p_cf`` over several content-free inputs). 0 when there are none.
+
+    >>> round(content_free_bias([[-1.0, -1.0], [-2.0, -1.0]]), 4)  # p_cf = mean(0.5, 0.7311)
+    0.4706
+    """
+    m = margin(np.asarray(content_free_scores, dtype=float).reshape(-1, 2))
+    if len(m) == 0:
+        return 0.0
+    p = float(np.mean(1.0 / (1.0 + np.exp(-m))))
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return float(np.log(p / (1 - p)))
+
+
+def contextual_decision(scores, content_free_scores) -> np.ndarray:
+    """Contextual calibration (Zhao et al. 2021, ``W = diag(p_cf)^-1``, ``b = 0``), ``[n]`` ints.
+
+    ``scores`` ``[n, 2]``: label log-likelihoods of the prompts to decide; ``content_free_scores``
+    ``[n_cf, 2]``: of content-free prompts (same instruction and kind of shots, query ``"N/A"``).
+    With ``p`` normalised over the two labels, ``argmax_j p_j / p_cf,j`` is 1 exactly when
+    ``m - m_cf > 0`` (``m = log p_1 - log p_0``; ``m_cf`` from ``content_free_bias``).
+
+    The content-free prompts are *not* each query's own prompt with the query blanked: with
+    retrieved shots that would cancel exactly the part of the margin the shot labels cause, the
+    part the shuffled control tests. They are context-pool prompts (``calibration_pools``), so one
+    bias per benchmark removes the model's lean towards a label and keeps each prompt's shots.
+
+    >>> contextual_decision([[-1.0, -2.0], [-1.0, -0.5]], [[-1.0, -1.5], [-1.0, -0.5]]).tolist()
+    [0, 1]
+    """
+    return (margin(scores) - content_free_bias(content_free_scores) > 0).astype(int)
+
+
+def fit_threshold(margins: Sequence[float], y: Sequence[int]) -> float:
+    """The threshold ``t`` maximising the accuracy of ``margin > t`` on fitting rows ``[n]``.
+
+    Candidates are the midpoints between consecutive distinct margins and one value below and
+    above them all (always-positive, always-negative). Among equally accurate thresholds the one
+    nearest 0 (the argmax decision) wins, then the smaller. Only ``margins`` and ``y`` of the
+    fitting rows are read.
+
+    >>> fit_threshold([-3.0, -2.0, -1.0, 0.5], [0, 0, 1, 1])
+    -1.5
+    >>> fit_threshold([-3.0, -2.0], [1, 1])  # every row positive: below them all
+    -4.0
+    """
+    m = np.asarray(margins, dtype=float)
+    y = np.asarray(y, dtype=int)
+    if len(m) == 0:
+        return 0.0
+    distinct = np.unique(m)
+    candidates = np.concatenate([[distinct[0] - 1.0], (distinct[1:] + distinct[:-1]) / 2, [distinct[-1] + 1.0]])
+    acc = ((m[None, :] > candidates[:, None]) == (y[None, :] == 1)).mean(1)
+    best = candidates[acc == acc.max()]
+    return float(best[np.lexsort((best, np.abs(best)))[0]])
+
+
+def threshold_decision(margins, threshold: float) -> np.ndarray:
+    """``margin > threshold`` as ints ``[n]``.
+
+    >>> threshold_decision([-2.0, -1.0, 0.5], -1.5).tolist()
+    [0, 1, 1]
+    """
+    return (np.asarray(margins, dtype=float) > threshold).astype(int)
+
+
+def calibration_pools(context_df: pd.DataFrame, n_fit: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(fit_df, rest_df)``: ``n_fit`` rows of the context pool to fit a threshold on, and the rest
+    of the pool to retrieve their shots from. Drawn by ``numpy.random.default_rng(seed)``, the
+    index preserved; evaluation rows never enter.
+
+    >>> fit, rest = calibration_pools(pd.DataFrame({"y": [0, 1] * 5}), 3, seed=0)
+    >>> len(fit), len(rest), sorted(set(fit.index) | set(rest.index)) == list(range(10))
+    (3, 7, True)
+    """
+    n_fit = max(0, min(int(n_fit), len(context_df) - 1))
+    order = np.random.default_rng(seed).permutation(len(context_df))
+    return context_df.iloc[np.sort(order[:n_fit])], context_df.iloc[np.sort(order[n_fit:])]
+
+
+def shuffled_shot_labels(shot_labels: Sequence[Sequence[int]], seed: int = 0) -> list[list[int]]:
+    """The shots-shuffled control's labels: every ``(query, shot)`` label of a benchmark pooled
+    and permuted with ``numpy.random.default_rng(seed)``, then dealt back to the same slots (each
+    query keeps its number of shots). The multiset of labels is unchanged.
+
+    >>> shuffled_shot_labels([[1, 1, 1], [0, 0, 0]], seed=0)
+    [[0, 1, 0], [0, 1, 1]]
+    """
+    flat = np.asarray([int(v) for s in shot_labels for v in s], dtype=int)
+    permuted = flat[np.random.default_rng(seed).permutation(len(flat))]
+    out, at = [], 0
+    for s in shot_labels:
+        out.append(permuted[at: at + len(s)].tolist())
+        at += len(s)
+    return out
+
+
+def relabelled(shots: pd.DataFrame, labels: Sequence[int]) -> pd.DataFrame:
+    """``shots`` with its ``y`` column replaced by ``labels`` (entities and order kept)."""
+    return shots.assign(y=np.asarray(labels, dtype=int))
+
+
+def content_free(query: pd.Series) -> pd.Series:
+    """``query`` with every entity replaced by the content-free input ``"N/A"`` (a cell: one
+    "gene" ``N/A``); its label is dropped so nothing downstream can read it."""
+    out = query.copy()
+    for col in ("molecule", "molecule2", "protein"):
+        if col in out.index and isinstance(out[col], str) and out[col]:
+            out[col] = CONTENT_FREE
+    if "cell_genes" in out.index and out["cell_genes"] is not None and not (
+            isinstance(out["cell_genes"], float) and np.isnan(out["cell_genes"])):
+        out["cell_genes"] = [CONTENT_FREE]
+    out["y"] = np.nan
+    return out
