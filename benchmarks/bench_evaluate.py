@@ -1,10 +1,21 @@
-"""Per-example cost of ``evaluate`` at cpu scale, and the time to evaluate one model on all 13 benchmarks.
+"""Per-example cost of ``evaluate`` at cpu scale, the time to evaluate one model on all 13 benchmarks,
+``label_logits``' throughput against a plain forward, and the effect of merging LoRA for evaluation.
 
-Prints, per benchmark, the mean prompt length and seconds per example for a model that reads every
+``--parts`` picks what runs (default all three):
+
+* ``cost``: per benchmark, the mean prompt length and seconds per example for a model that reads every
 entity as text (the base LLM) and one that reads molecules and proteins as 8-token blocks (a merged
 model), then the extrapolated time for one model on all 13 benchmarks at the chosen ``n_eval``.
 
-    python benchmarks/bench_evaluate.py [--n 8] [--shots 3] [--threads 2] [--benchmarks BindingDB GDSC2]
+* ``throughput``: on the same batches of BindingDB and DrugComb prompts (``--n`` per benchmark, as
+  ``evaluate`` builds them), tokens/s of ``label_logits`` and of a plain forward of the same
+  model over the same prompt tokens (``model(input_ids, attention_mask)``, last logits only), in
+  ``--dtype`` (default bf16), interleaved batch by batch; their ratio (target >= 0.9).
+* ``merge``: the molecule specialist scored through ``PeftCopies(merge=True)`` (LoRA merged into
+  the weights) and ``merge=False`` (PEFT's per-module LoRA), on the same batches; the speed ratio
+  and the largest score difference.
+
+    python benchmarks/bench_evaluate.py [--parts cost throughput merge] [--n 8] [--shots 3] [--threads 2]
 
 Projectors are freshly initialised (cost does not depend on their weights). Nothing is cached.
 
@@ -28,7 +39,10 @@ import torch
 from esmerge import benchmarks
 from esmerge import evaluate as ev
 from esmerge.encoders import make_projector
+from esmerge.evaluate.under_test import PeftCopies
 from esmerge.models import load_base
+
+PARTS = ("cost", "throughput", "merge")
 
 
 def main(argv=None) -> None:
@@ -40,8 +54,89 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=ev.default_config("cpu").batch_size)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--benchmarks", nargs="*", default=list(ev.BENCHMARK_NAMES))
+    parser.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the throughput part")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; threads={args.threads}")
+    if "throughput" in args.parts:
+        throughput(args)
+    if "merge" in args.parts:
+        merge_effect(args)
+    if "cost" in args.parts:
+        cost(args)
+
+
+def _batches(bench: str, n: int, base, token_modalities, cfg, shots: int) -> list:
+    """``collate``d batches of the first ``n`` cpu evaluation prompts of ``bench``."""
+    frame = benchmarks.load_benchmark(bench)
+    eval_df, context_df = benchmarks.split_pools(frame, cfg.n_eval, cfg.n_context, cfg.seed)
+    pool, positions = ev.RetrievalCache().shots(benchmarks.spec(bench).kind, bench, eval_df, context_df, shots)
+    options = ev.PromptOptions(frozenset(token_modalities), cfg.top_k_genes, cfg.protein_chars, cfg.smiles_chars)
+    prompts = [ev.build_prompt(bench, row, pool.iloc[positions[i]], base.tokenizer, options)
+               for i, (_, row) in enumerate(list(eval_df.iterrows())[:n])]
+    return [ev.collate(prompts[i:i + cfg.batch_size], base.tokenizer) for i in range(0, len(prompts), cfg.batch_size)]
+
+
+def plain_forward(model, batch) -> torch.Tensor:
+    """The reference: one forward over the batch's prompt tokens as they are, last logits only."""
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+                 logits_to_keep=1).logits
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def throughput(args) -> None:
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    base = load_base(args.scale, dtype=dtype)
+    cfg = ev.default_config(args.scale)
+    batches = [b for bench in ("BindingDB", "DrugComb") for b in _batches(bench, args.n, base, (), cfg, args.shots)]
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    seconds = {"label_logits": 0.0, "plain forward": 0.0}
+    with torch.no_grad():
+        label_logits = lambda b: ev.label_logits(base.model, b)  # noqa: E731
+        label_logits(batches[0]), plain_forward(base.model, batches[0])  # warm-up, untimed
+        for i, batch in enumerate(batches):  # interleaved, alternating order: both see the same contention
+            order = (("label_logits", label_logits), ("plain forward", lambda b: plain_forward(base.model, b)))
+            for name, fn in order if i % 2 == 0 else order[::-1]:
+                seconds[name] += _timed(lambda: fn(batch))
+    rate = {k: tokens / v for k, v in seconds.items()}
+    print(f"throughput ({args.dtype}, {len(batches)} batches, {tokens} prompt tokens, load {os.getloadavg()[0]:.1f}): "
+          f"label_logits {rate['label_logits']:.0f} tok/s, plain forward {rate['plain forward']:.0f} tok/s, "
+          f"ratio {rate['label_logits'] / rate['plain forward']:.2f} (target >= 0.9)", flush=True)
+
+
+def merge_effect(args) -> None:
+    from esmerge.specialists import load_specialists  # only this part needs the shipped specialists
+
+    base = load_base(args.scale)
+    spec = load_specialists(args.scale, base)["molecule"]
+    mut = ev.ModelUnderTest.specialist(base, spec)
+    cfg = ev.default_config(args.scale)
+    batches = _batches("BindingDB", args.n, base, mut.projectors, cfg, args.shots)
+    seconds, scores = {}, {}
+    with torch.no_grad():
+        models = {merge: PeftCopies(merge=merge).load(base, spec.adapter) for merge in (True, False)}
+        for merge, model in models.items():
+            ev.label_logits(model, batches[0], mut.projectors)  # warm-up, untimed
+            seconds[merge], scores[merge] = 0.0, []
+        for i, batch in enumerate(batches):
+            for merge in ((True, False) if i % 2 == 0 else (False, True)):
+                start = time.perf_counter()
+                scores[merge].append(ev.label_logits(models[merge], batch, mut.projectors))
+                seconds[merge] += time.perf_counter() - start
+    diff = (torch.cat(scores[True]) - torch.cat(scores[False])).abs().max().item()
+    print(f"LoRA merged for evaluation (molecule specialist, {sum(len(b.y) for b in batches)} BindingDB prompts, fp32, "
+          f"load {os.getloadavg()[0]:.1f}): merged {seconds[True]:.1f} s, unmerged {seconds[False]:.1f} s, "
+          f"speed-up {seconds[False] / seconds[True]:.2f}x, max |score difference| {diff:.2e}", flush=True)
+
+
+def cost(args) -> None:
     base = load_base(args.scale)
     emb = base.model.get_input_embeddings()
     projectors = {m: make_projector(m, emb) for m in ("molecule", "protein")}
@@ -49,7 +144,6 @@ def main(argv=None) -> None:
     cfg = ev.default_config("cpu")
     totals = {name: 0.0 for name in models}
     totals_idle = {name: 0.0 for name in models}
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work slows wall time)")
     print(f"scale={args.scale} shots={args.shots} batch={args.batch_size} threads={args.threads} "
           f"timed n={args.n}/benchmark; extrapolating to n_eval={args.n_eval}")
     print(f"{'benchmark':18s} {'model':26s} {'tokens':>7s} {'s/example':>10s} {'cpu-s/thread':>13s}")
