@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from esmerge.findings import PAGE as FINDINGS_PAGE
 from esmerge.findings import write_findings_page
-from esmerge.freshness import NOT_EXECUTED, banner_plain, banner_segments, chapter_statuses, summary_lines, text_sha256
+from esmerge.freshness import NOT_EXECUTED, banner_markdown, banner_segments, chapter_statuses, summary_lines, text_sha256
 from esmerge.input_keys import current_keys, load_state
 from esmerge.notebook_graph import RegenerateError, discover
 from esmerge.paths import Layout
@@ -173,7 +173,7 @@ def build_book(scale: str, layout: Layout, log=print, prefer: str = "auto") -> P
     claims = next((s for s in rendered if s.stem == "08_claims"), None)
     write_findings_page(layout.book, source.results / "08_claims", scale,
                         chapter_link=f"{source.chapters_dir}/08_claims.ipynb" if claims else None,
-                        provenance=("Claims chapter: " + banner_plain(banner_segments(claims, source.origin))
+                        provenance=("Claims chapter: " + banner_markdown(banner_segments(claims, source.origin))
                                     if claims else None))
     write_toc(layout.book, scale, layout.notebooks, source.chapters_dir)
     out = layout.book / "_build"

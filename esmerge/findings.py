@@ -89,7 +89,7 @@ def findings_page(claims_dir: Path, scale: str, chapter_link: str | None = None,
              f"wrote them to `runs/{scale}/08_claims/` (generated from those files; nothing here is typed by "
              "hand). What each verdict means, and the margin against every competitor, is in that chapter.", ""]
     if provenance:
-        lines += [f"*{provenance}*", ""]
+        lines += [provenance, ""]
     lines += [f"**{total} claims:** " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + ".", ""]
     for title, rows in registers:
         lines += [f"## {title}", ""] + register_table(rows) + [""]

@@ -146,6 +146,16 @@ def banner_plain(segments: list[tuple[str, str]]) -> str:
     return "".join(text for _, text in segments)
 
 
+def banner_markdown(segments: list[tuple[str, str]]) -> str:
+    """The banner as one line of Markdown (the findings page).
+
+    >>> banner_markdown([("text", "key "), ("code", "ab12"), ("text", ": "), ("strong", "stale")])
+    'key `ab12`: **stale**'
+    """
+    marks = {"code": "`", "strong": "**"}
+    return "".join(f"{marks.get(kind, '')}{text}{marks.get(kind, '')}" for kind, text in segments)
+
+
 def summary_lines(statuses: list[ChapterStatus], what: str) -> list[str]:
     """One line per chapter that is not fresh, for ``--check`` and the book build's log.
 

@@ -1,5 +1,7 @@
 """Run every notebook (papermill, in dependency order, skipping what is unchanged) and build the book.
 
+Usage::
+
     esmerge regenerate [--scale smoke|cpu|paper] [--jobs N] [--only STEM ...] [--force]
                        [--seed S] [--book-only [--shipped]] [--no-book]
     esmerge regenerate --scale cpu --ship [--force]    copy the finished run into book/shipped/cpu

@@ -56,6 +56,8 @@ def _result_files(run_folder: Path) -> tuple[list[Path], list[dict]]:
     keep, left = [], []
     for path in sorted(run_folder.iterdir()) if run_folder.is_dir() else []:
         name = path.name
+        if name.startswith("."):
+            continue  # lock files and partial writes: not results
         if path.is_dir():
             left.append({"path": name + "/", "why": "folder (merged models, evaluation caches)"})
         elif path.suffix.lower() not in RESULT_SUFFIXES:

@@ -21,10 +21,12 @@ def _banners(app) -> dict:
 
 
 def banner_node(banner: dict) -> nodes.Element:
-    """An admonition (``note`` when fresh, ``warning`` when stale) holding the banner's pieces."""
+    """An admonition titled by the status (styled ``note`` when fresh, ``warning`` when not) holding the banner."""
     fresh = banner["status"] == "fresh"
-    status_class = "esmerge-" + banner["status"].replace(" ", "-")
-    box = (nodes.note if fresh else nodes.warning)(classes=["esmerge-freshness", status_class])
+    title = "Executed from the code as it is now" if fresh else f"Stale: {banner['status']} since this ran"
+    box = nodes.admonition(classes=["esmerge-freshness", "esmerge-" + banner["status"].replace(" ", "-"),
+                                    "note" if fresh else "warning"])
+    box += nodes.title(title, title)
     para = nodes.paragraph()
     for kind, text in banner["segments"]:
         if kind == "code":

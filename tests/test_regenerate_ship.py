@@ -145,16 +145,18 @@ def test_book_renders_shipped_chapters_with_banners_and_findings_first(tmp_path)
     assert toc.index("file: findings") < toc.index("file: shipped/smoke/01_first")
     page = (html / "shipped/smoke/01_first.html").read_text()
     assert "esmerge-freshness" in page and head[:12] in page and "matches the code now." in page
+    assert "Executed from the code as it is now" in page
     key = json.loads((tmp_path / "book/shipped/smoke/regenerate_state.json").read_text())["notebooks"]["01_first"]["key"]
     assert key in page
     glance = (html / "findings.html").read_text()
     assert "Findings at a glance" in glance and "A moves" in glance and "1.02 vs 0.7" in glance
-    assert "1 claims:" in glance and "1 holds" in glance and 'href="shipped/smoke/08_claims.html"' in glance
+    assert "Claims chapter: Executed at scale" in glance and "1 claims:" in glance and "1 holds" in glance and 'href="shipped/smoke/08_claims.html"' in glance
 
     # Code changes, notebooks do not: the rebuilt pages say which chapters are stale.
     (layout.package / "helpers.py").write_text("VALUE = 1  # edited\n")
     html = rg.build_book("smoke", layout, log=quiet).parent
-    assert "esmerge-code-changed" in (html / "shipped/smoke/01_first.html").read_text()
+    stale = (html / "shipped/smoke/01_first.html").read_text()
+    assert "esmerge-code-changed" in stale and "Stale: code changed since this ran" in stale
     assert "matches the code now." in (html / "shipped/smoke/00_intro.html").read_text()
 
 
@@ -175,7 +177,7 @@ def test_findings_page_lists_every_verdict_with_its_numbers(tmp_path):
     assert "| molecule moves \\| most | Fig. 1 | molecule 1.02, protein 0.716 | does not hold |" in text
     assert "| ES beats avg on Mol-Prot | §5.2 | 1.5 | 1/3 | -2.0 [-4.5, 0.5] | 7 | inconclusive (partial) |" in text
     assert "| ES beats ties on CYP | §5.3 | 5.0 | 5/5 | 3.1 [1.2, 5.0] | 7 | supported |" in text
-    assert "[the claims register chapter](executed/cpu/08_claims.ipynb)" in text and "*From x*" in text
+    assert "[the claims register chapter](executed/cpu/08_claims.ipynb)" in text and "\nFrom x\n" in text
 
     book = tmp_path / "book"
     book.mkdir()

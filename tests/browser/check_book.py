@@ -9,8 +9,11 @@ Serves ``book/_build/html`` on 127.0.0.1 (python's http.server), opens each page
 * every table in the page body has rows, cells and a non-zero rendered height,
 * the page has a heading,
 * every equation was typeset by MathJax (served from the book itself, so this holds offline),
+* every chapter (a page under ``executed/`` or ``shipped/``) shows its freshness banner (the
+  commit and input key it ran from, ``esmerge.sphinx_freshness``),
 
-and saves a full-page screenshot per page under ``book/_build/screenshots/``. The protocol runs
+and saves a full-page screenshot per page under ``book/_build/screenshots/<scale>/`` (the scale
+of the last build; CI keeps that folder as an artefact). The protocol runs
 over ``--remote-debugging-pipe`` (file descriptors 3 and 4), so no port and no websocket library
 are needed. ``--install`` installs Debian's ``chromium`` with apt-get when no browser is found.
 Exits non-zero, listing every problem, if any page fails.
@@ -39,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 VIEWPORT = (1280, 900)
 MAX_SHOT_HEIGHT = 6000  # px; long chapters are cut here rather than making huge PNGs
+CHAPTER_DIRS = ("executed/", "shipped/")  # pages rendered from executed notebooks
 
 # Runs in the page: waits for every image to settle, then reports images, tables and headings.
 PAGE_PROBE = """
@@ -55,6 +59,7 @@ PAGE_PROBE = """
   const body = document.querySelector('main') || document.body;
   return {
     math: body.querySelectorAll('.math').length,
+    banners: body.querySelectorAll('.esmerge-freshness').length,
     mathRendered: body.querySelectorAll('mjx-container').length,
     title: document.title,
     heading: (body.querySelector('h1') || {}).textContent || '',
@@ -194,6 +199,8 @@ def page_problems(page: str, report: dict) -> list[str]:
     for img in report["images"]:
         if not img["complete"] or img["naturalWidth"] == 0:
             problems.append(f"{page}: image {img['src']} did not load (naturalWidth {img['naturalWidth']})")
+    if page.startswith(CHAPTER_DIRS) and report.get("banners", 0) != 1:
+        problems.append(f"{page}: {report.get('banners', 0)} freshness banners (a chapter shows exactly one)")
     if report["math"] and not report["mathRendered"]:
         problems.append(f"{page}: {report['math']} equations left as raw TeX (MathJax did not typeset)")
     for i, table in enumerate(report["tables"]):
@@ -252,19 +259,27 @@ def check_book(book: Path, browser: str, shots: Path) -> list[str]:
     return problems
 
 
+def screenshots_dir(book: Path) -> Path:
+    """``_build/screenshots/<scale>`` for the scale of the last build (``_build/.esmerge_scale``)."""
+    marker = book / "_build" / ".esmerge_scale"
+    base = book / "_build" / "screenshots"
+    return base / marker.read_text().strip() if marker.exists() else base
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--book", type=Path, default=REPO_ROOT / "book")
     p.add_argument("--install", action="store_true", help="apt-get install chromium if no browser is found")
+    p.add_argument("--shots", type=Path, help="screenshot folder (default: book/_build/screenshots/<scale>)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     browser = find_browser(args.install)
-    problems = check_book(args.book, browser, args.book / "_build" / "screenshots")
+    shots = args.shots or screenshots_dir(args.book)
+    problems = check_book(args.book, browser, shots)
     if problems:
         print("browser check FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    print(f"browser check passed in {time.perf_counter() - start:.1f} s "
-          f"(screenshots in {args.book / '_build' / 'screenshots'})")
+    print(f"browser check passed in {time.perf_counter() - start:.1f} s (screenshots in {shots})")
     return 0
 
 

@@ -36,6 +36,7 @@ def make_book(root: Path, pages: dict[str, str]) -> Path:
         toc += ["parts:", "  - chapters:"] + [f"      - file: {n}" for n in names[1:]]
     (root / "_toc.yml").write_text("format: jb-book\n" + "\n".join(toc) + "\n")
     for name, body in pages.items():
+        (html / f"{name}.html").parent.mkdir(parents=True, exist_ok=True)
         (html / f"{name}.html").write_text(f"<html><body><main>{body}</main></body></html>")
     return root
 
@@ -61,3 +62,21 @@ def test_broken_image_empty_table_and_missing_heading_are_reported(tmp_path):
         "b.html: table 0 not rendered ({'rows': 0, 'cells': 0, 'height': 0, 'text': ''})",
         "c.html: no <h1> heading",
     ]
+
+
+def test_chapter_without_its_freshness_banner_is_reported(tmp_path):
+    banner = '<div class="admonition esmerge-freshness"><p>Executed at scale cpu</p></div>'
+    book = make_book(tmp_path, {
+        "shipped/cpu/01_data": f"<h1>Data</h1>{banner}",
+        "shipped/cpu/02_specialists": "<h1>Specialists</h1>",
+        "findings": "<h1>Findings</h1>",  # a page, not a chapter: no banner needed
+    })
+    assert check_book.check_book(book, BROWSER, tmp_path / "shots") == [
+        "shipped/cpu/02_specialists.html: 0 freshness banners (a chapter shows exactly one)"]
+
+
+def test_screenshots_go_to_the_scale_of_the_last_build(tmp_path):
+    assert check_book.screenshots_dir(tmp_path) == tmp_path / "_build" / "screenshots"
+    (tmp_path / "_build").mkdir()
+    (tmp_path / "_build" / ".esmerge_scale").write_text("cpu")
+    assert check_book.screenshots_dir(tmp_path) == tmp_path / "_build" / "screenshots" / "cpu"
