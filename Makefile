@@ -7,7 +7,7 @@ SCALE   ?= cpu
 JOBS    ?= 1
 export PYTHONHASHSEED := 0
 
-.PHONY: all setup test pytest regenerate book browser-test reproduce-smoke clean
+.PHONY: all setup test pytest regenerate book ship check shipped-book-test browser-test reproduce-smoke clean
 
 all: setup regenerate book
 
@@ -49,8 +49,26 @@ reproduce-smoke: setup
 regenerate: setup
 	$(BIN)/esmerge regenerate --scale $(SCALE) --jobs $(JOBS) --no-book
 
+# Renders a local run's executed notebooks, or, on a fresh clone, those shipped in book/shipped/$(SCALE):
+# nothing is executed and no model is loaded.
 book: setup
 	$(BIN)/esmerge regenerate --scale $(SCALE) --book-only
+
+# Copy a finished regeneration into book/shipped/$(SCALE), then commit that folder; FORCE=1 replaces a shipment.
+ship: setup
+	$(BIN)/esmerge regenerate --scale $(SCALE) --ship $(if $(FORCE),--force)
+
+# Are the shipped cpu results still those of the code? Lists stale chapters; fails only when a
+# notebook's text changed without re-execution (code-only changes warn); passes when none are shipped.
+check: setup
+	$(BIN)/esmerge regenerate --scale cpu --check
+
+# The shipped cpu book rendered from book/shipped/cpu and opened in headless Chromium, when shipped.
+shipped-book-test: setup
+	@if [ -f book/shipped/cpu/SHIPPED.json ]; then \
+	  $(BIN)/esmerge regenerate --scale cpu --book-only --shipped && \
+	  $(BIN)/python tests/browser/check_book.py --install; \
+	else echo "no shipped cpu results (book/shipped/cpu/SHIPPED.json): shipped book not checked"; fi
 
 browser-test: setup
 	$(BIN)/python tests/browser/check_book.py --install
