@@ -19,9 +19,10 @@ import re
 import sys
 from pathlib import Path
 
-# Field names (JSON keys, CSV headers) that hold a duration or a timestamp.
+# Field names (JSON keys, CSV headers) that hold a duration or a timestamp, or say which commit a
+# notebook ran from (regenerate_state.json: an up-to-date notebook keeps the commit of its older run).
 _VOLATILE = re.compile(r"(^|[ _.])(seconds|wall|wall_s|s / step|s_per_step|elapsed|elapsed_s|started|"
-                       r"finished_utc|timings|wall time \(min\))($|[ _.(])")
+                       r"finished_utc|timings|wall time \(min\)|commit|uncommitted_changes)($|[ _.(])")
 # produced.json records each file's sha256, which differs exactly when a volatile field does.
 _HASH_OF_FILE = "sha256"
 
