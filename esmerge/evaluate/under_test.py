@@ -59,12 +59,17 @@ class ModelUnderTest:
         return self.adapter_for_benchmark(benchmark) if self.adapter_for_benchmark else self.adapter
 
     def model_id(self, benchmark: str) -> str:
-        """Hash of base weights, the adapter used on ``benchmark`` and the projectors."""
+        """Hash of base weights, the adapter used on ``benchmark``, the projectors and, unless it is
+        float32, the dtype the base runs in (so fp32 and bf16 results never share a cache entry,
+        while fp32 ids stay what they were before dtypes were recorded)."""
         adapter = self.adapter_for(benchmark)
         parts = [self.base.weights_sha256 or self.base.name,
                  tensor_digest(adapter.state) if adapter is not None else "no-adapter"]
         for modality in sorted(self.projectors):
             parts.append(f"{modality}:{tensor_digest(self.projectors[modality].state_dict())}")
+        dtype = next(self.base.model.parameters()).dtype
+        if dtype != torch.float32:
+            parts.append(f"dtype:{str(dtype).removeprefix('torch.')}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     @contextmanager
