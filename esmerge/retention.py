@@ -171,6 +171,32 @@ def retention_table(res: Resampled, level: float = 0.95) -> pd.DataFrame:
                                        "specialist_gain", "gain_lo", "gain_hi"])
 
 
+def retention_wide(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
+    """``retention_table`` as one row per method, one column per modality: ``"0.50 [0.40, 0.60]"``.
+
+    >>> t = pd.DataFrame({"method": ["avg", "avg"], "modality": ["cell", "mean"], "retained": [0.5, 0.25],
+    ...                   "lo": [0.4, 0.1], "hi": [0.6, 0.4]})
+    >>> retention_wide(t).loc["avg"].tolist()
+    ['0.50 [0.40, 0.60]', '0.25 [0.10, 0.40]']
+    """
+    cell = lambda r: f"{r.retained:.{digits}f} [{r.lo:.{digits}f}, {r.hi:.{digits}f}]"  # noqa: E731
+    text = table.assign(text=[cell(r) for r in table.itertuples()])
+    wide = text.pivot(index="method", columns="modality", values="text")
+    return wide.reindex(index=list(dict.fromkeys(table["method"])), columns=list(dict.fromkeys(table["modality"])))
+
+
+def nll_frame(nlls: dict[str, dict[str, np.ndarray]], tokens: dict[str, np.ndarray],
+              uids: dict[str, list[str]]) -> pd.DataFrame:
+    """Every per-example NLL in long form (``modality, uid, tokens, method, nll``), for re-analysis.
+
+    >>> nll_frame({"cell": {"base": np.array([2.0])}}, {"cell": np.array([4])}, {"cell": ["pbmc:1"]}).to_dict("records")
+    [{'modality': 'cell', 'uid': 'pbmc:1', 'tokens': 4, 'method': 'base', 'nll': 2.0}]
+    """
+    rows = [{"modality": m, "uid": u, "tokens": int(t), "method": k, "nll": float(v[i])}
+            for m, per in nlls.items() for k, v in per.items() for i, (u, t) in enumerate(zip(uids[m], tokens[m]))]
+    return pd.DataFrame(rows, columns=["modality", "uid", "tokens", "method", "nll"])
+
+
 def verdict(lo: float, hi: float) -> str:
     """``supported`` when a CI of ``a - b`` lies above 0, ``not supported`` below, else ``inconclusive``.
 
@@ -223,9 +249,10 @@ def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None 
     if len(compared) < len(baselines):
         overall += " (partial)"
     head = {"claim": f"{a} retains more of the specialists' skill than every baseline (mean over modalities)",
-            "source": SOURCE, "a": a, "b": ", ".join(compared), "ours": worst["ours"] if worst else np.nan,
+            "source": SOURCE, "a": a, "b": "every baseline", "ours": worst["ours"] if worst else np.nan,
             "lo": worst["lo"] if worst else np.nan, "hi": worst["hi"] if worst else np.nan, "verdict": overall,
-            "rank": rank, "of": of, "detail": f"smallest margin vs {worst['b']}" if worst else ""}
+            "rank": rank, "of": of,
+            "detail": (f"smallest margin vs {worst['b']}; " if worst else "") + f"baselines: {', '.join(compared)}"}
     return pd.DataFrame([head, *rows], columns=columns)
 
 

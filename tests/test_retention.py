@@ -109,6 +109,7 @@ def test_claims_rank_es_and_give_one_verdict_per_baseline():
     nlls, tokens = synthetic(models={"es": 0.3, "avg": 0.6, "ties": 0.1, "pcb": 0.3, "es-layer": 0.0},
                              noise=0.2)
     claims = R.retention_claims(R.resampled_retention(nlls, tokens, n_resamples=500))
+    assert claims.iloc[0]["b"] == "every baseline"
     by_b = claims.iloc[1:].set_index("b")
     assert set(by_b.index) == {"avg", "ties", "pcb"}  # not the base, the specialists or ES's own ablation
     assert by_b.loc["avg", "verdict"] == "supported"  # retention 0.7 vs 0.4
