@@ -14,10 +14,15 @@ import pandas as pd
 
 from esmerge.benchmarks import BENCHMARK_NAMES, GROUPS
 from esmerge.evaluate.report import PAPER_DATASET, paper_results
-from esmerge.evaluate.stats import paired_bootstrap
+from esmerge.evaluate.stats import discordance, paired_bootstrap, paired_mde
 
 MERGING_BASELINES = ("avg", "ties", "emr", "adamerging", "pcb", "consensus", "ls-merge")
 SPECIALISTS = ("specialist-molecule", "specialist-protein", "specialist-cell")
+# rows that are not models: the retrieval-only yardstick (esmerge.yardstick.METHODS) and the
+# base on its shots-shuffled control (evaluate.calibration)
+YARDSTICKS = ("majority", "knn-shots")
+SHUFFLED_CONTROL = "base-shuffled-shots"
+NOT_MODELS = (*YARDSTICKS, SHUFFLED_CONTROL)
 
 
 @dataclass(frozen=True)
@@ -85,43 +90,98 @@ def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: i
     0 with a CI of [0, 0] tests nothing), *not measured* when a method or benchmark is missing.
     """
     paper = paper_results()
-    rows = []
-    for c in CLAIMS:
-        benches = list(BENCHMARK_NAMES) if c.group is None else list(GROUPS[c.group])
+    return pd.DataFrame([_check(c, results, paper, n_resamples, seed, level) for c in CLAIMS])
+
+
+def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | None, n_resamples: int,
+           seed: int, level: float) -> dict:
+    """One register row for claim ``c`` (see ``claims``); ``paper=None``: a claim the paper does not make."""
+    benches = list(BENCHMARK_NAMES) if c.group is None else list(GROUPS[c.group])
+    if paper is None:
+        paper_margin = float("nan")
+    else:
         paper_a = _paper_group_value(paper, c.a, c.group, c.table)
         paper_b = {b: _paper_group_value(paper, b, c.group, c.table) for b in c.b}
         paper_margin = paper_a - max(paper_b.values()) if paper_b else float("nan")
-        all_benches = benches
-        benches = [x for x in benches if x in results.get(c.a, {})]
-        have = [m for m in (c.a, *c.b) if m in results and benches and all(x in results[m] for x in benches)]
-        row = {"claim": c.claim, "source": c.source, "paper": round(paper_margin, 1),
-               "datasets": f"{len(benches)}/{len(all_benches)}"}
-        if c.a not in have or not any(b in have for b in c.b):
-            rows.append({**row, "ours": np.nan, "lo": np.nan, "hi": np.nan, "n_compared": 0,
-                         "verdict": "not measured", "detail": f"missing: {sorted(set((c.a, *c.b)) - set(have))}"})
+    all_benches = benches
+    benches = [x for x in benches if x in results.get(c.a, {})]
+    have = [m for m in (c.a, *c.b) if m in results and benches and all(x in results[m] for x in benches)]
+    row = {"claim": c.claim, "source": c.source, "paper": round(paper_margin, 1),
+           "datasets": f"{len(benches)}/{len(all_benches)}"}
+    if c.a not in have or not any(b in have for b in c.b):
+        return {**row, "ours": np.nan, "lo": np.nan, "hi": np.nan, "n_compared": 0,
+                "verdict": "not measured", "detail": f"missing: {sorted(set((c.a, *c.b)) - set(have))}"}
+    # paired: both runs of each benchmark are resampled with the same example indices
+    margins = {b: paired_bootstrap({x: results[c.a][x] for x in benches}, {x: results[b][x] for x in benches},
+                                   "accuracy", n_resamples, seed, level) for b in c.b if b in have}
+    worst = min(margins, key=lambda b: margins[b][0])
+    point, lo, hi = margins[worst]
+    # Two models that give the same answer on every example (e.g. both always answer the
+    # majority label) have a margin of exactly 0 with a CI of [0, 0]: that tests nothing.
+    identical = [b for b in margins if all(results[c.a][x]["pred"] == results[b][x]["pred"] for x in benches)]
+    if len(identical) == len(margins):
+        verdict = "inconclusive (identical answers)"
+    elif c.at_least:
+        verdict = ("not supported" if any(m[2] < 0 for m in margins.values())
+                   else "supported" if all(m[0] >= 0 for m in margins.values()) else "inconclusive")
+    else:
+        verdict = ("supported" if all(m[1] > 0 for m in margins.values())
+                   else "not supported" if any(m[2] < 0 for m in margins.values()) else "inconclusive")
+    if len(margins) < len(c.b) or len(benches) < len(all_benches):
+        verdict += " (partial)"
+    detail = "; ".join(f"vs {b}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}]" + (" (identical answers)" if b in identical else "")
+                       for b, m in margins.items())
+    return {**row, "ours": round(point, 1), "lo": round(lo, 1), "hi": round(hi, 1),
+            "n_compared": len(margins), "verdict": verdict, "detail": detail}
+
+
+def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> pd.DataFrame:
+    """Claims the paper does not make but a reader needs (issue 10), in ``claims``' columns and
+    verdicts (``paper`` NaN), on the mean accuracy over all 13 benchmarks:
+
+    * every model beats the always-majority yardstick, and beats the k-NN vote over its own shots
+      (``YARDSTICKS``; *not supported* there means the yardstick is significantly better);
+    * the base uses its shots: it beats its shots-shuffled control (``SHUFFLED_CONTROL``).
+
+    Only the rows present in ``results`` are checked; margins are paired over the same examples.
+    """
+    out = []
+    models = [m for m in results if m not in NOT_MODELS]
+    if SHUFFLED_CONTROL in results and "base" in results:
+        out.append(Claim("the base uses its shots: it beats its shots-shuffled control (all 13, avg.)",
+                         "issue 10", "base", (SHUFFLED_CONTROL,), None, "-"))
+    names = {"majority": "the always-majority yardstick", "knn-shots": "the k-NN vote over its own shots"}
+    for yard in YARDSTICKS:
+        if yard in results:
+            out += [Claim(f"{m} beats {names[yard]} (all 13, avg.)", "yardstick", m, (yard,), None, "-")
+                    for m in models]
+    return pd.DataFrame([_check(c, results, None, n_resamples, seed, level) for c in out],
+                        columns=["claim", "source", "paper", "datasets", "ours", "lo", "hi", "n_compared",
+                                 "verdict", "detail"])
+
+
+def power_table(results: dict[str, dict[str, dict]], reference: str = "es", alpha: float = 0.05,
+                power: float = 0.8) -> pd.DataFrame:
+    """How small a paired difference from ``reference`` the mean over its benchmarks can resolve:
+    per other row, the mean discordance rate (share of examples where exactly one of the two is
+    right) and ``stats.paired_mde`` at ``alpha`` and ``power``. Columns ``method, n, discordance,
+    mde``; empty when ``reference`` is missing."""
+    if reference not in results:
+        return pd.DataFrame(columns=["method", "n", "discordance", "mde"])
+    ref = results[reference]
+    rows = []
+    for method, runs in results.items():
+        if method == reference:
             continue
-        margins = {b: paired_bootstrap({x: results[c.a][x] for x in benches}, {x: results[b][x] for x in benches},
-                                       "accuracy", n_resamples, seed, level) for b in c.b if b in have}
-        worst = min(margins, key=lambda b: margins[b][0])
-        point, lo, hi = margins[worst]
-        # Two models that give the same answer on every example (e.g. both always answer the
-        # majority label) have a margin of exactly 0 with a CI of [0, 0]: that tests nothing.
-        identical = [b for b in margins if all(results[c.a][x]["pred"] == results[b][x]["pred"] for x in benches)]
-        if len(identical) == len(margins):
-            verdict = "inconclusive (identical answers)"
-        elif c.at_least:
-            verdict = ("not supported" if any(m[2] < 0 for m in margins.values())
-                       else "supported" if all(m[0] >= 0 for m in margins.values()) else "inconclusive")
-        else:
-            verdict = ("supported" if all(m[1] > 0 for m in margins.values())
-                       else "not supported" if any(m[2] < 0 for m in margins.values()) else "inconclusive")
-        if len(margins) < len(c.b) or len(benches) < len(all_benches):
-            verdict += " (partial)"
-        detail = "; ".join(f"vs {b}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}]" + (" (identical answers)" if b in identical else "")
-                           for b, m in margins.items())
-        rows.append({**row, "ours": round(point, 1), "lo": round(lo, 1), "hi": round(hi, 1),
-                     "n_compared": len(margins), "verdict": verdict, "detail": detail})
-    return pd.DataFrame(rows)
+        shared = [b for b in ref if b in runs]
+        if not shared:
+            continue
+        pair_a, pair_b = {b: ref[b] for b in shared}, {b: runs[b] for b in shared}
+        rows.append({"method": method, "n": sum(len(ref[b]["y"]) for b in shared),
+                     "discordance": float(np.mean([discordance(pair_a[b], pair_b[b]) for b in shared])),
+                     "mde": paired_mde(pair_a, pair_b, alpha, power)})
+    return pd.DataFrame(rows, columns=["method", "n", "discordance", "mde"])
 
 
 def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
@@ -182,7 +242,8 @@ def disagreements(mechanism: pd.DataFrame, register: pd.DataFrame) -> list[str]:
              for _, r in mechanism[mechanism["verdict"] != "holds"].iterrows()]
     for _, r in register[~register["verdict"].str.startswith("supported")].iterrows():
         ours = "not measured" if pd.isna(r["ours"]) else f"{r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]"
-        lines.append(f"- {r['source']}: {r['claim']}: paper margin {r['paper']:+.1f} pts; ours {ours} -> {r['verdict']}")
+        paper = "not a claim of the paper" if pd.isna(r["paper"]) else f"paper margin {r['paper']:+.1f} pts"
+        lines.append(f"- {r['source']}: {r['claim']}: {paper}; ours {ours} -> {r['verdict']}")
     lines += [f"- note: the paper's own numbers give this claim a margin of {r['paper']:+.1f} pts: {r['claim']}"
               for _, r in register[register["paper"] <= 0].iterrows()]
     verdicts = register["verdict"]
