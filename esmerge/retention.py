@@ -218,17 +218,20 @@ def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None 
     among ``a`` and the baselines by mean retention (1 = best) and a verdict (``verdict``). The
     first row is the claim over all baselines: its margin the smallest one, supported only when
     every margin is, not supported when some margin's CI lies below 0 (as in ``claims.claims``).
-    Columns ``claim, source, a, b, ours, lo, hi, verdict, rank, of, detail``.
+    Columns ``claim, source, paper`` (NaN: the paper reports no retention) ``, a, b, ours, lo, hi,
+    verdict, rank, of, detail, n_compared``, as the claims register's; margins rounded to 3 decimals.
     """
     if baselines is None:
         baselines = [k for k in res.point if k != a and k != "base" and not k.startswith("specialist-")
                      and not k.startswith(f"{a}-")]
-    columns = ["claim", "source", "a", "b", "ours", "lo", "hi", "verdict", "rank", "of", "detail"]
+    columns = ["claim", "source", "paper", "a", "b", "ours", "lo", "hi", "verdict", "rank", "of", "detail",
+               "n_compared"]
     if a not in res.point or "mean" not in res.point[a] or not baselines:
         return pd.DataFrame([{"claim": f"{a} retains more of the specialists' skill than every baseline",
-                              "source": SOURCE, "a": a, "b": ", ".join(baselines or []), "ours": np.nan, "lo": np.nan,
-                              "hi": np.nan, "verdict": "not measured", "rank": np.nan, "of": 0,
-                              "detail": f"missing: {a if a not in res.point else 'baselines'}"}], columns=columns)
+                              "source": SOURCE, "paper": np.nan, "a": a, "b": "every baseline", "ours": np.nan,
+                              "lo": np.nan, "hi": np.nan, "verdict": "not measured", "rank": np.nan, "of": 0,
+                              "detail": f"missing: {a if a not in res.point else 'baselines'}", "n_compared": 0}],
+                            columns=columns)
     compared = [b for b in baselines if "mean" in res.point.get(b, {})]
     ranked = sorted([a, *compared], key=lambda k: -res.point[k]["mean"])
     rank, of = ranked.index(a) + 1, len(ranked)
@@ -253,7 +256,10 @@ def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None 
             "lo": worst["lo"] if worst else np.nan, "hi": worst["hi"] if worst else np.nan, "verdict": overall,
             "rank": rank, "of": of,
             "detail": (f"smallest margin vs {worst['b']}; " if worst else "") + f"baselines: {', '.join(compared)}"}
-    return pd.DataFrame([head, *rows], columns=columns)
+    # the register's shape (esmerge.evaluate.claims.claims); the paper reports no retention
+    head.update(paper=np.nan, n_compared=len(compared))
+    rows = [{**r, "paper": np.nan, "n_compared": 1} for r in rows]
+    return pd.DataFrame([head, *rows], columns=columns).round({"ours": 3, "lo": 3, "hi": 3})
 
 
 # --------------------------------------------------------------------------- the models and their NLLs

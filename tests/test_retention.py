@@ -3,6 +3,7 @@ cover a known truth, the claims section's verdicts, and per-example NLLs on the 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -191,3 +192,16 @@ def test_score_models_caches_per_model_and_reads_merged_folders(smoke, tmp_path,
         assert res.point["avg"]["molecule"] == pytest.approx(1.0)
     else:  # nothing to retain
         assert np.isnan(res.point["avg"]["molecule"])
+
+
+def test_claims_have_the_registers_shape_so_the_claims_chapter_can_list_them():
+    from esmerge.evaluate.claims import disagreements
+
+    nlls, tokens = synthetic(models={"es": 0.3, "avg": 0.6, "ties": 0.1})
+    claims = R.retention_claims(R.resampled_retention(nlls, tokens, n_resamples=200))
+    assert {"claim", "source", "paper", "ours", "lo", "hi", "verdict", "n_compared", "detail"} <= set(claims.columns)
+    assert claims["n_compared"].tolist() == [2, 1, 1] and claims["paper"].isna().all()
+    empty = pd.DataFrame(columns=["claim", "source", "evidence", "verdict"])
+    lines = disagreements(empty, claims)
+    assert any("ties" in line and "not supported" in line for line in lines)
+    assert "1 of 3 supported, 2 contradicted" in lines[-1]  # the head row and "vs ties" are not supported
