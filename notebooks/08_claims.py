@@ -29,6 +29,9 @@
 #   exactly alike on every example, so the margin is 0 and tests nothing), *not measured* (a
 #   model is missing);
 #   *(partial)* when only some of the group's benchmarks were evaluated.
+# * **Yardstick rows** (not claims of the paper, issue 10): every model against the always-majority
+#   answer and against the k-NN vote over the very shots its prompts show (no LLM), and the base
+#   against its shots-shuffled control. A yardstick that beats every model is a result.
 #
 # Nothing here is typed in by hand: the tables and the list of disagreements below are generated
 # from the numbers of this build.
@@ -74,10 +77,17 @@ mechanism
 # ## Accuracy claims
 
 # %%
-register = ev.claims(results, n_resamples, seed)
+# the paper's claims, then the yardstick's rows: every model against always-majority and against the
+# k-NN vote over its own shots, and the base against its shots-shuffled control (not claims of the paper)
+register = pd.concat([ev.claims(results, n_resamples, seed), ev.yardstick_claims(results, n_resamples, seed)],
+                     ignore_index=True)
 register.to_csv(out / "accuracy_claims.csv", index=False)
 print(f"Accuracy claims register; {caption}")
 register
+
+# %%
+power = ev.power_table(results, reference="es")
+print("\n".join(ev.decided_verdicts(register, power)))
 
 # %% [markdown]
 # Each claim's margin over its strongest competitor: ours (dot, 95 % CI) and the paper's (black
@@ -112,13 +122,14 @@ if len(measured):
 print("\n".join(ev.disagreements(mechanism, register)))
 
 # the results chapter's Tables 1 and 2, as it saved them (their bootstrap CIs are not recomputed)
-ranks = ev.es_ranks([pd.read_csv(run_dir(scale, "07_results") / f"table{t}.csv") for t in (1, 2)])
+tables = [pd.read_csv(run_dir(scale, "07_results") / f"table{t}.csv") for t in (1, 2)]
+ranks = ev.es_ranks([t[~t["method"].isin(ev.NOT_MODELS)] for t in tables])  # among models, not yardsticks
 if len(ranks):
     print("\nES-Merging's rank among the evaluated models per group, ours vs paper:")
     for r in ranks.itertuples(index=False):
         paper_rank = f"paper: {r.paper_rank:.0f} of {r.paper_of}" if r.paper_of else "no paper value: partial group"
         print(f"  {r.group}: {r.rank:.0f} of {r.of} ({paper_rank})")
-bias = ev.answer_bias(results)
+bias = ev.answer_bias({m: runs for m, runs in results.items() if m not in ev.NOT_MODELS})
 positive_answers, aurocs = bias["positive_answers"], bias["auroc"]
 print(f"\nModels answer 'positive' on {min(positive_answers.values()):.0f}-{max(positive_answers.values()):.0f}% of "
       f"examples, while {bias['positive_rate']:.0f}% are positive: where every model gives the majority answer, accuracies "

@@ -72,3 +72,16 @@ def test_power_table_reports_the_observed_discordance_and_its_mde():
     assert table.loc["majority", "n"] == 13 * 40
     assert "base" not in table.index
     assert ev.power_table(results, reference="missing").empty
+
+
+def test_decided_verdicts_lists_decided_rows_or_says_why_with_numbers():
+    results = _results()
+    reg = ev.yardstick_claims(results, n_resamples=200)
+    lines = ev.decided_verdicts(reg)
+    assert lines[0] == f"4 of {len(reg)} verdicts are not inconclusive:"  # all but es vs majority (identical)
+    assert any("base beats the k-NN vote over its own shots" in l and "not supported" in l for l in lines)
+    undecided = reg[reg["verdict"].str.startswith("inconclusive")]
+    why = ev.decided_verdicts(undecided, ev.power_table(results, reference="es"))
+    assert why[0] == "No verdict of the 1 is decided at this n."
+    assert "+0.0 and +0.0" in why[1] and "1 compare models that answer identically" in why[1]
+    assert why[2].startswith("Paired differences from ES-Merging this n resolves")

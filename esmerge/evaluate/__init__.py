@@ -20,7 +20,8 @@ The benchmarks themselves (groups, kinds, prompts, labels) are described once, i
 """
 from esmerge.benchmarks import BENCHMARK_NAMES, GROUPS, TASKS, TaskPrompt, benchmark_kind
 from esmerge.evaluate.claims import (CLAIMS, MERGING_BASELINES, NOT_MODELS, SHUFFLED_CONTROL, SPECIALISTS, YARDSTICKS,
-                                     Claim, answer_bias, claims, disagreements, es_ranks, mechanism_claims,
+                                     Claim, answer_bias, claims, decided_verdicts, disagreements, es_ranks,
+                                     mechanism_claims,
                                      power_table, yardstick_claims)
 from esmerge.evaluate.prompts import ANSWER_PREFIX, Prompt, PromptOptions, build_prompt
 from esmerge.evaluate.report import (PAPER_DATASET, TABLE_GROUPS, cost_table, group_averages, merge_folders,
@@ -35,7 +36,7 @@ from esmerge.evaluate.stats import (METRICS, accuracy, auroc, bootstrap_ci, disc
 from esmerge.evaluate.under_test import ModelUnderTest, PeftCopies, merged_models, models_table
 
 __all__ = [
-    "NOT_MODELS", "SHUFFLED_CONTROL", "YARDSTICKS", "power_table", "yardstick_claims",
+    "NOT_MODELS", "SHUFFLED_CONTROL", "YARDSTICKS", "decided_verdicts", "power_table", "yardstick_claims",
     "ANSWER_PREFIX", "BENCHMARK_NAMES", "CLAIMS", "Claim", "ContextIndex", "EvalConfig", "EvalSession",
     "FeatureCache", "GROUPS", "MERGING_BASELINES", "METRICS", "ModelUnderTest", "PAPER_DATASET", "PeftCopies",
     "Prompt", "PromptBatch", "PromptOptions", "RetrievalCache", "SPECIALISTS", "TABLE_GROUPS", "TASKS",

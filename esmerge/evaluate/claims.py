@@ -184,6 +184,28 @@ def power_table(results: dict[str, dict[str, dict]], reference: str = "es", alph
     return pd.DataFrame(rows, columns=["method", "n", "discordance", "mde"])
 
 
+def decided_verdicts(register: pd.DataFrame, power: pd.DataFrame | None = None) -> list[str]:
+    """One line per register row whose verdict is neither inconclusive nor not measured; when there
+    is none, why: the claims' margins beside the smallest difference this n resolves (``power``,
+    a ``power_table``), with the numbers."""
+    decided = register[~register["verdict"].str.startswith(("inconclusive", "not measured"))]
+    if len(decided):
+        return [f"{len(decided)} of {len(register)} verdicts are not inconclusive:"] + [
+            f"- {r['claim']}: {r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] -> {r['verdict']}"
+            for _, r in decided.iterrows()]
+    measured = register.dropna(subset=["ours"])
+    lines = [f"No verdict of the {len(register)} is decided at this n."]
+    if len(measured):
+        lines.append(f"The measured margins lie between {measured['ours'].min():+.1f} and {measured['ours'].max():+.1f} "
+                     f"points; {measured['verdict'].str.contains('identical').sum()} compare models that answer "
+                     "identically on every example.")
+    if power is not None and len(power):
+        lines.append(f"Paired differences from ES-Merging this n resolves (80 % power, alpha 0.05): "
+                     f"{power['mde'].min():.1f}-{power['mde'].max():.1f} points (discordance "
+                     f"{power['discordance'].min():.0%}-{power['discordance'].max():.0%}).")
+    return lines
+
+
 def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
                      projection_stability: pd.DataFrame, merged_distances: pd.DataFrame) -> pd.DataFrame:
     """The paper's claims about representations (Figs. 1, 2, 8 and Table 7), checked on the tables
