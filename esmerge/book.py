@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from esmerge.findings import PAGE as FINDINGS_PAGE
 from esmerge.findings import write_findings_page
-from esmerge.freshness import NOT_EXECUTED, banner_markdown, banner_segments, chapter_statuses, summary_lines, text_sha256
+from esmerge.freshness import NO_SOURCE, NOT_EXECUTED, banner_markdown, banner_segments, chapter_statuses, summary_lines, text_sha256
 from esmerge.input_keys import current_keys, load_state
 from esmerge.notebook_graph import RegenerateError, discover
 from esmerge.paths import Layout
@@ -170,11 +170,9 @@ def build_book(scale: str, layout: Layout, log=print, prefer: str = "auto") -> P
     rendered = [s for s in statuses if s.status != NOT_EXECUTED]
     for line in summary_lines(rendered, source.chapters_dir):
         log(line)
-    claims = next((s for s in rendered if s.stem == "08_claims"), None)
-    write_findings_page(layout.book, source.results / "08_claims", scale,
-                        chapter_link=f"{source.chapters_dir}/08_claims.ipynb" if claims else None,
-                        provenance=("Claims chapter: " + banner_markdown(banner_segments(claims, source.origin))
-                                    if claims else None))
+    write_findings_page(layout.book, source.results, scale, chapters={
+        s.stem: (f"{source.chapters_dir}/{s.stem}.ipynb", banner_markdown(banner_segments(s, source.origin)))
+        for s in rendered if s.status != NO_SOURCE})
     write_toc(layout.book, scale, layout.notebooks, source.chapters_dir)
     out = layout.book / "_build"
     marker = out / ".esmerge_scale"

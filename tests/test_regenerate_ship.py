@@ -150,7 +150,7 @@ def test_book_renders_shipped_chapters_with_banners_and_findings_first(tmp_path)
     assert key in page
     glance = (html / "findings.html").read_text()
     assert "Findings at a glance" in glance and "A moves" in glance and "1.02 vs 0.7" in glance
-    assert "Claims chapter: Executed at scale" in glance and "1 claims:" in glance and "1 holds" in glance and 'href="shipped/smoke/08_claims.html"' in glance
+    assert "08_claims: Executed at scale" in glance and "1 claims:" in glance and "1 holds" in glance and 'href="shipped/smoke/08_claims.html"' in glance
 
     # Code changes, notebooks do not: the rebuilt pages say which chapters are stale.
     (layout.package / "helpers.py").write_text("VALUE = 1  # edited\n")
@@ -161,26 +161,34 @@ def test_book_renders_shipped_chapters_with_banners_and_findings_first(tmp_path)
 
 
 def test_findings_page_lists_every_verdict_with_its_numbers(tmp_path):
-    claims = tmp_path / "08_claims"
-    claims.mkdir()
+    claims = tmp_path / "runs" / "08_claims"
+    retention = tmp_path / "runs" / "09_retention"
+    claims.mkdir(parents=True)
+    retention.mkdir()
     (claims / "accuracy_claims.csv").write_text(
         "claim,source,paper,datasets,ours,lo,hi,n_compared,verdict,detail\n"
         "ES beats avg on Mol-Prot,§5.2,1.5,1/3,-2.0,-4.5,0.5,7,inconclusive (partial),vs avg: -2.0\n"
         "ES beats ties on CYP,§5.3,5.0,5/5,3.1,1.2,5.0,7,supported,vs ties: +3.1\n")
     (claims / "representation_claims.csv").write_text(
         "claim,source,evidence,verdict\n\"molecule moves | most\",Fig. 1,\"molecule 1.02, protein 0.716\",does not hold\n")
-    (claims / "margins.csv").write_text("model,margin\nes,1\n")  # no verdict column: not a register
-    text = findings.findings_page(claims, "cpu", chapter_link="executed/cpu/08_claims.ipynb", provenance="From x")
+    (claims / "margin_claims.csv").write_text("model,margin\nes,1\n")  # no verdict column: not a register
+    (claims / "margins.csv").write_text("model,verdict\nes,holds\n")  # not a *claims.csv: not a register
+    (retention / "retention_claims.csv").write_text("claim,retained,verdict\nES keeps molecule skill,0.81,holds\n")
+    text = findings.findings_page(tmp_path / "runs", "cpu", chapters={
+        "08_claims": ("executed/cpu/08_claims.ipynb", "Executed from x"), "09_retention": (None, None)})
     assert text.splitlines()[0] == "# Findings at a glance"
-    assert "**3 claims:** 1 does not hold, 1 inconclusive, 1 supported." in text
-    assert text.index("## Representation claims") < text.index("## Accuracy claims") and "| es | 1 |" not in text
+    assert "**4 claims:** 1 does not hold, 1 inconclusive, 1 supported, 1 holds." in text
+    assert (text.index("## Representation claims") < text.index("## Accuracy claims")
+            < text.index("## Retention claims")) and "| es |" not in text
     assert "| molecule moves \\| most | Fig. 1 | molecule 1.02, protein 0.716 | does not hold |" in text
     assert "| ES beats avg on Mol-Prot | §5.2 | 1.5 | 1/3 | -2.0 [-4.5, 0.5] | 7 | inconclusive (partial) |" in text
     assert "| ES beats ties on CYP | §5.3 | 5.0 | 5/5 | 3.1 [1.2, 5.0] | 7 | supported |" in text
-    assert "[the claims register chapter](executed/cpu/08_claims.ipynb)" in text and "\nFrom x\n" in text
+    assert "| ES keeps molecule skill | 0.81 | holds |" in text
+    assert "[08_claims](executed/cpu/08_claims.ipynb)" in text and "\n08_claims: Executed from x\n" in text
+    assert "From `09_retention`." in text  # no page to link to
 
     book = tmp_path / "book"
     book.mkdir()
-    assert findings.write_findings_page(book, claims, "cpu") == book / "findings.md"
+    assert findings.write_findings_page(book, tmp_path / "runs", "cpu") == book / "findings.md"
     assert findings.write_findings_page(book, tmp_path / "nothing", "cpu") is None
     assert not (book / "findings.md").exists()  # another scale's page does not linger
