@@ -9,6 +9,7 @@ directory already holds this exact merge (resume).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,12 @@ from esmerge.adapters import Adapter, AdapterMismatchError, adapter_digest, is_m
 from esmerge.adapters import save_merged
 from esmerge.cache import cache_dir
 from esmerge.errors import UsageError
-from esmerge.models import load_base
+from esmerge.encoders import RawEncoder
+from esmerge.models import PAPER_MODEL_ID, load_base
 from esmerge.specialists import load_specialists
+
+
+PAPER_BASE_ENV = "ESMERGE_PAPER_BASE"
 
 
 def check_probe_k(probe_k) -> int:
@@ -95,22 +100,45 @@ def check_base(base, specialists: dict) -> None:
                 f"{base.name}; merge adapters trained on this base")
 
 
-def build_context(scale: str, seed: int = 0, probe_k: int | None = None, **extras) -> MergeContext:
+def paper_base(base_path: str | None = None) -> str:
+    """The ``paper`` base: ``base_path``, else ``$ESMERGE_PAPER_BASE``, else LLaMA-3.1-8B-Instruct's hub id."""
+    return str(base_path or os.environ.get(PAPER_BASE_ENV) or PAPER_MODEL_ID)
+
+
+def build_context(scale: str, seed: int = 0, probe_k: int | None = None, *, base_path: str | None = None,
+                  specialists_dir: str | Path | None = None, **extras) -> MergeContext:
     """Load the base and the three specialists of a scale into a ``MergeContext``.
 
-    ``probe_k``: probe samples per modality, default ``scales.get(scale).probe_k``.
+    ``probe_k``: probe samples per modality, default ``scales.get(scale).probe_k``. At ``paper``
+    scale the base is ``paper_base(base_path)`` (hub id or local folder) and the specialists are
+    read from ``specialists.paper_specialists_dir(specialists_dir)``; both are refused elsewhere.
     """
     config = scales.get(scale)
     k = config.probe_k if probe_k is None else check_probe_k(probe_k)
-    base = load_base(scale, seed=seed)
-    specs = load_specialists(scale, base)
+    if scale != "paper" and (base_path or specialists_dir):
+        raise UsageError(f"a base path and a specialists folder are paper-scale settings, not {scale!r} ones; "
+                         "to merge your own adapters use esmerge.byo.merge_adapters (esmerge merge --base ... --adapter ...)")
+    if scale == "paper":
+        base = load_base(scale, seed=seed, model_id=paper_base(base_path))
+        specs = load_specialists(scale, base, root=specialists_dir)
+    else:
+        base = load_base(scale, seed=seed)
+        specs = load_specialists(scale, base)
     check_base(base, specs)
     return MergeContext(base, specs, scale, seed, k, cache_dir() / "es" / scale, dict(extras))
 
 
 def _projector_states(context: MergeContext) -> dict:
+    # A paper-scale encoder (ESM-2-3B inside) is not copied into every merge: the merge names its
+    # specialist folder instead (``encoder_folders``).
     return {m: {k: v.contiguous() for k, v in s.projector.state_dict().items()}
-            for m, s in context.specialists.items() if getattr(s, "projector", None) is not None}
+            for m, s in context.specialists.items()
+            if getattr(s, "projector", None) is not None and not isinstance(s.projector, RawEncoder)}
+
+
+def encoder_folders(context: MergeContext) -> dict[str, str]:
+    """modality -> folder of the specialist whose own encoder the merged model uses (paper scale)."""
+    return {m: str(s.path) for m, s in context.specialists.items() if isinstance(getattr(s, "projector", None), RawEncoder)}
 
 
 def specialist_digests(context: MergeContext) -> dict[str, str]:
@@ -143,6 +171,9 @@ def run_merge(method: str, out: str | Path, context: MergeContext, force: bool =
         "wall_seconds": seconds,
         "info": result.info,
     }
+    if encoder_folders(context):
+        meta["encoders"] = encoder_folders(context)
+    meta |= context.extras.get("record", {})  # e.g. esmerge.byo: the base and adapter paths
     return save_merged(out, result.adapter, meta, _projector_states(context), force=force)
 
 
@@ -177,12 +208,16 @@ def merge_once(method: str, out: str | Path, context: MergeContext, refresh: boo
 
 # --------------------------------------------------------------------------- what `esmerge merge` calls
 def merge_command(scale: str, method: str, out: str | Path, hparams: dict, seed: int = 0,
-                  probe_k: int | None = None, force: bool = False) -> Path:
-    """What ``esmerge merge`` does: every check that needs no model first, then load, merge, write."""
+                  probe_k: int | None = None, force: bool = False, *, base_path: str | None = None,
+                  specialists_dir: str | Path | None = None) -> Path:
+    """What ``esmerge merge`` does: every check that needs no model first, then load, merge, write.
+
+    ``base_path``/``specialists_dir`` (paper scale only): see ``build_context``.
+    """
     hparams = methods.validate(method, hparams)
     scales.get(scale)
     if probe_k is not None:
         check_probe_k(probe_k)
     refuse_existing(out, force)
-    context = build_context(scale, seed, probe_k)
+    context = build_context(scale, seed, probe_k, base_path=base_path, specialists_dir=specialists_dir)
     return run_merge(method, out, context, force=force, **hparams)

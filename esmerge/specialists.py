@@ -15,13 +15,11 @@ the shipped ``cpu`` specialists against their sha256 and says how each scale get
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import platform
 import shutil
-import sys
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -37,7 +35,7 @@ from esmerge.adapters import Adapter, load_adapter, read_tensors, save_adapter
 from esmerge.cache import cache_dir, content_key, file_sha256, key_lock
 from esmerge.captions import (CODE_VERSION, INSTRUCTION, MODALITIES, N_TOKENS, Example, SpecialistError,
                               check_modality, load_examples)
-from esmerge.errors import EsmergeError, OutputExistsError
+from esmerge.errors import OutputExistsError
 from esmerge.models import BaseModel, load_base, lora_config
 from esmerge.train import DESCRIPTION, clear_checkpoint, mean, train_lora
 
@@ -45,6 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_DIR = REPO_ROOT / "data_manifest" / "specialists"
 SHIPPED_MANIFEST = REPO_ROOT / "data_manifest" / "specialists.yaml"
 SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "projector.safetensors", "card.json")
+PAPER_SPECIALISTS_ENV = "ESMERGE_PAPER_SPECIALISTS"
 CHECKPOINT = "checkpoint"  # the resumable state of a run in progress, inside its output folder
 
 
@@ -52,8 +51,9 @@ CHECKPOINT = "checkpoint"  # the resumable state of a run in progress, inside it
 class Specialist:
     modality: str  # "molecule" | "protein" | "cell"
     adapter: Adapter
-    projector: encoders.Projector | None  # None for cell
+    projector: encoders.Projector | encoders.RawEncoder | None  # None for cell; a RawEncoder at paper scale
     card: dict  # data, steps, loss curve, seed, base weights hash, timings, exclusions
+    path: Path | None = None  # the folder it was read from (a merged model names paper-scale encoders by it)
 
 
 # --------------------------------------------------------------------------- the directory
@@ -135,12 +135,18 @@ def load_specialist(path, base: BaseModel) -> Specialist:
                               f"but the given base ({base.name}) has {base.weights_sha256[:12]}...")
     adapter = load_adapter(path, name=f"{card['modality']}-specialist")
     projector = None
-    if card.get("projector"):
+    if card.get("encoder"):  # a converted paper-scale specialist: its own modality encoder
+        tensors = {f: read_tensors(path / f) if (path / f).exists() else {}
+                   for f in ("projector.safetensors", "encoder.safetensors")}
+        projector = encoders.build_encoder(card["encoder"], tensors["projector.safetensors"],
+                                           tensors["encoder.safetensors"], path)
+        projector.to(base.model.get_input_embeddings().weight.device)
+    elif card.get("projector"):
         p = card["projector"]
         projector = encoders.Projector(p["in_features"], p["hidden_size"], p["n_tokens"], p["width"], p["embed_scale"])
         projector.load_state_dict(read_tensors(path / "projector.safetensors"))
         projector.eval()
-    return Specialist(card["modality"], adapter, projector, card)
+    return Specialist(card["modality"], adapter, projector, card, path)
 
 
 def attach_specialist(base: BaseModel, spec_or_adapter, adapter_name: str = "default"):
@@ -292,7 +298,31 @@ def write_manifest(scale: str = "cpu") -> Path:
     return SHIPPED_MANIFEST
 
 
-def load_specialists(scale: str, base: BaseModel) -> dict[str, Specialist]:
+def paper_specialists_dir(root=None) -> Path:
+    """Where the converted paper-scale specialists live: ``root``, else ``$ESMERGE_PAPER_SPECIALISTS``,
+    else ``data_manifest/specialists/paper`` (one folder per modality)."""
+    return Path(root or os.environ.get(PAPER_SPECIALISTS_ENV) or SHIPPED_DIR / "paper")
+
+
+# How each paper-scale specialist folder is made (the published checkpoints; the cell one is a substitute).
+PAPER_SOURCES = {
+    "molecule": "esmerge convert mol-llama DongkiKim/Mol-Llama-3.1-8B-Instruct {folder}",
+    "protein": "esmerge convert prot2text xiao-fei/Prot2Text-V2-11B-Instruct-hf {folder} "
+               "--base meta-llama/Llama-3.1-8B-Instruct",
+    "cell": "esmerge train --scale paper --modality cell --out {folder}",
+}
+
+
+def _paper_folder(root: Path, modality: str) -> Path:
+    folder = root / modality
+    if not is_finished(folder):
+        raise SpecialistError(f"{folder} holds no converted {modality} specialist; make it with "
+                              f"`{PAPER_SOURCES[modality].format(folder=folder)}` (or point "
+                              f"{PAPER_SPECIALISTS_ENV} at the folder holding molecule/, protein/, cell/)")
+    return folder
+
+
+def load_specialists(scale: str, base: BaseModel, root=None) -> dict[str, Specialist]:
     """The three specialists of ``scale``, ordered molecule, protein, cell.
 
     * ``cpu``: the shipped ones in ``data_manifest/specialists/cpu/<modality>/``, after checking
@@ -300,7 +330,11 @@ def load_specialists(scale: str, base: BaseModel) -> dict[str, Specialist]:
     * ``smoke``: tiny specialists on the hand-made examples, trained in seconds (the smoke
       ``scales.TrainRecipe``) and cached under ``cache_dir()`` keyed by the base weights, recipe
       and code version; a second process waits for the first and reuses its specialists.
-    * ``paper``: not available here (see the error).
+    * ``paper``: the converted ones (``esmerge convert``; the cell one trained by ``esmerge train
+      --scale paper --modality cell``, a substitute for Cell-o1) in ``<root>/<modality>/``, ``root``
+      from ``paper_specialists_dir``. Each card's ``encoder`` entry builds its modality encoder
+      (``encoders.build_encoder``): ESM-2 + adapter for proteins (blocks of length + 2),
+      Mol-LLaMA's own encoder for molecules when that optional extra is installed.
     """
     if scale == "cpu":
         dirs = verify_shipped("cpu")
@@ -323,55 +357,10 @@ def load_specialists(scale: str, base: BaseModel) -> dict[str, Specialist]:
                 specs[modality] = _train_into(base, modality, folder, settings, False, examples, info, None)
         return specs
     if scale == "paper":
-        raise NotImplementedError(
-            "paper-scale specialists are the published Mol-LLaMA, Prot2Text-V2 and Cell-o1 (LLaMA-3.1-8B-Instruct). "
-            "To use them, convert each to this format: a PEFT LoRA directory with the shared config "
-            "(r=8, alpha=32, q/k/v/o/gate/up/down; models.lora_config), a projector.safetensors mapping the "
-            "modality encoder's features to the LLM's embedding space, and a card.json; then list their sha256 "
-            "under `paper:` in data_manifest/specialists.yaml.")
+        root = paper_specialists_dir(root)
+        return {m: load_specialist(_paper_folder(root, m), base) for m in MODALITIES}
     scales.get(scale)  # a UsageError naming the scales
     raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- CLI
-def cli(argv: list[str]) -> int:
-    """``esmerge train --scale cpu --modality molecule --steps N --batch-size B --lr LR --seed S --out DIR``.
-
-    Defaults come from ``scales.get(scale).train``; the work is ``train_for_scale``.
-    """
-    parser = argparse.ArgumentParser(prog="esmerge train", description="Train a modality specialist (LoRA + projector).")
-    parser.add_argument("--scale", default="cpu", choices=scales.NAMES)
-    parser.add_argument("--modality", choices=MODALITIES)
-    parser.add_argument("--steps", type=int, default=None, help="default: the scale's recipe (scales.TrainRecipe)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--out", type=Path, help="output directory (default data_manifest/specialists/<scale>/<modality>)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="default: the recipe's, per modality")
-    parser.add_argument("--cell-top-k", type=int, default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=25)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass")
-    parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: cpu; paper: device_map auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--force", action="store_true", help="overwrite a finished specialist")
-    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    parser.add_argument("--write-manifest", action="store_true",
-                        help="only (re)write data_manifest/specialists.yaml from the shipped directories")
-    args = parser.parse_args(argv)
-    try:
-        if args.write_manifest:
-            print(f"wrote {write_manifest(args.scale)}")
-            return 0
-        if args.modality is None:
-            parser.error("--modality is required")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        train_for_scale(args.scale, args.modality, args.out, device=args.device, steps=args.steps,
-                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_tokens=args.max_tokens,
-                        resume=not args.no_resume, force=args.force, checkpoint_every=args.checkpoint_every,
-                        bf16=args.bf16, cell_top_k=args.cell_top_k)
-    except EsmergeError as err:
-        print(f"esmerge train: {err}", file=sys.stderr)
-        return 1
-    print(f"saved {args.out or SHIPPED_DIR / args.scale / args.modality}")
-    return 0

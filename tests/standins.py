@@ -170,3 +170,64 @@ def full_finetune_checkpoint(out: Path, base_model, *, seed: int = 3, scale: flo
         model.model.norm.weight.add_(0.01)
     model.save_pretrained(out, safe_serialization=True)
     return model
+
+
+# --------------------------------------------------------------------------- a paper-scale run on stand-ins
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def llama3_tokenizer():
+    """A byte-level tokenizer in LLaMA-3's chat format (``<|eot_id|>`` ends a turn), built in code."""
+    from esmerge.models import byte_tokenizer
+
+    return byte_tokenizer(specials=("<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                    "<|eot_id|>"), eos="<|eot_id|>", chat_template=LLAMA3_TEMPLATE)
+
+
+def save_paper_base(out: Path, seed: int = 0) -> torch.nn.Module:
+    """LLaMA-3.1-8B-Instruct's stand-in as ``models.load_paper`` reads it: weights, config and tokenizer."""
+    tok = llama3_tokenizer()
+    model = save_base(out, seed=seed, vocab_size=len(tok))
+    tok.save_pretrained(out)
+    return model
+
+
+def paper_specialists(root: Path, base_folder: Path, base_model) -> dict[str, Path]:
+    """The three converted specialists in ``root/<modality>``: Mol-LLaMA and Prot2Text-V2 stand-ins
+    through their converters, a full fine-tune through ``lora_extract`` as the cell one."""
+    from esmerge import convert
+
+    mol_llama_checkpoint(root / "src" / "mol", base_model, str(base_folder))
+    convert.convert_mol_llama(root / "src" / "mol", root / "molecule", base=base_folder)
+    prot2text_checkpoint(root / "src" / "p2t", base_model)
+    convert.convert_prot2text(root / "src" / "p2t", root / "protein", base=base_folder, device="cpu")
+    full_finetune_checkpoint(root / "src" / "cell", base_model)
+    convert.lora_extract(root / "src" / "cell", base_folder, root / "cell", modality="cell", device="cpu")
+    return {m: root / m for m in ("molecule", "protein", "cell")}
+
+
+def mol_llama_standin_builder(entry: dict, projector: dict, encoder: dict, folder):
+    """Mol-LLaMA's encoder is an optional extra; this stand-in keeps its interface (8 tokens per
+    molecule through the checkpoint's ``query_tokens`` and ``llm_proj``) on fixed fingerprint features."""
+    from esmerge.encoders import RawEncoder, molecule_features
+
+    class StandinMolEncoder(RawEncoder):
+        n_tokens = 8
+
+        def __init__(self):
+            super().__init__()
+            query = projector["encoder.query_tokens"]  # [1, 8, 16]
+            self.register_buffer("query", query[0].float())
+            self.register_buffer("mix", torch.randn(2054, query.shape[-1], generator=torch.Generator().manual_seed(0)) / 45)
+            self.register_buffer("weight", projector["llm_proj.weight"].float())
+            self.register_buffer("bias", projector["llm_proj.bias"].float())
+
+        def blocks(self, raw):
+            feats = molecule_features(list(raw)).to(self.mix.device) @ self.mix  # [K, 16]
+            return (self.query[None] + feats[:, None]) @ self.weight.T + self.bias  # [K, 8, d]
+
+    return StandinMolEncoder()

@@ -195,9 +195,9 @@ def test_cell_holdout_split_is_fixed_and_sized():
     assert C._split_mask(700, seed=1) != mask
 
 
-def test_paper_scale_explains_the_conversion(base):
-    with pytest.raises(NotImplementedError, match="Mol-LLaMA"):
-        S.load_specialists("paper", base)
+def test_paper_scale_explains_the_conversion(base, tmp_path):
+    with pytest.raises(C.SpecialistError, match="esmerge convert mol-llama"):
+        S.load_specialists("paper", base, root=tmp_path)
 
 
 def test_hash_mismatch_is_a_clear_error(tmp_path, monkeypatch):

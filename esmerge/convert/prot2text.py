@@ -76,6 +76,7 @@ def convert_prot2text(src: str | Path, out: str | Path, base: str | Path, *, for
             "projector": None,  # not the cpu-scale MLP: the modality part is described under "encoder"
             "encoder": {"kind": "prot2text", "esm": esm.get("_name_or_path") or "facebook/esm2_t36_3B_UR50D",
                         "esm_hidden_size": esm.get("hidden_size"), "esm_layers": esm.get("num_hidden_layers"),
+                        "esm_config": esm,  # encoders.Prot2TextEncoder rebuilds the EsmModel from it
                         "adapter_config": config.get("adapter_config"), "placeholder_id": config.get("placeholder_id"),
                         "tokens_per_input": "sequence length + 2 (ESM2 BOS and EOS)",
                         "encoder_tensors": len(encoder), "projector_tensors": sorted(projector)},

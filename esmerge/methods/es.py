@@ -69,8 +69,12 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     base = context.base
     names = list(context.specialists)
     projectors = {m: s.projector for m, s in context.specialists.items() if getattr(s, "projector", None) is not None}
-    probe_key = content_key(base.weights_sha256, context.probe_k, seed,
-                            {m: tensor_digest(p.state_dict()) for m, p in projectors.items()})
+    given = getattr(context, "probes", None)  # ready-made probes (bring your own adapters: esmerge.byo)
+    if given is not None:
+        probe_key = content_key(base.weights_sha256, "given", tensor_digest(_probe_tensors(given)))
+    else:
+        probe_key = content_key(base.weights_sha256, context.probe_k, seed,
+                                {m: tensor_digest(p.state_dict()) for m, p in projectors.items()})
     states_key = content_key(probe_key, [adapter_digest(a) for a in adapters])
     root = context.cache
     t0 = time.perf_counter()
@@ -80,10 +84,14 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
         n_tokens = {"molecule": 8, "protein": 8, "cell": 24}
         blocks = probe.encode_blocks(base, projectors, raw, n_tokens)
         p = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), blocks, raw)
-        return {"embeds": p.embeds, "positions": p.positions, "raw": p.raw, "template": p.template}
+        return _probe_record(p)
 
-    stored = cached(root / f"probes-{probe_key}.pt", make_probes)
-    probes = probe.Probes(stored["embeds"], stored["positions"], stored["raw"], stored["template"])
+    if given is not None:
+        stored = cached(root / f"probes-{probe_key}.pt", lambda: _probe_record(given))
+    else:
+        stored = cached(root / f"probes-{probe_key}.pt", make_probes)
+    probes = probe.Probes(stored["embeds"], stored["positions"], stored["raw"], stored["template"],
+                          stored.get("attention_mask"), stored.get("block_mask", {}))
 
     peft_model = attach(base.model, dict(zip(names, adapters)))
     try:
@@ -104,14 +112,54 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
             if not files[settings["distance"]].exists():
                 # One pass yields the scores of every distance; store each so either is instant later.
                 peft_model.set_adapter(name)
-                computed = elementwise.element_scores_by_distance(
-                    peft_model, probes.embeds, probes.positions, states["base"]["tokens"])
+                computed = element_scores(peft_model, probes, states["base"]["tokens"])
                 for dist, path in files.items():
                     atomic_torch_save(computed[dist], path)
             scores.append(torch.load(files[settings["distance"]], weights_only=True))
     finally:
         peft_model.unload()
     return {"probes": probes, "states": states, "swd": swd, "scores": scores, "seconds": time.perf_counter() - t0}
+
+
+def _probe_record(p: probe.Probes) -> dict:
+    """What the probe cache stores; the masks only when blocks vary in length (so fixed-length
+    records, and their cache files, are as before)."""
+    record = {"embeds": p.embeds, "positions": p.positions, "raw": p.raw, "template": p.template}
+    if p.attention_mask is not None:
+        record |= {"attention_mask": p.attention_mask, "block_mask": p.block_mask}
+    return record
+
+
+def _probe_tensors(p: probe.Probes) -> dict:
+    tensors = {"embeds": p.embeds, **{f"pos.{m}": t for m, t in p.positions.items()}}
+    if p.attention_mask is not None:
+        tensors["attention_mask"] = p.attention_mask
+    return tensors
+
+
+def element_scores(peft_model, probes: probe.Probes, base_tokens: dict) -> dict:
+    """``elementwise.element_scores_by_distance`` on probes whose blocks may vary in length.
+
+    With one length per block (no mask) it is that call as is. Otherwise each sample is run
+    alone with its padding slots cut out: the same states as the masked batch (attention skips
+    padding, positions count real tokens), and the scores are sums over samples, so adding the
+    per-sample scores gives the batch's. ``base_tokens``: modality -> ``[L, K, T_m, d]``.
+    """
+    if probes.attention_mask is None:
+        return elementwise.element_scores_by_distance(peft_model, probes.embeds, probes.positions, base_tokens)
+    total = None
+    for k in range(len(probes)):
+        real = probes.attention_mask[k].bool()
+        index = real.long().cumsum(0) - 1  # position of each real token once padding is cut out
+        positions, tokens = {}, {}
+        for m, pos in probes.positions.items():
+            keep = real[pos]
+            positions[m] = index[pos[keep]]
+            tokens[m] = base_tokens[m][:, k:k + 1, keep]
+        one = elementwise.element_scores_by_distance(peft_model, probes.embeds[k:k + 1, real], positions, tokens,
+                                                     progress=False, batch_size=1)
+        total = one if total is None else {d: {key: total[d][key] + v for key, v in s.items()} for d, s in one.items()}
+    return total
 
 
 def _training_cells(context) -> set:
