@@ -1,10 +1,11 @@
 """fp32 vs bf16 evaluation at cpu scale, in one run: decision agreement and speed ratio.
 
-    timeout 1500 python benchmarks/bench_bf16.py [--per-benchmark 20] [--threads auto] [--budget-s 1400] [--force]
+    timeout 1500 python benchmarks/bench_bf16.py [--queries 0 20] [--threads auto] [--budget-s 1400] [--force]
+    python benchmarks/bench_bf16.py --combine a.json b.json [--force]   # runs over disjoint --queries
 
 The prompts are the ones ``evaluate`` builds at ``cpu`` scale: each benchmark's evaluation pool
 (``benchmarks.split_pools`` with the cpu ``EvalConfig``), shots from ``RetrievalCache``, prompts
-from ``build_prompt``, batches from ``collate``; the first ``--per-benchmark`` queries of each of
+from ``build_prompt``, batches from ``collate``; queries ``--queries START STOP`` of each of
 the 13 pools, for two models: the base LLM (every entity as text) and the element-wise average of
 the three shipped cpu specialists with all their projectors (molecules and proteins as tokens,
 LoRA merged into the weights as ``PeftCopies`` does for evaluation). Each batch is scored by the
@@ -22,6 +23,7 @@ dtype, the speed ratio, and every disagreement with its two margins.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -54,20 +56,20 @@ def threads_for(choice: str) -> int:
     return 2 if os.getloadavg()[0] < 1.0 else 1
 
 
-def _prompts(bench: str, per_benchmark: int, config, retrieval, tokenizer, token_modalities) -> tuple[list, list]:
-    """The first ``per_benchmark`` prompts ``evaluate`` builds for ``bench`` at cpu, and their example ids."""
+def _prompts(bench: str, queries: tuple[int, int], config, retrieval, tokenizer, token_modalities) -> tuple[list, list]:
+    """Prompts ``queries[0]:queries[1]`` of those ``evaluate`` builds for ``bench`` at cpu, and their example ids."""
     frame = benchmarks.load_benchmark(bench)
     eval_df, context_df = benchmarks.split_pools(frame, config.n_eval, config.n_context, config.seed)
     pool, positions = retrieval.shots(benchmarks.spec(bench).kind, bench, eval_df, context_df, config.n_shots)
     options = ev.PromptOptions(frozenset(token_modalities), config.top_k_genes, config.protein_chars,
                                config.smiles_chars)
-    queries = list(eval_df.iterrows())[:per_benchmark]
+    queries = list(eval_df.iterrows())[slice(*queries)]
     prompts = [ev.build_prompt(bench, row, pool.iloc[positions[i]], tokenizer, options)
                for i, (_, row) in enumerate(queries)]
     return prompts, [str(index) for index, _ in queries]
 
 
-def measure(per_benchmark: int, threads: int, bench_names=ev.BENCHMARK_NAMES, budget_s: float = float("inf")) -> dict:
+def measure(queries: tuple[int, int], threads: int, bench_names=ev.BENCHMARK_NAMES, budget_s: float = float("inf")) -> dict:
     """Score the same batches in fp32 and bf16; returns the record written to JSON.
 
     Batches go round-robin over benchmarks and models, so a run cut short by ``budget_s`` (no new
@@ -83,7 +85,7 @@ def measure(per_benchmark: int, threads: int, bench_names=ev.BENCHMARK_NAMES, bu
             "average": {dt: ev.ModelUnderTest.merged(b, adapter, projectors, "average") for dt, b in bases.items()}}
     tokenizer = bases["fp32"].tokenizer
     retrieval, features, copies = ev.RetrievalCache(), ev.FeatureCache(), ev.PeftCopies()
-    work = {(bench, name): _prompts(bench, per_benchmark, config, retrieval, tokenizer, muts[name]["fp32"].projectors)
+    work = {(bench, name): _prompts(bench, queries, config, retrieval, tokenizer, muts[name]["fp32"].projectors)
             for bench in bench_names for name in muts}
     seconds = {"fp32": 0.0, "bf16": 0.0}
     tokens, decisions, stopped_early = 0, [], False
@@ -93,7 +95,7 @@ def measure(per_benchmark: int, threads: int, bench_names=ev.BENCHMARK_NAMES, bu
         # The average model uses one adapter on every benchmark: load (and merge) it once per dtype.
         torch_models = {(name, dt): stack.enter_context(mut.model_for(bench_names[0], copies))
                         for name, per_dt in muts.items() for dt, mut in per_dt.items()}
-        for first in range(0, per_benchmark, config.batch_size):
+        for first in range(0, queries[1] - queries[0], config.batch_size):
             for (bench, name), (prompts, ids) in work.items():
                 if time.perf_counter() - started > budget_s:
                     stopped_early = True
@@ -115,7 +117,7 @@ def measure(per_benchmark: int, threads: int, bench_names=ev.BENCHMARK_NAMES, bu
                     decisions.append({"benchmark": bench, "model": name, "example_id": example,
                                       "margin_fp32": float(s32[1] - s32[0]), "margin_bf16": float(s16[1] - s16[0]),
                                       "max_abs_score_diff": float(np.abs(s32 - s16).max())})
-            print(f"queries {first:2d}-{first + config.batch_size - 1:2d} of each benchmark: {len(decisions)} prompts, "
+            print(f"queries {queries[0] + first}-{queries[0] + first + config.batch_size - 1} of each benchmark: {len(decisions)} prompts, "
                   f"fp32 {seconds['fp32']:.0f} s, bf16 {seconds['bf16']:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
             if stopped_early:
                 break
@@ -127,7 +129,7 @@ def measure(per_benchmark: int, threads: int, bench_names=ev.BENCHMARK_NAMES, bu
         entry["agree"] += int(agree)
         entry["max_abs_score_diff"] = max(entry["max_abs_score_diff"], d["max_abs_score_diff"])
     return {
-        "scale": "cpu", "per_benchmark_per_model_requested": per_benchmark, "stopped_at_budget": stopped_early,
+        "scale": "cpu", "queries": list(queries), "stopped_at_budget": stopped_early,
         "budget_s": budget_s, "n_prompts": len(decisions), "n_agree": int(sum(same)),
         "agreement_percent": 100 * sum(same) / max(len(decisions), 1), "seconds": seconds, "tokens": tokens,
         "speed_ratio_fp32_over_bf16": seconds["fp32"] / seconds["bf16"] if seconds["bf16"] else None,
@@ -141,21 +143,48 @@ def measure(per_benchmark: int, threads: int, bench_names=ev.BENCHMARK_NAMES, bu
     }
 
 
+def combine(records: list[dict]) -> dict:
+    """One record from runs over disjoint query ranges (``--queries``): counts and seconds summed."""
+    seconds = {dt: sum(r["seconds"][dt] for r in records) for dt in ("fp32", "bf16")}
+    tokens = sum(r["tokens"] for r in records)
+    per_bench: dict = {}
+    for r in records:
+        for bench, models in r["per_benchmark"].items():
+            for model, m in models.items():
+                entry = per_bench.setdefault(bench, {}).setdefault(model, {"n": 0, "agree": 0, "max_abs_score_diff": 0.0})
+                entry["n"] += m["n"]
+                entry["agree"] += m["agree"]
+                entry["max_abs_score_diff"] = max(entry["max_abs_score_diff"], m["max_abs_score_diff"])
+    n, agree = sum(r["n_prompts"] for r in records), sum(r["n_agree"] for r in records)
+    return {**{k: records[0][k] for k in ("scale", "cpu", "torch", "models")},
+            "n_prompts": n, "n_agree": agree, "agreement_percent": 100 * agree / max(n, 1),
+            "seconds": seconds, "tokens": tokens, "speed_ratio_fp32_over_bf16": seconds["fp32"] / seconds["bf16"],
+            "tokens_per_second": {dt: tokens / v for dt, v in seconds.items()}, "per_benchmark": per_bench,
+            "disagreements": [d for r in records for d in r["disagreements"]],
+            "runs": [{k: r.get(k) for k in ("queries", "n_prompts", "n_agree", "seconds", "threads", "budget_s",
+                                        "stopped_at_budget", "load_average_start", "load_average_end")} for r in records]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-benchmark", type=int, default=20, help="queries per benchmark and model")
+    parser.add_argument("--queries", type=int, nargs=2, default=(0, 20), metavar=("START", "STOP"),
+                        help="query positions scored in each benchmark's evaluation pool, per model")
     parser.add_argument("--threads", default="auto", help="torch threads for the timed part, or 'auto'")
     parser.add_argument("--benchmarks", nargs="*", default=list(ev.BENCHMARK_NAMES))
-    parser.add_argument("--out", type=Path, default=RESULTS / "bf16_agreement.json")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no batch after this many seconds")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bf16_agreement.json")
+    parser.add_argument("--combine", type=Path, nargs="*", help="records of disjoint --queries runs to sum into --out")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.force:
         raise OutputExistsError(f"{args.out} exists; pass --force to replace it")
-    threads = threads_for(args.threads)
-    print(f"threads={threads} load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-          f"{args.per_benchmark} queries x 2 models x {len(args.benchmarks)} benchmarks", flush=True)
-    record = measure(args.per_benchmark, threads, tuple(args.benchmarks), args.budget_s)
+    if args.combine:
+        record = combine([json.loads(p.read_text()) for p in args.combine])
+    else:
+        threads = threads_for(args.threads)
+        print(f"threads={threads} load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; queries "
+              f"{args.queries[0]}-{args.queries[1] - 1} x 2 models x {len(args.benchmarks)} benchmarks", flush=True)
+        record = measure(tuple(args.queries), threads, tuple(args.benchmarks), args.budget_s)
     print(f"agreement: {record['n_agree']}/{record['n_prompts']} = {record['agreement_percent']:.2f} %")
     print(f"label_logits seconds: fp32 {record['seconds']['fp32']:.1f}, bf16 {record['seconds']['bf16']:.1f}; "
           f"speed ratio fp32/bf16 = {record['speed_ratio_fp32_over_bf16']:.2f}x over {record['tokens']} tokens")

@@ -109,7 +109,7 @@ class PeftCopies:
             raise ValueError(f"adapter {adapter.name!r} has r={want.r}, alpha={want.lora_alpha}, targets="
                              f"{sorted(want.target_modules)}; the evaluation copy holds r={have.r}, "
                              f"alpha={have.lora_alpha}, targets={sorted(have.target_modules)}")
-        if _is_merged(wrapper):
+        if _lora_merged_in(wrapper):
             wrapper.unmerge_adapter()
             _restore_base_weights(wrapper, base.model)
         load_lora_state(wrapper, adapter.state)
@@ -129,7 +129,7 @@ def _lora_layers(wrapper: nn.Module):
     return [(name.removeprefix(prefix), m) for name, m in wrapper.named_modules() if isinstance(m, LoraLayer)]
 
 
-def _is_merged(wrapper: nn.Module) -> bool:
+def _lora_merged_in(wrapper: nn.Module) -> bool:
     return any(m.merged for _, m in _lora_layers(wrapper))
 
 
