@@ -12,6 +12,7 @@ warnings are errors, and relative links and images in the built HTML are checked
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -180,6 +181,10 @@ def build_book(scale: str, layout: Layout, log=print, prefer: str = "auto") -> P
                              "--keep-going", "--quiet"]
     if not marker.exists() or marker.read_text() != scale:
         cmd.append("--all")  # another scale's pages are in the Sphinx cache
+    # viewcode skips a module page that is newer than its source, even when it was rendered from
+    # text read before a later edit (files edited during a build): API links would then miss their
+    # anchors. The pages are cheap, so they are always made afresh.
+    shutil.rmtree(out / "html" / "_modules", ignore_errors=True)
     log("  building    book: " + " ".join(cmd[1:]))
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=layout.book, capture_output=True, text=True)
