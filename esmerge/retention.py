@@ -185,6 +185,32 @@ def retention_wide(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     return wide.reindex(index=list(dict.fromkeys(table["method"])), columns=list(dict.fromkeys(table["modality"])))
 
 
+def split_by_source(nlls: dict[str, dict[str, np.ndarray]], tokens: dict[str, np.ndarray],
+                    uids: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Split each modality's examples by the source in their uid (``pbmc:...`` -> ``cell/pbmc``).
+
+    Modalities whose uids name no source (or one source only) are kept whole. Use with
+    ``resampled_retention(..., specialist_of=lambda m: "specialist-" + m.split("/")[0])``.
+
+    >>> n, t = split_by_source({"cell": {"base": np.array([1.0, 2.0, 3.0])}}, {"cell": np.array([1, 1, 2])},
+    ...                        {"cell": ["pbmc:a", "ccle:b", "pbmc:c"]})
+    >>> {k: v["base"].tolist() for k, v in n.items()}, {k: v.tolist() for k, v in t.items()}
+    ({'cell/pbmc': [1.0, 3.0], 'cell/ccle': [2.0]}, {'cell/pbmc': [1, 2], 'cell/ccle': [1]})
+    """
+    out_nlls, out_tokens = {}, {}
+    for m, per in nlls.items():
+        sources = [u.split(":", 1)[0] if ":" in u else "" for u in uids[m]]
+        names = list(dict.fromkeys(sources))
+        if len(names) < 2 or "" in names:
+            out_nlls[m], out_tokens[m] = per, tokens[m]
+            continue
+        for src in names:
+            keep = np.array([s == src for s in sources])
+            out_nlls[f"{m}/{src}"] = {k: v[keep] for k, v in per.items()}
+            out_tokens[f"{m}/{src}"] = tokens[m][keep]
+    return out_nlls, out_tokens
+
+
 def nll_frame(nlls: dict[str, dict[str, np.ndarray]], tokens: dict[str, np.ndarray],
               uids: dict[str, list[str]]) -> pd.DataFrame:
     """Every per-example NLL in long form (``modality, uid, tokens, method, nll``), for re-analysis.

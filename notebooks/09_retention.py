@@ -129,6 +129,19 @@ print(gains.round(3).to_string())
 print("\nMean answer NLL (nats per answer token):")
 nll_wide.round(3)
 
+# %% [markdown]
+# The held-out cells mix PBMC68k cells (answer: a cell type) and CCLE lines (answer: primary site
+# and histology). Split by source (same resampling scheme within each):
+
+# %%
+by_source = retention.resampled_retention(*retention.split_by_source(nlls, tokens, uids), n_resamples=n_resamples,
+                                          seed=seed, specialist_of=lambda m: "specialist-" + m.split("/")[0])
+source_table = retention.retention_table(by_source)
+source_table = source_table[source_table["modality"].str.startswith("cell/")]
+source_table.to_csv(out / "retention_cell_sources.csv", index=False)
+print(f"Retained fraction on held-out cells by source; {caption}")
+retention.retention_wide(source_table)
+
 # %%
 merged_names = [k for k in models if k != "base" and not k.startswith("specialist-")]
 columns = [*examples, "mean"]
