@@ -53,8 +53,9 @@ def _score(model, prompts, tokenizer, batch_size) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval) -> dict:
-    """Scores ``[n, 2]`` of every prompt set of ``SETS`` for ``bench`` at ``k`` shots (cached)."""
+def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval, sets=SETS) -> dict:
+    """Scores ``[n, 2]`` of the prompt sets ``sets`` (of ``SETS``) for ``bench`` at ``k`` shots
+    (cached; with ``base=None`` only what the cache holds)."""
     config = ev.EvalConfig(n_eval=args.n_eval, n_context=args.n_context, n_shots=k, seed=args.seed)
     eval_df, context_df = yardstick.scale_pools(bench, config)
     fit_df, rest_df = cal.calibration_pools(context_df, args.n_fit, args.seed)
@@ -73,6 +74,8 @@ def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval) -> di
            "context_majority": yardstick.majority_vote(context_df["y"].astype(int).to_numpy())}
     for name, (queries, p, positions, labels, cf) in plan.items():
         path = work / f"{bench}-k{k}-{name}.npy".replace(" ", "_")
+        if name not in sets or (base is None and not path.exists()):
+            continue
         if not path.exists():
             started = time.time()
             scores = _score(base.model, _prompts(bench, queries, p, positions, labels, options, tok, cf), tok, args.batch_size)
@@ -87,9 +90,12 @@ def decisions(s: dict, shuffled: bool) -> dict[str, np.ndarray]:
     control's eval prompts have shuffled shot labels; what a rule fits comes from the same
     context-pool prompts in both, so the two differ only in the eval prompts' shot labels)."""
     m = cal.margin(s["eval-shuffled" if shuffled else "eval"])
-    return {"argmax": (m > 0).astype(int),
-            "contextual": cal.threshold_decision(m, cal.content_free_bias(s["cf"])),
-            "context-threshold": cal.threshold_decision(m, cal.fit_threshold(cal.margin(s["fit"]), s["fit_y"]))}
+    out = {"argmax": (m > 0).astype(int)}
+    if "cf" in s:
+        out["contextual"] = cal.threshold_decision(m, cal.content_free_bias(s["cf"]))
+    if "fit" in s:
+        out["context-threshold"] = cal.threshold_decision(m, cal.fit_threshold(cal.margin(s["fit"]), s["fit_y"]))
+    return out
 
 
 def _run(ids, y, pred) -> dict:
@@ -122,6 +128,8 @@ def table(all_scores: dict[int, dict[str, dict]], n_resamples: int, seed: int) -
         real = {b: decisions(s, False) for b, s in per_bench.items()}
         ctrl = {b: decisions(s, True) for b, s in per_bench.items()}
         for rule in cal.DECISIONS:
+            if not all(rule in real[b] for b in per_bench):
+                continue  # not every benchmark has the prompts this rule is fitted on
             row(f"base, {k} shots, {rule}", {b: _run(s["ids"], s["y"], real[b][rule]) for b, s in per_bench.items()},
                 {b: _run(s["ids"], s["y"], ctrl[b][rule]) for b, s in per_bench.items()})
     return pd.DataFrame(rows)
@@ -151,11 +159,13 @@ def main(argv=None) -> None:
     retrieval = ev.RetrievalCache()
     all_scores: dict[int, dict[str, dict]] = {}
     for k in args.shots:
-        all_scores[k] = {}
-        for bench in args.benchmarks:
-            if base is None and not (work / f"{bench}-k{k}-{SETS[-1]}.npy".replace(" ", "_")).exists():
-                continue
-            all_scores[k][bench] = score_benchmark(base, bench, k, args, work, retrieval)
+        # set by set over all benchmarks, so that whatever finishes covers all 13
+        for i in range(len(SETS)):
+            all_scores[k] = {}
+            for bench in args.benchmarks:
+                scores = score_benchmark(base, bench, k, args, work, retrieval, SETS[: i + 1])
+                if "eval-shuffled" in scores:
+                    all_scores[k][bench] = scores
         if not all_scores[k]:
             del all_scores[k]
     result = table(all_scores, args.n_resamples, args.seed)

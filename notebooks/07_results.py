@@ -28,7 +28,11 @@
 # inputs"); cells are always text (their top genes). The paper lets the model generate and parses
 # `Final answer: <label>`; we score both answers by log-likelihood and take the larger, which is
 # the same decision for a model that follows the format and costs one forward pass instead of a
-# few hundred. Accuracy and macro-F1 (App. A.5) come with 95 % percentile-bootstrap CIs over
+# few hundred. How the two scores become an answer is the scale's `decision`
+# (`esmerge.evaluate.calibration`, the same for every model): the paper's argmax, or, for a small
+# base that leans towards one label whatever its shots say, a threshold on the answer margin fitted
+# on rows of the context pool (never on evaluation rows) or contextual calibration with content-free
+# queries. Accuracy and macro-F1 (App. A.5) come with 95 % percentile-bootstrap CIs over
 # examples; group averages are the mean of the dataset values as in the paper, their CIs and the
 # claims' margins from a paired bootstrap (every model sees the same examples and shots).
 #
@@ -41,7 +45,11 @@
 # at n = 64 a per-benchmark accuracy has a 95 % CI of about ±12 points, a three-dataset group
 # average about ±7, the 13-benchmark average about ±3.4 (paired differences between models are
 # usually tighter). Differences of a few points, like most in the paper's tables, are not resolved
-# here. At `smoke` scale one benchmark per group is scored on 3 examples to exercise the code.
+# here; the power statement below gives the smallest paired difference this n resolves.
+# Two rows in every table are not models: the retrieval-only yardstick (`esmerge.yardstick`:
+# the context pool's majority label, and the majority label of the very shots each prompt shows),
+# and the base on its shots-shuffled control. At `smoke` scale one benchmark per group is scored
+# on 3 examples to exercise the code.
 # The paper's values are read from `../shared/reference/paper_results.csv` and never copied
 # into this repository.
 
@@ -163,7 +171,7 @@ overview.round(2)
 # over the evaluated benchmarks).
 
 # %%
-shots_test = ev.yardstick_claims({k: results[k] for k in ("base", ev.SHUFFLED_CONTROL, *ev.YARDSTICKS)},
+shots_test = ev.yardstick_claims({k: results[k] for k in ("base", ev.SHUFFLED_CONTROL, *ev.YARDSTICKS) if k in results},
                                   n_resamples, seed)
 shots_test.to_csv(out / "shots_test.csv", index=False)
 print(f"The base against its shots-shuffled control and the yardsticks; {caption}")
