@@ -105,7 +105,8 @@ def findings_page(results: Path, scale: str, chapters: dict[str, tuple[str | Non
              "nothing here is typed by hand). What each verdict means, and the margin against every "
              "competitor, is in those chapters.", ""]
     lines += [f"{stem}: {chapters[stem][1]}\n" for stem in stems if chapters.get(stem, (None, None))[1]]
-    lines += [f"**{sum(kinds.values())} claims:** " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + ".", ""]
+    total = sum(kinds.values())
+    lines += [f"**{total} claim{'s' * (total != 1)}:** " + ", ".join(f"{kind} ({n})" for kind, n in kinds.items()) + ".", ""]
     for stem, title, rows in registers:
         lines += [f"## {title}", "", f"From {name(stem)}.", ""] + register_table(rows) + [""]
     return "\n".join(lines)

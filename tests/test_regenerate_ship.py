@@ -150,7 +150,8 @@ def test_book_renders_shipped_chapters_with_banners_and_findings_first(tmp_path)
     assert key in page
     glance = (html / "findings.html").read_text()
     assert "Findings at a glance" in glance and "A moves" in glance and "1.02 vs 0.7" in glance
-    assert "08_claims: Executed at scale" in glance and "1 claims:" in glance and "1 holds" in glance and 'href="shipped/smoke/08_claims.html"' in glance
+    assert "08_claims: Executed at scale" in glance and "1 claim:" in glance and "holds (1)" in glance
+    assert 'href="shipped/smoke/08_claims.html"' in glance
 
     # Code changes, notebooks do not: the rebuilt pages say which chapters are stale.
     (layout.package / "helpers.py").write_text("VALUE = 1  # edited\n")
@@ -177,7 +178,7 @@ def test_findings_page_lists_every_verdict_with_its_numbers(tmp_path):
     text = findings.findings_page(tmp_path / "runs", "cpu", chapters={
         "08_claims": ("executed/cpu/08_claims.ipynb", "Executed from x"), "09_retention": (None, None)})
     assert text.splitlines()[0] == "# Findings at a glance"
-    assert "**4 claims:** 1 does not hold, 1 inconclusive, 1 supported, 1 holds." in text
+    assert "**4 claims:** does not hold (1), inconclusive (1), supported (1), holds (1)." in text
     assert (text.index("## Representation claims") < text.index("## Accuracy claims")
             < text.index("## Retention claims")) and "| es |" not in text
     assert "| molecule moves \\| most | Fig. 1 | molecule 1.02, protein 0.716 | does not hold |" in text
