@@ -205,3 +205,20 @@ def test_claims_have_the_registers_shape_so_the_claims_chapter_can_list_them():
     lines = disagreements(empty, claims)
     assert any("ties" in line and "not supported" in line for line in lines)
     assert "1 of 3 supported, 2 contradicted" in lines[-1]  # the head row and "vs ties" are not supported
+
+
+def test_emr_is_scored_with_its_modulation_for_the_specialists_task(smoke, tmp_path):
+    from esmerge.adapters import with_state
+
+    base, specs = smoke
+    unified = specs["protein"].adapter
+    extras = {}
+    for m, lam in (("molecule", 0.5), ("protein", 2.0), ("cell", 1.0)):
+        extras[f"{m}.rescale"] = torch.tensor(lam)
+        extras.update({f"{m}.mask.{k}": torch.ones_like(v) for k, v in unified.state.items()})
+    save_merged(tmp_path / "emr", with_state(unified, unified.state, "emr", extras), {"method": "emr"})
+    models, _ = R.retention_models(specs, tmp_path)
+    for m, lam in (("molecule", 0.5), ("protein", 2.0)):
+        got = models["emr"].adapter_for(m).state
+        for k, v in unified.state.items():
+            torch.testing.assert_close(got[k], lam * v)
