@@ -8,10 +8,15 @@ projector (the projector is part of each specialist and is trained with its LoRA
 * molecule: Morgan fingerprint (radius 2, 2048 bits) + 6 RDKit descriptors -> 8 tokens
   (Mol-LLaMA also feeds 8 molecule tokens).
 * protein: amino-acid (20) and dipeptide (400) composition + 5 physico-chemical values
-  -> 8 tokens. At ``paper`` scale an ESM2 embedding takes the featuriser's place; the projector
-  interface (features [K, F] -> tokens [K, T, d]) is the same.
+  -> 8 tokens.
 * cell: like Cell-o1, a cell is text: its top-k expressed genes, comma-separated, embedded by
   the LLM's own embedding table and cut to a fixed number of tokens.
+
+At ``paper`` scale each converted specialist brings its own encoder, built from its card's
+``encoder`` entry by ``build_encoder`` behind one interface, ``RawEncoder.blocks(raw)`` -> K
+token blocks: Prot2Text-V2's ESM-2 (transformers ``EsmModel``) + adapter, one token per residue
+plus two, so blocks differ in length (``n_tokens`` None); Mol-LLaMA's own encoder, an optional
+extra plugged in with ``register_encoder`` (without it, ``UnavailableEncoder`` refuses in one line).
 """
 from __future__ import annotations
 

