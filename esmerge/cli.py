@@ -223,6 +223,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run the selected notebooks even if unchanged")
     p.add_argument("--book-only", action="store_true", help="build the book from existing executed notebooks")
     p.add_argument("--no-book", action="store_true", help="run notebooks only; do not build the book")
+    p.add_argument("--shipped", action="store_true",
+                   help="with --book-only: render the results shipped in book/shipped/SCALE even if a local run exists")
+    p.add_argument("--ship", action="store_true", help="copy the finished regeneration of SCALE into "
+                   "book/shipped/SCALE (runs nothing; --force replaces an existing shipment)")
+    p.add_argument("--check", action="store_true", help="compare the shipped results of SCALE with the code now; "
+                   "exit 1 if a notebook's text changed since they ran")
     p.set_defaults(run=_regenerate)
     return top
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esmerge import scales
-from esmerge.errors import EsmergeError
+from esmerge.errors import EsmergeError, UsageError
 from esmerge.book import API_MODULES, STATIC_PAGES, broken_links, build_book, toc_entries, write_api_page, write_toc
 from esmerge.cache import atomic_write_json, file_sha256
 from esmerge.execute import KERNEL, KERNEL_START_ATTEMPTS, NotebookFailed, environ, execute_job, execute_notebook
@@ -255,9 +255,21 @@ def _display_path(path: Path, base: Path) -> str:
 # --------------------------------------------------------------------------- command line
 
 
+def check_release_options(args: argparse.Namespace) -> None:
+    """Refuse (``UsageError``) option combinations of ``--ship``, ``--check`` and ``--shipped`` that mean nothing."""
+    ship_, check, shipped = (getattr(args, name, False) for name in ("ship", "check", "shipped"))
+    if ship_ and check:
+        raise UsageError("--ship and --check are separate steps: ship first, then check")
+    if (ship_ or check) and (args.book_only or args.no_book or args.only):
+        raise UsageError("--ship and --check run no notebooks and build no book: drop --book-only/--no-book/--only")
+    if shipped and not args.book_only:
+        raise UsageError("--shipped renders the shipped results: use it with --book-only")
+
+
 def regenerate(args: argparse.Namespace, layout: Layout | None = None, log=print) -> int:
     """Run the notebooks and/or build the book as ``args`` (from ``parser()``) says; the exit code."""
     layout = layout or Layout.default()
+    check_release_options(args)
     if getattr(args, "check", False):
         return check_shipped(args.scale, layout, log=log)
     if getattr(args, "ship", False):
@@ -311,12 +323,6 @@ def cli(argv: list[str], layout: Layout | None = None) -> int:
         parser().error("--jobs must be at least 1")
     if args.book_only and args.no_book:
         parser().error("--book-only and --no-book together do nothing")
-    if args.ship and args.check:
-        parser().error("--ship and --check are separate steps: ship first, then check")
-    if (args.ship or args.check) and (args.book_only or args.no_book or args.only):
-        parser().error("--ship and --check run no notebooks and build no book: drop --book-only/--no-book/--only")
-    if args.shipped and not args.book_only:
-        parser().error("--shipped renders shipped results: use it with --book-only")
     try:
         return regenerate(args, layout)
     except EsmergeError as err:

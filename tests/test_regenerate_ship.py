@@ -126,8 +126,9 @@ def test_cli_ship_and_check_exit_codes(tmp_path, capsys):
     notebook.write_text(notebook.read_text().replace("intro", "introduction"))
     assert rg.cli(["--scale", "smoke", "--check"], layout=layout) == 1
     assert "notebook text: 00_intro;" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        rg.cli(["--scale", "smoke", "--check", "--ship"], layout=layout)
+    assert rg.cli(["--scale", "smoke", "--check", "--ship"], layout=layout) == 2
+    assert "--ship and --check are separate steps" in capsys.readouterr().err
+    assert rg.cli(["--scale", "smoke", "--shipped"], layout=layout) == 2
 
 
 def test_book_renders_shipped_chapters_with_banners_and_findings_first(tmp_path):
