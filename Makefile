@@ -30,12 +30,15 @@ pytest: setup
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (a test suite must exist)" >&2; fi; \
 	exit $$rc
 
-# CI: unit tests, then every notebook at the smoke scale, the book (Sphinx warnings are errors,
-# internal links checked), then every page opened in headless Chromium.
-test: pytest
+# What CI runs (.ci/run): are the shipped cpu results still those of the code (fails only when a
+# notebook's text changed since it ran), the unit tests, every notebook at the smoke scale, the book
+# (Sphinx warnings are errors, internal links checked) opened in headless Chromium, a second cold
+# smoke run that must reproduce the first, and the shipped cpu book rendered and opened too.
+test: check pytest
 	$(BIN)/esmerge regenerate --scale smoke --jobs 2
 	$(BIN)/python tests/browser/check_book.py --install
 	$(MAKE) --no-print-directory reproduce-smoke
+	$(MAKE) --no-print-directory shipped-book-test
 
 # A second, cold smoke run (empty cache and runs folder) must reproduce runs/smoke file by file,
 # timings aside (esmerge.reproducibility says which fields are timings).
