@@ -180,6 +180,12 @@ class RawEncoder(nn.Module):
     def blocks(self, raw: list) -> list[torch.Tensor] | torch.Tensor:
         raise NotImplementedError
 
+    def block_length(self, item) -> int:
+        """Tokens ``blocks([item])`` emits (a prompt reserves that many placeholder slots)."""
+        if self.n_tokens is None:
+            raise NotImplementedError(f"{type(self).__name__} emits blocks of varying length: define block_length")
+        return self.n_tokens
+
 
 # ESM-2's alphabet (fair-esm ``Alphabet.from_architecture("ESM-1b")``, as in facebook/esm2_* vocab.txt):
 # 4 specials, 25 residue letters, 4 more specials. Built in code so no tokenizer file is needed.
@@ -216,6 +222,9 @@ class Prot2TextEncoder(RawEncoder):
                                       "fc2": nn.Linear(intermediate_dim, output_dim)})
         self.max_residues = max_residues
         self.pad_id = ESM_VOCAB.index("<pad>")
+
+    def block_length(self, item: str) -> int:
+        return len(esm_token_ids(item, self.max_residues))
 
     def blocks(self, raw: list, batch_size: int = 8) -> list[torch.Tensor]:
         param = next(self.parameters())

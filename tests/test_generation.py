@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from esmerge import scales
-from esmerge.encoders import make_projector
+from esmerge.encoders import RawEncoder, make_projector
 from esmerge.evaluate import answer_tokens, collate, splice_embeddings
 from esmerge.evaluate.generation import INVALID, generate_replies, generation_inputs, parse_answer, score_replies
 from esmerge.evaluate.prompts import MARK, Prompt
@@ -61,17 +61,51 @@ def test_generation_prompt_stops_before_the_answer_prefix(smoke):
     prompts = prompts_for(base.tokenizer, [("Is it a substrate", "CCO", 1), ("Substrate of CYP2C9, or not", "c1ccccc1", 0)])
     embeds, mask = generation_inputs(base.model, prompts, base.tokenizer, projectors)
     scored = collate(prompts, base.tokenizer, 8)
-    cut = scored.input_ids.shape[1] - embeds.shape[1]
     shared_answer = answer_tokens(base.tokenizer, LABELS)[0]  # byte tokens of "Final answer: " (both labels)
     assert base.tokenizer.decode(shared_answer) == "Final answer: "
-    assert cut == len(shared_answer) and scored.input_ids[0, -cut:].tolist() == shared_answer
     # everything else as the log-likelihood scoring builds it, molecule tokens spliced in
     tokens = {"molecule": projectors["molecule"](scored.features["molecule"])}
     full = splice_embeddings(base.model.get_input_embeddings()(scored.input_ids), scored.slots, tokens)
-    assert torch.equal(embeds, full[:, :-cut]) and torch.equal(mask, scored.attention_mask[:, :-cut])
-    # a row's last real token is the assistant header, not "Final answer:"
-    text = base.tokenizer.decode(scored.input_ids[1, :-cut])
-    assert text.endswith("<|im_start|>assistant\n")
+    for b in range(2):
+        ours, theirs = embeds[b][mask[b].bool()], full[b][scored.attention_mask[b].bool()]
+        assert scored.input_ids[b, -len(shared_answer):].tolist() == shared_answer
+        assert torch.equal(ours, theirs[:-len(shared_answer)])
+    assert mask[0].tolist()[:1] == [0] and mask.shape[1] == mask[1].sum()  # left padding, longest row full
+    ids = collate(prompts[1:], base.tokenizer, 8).input_ids[0, :-len(shared_answer)]
+    assert base.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+class LengthPlusTwo(RawEncoder):
+    """A raw encoder with Prot2Text's block lengths: token j of item k is the constant k + j/100."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+        self.register_buffer("anchor", torch.zeros(1))
+
+    def block_length(self, item):
+        return len(item) + 2
+
+    def blocks(self, raw):
+        return [(k + torch.arange(len(s) + 2) / 100)[:, None].expand(-1, self.width) for k, s in enumerate(raw)]
+
+
+def test_variable_length_blocks_get_their_own_slots(smoke):
+    base, _ = smoke
+    prompts = prompts_for(base.tokenizer, [("Is it", "MKT", 1), ("Is it", "MKTAYIAKQR", 0)])
+    prompts = [Prompt(p.text, [("protein", p.entities[0][1])], p.labels, p.y) for p in prompts]
+    embeds, mask = generation_inputs(base.model, prompts, base.tokenizer, {"protein": LengthPlusTwo(base.hidden_size)})
+    assert (mask[1] == 1).all() and int(mask[0].sum()) == mask.shape[1] - 7  # 3 + 2 vs 10 + 2 tokens
+    embedding = base.model.get_input_embeddings()
+    for k, length in enumerate((5, 12)):
+        before, after = prompts[k].text.split(MARK.format(0))
+        before = base.tokenizer(before, add_special_tokens=False)["input_ids"]
+        at = mask.shape[1] - int(mask[k].sum()) + len(before)  # left padding, then the text before the block
+        block = k + torch.arange(length)[:, None] / 100
+        assert torch.equal(embeds[k, at:at + length], block.expand(-1, base.hidden_size))
+        after = base.tokenizer(after, add_special_tokens=False)["input_ids"]
+        assert torch.equal(embeds[k, at + length:], embedding(torch.tensor(after)))  # the text resumes right after
+        assert torch.equal(embeds[k, at - len(before):at], embedding(torch.tensor(before)))
 
 
 def test_generate_replies_decodes_greedy_output(smoke, monkeypatch):

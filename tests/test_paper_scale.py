@@ -142,3 +142,22 @@ def test_merge_command_paper_scale_end_to_end(paper, probe_inputs, tmp_path, mon
     # The same merge again is cached (probes with masks, states, SWD, scores): identical tensors.
     again = load_merged(merge_command("paper", "es", tmp_path / "es2", {"n_projections": 16}, probe_k=4))
     assert all(torch.equal(again.adapter.state[k], v) for k, v in merged.adapter.state.items())
+
+
+def test_paper_scoring_generates_with_protein_blocks_of_their_own_length(paper):
+    """The paper-scale default scoring (evaluate.generation) on the stand-in base: ESM-2 blocks of
+    length + 2 in a LLaMA-3 chat prompt, greedy replies ending at <|eot_id|>."""
+    from esmerge.evaluate.generation import generate_replies, generation_inputs
+    from esmerge.evaluate.prompts import MARK, Prompt
+
+    base = load_paper(str(paper[0]), dtype=torch.float32, device="cpu")
+    protein = load_specialists("paper", base, root=paper[1])["protein"].projector
+    prompts = []
+    for seq in SEQUENCES[:2]:
+        text = base.tokenizer.apply_chat_template([{"role": "user", "content": f"Protein: {MARK.format(0)} binds?"}],
+                                                  tokenize=False, add_generation_prompt=True)
+        prompts.append(Prompt(text, [("protein", seq)], ("Does not interact", "Interacts"), 1))
+    embeds, mask = generation_inputs(base.model, prompts, base.tokenizer, {"protein": protein})
+    assert mask.sum(1).tolist()[1] - mask.sum(1).tolist()[0] == len(SEQUENCES[1]) - len(SEQUENCES[0])
+    replies = generate_replies(base.model, prompts, base.tokenizer, {"protein": protein}, max_new_tokens=3)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)

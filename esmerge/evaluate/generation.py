@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from esmerge.evaluate.prompts import ANSWER_PREFIX, Prompt
-from esmerge.evaluate.scoring import FeatureCache, answer_tokens, collate, splice_embeddings
+from esmerge.encoders import RawEncoder
+from esmerge.evaluate.prompts import ANSWER_PREFIX, MARK_RE, Prompt
+from esmerge.evaluate.scoring import FeatureCache
 from esmerge.evaluate.stats import accuracy, macro_f1
 from esmerge.models import end_of_turn_id
 
@@ -80,31 +81,58 @@ def score_replies(replies: list[str], labels: tuple[str, str], y) -> dict:
             "n_invalid": int((pred == INVALID).sum())}
 
 
+def _block_length(projector, value, n_tokens: int) -> int:
+    return projector.block_length(value) if isinstance(projector, RawEncoder) else n_tokens
+
+
 def generation_inputs(model: nn.Module, prompts: list[Prompt], tokenizer, projectors: dict, n_tokens: int = 8,
                       features: FeatureCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs_embeds [B, L, d], attention_mask [B, L])`` of prompts that end at the assistant turn.
 
-    ``collate`` appends the ``Final answer:`` tokens both labels share (log-likelihood scoring
-    continues from there); a free reply starts before them, so they are cut off again. Rows are
-    left-padded, so the cut is the same last columns in every row; modality tokens are spliced in
-    as the evaluation does.
+    The prompt is the one log-likelihood scoring reads (``scoring.prompt_token_ids``) without the
+    ``Final answer:`` tokens it appends: a free reply starts before them. Rows are left-padded.
+    Each entity gets as many placeholder slots as its encoder emits for it: ``n_tokens`` through a
+    ``Projector``, ``RawEncoder.block_length`` at paper scale (a protein: length + 2), and its
+    block is written there (featurised through ``features`` for a ``Projector``, raw otherwise).
     """
-    labels = {p.labels for p in prompts}
-    if len(labels) != 1:
-        raise ValueError(f"a generation batch needs one label pair (one benchmark), got {sorted(labels)}")
-    batch = collate(prompts, tokenizer, n_tokens, features)
-    cut = len(answer_tokens(tokenizer, labels.pop())[0])
-    ids, mask = batch.input_ids, batch.attention_mask
-    if cut:
-        ids, mask = ids[:, :-cut], mask[:, :-cut]
+    if len({p.labels for p in prompts}) != 1:
+        raise ValueError(f"a generation batch needs one label pair (one benchmark), got {sorted({p.labels for p in prompts})}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, slots = [], []  # slots: (row, modality, value, start, length)
+    for b, prompt in enumerate(prompts):
+        ids, entities = [], iter(prompt.entities)
+        for i, piece in enumerate(MARK_RE.split(prompt.text)):
+            if i % 2 == 0:
+                ids += tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+            else:
+                modality, value = next(entities)
+                length = _block_length(projectors.get(modality), value, n_tokens)
+                slots.append((b, modality, value, len(ids), length))
+                ids += [pad] * length
+        rows.append(ids)
+    width = max(map(len, rows))
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
-    embeds = embedding(ids.to(device))
-    tokens = {}
-    for modality in batch.slots:
-        param = next(projectors[modality].parameters())
-        tokens[modality] = projectors[modality](batch.features[modality].to(param.device, param.dtype))
-    return splice_embeddings(embeds, batch.slots, tokens), mask.to(device)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):], mask[b, width - len(row):] = torch.tensor(row, dtype=torch.long), 1
+    embeds = embedding(ids.to(device)).clone()
+    featurise = features or FeatureCache()
+    for modality in dict.fromkeys(m for _, m, *_ in slots):
+        mine = [slot for slot in slots if slot[1] == modality]
+        projector, values = projectors[modality], [slot[2] for slot in mine]
+        if isinstance(projector, RawEncoder):
+            blocks = projector.blocks(values)
+        else:
+            param = next(projector.parameters())
+            blocks = projector(featurise(modality, values).to(param.device, param.dtype))
+        for (b, _, _, start, length), block in zip(mine, blocks):
+            if block.shape[0] != length:
+                raise ValueError(f"{modality} encoder emitted {block.shape[0]} tokens where {length} were reserved")
+            at = width - len(rows[b]) + start
+            embeds[b, at:at + length] = block.to(embeds.device, embeds.dtype)
+    return embeds, mask.to(device)
 
 
 @torch.no_grad()
