@@ -222,7 +222,9 @@ def merge_adapters(base: str, adapters: dict[str, str | Path], probes: str | Pat
             ``es-element``, ignored by the parameter-space methods.
         out: the merged-model directory (``adapters.save_merged``), refused if it exists unless ``force``.
         method, hparams: a registry method and its hyper-parameters (``esmerge methods``).
-        seed: SWD projection seed; chat: wrap probe texts in the chat template.
+        seed: the run's seed in ``esmerge.json`` (ES-Merging's probe/SWD seed is its hyper-parameter
+            ``seed``, e.g. ``hparams={"seed": 1}``); chat: wrap probe texts in the chat template.
+        dtype, device: how an HF base is loaded (default bf16, ``device_map="auto"`` with a GPU).
 
     Returns ``out``. Every check that needs no model runs before the base is loaded.
     """
