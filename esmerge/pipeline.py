@@ -9,7 +9,6 @@ directory already holds this exact merge (resume).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,8 @@ from esmerge.adapters import save_merged
 from esmerge.cache import cache_dir
 from esmerge.errors import UsageError
 from esmerge.encoders import RawEncoder
-from esmerge.models import PAPER_MODEL_ID, load_base
-from esmerge.specialists import load_specialists
-
-
-PAPER_BASE_ENV = "ESMERGE_PAPER_BASE"
+from esmerge.models import load_base
+from esmerge.specialists import PAPER_BASE_ENV, load_specialists, paper_base  # noqa: F401 (PAPER_BASE_ENV re-exported)
 
 
 def check_probe_k(probe_k) -> int:
@@ -98,11 +94,6 @@ def check_base(base, specialists: dict) -> None:
             raise AdapterMismatchError(
                 f"{modality} adapter names base {named!r} and records no base weights hash, but the base is "
                 f"{base.name}; merge adapters trained on this base")
-
-
-def paper_base(base_path: str | None = None) -> str:
-    """The ``paper`` base: ``base_path``, else ``$ESMERGE_PAPER_BASE``, else LLaMA-3.1-8B-Instruct's hub id."""
-    return str(base_path or os.environ.get(PAPER_BASE_ENV) or PAPER_MODEL_ID)
 
 
 def build_context(scale: str, seed: int = 0, probe_k: int | None = None, *, base_path: str | None = None,

@@ -36,7 +36,7 @@ from esmerge.cache import cache_dir, content_key, file_sha256, key_lock
 from esmerge.captions import (CODE_VERSION, INSTRUCTION, MODALITIES, N_TOKENS, Example, SpecialistError,
                               check_modality, load_examples)
 from esmerge.errors import OutputExistsError
-from esmerge.models import BaseModel, load_base, lora_config
+from esmerge.models import PAPER_MODEL_ID, BaseModel, load_base, lora_config
 from esmerge.train import DESCRIPTION, clear_checkpoint, mean, train_lora
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +44,7 @@ SHIPPED_DIR = REPO_ROOT / "data_manifest" / "specialists"
 SHIPPED_MANIFEST = REPO_ROOT / "data_manifest" / "specialists.yaml"
 SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "projector.safetensors", "card.json")
 PAPER_SPECIALISTS_ENV = "ESMERGE_PAPER_SPECIALISTS"
+PAPER_BASE_ENV = "ESMERGE_PAPER_BASE"
 CHECKPOINT = "checkpoint"  # the resumable state of a run in progress, inside its output folder
 
 
@@ -233,8 +234,8 @@ def train_for_scale(scale: str, modality: str, out_dir=None, *, base: BaseModel 
                     device: str | None = None, **overrides) -> Specialist | None:
     """``esmerge train --scale S --modality M``: one specialist with scale ``S``'s recipe (``scales``).
 
-    Loads the base (``models.load_base(scale, device=device)``; at ``paper`` scale LLaMA-3.1-8B
-    in bf16 on the GPU) unless one is given, and trains an r=8 / alpha=32 LoRA (plus projector)
+    Loads the base (``models.load_base(scale, device=device)``; at ``paper`` scale ``paper_base()``,
+    LLaMA-3.1-8B-Instruct or ``$ESMERGE_PAPER_BASE``, in bf16 on the GPU) unless one is given, and trains an r=8 / alpha=32 LoRA (plus projector)
     into ``out_dir`` (default ``data_manifest/specialists/<scale>/<modality>``). ``overrides``:
     ``steps``, ``batch_size``, ``lr``, ``seed``, ``max_tokens`` or any ``train_specialist`` keyword.
     """
@@ -243,7 +244,9 @@ def train_for_scale(scale: str, modality: str, out_dir=None, *, base: BaseModel 
     settings = {"steps": recipe.steps, "batch_size": recipe.batch_size, "lr": recipe.lr, "seed": recipe.seed,
                 "max_tokens": recipe.max_tokens_for(modality)}
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    base = base or load_base(scale, seed=settings["seed"], device=device)
+    if base is None:
+        extra = {"model_id": paper_base()} if scale == "paper" else {}  # the base merge_command uses too
+        base = load_base(scale, seed=settings["seed"], device=device, **extra)
     out = Path(out_dir) if out_dir is not None else SHIPPED_DIR / scale / modality
     return train_specialist(base, modality, out_dir=out, **settings)
 
@@ -296,6 +299,11 @@ def write_manifest(scale: str = "cpu") -> Path:
     data[scale] = section
     SHIPPED_MANIFEST.write_text(yaml.safe_dump(data, sort_keys=False))
     return SHIPPED_MANIFEST
+
+
+def paper_base(base_path: str | None = None) -> str:
+    """The ``paper`` base: ``base_path``, else ``$ESMERGE_PAPER_BASE``, else LLaMA-3.1-8B-Instruct's hub id."""
+    return str(base_path or os.environ.get(PAPER_BASE_ENV) or PAPER_MODEL_ID)
 
 
 def paper_specialists_dir(root=None) -> Path:

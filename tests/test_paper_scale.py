@@ -161,3 +161,19 @@ def test_paper_scoring_generates_with_protein_blocks_of_their_own_length(paper):
     assert mask.sum(1).tolist()[1] - mask.sum(1).tolist()[0] == len(SEQUENCES[1]) - len(SEQUENCES[0])
     replies = generate_replies(base.model, prompts, base.tokenizer, {"protein": protein}, max_new_tokens=3)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_paper_cell_substitute_trains_on_the_paper_base(paper, tmp_path, monkeypatch):
+    """`esmerge train --scale paper --modality cell` (train_for_scale) uses $ESMERGE_PAPER_BASE, the
+    base merge_command loads, so load_specialists("paper") accepts the folder it writes."""
+    from esmerge.captions import load_examples
+    from esmerge.specialists import load_specialist, train_for_scale
+
+    monkeypatch.setenv(PAPER_BASE_ENV, str(paper[0]))
+    examples, info = load_examples("cell", "train", "smoke")
+    train_for_scale("paper", "cell", tmp_path / "cell", device="cpu", steps=2, batch_size=2, examples=examples,
+                    data_info=info, progress=False)
+    base = load_paper(str(paper[0]), device="cpu")
+    spec = load_specialist(tmp_path / "cell", base)
+    assert spec.card["base_weights_sha256"] == base.weights_sha256 and spec.card["scale"] == "paper"
+    assert spec.projector is None and spec.adapter.config["r"] == 8
