@@ -63,7 +63,10 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     Returns ``{"probes", "states", "swd" [S, M, L], "scores": [dict per specialist], "seconds"}``
     (``scores`` is empty when ``need_scores`` is false).
     Every intermediate is stored under ``context.cache`` keyed by what produced it, so a rerun
-    is instant and an interrupted run resumes at the first missing piece.
+    is instant and an interrupted run resumes at the first missing piece. The probes are the
+    paper's (``probe.probe_entities`` through each specialist's encoder) unless the context
+    carries ready-made ones (``context.probes``: ``esmerge.byo``'s marked text); blocks of varying
+    length (paper-scale proteins) keep their masks in the cache and through ``element_scores``.
     """
     settings = resolve_settings(**settings)
     base = context.base
