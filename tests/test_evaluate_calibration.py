@@ -127,9 +127,11 @@ def test_fitted_decision_reads_context_labels_only(base, tmp_path, decision):
 
 
 def test_plain_argmax_keeps_its_old_cache_key_and_result_fields():
-    config = ev.EvalConfig(n_eval=4, n_context=6, n_shots=2)
+    config = ev.EvalConfig(n_eval=4, n_context=6, n_shots=2, decision="argmax")
     assert "decision" not in config.key() and "shot_labels" not in config.key()
+    assert "n_calibration" not in config.key()
     assert ev.EvalConfig(decision="contextual").key()["decision"] == "contextual"
+    assert ev.default_config("smoke").decision == "argmax"  # smoke outputs keep their keys
     assert ev.EvalConfig(shot_labels="shuffled").key()["shot_labels"] == "shuffled"
     with pytest.raises(UsageError, match="decision='bogus'"):
         ev.EvalConfig(decision="bogus")

@@ -114,16 +114,20 @@ def threshold_decision(margins, threshold: float) -> np.ndarray:
     return (np.asarray(margins, dtype=float) > threshold).astype(int)
 
 
-def calibration_pools(context_df: pd.DataFrame, n_fit: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(fit_df, rest_df)``: ``n_fit`` rows of the context pool to fit a threshold on, and the rest
-    of the pool to retrieve their shots from. Drawn by ``numpy.random.default_rng(seed)``, the
-    index preserved; evaluation rows never enter.
+def calibration_pools(context_df: pd.DataFrame, n_fit: int, seed: int = 0, keep: int = 1
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(fit_df, rest_df)``: ``n_fit`` rows of the context pool to fit a decision on, and the rest
+    of the pool to retrieve their shots from (at least ``keep`` rows are left there, so a small pool
+    fits on fewer rows). Drawn by ``numpy.random.default_rng(seed)``, the index preserved;
+    evaluation rows never enter.
 
     >>> fit, rest = calibration_pools(pd.DataFrame({"y": [0, 1] * 5}), 3, seed=0)
     >>> len(fit), len(rest), sorted(set(fit.index) | set(rest.index)) == list(range(10))
     (3, 7, True)
+    >>> [len(p) for p in calibration_pools(pd.DataFrame({"y": [0, 1] * 3}), 32, keep=2)]
+    [4, 2]
     """
-    n_fit = max(0, min(int(n_fit), len(context_df) - 1))
+    n_fit = max(0, min(int(n_fit), len(context_df) - max(int(keep), 1)))
     order = np.random.default_rng(seed).permutation(len(context_df))
     return context_df.iloc[np.sort(order[:n_fit])], context_df.iloc[np.sort(order[n_fit:])]
 

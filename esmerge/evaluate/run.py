@@ -201,10 +201,7 @@ def _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, se
     prompts' shot labels); ``([], None)`` for argmax."""
     if config.decision == "argmax":
         return [], None
-    fit_df, rest_df = calibration.calibration_pools(context_df, config.n_calibration, config.seed)
-    if len(rest_df) < config.n_shots:
-        raise ValueError(f"{benchmark}: {len(rest_df)} context rows left to retrieve the calibration rows' shots "
-                         f"from, fewer than n_shots={config.n_shots}; lower n_calibration")
+    fit_df, rest_df = calibration.calibration_pools(context_df, config.n_calibration, config.seed, keep=config.n_shots)
     content_free = config.decision == "contextual"
     return (_prompts(benchmark, kind, fit_df, rest_df, config, options, tokenizer, session, content_free, False),
             fit_df["y"].astype(int).to_numpy())
