@@ -84,7 +84,10 @@ SCALES = {
                           ("07_results", 403)),
         n_retention=8),  # all of SMOKE_DATA
     # cpu: SmolLM2's tokenizer spends ~4.5 tokens per gene symbol, hence 12 genes per cell.
+    # cpu: the 135M base leans towards one label whatever its shots say; a margin threshold fitted on
+    # context rows makes it answer by its prompt (benchmarks/results/bench_shots_cpu.txt).
     "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe(),
+                       evaluation=EvalDefaults(decision="context-threshold"),
                        notebook_seconds=(("00_overview", 3), ("01_data", 12), ("02_specialists", 39),
                                          ("03_probe", 11), ("04_layerwise", 52), ("05_elementwise", 40),
                                          ("06_merging", 581), ("07_results", 4463), ("08_claims", 4))),
