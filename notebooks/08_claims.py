@@ -57,7 +57,8 @@ out = run_dir(scale, "08_claims")
 results = json.loads((run_dir(scale, "07_results") / "results.json").read_text())
 n_eval = {r["n"] for runs in results.values() for r in runs.values()}
 caption = f"scale={scale}, seed={seed}, n={'/'.join(map(str, sorted(n_eval)))} examples per benchmark"
-print(f"{len(results)} models evaluated; {caption}")
+print(f"{len([m for m in results if m not in ev.NOT_MODELS])} models evaluated, with the yardstick and control rows "
+      f"{', '.join(m for m in results if m in ev.NOT_MODELS)}; {caption}")
 
 # %% [markdown]
 # ## Representation claims
