@@ -174,7 +174,7 @@ def check_compatible(adapters: list[Adapter]) -> None:
 def _check_finite(adapter: Adapter) -> None:
     for key, value in adapter.state.items():
         if not torch.isfinite(value).all():
-            raise AdapterMismatchError(f"{adapter.name or 'adapter'}: {key} contains NaN or Inf")
+            raise AdapterMismatchError(f"{adapter.name or 'adapter'}: {key} contains NaN or Inf; retrain or re-export it")
 
 
 def with_state(template: Adapter, state: LoraState, name: str = "merged", extras: dict | None = None) -> Adapter:

@@ -171,6 +171,9 @@ def read_adapter(name: str, path: str | Path) -> tuple[Adapter, dict]:
         raise AdapterFileError(f"adapter {name!r}: {path} cannot be read ({type(err).__name__}: {err})") from None
     if adapter.config.get("peft_type", "LORA") != "LORA":
         raise AdapterMismatchError(f"adapter {name!r}: {path} is a {adapter.config.get('peft_type')} adapter, not LoRA")
+    broken = next((key for key, value in adapter.state.items() if not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise AdapterMismatchError(f"adapter {name!r}: {broken} in {path} contains NaN or Inf; retrain or re-export it")
     card = json.loads((path / "card.json").read_text()) if (path / "card.json").is_file() else {}
     return adapter, card
 

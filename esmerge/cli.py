@@ -71,12 +71,30 @@ def _train(args) -> int:
 
 
 def _merge(args) -> int:
-    from esmerge import methods, pipeline
+    from esmerge import byo, methods, pipeline
 
-    out = pipeline.merge_command(args.scale, args.method, args.out, methods.parse_set(args.set), seed=args.seed,
-                                 probe_k=args.probe_k, force=args.force)  # validates before loading a model
+    hparams = methods.parse_set(args.set)
+    if args.adapter:  # bring your own adapters: any PEFT LoRA folders on one base
+        if not args.base:
+            raise UsageError("--adapter needs --base (a hub id, a local model folder, or smoke/cpu)")
+        named = dict(_name_path(item) for item in args.adapter)
+        out = byo.merge_adapters(args.base, named, args.probe, args.out, args.method, hparams, force=args.force,
+                                 seed=args.seed, chat=not args.no_chat, device=args.device)
+    else:
+        if args.probe or args.no_chat:
+            raise UsageError("--probe and --no-chat go with --adapter NAME=PATH (bring your own adapters)")
+        out = pipeline.merge_command(args.scale, args.method, args.out, hparams, seed=args.seed,
+                                     probe_k=args.probe_k, force=args.force, base_path=args.base,
+                                     specialists_dir=args.specialists)  # validates before loading a model
     print(f"merged with {args.method} -> {out}")
     return 0
+
+
+def _name_path(item: str) -> tuple[str, Path]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"--adapter {item!r}: write NAME=PATH, e.g. --adapter molecule=adapters/mol")
+    return name, Path(path)
 
 
 def _methods(args) -> int:
@@ -176,6 +194,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter, e.g. --set tau_layer=0.1 (see `esmerge methods`)")
     p.add_argument("--force", action="store_true", help="replace a finished output directory")
+    p.add_argument("--base", default=None, help="base model: a hub id or folder (paper scale, or with --adapter)")
+    p.add_argument("--specialists", type=Path, default=None,
+                   help="paper scale: folder of converted specialists (default data_manifest/specialists/paper)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="bring your own: a PEFT LoRA folder on --base; repeat for each adapter")
+    p.add_argument("--probe", type=Path, default=None, help="with --adapter: probe texts (JSON Lines, marked spans)")
+    p.add_argument("--no-chat", action="store_true", help="with --adapter: probes are not wrapped in the chat template")
+    p.add_argument("--device", default=None, help="with --adapter: cpu or cuda (default: cuda if present)")
     p.set_defaults(run=_merge)
 
     p = sub.add_parser("methods", parents=[common], help="list merge methods and their hyper-parameters")
