@@ -142,8 +142,9 @@ print(f"\nMedian 95% CI width of a per-benchmark accuracy: {bias['median_ci_widt
 
 # %% [markdown]
 # Reasons to expect disagreement at `cpu` scale: the base is a 135M-parameter model rather than
-# LLaMA-3.1-8B, so in-context reasoning over SMILES and gene lists is weak and many models sit
-# near the majority-class rate; our specialists are small LoRAs trained for minutes on public
+# LLaMA-3.1-8B, so in-context reasoning over SMILES and gene lists is weak (under the paper's
+# argmax it answered the majority label; the cpu decision is a threshold fitted on context rows,
+# `benchmarks/bench_shots.py`); our specialists are small LoRAs trained for minutes on public
 # captioning data rather than the published Mol-LLaMA, Prot2Text-V2 and Cell-o1; answers are
 # scored rather than generated, so nothing is ever unparsable (the paper's DrugComb/GDSC2 rows
 # where macro-F1 exceeds accuracy suggest unparsable answers counted as wrong there); and each
