@@ -122,7 +122,9 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
     checked by ``benchmarks.check_rows`` first (``InputError`` naming the row: a label other than
     0/1, a repeated row, an unknown cell line, ...). ``session`` shares caches across calls.
     Returns ``{method, benchmark, model_id, accuracy, accuracy_ci, macro_f1, macro_f1_ci, n, seed,
-    config, example_ids, y, pred, scores, seconds}`` (metrics in percent, CIs at 95 %).
+    config, example_ids, y, pred, scores, seconds}`` (metrics in percent, CIs at 95 %); a fitted
+    ``config.decision`` (``evaluate.calibration``) adds ``decision`` (what was fitted, on context
+    rows only) and ``pred_argmax``. ``config.shot_labels="shuffled"`` is the shots-shuffled control.
     """
     config = config or EvalConfig()
     session = session or EvalSession()
