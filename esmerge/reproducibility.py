@@ -7,6 +7,10 @@ files) or value for value (CSV and JSON, with volatile fields dropped).
 
     python -m esmerge.reproducibility RUNS_A RUNS_B    # exit 1 and list differences, 0 if none
 
+>>> _close([1.0, {"s": 47.94}], [1.0, {"s": 47.95}]), _close(0.5, 0.6)
+(False, False)
+>>> _close([-47.93999, float("nan")], [-47.94000, float("nan")])
+True
 >>> is_volatile("wall_seconds"), is_volatile("cost.wall_s"), is_volatile("s / step"), is_volatile("accuracy")
 (True, True, True, False)
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -30,6 +35,26 @@ _HASH_OF_FILE = "sha256"
 def is_volatile(name: str) -> bool:
     """Whether a JSON key or CSV column named ``name`` records time rather than a result."""
     return bool(_VOLATILE.search(name))
+
+
+# Scores are float32 log-likelihoods; summation order (threads) may move their last digits.
+REL_TOL = 1e-5
+
+
+def _close(a, b) -> bool:
+    """Equal, with floats compared to ``REL_TOL`` (relative) inside any nesting of lists and dicts."""
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            if math.isnan(float(a)) and math.isnan(float(b)):
+                return True
+            return a == b or abs(float(a) - float(b)) <= REL_TOL * max(abs(float(a)), abs(float(b)), 1e-12)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _strip(value, drop_hashes: bool):
@@ -65,7 +90,7 @@ def same_content(a: Path, b: Path) -> bool:
         try:
             if a.name == "produced.json":
                 return _products(json.loads(raw_a)) == _products(json.loads(raw_b))
-            return _strip(json.loads(raw_a), False) == _strip(json.loads(raw_b), False)
+            return _close(_strip(json.loads(raw_a), False), _strip(json.loads(raw_b), False))
         except ValueError:
             return False
     if a.suffix == ".csv":
