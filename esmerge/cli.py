@@ -138,11 +138,7 @@ def _convert(args) -> int:
 def _regenerate(args) -> int:
     from esmerge import regenerate
 
-    if args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
-    if args.book_only and args.no_book:
-        raise UsageError("--book-only and --no-book together do nothing; drop one")
-    return regenerate.regenerate(args)
+    return regenerate.regenerate(args)  # checks its options first
 
 
 # --------------------------------------------------------------------------- parser

@@ -25,14 +25,13 @@ import argparse
 import concurrent.futures as futures
 import datetime as _dt
 import multiprocessing
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from esmerge import scales
-from esmerge.errors import EsmergeError, UsageError
+from esmerge.errors import UsageError
 from esmerge.book import API_MODULES, STATIC_PAGES, broken_links, build_book, toc_entries, write_api_page, write_toc
 from esmerge.cache import atomic_write_json, file_sha256
 from esmerge.execute import KERNEL, KERNEL_START_ATTEMPTS, NotebookFailed, environ, execute_job, execute_notebook
@@ -48,8 +47,8 @@ from esmerge.ship import check_shipped, ship
 __all__ = [
     "API_MODULES", "KERNEL", "KERNEL_START_ATTEMPTS", "Layout", "NEEDS_RE", "Notebook", "NotebookFailed",
     "PRODUCT_SUFFIXES", "RegenerateError", "RunReport", "STATIC_PAGES", "STEM_RE", "broken_links", "build_book",
-    "check_shipped", "cli", "current_keys", "discover", "execute_notebook", "import_closure", "input_keys", "load_state",
-    "parse_needs", "parser", "regenerate", "run_notebooks", "ship", "stale_chapters", "toc_entries", "topological_order",
+    "check_shipped", "current_keys", "discover", "execute_notebook", "import_closure", "input_keys", "load_state",
+    "parse_needs", "regenerate", "run_notebooks", "ship", "stale_chapters", "toc_entries", "topological_order",
     "with_ancestors", "write_api_page", "write_produced", "write_toc",
 ]
 
@@ -255,8 +254,12 @@ def _display_path(path: Path, base: Path) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def check_release_options(args: argparse.Namespace) -> None:
-    """Refuse (``UsageError``) option combinations of ``--ship``, ``--check`` and ``--shipped`` that mean nothing."""
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse (``UsageError``) option values and combinations that mean nothing, before any work."""
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if args.book_only and args.no_book:
+        raise UsageError("--book-only and --no-book together do nothing; drop one")
     ship_, check, shipped = (getattr(args, name, False) for name in ("ship", "check", "shipped"))
     if ship_ and check:
         raise UsageError("--ship and --check are separate steps: ship first, then check")
@@ -267,9 +270,9 @@ def check_release_options(args: argparse.Namespace) -> None:
 
 
 def regenerate(args: argparse.Namespace, layout: Layout | None = None, log=print) -> int:
-    """Run the notebooks and/or build the book as ``args`` (from ``parser()``) says; the exit code."""
+    """Run the notebooks and/or build the book as ``args`` (from ``esmerge.cli.parser()``) says; the exit code."""
     layout = layout or Layout.default()
-    check_release_options(args)
+    check_options(args)
     if getattr(args, "check", False):
         return check_shipped(args.scale, layout, log=log)
     if getattr(args, "ship", False):
@@ -296,35 +299,3 @@ def regenerate(args: argparse.Namespace, layout: Layout | None = None, log=print
                            prefer="shipped" if getattr(args, "shipped", False) else "auto")
         log(str(index))
     return 0
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="esmerge regenerate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", default="cpu", choices=scales.NAMES, help="model/data scale (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed injected into every notebook (default: 0)")
-    p.add_argument("--jobs", type=int, default=1, help="notebooks run in parallel when independent")
-    p.add_argument("--only", nargs="+", metavar="STEM", help="run these notebooks (and any stale one they need)")
-    p.add_argument("--force", action="store_true", help="re-run the selected notebooks even if unchanged")
-    p.add_argument("--book-only", action="store_true", help="build the book from existing executed notebooks")
-    p.add_argument("--no-book", action="store_true", help="run notebooks only; do not build the book")
-    p.add_argument("--shipped", action="store_true",
-                   help="with --book-only: render the results shipped in book/shipped/SCALE even if a local run exists")
-    p.add_argument("--ship", action="store_true",
-                   help="copy the finished regeneration of SCALE into book/shipped/SCALE (runs nothing; "
-                        "--force replaces an existing shipment)")
-    p.add_argument("--check", action="store_true",
-                   help="compare the shipped results of SCALE with the code now; exit 1 if a notebook's text changed")
-    return p
-
-
-def cli(argv: list[str], layout: Layout | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.jobs < 1:
-        parser().error("--jobs must be at least 1")
-    if args.book_only and args.no_book:
-        parser().error("--book-only and --no-book together do nothing")
-    try:
-        return regenerate(args, layout)
-    except EsmergeError as err:
-        print(f"esmerge regenerate: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 1)

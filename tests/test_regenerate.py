@@ -20,6 +20,8 @@ import pytest
 import yaml
 
 from esmerge import regenerate as rg
+from esmerge.cli import main as cli_main
+from esmerge.paths import Layout
 
 NOTEBOOK = """\
 # %% [markdown]
@@ -42,6 +44,14 @@ def write_notebook(root: Path, stem: str, body: str, needs: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(NOTEBOOK.format(title=stem, needs=needs, stem=stem) + textwrap.dedent(body))
     return path
+
+
+def run_cli(argv: list[str], layout) -> int:
+    """``esmerge regenerate ARGV`` through the real command line, with every folder in ``layout``."""
+    from unittest import mock
+
+    with mock.patch.object(Layout, "default", classmethod(lambda cls: layout)):
+        return cli_main(["regenerate", *argv])
 
 
 def make_layout(root: Path) -> rg.Layout:
@@ -222,7 +232,7 @@ def test_failure_names_notebook_and_cell_and_keeps_no_half_notebook(tmp_path, ca
     """, needs="01_ok")
     write_notebook(tmp_path, "03_after", "print('must not run')\n", needs="02_broken")
 
-    assert rg.cli(["--scale", "smoke", "--no-book"], layout=layout) == 1
+    assert run_cli(["--scale", "smoke", "--no-book"], layout) == 1
     out = capsys.readouterr().out
     assert "notebook 02_broken failed in cell" in out
     assert "ValueError: deliberately broken" in out

@@ -13,7 +13,7 @@ import nbformat
 from esmerge import progress
 from esmerge import regenerate as rg
 from esmerge.monitor import Estimate, Monitor
-from test_regenerate import make_layout, write_notebook
+from test_regenerate import make_layout, run_cli, write_notebook
 
 SLEEPY = """\
     import time
@@ -41,7 +41,7 @@ def test_progress_lines_with_cells_and_estimate_reach_the_terminal_not_the_noteb
     layout.state_file("smoke").write_text(json.dumps({"notebooks": {"01_sleepy": {"key": "old", "seconds": 60}}}))
     monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.4)  # a CI log line every 0.4 s instead of 30 s
 
-    assert rg.cli(["--scale", "smoke", "--no-book", "--jobs", "2"], layout=layout) == 0
+    assert run_cli(["--scale", "smoke", "--no-book", "--jobs", "2"], layout) == 0
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("  progress    ")]
 

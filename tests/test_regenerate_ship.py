@@ -17,7 +17,7 @@ from esmerge import findings, freshness
 from esmerge import regenerate as rg
 from esmerge import ship
 from esmerge.errors import OutputExistsError
-from test_regenerate import make_layout, quiet, write_notebook
+from test_regenerate import make_layout, run_cli, quiet, write_notebook
 
 REPO_BOOK = Path(rg.__file__).resolve().parent.parent / "book"
 
@@ -118,17 +118,17 @@ def test_ship_copies_notebooks_and_small_tables_only_then_check_tracks_text_and_
 
 def test_cli_ship_and_check_exit_codes(tmp_path, capsys):
     layout = regenerated(tmp_path)
-    assert rg.cli(["--scale", "smoke", "--check"], layout=layout) == 0
-    assert rg.cli(["--scale", "smoke", "--ship"], layout=layout) == 0
-    assert rg.cli(["--scale", "smoke", "--ship"], layout=layout) == 1  # exists: refused in one line
+    assert run_cli(["--scale", "smoke", "--check"], layout) == 0
+    assert run_cli(["--scale", "smoke", "--ship"], layout) == 0
+    assert run_cli(["--scale", "smoke", "--ship"], layout) == 1  # exists: refused in one line
     assert "already holds shipped smoke results; pass --force" in capsys.readouterr().err
     notebook = tmp_path / "notebooks/00_intro.py"
     notebook.write_text(notebook.read_text().replace("intro", "introduction"))
-    assert rg.cli(["--scale", "smoke", "--check"], layout=layout) == 1
+    assert run_cli(["--scale", "smoke", "--check"], layout) == 1
     assert "notebook text: 00_intro;" in capsys.readouterr().out
-    assert rg.cli(["--scale", "smoke", "--check", "--ship"], layout=layout) == 2
+    assert run_cli(["--scale", "smoke", "--check", "--ship"], layout) == 2
     assert "--ship and --check are separate steps" in capsys.readouterr().err
-    assert rg.cli(["--scale", "smoke", "--shipped"], layout=layout) == 2
+    assert run_cli(["--scale", "smoke", "--shipped"], layout) == 2
 
 
 def test_book_renders_shipped_chapters_with_banners_and_findings_first(tmp_path):
