@@ -2,15 +2,12 @@
 loads where it can be; --debug shows the traceback; bring-your-own adapters through `esmerge merge`."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from esmerge.adapters import load_merged
 from esmerge.cli import main
-from esmerge.models import load_smoke
-from esmerge.specialists import train_specialist
+from test_byo import trained  # noqa: F401  (the two adapters trained for the byo tests)
 
 
 def _one_line(capsys) -> str:
@@ -78,26 +75,8 @@ def test_methods_lists_declared_hyper_parameters(capsys):
     assert "tau_layer" in out and "n_projections" in out
 
 
-@pytest.fixture(scope="module")
-def own_adapters(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("own")
-    base = load_smoke(seed=0)
-    for modality in ("molecule", "protein"):
-        train_specialist(base, modality, steps=3, batch_size=2, lr=5e-3, seed=0, out_dir=root / modality,
-                         checkpoint_every=100, progress=False)
-    probes = root / "probes.jsonl"
-    probes.write_text("\n".join(json.dumps({"text": t}) for t in [
-        "Name [[molecule]]CCO[[/molecule]] and its target [[protein]]MKTAYIAKQR[[/protein]].",
-        "Does [[molecule]]c1ccccc1O[[/molecule]] bind [[protein]]GAVL[[/protein]]?"]) + "\n")
-    yield root, probes
-    mp.undo()
-
-
-def test_bring_your_own_adapters_through_the_cli(own_adapters, tmp_path, capsys):
-    root, probes = own_adapters
+def test_bring_your_own_adapters_through_the_cli(trained, tmp_path, capsys):
+    _, root, probes = trained
     out = tmp_path / "es"
     argv = ["merge", "--base", "smoke", "--adapter", f"molecule={root / 'molecule'}",
             "--adapter", f"protein={root / 'protein'}", "--probe", str(probes), "--method", "es", "--out", str(out)]
