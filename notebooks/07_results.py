@@ -37,20 +37,21 @@
 # claims' margins from a paired bootstrap (every model sees the same examples and shots).
 #
 # **Scale.** At `cpu` scale the base is SmolLM2-135M, the specialists are our small LoRA
-# specialists, and each benchmark is scored on 64 examples with 3 shots instead of the paper's
-# full test sets and 5 shots (`esmerge.scales.get("cpu").evaluation`), so that one model takes about
-# 3.5 minutes (molecules and proteins as tokens, ~290-token prompts) to 8 minutes (the base,
-# everything as text, ~430 tokens) on a 2-core CPU, 74 minutes for all 16 models
-# (`benchmarks/bench_evaluate.py` times one model) with the argmax decision; the cpu decision
-# (a margin threshold fitted on 32 context rows per benchmark) scores half as many prompts again,
-# and the base's shuffled control is one more model. Why that decision: under argmax the base
+# specialists, and each benchmark is scored on 32 examples with 3 shots instead of the paper's
+# full test sets and 5 shots (`esmerge.scales.get("cpu").evaluation`). The cpu decision (a margin
+# threshold fitted on 16 context rows per model and benchmark) scores half as many prompts again,
+# and the base's shuffled control is one more model: about 11,000 prompts of 290-430 tokens for
+# the 16 models, the longest chapter of the book (its measured time is in `book/rerun.md`;
+# `benchmarks/bench_evaluate.py` times one model). Why that decision: under argmax the base
 # answered "positive" on 5 % of examples (40 % are positive) and did not beat its shuffled control,
 # whereas the fitted threshold did, and reached the majority rate (`benchmarks/bench_shots.py`,
 # `benchmarks/results/bench_shots_cpu.txt`). The price is width:
-# at n = 64 a per-benchmark accuracy has a 95 % CI of about ±12 points, a three-dataset group
-# average about ±7, the 13-benchmark average about ±3.4 (paired differences between models are
+# at n = 32 a per-benchmark accuracy has a 95 % CI of about ±17 points, a three-dataset group
+# average about ±10, the 13-benchmark average about ±5 (paired differences between models are
 # usually tighter). Differences of a few points, like most in the paper's tables, are not resolved
-# here; the power statement below gives the smallest paired difference this n resolves.
+# here; the power statement below gives the smallest paired difference this n resolves, and
+# `09_retention` measures merge quality with far more power. With more time, or a GPU, raise
+# `n_eval` (the parameter below): doubling it doubles this chapter's time.
 # Two rows in every table are not models: the retrieval-only yardstick (`esmerge.yardstick`:
 # the context pool's majority label, and the majority label of the very shots each prompt shows),
 # and the base on its shots-shuffled control. At `smoke` scale one benchmark per group is scored

@@ -45,7 +45,8 @@
 # (weights, examples, settings), so a rerun is instant and an interrupted run resumes. At `cpu`
 # scale (SmolLM2-135M, float32, one thread) a forward took 0.22-0.32 s of CPU time per example
 # (molecule 0.32, protein 0.22, cell 0.24; measured on a busy 2-core machine, so an upper bound),
-# so 17 models x 3 x 200 examples take up to about 45 minutes. bfloat16 was 3x slower on that CPU.
+# so 17 models x 3 x 200 examples take up to about 45 minutes. bfloat16 was slower on that CPU
+# (`benchmarks/results/bf16_agreement.json`).
 # The paired CIs are narrow: at n = 40 the mean retained fraction of Average merging had a 95 %
 # CI of +-0.015 (+-0.02-0.03 per modality); `n_retention = 50` would give about +-0.013 in a
 # quarter of the time.
