@@ -2,8 +2,9 @@
 
 How the package is laid out. The paper's method is four small modules of pure functions over
 tensors: ``probe`` (§4.1: probe inputs and the hidden states they give), ``layerwise`` (§4.2, Eq. 2:
-SWD per block, layer coefficients), ``elementwise`` (§4.3, Eq. 3: gradient element scores and
-coefficients) and ``merge`` (Eqs. 1 and 4 only). Every merging method, ES-Merging and the
+SWD per block, layer coefficients), ``elementwise`` (§4.3, Eq. 3: element coefficients from scores,
+which ``element_gradients`` computes from the model's per-sample gradients) and ``merge`` (Eqs. 1
+and 4 only). Every merging method, ES-Merging and the
 baselines, is a registry entry in ``methods`` with declared hyper-parameters; ``pipeline`` loads a
 scale's base and specialists into a ``MergeContext`` and runs a method, and ``adapters`` is the one
 reader and writer of adapter and merged-model folders. The models are at the edges: ``models``

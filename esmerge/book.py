@@ -35,7 +35,7 @@ from esmerge.sphinx_freshness import DATA as FRESHNESS_DATA
 STATIC_PAGES = ("paper_vs_code.md", "rerun.md", "api.md", "references.md")
 # Modules documented on the API page, when present in the package.
 API_MODULES = (
-    "models", "adapters", "encoders", "data", "probe", "layerwise", "elementwise", "merge",
+    "models", "adapters", "encoders", "data", "probe", "layerwise", "elementwise", "element_gradients", "merge",
     "methods", "specialists", "evaluate", "cache", "paths", "progress", "notebook_graph", "input_keys",
     "execute", "monitor", "freshness", "findings", "ship", "sphinx_freshness", "book", "regenerate",
 )

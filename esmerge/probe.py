@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from esmerge import sources
-from esmerge.elementwise import block_outputs
+from esmerge.element_gradients import block_outputs
 from esmerge.encoders import MODALITIES, cell_text, encode
 from esmerge.errors import InputError
 from esmerge.progress import track

@@ -5,7 +5,8 @@ import ot
 import pytest
 import torch
 
-from esmerge.elementwise import element_coefficients, sample_distance_gradients, token_distance, zscore_within_layers
+from esmerge.element_gradients import sample_distance_gradients
+from esmerge.elementwise import element_coefficients, token_distance, zscore_within_layers
 from esmerge.layerwise import layer_changes, layer_coefficients, layer_scores, sliced_projections, sliced_wasserstein, swd_table
 from esmerge.merge import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
 
@@ -284,7 +285,7 @@ def test_gradients_are_layer_isolated(tiny_peft):
 
 def test_one_pass_mse_scores_equal_direct_mse_gradients(tiny_peft):
     """element_scores_by_distance derives MSE scores from Frobenius gradients; check against direct MSE gradients."""
-    from esmerge.elementwise import element_scores_by_distance
+    from esmerge.element_gradients import element_scores_by_distance
 
     g = torch.Generator().manual_seed(4)
     embeds = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)

@@ -123,7 +123,7 @@ def test_element_scores_follow_the_active_adapter_when_several_are_attached(cont
     """With all three adapters in one PeftModel, scores of each must equal scores with it alone."""
     from esmerge import probe as probe_mod
     from esmerge.adapters import attach
-    from esmerge.elementwise import element_scores
+    from esmerge.element_gradients import element_scores
 
     base = context.base
     specs = context.specialists

@@ -96,7 +96,7 @@ def test_missing_paper_specialist_names_the_converter(paper, tmp_path):
 
 def test_variable_length_element_scores_equal_each_sample_alone(paper, probe_inputs, tmp_path):
     """es.element_scores on padded, masked probes = the sum over samples run alone, unpadded."""
-    from esmerge import elementwise
+    from esmerge import element_gradients
     from esmerge.adapters import attach
 
     base = load_paper(str(paper[0]), dtype=torch.float32, device="cpu")  # fp32: bf16 rounding differs by layout
@@ -114,7 +114,7 @@ def test_variable_length_element_scores_equal_each_sample_alone(paper, probe_inp
             alone = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), {"protein": blocks["protein"][k][None]})
             with peft_model.disable_adapter():
                 own = probe.hidden_states(peft_model, alone)["tokens"]
-            one = elementwise.element_scores_by_distance(peft_model, alone.embeds, alone.positions, own, progress=False)
+            one = element_gradients.element_scores_by_distance(peft_model, alone.embeds, alone.positions, own, progress=False)
             expected = one if expected is None else {d: {key: expected[d][key] + v for key, v in s.items()}
                                                      for d, s in one.items()}
     finally:

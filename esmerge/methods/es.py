@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from esmerge import elementwise, layerwise, probe
+from esmerge import element_gradients, elementwise, layerwise, probe
 from esmerge.adapters import Adapter, adapter_digest, attach, with_state
 from esmerge.cache import atomic_torch_save, cached, content_key, tensor_digest
 from esmerge.errors import UsageError
@@ -141,7 +141,7 @@ def _probe_tensors(p: probe.Probes) -> dict:
 
 
 def element_scores(peft_model, probes: probe.Probes, base_tokens: dict) -> dict:
-    """``elementwise.element_scores_by_distance`` on probes whose blocks may vary in length.
+    """``element_gradients.element_scores_by_distance`` on probes whose blocks may vary in length.
 
     With one length per block (no mask) it is that call as is. Otherwise each sample is run
     alone with its padding slots cut out: the same states as the masked batch (attention skips
@@ -149,7 +149,7 @@ def element_scores(peft_model, probes: probe.Probes, base_tokens: dict) -> dict:
     per-sample scores gives the batch's. ``base_tokens``: modality -> ``[L, K, T_m, d]``.
     """
     if probes.attention_mask is None:
-        return elementwise.element_scores_by_distance(peft_model, probes.embeds, probes.positions, base_tokens)
+        return element_gradients.element_scores_by_distance(peft_model, probes.embeds, probes.positions, base_tokens)
     total = None
     for k in range(len(probes)):
         real = probes.attention_mask[k].bool()
@@ -159,8 +159,8 @@ def element_scores(peft_model, probes: probe.Probes, base_tokens: dict) -> dict:
             keep = real[pos]
             positions[m] = index[pos[keep]]
             tokens[m] = base_tokens[m][:, k:k + 1, keep]
-        one = elementwise.element_scores_by_distance(peft_model, probes.embeds[k:k + 1, real], positions, tokens,
-                                                     progress=False, batch_size=1)
+        one = element_gradients.element_scores_by_distance(peft_model, probes.embeds[k:k + 1, real], positions, tokens,
+                                                           progress=False, batch_size=1)
         total = one if total is None else {d: {key: total[d][key] + v for key, v in s.items()} for d, s in one.items()}
     return total
 
