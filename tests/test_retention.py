@@ -9,6 +9,7 @@ import torch
 
 from esmerge import captions as C
 from esmerge import heldout, retention as R
+from esmerge import retention_scoring as S
 from esmerge.adapters import save_merged
 from esmerge.models import load_base
 
@@ -154,10 +155,10 @@ def test_example_nlls_match_specialist_loss_and_single_examples(smoke):
     base, specs = smoke
     examples = C.smoke_examples("molecule")
     model = base.model
-    nll, tokens = R.example_nlls(model, base.tokenizer, specs["molecule"].projector, examples, 128, batch_size=3)
+    nll, tokens = S.example_nlls(model, base.tokenizer, specs["molecule"].projector, examples, 128, batch_size=3)
     assert R.mean_nll(nll, tokens) == pytest.approx(heldout.specialist_loss(model, base, specs["molecule"], examples,
                                                                             max_tokens=128), rel=1e-5)
-    one, one_t = R.example_nlls(model, base.tokenizer, specs["molecule"].projector, examples[5:6], 128, batch_size=1)
+    one, one_t = S.example_nlls(model, base.tokenizer, specs["molecule"].projector, examples[5:6], 128, batch_size=1)
     assert one_t[0] == tokens[5] and one[0] == pytest.approx(nll[5], rel=1e-4)  # batch and order do not matter
 
 
@@ -167,24 +168,24 @@ def test_score_models_caches_per_model_and_reads_merged_folders(smoke, tmp_path,
     save_merged(tmp_path / "merges" / "avg", avg, {"method": "avg"})
     save_merged(tmp_path / "merges" / "avg-ft" / "GDSC2", specs["cell"].adapter, {"method": "avg-ft"})
     (tmp_path / "merges" / "junk").mkdir()
-    models, notes = R.retention_models(specs, tmp_path / "merges", avg_ft_benchmarks=["GDSC2", "BindingDB"])
+    models, notes = S.retention_models(specs, tmp_path / "merges", avg_ft_benchmarks=["GDSC2", "BindingDB"])
     assert list(models) == ["base", "specialist-molecule", "specialist-protein", "specialist-cell", "avg", "avg-ft/GDSC2"]
     assert any("junk" in n for n in notes)
     examples = {m: C.smoke_examples(m)[:4] for m in ("molecule", "cell")}
     calls = []
-    real = R.example_nlls
-    monkeypatch.setattr(R, "example_nlls", lambda *a, **k: calls.append(1) or real(*a, **k))
-    nlls, tokens = R.score_models(models, base, specs, examples, batch_size=4, cache=tmp_path / "c", progress=False)
+    real = S.example_nlls
+    monkeypatch.setattr(S, "example_nlls", lambda *a, **k: calls.append(1) or real(*a, **k))
+    nlls, tokens = S.score_models(models, base, specs, examples, batch_size=4, cache=tmp_path / "c", progress=False)
     # keyed by weights: "avg" and "avg-ft/GDSC2" hold specialists' adapters, so 4 distinct models x 2 modalities
     assert len(calls) == 8 and set(nlls["cell"]) == set(models)
     # the merged "avg" holds the molecule specialist's adapter: identical NLLs on every example
     np.testing.assert_array_equal(nlls["molecule"]["avg"], nlls["molecule"]["specialist-molecule"])
     assert not np.array_equal(nlls["molecule"]["base"], nlls["molecule"]["specialist-molecule"])
-    again, _ = R.score_models(models, base, specs, examples, batch_size=4, cache=tmp_path / "c", progress=False)
+    again, _ = S.score_models(models, base, specs, examples, batch_size=4, cache=tmp_path / "c", progress=False)
     assert len(calls) == 8  # every entry read back from the cache
     np.testing.assert_array_equal(again["cell"]["avg-ft/GDSC2"], nlls["cell"]["avg-ft/GDSC2"])
     other = {"molecule": examples["molecule"][:3], "cell": examples["cell"]}
-    R.score_models(models, base, specs, other, batch_size=4, cache=tmp_path / "c", progress=False)
+    S.score_models(models, base, specs, other, batch_size=4, cache=tmp_path / "c", progress=False)
     assert len(calls) == 12  # other examples: a new key for the molecule entries only
     res = R.resampled_retention(nlls, tokens, n_resamples=20)
     gain = res.gain["molecule"][0]
@@ -217,7 +218,7 @@ def test_emr_is_scored_with_its_modulation_for_the_specialists_task(smoke, tmp_p
         extras[f"{m}.rescale"] = torch.tensor(lam)
         extras.update({f"{m}.mask.{k}": torch.ones_like(v) for k, v in unified.state.items()})
     save_merged(tmp_path / "emr", with_state(unified, unified.state, "emr", extras), {"method": "emr"})
-    models, _ = R.retention_models(specs, tmp_path)
+    models, _ = S.retention_models(specs, tmp_path)
     for m, lam in (("molecule", 0.5), ("protein", 2.0)):
         got = models["emr"].adapter_for(m).state
         for k, v in unified.state.items():
