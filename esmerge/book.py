@@ -32,7 +32,7 @@ from esmerge.sphinx_freshness import DATA as FRESHNESS_DATA
 
 # Static pages of the book, in TOC order, each listed only if it exists; any other book/*.md
 # (but README.md) follows them alphabetically.
-STATIC_PAGES = ("paper_vs_code.md", "rerun.md", "api.md", "references.md")
+STATIC_PAGES = ("paper_vs_code.md", "rerun.md", "bad_input.md", "api.md", "references.md")
 # Modules documented on the API page, when present in the package.
 API_MODULES = (
     "models", "adapters", "encoders", "data", "probe", "layerwise", "elementwise", "element_gradients", "merge",
