@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esmerge import benchmarks, data
+from esmerge import benchmarks
 from esmerge import evaluate as ev
 from esmerge import yardstick as ys
+from test_data import needs_data  # skips a test when the upstream data are not here
 
 ALCOHOLS = ["CCO", "CCCO", "CCCCO", "CCCCCO", "CCCCCCO", "OCCO"]
 AROMATICS = ["c1ccccc1", "Cc1ccccc1", "CCc1ccccc1", "c1ccc2ccccc2c1", "Oc1ccccc1C", "c1ccncc1"]
@@ -112,17 +113,6 @@ def test_fast_retrieval_equals_evaluate_on_hand_made_pools():
     assert _same_as_evaluate(cells, cq, "gdsc", 4)[0] == [1, 2, 0, 3]
     _same_as_evaluate(cells, cq, "drugcomb", 3)
     _same_as_evaluate(frame(ALCOHOLS + AROMATICS, [0, 1] * 6), frame(["CCCCCCCO", "Cc1ccccc1"], [1, 0]), "cyp-sub", 5)
-
-
-def _have_data() -> bool:
-    try:
-        data.data_path("molt5/ChEBI-20_data/test.txt")
-        return True
-    except data.DataError:
-        return False
-
-
-needs_data = pytest.mark.skipif(not _have_data(), reason="upstream data not available (see `esmerge data verify`)")
 
 
 @needs_data
