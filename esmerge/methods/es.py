@@ -17,7 +17,7 @@ import torch
 
 from esmerge import element_gradients, elementwise, layerwise, probe
 from esmerge.adapters import Adapter, adapter_digest, attach, with_state
-from esmerge.cache import atomic_torch_save, cached, content_key, tensor_digest
+from esmerge.cache import atomic_torch_save, cached, content_key, key_lock, tensor_digest
 from esmerge.errors import UsageError
 from esmerge.merge import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
 from esmerge.methods import HParam, MergeResult, register
@@ -112,12 +112,16 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
         for name in names if need_scores else []:
             files = {dist: root / f"scores-{content_key(states_key, name, dist, SCORES_VERSION)}.pt"
                      for dist in elementwise.DISTANCES}
-            if not files[settings["distance"]].exists():
-                # One pass yields the scores of every distance; store each so either is instant later.
-                peft_model.set_adapter(name)
-                computed = element_scores(peft_model, probes, states["base"]["tokens"])
-                for dist, path in files.items():
-                    atomic_torch_save(computed[dist], path)
+            wanted = files[settings["distance"]]
+            if not wanted.exists():
+                # A second process (another notebook at --jobs 2) waits here and reuses the first's scores.
+                with key_lock(wanted):
+                    if not wanted.exists():
+                        # One pass yields the scores of every distance; store each so either is instant later.
+                        peft_model.set_adapter(name)
+                        computed = element_scores(peft_model, probes, states["base"]["tokens"])
+                        for dist, path in files.items():
+                            atomic_torch_save(computed[dist], path)
             scores.append(torch.load(files[settings["distance"]], weights_only=True))
     finally:
         peft_model.unload()
