@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 SCALE   ?= cpu
-JOBS    ?= 2
+JOBS    ?= 1
 export PYTHONHASHSEED := 0
 
 .PHONY: all setup test pytest regenerate book ship check shipped-book-test browser-test reproduce-smoke clean
