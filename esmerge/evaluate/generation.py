@@ -18,7 +18,7 @@ from torch import nn
 
 from esmerge.encoders import RawEncoder
 from esmerge.evaluate.prompts import ANSWER_PREFIX, MARK_RE, Prompt
-from esmerge.evaluate.scoring import FeatureCache
+from esmerge.evaluate.scoring import FeatureCache, entity_length
 from esmerge.evaluate.stats import accuracy, macro_f1
 from esmerge.models import end_of_turn_id
 
@@ -81,18 +81,15 @@ def score_replies(replies: list[str], labels: tuple[str, str], y) -> dict:
             "n_invalid": int((pred == INVALID).sum())}
 
 
-def _block_length(projector, value, n_tokens: int) -> int:
-    return projector.block_length(value) if isinstance(projector, RawEncoder) else n_tokens
-
-
-def generation_inputs(model: nn.Module, prompts: list[Prompt], tokenizer, projectors: dict, n_tokens: int = 8,
+def generation_inputs(model: nn.Module, prompts: list[Prompt], tokenizer, projectors: dict, n_tokens: int | None = 8,
                       features: FeatureCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs_embeds [B, L, d], attention_mask [B, L])`` of prompts that end at the assistant turn.
 
     The prompt is the one log-likelihood scoring reads (``scoring.prompt_token_ids``) without the
     ``Final answer:`` tokens it appends: a free reply starts before them. Rows are left-padded.
-    Each entity gets as many placeholder slots as its encoder emits for it: ``n_tokens`` through a
-    ``Projector``, ``RawEncoder.block_length`` at paper scale (a protein: length + 2), and its
+    Each entity gets as many placeholder slots as its encoder emits for it (``scoring.entity_length``):
+    ``n_tokens`` through a ``Projector`` (its own when None), ``RawEncoder.block_length`` at paper
+    scale (a protein: length + 2), and its
     block is written there (featurised through ``features`` for a ``Projector``, raw otherwise).
     """
     if len({p.labels for p in prompts}) != 1:
@@ -106,7 +103,7 @@ def generation_inputs(model: nn.Module, prompts: list[Prompt], tokenizer, projec
                 ids += tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
             else:
                 modality, value = next(entities)
-                length = _block_length(projectors.get(modality), value, n_tokens)
+                length = entity_length(projectors.get(modality), value, n_tokens)
                 slots.append((b, modality, value, len(ids), length))
                 ids += [pad] * length
         rows.append(ids)
@@ -137,7 +134,7 @@ def generation_inputs(model: nn.Module, prompts: list[Prompt], tokenizer, projec
 
 @torch.no_grad()
 def generate_replies(model: nn.Module, prompts: list[Prompt], tokenizer, projectors: dict | None = None,
-                     n_tokens: int = 8, max_new_tokens: int = MAX_NEW_TOKENS, end_token_id: int | None = None,
+                     n_tokens: int | None = 8, max_new_tokens: int = MAX_NEW_TOKENS, end_token_id: int | None = None,
                      features: FeatureCache | None = None) -> list[str]:
     """Greedy replies (``do_sample=False``) to one batch of prompts, decoded without special tokens.
 

@@ -23,6 +23,7 @@ import torch
 
 from esmerge import benchmarks, evaluate
 from esmerge.adapters import Adapter, LoraState
+from esmerge.evaluate.scoring import common_n_tokens, entity_tokens
 from esmerge.methods.graft import compatibility_score
 from esmerge.methods.objectives import lora_state_swapped, mean_entropy
 from esmerge.methods.static import emr_benchmark_adapter
@@ -96,14 +97,14 @@ def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, 
 
 
 def prompt_batches(prompts: list, tokenizer, projectors: dict, batch_size: int, seed: int = 0) -> list:
-    """Shuffle (seeded) and collate prompts into ``evaluate.PromptBatch`` es."""
+    """Shuffle (seeded) and collate prompts into ``evaluate.PromptBatch`` es, each entity's block as
+    long as its projector emits (``scoring.common_n_tokens``: one length for fixed-size projectors,
+    each entity's own for a ``RawEncoder`` such as Prot2Text-V2's ESM-2, residues + 2)."""
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
-    n_tokens = {getattr(p, "n_tokens", 8) for p in projectors.values()} or {8}
-    if len(n_tokens) > 1:
-        raise ValueError(f"projectors emit different numbers of tokens: {sorted(n_tokens)}")
-    size = n_tokens.pop()
-    return [evaluate.collate([prompts[i] for i in order[s : s + batch_size]], tokenizer, size)
+    n_tokens = common_n_tokens(projectors)
+    return [evaluate.collate([prompts[i] for i in order[s : s + batch_size]], tokenizer, n_tokens,
+                             projectors=projectors)
             for s in range(0, len(order), batch_size)]
 
 
@@ -212,8 +213,7 @@ def _prompt_forward(model, batch, projectors: dict):
     """One forward pass over a ``PromptBatch``'s prompts (modality tokens spliced in, as the evaluation does)."""
     embedding = model.get_input_embeddings()
     embeds = embedding(batch.input_ids)
-    tokens = {m: projectors[m](batch.features[m].to(next(projectors[m].parameters()).dtype)) for m in batch.slots}
-    embeds = evaluate.splice_embeddings(embeds, batch.slots, tokens)
+    embeds = evaluate.splice_embeddings(embeds, batch.slots, entity_tokens(batch, projectors), batch.lengths)
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
     return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions, logits_to_keep=1)
 
