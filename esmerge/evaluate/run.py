@@ -1,7 +1,8 @@
 """The evaluation driver: one model on one benchmark -> accuracy, macro-F1, CIs and every answer.
 
 ``evaluate`` validates the pools (``benchmarks.check_rows``) before any model work, retrieves the
-shots, builds the prompts, scores both answers and caches the result as JSON under ``out_dir``
+shots, builds the prompts, scores both answers (``config.scoring="loglik"``) or reads the label from
+a greedy reply (``"generate"``, the paper's own scoring) and caches the result as JSON under ``out_dir``
 (keyed by the model's weights, the benchmark, the pools and the settings), so an interrupted sweep
 resumes. ``EvalSession`` holds what a sweep over models shares: entity features, retrieved shots
 and the PEFT copy of the base.
@@ -18,16 +19,16 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from esmerge import scales
 from esmerge.benchmarks import BENCHMARK_NAMES, check_rows, load_benchmark, spec, split_pools
 from esmerge.cache import atomic_write_json
 from esmerge.errors import UsageError
 from esmerge.evaluate import calibration
+from esmerge.evaluate.generation import MAX_NEW_TOKENS, SCORINGS, generate_replies, score_replies
 from esmerge.evaluate.prompts import PromptOptions, build_prompt
 from esmerge.evaluate.retrieval import RetrievalCache, frame_digest
-from esmerge.evaluate.scoring import FeatureCache, collate, label_logits, prompt_token_ids
+from esmerge.evaluate.scoring import FeatureCache, collate, common_n_tokens, label_logits, prompt_token_ids
 from esmerge.evaluate.stats import accuracy, auroc, bootstrap_ci, macro_f1
 from esmerge.evaluate.under_test import ModelUnderTest, PeftCopies
 from esmerge.paths import runs_root
@@ -38,12 +39,14 @@ PROMPT_VERSION = 1  # bump when prompts or scoring change, so cached results are
 _CPU = scales.get("cpu").evaluation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class EvalConfig:
     """Everything that decides an evaluation's numbers (and hence its cache key).
 
     The defaults are the ``cpu`` scale's (``scales.get("cpu").evaluation``); ``for_scale`` gives
     any scale's. At cpu, n = 64 gives a 95 % CI of about +-12 points on a per-benchmark accuracy.
+    ``scoring``: ``"loglik"`` (the likelier answer, ``evaluate.scoring``) or ``"generate"`` (a greedy
+    reply of at most ``max_new_tokens`` read by its ``Final answer:``, ``evaluate.generation``).
     """
 
     n_eval: int = _CPU.n_eval
@@ -58,6 +61,8 @@ class EvalConfig:
     decision: str = _CPU.decision  # calibration.DECISIONS
     n_calibration: int = _CPU.n_calibration
     shot_labels: str = "retrieved"  # "shuffled": the shots-shuffled control (calibration.shuffled_shot_labels)
+    scoring: str = _CPU.scoring  # generation.SCORINGS
+    max_new_tokens: int = MAX_NEW_TOKENS  # read only by scoring="generate"
 
     @classmethod
     def for_scale(cls, scale: str, **overrides) -> "EvalConfig":
@@ -71,11 +76,28 @@ class EvalConfig:
             raise UsageError(f"decision={self.decision!r}: choose one of {', '.join(calibration.DECISIONS)}")
         if self.shot_labels not in SHOT_LABELS:
             raise UsageError(f"shot_labels={self.shot_labels!r}: choose one of {', '.join(SHOT_LABELS)}")
+        if self.scoring not in SCORINGS:
+            raise UsageError(f"scoring={self.scoring!r}: choose one of {', '.join(SCORINGS)}")
+        if self.scoring == "generate" and self.decision != "argmax":
+            raise UsageError(f"decision={self.decision!r} reads the two answers' scores, which "
+                             "scoring='generate' has none of: use decision='argmax' or scoring='loglik'")
+
+    def _shown(self) -> dict:
+        # The generation fields only when generating, so log-likelihood settings keep the keys
+        # (and the printed form) they had before generation existed.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.scoring == "loglik":
+            shown.pop("scoring"), shown.pop("max_new_tokens")
+        return shown
+
+    def __repr__(self) -> str:
+        return f"EvalConfig({', '.join(f'{k}={v!r}' for k, v in self._shown().items())})"
 
     def key(self) -> dict:
         """The settings that decide the numbers; the decision fields only when they differ from the
-        plain argmax on retrieved shots, so results computed before they existed keep their keys."""
-        key = {k: v for k, v in self.__dict__.items() if k != "batch_size"}
+        plain argmax on retrieved shots, and the generation fields only with ``scoring="generate"``,
+        so results computed before they existed keep their keys."""
+        key = {k: v for k, v in self._shown().items() if k != "batch_size"}
         if self.decision == "argmax":
             key.pop("decision"), key.pop("n_calibration")
         if self.shot_labels == "retrieved":
@@ -106,13 +128,6 @@ class EvalSession:
     copies: PeftCopies = field(default_factory=PeftCopies)
 
 
-def _n_tokens(projectors: dict[str, nn.Module]) -> int:
-    counts = {getattr(p, "n_tokens", 8) for p in projectors.values()}
-    if len(counts) > 1:
-        raise ValueError(f"projectors emit different numbers of tokens: {sorted(counts)}")
-    return counts.pop() if counts else 8
-
-
 def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = None, *,
              pools: tuple[pd.DataFrame, pd.DataFrame] | None = None, out_dir: Path | None = None,
              progress: bool = True, session: EvalSession | None = None) -> dict:
@@ -125,6 +140,9 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
     config, example_ids, y, pred, scores, seconds}`` (metrics in percent, CIs at 95 %); a fitted
     ``config.decision`` (``evaluate.calibration``) adds ``decision`` (what was fitted, on context
     rows only) and ``pred_argmax``. ``config.shot_labels="shuffled"`` is the shots-shuffled control.
+    ``config.scoring="generate"`` answers by greedy replies: ``pred`` is -1 for a reply naming no label
+    (counted wrong), ``scores`` is None and ``auroc`` NaN, and the result adds ``scoring``, ``replies``,
+    ``invalid_rate`` (percent) and ``n_invalid``.
     """
     config = config or EvalConfig()
     session = session or EvalSession()
@@ -147,22 +165,19 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
 
     started = time.time()
     tokenizer = mut.base.tokenizer
-    n_tokens = _n_tokens(mut.projectors)
+    n_tokens = common_n_tokens(mut.projectors)  # None: each projector gives its own block lengths
     prompts = _prompts(benchmark, kind, eval_df, context_df, config, options, tokenizer, session)
-    fit_prompts, fit_y = _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, session)
-    with mut.model_for(benchmark, session.copies) as model, torch.no_grad():
-        def score_all(todo, desc):
-            chunks = range(0, len(todo), config.batch_size)
-            if progress:
-                chunks = track(chunks, desc=desc, unit="batch")
-            return torch.cat([label_logits(model, collate(todo[i: i + config.batch_size], tokenizer, n_tokens,
-                                                          session.features), mut.projectors).float().cpu()
-                              for i in chunks]).numpy()
-
-        score = score_all(prompts, f"{mut.name} / {benchmark}")
-        fit_score = score_all(fit_prompts, f"{mut.name} / {benchmark} (calibration)") if fit_prompts else None
     y = eval_df["y"].astype(int).to_numpy()
-    pred, decision = _decide(score, fit_score, fit_y, config)
+    desc = f"{mut.name} / {benchmark}"
+    if config.scoring == "generate":
+        replies = _generate_all(mut, benchmark, prompts, config, session, n_tokens, progress, desc)
+        scored = score_replies(replies, prompts[0].labels if prompts else ("", ""), y)
+        pred, score, decision = np.asarray(scored["pred"], dtype=int), None, {}
+    else:
+        fit_prompts, fit_y = _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, session)
+        score, fit_score = _score_all(mut, benchmark, [prompts, fit_prompts], config, session, n_tokens, progress,
+                                      [desc, f"{desc} (calibration)"])
+        pred, decision = _decide(score, fit_score if fit_prompts else None, fit_y, config)
     result = {
         "method": mut.name, "benchmark": benchmark, "model_id": mut.model_id(benchmark),
         "n": int(len(y)), "seed": config.seed, "config": config.key(), "options": options.key(),
@@ -170,17 +185,54 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
         "accuracy_ci": list(bootstrap_ci(y, pred, "accuracy", config.n_resamples, config.seed)),
         "macro_f1": float(macro_f1(y, pred)),
         "macro_f1_ci": list(bootstrap_ci(y, pred, "macro_f1", config.n_resamples, config.seed)),
-        "auroc": auroc(y, score[:, 1] - score[:, 0]),
-        "mean_prompt_tokens": float(np.mean([len(prompt_token_ids(p, tokenizer, n_tokens, 0)[0]) for p in prompts])),
+        "auroc": auroc(y, score[:, 1] - score[:, 0]) if score is not None else float("nan"),
+        "mean_prompt_tokens": float(np.mean([len(prompt_token_ids(p, tokenizer, n_tokens, 0, mut.projectors)[0])
+                                             for p in prompts])),
         "seconds": time.time() - started,
         "example_ids": [str(i) for i in eval_df.index], "y": y.tolist(), "pred": pred.tolist(),
-        "scores": score.round(4).tolist(),
+        "scores": score.round(4).tolist() if score is not None else None,
     }
     if decision:
         result["decision"] = decision
         result["pred_argmax"] = score.argmax(1).tolist()
+    if config.scoring == "generate":
+        result.update(scoring="generate", replies=replies, invalid_rate=scored["invalid_rate"],
+                      n_invalid=scored["n_invalid"])
     atomic_write_json(path, result)
     return result
+
+
+def _score_all(mut, benchmark, prompt_lists, config, session, n_tokens, progress, descs) -> list:
+    """``label_logits`` ``[n, 2]`` (numpy) of each list of prompts, in batches of ``config.batch_size``
+    (None for an empty list)."""
+    tokenizer = mut.base.tokenizer
+    out = []
+    with mut.model_for(benchmark, session.copies) as model, torch.no_grad():
+        for todo, desc in zip(prompt_lists, descs):
+            if not todo:
+                out.append(None)
+                continue
+            chunks = range(0, len(todo), config.batch_size)
+            if progress:
+                chunks = track(chunks, desc=desc, unit="batch")
+            batches = (collate(todo[i: i + config.batch_size], tokenizer, n_tokens, session.features, mut.projectors)
+                       for i in chunks)
+            out.append(torch.cat([label_logits(model, batch, mut.projectors).float().cpu()
+                                  for batch in batches]).numpy())
+    return out
+
+
+def _generate_all(mut, benchmark, prompts, config, session, n_tokens, progress, desc) -> list[str]:
+    """Greedy replies (``generation.generate_replies``) to ``prompts``, in batches of ``config.batch_size``."""
+    replies = []
+    with mut.model_for(benchmark, session.copies) as model:
+        chunks = range(0, len(prompts), config.batch_size)
+        if progress:
+            chunks = track(chunks, desc=desc, unit="batch")
+        for i in chunks:
+            replies += generate_replies(model, prompts[i: i + config.batch_size], mut.base.tokenizer, mut.projectors,
+                                        n_tokens, config.max_new_tokens, features=session.features)
+    return replies
 
 
 def _prompts(benchmark, kind, queries, pool_df, config, options, tokenizer, session, content_free=False,
@@ -242,7 +294,7 @@ def summary(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
             rows.append({"method": method, "benchmark": bench, "n": r["n"], "seed": r["seed"],
                          "accuracy": r["accuracy"], "acc_lo": r["accuracy_ci"][0], "acc_hi": r["accuracy_ci"][1],
                          "macro_f1": r["macro_f1"], "f1_lo": r["macro_f1_ci"][0], "f1_hi": r["macro_f1_ci"][1],
-                         "auroc": r.get("auroc", np.nan), "predicted_positive": float(np.mean(r["pred"])),
+                         "auroc": r.get("auroc", np.nan), "predicted_positive": float(np.mean(np.asarray(r["pred"]) == 1)),
                          "seconds": r["seconds"], "prompt_tokens": r["mean_prompt_tokens"]})
     return pd.DataFrame(rows)
 
