@@ -1,9 +1,11 @@
 """Batching and two-label scoring: prompts -> ``PromptBatch`` -> ``label_logits`` ``[B, 2]``.
 
 ``label_logits`` is the log-likelihood of ``"Final answer: <label>"`` for both labels,
-differentiable (AdaMerging minimises the entropy of its softmax). Free generation plus parsing,
-as in the paper, is replaced by this two-way scoring: it is the same decision for a model that
-answers in the requested format and costs one forward pass.
+differentiable (AdaMerging minimises the entropy of its softmax). It is the same decision as the
+paper's free generation plus parsing (``evaluate.generation``, ``EvalConfig.scoring="generate"``)
+for a model that answers in the requested format, and costs one forward pass. Each entity takes as
+many placeholder slots as its encoder emits for it (``entity_length``): 8 through a cpu-scale
+``Projector``, one per residue + 2 through Prot2Text-V2's ESM-2 (a ``RawEncoder``).
 """
 from __future__ import annotations
 
