@@ -112,7 +112,8 @@ def _evaluate(args) -> int:
     from esmerge.evaluate.by_name import evaluate_by_name
 
     rows = evaluate_by_name(args.scale, args.model, args.benchmarks, seed=args.seed, out_dir=args.out,
-                            n_eval=args.n_eval, n_shots=args.n_shots)
+                            n_eval=args.n_eval, n_shots=args.n_shots, scoring=args.scoring,
+                            max_new_tokens=args.max_new_tokens)
     with pd.option_context("display.width", 160, "display.max_rows", 500):
         print(rows[["method", "benchmark", "n", "accuracy", "acc_lo", "acc_hi", "macro_f1"]].round(1).to_string(index=False))
         print(rows.groupby("method", sort=False)[["accuracy", "macro_f1"]].mean().round(1).to_string())
@@ -211,6 +212,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", nargs="+", default=None, help="default: the scale's")
     p.add_argument("--n-eval", type=int, default=None, help="examples per benchmark (default: the scale's)")
     p.add_argument("--n-shots", type=int, default=None, help="in-context examples (default: the scale's)")
+    p.add_argument("--scoring", choices=("loglik", "generate"), default=None,
+                   help="loglik: the likelier answer; generate: the paper's greedy reply and its `Final answer:` "
+                        "(default: the scale's; paper: generate)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="with --scoring generate: reply length cap (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="results cache (default runs/<scale>/07_results/evals)")
     p.set_defaults(run=_evaluate)

@@ -2,6 +2,8 @@
 loads where it can be; --debug shows the traceback; bring-your-own adapters through `esmerge merge`."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ def _one_line(capsys) -> str:
     (["evaluate", "--scale", "smoke", "--model", "nothing-here"], 2, ["nothing-here", "esmerge.json"]),
     (["evaluate", "--scale", "smoke", "--model", "base", "--n-eval", "0"], 2, ["n_eval=0"]),
     (["evaluate", "--scale", "smoke", "--model", "base", "--benchmarks", "Nope"], 2, ["Nope"]),
+    (["evaluate", "--scale", "cpu", "--model", "base", "--scoring", "generate"], 2, ["generate", "argmax"]),
     (["regenerate", "--scale", "smoke", "--jobs", "0"], 2, ["--jobs"]),
     (["train", "--scale", "smoke"], 2, ["--modality"]),
 ])
@@ -67,6 +70,18 @@ def test_data_dir_that_is_not_a_folder_is_one_line(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("ESMERGE_DATA_DIR", str(tmp_path / "nonexistent"))
     assert main(["data", "verify"]) == 1
     assert "is not a folder" in _one_line(capsys)
+
+
+def test_evaluate_scores_by_generation_on_request(tmp_path, capsys):
+    """--scoring generate: greedy replies read by their `Final answer:`; the table still prints."""
+    argv = ["evaluate", "--scale", "smoke", "--model", "base", "--scoring", "generate", "--max-new-tokens", "3",
+            "--benchmarks", "GDSC2", "--n-eval", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "GDSC2" in capsys.readouterr().out
+    (result,) = list(tmp_path.rglob("GDSC2-*.json"))
+    record = json.loads(result.read_text())
+    # a 3-token reply of a random smoke model holds no valid `Final answer:`: every answer is invalid
+    assert record["scoring"] == "generate" and record["n"] == 2 and record["invalid_rate"] == 100.0
 
 
 def test_methods_lists_declared_hyper_parameters(capsys):

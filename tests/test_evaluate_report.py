@@ -123,3 +123,6 @@ def test_claims_chapter_summaries():
     bias = ev.answer_bias({"es": {"A": run, "B": {**run, "pred": [1] * 4, "auroc": 40.0}}})
     assert bias["positive_answers"] == {"es": 75.0} and bias["positive_rate"] == 25.0
     assert bias["auroc"] == {"es": 50.0} and bias["median_ci_width"] == 50.0
+    # a generated reply without a valid answer is -1: neither positive nor a fraction of one
+    invalid = ev.answer_bias({"gen": {"A": {**run, "pred": [1, -1, 0, 1]}}})
+    assert invalid["positive_answers"] == {"gen": 50.0}

@@ -299,7 +299,8 @@ def es_ranks(tables: list[pd.DataFrame], method: str = "es") -> pd.DataFrame:
 def answer_bias(results: dict[str, dict[str, dict]]) -> dict:
     """How one-sided the answers are: per model the % of positive answers and the mean AUROC over
     benchmarks; the % of positive examples; the median width of a per-benchmark accuracy CI."""
-    return {"positive_answers": {m: np.mean([np.mean(r["pred"]) for r in runs.values()]) * 100
+    # pred == 1, not mean(pred): a generated reply without a valid answer is stored as -1
+    return {"positive_answers": {m: np.mean([np.mean(np.asarray(r["pred"]) == 1) for r in runs.values()]) * 100
                                  for m, runs in results.items()},
             "positive_rate": np.mean([np.mean(r["y"]) for r in next(iter(results.values())).values()]) * 100,
             "auroc": {m: np.nanmean([r["auroc"] for r in runs.values()]) for m, runs in results.items()},

@@ -1,7 +1,7 @@
 """The prompts of Tables 9-10: system message, retrieved examples, the query and both answers.
 
-Molecules and proteins are 8-token modality blocks when the evaluated model has that modality's
-projector, text otherwise ("unsupported modalities are represented as textual inputs", §5.1);
+Molecules and proteins are token blocks (8 tokens from a projector; one per residue + 2 from
+Prot2Text-V2's ESM-2 encoder) when the evaluated model has that modality's encoder, text otherwise ("unsupported modalities are represented as textual inputs", §5.1);
 cells are always text (``encoders.cell_text``). The wording of each task is in
 ``esmerge.benchmarks.TASKS``.
 """
