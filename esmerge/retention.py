@@ -26,6 +26,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+# Re-exported: notebooks/09_retention.py calls them as ``retention.retention_models`` / ``.score_models``.
+from esmerge.retention_scoring import retention_models, score_models  # noqa: F401
+
 
 MODALITIES = ("molecule", "protein", "cell")
 SOURCE = "issue 10 item 4; normalised performance (Ilharco et al. 2023, Yadav et al. 2023)"

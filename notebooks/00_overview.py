@@ -70,7 +70,7 @@ STAGES = [  # (label, module, column, row)
     ("probe input\n(all modalities)", "probe", 1, 1.5),
     ("layer-wise\nhidden states", "probe", 2, 1.5),
     ("layer coefficients\n(SWD growth)", "layerwise", 3, 2.4),
-    ("element scores\n(gradients)", "element_gradients", 3, 0.6),
+    ("element scores\n(gradients)", "elementwise", 3, 0.6),
     ("merged adapter", "merge", 4, 1.5),
     ("evaluation\nvs. paper", "evaluate", 5, 1.5),
 ]

@@ -67,7 +67,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from esmerge import plots, retention, retention_scoring, scales
+from esmerge import plots, retention, scales
 from esmerge.captions import heldout_examples
 from esmerge.paths import run_dir
 from esmerge.pipeline import build_context, merge_once
@@ -91,17 +91,17 @@ print(caption, "| base:", base.name)
 
 # %%
 merge_root = run_dir(scale, "06_merging")
-found, _ = retention_scoring.retention_models({}, merge_root)
+found, _ = retention.retention_models({}, merge_root)
 extra = {name: merge_once(name, out / "merged" / name, context)[0]
          for name in ("es", "es-layer", "es-element") if name not in found}
-models, notes = retention_scoring.retention_models(specialists, merge_root, list(avg_ft_benchmarks), extra)
+models, notes = retention.retention_models(specialists, merge_root, list(avg_ft_benchmarks), extra)
 for note in notes:
     print(note)
 print(f"{len(models)} models:", ", ".join(models))
 
 # %%
 start = time.perf_counter()
-nlls, tokens = retention_scoring.score_models(models, base, specialists, examples, batch_size=batch_size)
+nlls, tokens = retention.score_models(models, base, specialists, examples, batch_size=batch_size)
 seconds = time.perf_counter() - start
 uids = {m: [ex.uid for ex in v] for m, v in examples.items()}
 retention.nll_frame(nlls, tokens, uids).to_csv(out / "retention_nlls.csv", index=False)
