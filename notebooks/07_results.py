@@ -41,7 +41,7 @@
 # full test sets and 5 shots (`esmerge.scales.get("cpu").evaluation`). The cpu decision (a margin
 # threshold fitted on 16 context rows per model and benchmark) scores half as many prompts again,
 # and the base's shuffled control is one more model: about 11,000 prompts of 290-430 tokens for
-# the 16 models, the longest chapter of the book (its measured time is in `book/rerun.md`;
+# the 14 models, the longest chapter of the book (its measured time is in `book/rerun.md`;
 # `benchmarks/bench_evaluate.py` times one model). Why that decision: under argmax the base
 # answered "positive" on 5 % of examples (40 % are positive) and did not beat its shuffled control,
 # whereas the fitted threshold did, and reached the majority rate (`benchmarks/bench_shots.py`,
@@ -68,6 +68,9 @@ n_shots = None
 decision = None  # None: the scale's (evaluate.calibration: "argmax", "contextual", "context-threshold")
 benchmarks = None  # None: evaluate.default_benchmarks(scale) (all 13; smoke: one per group)
 methods_only = None  # None: every model found; else a list of method names
+# None: ("es", "es-layer", "es-element"), but "es" alone at cpu: the ablations' accuracy at n = 32
+# would add ten minutes and resolve nothing; `09_retention` measures them with far more power
+es_variants = None
 n_resamples = 1000
 
 # %%
@@ -119,7 +122,7 @@ merge_root = run_dir(scale, "06_merging")
 merged, covers, notes = ev.merged_models(merge_root, base, projectors, benchmarks, contexts.emr_adapter_for_benchmark)
 for note in notes:
     print(note)
-for name in ("es", "es-layer", "es-element"):
+for name in es_variants or (("es",) if scale == "cpu" else ("es", "es-layer", "es-element")):
     if name not in merged:
         adapter, _ = merge_once(name, out / "merged" / name, context)
         merged[name] = ev.ModelUnderTest.merged(base, adapter, projectors, name)
