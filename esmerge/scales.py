@@ -88,12 +88,11 @@ SCALES = {
     # context rows makes it answer by its prompt (benchmarks/results/bench_shots_cpu.txt).
     "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe(),
                        evaluation=EvalDefaults(decision="context-threshold", n_eval=32, n_calibration=16),
-                       # 02 and 06 as measured in a cold run of 2026-12-02; 07 and 09 projected from
-                       # their prompt counts (the next run's regenerate_state.json replaces all of them)
-                       notebook_seconds=(("00_overview", 3), ("01_data", 12), ("02_specialists", 290),
-                                         ("03_probe", 11), ("04_layerwise", 52), ("05_elementwise", 40),
-                                         ("06_merging", 844), ("07_results", 3900), ("08_claims", 4),
-                                         ("09_retention", 2700))),
+                       # a cold run of 2026-12-02 (book/rerun.md); the next run's regenerate_state.json replaces them
+                       notebook_seconds=(("00_overview", 8), ("01_data", 22), ("02_specialists", 245),
+                                         ("03_probe", 486), ("04_layerwise", 696), ("05_elementwise", 51),
+                                         ("06_merging", 992), ("07_results", 5000), ("08_claims", 6),
+                                         ("09_retention", 1511))),
     "paper": ScaleConfig("paper", probe_k=110, cell_top_k=50, train=TrainRecipe(cell_max_tokens=384),
                          evaluation=EvalDefaults(scoring="generate")),  # paper A.4: top-50 genes
 }
