@@ -19,6 +19,12 @@ model), then the extrapolated time for one model on all 13 benchmarks at the cho
 
     python benchmarks/bench_evaluate.py [--parts cost throughput merge] [--n 8] [--shots 3] [--threads 2]
 
+Measured on 2026-12-03, 2 threads, the 2-core machine otherwise idle (load 1.8-1.9 from the run
+itself), 2 batches of BindingDB and DrugComb prompts (9,662 prompt tokens): fp32 ``label_logits``
+305 tok/s, plain forward 295 tok/s, ratio 1.03 (target >= 0.9), 0.87 against the plain forward that
+runs the shared prefix once; bf16 70 vs 56 tok/s, ratio 1.24 (1.03 against the prefix-once
+forward). bf16 is 4.4x slower than fp32 here, so evaluation stays fp32 on this CPU.
+
 Measured on 2026-12-02, 1 thread, on the shared 2 cores (wall-time ratios of 2 interleaved batches
 are noisy at these load averages): throughput, bf16, 16 prompts (10,195 prompt tokens), two runs:
 ``label_logits`` / plain forward 1.53 (41 vs 27 tok/s, load 8.6) and 0.80 (66 vs 83 tok/s, load

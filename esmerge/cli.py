@@ -173,7 +173,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="default: the recipe's, per modality")
     p.add_argument("--cell-top-k", type=int, default=None, help="genes per cell (default: the scale's)")
     p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast of the forward pass (default: the scale's recipe)")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default: cpu; paper: device_map auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--force", action="store_true", help="overwrite a finished specialist")

@@ -193,6 +193,33 @@ def own_vs_other(swd: torch.Tensor, own_modality: list[int]) -> tuple[torch.Tens
     return own, other
 
 
+def massive_tokens(tokens: torch.Tensor, factor: float = 20.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Massive-activation tokens per layer (Sun et al., 2024, "Massive activations in large language models").
+
+    A token state is massive at layer l when its norm exceeds ``factor`` times the median norm of
+    that layer's tokens. One such token (norms of ~2e4 beside ~1e2 in SmolLM2) dominates a
+    mean-pooled block state, and with it the SWD between two models that scale it differently.
+
+    Args:
+        tokens: ``[L, K, T, d]`` token states of one modality block (``probe.hidden_states``).
+        mask: optional ``[K, T]`` bool, True on real tokens (``Probes.block_mask``); others are skipped.
+
+    Returns:
+        ``[L]`` int64: massive tokens per layer, counted over the K x T tokens.
+
+    >>> t = torch.ones(2, 3, 4, 5); t[1, 0, 2] *= 100
+    >>> massive_tokens(t).tolist()
+    [0, 1]
+    """
+    if tokens.dim() != 4:
+        raise ValueError(f"tokens must be [L, K, T, d], got {tuple(tokens.shape)}")
+    norms = tokens.float().norm(dim=-1).flatten(1)  # [L, K*T]
+    if mask is not None:
+        norms = norms[:, mask.flatten().bool()]
+    median = norms.median(dim=1, keepdim=True).values
+    return (norms > factor * median).sum(dim=1)
+
+
 def specialisation_verdict(blocks_above: int, n_blocks: int, mean_ratio: float) -> bool:
     """Paper Fig. 2's pattern for one specialist: SWD on its own modality exceeds the mean SWD on
     the other modalities at a clear majority of blocks (more than half) and on average

@@ -52,10 +52,23 @@ class TrainRecipe:
     # A cell prompt is longer: 12 genes in SmolLM2's tokenizer run to ~135 tokens, 50 genes in
     # LLaMA-3's to ~250 (a few tokens per gene symbol).
     cell_max_tokens: int = 160
+    # (modality, steps) where a modality trains longer than ``steps``
+    steps_by_modality: tuple[tuple[str, int], ...] = ()
+    bf16: bool = False  # bf16 autocast of the training forward (weights and optimizer stay fp32)
 
     def max_tokens_for(self, modality: str) -> int:
         """Longest training (and held-out loss) sequence for ``modality``."""
         return self.cell_max_tokens if modality == "cell" else self.max_tokens
+
+    def steps_for(self, modality: str) -> int:
+        """Optimizer steps of ``modality``'s specialist.
+
+        >>> TrainRecipe(steps=100, steps_by_modality=(("molecule", 200),)).steps_for("molecule")
+        200
+        >>> get("cpu").train.steps_for("cell")
+        100
+        """
+        return dict(self.steps_by_modality).get(modality, self.steps)
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,8 @@ SCALES = {
     # cpu: SmolLM2's tokenizer spends ~4.5 tokens per gene symbol, hence 12 genes per cell.
     # cpu: the 135M base leans towards one label whatever its shots say; a margin threshold fitted on
     # context rows makes it answer by its prompt (benchmarks/results/bench_shots_cpu.txt).
-    "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe(),
+    # cpu: the shipped specialists' recipe (their cards: 100 steps each, bf16 autocast).
+    "cpu": ScaleConfig("cpu", probe_k=110, cell_top_k=12, train=TrainRecipe(steps=100, bf16=True),
                        evaluation=EvalDefaults(decision="context-threshold", n_eval=32, n_calibration=16),
                        # a cold run of 2026-12-02 (book/rerun.md); the next run's regenerate_state.json replaces them
                        notebook_seconds=(("00_overview", 8), ("01_data", 22), ("02_specialists", 245),

@@ -262,3 +262,34 @@ def test_train_cli_refuses_a_planted_checkpoint_in_one_line(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and not marker.exists()
     assert len(err) == 1 and "state.pt" in err[0] and "--no-resume" in err[0]
+
+
+def test_cpu_recipe_retrains_the_shipped_specialists():
+    # `esmerge train --scale cpu --modality M` must reproduce what data_manifest ships (its card),
+    # so the recipe and every shipped card agree on steps, batch, lr, seed and max tokens.
+    from esmerge import scales
+
+    recipe = scales.get("cpu").train
+    for modality, folder in S.verify_shipped("cpu").items():
+        card = json.loads((folder / "card.json").read_text())
+        assert (card["steps"], card["batch_size"], card["lr"], card["seed"]) == \
+            (recipe.steps_for(modality), recipe.batch_size, recipe.lr, recipe.seed), modality
+        assert card["max_tokens"] == recipe.max_tokens_for(modality), modality
+        assert card["bf16_autocast"] == recipe.bf16, modality
+
+
+def test_training_takes_steps_and_bf16_from_the_recipe_unless_overridden(monkeypatch, tmp_path):
+    captured = {}
+    monkeypatch.setattr(S, "train_specialist", lambda base, modality, out_dir, **kw: captured.update(kw))
+    S.train_for_scale("cpu", "molecule", tmp_path, base=object())
+    assert (captured["steps"], captured["bf16"]) == (100, True)
+    S.train_for_scale("cpu", "molecule", tmp_path, base=object(), steps=7, bf16=False)
+    assert (captured["steps"], captured["bf16"]) == (7, False)
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--bf16"], True), (["--no-bf16"], False)])
+def test_train_cli_bf16_flag_defaults_to_the_recipe(monkeypatch, tmp_path, flag, expected):
+    seen = {}
+    monkeypatch.setattr(S, "train_for_scale", lambda scale, modality, out, **kw: seen.update(kw))
+    assert cli_main(["train", "--scale", "cpu", "--modality", "cell", "--out", str(tmp_path / "c"), *flag]) == 0
+    assert seen["bf16"] is expected

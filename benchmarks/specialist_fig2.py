@@ -1,0 +1,100 @@
+"""Does a retrained molecule specialist pass the paper's Fig. 2 test, and what does it do to the others?
+
+    python benchmarks/specialist_fig2.py [--molecule DIR ...] [--heldout 200] [--json OUT]
+
+For the shipped ``cpu`` specialists and for each candidate molecule specialist given (a folder
+written by ``esmerge train --scale cpu --modality molecule --out DIR``), with the shipped protein
+and cell ones beside it, this prints per specialist:
+
+* the Fig. 2 test (``layerwise.own_vs_other`` / ``specialisation_verdict``): blocks where the SWD
+  on its own modality exceeds the mean SWD on the others, and the mean ratio, with the paper's
+  SWD and with the official code's joint standardisation;
+* the massive-activation tokens (``layerwise.massive_tokens``, the most at any block) that each
+  model's states hold on each input modality;
+* optionally the molecule specialist's held-out caption loss on ``--heldout`` ChEBI-20 test rows.
+
+Every model is probed as ``04_layerwise`` probes it (``methods.es.signals``), so states are cached
+under ``$ESMERGE_CACHE`` and a second run is quick. Run on demand, not in CI (issue 10, item 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+NAMES = ("molecule", "protein", "cell")
+
+
+def fig2_rows(states: dict, seed: int = 0, n_projections: int = 1024) -> list[dict]:
+    """Fig. 2 verdicts of each specialist with the paper's SWD and the code's standardised one."""
+    from esmerge import layerwise
+
+    rows = []
+    for standardize in (False, True):
+        swd = layerwise.swd_table(states["base"]["pooled"], [states[n]["pooled"] for n in NAMES],
+                                  n_projections=n_projections, seed=seed, standardize=standardize)
+        own, other = layerwise.own_vs_other(swd, list(range(len(NAMES))))
+        for j, name in enumerate(NAMES):
+            above, ratio = int((own[j] > other[j]).sum()), float(own[j].mean() / other[j].mean())
+            rows.append({"specialist": name, "swd": "code (standardised)" if standardize else "paper",
+                         "blocks_above": above, "blocks": own.shape[1], "mean_ratio": round(ratio, 3),
+                         "passes": layerwise.specialisation_verdict(above, own.shape[1], ratio)})
+    return rows
+
+
+def massive_counts(states: dict) -> dict:
+    """model -> input modality -> the most massive-activation tokens at any block."""
+    from esmerge import layerwise
+
+    return {model: {m: int(layerwise.massive_tokens(states[model]["tokens"][m]).max()) for m in NAMES}
+            for model in ("base",) + NAMES}
+
+
+def main() -> None:
+    from esmerge import captions, heldout
+    from esmerge.methods.es import signals
+    from esmerge.pipeline import build_context
+    from esmerge.specialists import attach_specialist, load_specialist
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--molecule", nargs="*", default=[], help="candidate molecule specialist folders")
+    parser.add_argument("--heldout", type=int, default=0, help="held-out molecule captions to score (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    context = build_context("cpu", args.seed)
+    shipped = dict(context.specialists)
+    results = []
+    for folder in [None] + args.molecule:
+        t0 = time.perf_counter()
+        context.specialists = dict(shipped)
+        if folder is not None:
+            context.specialists["molecule"] = load_specialist(folder, context.base)
+        molecule = context.specialists["molecule"]
+        sig = signals([s.adapter for s in context.specialists.values()], context, seed=args.seed, need_scores=False)
+        entry = {"molecule": str(folder or "shipped"),
+                 "recipe": {k: molecule.card.get(k) for k in ("steps", "batch_size", "lr", "seed", "bf16_autocast")},
+                 "fig2": fig2_rows(sig["states"], args.seed), "massive_tokens": massive_counts(sig["states"])}
+        if args.heldout:
+            examples = captions.heldout_examples("molecule", "cpu", args.heldout, args.seed)
+            model = attach_specialist(context.base, molecule)
+            entry["heldout_molecule_loss"] = round(heldout.specialist_loss(model, context.base, molecule, examples), 4)
+            entry["n_heldout"] = args.heldout
+            del model
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        results.append(entry)
+        print(f"molecule specialist {entry['molecule']} {entry['recipe']}"
+              + (f", held-out loss {entry['heldout_molecule_loss']} (n={args.heldout})" if args.heldout else ""))
+        for row in entry["fig2"]:
+            print(f"  {row['swd']:<20} {row['specialist']:<9} {row['blocks_above']:>2}/{row['blocks']} blocks, "
+                  f"mean ratio {row['mean_ratio']:.3f}: {'passes' if row['passes'] else 'fails'}")
+        print("  massive-activation tokens (most at any block), model -> input modality:", entry["massive_tokens"])
+    if args.json:
+        args.json.write_text(json.dumps({"seed": args.seed, "probe_k": context.probe_k, "results": results}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
