@@ -52,23 +52,11 @@ class TrainRecipe:
     # A cell prompt is longer: 12 genes in SmolLM2's tokenizer run to ~135 tokens, 50 genes in
     # LLaMA-3's to ~250 (a few tokens per gene symbol).
     cell_max_tokens: int = 160
-    # (modality, steps) where a modality trains longer than ``steps``
-    steps_by_modality: tuple[tuple[str, int], ...] = ()
     bf16: bool = False  # bf16 autocast of the training forward (weights and optimizer stay fp32)
 
     def max_tokens_for(self, modality: str) -> int:
         """Longest training (and held-out loss) sequence for ``modality``."""
         return self.cell_max_tokens if modality == "cell" else self.max_tokens
-
-    def steps_for(self, modality: str) -> int:
-        """Optimizer steps of ``modality``'s specialist.
-
-        >>> TrainRecipe(steps=100, steps_by_modality=(("molecule", 200),)).steps_for("molecule")
-        200
-        >>> get("cpu").train.steps_for("cell")
-        100
-        """
-        return dict(self.steps_by_modality).get(modality, self.steps)
 
 
 @dataclass(frozen=True)

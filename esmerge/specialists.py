@@ -241,7 +241,7 @@ def train_for_scale(scale: str, modality: str, out_dir=None, *, base: BaseModel 
     """
     recipe = scales.get(scale).train
     check_modality(modality)
-    settings = {"steps": recipe.steps_for(modality), "batch_size": recipe.batch_size, "lr": recipe.lr, "seed": recipe.seed,
+    settings = {"steps": recipe.steps, "batch_size": recipe.batch_size, "lr": recipe.lr, "seed": recipe.seed,
                 "max_tokens": recipe.max_tokens_for(modality), "bf16": recipe.bf16}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if base is None:
@@ -359,7 +359,7 @@ def load_specialists(scale: str, base: BaseModel, root=None) -> dict[str, Specia
                     specs[modality] = load_specialist(folder, base)
                     continue
                 examples, info = load_examples(modality, "train", "smoke")
-                settings = dict(steps=recipe.steps_for(modality), batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
+                settings = dict(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
                                 max_tokens=recipe.max_tokens_for(modality), resume=True, bf16=recipe.bf16,
                                 checkpoint_every=25, stop_after=None, progress=False)
                 specs[modality] = _train_into(base, modality, folder, settings, False, examples, info, None)

@@ -273,7 +273,7 @@ def test_cpu_recipe_retrains_the_shipped_specialists():
     for modality, folder in S.verify_shipped("cpu").items():
         card = json.loads((folder / "card.json").read_text())
         assert (card["steps"], card["batch_size"], card["lr"], card["seed"]) == \
-            (recipe.steps_for(modality), recipe.batch_size, recipe.lr, recipe.seed), modality
+            (recipe.steps, recipe.batch_size, recipe.lr, recipe.seed), modality
         assert card["max_tokens"] == recipe.max_tokens_for(modality), modality
         assert card["bf16_autocast"] == recipe.bf16, modality
 
