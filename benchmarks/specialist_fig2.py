@@ -26,18 +26,16 @@ from pathlib import Path
 NAMES = ("molecule", "protein", "cell")
 
 
-def fig2_rows(states: dict, seed: int = 0, n_projections: int = 1024) -> list[dict]:
-    """Fig. 2 verdicts of each specialist with the paper's SWD and the code's standardised one."""
+def fig2_rows(swd_by_variant: dict) -> list[dict]:
+    """Fig. 2 verdicts of each specialist, for each SWD table ``[S, M, L]`` in ``swd_by_variant``."""
     from esmerge import layerwise
 
     rows = []
-    for standardize in (False, True):
-        swd = layerwise.swd_table(states["base"]["pooled"], [states[n]["pooled"] for n in NAMES],
-                                  n_projections=n_projections, seed=seed, standardize=standardize)
+    for variant, swd in swd_by_variant.items():
         own, other = layerwise.own_vs_other(swd, list(range(len(NAMES))))
         for j, name in enumerate(NAMES):
             above, ratio = int((own[j] > other[j]).sum()), float(own[j].mean() / other[j].mean())
-            rows.append({"specialist": name, "swd": "code (standardised)" if standardize else "paper",
+            rows.append({"specialist": name, "swd": variant,
                          "blocks_above": above, "blocks": own.shape[1], "mean_ratio": round(ratio, 3),
                          "passes": layerwise.specialisation_verdict(above, own.shape[1], ratio)})
     return rows
@@ -52,7 +50,7 @@ def massive_counts(states: dict) -> dict:
 
 
 def main() -> None:
-    from esmerge import captions, heldout
+    from esmerge import captions, heldout, layerwise
     from esmerge.methods.es import signals
     from esmerge.pipeline import build_context
     from esmerge.specialists import attach_specialist, load_specialist
@@ -74,9 +72,14 @@ def main() -> None:
             context.specialists["molecule"] = load_specialist(folder, context.base)
         molecule = context.specialists["molecule"]
         sig = signals([s.adapter for s in context.specialists.values()], context, seed=args.seed, need_scores=False)
+        states = sig["states"]
+        # signals' table is the paper's SWD (es.PAPER_SETTINGS); the code's standardises first
+        code_swd = layerwise.swd_table(states["base"]["pooled"], [states[n]["pooled"] for n in NAMES],
+                                       seed=args.seed, standardize=True)
         entry = {"molecule": str(folder or "shipped"),
                  "recipe": {k: molecule.card.get(k) for k in ("steps", "batch_size", "lr", "seed", "bf16_autocast")},
-                 "fig2": fig2_rows(sig["states"], args.seed), "massive_tokens": massive_counts(sig["states"])}
+                 "fig2": fig2_rows({"paper": sig["swd"], "code (standardised)": code_swd}),
+                 "massive_tokens": massive_counts(states)}
         if args.heldout:
             examples = captions.heldout_examples("molecule", "cpu", args.heldout, args.seed)
             model = attach_specialist(context.base, molecule)
