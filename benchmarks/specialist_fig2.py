@@ -32,12 +32,8 @@ def fig2_rows(swd_by_variant: dict) -> list[dict]:
 
     rows = []
     for variant, swd in swd_by_variant.items():
-        own, other = layerwise.own_vs_other(swd, list(range(len(NAMES))))
-        for j, name in enumerate(NAMES):
-            above, ratio = int((own[j] > other[j]).sum()), float(own[j].mean() / other[j].mean())
-            rows.append({"specialist": name, "swd": variant,
-                         "blocks_above": above, "blocks": own.shape[1], "mean_ratio": round(ratio, 3),
-                         "passes": layerwise.specialisation_verdict(above, own.shape[1], ratio)})
+        for name, row in zip(NAMES, layerwise.specialisation_table(swd, list(range(len(NAMES))))):
+            rows.append({"specialist": name, "swd": variant, **row, "mean_ratio": round(row["mean_ratio"], 3)})
     return rows
 
 

@@ -65,7 +65,8 @@ def _train(args) -> int:
     specialists.train_for_scale(args.scale, args.modality, out, device=args.device, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_tokens=args.max_tokens,
                                 resume=not args.no_resume, force=args.force, checkpoint_every=args.checkpoint_every,
-                                bf16=args.bf16, cell_top_k=args.cell_top_k)
+                                bf16=args.bf16, cell_top_k=args.cell_top_k,
+                                projector_lr_scale=args.projector_lr_scale)
     print(f"saved {out}")
     return 0
 
@@ -175,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast of the forward pass (default: the scale's recipe)")
+    p.add_argument("--projector-lr-scale", type=float, default=None,
+                   help="the projector's learning rate as a multiple of --lr (default: the scale's recipe)")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default: cpu; paper: device_map auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--force", action="store_true", help="overwrite a finished specialist")

@@ -231,6 +231,30 @@ def specialisation_verdict(blocks_above: int, n_blocks: int, mean_ratio: float) 
     return bool(blocks_above > n_blocks / 2 and mean_ratio > 1)
 
 
+def specialisation_table(swd: torch.Tensor, own_modality: list[int]) -> list[dict]:
+    """Paper Fig. 2's test for every specialist, from one SWD table.
+
+    Args:
+        swd: ``[S, M, L]`` (``swd_table``); own_modality: for each specialist, its modality's index.
+
+    Returns:
+        one dict per specialist: ``blocks_above`` (blocks where the SWD on its own modality exceeds
+        the mean over the others, ``own_vs_other``), ``blocks`` (L), ``mean_ratio`` (mean own /
+        mean other) and ``passes`` (``specialisation_verdict``).
+
+    >>> swd = torch.tensor([[[2., 2., 0.5], [1., 1., 1.]], [[1., 1., 1.], [3., 0.5, 0.5]]])
+    >>> [(r["blocks_above"], round(r["mean_ratio"], 2), r["passes"]) for r in specialisation_table(swd, [0, 1])]
+    [(2, 1.5, True), (1, 1.33, False)]
+    """
+    own, other = own_vs_other(swd, own_modality)
+    rows = []
+    for j in range(own.shape[0]):
+        above, ratio = int((own[j] > other[j]).sum()), float(own[j].mean() / other[j].mean())
+        rows.append({"blocks_above": above, "blocks": own.shape[1], "mean_ratio": ratio,
+                     "passes": specialisation_verdict(above, own.shape[1], ratio)})
+    return rows
+
+
 def projection_stability(base_states: dict[str, torch.Tensor], specialist_states: list[dict[str, torch.Tensor]],
                          sizes=(32, 256, 1024), seeds=range(5), tau: float = 0.5, p: float = 2.0) -> dict[int, torch.Tensor]:
     """Paper Table 7 analogue: layer coefficients recomputed with several projection counts and seeds.

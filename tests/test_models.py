@@ -68,3 +68,19 @@ def test_cpu_model_from_cache_matches_direct_gguf_load():
     ids = cpu.tokenizer("The molecule CCO is ethanol.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(cpu.model(ids).logits, direct(ids).logits, atol=1e-4)
+
+
+@needs_wheel
+def test_cpu_conversion_waits_for_a_concurrent_first_load(tmp_path, monkeypatch):
+    """Two processes converting the GGUF at once: both get the base, neither trips on the other's folder."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path))
+    code = "from esmerge import models; print(models.load_cpu().num_layers)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
+    assert [out.split()[-1] for out, _ in outs] == ["30", "30"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["smollm2-135m-instruct"]

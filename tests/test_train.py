@@ -219,3 +219,39 @@ def test_probe_blocks_of_one_length_are_built_as_before():
     assert as_list.attention_mask is None and as_list.block_mask == {}
     assert torch.equal(as_list.embeds, as_tensor.embeds)
     assert torch.equal(as_list.positions["molecule"], as_tensor.positions["molecule"])
+
+
+def test_projector_lr_scale_slows_only_the_projector(base, molecule_data, tmp_path):
+    """Scale 0 leaves the projector at its seeded initialisation while the LoRA trains as before;
+    scale 1 is the plain recipe (the card says which), and a checkpoint of one refuses the other."""
+    from esmerge import encoders
+
+    plain = _train(base, molecule_data, tmp_path / "plain")
+    frozen = _train(base, molecule_data, tmp_path / "frozen", projector_lr_scale=0.0)
+    init = encoders.make_projector("molecule", base.model.get_input_embeddings(), T.N_TOKENS, RECIPE["seed"])
+    for name, value in init.state_dict().items():
+        assert torch.equal(frozen.projector.state_dict()[name], value), name
+        if name.startswith("net."):
+            assert not torch.equal(plain.projector.state_dict()[name], value), name
+    assert all(v.abs().sum() > 0 for k, v in frozen.adapter.state.items() if "lora_B" in k)
+    assert (plain.card["projector_lr_scale"], frozen.card["projector_lr_scale"]) == (1.0, 0.0)
+    assert _train(base, molecule_data, tmp_path / "cut", projector_lr_scale=0.5, stop_after=2) is None
+    with pytest.raises(S.SpecialistError, match="projector_lr_scale"):
+        _train(base, molecule_data, tmp_path / "cut")
+
+
+def test_training_takes_the_projector_lr_scale_from_the_recipe_unless_overridden(monkeypatch, tmp_path):
+    from esmerge import scales
+    from esmerge.cli import main as cli_main
+
+    captured = {}
+    monkeypatch.setattr(S, "train_specialist", lambda base, modality, out_dir, **kw: captured.update(kw))
+    S.train_for_scale("cpu", "molecule", tmp_path, base=object())
+    assert captured["projector_lr_scale"] == scales.get("cpu").train.projector_lr_scale
+    S.train_for_scale("cpu", "molecule", tmp_path, base=object(), projector_lr_scale=0.25)
+    assert captured["projector_lr_scale"] == 0.25
+    seen = {}
+    monkeypatch.setattr(S, "train_for_scale", lambda scale, modality, out, **kw: seen.update(kw))
+    assert cli_main(["train", "--scale", "cpu", "--modality", "molecule", "--out", str(tmp_path / "m"),
+                     "--projector-lr-scale", "0.25"]) == 0
+    assert seen["projector_lr_scale"] == 0.25
