@@ -243,9 +243,7 @@ def train_for_scale(scale: str, modality: str, out_dir=None, *, base: BaseModel 
     """
     recipe = scales.get(scale).train
     check_modality(modality)
-    settings = {"steps": recipe.steps, "batch_size": recipe.batch_size, "lr": recipe.lr, "seed": recipe.seed,
-                "max_tokens": recipe.max_tokens_for(modality), "bf16": recipe.bf16,
-                "projector_lr_scale": recipe.projector_lr_scale}
+    settings = recipe.settings_for(modality)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if base is None:
         extra = {"model_id": paper_base()} if scale == "paper" else {}  # the base merge_command uses too
@@ -362,9 +360,8 @@ def load_specialists(scale: str, base: BaseModel, root=None) -> dict[str, Specia
                     specs[modality] = load_specialist(folder, base)
                     continue
                 examples, info = load_examples(modality, "train", "smoke")
-                settings = dict(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
-                                max_tokens=recipe.max_tokens_for(modality), resume=True, bf16=recipe.bf16,
-                                checkpoint_every=25, stop_after=None, progress=False)
+                settings = recipe.settings_for(modality) | dict(resume=True, checkpoint_every=25, stop_after=None,
+                                                                progress=False)
                 specs[modality] = _train_into(base, modality, folder, settings, False, examples, info, None)
         return specs
     if scale == "paper":

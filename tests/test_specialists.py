@@ -269,22 +269,23 @@ def test_cpu_recipe_retrains_the_shipped_specialists():
     # so the recipe and every shipped card agree on steps, batch, lr, seed and max tokens.
     from esmerge import scales
 
-    recipe = scales.get("cpu").train
     for modality, folder in S.verify_shipped("cpu").items():
+        recipe = scales.get("cpu").train.for_modality(modality)
         card = json.loads((folder / "card.json").read_text())
         assert (card["steps"], card["batch_size"], card["lr"], card["seed"]) == \
             (recipe.steps, recipe.batch_size, recipe.lr, recipe.seed), modality
         assert card["max_tokens"] == recipe.max_tokens_for(modality), modality
         assert card["bf16_autocast"] == recipe.bf16, modality
+        assert card.get("projector_lr_scale", recipe.projector_lr_scale) == recipe.projector_lr_scale, modality
 
 
 def test_training_takes_steps_and_bf16_from_the_recipe_unless_overridden(monkeypatch, tmp_path):
     captured = {}
     monkeypatch.setattr(S, "train_specialist", lambda base, modality, out_dir, **kw: captured.update(kw))
     S.train_for_scale("cpu", "molecule", tmp_path, base=object())
-    assert (captured["steps"], captured["bf16"]) == (100, True)
-    S.train_for_scale("cpu", "molecule", tmp_path, base=object(), steps=7, bf16=False)
-    assert (captured["steps"], captured["bf16"]) == (7, False)
+    assert (captured["steps"], captured["bf16"]) == (200, False)
+    S.train_for_scale("cpu", "molecule", tmp_path, base=object(), steps=7, bf16=True)
+    assert (captured["steps"], captured["bf16"]) == (7, True)
 
 
 @pytest.mark.parametrize("flag, expected", [([], None), (["--bf16"], True), (["--no-bf16"], False)])
