@@ -73,15 +73,12 @@ def main() -> None:
         context.specialists = dict(shipped)
         for name, folder in folders.items():
             context.specialists[name] = load_specialist(folder, context.base)
-        molecule = context.specialists["molecule"]
         sig = signals([s.adapter for s in context.specialists.values()], context, seed=args.seed, need_scores=False)
         states = sig["states"]
         # signals' table is the paper's SWD (es.PAPER_SETTINGS); the code's standardises first
         code_swd = layerwise.swd_table(states["base"]["pooled"], [states[n]["pooled"] for n in NAMES],
                                        seed=args.seed, standardize=True)
-        entry = {"molecule": str(folders.get("molecule", "shipped")),
-                 "specialists": {n: str(folders.get(n, "shipped")) for n in NAMES},
-                 "recipe": {k: molecule.card.get(k) for k in RECIPE_KEYS},
+        entry = {"specialists": {n: str(folders.get(n, "shipped")) for n in NAMES},
                  "recipes": {n: {k: context.specialists[n].card.get(k) for k in RECIPE_KEYS} for n in NAMES},
                  "fig2": fig2_rows({"paper": sig["swd"], "code (standardised)": code_swd}),
                  "massive_tokens": massive_counts(states)}
@@ -94,12 +91,10 @@ def main() -> None:
                 loss = round(heldout.specialist_loss(model, context.base, spec, examples), 4)
                 entry.setdefault("heldout_loss", {})[name] = loss
                 del model
-            if "molecule" in entry.get("heldout_loss", {}):
-                entry["heldout_molecule_loss"] = entry["heldout_loss"]["molecule"]
             entry["n_heldout"] = args.heldout
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(entry)
-        print(f"specialists {entry['specialists']}, molecule recipe {entry['recipe']}"
+        print(f"specialists {entry['specialists']}, molecule recipe {entry['recipes']['molecule']}"
               + (f", held-out loss {entry['heldout_loss']} (n={args.heldout})" if args.heldout else ""))
         for row in entry["fig2"]:
             print(f"  {row['swd']:<20} {row['specialist']:<9} {row['blocks_above']:>2}/{row['blocks']} blocks, "

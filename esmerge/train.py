@@ -172,6 +172,7 @@ def train_lora(base: BaseModel, modality: str, examples: list[Example], checkpoi
         raise SpecialistError(f"no {modality} training examples")
     recipe = {"modality": modality, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
               "max_tokens": max_tokens, "n_tokens": N_TOKENS, "bf16": bf16, "base": base.weights_sha256,
+              # only when set, so checkpoints written before the option existed still resume
               **({"projector_lr_scale": projector_lr_scale} if projector_lr_scale != 1.0 else {}),
               "examples": content_key([(e.uid, e.instruction, e.answer, e.raw) for e in examples])}
 
