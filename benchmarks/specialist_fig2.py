@@ -44,8 +44,8 @@ def massive_counts(states: dict) -> dict:
     """model -> input modality -> the most massive-activation tokens at any block."""
     from esmerge import layerwise
 
-    return {model: {m: int(layerwise.massive_tokens(states[model]["tokens"][m]).max()) for m in NAMES}
-            for model in ("base",) + NAMES}
+    return layerwise.massive_token_counts({model: {m: states[model]["tokens"][m] for m in NAMES}
+                                           for model in ("base",) + NAMES})
 
 
 def main() -> None:

@@ -220,6 +220,23 @@ def massive_tokens(tokens: torch.Tensor, factor: float = 20.0, mask: torch.Tenso
     return (norms > factor * median).sum(dim=1)
 
 
+def massive_token_counts(tokens: dict[str, dict[str, torch.Tensor]], factor: float = 20.0) -> dict[str, dict[str, int]]:
+    """The most massive-activation tokens at any block (``massive_tokens``), per model and modality.
+
+    Args:
+        tokens: model -> input modality -> ``[L, K, T, d]`` token states (``states[model]["tokens"]``).
+
+    Returns:
+        model -> modality -> count (0 when no block has a massive token).
+
+    >>> t = torch.ones(2, 3, 4, 5); t[1, 0, 2] *= 100
+    >>> massive_token_counts({"base": {"molecule": torch.ones(2, 3, 4, 5)}, "spec": {"molecule": t}})
+    {'base': {'molecule': 0}, 'spec': {'molecule': 1}}
+    """
+    return {model: {m: int(massive_tokens(t, factor).max()) for m, t in by_modality.items()}
+            for model, by_modality in tokens.items()}
+
+
 def specialisation_verdict(blocks_above: int, n_blocks: int, mean_ratio: float) -> bool:
     """Paper Fig. 2's pattern for one specialist: SWD on its own modality exceeds the mean SWD on
     the other modalities at a clear majority of blocks (more than half) and on average
