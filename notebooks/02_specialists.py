@@ -47,15 +47,21 @@
 #   gene symbol, so at `cpu` scale a cell is its top **12** genes (prompts up to ~135 tokens,
 #   cell sequences capped at 160 tokens; molecule and protein sequences at 128). CCLE "top genes"
 #   are the Enrichr up-regulated gene sets (see the Data chapter).
-# * **Size of training.** 100 AdamW steps of 4 examples per specialist on one CPU thread with
-#   bf16 autocast, minutes each, versus full instruction tuning in the paper. The point is not
+# * **Size of training.** AdamW on batches of 4 examples, on one CPU thread, 15 to 23 minutes
+#   per specialist, versus full instruction tuning in the paper: the molecule and cell specialists
+#   take 200 steps in fp32, the molecule projector learning at 0.1x the LoRA's rate (cells are
+#   text, without a projector); the protein specialist takes 100 steps with bf16 autocast and one
+#   learning rate (`scales.TrainRecipe`; the table below reads each card). A molecule projector at
+#   the full rate made tokens that SmolLM2 turns into massive activations, and those broke the
+#   paper's Fig. 2 pattern (the Layer-wise chapter and `paper_vs_code.md`). The point is not
 #   captioning quality but a measurable, modality-specific change of the base, which is what
 #   ES-Merging reads.
 #
 # Shipped `cpu` specialists live in `data_manifest/specialists/cpu/<modality>/` (a standard PEFT
 # adapter directory + `projector.safetensors` + `card.json`), checked against the sha256 in
 # `data_manifest/specialists.yaml` when loaded. Retrain one with
-# `esmerge train --scale cpu --modality molecule --steps 100 --batch-size 4 --lr 1e-3 --bf16 --threads 1 --force`.
+# `esmerge train --scale cpu --modality molecule --threads 1 --force`: the `cpu` recipe holds each
+# modality's settings, so this reproduces the shipped card.
 # At `smoke` scale three tiny specialists are trained in seconds on hand-made examples.
 
 # %% tags=["parameters"]
@@ -194,7 +200,7 @@ summary
 # ## What the specialists write
 #
 # Greedy answers to held-out prompts (at `cpu` scale; the `smoke` models are random and
-# write bytes). The base answers through the same projector tokens. After 100 steps the
+# write bytes). The base answers through the same projector tokens. After 100 to 200 steps the
 # specialists have learned each task's answer form (ChEBI's "The molecule is a ...", GO
 # aspects, cell-type names) and some content (cell types are often right); their molecule and
 # protein captions are generic and repetitive. This is a small-model, few-step stand-in for

@@ -420,8 +420,8 @@ def test_mechanism_claims_on_hand_made_tables():
     shift = pd.DataFrame({"molecule": [3.0, 1.0], "protein": [2.0, 1.5]}, index=["molecule", "protein"])
     # protein specialist moves molecule tokens (1.0) less than protein tokens (1.5): holds for both
     shift.loc["protein", "molecule"] = 2.0  # now it moves molecule tokens most: fails for protein
-    gap = pd.DataFrame({"specialist": ["molecule", "protein"], "layers where own > other": [3, 2],
-                        "of layers": [4, 4], "mean own / other": [1.2, 1.5]})
+    gap = pd.DataFrame({"specialist": ["molecule", "protein"], "blocks_above": [3, 2],
+                        "blocks": [4, 4], "mean_ratio": [1.2, 1.5]})
     stability = pd.DataFrame({"projections": [256, 32, 1024], "mean std of alpha over seeds": [0.04, 0.1, 0.01]})
     distances = pd.DataFrame({"molecule": [1.0, 3.0], "protein": [2.0, 2.5]}, index=["molecule", "protein"])
     table = ev.mechanism_claims(shift, gap, stability, distances).set_index(["source", "claim"])["verdict"]

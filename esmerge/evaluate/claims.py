@@ -15,6 +15,7 @@ import pandas as pd
 from esmerge.benchmarks import BENCHMARK_NAMES, GROUPS
 from esmerge.evaluate.report import PAPER_DATASET, paper_results
 from esmerge.evaluate.stats import discordance, paired_bootstrap, paired_mde
+from esmerge.layerwise import specialisation_verdict
 
 MERGING_BASELINES = ("avg", "ties", "emr", "adamerging", "pcb", "consensus", "ls-merge")
 SPECIALISTS = ("specialist-molecule", "specialist-protein", "specialist-cell")
@@ -216,9 +217,9 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
     * ``last_block_shift``: rows specialists, columns token modalities; mean last-block distance
       between base and specialist tokens (``03_probe``). Fig. 1: each specialist moves its own
       modality's tokens furthest.
-    * ``own_vs_other``: columns ``specialist``, ``layers where own > other``, ``of layers``,
-      ``mean own / other`` (``04_layerwise``). Fig. 2: own-modality SWD exceeds other-modality SWD
-      at most blocks and on average.
+    * ``own_vs_other``: columns ``specialist``, ``blocks_above``, ``blocks``, ``mean_ratio``
+      (``layerwise.specialisation_table``, saved by ``04_layerwise``). Fig. 2: own-modality SWD
+      exceeds other-modality SWD at most blocks and on average (``layerwise.specialisation_verdict``).
     * ``projection_stability``: columns ``projections``, ``mean std of alpha over seeds``
       (``04_layerwise``). Table 7: more projections, steadier coefficients (strictly falling).
     * ``merged_distances``: rows token modalities, columns specialists; distance from the ES-merged
@@ -239,9 +240,10 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
             add(f"the {name} specialist moves {name} tokens furthest from the base (last block)", "Fig. 1",
                 ", ".join(f"{m} {v:.3g}" for m, v in row.items()), furthest == name)
     for row in own_vs_other.itertuples(index=False):
-        spec, above, total, ratio = row[0], row[1], row[2], row[3]
+        spec = row.specialist
         add(f"{spec} specialist: SWD on {spec} tokens exceeds SWD on other tokens", "Fig. 2",
-            f"{above}/{total} blocks, mean ratio {ratio:.2f}", above > total / 2 and ratio > 1)
+            f"{row.blocks_above}/{row.blocks} blocks, mean ratio {row.mean_ratio:.2f}",
+            specialisation_verdict(row.blocks_above, row.blocks, row.mean_ratio))
     ordered = projection_stability.sort_values("projections")
     spread = ordered["mean std of alpha over seeds"].to_numpy()
     add("more random projections give steadier layer coefficients", "Table 7",
