@@ -14,6 +14,7 @@ import pandas as pd
 
 from esmerge.benchmarks import BENCHMARK_NAMES, GROUPS
 from esmerge.evaluate.report import PAPER_DATASET, paper_results
+from esmerge.evaluate import decisions
 from esmerge.evaluate.stats import discordance, paired_bootstrap, paired_mde
 from esmerge.layerwise import specialisation_verdict
 
@@ -79,23 +80,31 @@ def _paper_group_value(paper: pd.DataFrame, method: str, group: str | None, tabl
 
 
 def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
-           level: float = 0.95) -> pd.DataFrame:
+           level: float = 0.95, noninferiority_margin: float | None = None) -> pd.DataFrame:
     """The claims register: each paper claim, the paper's margin, ours with a paired-bootstrap CI.
 
     For "A beats B" the margin is ``mean accuracy(A) - mean accuracy(B)`` over the group's
-    benchmarks, minimised over the B's. Verdict: *supported* when the CI of every margin lies above
-    0 (for ">=" claims: when no margin is significantly below 0 and the point margins are >= 0),
-    *not supported* when some margin's CI lies below 0 (for "beats": also when the point margin is
-    <= 0 and the CI excludes the claimed direction), *inconclusive* otherwise, *inconclusive
-    (identical answers)* when every competitor answers exactly as ``a`` on every example (a margin of
-    0 with a CI of [0, 0] tests nothing), *not measured* when a method or benchmark is missing.
+    benchmarks, minimised over the B's; ``p_holm`` is that competitor's sign-flip p-value after
+    Holm's correction over the compared competitors (``decisions.compare``; competitors with
+    identical answers count once and are named together). Verdicts (``decisions``):
+
+    * "beats": *supported* when the CI of every margin lies above 0; *not supported* when some
+      competitor is significantly better after the correction; *inconclusive* otherwise;
+    * ">=": *supported* only with a ``noninferiority_margin`` (points, declared in the scale before
+      the run) that every CI's lower end clears; *not supported* as above; without a margin a
+      null result is *inconclusive (no margin declared)*;
+    * *inconclusive (identical answers)* when every competitor answers exactly as ``a`` on every
+      example (a margin of 0 with a CI of [0, 0] tests nothing); *not measured* when a method or
+      benchmark is missing.
     """
     paper = paper_results()
-    return pd.DataFrame([_check(c, results, paper, n_resamples, seed, level) for c in CLAIMS])
+    return pd.DataFrame([_check(c, results, paper, n_resamples, seed, level, noninferiority_margin)
+                         for c in CLAIMS])
 
 
 def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | None, n_resamples: int,
-           seed: int, level: float) -> dict:
+           seed: int, level: float, noninferiority_margin: float | None = None,
+           n_permutations: int = 10000) -> dict:
     """One register row for claim ``c`` (see ``claims``); ``paper=None``: a claim the paper does not make."""
     benches = list(BENCHMARK_NAMES) if c.group is None else list(GROUPS[c.group])
     if paper is None:
@@ -110,30 +119,33 @@ def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | 
     row = {"claim": c.claim, "source": c.source, "paper": round(paper_margin, 1),
            "datasets": f"{len(benches)}/{len(all_benches)}"}
     if c.a not in have or not any(b in have for b in c.b):
-        return {**row, "ours": np.nan, "lo": np.nan, "hi": np.nan, "n_compared": 0,
+        return {**row, "ours": np.nan, "lo": np.nan, "hi": np.nan, "n_compared": 0, "p_holm": np.nan,
                 "verdict": "not measured", "detail": f"missing: {sorted(set((c.a, *c.b)) - set(have))}"}
     # paired: both runs of each benchmark are resampled with the same example indices
+    competitors = {b: results[b] for b in c.b if b in have}
     margins = {b: paired_bootstrap({x: results[c.a][x] for x in benches}, {x: results[b][x] for x in benches},
-                                   "accuracy", n_resamples, seed, level) for b in c.b if b in have}
+                                   "accuracy", n_resamples, seed, level) for b in competitors}
+    # Competitors answering identically form one comparison of the family (decisions.answer_groups).
+    groups, _, adjusted = decisions.compare(results[c.a], competitors, benches, n_permutations, seed)
+    margins = {g[0]: margins[g[0]] for g in groups}
     worst = min(margins, key=lambda b: margins[b][0])
     point, lo, hi = margins[worst]
-    # Two models that give the same answer on every example (e.g. both always answer the
-    # majority label) have a margin of exactly 0 with a CI of [0, 0]: that tests nothing.
-    identical = [b for b in margins if all(results[c.a][x]["pred"] == results[b][x]["pred"] for x in benches)]
+    # A competitor that gives A's answer on every example has a margin of exactly 0 with a CI of
+    # [0, 0]: that tests nothing.
+    identical = [g[0] for g in groups if all(results[c.a][x]["pred"] == results[g[0]][x]["pred"] for x in benches)]
     if len(identical) == len(margins):
         verdict = "inconclusive (identical answers)"
     elif c.at_least:
-        verdict = ("not supported" if any(m[2] < 0 for m in margins.values())
-                   else "supported" if all(m[0] >= 0 for m in margins.values()) else "inconclusive")
+        verdict = decisions.noninferiority_verdict(margins, adjusted, noninferiority_margin)
     else:
-        verdict = ("supported" if all(m[1] > 0 for m in margins.values())
-                   else "not supported" if any(m[2] < 0 for m in margins.values()) else "inconclusive")
-    if len(margins) < len(c.b) or len(benches) < len(all_benches):
+        verdict = decisions.superiority_verdict(margins, adjusted)
+    if len(competitors) < len(c.b) or len(benches) < len(all_benches):
         verdict += " (partial)"
-    detail = "; ".join(f"vs {b}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}]" + (" (identical answers)" if b in identical else "")
-                       for b, m in margins.items())
+    names = {g[0]: " = ".join(g) for g in groups}
+    detail = "; ".join(f"vs {names[b]}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}], Holm p {adjusted[b]:.3f}"
+                       + (" (identical answers)" if b in identical else "") for b, m in margins.items())
     return {**row, "ours": round(point, 1), "lo": round(lo, 1), "hi": round(hi, 1),
-            "n_compared": len(margins), "verdict": verdict, "detail": detail}
+            "n_compared": len(margins), "p_holm": round(adjusted[worst], 4), "verdict": verdict, "detail": detail}
 
 
 def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
@@ -159,7 +171,7 @@ def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 100
                     for m in models]
     return pd.DataFrame([_check(c, results, None, n_resamples, seed, level) for c in out],
                         columns=["claim", "source", "paper", "datasets", "ours", "lo", "hi", "n_compared",
-                                 "verdict", "detail"])
+                                 "p_holm", "verdict", "detail"])
 
 
 def power_table(results: dict[str, dict[str, dict]], reference: str = "es", alpha: float = 0.05,
