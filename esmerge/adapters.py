@@ -8,18 +8,15 @@ adapter files; the merging math never sees a model object.
 A *merged-model directory* (``save_merged`` / ``load_merged``, the one writer and the one
 reader) is a PEFT adapter directory plus ``esmerge_extras.safetensors`` (method extras, e.g.
 EMR's masks), ``projectors/<modality>.safetensors`` and ``esmerge.json`` (method,
-hyper-parameters, cost). It is written into a temporary sibling, ``esmerge.json`` last, and
-renamed into place only when complete, so a directory that exists is finished.
+hyper-parameters, cost). Its tensors are checked finite, it is written into a temporary sibling,
+``esmerge.json`` last, and published by ``esmerge.outputs.publish`` (the protocol every output
+follows: atomic swap, ``--force`` replaces only an earlier merge that is not an input of the
+run, a killed replacement is repaired by the next run or load).
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
-import shutil
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as safetensors_bytes
 
+from esmerge import outputs
 from esmerge.cache import tensor_digest
-from esmerge.errors import InputError, OutputExistsError
+from esmerge.errors import InputError
 
 LoraState = dict[str, torch.Tensor]
 _KEY = re.compile(r"layers\.(\d+)\.(?:[a-z_]+)\.([a-z_]+)\.lora_([AB])\.")
@@ -110,7 +108,12 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
         if not needed.is_file():
             raise AdapterFileError(f"{path} is not a PEFT adapter directory: {needed.name} is missing")
     config = read_json(config_file)
-    state = {k: v.float() for k, v in read_tensors(weights).items()}
+    tensors = read_tensors(weights)
+    for key, value in tensors.items():  # an int LoRA tensor is a broken export, not weights to round
+        if not value.is_floating_point():
+            raise AdapterFileError(f"{weights}: {key} holds {str(value.dtype).removeprefix('torch.')} values, "
+                                   "not floating-point LoRA weights; re-export the adapter")
+    state = {k: v.float() for k, v in tensors.items()}
     return Adapter(state, config, name or path.name)
 
 
@@ -236,85 +239,55 @@ class MergedModel:
 
 
 def is_merged(path: str | Path) -> bool:
-    """True when ``path`` is a complete merged-model directory (its marker ``esmerge.json`` exists)."""
+    """True when ``path`` is a complete merged-model directory (its marker ``esmerge.json`` exists).
+
+    A replacement of ``path`` that was killed half-way is repaired first (``outputs.recover``).
+    """
+    outputs.recover(path)
     return (Path(path) / MARKER).is_file()
 
 
-@contextmanager
-def _directory_lock(folder: Path):
-    """Exclusive ``flock`` on ``folder`` itself: writers into the same parent take turns (no lock file left)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another process commits into this folder
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+def refuse_existing(out: str | Path, force: bool = False, inputs=()) -> None:
+    """``OutputExistsError`` (one line) unless ``out`` is free or, with ``force``, an earlier merge that is
+    not one of ``inputs`` (checked before any long work; ``outputs.check_replaceable``)."""
+    outputs.recover(out)
+    outputs.check_replaceable(out, outputs.MERGE, force, inputs)
 
 
-def refuse_existing(out: str | Path, force: bool = False) -> None:
-    """``OutputExistsError`` if ``out`` exists and ``force`` is false (checked before any long work)."""
-    out = Path(out)
-    if out.exists() and not force:
-        what = "a finished merge" if is_merged(out) else "something that is not a finished merge"
-        raise OutputExistsError(f"{out} already exists ({what}); choose another --out or pass --force to replace it")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Delete temporary siblings of ``out`` left by writers that died (their pid is gone)."""
-    for partial in out.parent.glob(f".{out.name}.partial-*"):
-        pid = partial.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
+def _nonfinite_cause(meta: dict) -> str:
+    method, hparams = meta.get("method", "the method"), meta.get("hparams") or {}
+    if not hparams:
+        return f"{method} turned finite adapters into NaN/Inf; report it with the adapters"
+    settings = ", ".join(f"{k}={v!r}" for k, v in sorted(hparams.items()))
+    return f"a hyper-parameter is likely out of range ({method}: {settings}); see `esmerge methods {method}`"
 
 
 def save_merged(out: str | Path, adapter: Adapter, meta: dict, projectors: dict | None = None,
-                force: bool = False) -> Path:
+                force: bool = False, inputs=(), same=None) -> Path:
     """Write a merged-model directory atomically; the one writer of that format.
 
-    Files go into ``.<name>.partial-<pid>-<id>`` beside ``out`` (``esmerge.json`` last), and the
-    folder is renamed to ``out`` under a lock on the parent folder. An existing ``out`` is
-    refused (``OutputExistsError``) unless ``force``, which replaces it whole, so no file of an
-    earlier merge survives beside the new one. ``projectors``: modality -> state dict.
+    Every tensor is checked finite first (an ``InputError`` naming the tensor and the likely
+    hyper-parameter, nothing written). Files go into ``.<name>.partial-<pid>-<id>`` beside
+    ``out`` (``esmerge.json`` last, recording ``"esmerge_output": "merge"``), then
+    ``outputs.publish`` moves it to ``out``. An existing ``out`` is refused unless ``force`` and
+    it is an earlier merge that is not one of ``inputs``; it is replaced whole, so no file of it
+    survives beside the new one. ``same(out)``: True when a merge already at ``out`` is this one
+    (kept, this copy dropped). ``projectors``: modality -> state dict.
     """
     out = Path(out)
-    refuse_existing(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-    replaced = None
-    try:
+    refuse_existing(out, force, inputs)
+    where, cause = f"merge into {out}", _nonfinite_cause(meta)
+    outputs.check_finite(adapter.state, where, cause)
+    outputs.check_finite(adapter.extras, where, cause)
+    for modality, state in (projectors or {}).items():
+        outputs.check_finite(state, f"{where}: projector {modality}", "the specialist's projector holds NaN/Inf")
+    with outputs.staging(out) as partial:
         save_adapter(adapter, partial)
         for modality, state in (projectors or {}).items():
             (partial / "projectors").mkdir(exist_ok=True)
             write_file(partial / "projectors" / f"{modality}.safetensors", _tensor_bytes(state))
-        write_file(partial / MARKER, _json_text(meta).encode())
-        replaced = None
-        with _directory_lock(out.parent):
-            refuse_existing(out, force)  # another writer may have finished first
-            if out.exists():
-                replaced = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-                out.rename(replaced)
-            partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if replaced is not None and not out.exists():
-            replaced.rename(out)  # put the earlier merge back rather than leave nothing
-        raise
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
-    _remove_stale_partials(out)
-    return out
+        write_file(partial / MARKER, _json_text(dict(meta, **{outputs.KIND_KEY: outputs.MERGE.name})).encode())
+        return outputs.publish(partial, out, outputs.MERGE, force, inputs, same)
 
 
 def load_merged(path: str | Path, name: str | None = None) -> MergedModel:
@@ -323,10 +296,13 @@ def load_merged(path: str | Path, name: str | None = None) -> MergedModel:
     Refuses (``AdapterFileError``, one line naming the folder) a directory without the marker.
     """
     path = Path(path)
-    if not is_merged(path):
+    if not is_merged(path):  # repairs a killed replacement first
         raise AdapterFileError(f"{path} is not a finished merged model ({MARKER} is missing); merge it again")
     adapter = load_adapter(path, name=name)
     if (path / EXTRAS_FILE).is_file():
         adapter.extras = read_tensors(path / EXTRAS_FILE)
     projectors = {p.stem: read_tensors(p) for p in sorted((path / "projectors").glob("*.safetensors"))}
-    return MergedModel(adapter, read_json(path / MARKER), projectors, path)
+    meta = read_json(path / MARKER)
+    if isinstance(meta, dict):
+        meta.pop(outputs.KIND_KEY, None)  # what the writer gave save_merged, as merges before the key read
+    return MergedModel(adapter, meta, projectors, path)

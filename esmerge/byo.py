@@ -20,11 +20,18 @@ Spans and the text between them may differ in length between lines: every piece 
 longest version and the padding is masked out (``probe.Probes.attention_mask``), positions count
 real tokens only. Each piece is tokenised on its own, so a token never straddles a marker.
 
+Adapter names (``--adapter NAME=PATH``) follow ``ADAPTER_NAME``: a letter, then up to 63 letters,
+digits, ``_`` or ``-``; each name once. PEFT refuses dots in adapter names and warns that a name
+inside its ``lora_`` prefix may have its weights re-initialised, so neither is accepted.
+
 Adapters are refused, with one line naming the adapter, when they do not fit the base (a LoRA
 tensor's shape), were trained on other base weights (a specialist ``card.json`` beside them
-records them) or name another base (``adapter_config.json``; compared by the last path
-component, so a hub id and a local copy of it agree), differ from the others in rank, alpha or
-target modules, or hold NaN/Inf.
+records them) or name another base (``adapter_config.json``; compared by
+``models.same_base_name``, so a hub id and a local copy of it agree), differ from the others in
+rank, alpha or target modules, hold NaN/Inf, or have a config PEFT would not load them with
+(``check_lora_config``: ``target_modules`` a regex string, or a ``rank_pattern`` that disagrees
+with the tensors' ranks). A parameter-space merge loads no tokenizer, so a base folder without
+one serves every method but ``es``, ``es-layer`` and ``es-element``.
 """
 from __future__ import annotations
 
@@ -39,13 +46,45 @@ from esmerge.adapters import Adapter, AdapterFileError, AdapterMismatchError, ch
 from esmerge.adapters import refuse_existing
 from esmerge.cache import cache_dir
 from esmerge.errors import InputError, UsageError
-from esmerge.models import BaseModel, load_base, load_paper
+from esmerge.methods.hparams import check_seed
+from esmerge.models import BaseModel, load_base, load_paper, same_base_name
 from esmerge.pipeline import MergeContext, run_merge
 from esmerge.probe import Probes
 from esmerge.specialists import Specialist
 
 PROBE_METHODS = ("es", "es-layer", "es-element")  # data-aware methods whose data is the probe file
 _MARK = re.compile(r"\[\[(/?)([A-Za-z0-9_.\-]+)\]\]")
+ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_PEFT_PREFIX = "lora_"  # PEFT warns that a name inside its prefix may get re-initialised weights
+
+
+# --------------------------------------------------------------------------- adapter names
+def check_adapter_name(name: str) -> str:
+    """``name`` if it is a usable adapter name (module docstring), else a one-line ``UsageError``.
+
+    >>> check_adapter_name("molecule-v2")
+    'molecule-v2'
+    >>> check_adapter_name("mol.v2")
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: adapter name 'mol.v2': use a letter, then up to 63 letters, digits, '_' or '-' (PEFT refuses dots), not part of 'lora_'; e.g. --adapter molecule=PATH
+    """
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name in _PEFT_PREFIX:
+        raise UsageError(f"adapter name {name!r}: use a letter, then up to 63 letters, digits, '_' or '-' "
+                         f"(PEFT refuses dots), not part of {_PEFT_PREFIX!r}; e.g. --adapter molecule=PATH")
+    return name
+
+
+def named_adapters(pairs: list[tuple[str, Path]]) -> dict[str, Path]:
+    """``[(name, path), ...]`` (``--adapter NAME=PATH``, repeated) -> ``{name: path}``; a name given twice is
+    refused rather than one of its adapters silently dropped."""
+    out: dict[str, Path] = {}
+    for name, path in pairs:
+        check_adapter_name(name)
+        if name in out:
+            raise UsageError(f"--adapter {name!r} is given twice ({out[name]} and {path}); give each adapter its own name")
+        out[name] = path
+    return out
 
 
 # --------------------------------------------------------------------------- probes
@@ -87,8 +126,17 @@ def read_probe_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such probe file (JSON Lines, one {{\"text\": ...}} per line)")
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the probe file ({err.strerror or err}); check its permissions") from None
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the probe file "
+                         "as UTF-8") from None
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("//"):
             continue
         try:
@@ -148,16 +196,47 @@ def text_probes(tokenizer, embedding: torch.nn.Embedding, texts: list[str], chat
 
 
 # --------------------------------------------------------------------------- adapters and base
-def load_base_for(base: str, dtype: torch.dtype | None = None, device: str | None = None) -> BaseModel:
+def load_base_for(base: str, dtype: torch.dtype | None = None, device: str | None = None,
+                  with_tokenizer: bool = True) -> BaseModel:
     """``smoke`` or ``cpu``: this project's base of that scale (its shipped specialists' base);
-    anything else: a Hugging Face causal LM by hub id or local path (``models.load_paper``)."""
+    anything else: a Hugging Face causal LM by hub id or local path (``models.load_paper``; its
+    tokenizer only ``with_tokenizer``)."""
     if base in ("smoke", "cpu"):
         return load_base(base, dtype=dtype, device=device)
-    return load_paper(base, dtype=dtype or torch.bfloat16, device=device)
+    return load_paper(base, dtype=dtype or torch.bfloat16, device=device, with_tokenizer=with_tokenizer)
 
 
-def _same_name(a: str, b: str) -> bool:
-    return Path(str(a).rstrip("/")).name.lower() == Path(str(b).rstrip("/")).name.lower()
+def check_lora_config(name: str, path: Path, adapter: Adapter) -> None:
+    """Refuse a LoRA config that PEFT would not load these tensors with, in one line naming the file.
+
+    ``target_modules`` must be a list of module names (a string is a regex to PEFT, which esmerge
+    cannot compare between adapters), and every LoRA tensor's rank must be the one the config
+    gives its module (``rank_pattern``, matched as PEFT matches it, else ``r``).
+    """
+    where = f"adapter {name!r}: {path / 'adapter_config.json'}"
+    targets = adapter.config.get("target_modules")
+    if isinstance(targets, str):
+        raise AdapterMismatchError(f"{where} gives target_modules as the regex {targets!r}; esmerge needs a list of "
+                                   "module names, e.g. [\"q_proj\", \"v_proj\"]")
+    pattern, r = adapter.config.get("rank_pattern") or {}, adapter.config.get("r")
+    if not isinstance(pattern, dict) or not all(isinstance(v, int) for v in pattern.values()):
+        raise AdapterMismatchError(f"{where}: rank_pattern must map module names to ranks, got {pattern!r}")
+    for key, value in adapter.state.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        try:
+            rule = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", module)), None)
+        except re.error as err:
+            raise AdapterMismatchError(f"{where}: rank_pattern key is not a valid pattern ({err})") from None
+        want = pattern[rule] if rule is not None else r
+        if want is None:  # no r at all: check_compatible compares the adapters' r
+            continue
+        have = value.shape[0] if ".lora_A." in key else value.shape[-1]
+        if want != have:
+            given = f"rank_pattern[{rule!r}] = {want}" if rule is not None else f"r = {want}"
+            raise AdapterMismatchError(f"{where} gives {module} {given}, but {key} has rank {have}; correct the "
+                                       "config or re-export the adapter")
 
 
 def read_adapter(name: str, path: str | Path) -> tuple[Adapter, dict]:
@@ -174,7 +253,16 @@ def read_adapter(name: str, path: str | Path) -> tuple[Adapter, dict]:
     broken = next((key for key, value in adapter.state.items() if not torch.isfinite(value).all()), None)
     if broken is not None:
         raise AdapterMismatchError(f"adapter {name!r}: {broken} in {path} contains NaN or Inf; retrain or re-export it")
-    card = json.loads((path / "card.json").read_text()) if (path / "card.json").is_file() else {}
+    check_lora_config(name, path, adapter)
+    card = {}
+    if (path / "card.json").is_file():
+        try:
+            card = json.loads((path / "card.json").read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise AdapterFileError(f"adapter {name!r}: {path / 'card.json'} is not UTF-8 JSON ({type(err).__name__}); "
+                                   "fix it or remove it (it only records the adapter's base)") from None
+        if not isinstance(card, dict):
+            raise AdapterFileError(f"adapter {name!r}: {path / 'card.json'} is not a JSON object; fix it or remove it")
     return adapter, card
 
 
@@ -198,7 +286,7 @@ def check_fits_base(name: str, adapter: Adapter, card: dict, base: BaseModel) ->
         raise AdapterMismatchError(f"adapter {name!r} was trained on base weights {recorded[:12]}..., but {base.name} "
                                    f"has {base.weights_sha256[:12]}...; pass the base it was trained on (--base)")
     named = adapter.config.get("base_model_name_or_path")
-    if not recorded and named and not _same_name(named, base.name):
+    if not recorded and named and not same_base_name(named, base.name):
         raise AdapterMismatchError(f"adapter {name!r} names base {named!r}, not {base.name!r}; pass that base (--base)")
 
 
@@ -233,6 +321,9 @@ def merge_adapters(base: str, adapters: dict[str, str | Path], probes: str | Pat
     """
     hparams = methods.validate(method, dict(hparams or {}))
     check_method(method)
+    for name in adapters:
+        check_adapter_name(name)
+    check_seed(seed, "seed")
     if len(adapters) < 2:
         raise UsageError(f"merging needs at least two adapters, got {len(adapters)} (--adapter NAME=PATH, repeated)")
     refuse_existing(out, force)
@@ -246,7 +337,7 @@ def merge_adapters(base: str, adapters: dict[str, str | Path], probes: str | Pat
         if probes is None:
             raise UsageError(f"method {method!r} reads the base's and adapters' states on probes: pass --probe PROBES.jsonl")
         texts = read_probe_file(probes)
-    model = load_base_for(base, dtype, device)
+    model = load_base_for(base, dtype, device, with_tokenizer=texts is not None)
     for name, (adapter, card) in loaded.items():
         check_fits_base(name, adapter, card, model)
     # Checked above: each card records this base (run_merge's own check reads the hash).

@@ -10,11 +10,16 @@
     esmerge regenerate --scale cpu                    run every notebook (papermill) and build the book
 
 Every subcommand is declared here, once, and calls one library function. A refusal is one line on stderr, ``esmerge <command>: <what and what to do>``, exit code 1
-(2 for a usage error); ``--debug`` shows the traceback instead.
+(2 for a usage error); ``--debug`` shows the traceback instead. ``unexpected ...`` is reserved for defects.
+Stdout is a report: when it cannot be written (``> /dev/full``, a closed pipe) the command still
+finishes, then one warning line says so (none for a closed pipe); the exit code stays the command's,
+except for ``methods`` and ``data verify``, whose listing is their product (exit 1).
 """
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 from pathlib import Path
 
@@ -39,14 +44,21 @@ def _data(args) -> int:
             print(f"error: {s.message}", file=sys.stderr)
         print(f"{len(statuses) - len(bad)} of {len(statuses)} files ok")
         return 1 if bad else 0
-    failures = 0
+    # What `make data` runs before `make all` / `make test`: a no-op (one line) when every file is
+    # already resolved, else the downloads; anything still missing is one refusal line, not one per file.
+    failures = {}
     for path, outcome in data.fetch_missing(args.files, force=args.force):
         if isinstance(outcome, Exception):
-            print(f"error: {outcome}", file=sys.stderr)
-            failures += 1
+            failures[path] = outcome
         else:
             print(f"fetched {path} -> {outcome}")
-    return 1 if failures else 0
+    wanted = [data.manifest()[p] for p in args.files or data.manifest()]
+    if failures:
+        raise data.DataError(data.fetch_summary(failures, len(wanted)))
+    statuses = [data.check_file(entry) for entry in wanted]  # hashes are memoised: no second read
+    roots = sorted({str(s.location)[: -len(s.path) - 1] for s in statuses if s.location is not None})
+    print(f"{len(statuses)} of {len(statuses)} upstream data files ok, sha256-checked (in {', '.join(roots)})")
+    return 0
 
 
 def _train(args) -> int:
@@ -59,6 +71,10 @@ def _train(args) -> int:
         return 0
     if args.modality is None:
         raise UsageError("--modality is required (molecule, protein or cell)")
+    from esmerge.train import check_settings  # before the base loads
+
+    check_settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                   projector_lr_scale=args.projector_lr_scale)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or specialists.SHIPPED_DIR / args.scale / args.modality
@@ -78,7 +94,8 @@ def _merge(args) -> int:
     if args.adapter:  # bring your own adapters: any PEFT LoRA folders on one base
         if not args.base:
             raise UsageError("--adapter needs --base (a hub id, a local model folder, or smoke/cpu)")
-        named = dict(_name_path(item) for item in args.adapter)
+        named = byo.named_adapters([_name_path(item) for item in args.adapter])  # a name twice is refused
+        _refuse_output("merge", args.out, args.force, [*named.values(), args.probe, args.base])  # before loading
         out = byo.merge_adapters(args.base, named, args.probe, args.out, args.method, hparams, force=args.force,
                                  seed=args.seed, chat=not args.no_chat, device=args.device)
     else:
@@ -89,6 +106,16 @@ def _merge(args) -> int:
                                      specialists_dir=args.specialists)  # validates before loading a model
     print(f"merged with {args.method} -> {out}")
     return 0
+
+
+def _refuse_output(kind: str, out, force: bool, inputs) -> None:
+    """Refuse ``out`` (one line) unless it is free or, with ``--force``, an earlier output of ``kind``
+    that is none of the local ``inputs`` (``esmerge.outputs.check_replaceable``)."""
+    from esmerge import outputs
+
+    outputs.recover(out)
+    local = [p for p in inputs if p and str(p) not in scales.NAMES and Path(p).exists()]
+    outputs.check_replaceable(out, outputs.KINDS[kind], force, local)
 
 
 def _name_path(item: str) -> tuple[str, Path]:
@@ -124,6 +151,8 @@ def _evaluate(args) -> int:
 def _convert(args) -> int:
     from esmerge import convert
 
+    sources = (getattr(args, "src", None), getattr(args, "finetuned", None), args.base)
+    _refuse_output("converted-specialist", args.out, args.force, sources)  # before reading any checkpoint
     if args.source_kind == "mol-llama":
         print(f"wrote {convert.convert_mol_llama(args.src, args.out, base=args.base, force=args.force)}")
         return 0
@@ -264,12 +293,74 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: a report line that cannot be written (a closed pipe, a full
+    disk) is dropped and remembered instead of interrupting the work; ``main`` says so after it."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def _fail(self, err: OSError) -> None:
+        self.error = err
+        try:  # what stays buffered would fail again at exit: send it, and the rest, to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def write(self, text: str) -> int:
+        if self.error is None:
+            try:
+                return self.stream.write(text)
+            except OSError as err:
+                self._fail(err)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as err:
+                self._fail(err)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _stdout_failed(args, err: OSError, code: int) -> int:
+    """The exit code when stdout could not be written. A closed pipe (``| head``) is the reader's choice:
+    the command's own code, silently. Otherwise one warning line; the code stays the command's when its
+    product is on disk (merge, train, convert, evaluate, regenerate, data fetch) and is 1 when the
+    listing itself was the product (``methods``, ``data verify``)."""
+    if isinstance(err, BrokenPipeError):
+        return code
+    listing = args.command == "methods" or getattr(args, "action", None) == "verify"
+    what = "its listing was lost" if listing else "the command's outputs on disk are complete"
+    print(f"esmerge {args.command}: warning: could not write to stdout ({err.strerror or err}); {what}",
+          file=sys.stderr)
+    return 1 if listing and code == 0 else code
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as stop:  # argparse printed the usage error (or --help)
         return int(stop.code or 0)
+    guard = _GuardedStdout(sys.stdout)
+    sys.stdout = guard
     try:
+        code = _run(args)
+        guard.flush()
+        return _stdout_failed(args, guard.error, code) if guard.error is not None else code
+    finally:
+        sys.stdout = guard.stream
+
+
+def _run(args) -> int:
+    """The command, its refusals as one line (``EsmergeError``) and anything else as a reported defect."""
+    try:
+        from esmerge.methods.hparams import check_seed
+
+        check_seed(getattr(args, "seed", None))  # every command's --seed: numpy and torch take [0, 2**32)
         return int(args.run(args) or 0)
     except EsmergeError as err:
         if args.debug:

@@ -6,14 +6,18 @@ sha256, size, licence, citation and the tasks that use it. A file is resolved fr
 
 1. ``$ESMERGE_DATA_DIR`` -- when set, it must be an existing folder: a mistyped path is refused
    with ``DataError`` rather than silently skipped (files would otherwise come from elsewhere);
-2. ``../shared/data`` beside the repository (when it exists);
-3. the user cache (``$ESMERGE_CACHE/data``), where ``fetch`` downloads it by URL.
+2. otherwise ``../shared/data`` beside the repository (when it exists): a folder named explicitly
+   replaces it, so what is resolved is what the user pointed at;
+3. the data cache (``$ESMERGE_DATA_CACHE``, default ``$ESMERGE_CACHE/data``), where ``fetch``
+   downloads it by URL. It has its own variable so that a run with a fresh ``ESMERGE_CACHE`` (the
+   Makefile's cold reproduction, the tests' own cache) still reads the files fetched once.
 
 Every resolved file is checked against its sha256 before use. Also here:
 
 * ``verify`` / ``check_file``: the status of every file (ok, missing, corrupt, unreadable);
 * ``safe_pickle_load``, the restricted unpickler the TGSA (GDSC2) pickles are read with;
-* ``fetch_missing``: what ``esmerge data fetch`` does.
+* ``fetch_missing``: what ``esmerge data fetch`` does; ``fetch_summary``: its outcome in one line
+  (what ``make data`` prints, before ``make all`` or ``make test`` does any work).
 
 The readers of these files are in ``esmerge.sources``; the 13 benchmarks built from them, and their
 evaluation pools, in ``esmerge.benchmarks``.
@@ -66,19 +70,32 @@ def manifest() -> dict[str, ManifestEntry]:
                         "restore it from git") from None
 
 
+class OfflineError(DataError):
+    """A download that could not reach its server (no network, DNS, timeout): the next would fail too.
+    ``reason`` is the network's own words, for the one-line summary."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def data_cache_dir() -> Path:
+    """Where ``fetch`` puts downloaded files: ``$ESMERGE_DATA_CACHE`` or ``$ESMERGE_CACHE/data``."""
+    chosen = os.environ.get("ESMERGE_DATA_CACHE")
+    return Path(chosen) if chosen else cache_dir() / "data"
+
+
 def search_dirs() -> list[Path]:
     """The folders files are looked up in, in order; ``DataError`` if ``$ESMERGE_DATA_DIR`` is not a folder."""
-    dirs = []
     if os.environ.get("ESMERGE_DATA_DIR"):
         chosen = Path(os.environ["ESMERGE_DATA_DIR"])
         if not chosen.is_dir():
             raise DataError(f"ESMERGE_DATA_DIR={chosen} is not a folder; create it, correct the path or unset it")
-        dirs.append(chosen)
-    shared = REPO_ROOT.parent / "shared" / "data"
-    if shared.is_dir():
-        dirs.append(shared)
-    dirs.append(cache_dir() / "data")
-    return dirs
+        dirs = [chosen]
+    else:
+        shared = REPO_ROOT.parent / "shared" / "data"
+        dirs = [shared] if shared.is_dir() else []
+    return dirs + [data_cache_dir()]
 
 
 def how_to_get(entry: ManifestEntry) -> str:
@@ -225,16 +242,19 @@ def verify() -> list[FileStatus]:
 
 
 def fetch(entry: ManifestEntry, force: bool = False) -> Path:
-    """Download ``entry`` by its URL into the cache (``$ESMERGE_CACHE/data``), checking its sha256.
+    """Download ``entry`` by its URL into the data cache (``data_cache_dir()``), checking its sha256.
 
     The file is written under a temporary name and renamed into place only when the hash matches,
     so an interrupted or tampered download leaves nothing behind. Returns the cached path.
+    ``OfflineError`` when the server cannot be reached (as opposed to an HTTP error for this file).
     """
     import shutil
     import tempfile
+    import urllib.error
+    import urllib.parse
     import urllib.request
 
-    target = cache_dir() / "data" / entry.path
+    target = data_cache_dir() / entry.path
     if target.is_file() and not force and file_sha256(target) == entry.sha256:
         return target
     derive = DERIVED.get(entry.path)
@@ -255,9 +275,16 @@ def fetch(entry: ManifestEntry, force: bool = False) -> Path:
             raise DataError(f"{entry.path}: {origin} but sha256 is {got}, expected "
                             f"{entry.sha256}; the upstream file changed or the download was altered")
         os.replace(tmp, target)
-    except OSError as err:  # URLError is an OSError: no network, 404, refused
+    except urllib.error.HTTPError as err:  # the server answered: a problem of this file only
         raise DataError(f"{entry.path}: download from {entry.url} failed ({err}); "
                         f"copy the file to $ESMERGE_DATA_DIR/{entry.path} by hand") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:  # no route, DNS, timeout
+        reason = f"{urllib.parse.urlsplit(entry.url).netloc}: {getattr(err, 'reason', err)}"
+        raise OfflineError(f"{entry.path}: cannot reach {reason}; copy the file to "
+                           f"$ESMERGE_DATA_DIR/{entry.path} by hand", reason) from None
+    except OSError as err:  # writing the cache: disk full, permissions
+        raise DataError(f"{entry.path}: cannot write it to {target.parent} ({err}); "
+                        f"free space or set ESMERGE_DATA_CACHE to a writable folder") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -296,22 +323,46 @@ def fetch_missing(paths: list[str] | None = None, force: bool = False):
     download (all of ``paths``, default every file that is not ``ok``; with ``force`` every one).
 
     ``result`` is the cached ``Path`` or the ``DataError`` that stopped that file; a corrupt copy
-    outside the cache is reported, not shadowed by a fresh download. Unknown ``paths`` are refused
-    with ``UsageError`` before anything is fetched.
+    outside the cache is reported, not shadowed by a fresh download. After one ``OfflineError`` the
+    remaining downloads are not tried (each would wait for the same timeout) and get that error.
+    Unknown ``paths`` are refused with ``UsageError`` before anything is fetched.
     """
     entries = manifest()
     unknown = [p for p in paths or [] if p not in entries]
     if unknown:
         raise UsageError(f"not in the data manifest: {', '.join(unknown)}; see data_manifest/files.yaml")
+    offline: OfflineError | None = None
     for entry in (entries[p] for p in paths or entries):
         status = check_file(entry)
-        in_cache = status.location is not None and cache_dir() / "data" in status.location.parents
+        in_cache = status.location is not None and data_cache_dir() in status.location.parents
         if status.status == "ok" and not force:
             continue
         if status.status in ("corrupt", "unreadable") and not in_cache:
             yield entry.path, DataError(status.message)  # a fresh download would hide behind it
             continue
+        if offline is not None and entry.url:  # derived files are made here and still tried
+            yield entry.path, OfflineError(f"{entry.path}: not downloaded, no network ({offline.reason})",
+                                           offline.reason)
+            continue
         try:
             yield entry.path, fetch(entry, force=True)
+        except OfflineError as err:
+            offline = err
+            yield entry.path, err
         except DataError as err:
             yield entry.path, err
+
+
+def fetch_summary(failures: dict[str, DataError], total: int) -> str:
+    """One line for the files ``fetch_missing`` could not provide: which (the first few by name), why,
+    and how to supply them. ``failures`` maps each path to its error, in manifest order."""
+    if len(failures) == 1:
+        return str(next(iter(failures.values())))
+    paths = list(failures)
+    named = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    offline = [e for e in failures.values() if isinstance(e, OfflineError)]
+    why = (f"no download reached its server ({offline[0].reason})" if offline
+           else f"first: {next(iter(failures.values()))}")
+    return (f"{len(paths)} of {total} upstream data files are missing or unusable ({named}); {why}. "
+            f"Set ESMERGE_DATA_DIR to a folder holding them (paths as in data_manifest/files.yaml; "
+            f"`esmerge data verify` lists them) or run `esmerge data fetch` with network access")

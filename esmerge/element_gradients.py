@@ -165,6 +165,15 @@ def per_sample_weight_gradients(inputs: torch.Tensor, output_grads: torch.Tensor
     return torch.einsum("bto,bti->boi", output_grads.to(dtype), inputs.to(dtype))
 
 
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm a (PEFT-wrapped) LLaMA-style model applies after its last block (``model.model.norm``)."""
+    for module in model.modules():
+        layers, norm = getattr(module, "layers", None), getattr(module, "norm", None)
+        if isinstance(layers, torch.nn.ModuleList) and isinstance(norm, torch.nn.Module):
+            return norm
+    raise ValueError("could not find the final norm of the model")
+
+
 def batch_distance_gradients(
     model: torch.nn.Module,
     probe_embeds: torch.Tensor,
@@ -172,6 +181,7 @@ def batch_distance_gradients(
     base_tokens: dict[str, torch.Tensor],
     distance: str = "frobenius",
     on_gradient=None,
+    last_norm: torch.nn.Module | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     r"""Per-sample, per-modality gradients of :math:`\sum_l r^{l,(k)}` for a batch of probes (§4.3).
 
@@ -187,6 +197,9 @@ def batch_distance_gradients(
         on_gradient: if given, ``on_gradient(modality, key, grads [B, *shape], distances [B, L])``
             is called for each LoRA tensor instead of storing the gradients (so a caller that
             only sums them never holds all B x n_params values at once).
+        last_norm: if given (``final_norm(model)``), the last layer's states are read after it,
+            as Hugging Face's ``hidden_states[-1]`` (official code); ``base_tokens``' last layer
+            must then be normed too. Default: every layer is a block output, before the norm.
 
     Returns:
         (gradients, distances): ``gradients[modality][key]`` is ``[B, *shape of key]`` (float32 or wider),
@@ -201,6 +214,8 @@ def batch_distance_gradients(
     missing = [k for k in linears if k not in seen]
     if missing:
         raise RuntimeError(f"LoRA linears not called in the forward (a LoRA variant?): {missing[:3]}")
+    if last_norm is not None:
+        outputs[-1] = last_norm(outputs[-1])
     keys = list(linears)
     captured_outputs = [seen[k][1] for k in keys]
     gradients, distances = {}, {}
@@ -261,6 +276,8 @@ def element_scores(
     distance: str = "frobenius",
     progress: bool = True,
     batch_size: int = BATCH_SIZE,
+    grad_batch: int = 1,
+    last_norm: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""Element-wise importance :math:`s^{l,n}_j = \sum_i\sum_k |\partial r^{l,(k)}_{i\to j}/\partial\theta^{l,n}_j|` (§4.3).
 
@@ -272,12 +289,16 @@ def element_scores(
         base_tokens: modality -> base token-level states ``[L, K, T_m, d]``.
         distance: ``"frobenius"`` (paper) or ``"mse"`` (official code).
         batch_size: probe samples per batched pass (memory only; the scores do not depend on it).
+        grad_batch: probes per absolute value: 1 (paper) takes it per probe; g > 1 takes it of the
+            distance of each run of g consecutive probes' tokens together (official code: the MSE
+            of a batch of 2), see ``esmerge.element_batches``.
+        last_norm: read the last layer after this norm (see ``batch_distance_gradients``).
 
     Returns:
         LoRA key -> scores with that tensor's shape (float32, >= 0).
     """
     return element_scores_by_distance(model, probe_embeds, positions, base_tokens, (distance,), progress,
-                                      batch_size)[distance]
+                                      batch_size, grad_batch, last_norm)[distance]
 
 
 def element_scores_by_distance(
@@ -288,6 +309,8 @@ def element_scores_by_distance(
     distances: tuple[str, ...] = DISTANCES,
     progress: bool = True,
     batch_size: int = BATCH_SIZE,
+    grad_batch: int = 1,
+    last_norm: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     r"""``element_scores`` for several distances from one pass over the probes.
 
@@ -304,6 +327,11 @@ def element_scores_by_distance(
         raise ValueError(f"unknown distance(s) {sorted(unknown)}; choose from {DISTANCES}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if grad_batch != 1:
+        from esmerge.element_batches import batch_mean_scores
+
+        return batch_mean_scores(model, probe_embeds, positions, base_tokens, grad_batch, distances, progress,
+                                 batch_size, last_norm)
     params = lora_parameters(model)
     layer = {key: layer_of(key) for key in params}
     scores = {dist: {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()} for dist in distances}
@@ -321,5 +349,5 @@ def element_scores_by_distance(
     for start in track(range(0, n, batch_size), desc="element scores", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
         batch_distance_gradients(model, probe_embeds[chunk], positions, {m: base_tokens[m][:, chunk] for m in positions},
-                                 "frobenius", on_gradient=accumulate)
+                                 "frobenius", on_gradient=accumulate, last_norm=last_norm)
     return scores

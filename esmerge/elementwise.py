@@ -24,7 +24,7 @@ import torch
 
 from esmerge.adapters import layer_of
 from esmerge.errors import InputError
-from esmerge.layerwise import softmax_over_specialists
+from esmerge.layerwise import check_tau, softmax_over_specialists
 
 DISTANCES = ("frobenius", "mse")
 
@@ -101,7 +101,7 @@ def element_coefficients(
     Args:
         scores: one dict per specialist (same keys and shapes), LoRA key -> raw scores ``s``
             ``[*shape of key]``; a NaN/Inf score raises ``InputError`` naming its key.
-        tau: softmax temperature (paper: 0.5; official code: 0.1).
+        tau: softmax temperature (paper: 0.5; official code: 0.1), a finite number > 0.
         per_tensor: z-score within each LoRA tensor instead of within each layer (code option).
 
     Returns:
@@ -112,6 +112,7 @@ def element_coefficients(
     >>> [round(v, 4) for v in beta[key][0].tolist()]  # z-scores -1, 1 vs 1, -1: softmax of (-1, 1)
     [0.1192, 0.8808]
     """
+    check_tau(tau)
     if not scores:
         raise ValueError("no specialist scores given")
     keys = list(scores[0])

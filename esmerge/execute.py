@@ -3,7 +3,10 @@
 papermill writes to a hidden ``.{stem}.partial.ipynb`` beside the final file, which is renamed
 into place on success, so an interruption never leaves half a notebook where the book would
 render it. A failing cell raises ``NotebookFailed`` naming the notebook and the cell, and the
-partly executed copy is kept in ``runs/{scale}/failed/{stem}.ipynb`` for inspection.
+partly executed copy is kept in ``runs/{scale}/failed/{stem}.ipynb`` for inspection. That folder
+may sit on another file system (``$ESMERGE_RUNS_DIR``), where a rename fails with ``EXDEV``: the
+copy is then copied and removed (``outputs.move_file``), and if it cannot be moved at all it stays
+where it is, named in the message; the cell's error is reported in every case.
 
 With a ``progress_file``, the kernel is started with ``$ESMERGE_PROGRESS_FILE`` pointing at it
 (so ``esmerge.progress`` bars inside the notebook report there, not in its outputs), and a
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from papermill.engines import NBClientEngine, papermill_engines
 
-from esmerge import progress
+from esmerge import outputs, progress
 from esmerge.notebook_graph import RegenerateError
 
 KERNEL = "python3"
@@ -30,7 +33,7 @@ ENGINE = "esmerge"
 class NotebookFailed(RegenerateError):
     """A cell of a notebook raised; carries the notebook, the cell and the error."""
 
-    def __init__(self, stem: str, cell: int | None, source: str, error: str, kept: Path | None):
+    def __init__(self, stem: str, cell: int | None, source: str, error: str, kept: Path | None, note: str = ""):
         self.stem, self.cell, self.source, self.error, self.kept = stem, cell, source, error, kept
         where = f"cell {cell}" if cell is not None else "before any cell ran"
         lines = [f"notebook {stem} failed in {where}: {error}"]
@@ -38,7 +41,7 @@ class NotebookFailed(RegenerateError):
             head = source.strip().splitlines()
             lines.append("  cell source: " + "\n               ".join(head[:6]) + (" ..." if len(head) > 6 else ""))
         if kept:
-            lines.append(f"  partly executed copy: {kept}")
+            lines.append(f"  partly executed copy: {kept}{note}")
         super().__init__("\n".join(lines))
 
 
@@ -110,6 +113,7 @@ def execute_notebook(stem: str, source: Path, executed: Path, parameters: dict, 
     partial_in = executed.with_name(f".{stem}.input.partial.ipynb")
     partial_out = executed.with_name(f".{stem}.partial.ipynb")
     start = time.perf_counter()
+    kept = None
     try:
         nbformat.write(nb, partial_in)
         # The kernel inherits the environment when it starts: the progress file must be set by then.
@@ -117,15 +121,28 @@ def execute_notebook(stem: str, source: Path, executed: Path, parameters: dict, 
             _run_papermill(papermill, stem, partial_in, partial_out, parameters, cwd)
         os.replace(partial_out, executed)
     except PapermillExecutionError as err:
-        failed_dir.mkdir(parents=True, exist_ok=True)
-        kept = failed_dir / f"{stem}.ipynb"
-        os.replace(partial_out, kept)
-        raise NotebookFailed(stem, err.cell_index, err.source, f"{err.ename}: {err.evalue}", kept) from None
+        kept, note = _keep_failed(partial_out, failed_dir / f"{stem}.ipynb")
+        raise NotebookFailed(stem, err.cell_index, err.source, f"{err.ename}: {err.evalue}", kept, note) from None
     finally:
         partial_in.unlink(missing_ok=True)
-        partial_out.unlink(missing_ok=True)
+        if kept != partial_out:
+            partial_out.unlink(missing_ok=True)
     (failed_dir / f"{stem}.ipynb").unlink(missing_ok=True)
     return time.perf_counter() - start
+
+
+def _keep_failed(partial: Path, kept: Path) -> tuple[Path | None, str]:
+    """Move the partly executed copy to ``kept`` (across file systems too); if that fails, leave it in place.
+
+    Returns where it is and a note for the message; never raises, so the cell's error is what is reported.
+    """
+    if not partial.exists():
+        return None, ""
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        return outputs.move_file(partial, kept), ""
+    except OSError as err:
+        return partial, f" (left here: moving it to {kept.parent} failed: {err.strerror or err}; the next run removes it)"
 
 
 def _run_papermill(papermill, stem: str, partial_in: Path, partial_out: Path, parameters: dict, cwd: Path) -> None:

@@ -14,9 +14,12 @@ For specialist :math:`\theta_j`, input modality :math:`m_i` and layer :math:`l`:
 Layer indexing: ``l = 1..L`` are the outputs of the L transformer blocks (tensor index
 ``l - 1``). "Layer 0" is the input embedding: base and specialists receive the *same* probe
 embeddings, so :math:`\mathrm{SWD}^0 = 0` and :math:`d^1 = \mathrm{SWD}^1`. The official code
-may differ; see ``standardize`` and ``equal_size`` below and the book's "Paper vs official code".
+differs in places; see ``standardize``, ``equal_size`` and ``projections`` of ``swd_table``,
+``other_weight`` of ``layer_scores``, and the book's "Paper vs official code".
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import ot
@@ -46,6 +49,19 @@ def sliced_projections(dim: int, n_projections: int = 1024, seed: int = 0) -> to
     if isinstance(n_projections, bool) or not isinstance(n_projections, int) or n_projections < 1:
         raise UsageError(f"n_projections must be an integer >= 1, got {n_projections!r} (an SWD over no directions is NaN)")
     return torch.from_numpy(np.asarray(ot.sliced.get_random_projections(dim, n_projections, seed=seed)))
+
+
+def fresh_projections(rng: np.random.RandomState, dim: int, n_projections: int) -> torch.Tensor:
+    """``n_projections`` unit directions ``[dim, n_projections]`` (float64) drawn from ``rng``, as the official code
+    draws them for every layer and pair: a standard normal ``[n_projections, dim]`` matrix, rows scaled to norm 1.
+
+    >>> d = fresh_projections(np.random.RandomState(0), 3, 5)
+    >>> tuple(d.shape), bool(torch.allclose(d.norm(dim=0), torch.ones(5, dtype=torch.float64)))
+    ((3, 5), True)
+    """
+    directions = rng.randn(n_projections, dim)
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    return torch.from_numpy(np.ascontiguousarray(directions.T))
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: torch.Tensor, p: float = 2.0) -> float:
@@ -85,6 +101,7 @@ def swd_table(
     seed: int = 0,
     standardize: bool = False,
     equal_size: int | None = None,
+    projections: str = "shared",
 ) -> torch.Tensor:
     """SWD between base and each specialist's mean-pooled states, per modality and layer.
 
@@ -94,18 +111,29 @@ def swd_table(
         n_projections, p, seed: SWD settings (paper A.3: 1024 projections, p = 2).
         standardize: jointly z-score base and specialist states per layer before SWD
             (official code; off in the paper).
-        equal_size: if set, subsample both sets to this many probe samples (seeded)
-            before SWD (official code; ``None`` uses all K).
+        equal_size: if set, subsample both sets to this many probe samples (seeded, the same
+            samples for base and specialist) before SWD (``None`` uses all K).
+        projections: ``"shared"``: one set of directions (``sliced_projections(seed)``) for every
+            layer and pair; ``"fresh"`` (official code): new directions for every (modality,
+            specialist, layer), drawn in that order from one ``np.random.RandomState(seed)``
+            (``fresh_projections``).
 
     Returns:
         ``[n_specialists, n_modalities, L]`` float64 tensor.
+
+    >>> x = {"m": torch.zeros(2, 4, 3)}; y = [{"m": torch.ones(2, 4, 3)}]
+    >>> swd_table(x, y, n_projections=8, projections="fresh").shape
+    torch.Size([1, 1, 2])
     """
+    if projections not in ("shared", "fresh"):
+        raise UsageError(f"projections must be 'shared' or 'fresh', got {projections!r}")
     modalities = list(base_states)
     first = base_states[modalities[0]]
     n_layers, _, dim = first.shape
-    projections = sliced_projections(dim, n_projections, seed)
+    shared = sliced_projections(dim, n_projections, seed)
+    rng = np.random.RandomState(seed) if projections == "fresh" else None
     gen = torch.Generator().manual_seed(seed)
-    table = torch.zeros(len(specialist_states), len(modalities), n_layers, dtype=torch.float64)
+    subsets = {}  # drawn specialist-major, as before, so a seed keeps its subsamples
     for j, spec in enumerate(specialist_states):
         for i, modality in enumerate(modalities):
             base, other = base_states[modality], spec[modality]
@@ -114,11 +142,18 @@ def swd_table(
             if equal_size is not None:
                 idx = torch.randperm(base.shape[1], generator=gen)[:equal_size]
                 base, other = base[:, idx], other[:, idx]
+            subsets[j, i] = (base, other)
+    table = torch.zeros(len(specialist_states), len(modalities), n_layers, dtype=torch.float64)
+    # Modality-major, then specialist, then layer: the official code's order of fresh draws.
+    for i in range(len(modalities)):
+        for j in range(len(specialist_states)):
+            base, other = subsets[j, i]
             for layer in range(n_layers):
                 x, y = base[layer].double(), other[layer].double()
                 if standardize:
                     x, y = standardize_jointly(x, y)
-                table[j, i, layer] = sliced_wasserstein(x, y, projections, p)
+                directions = shared if rng is None else fresh_projections(rng, dim, n_projections)
+                table[j, i, layer] = sliced_wasserstein(x, y, directions, p)
     return table
 
 
@@ -138,29 +173,75 @@ def layer_changes(swd: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_over_specialists(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """Softmax along dim 0 (specialists) with temperature ``tau`` (> 0)."""
-    if not tau > 0:  # also refuses NaN
-        raise UsageError(f"temperature tau must be > 0, got {tau}")
-    return torch.softmax(scores / tau, dim=0)
+    """Softmax along dim 0 (specialists) with temperature ``tau``: a finite number > 0.
+
+    >>> softmax_over_specialists(torch.zeros(2, 1), float("inf"))
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: temperature tau must be a finite number > 0, got inf
+    """
+    check_tau(tau)
+    scaled = scores / tau
+    if not torch.isfinite(scaled).all() and torch.isfinite(scores).all():
+        raise UsageError(f"temperature tau={tau} is too small: scores / tau overflow (use tau >= {MIN_TAU})")
+    return torch.softmax(scaled, dim=0)
 
 
-def layer_scores(swd: torch.Tensor) -> torch.Tensor:
-    r"""Layer-wise importance :math:`s^l_j = \sum_i \operatorname{zscore}_l(d^l_{i\to j})`.
+# The HParams' lower bound on both temperatures. Scores are z-scores (a sum of a few), so for
+# tau >= 1e-6 scores / tau stay far below float64's limit; and a gap of 1e-3 between two scores
+# already gives exp(-1000) = 0, an argmax, so smaller values change nothing but can overflow.
+MIN_TAU = 1e-6
 
-    ``swd``: ``[S, M, L]`` -> ``[S, L]``.
+
+def check_tau(tau) -> float:
+    """``tau`` if it is a finite number > 0, else a one-line ``UsageError``.
+
+    >>> check_tau(0.5)
+    0.5
+    >>> check_tau(0)
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: temperature tau must be a finite number > 0, got 0
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or not tau > 0:
+        raise UsageError(f"temperature tau must be a finite number > 0, got {tau!r}")
+    return tau
+
+
+def layer_scores(swd: torch.Tensor, own_modality: list[int] | None = None, other_weight: float = 1.0) -> torch.Tensor:
+    r"""Layer-wise importance :math:`s^l_j = \sum_i w_{ij}\,\operatorname{zscore}_l(d^l_{i\to j})` (§4.2, Eq. 2's scores).
+
+    ``swd``: ``[S, M, L]`` -> ``[S, L]``. The paper sums over all modalities (:math:`w = 1`). The
+    official code weighs the other modalities' terms by ``other_weight`` (its ``--alpha``; README
+    value 1.0, equal to the paper) and its own by 1; ``own_modality[j]`` is specialist j's
+    modality index, needed only when ``other_weight != 1``.
+
+    >>> swd = torch.tensor([[[1., 2., 4.], [0., 1., 1.]]])   # d = [1, 1, 2] on its own modality, [0, 1, 0] on the other
+    >>> [round(v, 3) for v in layer_scores(swd, [0], other_weight=0.0)[0].tolist()]
+    [-0.707, -0.707, 1.414]
     """
     if swd.ndim != 3:
         raise ValueError(f"swd must be [n_specialists, n_modalities, n_layers], got {tuple(swd.shape)}")
     _require_finite("SWD table", swd)
-    return zscore(layer_changes(swd), dim=-1).sum(dim=1)
+    z = zscore(layer_changes(swd), dim=-1)
+    if other_weight == 1.0:
+        return z.sum(dim=1)
+    if own_modality is None or len(own_modality) != swd.shape[0]:
+        raise UsageError(f"other_weight={other_weight} needs each specialist's own modality (one per specialist)")
+    weights = torch.full(swd.shape[:2], float(other_weight), dtype=z.dtype)
+    for j, i in enumerate(own_modality):
+        weights[j, i] = 1.0
+    return (z * weights[..., None]).sum(dim=1)
 
 
-def layer_coefficients(swd: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+def layer_coefficients(swd: torch.Tensor, tau: float = 0.5, own_modality: list[int] | None = None,
+                       other_weight: float = 1.0) -> torch.Tensor:
     r"""Layer-wise global merging coefficients :math:`\alpha^l_j` (paper Eq. 2).
 
     Args:
         swd: ``[n_specialists, n_modalities, n_layers]`` SWD table (``swd_table``).
-        tau: softmax temperature (paper: 0.5).
+        tau: softmax temperature (paper: 0.5), a finite number > 0.
+        own_modality, other_weight: see ``layer_scores`` (paper: weight 1, every modality alike).
 
     Returns:
         ``[n_specialists, n_layers]``; each column sums to 1.
@@ -173,7 +254,8 @@ def layer_coefficients(swd: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     ...
     esmerge.errors.InputError: SWD table has 6 NaN/Inf entries of 6; the states or SWD it came from are broken
     """
-    return softmax_over_specialists(layer_scores(swd), tau)
+    check_tau(tau)
+    return softmax_over_specialists(layer_scores(swd, own_modality, other_weight), tau)
 
 
 def own_vs_other(swd: torch.Tensor, own_modality: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

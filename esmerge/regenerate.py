@@ -18,12 +18,21 @@ A failing notebook stops the run (its dependents are not started) with a message
 notebook and the cell. ``Ctrl-C`` stops the running notebook without keeping any of it, keeps
 every notebook that finished, and says how to resume. ``runs/{scale}/produced.json`` lists every
 figure and table with the notebook, parameters and input key that made it.
+
+One regeneration at a time per runs folder: ``regenerate`` holds an exclusive ``flock`` on
+``runs/.regenerate.lock`` while it runs notebooks, ships or builds the book. A second run on the
+same runs folder *waits* (it says so, once) and then starts: it finds the first one's notebooks
+up to date and skips them, so the same command typed twice gives one result, not two runs racing
+over the same files. ``--check`` only reads and takes no lock. The kernel drops the lock when its
+holder dies, so a killed run never blocks the next.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import datetime as _dt
+import fcntl
 import multiprocessing
 import os
 import tempfile
@@ -288,12 +297,40 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError("--shipped renders the shipped results: use it with --book-only")
 
 
+LOCK_FILE = ".regenerate.lock"
+
+
+@contextlib.contextmanager
+def run_lock(runs: Path, log=print):
+    """Hold the run-level lock on ``runs`` (module docstring); if another run holds it, say so and wait."""
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / LOCK_FILE, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"  waiting     another esmerge regenerate is running on {runs}; this one starts when it "
+                "finishes (Ctrl-C to stop)")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def regenerate(args: argparse.Namespace, layout: Layout | None = None, log=print) -> int:
-    """Run the notebooks and/or build the book as ``args`` (from ``esmerge.cli.parser()``) says; the exit code."""
+    """Run the notebooks and/or build the book as ``args`` (from ``esmerge.cli.parser()``) says; the exit code.
+
+    Runs under ``run_lock(layout.runs)``: a second regeneration on the same runs folder waits.
+    """
     layout = layout or Layout.default()
     check_options(args)
     if getattr(args, "check", False):
         return check_shipped(args.scale, layout, log=log)
+    with run_lock(layout.runs, log):
+        return _regenerate_locked(args, layout, log)
+
+
+def _regenerate_locked(args: argparse.Namespace, layout: Layout, log) -> int:
     if getattr(args, "ship", False):
         ship(args.scale, layout, seed=args.seed, force=args.force, log=log)
         return 0

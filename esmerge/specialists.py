@@ -8,9 +8,11 @@ caption task of ``esmerge.captions`` with the trainer of ``esmerge.train``. Only
 projector are trained.
 
 A specialist on disk is a standard PEFT adapter directory plus ``projector.safetensors`` and
-``card.json`` (data, exclusions, steps, loss curve, seed, base weights hash, timings). It is
-written whole into a temporary sibling, ``card.json`` last, and renamed into place under a lock
-(``cache.key_lock``); a finished one is replaced only with ``force``. This module also checks
+``card.json`` (data, exclusions, steps, loss curve, seed, base weights hash, timings). Its tensors
+are checked finite, it is written whole into a temporary sibling, ``card.json`` last (recording
+``"esmerge_output": "specialist"``), and published by ``esmerge.outputs.publish`` while the
+trainer holds ``cache.key_lock`` on it; ``force`` replaces only an earlier trained specialist
+(never a merge, a converted specialist or a folder of other files). This module also checks
 the shipped ``cpu`` specialists against their sha256 and says how each scale gets its three.
 """
 from __future__ import annotations
@@ -19,8 +21,6 @@ import copy
 import json
 import os
 import platform
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,12 +30,12 @@ import yaml
 from safetensors.torch import save as tensors_to_bytes
 
 from esmerge import adapters as adapter_io
-from esmerge import encoders, scales
+from esmerge import encoders, outputs, scales
 from esmerge.adapters import Adapter, load_adapter, read_tensors, save_adapter
 from esmerge.cache import cache_dir, content_key, file_sha256, key_lock
 from esmerge.captions import (CODE_VERSION, INSTRUCTION, MODALITIES, N_TOKENS, Example, SpecialistError,
                               check_modality, load_examples)
-from esmerge.errors import OutputExistsError
+from esmerge.errors import InputError
 from esmerge.models import PAPER_MODEL_ID, BaseModel, load_base, lora_config
 from esmerge.train import DESCRIPTION, clear_checkpoint, mean, train_lora
 
@@ -58,8 +58,30 @@ class Specialist:
 
 
 # --------------------------------------------------------------------------- the directory
+class CardError(SpecialistError, InputError):
+    """A ``card.json`` that is not UTF-8 JSON holding an object."""
+
+
 def is_finished(out_dir) -> bool:
+    """True when ``out_dir`` holds a card and adapter weights (after repairing a killed replacement)."""
+    outputs.recover(out_dir)
     return (Path(out_dir) / "card.json").exists() and (Path(out_dir) / "adapter_model.safetensors").exists()
+
+
+def read_card(folder) -> dict:
+    """``folder/card.json`` as a dict; a one-line ``CardError`` naming the file when it is not readable JSON."""
+    file = Path(folder) / "card.json"
+    try:
+        card = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CardError(f"{file}: not UTF-8 text (byte {err.start}); restore or retrain this specialist") from None
+    except json.JSONDecodeError as err:
+        raise CardError(f"{file}: malformed JSON ({err.msg}, line {err.lineno}); restore or retrain this specialist") from None
+    except OSError as err:
+        raise CardError(f"{file}: cannot be read ({err.strerror}); restore or retrain this specialist") from None
+    if not isinstance(card, dict):
+        raise CardError(f"{file}: holds no card object; restore or retrain this specialist")
+    return card
 
 
 def _projector_spec(projector) -> dict | None:
@@ -70,45 +92,34 @@ def _projector_spec(projector) -> dict | None:
             "embed_scale": float(projector.embed_scale)}
 
 
+def _only_checkpoint(out: Path) -> bool:
+    """A folder holding nothing but a run's checkpoint: the trainer's own unfinished state."""
+    return {p.name for p in out.iterdir()} <= {CHECKPOINT}
+
+
 def _check_replaceable(out: Path, force: bool) -> None:
-    """Refuse an output that is finished (without ``force``) or holds anything but a run's checkpoint."""
-    if is_finished(out):
-        if not force:
-            raise OutputExistsError(f"{out} already holds a finished specialist; "
-                                    "pass force=True (--force) to retrain and overwrite it")
-    elif out.exists() and (not out.is_dir() or {p.name for p in out.iterdir()} - {CHECKPOINT}):
-        raise OutputExistsError(f"{out} exists and is not a specialist directory; choose another output or remove it")
-
-
-def _clear_stale(out: Path) -> None:
-    """Remove what an interrupted writer of ``out`` left beside it (the caller holds ``out``'s lock)."""
-    for stale in (*out.parent.glob(f".{out.name}.staging-*"), *out.parent.glob(f".{out.name}.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Refuse an output that is finished (without ``force``), or anything but a specialist or a run's checkpoint."""
+    outputs.recover(out)
+    outputs.check_replaceable(out, outputs.SPECIALIST, force, in_progress=_only_checkpoint)
 
 
 def _publish(spec: Specialist, out: Path, force: bool) -> Path:
-    """Write ``spec`` into a temporary sibling of ``out`` (``card.json`` last) and rename it into place."""
+    """Write ``spec`` into a temporary sibling of ``out`` (``card.json`` last) and publish it (``outputs``)."""
     _check_replaceable(out, force)
-    _clear_stale(out)
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    projector = ({k: v.detach().contiguous().cpu() for k, v in spec.projector.state_dict().items()}
+                 if spec.projector is not None else None)
+    cause = f"training diverged (lr {spec.card.get('lr')}); lower --lr or check the training data"
+    outputs.check_finite(spec.adapter.state, f"specialist {out}", cause)
+    outputs.check_finite(projector or {}, f"specialist {out}: projector", cause)
+    with outputs.staging(out) as staging:
         save_adapter(spec.adapter, staging)
-        if spec.projector is not None:
-            state = {k: v.detach().contiguous().cpu() for k, v in spec.projector.state_dict().items()}
-            adapter_io.write_file(staging / "projector.safetensors", tensors_to_bytes(state))
-        card = dict(spec.card, projector=_projector_spec(spec.projector))
+        if projector is not None:
+            adapter_io.write_file(staging / "projector.safetensors", tensors_to_bytes(projector))
+        card = dict(spec.card, projector=_projector_spec(spec.projector), **{outputs.KIND_KEY: outputs.SPECIALIST.name})
         text = json.dumps(card, indent=1, sort_keys=True, default=str) + "\n"
         adapter_io.write_file(staging / "card.json", text.encode())  # the completion marker, last
-        old = None
-        if out.exists():  # a finished one (force) or a run's checkpoint: moved aside, removed after
-            old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+        # ``out`` may hold this run's checkpoint (replaced without force) or, with force, the old one
+        return outputs.publish(staging, out, outputs.SPECIALIST, force, in_progress=_only_checkpoint)
 
 
 def save_specialist(spec: Specialist, out_dir, force: bool = False) -> Path:
@@ -128,9 +139,11 @@ def load_specialist(path, base: BaseModel) -> Specialist:
     Raises ``SpecialistError`` if it is incomplete or was trained on different base weights.
     """
     path = Path(path)
-    if not (path / "card.json").exists():
+    if not is_finished(path):  # repairs a killed replacement first
         raise SpecialistError(f"{path} is not a finished specialist (no card.json); train it with `esmerge train`")
-    card = json.loads((path / "card.json").read_text())
+    card = read_card(path)
+    if not isinstance(card.get("modality"), str):
+        raise CardError(f"{path / 'card.json'}: names no modality; restore or retrain this specialist")
     if base.weights_sha256 and card.get("base_weights_sha256") not in (None, base.weights_sha256):
         raise SpecialistError(f"{path} was trained on base weights {card['base_weights_sha256'][:12]}..., "
                               f"but the given base ({base.name}) has {base.weights_sha256[:12]}...")
@@ -198,7 +211,6 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
 
 def _train_into(base, modality, out: Path, settings: dict, force: bool, examples, data_info, cell_top_k):
     _check_replaceable(out, force)
-    _clear_stale(out)
     if examples is None:
         examples, data_info = load_examples(modality, "train", base.scale, cell_top_k)
     if force and is_finished(out):
@@ -228,7 +240,7 @@ def _train_into(base, modality, out: Path, settings: dict, force: bool, examples
                     "device": str(base.model.get_input_embeddings().weight.device)},
     }
     spec = Specialist(modality, adapter, projector, card)
-    _publish(spec, out, force=True)  # we hold the lock; ``out`` holds our checkpoint or (force) the old one
+    _publish(spec, out, force)  # we hold the lock; ``out`` holds our checkpoint or (force) the old one
     return spec
 
 
@@ -290,7 +302,7 @@ def write_manifest(scale: str = "cpu") -> Path:
         folder = SHIPPED_DIR / scale / modality
         if not is_finished(folder):
             raise SpecialistError(f"{folder} holds no finished specialist")
-        card = json.loads((folder / "card.json").read_text())
+        card = read_card(folder)
         section["base_name"], section["base_weights_sha256"] = card["base_name"], card["base_weights_sha256"]
         section["specialists"][modality] = {
             "path": str(folder.relative_to(REPO_ROOT)),

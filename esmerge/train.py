@@ -26,7 +26,7 @@ from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save as tensors_to_bytes
 
 from esmerge import adapters as adapter_io
-from esmerge import encoders
+from esmerge import encoders, outputs
 from esmerge.adapters import Adapter, adapter_from_model
 from esmerge.cache import content_key, file_sha256
 from esmerge.captions import N_TOKENS, Example, SpecialistError, answer_nll, collate_examples
@@ -36,6 +36,36 @@ from esmerge.progress import track
 STATE_FILE = "state.json"
 LEGACY_STATE = "state.pt"  # the pickled checkpoints of earlier versions: refused, never loaded
 DESCRIPTION = {"lr_schedule": "5% linear warm-up, cosine to 0.1*lr", "optimizer": "AdamW (weight_decay 0, grad-norm clip 1.0)"}
+
+
+def check_settings(*, steps=None, batch_size=None, lr=None, projector_lr_scale=None, checkpoint_every=None,
+                   seed=None) -> None:
+    """Refuse a training setting that cannot train, in one line naming it (``None``: not given, the recipe's).
+
+    Checked before the base loads (``esmerge train``) and again by ``train_lora``. ``lr`` is finite,
+    > 0 and <= ``LR_MAX`` (why: ``esmerge.methods.hparams``): ``lr <= 0`` alone let NaN and Inf
+    through, and ``lr = 1e30`` trains a NaN specialist. The projector's rate ``lr * projector_lr_scale``
+    obeys the same bound; a scale of 0 freezes the projector.
+
+    >>> check_settings(lr=float("nan"))
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: --lr must be a finite number in (0, 10], got nan
+    """
+    from esmerge.errors import UsageError
+    from esmerge.methods.hparams import LR_MAX, check_seed
+
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{flag} must be an integer >= 1, got {value!r}")
+    if lr is not None and not (math.isfinite(lr) and 0 < lr <= LR_MAX):
+        raise UsageError(f"--lr must be a finite number in (0, {LR_MAX:g}], got {lr!r}")
+    if projector_lr_scale is not None:
+        top = LR_MAX / lr if lr else LR_MAX
+        if not (math.isfinite(projector_lr_scale) and 0 <= projector_lr_scale * (lr or 1) <= LR_MAX):
+            raise UsageError(f"--projector-lr-scale must be a finite number in [0, {top:g}] (the projector's lr, "
+                             f"lr x scale, at most {LR_MAX:g}), got {projector_lr_scale!r}")
+    check_seed(seed)
 
 
 @dataclass
@@ -93,7 +123,13 @@ def _replace_file(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    """Write one checkpoint: ``tensors`` under a new name, then ``state.json`` (the marker) naming it."""
+    """Write one checkpoint: ``tensors`` under a new name, then ``state.json`` (the marker) naming it.
+
+    Tensors with NaN/Inf are refused (``InputError``): a diverged run stops at its last good checkpoint.
+    """
+    lr = (state.get("recipe") or {}).get("lr")
+    outputs.check_finite(tensors, f"checkpoint {folder} at step {state['step']}",
+                         f"training diverged (lr {lr}); lower --lr, then resume or pass --no-resume")
     folder.mkdir(parents=True, exist_ok=True)
     name = f"tensors-{state['step']:06d}.safetensors"
     _replace_file(folder / name, tensors_to_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
@@ -165,9 +201,8 @@ def train_lora(base: BaseModel, modality: str, examples: list[Example], checkpoi
     ``projector_lr_scale`` multiplies the projector's learning rate (the LoRA keeps ``lr``): a slow
     projector keeps its tokens where the base reads them as ordinary tokens (``scales.TrainRecipe``).
     """
-    if steps < 1 or batch_size < 1 or lr <= 0 or projector_lr_scale < 0:
-        raise SpecialistError(f"need steps >= 1, batch_size >= 1, lr > 0, projector_lr_scale >= 0 "
-                              f"(got {steps}, {batch_size}, {lr}, {projector_lr_scale})")
+    check_settings(steps=steps, batch_size=batch_size, lr=lr, projector_lr_scale=projector_lr_scale,
+                   checkpoint_every=checkpoint_every, seed=seed)
     if not examples:
         raise SpecialistError(f"no {modality} training examples")
     recipe = {"modality": modality, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,

@@ -310,7 +310,12 @@ def test_existing_outputs_are_refused_unless_forced(base, tmp_path):
     (out / "adapter_model.safetensors").write_bytes(b"half a file")  # e.g. an interrupted copy
     with pytest.raises(OutputExistsError, match="exists but is not a finished specialist"):
         convert.convert_mol_llama(src, out, base=folder)
-    convert.convert_mol_llama(src, out, base=folder, force=True)
+    with pytest.raises(OutputExistsError, match="exists but is not a finished specialist"):  # not esmerge's: kept
+        convert.convert_mol_llama(src, out, base=folder, force=True)
+    assert (out / "adapter_model.safetensors").read_bytes() == b"half a file"
+    (out / "adapter_model.safetensors").unlink()
+    out.rmdir()
+    convert.convert_mol_llama(src, out, base=folder)
     assert is_finished(out) and math.isfinite(load_file(out / "adapter_model.safetensors")[
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].sum().item())
     with pytest.raises(OutputExistsError, match="already holds a converted specialist"):

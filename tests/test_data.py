@@ -13,15 +13,23 @@ from esmerge.cli import main as cli_main
 from esmerge.errors import EsmergeError
 
 
-def _have_data() -> bool:
+def _missing_data() -> str:
+    """Why the upstream data cannot be used here ("" when every manifest file resolves and matches)."""
     try:
-        data.data_path("molt5/ChEBI-20_data/test.txt")
-        return True
-    except data.DataError:
-        return False
+        bad = [s.path for s in data.verify() if s.status != "ok"]
+    except data.DataError as err:  # ESMERGE_DATA_DIR is not a folder
+        return str(err)
+    if not bad:
+        return ""
+    named = ", ".join(bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")
+    return (f"{len(bad)} upstream data files missing or corrupt ({named}): set ESMERGE_DATA_DIR to a folder "
+            "holding them or run `esmerge data fetch` with network access")
 
 
-needs_data = pytest.mark.skipif(not _have_data(), reason="upstream data not available (see `esmerge data verify`)")
+# Offline without the data, the tests that read it skip naming what is missing (`make test` fetches
+# the data first and stops with that line instead).
+MISSING_DATA = _missing_data()
+needs_data = pytest.mark.skipif(bool(MISSING_DATA), reason=MISSING_DATA)
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -305,6 +313,7 @@ def isolated(tmp_path, monkeypatch):
     (tmp_path / "datadir").mkdir()
     monkeypatch.setenv("ESMERGE_DATA_DIR", str(tmp_path / "datadir"))
     monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ESMERGE_DATA_CACHE", raising=False)  # the Makefile sets it: the default here
     content = b"hello esmerge\n"
     entry = _fake_entry("fake/hello.txt", content)
     monkeypatch.setattr(data, "manifest", lambda: {entry.path: entry})
@@ -368,11 +377,16 @@ def test_fetch_downloads_by_url_with_hash_check(isolated, monkeypatch, capsys):
 
 @needs_data
 def test_verify_reports_corrupt_copy_in_data_dir_first(tmp_path, monkeypatch, capsys):
-    # ESMERGE_DATA_DIR is searched before ../shared/data, so its corrupt copy must be reported.
+    # ESMERGE_DATA_DIR is searched first (and alone, before the cache), so its corrupt copy must be
+    # reported, not hidden by a good copy elsewhere. The folder links every other file.
     fasta = "derived/cyp_human.fasta"
-    copy = tmp_path / fasta
-    copy.parent.mkdir(parents=True)
-    copy.write_bytes(data.data_path(fasta).read_bytes().replace(b"MALSQ", b"MALSA"))
+    for path in data.manifest():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        if path == fasta:
+            (tmp_path / path).write_bytes(data.data_path(fasta).read_bytes().replace(b"MALSQ", b"MALSA"))
+        else:
+            (tmp_path / path).symlink_to(data.data_path(path))
+    data._verified.cache_clear()
     monkeypatch.setenv("ESMERGE_DATA_DIR", str(tmp_path))
     assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
@@ -388,8 +402,7 @@ def test_python_m_esmerge_data_verify():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "esmerge", "data", "verify"], capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "ESMERGE_DATA_DIR"})
+    done = subprocess.run([sys.executable, "-m", "esmerge", "data", "verify"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"{len(data.manifest())} of {len(data.manifest())} files ok" in done.stdout
 
@@ -431,6 +444,7 @@ def test_derive_cyp_fasta_reproduces_the_manifest_file():
 @needs_data
 def test_fetch_derives_the_cyp_fasta_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path))
+    monkeypatch.delenv("ESMERGE_DATA_CACHE", raising=False)
     path = data.fetch(data.manifest()[data.CYP_FASTA], force=True)
     assert path == tmp_path / "data" / data.CYP_FASTA
     assert path.read_bytes() == data.data_path(data.CYP_FASTA).read_bytes()
@@ -496,3 +510,96 @@ def test_verify_reports_an_unreadable_folder(isolated, monkeypatch, capsys):
     monkeypatch.setattr(type(tmp_path), "is_file", is_file)
     assert cli_main(["data", "verify"]) == 1
     assert "unreadable" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- data set-up (`make data`)
+
+def test_data_dir_replaces_the_shared_folder_and_the_data_cache_comes_last(tmp_path, monkeypatch):
+    repo, shared, chosen = tmp_path / "repo", tmp_path / "shared" / "data", tmp_path / "mine"
+    for folder in (repo, shared, chosen):
+        folder.mkdir(parents=True)
+    monkeypatch.setattr(data, "REPO_ROOT", repo)
+    monkeypatch.setenv("ESMERGE_DATA_CACHE", str(tmp_path / "fetched"))
+    monkeypatch.delenv("ESMERGE_DATA_DIR", raising=False)
+    assert data.search_dirs() == [shared, tmp_path / "fetched"]
+    monkeypatch.setenv("ESMERGE_DATA_DIR", str(chosen))
+    assert data.search_dirs() == [chosen, tmp_path / "fetched"]  # what the user named, not ../shared
+    monkeypatch.delenv("ESMERGE_DATA_CACHE")
+    monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path / "cache"))
+    assert data.search_dirs()[-1] == tmp_path / "cache" / "data"
+
+
+def _entries(tmp_path, monkeypatch, n):
+    entries = [_fake_entry(f"fake/{i}.txt", f"file {i}\n".encode(), url=f"https://example.invalid/{i}.txt")
+               for i in range(n)]
+    monkeypatch.setattr(data, "manifest", lambda: {e.path: e for e in entries})
+    return entries
+
+
+def test_fetch_offline_is_one_line_and_reaches_for_the_network_once(isolated, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    tmp_path = isolated[0]
+    _entries(tmp_path, monkeypatch, 5)
+    calls = []
+
+    def offline(url, timeout=None):
+        calls.append(url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert cli_main(["data", "fetch"]) == 1
+    out, err = capsys.readouterr()
+    assert len(calls) == 1  # the other four would each wait for the same timeout
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("esmerge data: 5 of 5 upstream data files are missing or unusable (fake/0.txt, ")
+    assert "and 2 more" in err and "name resolution" in err
+    assert "ESMERGE_DATA_DIR" in err and "`esmerge data fetch` with network access" in err
+    assert not list((tmp_path / "cache").rglob("*.txt"))
+
+
+def test_fetch_http_error_stops_only_that_file(isolated, monkeypatch, capsys):
+    import io
+    import urllib.error
+    import urllib.request
+
+    tmp_path = isolated[0]
+    entries = _entries(tmp_path, monkeypatch, 2)
+
+    def upstream(url, timeout=None):
+        if url.endswith("0.txt"):
+            raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+        return io.BytesIO(b"file 1\n")
+
+    monkeypatch.setattr(urllib.request, "urlopen", upstream)
+    assert cli_main(["data", "fetch"]) == 1
+    out, err = capsys.readouterr()
+    assert f"fetched {entries[1].path}" in out
+    assert err.count("\n") == 1 and err.startswith("esmerge data: fake/0.txt: download from") and "404" in err
+    assert data.data_path(entries[1].path) == tmp_path / "cache" / "data" / entries[1].path
+
+
+def test_fetch_is_a_no_op_when_every_file_resolves(isolated, monkeypatch, capsys):
+    import urllib.request
+
+    tmp_path, entry, content = isolated
+    copy = tmp_path / "datadir" / entry.path
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(content)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download was needed"))
+    assert cli_main(["data", "fetch"]) == 0
+    assert capsys.readouterr().out == f"1 of 1 upstream data files ok, sha256-checked (in {tmp_path / 'datadir'})\n"
+
+
+def test_make_fetches_the_data_before_any_work():
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = data.REPO_ROOT
+    for target, first_work in (("all", "regenerate --scale cpu"), ("test", "regenerate --scale cpu --check")):
+        plan = subprocess.run(["make", "-n", "-C", str(root), target], capture_output=True, text=True, check=True).stdout
+        assert "esmerge data fetch" in plan, target
+        assert plan.index("esmerge data fetch") < plan.index(first_work), target

@@ -248,6 +248,9 @@ def test_ls_merge_vae_reconstruction_improves():
     flat = chunks.reshape(-1, 64)
     positions = torch.arange(5).repeat(3)
     _, log = train_vae(flat, positions, VAEConfig(chunk=64, hidden=32, latent=8, epochs=80, batch=15, lr=1e-2), progress=False)
+    # A trained-outcome bound, not a trajectory: 80 epochs fit these 15 chunks to 1.5-5.5% of the
+    # untrained error for every data seed 0-2 x VAE seed 0-3 (paths far apart, unlike two CPUs'
+    # rounding of one path), so half leaves a 9x margin; a VAE that does not learn stays near 100%.
     assert log["recon_after"] < 0.5 * log["recon_before"]
 
 
@@ -265,14 +268,48 @@ def test_adamerging_combine_is_layerwise_weighted_sum():
     torch.testing.assert_close(out[KEY_A1], 1.0 * s[0][KEY_A1] + 0.5 * s[2][KEY_A1])
 
 
-def test_adamerging_lowers_entropy_on_smoke_model(smoke):
-    objective = label_entropy_objective(smoke["model"], smoke["prompt_batches"], {})
-    result = methods.run("adamerging", smoke["adapters"], {"entropy_objective": objective},
-                         steps=10, lr=0.1, progress=False, count_cost=False)
-    ent = result.info["entropy"]
-    assert ent["final"] < ent["first_step"] - 1e-3
-    coeffs = [v for per_task in result.info["coefficients"].values() for v in per_task.values()]
-    assert len(coeffs) == 3 * 4 and all(0.0 <= c <= 1.0 for c in coeffs)
+# Why the optimiser tests check one small step, not a trajectory: several Adam steps at a large rate
+# on this tiny model are chaotic (the path depends on the CPU's float kernels: MKL and ATen pick
+# different sgemm/reduction code on each CPU, and the entropy after 10 steps at lr 0.1 went up on an
+# AMD EPYC). One step of rate eta along -sign(grad) (Adam's first step) on ONE fixed batch instead
+# lowers a smooth objective by eta * ||grad||_1 to first order, on any CPU: the tests ask for half
+# of that (Armijo's condition). Measured here: the decrease is 0.9-1.1x the first-order prediction,
+# the same to 1e-4 relative under ATEN_CPU_CAPABILITY default/avx2/avx512 and MKL SSE4_2/AVX2/AVX512,
+# while float noise in the objective (~1e-7 relative) is thousands of times below the bound.
+def _first_order_bound(eta: float, grads) -> float:
+    return 0.5 * eta * float(sum(g.abs().sum() for g in grads))
+
+
+def test_adamerging_descends_the_entropy_on_smoke_model(smoke):
+    # One batch, so every call of the objective sees the same prompts (it cycles through its batches).
+    objective = label_entropy_objective(smoke["model"], smoke["prompt_batches"][:1], {})
+    keys = sorted(smoke["adapters"][0].state)
+    groups, labels = coefficient_groups(keys, "layer")
+    stacked = {k: torch.stack([a.state[k].float() for a in smoke["adapters"]]) for k in keys}
+    start = torch.full((3, len(labels)), 0.3, requires_grad=True)  # the method's default init
+    value = objective(layerwise_sum(stacked, start, dict(zip(keys, groups))))
+    (grad,) = torch.autograd.grad(value, [start])
+    f0 = float(value.detach())
+    # Components this small could flip sign between CPUs; here the smallest is ~3.5e-3 of 0.17.
+    clear = grad.abs() > 1e-3 * grad.abs().max()
+    assert clear.sum() >= 6
+
+    eta = 1e-3  # small enough that the curvature term (eta^2 scale) is far below eta * ||grad||_1
+    small = methods.run("adamerging", smoke["adapters"], {"entropy_objective": objective},
+                        steps=1, lr=eta, progress=False, count_cost=False)
+    ent = small.info["entropy"]
+    assert ent["first_step"] == pytest.approx(f0, rel=1e-5)  # the same point, the same batch
+    moved = torch.tensor([list(small.info["coefficients"][n].values()) for n in small.info["coefficients"]]) - 0.3
+    # Adam's first step is eta * g / (|g| + 1e-8): -eta * sign(g) to 1e-6 relative for these |g|.
+    torch.testing.assert_close(moved[clear], -eta * grad.sign()[clear], rtol=1e-3, atol=1e-6)
+    assert ent["final"] < f0 - _first_order_bound(eta, [grad])
+
+    # A step of rate 1 leaves [0, 1] from 0.3 in every coordinate; the clip puts each on 0 or 1 by its sign.
+    big = methods.run("adamerging", smoke["adapters"], {"entropy_objective": objective},
+                      steps=1, lr=1.0, progress=False, count_cost=False)
+    coeffs = torch.tensor([list(big.info["coefficients"][n].values()) for n in big.info["coefficients"]])
+    assert coeffs.shape == (3, 4) and bool(((coeffs >= 0) & (coeffs <= 1)).all())
+    assert torch.equal(coeffs[clear], (grad[clear] < 0).float())
 
 
 def test_lora_state_swapped_matches_loaded_weights(smoke):
@@ -291,11 +328,28 @@ def test_lora_state_swapped_matches_loaded_weights(smoke):
     assert float(mean_entropy(torch.tensor([[0.0, 0.0]]))) == pytest.approx(math.log(2))
 
 
-def test_avg_ft_lowers_training_loss(smoke):
-    context = {"train_loss": answer_nll_loss(smoke["model"], {}), "train_batches": smoke["prompt_batches"],
-               "benchmark": "toy"}
-    result = methods.run("avg-ft", smoke["adapters"], context, epochs=4, lr=2e-2, progress=False)
-    assert result.info["loss"]["last"] < result.info["loss"]["first"]
+def test_avg_ft_descends_the_training_loss(smoke):
+    # One step on one batch: a first-order property that holds on any CPU (see above), where the old
+    # "last loss < first loss" over 8 steps compared two different batches along a CPU-dependent path.
+    loss_fn, batch = answer_nll_loss(smoke["model"], {}), smoke["prompt_batches"][0]
+    keys = sorted(smoke["adapters"][0].state)
+    average = {k: torch.stack([a.state[k].float() for a in smoke["adapters"]]).mean(dim=0).requires_grad_(True)
+               for k in keys}
+    value = loss_fn(average, batch)
+    grads = torch.autograd.grad(value, [average[k] for k in keys])
+    l0 = float(value.detach())
+    eta = 1e-5  # 32k parameters: the curvature term grows with their number, so a smaller rate than AdaMerging's
+    context = {"train_loss": loss_fn, "train_batches": [batch], "benchmark": "toy"}
+    result = methods.run("avg-ft", smoke["adapters"], context, epochs=1, lr=eta, progress=False)
+    assert result.info["loss"]["history"] == [pytest.approx(l0, rel=1e-5)]
+    with torch.no_grad():
+        after = float(loss_fn(result.adapter.state, batch))
+    assert after < l0 - _first_order_bound(eta, grads)
+    # Every parameter with a clear gradient moved against it.
+    for key, g in zip(keys, grads):
+        step = result.adapter.state[key] - average[key].detach()
+        clear = g.abs() > 1e-5
+        assert bool((step[clear] * g[clear] < 0).all()), key
     assert result.info["cost"]["flops"] > 0 and result.info["benchmark"] == "toy"
 
 

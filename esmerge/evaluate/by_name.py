@@ -16,7 +16,8 @@ import pandas as pd
 from esmerge.adapters import is_merged, load_merged
 from esmerge.benchmarks import BENCHMARK_NAMES
 from esmerge.errors import UsageError
-from esmerge.evaluate.run import EvalConfig, EvalSession, default_benchmarks, evaluate_all, summary
+from esmerge.benchmarks import load_benchmark
+from esmerge.evaluate.run import EvalConfig, EvalSession, check_pool_sizes, default_benchmarks, evaluate_all, summary
 from esmerge.evaluate.under_test import ModelUnderTest
 from esmerge.methods.contexts import emr_adapter_for_benchmark, projectors_of
 from esmerge.pipeline import build_context
@@ -52,6 +53,8 @@ def evaluate_by_name(scale: str, names: list[str], benchmarks: list[str] | None 
         raise UsageError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be at least 1")
     config = EvalConfig.for_scale(scale, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     benchmarks = list(benchmarks or default_benchmarks(scale))
+    for benchmark in benchmarks:  # before any model loads (the tables are read again, from memory, later)
+        check_pool_sizes(benchmark, config, len(load_benchmark(benchmark)))
     context = build_context(scale, seed)
     base, projectors = context.base, projectors_of(context.specialists)
     session, results = EvalSession(), {}

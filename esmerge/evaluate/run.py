@@ -105,6 +105,22 @@ class EvalConfig:
         return key
 
 
+def check_pool_sizes(benchmark: str, config: EvalConfig, rows: int) -> None:
+    """Refuse settings whose pools ``benchmark`` (``rows`` usable rows) cannot supply, in one line naming both.
+
+    >>> check_pool_sizes("CYP2C9-substrate", EvalConfig(n_eval=700, n_context=12), rows=666)
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: n_eval=700 (--n-eval): CYP2C9-substrate has 666 rows, 12 of them for the in-context pool; use at most 654
+    """
+    if config.n_eval + config.n_context > rows:
+        raise UsageError(f"n_eval={config.n_eval} (--n-eval): {benchmark} has {rows} rows, {config.n_context} of them "
+                         f"for the in-context pool; use at most {max(rows - config.n_context, 0)}")
+    if config.n_shots > config.n_context:
+        raise UsageError(f"n_shots={config.n_shots} (--n-shots): the in-context pool of {benchmark} holds "
+                         f"{config.n_context} rows; use at most {config.n_context}")
+
+
 def default_config(scale: str) -> EvalConfig:
     return EvalConfig.for_scale(scale)
 
@@ -149,12 +165,14 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
     kind = spec(benchmark).kind
     if pools is None:
         frame = load_benchmark(benchmark)
+        check_pool_sizes(benchmark, config, len(frame))
         pools = split_pools(frame, config.n_eval, config.n_context, config.seed)
     eval_df, context_df = pools
     check_rows(benchmark, eval_df, "eval pool")
     check_rows(benchmark, context_df, "context pool")
     if len(context_df) < config.n_shots:
-        raise ValueError(f"{benchmark}: context pool has {len(context_df)} rows, fewer than n_shots={config.n_shots}")
+        raise UsageError(f"n_shots={config.n_shots} (--n-shots): the in-context pool of {benchmark} holds "
+                         f"{len(context_df)} rows; use at most {len(context_df)}")
     options = PromptOptions(frozenset(mut.projectors), config.top_k_genes, config.protein_chars, config.smiles_chars)
     key_parts = [PROMPT_VERSION, mut.model_id(benchmark), benchmark, config.key(), options.key(),
                  frame_digest(eval_df), frame_digest(context_df)]

@@ -13,6 +13,7 @@ import torch
 
 from esmerge.adapters import Adapter, parse_key, with_state
 from esmerge.methods import HParam, MergeResult, register
+from esmerge.methods.hparams import LR_MAX
 from esmerge.methods.objectives import count_flops, from_context
 from esmerge.methods.static import task_names
 from esmerge.progress import track
@@ -49,7 +50,7 @@ def layerwise_sum(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor, 
 
 @register("adamerging", "AdaMerging (layer-wise)", "https://arxiv.org/abs/2310.02575", needs_context=True, hparams=(
     HParam("steps", int, 500, low=0, doc="Adam steps"),
-    HParam("lr", float, 1e-3, low=0.0, low_open=True, doc="Adam learning rate"),
+    HParam("lr", float, 1e-3, low=0.0, high=LR_MAX, low_open=True, doc="Adam learning rate"),
     HParam("init", float, 0.3, low=0.0, high=1.0, doc="initial value of every coefficient"),
     HParam("granularity", str, "layer", choices=("layer", "tensor"), doc="one coefficient per block or per LoRA tensor"),
     HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),

@@ -3,11 +3,15 @@
 ``es`` uses both coefficient types (Eq. 4); ``es-layer`` fixes the element-wise factor to
 uniform (lambda = alpha); ``es-element`` fixes the layer-wise factor to uniform (lambda = beta).
 
-Defaults follow the paper (App. A.3): 1024 SWD projections, p = 2, tau = 0.5 for both softmaxes,
-Frobenius distance, z-scores within each layer, no standardisation or subsampling before SWD.
-``variant="code"`` switches every setting to the official code's choice (element tau 0.1, MSE
-distance, per-tensor z-scores, joint standardisation and equal-size subsampling before SWD);
-each can also be set on its own.
+Defaults follow the paper (§4, App. A.3): 1024 SWD projections, p = 2, tau = 0.5 for both
+softmaxes, Frobenius distance, element scores summed over every modality's tokens, per probe, with
+block outputs before the final norm, z-scores within each layer, no standardisation before SWD.
+``variant="code"`` switches every setting to the official code's choice (WonbinLee067/es-merging;
+``CODE_SETTINGS``, the book's "Paper vs official code"): element tau 0.1, MSE distance, scores on
+the specialist's own modality only, the last layer after the final norm, |gradient| of the MSE of
+each batch of 2 probes, per-tensor z-scores, joint standardisation before SWD, fresh SWD
+projections per layer and pair, and 3 x probe_k probes (create_330_samples). Each can also be set
+on its own, so every difference can be ablated.
 """
 from __future__ import annotations
 
@@ -26,22 +30,47 @@ from esmerge.methods import HParam, MergeResult, register
 # (2: gradients taken w.r.t. the active adapter only, when several adapters are attached).
 SCORES_VERSION = 3  # 3: batched element scores (same values to ~4e-7 relative)
 PAPER_SETTINGS = dict(n_projections=1024, p=2.0, tau_layer=0.5, tau_element=0.5, distance="frobenius",
-                      per_tensor=False, standardize=False, equal_size=None)
+                      per_tensor=False, standardize=False, equal_size=None, score_modalities="all",
+                      final_norm=False, grad_batch=1, projections="shared", probe_layout="paper", other_weight=1.0)
 CODE_SETTINGS = dict(PAPER_SETTINGS, tau_element=0.1, distance="mse", per_tensor=True, standardize=True,
-                     equal_size="min")
+                     equal_size="min", score_modalities="own", final_norm=True, grad_batch=2, projections="fresh",
+                     probe_layout="code")
+# Settings that change the element scores; they enter the scores' cache key only when they differ
+# from the paper's, so the paper's keys (and every score cached under them) stay as they were.
+SCORE_SETTINGS = ("score_modalities", "final_norm", "grad_batch")
 # Declared defaults are the paper's; ``variant="code"`` changes those not given (see CODE_SETTINGS).
+# Bounds: p <= 32 keeps |difference|^p finite in float64 for state differences up to ~1e4 (massive
+# activations; 1e308 overflowed and the SWD table became constant: uniform alpha, silently);
+# n_projections <= 65536: the paper's Table 7 stops at 1024, and 2^16 directions of a 4096-wide state
+# already take 2 GiB (1e300 failed deep in NumPy); tau >= MIN_TAU: see layerwise.MIN_TAU (1e-320
+# made exp overflow, then a NaN blamed on the cache); grad_batch <= 65536: any larger batch is the
+# whole probe set anyway.
 HPARAMS = (
     HParam("variant", str, "paper", choices=("paper", "code"), doc="paper settings, or the official code's"),
-    HParam("n_projections", int, 1024, low=1, doc="SWD projections (an SWD of 0 projections is NaN)"),
-    HParam("p", float, 2.0, low=1.0, doc="SWD order"),
-    HParam("tau_layer", float, 0.5, low=0.0, low_open=True, doc="layer softmax temperature (Eq. 2)"),
-    HParam("tau_element", float, 0.5, low=0.0, low_open=True, doc="element softmax temperature (Eq. 3); code: 0.1"),
-    HParam("distance", str, "frobenius", choices=tuple(elementwise.DISTANCES), doc="token distance; code: mse"),
-    HParam("per_tensor", bool, False, doc="z-score element scores per LoRA tensor, not per layer; code: true"),
-    HParam("standardize", bool, False, doc="jointly z-score states before SWD; code: true"),
+    HParam("n_projections", int, 1024, low=1, high=65536, doc="SWD projections; paper 1024, code 1024"),
+    HParam("p", float, 2.0, low=1.0, high=32.0, doc="SWD order; paper 2, code 2"),
+    HParam("tau_layer", float, 0.5, low=layerwise.MIN_TAU, doc="layer softmax temperature (Eq. 2); paper 0.5, code 0.5"),
+    HParam("tau_element", float, 0.5, low=layerwise.MIN_TAU,
+           doc="element softmax temperature (Eq. 3); paper 0.5, code 0.1"),
+    HParam("distance", str, "frobenius", choices=tuple(elementwise.DISTANCES),
+           doc="token distance r (Eq. 3); paper frobenius, code mse"),
+    HParam("per_tensor", bool, False, doc="z-score element scores per LoRA tensor, not per layer; paper false, code true"),
+    HParam("standardize", bool, False, doc="jointly z-score states before SWD; paper false, code true"),
     HParam("equal_size", int, None, low=1, also=("min",), nullable=True,
-           doc="subsample probes before SWD; 'min': all K (code); null: none"),
-    HParam("seed", int, 0, doc="seed of the probe sample and the SWD projections"),
+           doc="subsample probes before SWD ('min': all K, a no-op here); paper null, code 'min'"),
+    HParam("score_modalities", str, "all", choices=("all", "own"),
+           doc="tokens whose distance scores a specialist's elements: every modality's or its own; paper all, code own"),
+    HParam("final_norm", bool, False,
+           doc="element scores read the last layer after the final norm (HF hidden_states[-1]); paper false, code true"),
+    HParam("grad_batch", int, 1, low=1, high=65536,
+           doc="probes per |gradient| in element scores (a batch's distance); paper 1, code 2"),
+    HParam("projections", str, "shared", choices=("shared", "fresh"),
+           doc="SWD directions: one set for all, or fresh per layer and pair; paper (unsaid) shared, code fresh"),
+    HParam("probe_layout", str, "paper", choices=("paper", "code"),
+           doc="probes: probe_k per modality, or M x probe_k (create_330_samples); paper paper, code code"),
+    HParam("other_weight", float, 1.0, low=0.0,
+           doc="weight of the other modalities' z-scores in layer scores (code --alpha); paper 1, code 1"),
+    HParam("seed", int, 0, doc="seed of the probe sample and the SWD projections; official code 42"),
 )
 
 
@@ -60,30 +89,34 @@ def resolve_settings(variant: str = "paper", **overrides) -> dict:
 def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool = True, **settings) -> dict:
     """Probe -> states -> SWD table and element scores for these adapters (cached by content).
 
-    Returns ``{"probes", "states", "swd" [S, M, L], "scores": [dict per specialist], "seconds"}``
-    (``scores`` is empty when ``need_scores`` is false).
+    Returns ``{"probes", "states", "swd" [S, M, L], "scores": [dict per specialist], "names",
+    "modalities", "seconds"}`` (``scores`` is empty when ``need_scores`` is false; ``names``: the
+    specialists in order, ``modalities``: the SWD table's modality order).
     Every intermediate is stored under ``context.cache`` keyed by what produced it, so a rerun
     is instant and an interrupted run resumes at the first missing piece. The probes are the
-    paper's (``probe.probe_entities`` through each specialist's encoder) unless the context
-    carries ready-made ones (``context.probes``: ``esmerge.byo``'s marked text); blocks of varying
-    length (paper-scale proteins) keep their masks in the cache and through ``element_scores``.
+    paper's (``probe.probe_entities`` through each specialist's encoder; ``probe_layout="code"``
+    samples M x ``probe_k`` of them, as the official create_330_samples) unless the context
+    carries ready-made ones (``context.probes``: ``esmerge.byo``'s marked text, used as given);
+    blocks of varying length (paper-scale proteins) keep their masks in the cache and through
+    ``element_scores``.
     """
     settings = resolve_settings(**settings)
     base = context.base
     names = list(context.specialists)
     projectors = {m: s.projector for m, s in context.specialists.items() if getattr(s, "projector", None) is not None}
     given = getattr(context, "probes", None)  # ready-made probes (bring your own adapters: esmerge.byo)
+    k = context.probe_k * (len(names) if settings["probe_layout"] == "code" else 1)
     if given is not None:
         probe_key = content_key(base.weights_sha256, "given", tensor_digest(_probe_tensors(given)))
     else:
-        probe_key = content_key(base.weights_sha256, context.probe_k, seed,
+        probe_key = content_key(base.weights_sha256, k, seed,
                                 {m: tensor_digest(p.state_dict()) for m, p in projectors.items()})
     states_key = content_key(probe_key, [adapter_digest(a) for a in adapters])
     root = context.cache
     t0 = time.perf_counter()
 
     def make_probes():
-        raw = probe.probe_entities(k=context.probe_k, seed=seed, exclude_cells=_training_cells(context))
+        raw = probe.probe_entities(k=k, seed=seed, exclude_cells=_training_cells(context))
         n_tokens = {"molecule": 8, "protein": 8, "cell": 24}
         blocks = probe.encode_blocks(base, projectors, raw, n_tokens)
         p = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), blocks, raw)
@@ -95,6 +128,7 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
         stored = cached(root / f"probes-{probe_key}.pt", make_probes)
     probes = probe.Probes(stored["embeds"], stored["positions"], stored["raw"], stored["template"],
                           stored.get("attention_mask"), stored.get("block_mask", {}))
+    own = _own_modalities(names, probes.modalities, settings)
 
     peft_model = attach(base.model, dict(zip(names, adapters)))
     try:
@@ -102,15 +136,17 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
         equal = settings["equal_size"]
         if equal == "min":
             equal = len(probes)
-        swd_key = content_key(states_key, settings["n_projections"], settings["p"], seed,
-                              settings["standardize"], equal)
-        swd = cached(root / f"swd-{swd_key}.pt", lambda: layerwise.swd_table(
+        swd_parts = [states_key, settings["n_projections"], settings["p"], seed, settings["standardize"], equal]
+        if settings["projections"] != "shared":
+            swd_parts.append({"projections": settings["projections"]})
+        swd = cached(root / f"swd-{content_key(*swd_parts)}.pt", lambda: layerwise.swd_table(
             states["base"]["pooled"], [states[n]["pooled"] for n in names],
             n_projections=settings["n_projections"], p=settings["p"], seed=seed,
-            standardize=settings["standardize"], equal_size=equal))
+            standardize=settings["standardize"], equal_size=equal, projections=settings["projections"]))
+        changed = {key: settings[key] for key in SCORE_SETTINGS if settings[key] != PAPER_SETTINGS[key]}
         scores = []
         for name in names if need_scores else []:
-            files = {dist: root / f"scores-{content_key(states_key, name, dist, SCORES_VERSION)}.pt"
+            files = {dist: root / f"scores-{content_key(states_key, name, dist, SCORES_VERSION, *([changed] if changed else []))}.pt"
                      for dist in elementwise.DISTANCES}
             wanted = files[settings["distance"]]
             if not wanted.exists():
@@ -119,13 +155,41 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
                     if not wanted.exists():
                         # One pass yields the scores of every distance; store each so either is instant later.
                         peft_model.set_adapter(name)
-                        computed = element_scores(peft_model, probes, states["base"]["tokens"])
+                        modalities = [own[name]] if settings["score_modalities"] == "own" else probes.modalities
+                        norm = element_gradients.final_norm(peft_model) if settings["final_norm"] else None
+                        tokens = {m: states["base"]["tokens"][m] for m in modalities}
+                        if norm is not None:
+                            tokens = {m: _norm_last_layer(norm, t) for m, t in tokens.items()}
+                        computed = element_scores(peft_model, probes, tokens, modalities, settings["grad_batch"], norm)
                         for dist, path in files.items():
                             atomic_torch_save(computed[dist], path)
             scores.append(torch.load(files[settings["distance"]], weights_only=True))
     finally:
         peft_model.unload()
-    return {"probes": probes, "states": states, "swd": swd, "scores": scores, "seconds": time.perf_counter() - t0}
+    return {"probes": probes, "states": states, "swd": swd, "scores": scores, "names": names,
+            "modalities": probes.modalities, "seconds": time.perf_counter() - t0}
+
+
+def _own_modalities(names: list[str], modalities: list[str], settings: dict) -> dict[str, str]:
+    """Each specialist's own modality: its name (``context.specialists`` is keyed by modality; in
+    ``esmerge.byo`` an adapter is named after its probe span). Needed only by the official code's
+    settings ``score_modalities="own"`` and ``other_weight != 1``; refused when a name is no modality."""
+    if settings["score_modalities"] != "own" and settings["other_weight"] == 1.0:
+        return {}
+    missing = [n for n in names if n not in modalities]
+    if missing:
+        raise UsageError(f"es: score_modalities='own' and other_weight need each specialist named after its probe "
+                         f"modality; {missing} are not among the probe's {modalities}")
+    return {n: n for n in names}
+
+
+@torch.no_grad()
+def _norm_last_layer(norm: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Base token states ``[L, K, T, d]`` with the model's final norm applied to the last layer
+    (what HF's ``hidden_states[-1]`` holds); the other layers as they are."""
+    weight = next(norm.parameters())
+    last = norm(tokens[-1].to(weight.device, weight.dtype)).to(tokens.dtype).cpu()
+    return torch.cat([tokens[:-1], last[None]])
 
 
 def _probe_record(p: probe.Probes) -> dict:
@@ -144,29 +208,45 @@ def _probe_tensors(p: probe.Probes) -> dict:
     return tensors
 
 
-def element_scores(peft_model, probes: probe.Probes, base_tokens: dict) -> dict:
+def element_scores(peft_model, probes: probe.Probes, base_tokens: dict, modalities: list[str] | None = None,
+                   grad_batch: int = 1, last_norm: torch.nn.Module | None = None) -> dict:
     """``element_gradients.element_scores_by_distance`` on probes whose blocks may vary in length.
 
+    ``base_tokens``: modality -> ``[L, K, T_m, d]`` (last layer already normed when ``last_norm``
+    is given); ``modalities``: the blocks whose distances count (default all; the official code:
+    the specialist's own); ``grad_batch``: probes per absolute value (``esmerge.element_batches``).
     With one length per block (no mask) it is that call as is. Otherwise each sample is run
     alone with its padding slots cut out: the same states as the masked batch (attention skips
     padding, positions count real tokens), and the scores are sums over samples, so adding the
-    per-sample scores gives the batch's. ``base_tokens``: modality -> ``[L, K, T_m, d]``.
+    per-sample scores gives the batch's (with ``grad_batch > 1``, the samples' signed gradients
+    are grouped before the absolute value).
     """
+    modalities = list(probes.positions) if modalities is None else list(modalities)
+    positions_all = {m: probes.positions[m] for m in modalities}
     if probes.attention_mask is None:
-        return element_gradients.element_scores_by_distance(peft_model, probes.embeds, probes.positions, base_tokens)
+        return element_gradients.element_scores_by_distance(peft_model, probes.embeds, positions_all, base_tokens,
+                                                            grad_batch=grad_batch, last_norm=last_norm)
+    grouped = None
+    if grad_batch != 1:
+        from esmerge.element_batches import BatchMeanScores
+
+        grouped = BatchMeanScores(peft_model, len(probes), grad_batch, probes.embeds.shape[-1], last_norm=last_norm)
     total = None
     for k in range(len(probes)):
         real = probes.attention_mask[k].bool()
         index = real.long().cumsum(0) - 1  # position of each real token once padding is cut out
         positions, tokens = {}, {}
-        for m, pos in probes.positions.items():
+        for m, pos in positions_all.items():
             keep = real[pos]
             positions[m] = index[pos[keep]]
             tokens[m] = base_tokens[m][:, k:k + 1, keep]
+        if grouped is not None:
+            grouped.feed(probes.embeds[k:k + 1, real], positions, tokens)
+            continue
         one = element_gradients.element_scores_by_distance(peft_model, probes.embeds[k:k + 1, real], positions, tokens,
-                                                           progress=False, batch_size=1)
+                                                           progress=False, batch_size=1, last_norm=last_norm)
         total = one if total is None else {d: {key: total[d][key] + v for key, v in s.items()} for d, s in one.items()}
-    return total
+    return grouped.scores if grouped is not None else total
 
 
 def _training_cells(context) -> set:
@@ -182,7 +262,13 @@ def coefficients_from_signals(sig: dict, template, settings: dict, use_layer: bo
     adapter's LoRA state (keys and shapes of the uniform beta).
     """
     n, n_layers = sig["swd"].shape[0], sig["swd"].shape[-1]
-    alpha = (layerwise.layer_coefficients(sig["swd"], settings["tau_layer"]) if use_layer
+    other_weight = settings.get("other_weight", 1.0)
+    own = None
+    if other_weight != 1.0:
+        modalities = list(sig["modalities"])
+        _own_modalities(sig["names"], modalities, dict(settings, score_modalities="own"))
+        own = [modalities.index(name) for name in sig["names"]]
+    alpha = (layerwise.layer_coefficients(sig["swd"], settings["tau_layer"], own, other_weight) if use_layer
              else uniform_layer_coefficients(n, n_layers))
     beta = (elementwise.element_coefficients(sig["scores"], settings["tau_element"], settings["per_tensor"])
             if use_element else uniform_element_coefficients(template, n))

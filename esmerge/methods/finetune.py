@@ -12,6 +12,7 @@ import torch
 
 from esmerge.adapters import Adapter, with_state
 from esmerge.methods import HParam, MergeResult, register
+from esmerge.methods.hparams import LR_MAX
 from esmerge.methods.objectives import count_flops, from_context
 from esmerge.progress import track
 
@@ -50,7 +51,7 @@ def finetune_state(state: dict[str, torch.Tensor], loss_fn, batches, epochs: int
 
 @register("avg-ft", "Avg. Merging + FT", "ES-Merging paper, App. A.2", needs_context=True, hparams=(
     HParam("epochs", int, PAPER_EPOCHS, low=1, doc="passes over the training batches"),
-    HParam("lr", float, 1e-4, low=0.0, low_open=True, doc="Adam learning rate"),
+    HParam("lr", float, 1e-4, low=0.0, high=LR_MAX, low_open=True, doc="Adam learning rate"),
     HParam("max_steps", int, None, low=1, nullable=True, doc="cap on optimiser steps; null: none"),
     HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),
     HParam("progress", bool, True, doc="show a progress bar")))

@@ -13,17 +13,52 @@ Traceback (most recent call last):
 esmerge.errors.UsageError: es: tau_layer must be a number > 0, got 'abc'
 >>> parse_set(["tau_layer=0.1", "variant=code", 'order=["cell", "molecule"]'])
 {'tau_layer': 0.1, 'variant': 'code', 'order': ['cell', 'molecule']}
+
+Three rules hold for every declared parameter, so no method has to repeat them: a number is
+finite and not subnormal (a temperature of 1e-320 divides to Inf), an integer fits in 64 bits
+(torch sizes and counts are int64), and any parameter named ``seed`` is a numpy/torch seed
+(``SEED_RANGE``, also what ``check_seed`` enforces for ``--seed``).
+
+>>> HParam("seed", int, 0).check("ls-merge", -1)
+Traceback (most recent call last):
+...
+esmerge.errors.UsageError: ls-merge: seed must be an integer in [0, 4294967295], got -1
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 from esmerge.errors import UsageError
 
 _TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list of names"}
+# numpy.random.seed and torch.Generator.manual_seed both take [0, 2**32) (numpy refuses anything else).
+SEED_RANGE = (0, 2**32 - 1)
+_INT64 = 2**63
+# Learning rates above this are refused everywhere (train --lr, the methods' lr): Adam moves every
+# weight by about lr per step whatever the gradient's scale, so lr = 10 already moves LoRA entries
+# (|w| ~ 0.01-1) by orders of magnitude more than they hold; published recipes use 1e-5 to 1e-2.
+LR_MAX = 10.0
+
+
+def check_seed(seed, what: str = "--seed"):
+    """``seed`` if it is an integer in ``SEED_RANGE`` (or ``None``: the default), else a one-line ``UsageError``.
+
+    >>> check_seed(7), check_seed(None)
+    (7, None)
+    >>> check_seed(2**32)
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: --seed must be an integer in [0, 4294967295] (a numpy/torch seed), got 4294967296
+    """
+    ok = seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and SEED_RANGE[0] <= seed <= SEED_RANGE[1])
+    if not ok:
+        raise UsageError(f"{what} must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (a numpy/torch seed), "
+                         f"got {seed!r}")
+    return seed
 
 
 @dataclass(frozen=True)
@@ -48,6 +83,11 @@ class HParam:
     nullable: bool = False
     doc: str = ""
 
+    def __post_init__(self):
+        if self.name == "seed" and self.type is int and self.low is None and self.high is None:
+            object.__setattr__(self, "low", SEED_RANGE[0])  # frozen: set once, here
+            object.__setattr__(self, "high", SEED_RANGE[1])
+
     def range_text(self) -> str:
         """The allowed values in words, e.g. ``"> 0"``, ``"in [0, 1)"``, ``"paper | code"``."""
         if self.choices:
@@ -63,10 +103,11 @@ class HParam:
         extra = [repr(a) for a in self.also] + (["null"] if self.nullable else [])
         return " or ".join(t for t in [text, *extra] if t)
 
-    def _refuse(self, method: str, value) -> UsageError:
+    def _refuse(self, method: str, value, why: str = "") -> UsageError:
         wanted = _TYPE_WORDS[self.type] if not self.choices else "one of"
         rng = self.range_text()
-        return UsageError(f"{method}: {self.name} must be {wanted}{' ' + rng if rng else ''}, got {value!r}")
+        return UsageError(f"{method}: {self.name} must be {wanted}{' ' + rng if rng else ''}, got {value!r}"
+                          + (f" ({why})" if why else ""))
 
     def check(self, method: str, value: Any) -> Any:
         """``value`` converted to this parameter's type (strings from the command line are parsed), or a ``UsageError``."""
@@ -79,6 +120,10 @@ class HParam:
         converted = self._convert(value)
         if converted is None or not self._in_range(converted):
             raise self._refuse(method, value)
+        if self.type is float and 0 < abs(converted) < sys.float_info.min:
+            raise self._refuse(method, value, f"subnormal: below {sys.float_info.min:.1e}, dividing by it overflows")
+        if self.type is int and abs(converted) >= _INT64:
+            raise self._refuse(method, value, "beyond a 64-bit integer")
         return converted
 
     def _convert(self, value):

@@ -16,6 +16,7 @@ from torch import nn
 
 from esmerge.adapters import Adapter, with_state
 from esmerge.methods import HParam, MergeResult, register
+from esmerge.methods.hparams import LR_MAX
 from esmerge.methods import primitives as P
 from esmerge.methods.objectives import count_flops
 from esmerge.progress import track
@@ -150,7 +151,7 @@ _VAE_FIELDS = (
     HParam("latent", int, 64, low=1, doc="VAE latent size"),
     HParam("epochs", int, 1000, low=0, doc="VAE training epochs"),
     HParam("batch", int, 512, low=1, doc="chunks per batch"),
-    HParam("lr", float, 3e-4, low=0.0, low_open=True, doc="peak learning rate"),
+    HParam("lr", float, 3e-4, low=0.0, high=LR_MAX, low_open=True, doc="peak learning rate"),
     HParam("warmup", int, 500, low=0, doc="warm-up steps"),
     HParam("kl_weight", float, 1e-4, low=0.0, doc="initial KL weight"),
     HParam("target_kl", float, 50.0, low=0.0, doc="target KL per chunk (nats)"),

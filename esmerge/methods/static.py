@@ -67,7 +67,11 @@ def average(adapters: list[Adapter], context=None) -> MergeResult:
 
 
 # --------------------------------------------------------------------------- TIES
-SCALE = HParam("scale", float, 1.0, doc="lambda applied to the merged task vector")
+# |lambda| <= 1e3: the papers tune lambda in about [0, 2] (negative: task negation), so 1e3 is far
+# outside any useful value, and LoRA entries (|w| < 1e3) times 1e3 stay finite in float32, while
+# lambda = 1e308 alone turns every merged entry into Inf or NaN.
+SCALE_BOUND = 1e3
+SCALE = HParam("scale", float, 1.0, low=-SCALE_BOUND, high=SCALE_BOUND, doc="lambda applied to the merged task vector")
 SCOPE = HParam("scope", str, "tensor", choices=SCOPES, doc="threshold per LoRA tensor or over the whole adapter")
 
 
@@ -226,7 +230,8 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float =
 @register("consensus", "Consensus Merging", "https://arxiv.org/abs/2405.07813", hparams=(
     HParam("tall_lambda", float, 0.4, low=0.0, doc="TALL mask threshold lambda_t, the same for every task"),
     HParam("k", int, 2, low=1, doc="minimum number of tasks an entry must matter to"),
-    HParam("scale", float, None, nullable=True, doc="task-arithmetic alpha; null: 1/T")))
+    HParam("scale", float, None, low=-SCALE_BOUND, high=SCALE_BOUND, nullable=True,
+           doc="task-arithmetic alpha; null: 1/T")))
 def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k: int = 2,
               scale: float | None = None) -> MergeResult:
     r"""Consensus Task Arithmetic (Wang et al. 2024, "Localizing task information...", Sec. 5).
