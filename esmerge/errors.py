@@ -25,3 +25,7 @@ class InputError(EsmergeError, ValueError):
 
 class OutputExistsError(EsmergeError, FileExistsError):
     """An output directory that is already complete; pass ``--force`` to replace it."""
+
+
+class ModelUnavailableError(EsmergeError):
+    """A base model cannot be loaded here; the message says how to get it."""

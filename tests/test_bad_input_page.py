@@ -27,7 +27,7 @@ def quoted_messages(text: str) -> list[str]:
             continue
         cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
         assert len(cells) == 3 and all(cells), f"a row needs three filled cells: {line}"
-        if cells[0] == "What you did":
+        if cells[1] == "What esmerge prints":  # a table's header
             continue
         span = re.fullmatch(r"(`+)(.+?)\1", cells[1])
         assert span, f"the message is not one code span: {cells[1]}"

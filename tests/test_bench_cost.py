@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from esmerge.errors import OutputExistsError
+from test_data import needs_data  # skips when the upstream data are not here
 
 
 def _bench_cost():
@@ -16,6 +17,7 @@ def _bench_cost():
     return module
 
 
+@needs_data
 def test_table4_cost_at_smoke_writes_a_consistent_record(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path / "cache"))
     bench = _bench_cost()

@@ -32,6 +32,19 @@ MISSING_DATA = _missing_data()
 needs_data = pytest.mark.skipif(bool(MISSING_DATA), reason=MISSING_DATA)
 
 
+def _missing_reference() -> str:
+    from esmerge.evaluate import reference_dir
+
+    path = reference_dir() / "paper_results.csv"
+    return "" if path.is_file() else (f"{path} not found: put the paper's reference values there "
+                                      "(../shared/reference) or set ESMERGE_REFERENCE_DIR to their folder")
+
+
+# The paper's numbers are read in place from ../shared/reference, never copied here.
+MISSING_REFERENCE = _missing_reference()
+needs_reference = pytest.mark.skipif(bool(MISSING_REFERENCE), reason=MISSING_REFERENCE)
+
+
 # --------------------------------------------------------------------------- validation helpers
 
 def test_valid_smiles_and_protein_on_known_inputs():

@@ -244,10 +244,12 @@ def test_code_variant_alpha_equals_the_official_reference_with_the_same_seed(tin
         ref = official_layer_coefficients(states["base"]["pooled"], [states[n]["pooled"] for n in NAMES], 64, 42,
                                           alpha=weight)
         assert torch.allclose(alpha, ref, rtol=0, atol=1e-9), (weight, float((alpha - ref).abs().max()))
-    shared = es.coefficients_from_signals(
-        es.signals(adapters, context, seed=42, need_scores=False, **dict(settings, projections="shared")),
-        adapters[0].state, settings, use_element=False)[0]
-    assert not torch.allclose(shared, ref, atol=1e-6)
+    for setting, paper_value in (("projections", "shared"), ("standardize", False)):  # each alone moves alpha off
+        changed = dict(settings, **{setting: paper_value})
+        with fp64_rms_norm():
+            sig = es.signals(adapters, context, seed=42, need_scores=False, **changed)
+        alpha = es.coefficients_from_signals(sig, adapters[0].state, changed, use_element=False)[0]
+        assert float((alpha - ref).abs().max()) > 1e-3, setting
 
 
 def test_fresh_projections_differ_by_layer_and_pair_shared_ones_do_not():

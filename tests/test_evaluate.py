@@ -14,6 +14,7 @@ from esmerge.evaluate import run
 from esmerge.adapters import adapter_from_model
 from esmerge.encoders import make_projector
 from esmerge.models import load_base, lora_config
+from test_data import needs_reference  # skips when ../shared/reference is not here
 
 SMILES = ["CCO", "CCN", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CCCCO", "CCOC(=O)C", "c1ccncc1", "CC(C)O",
           "c1ccccc1", "CCCCCC"]
@@ -364,6 +365,7 @@ def test_evaluate_caches_and_resumes(base, projectors, tmp_path, monkeypatch):
                     out_dir=tmp_path, progress=False)
 
 
+@needs_reference
 def test_results_table_and_claims_against_the_paper():
     rng = np.random.default_rng(3)
     results = {}
@@ -403,6 +405,7 @@ def test_missing_reference_file_is_a_clear_error(tmp_path, monkeypatch):
         ev.paper_results()
 
 
+@needs_reference
 def test_partial_groups_are_labelled_and_have_no_paper_value():
     rng = np.random.default_rng(4)
     y = rng.integers(0, 2, 30)

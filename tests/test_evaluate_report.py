@@ -12,6 +12,7 @@ import torch
 from esmerge import evaluate as ev
 from esmerge.adapters import adapter_from_model, save_merged
 from esmerge.models import load_base, lora_config
+from test_data import needs_reference  # skips when ../shared/reference is not here
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def test_merged_models_reads_each_kind_of_folder(base, adapter, tmp_path):
     assert table.loc["emr", "modalities as tokens"] == "none"
 
 
+@needs_reference
 def test_cost_table_sums_per_benchmark_merges_including_wall_seconds(tmp_path):
     """Before: 07 summed a key ``wall_s`` that no method records, so Avg.+FT's time showed as 0."""
     root, extra = tmp_path / "06", tmp_path / "07"

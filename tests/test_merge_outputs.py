@@ -310,3 +310,34 @@ def test_describe_lists_every_method_and_parameter():
     assert [r["doc"] for r in rows if r["method"] == "avg"] == ["no hyper-parameters"]
     es = {r["parameter"]: r for r in methods.describe("es")}
     assert es["equal_size"]["range"] == ">= 1 or 'min' or null"
+
+
+def _merge_once_slowly(out, barrier, results):
+    real = methods.run
+
+    def slow(*args, **kwargs):  # both processes have checked `out` before either publishes
+        result = real(*args, **kwargs)
+        barrier.wait()
+        return result
+
+    methods.run = slow
+    try:
+        merge_once("avg", out, toy_context())
+        results.put("ok")
+    except EsmergeError as err:
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_two_merge_once_of_the_same_merge_both_succeed(tmp_path):
+    """Regression (D4): two cold `esmerge regenerate` runs sharing a runs folder: one failed in
+    notebook 06 with `OutputExistsError ... already exists` (merge_once checked, computed, then wrote)."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_merge_once_slowly, args=(tmp_path / "avg", barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sorted(results.get(timeout=5) for _ in procs) == ["ok", "ok"]
+    assert is_merged(tmp_path / "avg") and [p.name for p in tmp_path.iterdir()] == ["avg"]
+    assert merge_once("avg", tmp_path / "avg", toy_context())[1]["method"] == "avg"

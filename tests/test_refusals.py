@@ -296,13 +296,14 @@ def test_a_full_stdout_does_not_fail_a_finished_merge(env, tmp_path, capsys, mon
 
 
 def test_an_altered_cpu_base_conversion_is_converted_again(env, tmp_path, capsys, monkeypatch):
-    """D6: the cached model.safetensors is checked against the sha256 recorded at conversion on every load."""
+    """D6: the cached model.safetensors is checked against the sha256 recorded at conversion on every load
+    (``esmerge.smollm2``), so the base's identity, the GGUF's sha256, names the weights loaded."""
     from safetensors.torch import load_file, save_file
 
-    from esmerge import models
+    from esmerge import smollm2
 
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: env["gguf"])
-    monkeypatch.setattr(models, "_gguf_to_folder", _fake_gguf_to_folder)
+    monkeypatch.setattr(smollm2, "smollm2_gguf_path", lambda: env["gguf"])
+    monkeypatch.setattr(smollm2, "_gguf_to_folder", _fake_gguf_to_folder)
     code, err = run(merge_argv(env, tmp_path / "first", "cpu_mol", "cpu_prot", base=["--base", "cpu"]), capsys)
     assert code == 0 and not err, err
     weights = tmp_path / "cache" / "smollm2-135m-instruct" / "model.safetensors"

@@ -156,3 +156,96 @@ def test_a_regeneration_stopped_at_any_write_resumes_to_the_same_result(tmp_path
         check_nothing_half_written_looks_finished(root)
         assert snapshot(root) == {k.replace("reference", root.name): v for k, v in reference.items()}, fail_at
     assert fail_at > 10  # every write point of the run was exercised (two notebooks, state, produced.json)
+
+
+# --------------------------------------------------------------------------- one run at a time, failures kept
+def test_a_second_regeneration_on_the_same_runs_folder_waits_for_the_first(tmp_path, monkeypatch):
+    """Regression (D4): two cold runs on one runs folder raced (one failed in notebook 06); now the
+    second says it waits, runs when the first is done, and finds everything up to date."""
+    import fcntl
+    import threading
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_papermill)
+    layout = build(tmp_path)
+    layout.runs.mkdir(parents=True)
+    said, result = [], {}
+    with open(layout.runs / ".regenerate.lock", "a") as held:  # the first run, holding its lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        args = argparse.Namespace(scale="smoke", seed=0, jobs=1, only=None, force=False, book_only=False, no_book=True)
+        second = threading.Thread(target=lambda: result.update(code=rg.regenerate(args, layout, log=said.append)))
+        second.start()
+        second.join(1.5)
+        assert second.is_alive() and any("waiting" in line and str(layout.runs) in line for line in said), said
+        assert not (tmp_path / "book" / "executed" / "smoke" / "01_first.ipynb").exists()
+        fcntl.flock(held, fcntl.LOCK_UN)
+    second.join(60)
+    assert result["code"] == 0 and (tmp_path / "book" / "executed" / "smoke" / "02_second.ipynb").exists()
+
+
+def _failing_papermill(input_path, output_path, **_kwargs):
+    from papermill.exceptions import PapermillExecutionError
+
+    nb = nbformat.read(input_path, as_version=4)
+    nb.metadata["papermill"] = {"status": "failed"}
+    nbformat.write(nb, output_path)
+    raise PapermillExecutionError(2, 1, "x = 1 / 0", "ZeroDivisionError", "division by zero", [])
+
+
+def _run_failing(tmp_path, failed_dir):
+    from esmerge.execute import NotebookFailed, execute_notebook
+
+    source = write_notebook(tmp_path, "01_first", "x = 1 / 0\n")
+    executed = tmp_path / "book" / "executed" / "smoke" / "01_first.ipynb"
+    with pytest.raises(NotebookFailed) as err:
+        execute_notebook("01_first", source, executed, {"scale": "smoke", "seed": 0}, tmp_path, failed_dir)
+    assert "notebook 01_first failed in cell 2: ZeroDivisionError: division by zero" in str(err.value)
+    assert not executed.exists()
+    return err.value, executed.parent
+
+
+def test_a_failing_notebook_with_runs_on_another_file_system_keeps_its_error_and_copy(tmp_path, monkeypatch):
+    """Regression (D5): with ESMERGE_RUNS_DIR on another file system the failure was reported as
+    `OSError: [Errno 18] Invalid cross-device link` and the partly executed copy was lost."""
+    import errno
+
+    monkeypatch.setattr(papermill, "execute_notebook", _failing_papermill)
+    real_replace, real_rename = os.replace, os.rename
+
+    def cross_device(real):
+        def move(src, dst, *args, **kwargs):
+            if Path(src).parent != Path(dst).parent:
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "replace", cross_device(real_replace))
+    monkeypatch.setattr(os, "rename", cross_device(real_rename))
+    failed = tmp_path / "elsewhere" / "runs" / "smoke" / "failed"
+    error, executed_dir = _run_failing(tmp_path, failed)
+    assert error.kept == failed / "01_first.ipynb"
+    assert nbformat.read(error.kept, as_version=4).metadata["papermill"]["status"] == "failed"
+    assert sorted(p.name for p in failed.iterdir()) == ["01_first.ipynb"] and list(executed_dir.iterdir()) == []
+
+
+def test_a_failing_notebook_keeps_its_copy_in_place_when_it_cannot_be_moved(tmp_path, monkeypatch):
+    monkeypatch.setattr(papermill, "execute_notebook", _failing_papermill)
+    blocked = tmp_path / "runs"
+    blocked.write_text("a file where the runs folder should be")
+    error, executed_dir = _run_failing(tmp_path, blocked / "smoke" / "failed")
+    assert error.kept == executed_dir / ".01_first.partial.ipynb" and error.kept.exists()
+    assert "left here" in str(error) and "the next run removes it" in str(error)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(os.getcwd()).st_dev,
+                    reason="needs a second file system (/dev/shm)")
+def test_a_failing_notebook_is_kept_on_a_real_second_file_system(tmp_path, monkeypatch):
+    import shutil
+    import tempfile
+
+    monkeypatch.setattr(papermill, "execute_notebook", _failing_papermill)
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        error, _ = _run_failing(tmp_path, other / "failed")
+        assert error.kept == other / "failed" / "01_first.ipynb" and error.kept.exists()
+    finally:
+        shutil.rmtree(other)

@@ -298,3 +298,22 @@ def test_train_cli_bf16_flag_defaults_to_the_recipe(monkeypatch, tmp_path, flag,
     monkeypatch.setattr(S, "train_for_scale", lambda scale, modality, out, **kw: seen.update(kw))
     assert cli_main(["train", "--scale", "cpu", "--modality", "cell", "--out", str(tmp_path / "c"), *flag]) == 0
     assert seen["bf16"] is expected
+
+
+@pytest.mark.parametrize("content, says", [(b"\xff\xfe{\"modality\": 1}", "not UTF-8 text"),
+                                           (b"{\"modality\": ", "malformed JSON"),
+                                           (b"[1, 2]", "holds no card object")])
+def test_an_unreadable_card_is_refused_in_one_line_naming_it(tmp_path, content, says):
+    """Regression: a non-UTF-8 or malformed card.json gave a UnicodeDecodeError/JSONDecodeError traceback."""
+    from types import SimpleNamespace
+
+    from esmerge.errors import InputError
+
+    folder = tmp_path / "molecule"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    (folder / "card.json").write_bytes(content)
+    with pytest.raises(InputError) as err:
+        S.load_specialist(folder, SimpleNamespace(weights_sha256=None, name="smoke"))
+    assert str(err.value).startswith(f"{folder / 'card.json'}: {says}") and "\n" not in str(err.value)
+    assert isinstance(err.value, C.SpecialistError)

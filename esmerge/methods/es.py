@@ -46,7 +46,7 @@ SCORE_SETTINGS = ("score_modalities", "final_norm", "grad_batch")
 # made exp overflow, then a NaN blamed on the cache); grad_batch <= 65536: any larger batch is the
 # whole probe set anyway.
 HPARAMS = (
-    HParam("variant", str, "paper", choices=("paper", "code"), doc="paper settings, or the official code's"),
+    HParam("variant", str, "paper", choices=("paper", "code"), doc="paper settings, or the official code's (CODE_SETTINGS)"),
     HParam("n_projections", int, 1024, low=1, high=65536, doc="SWD projections; paper 1024, code 1024"),
     HParam("p", float, 2.0, low=1.0, high=32.0, doc="SWD order; paper 2, code 2"),
     HParam("tau_layer", float, 0.5, low=layerwise.MIN_TAU, doc="layer softmax temperature (Eq. 2); paper 0.5, code 0.5"),
@@ -65,9 +65,9 @@ HPARAMS = (
     HParam("grad_batch", int, 1, low=1, high=65536,
            doc="probes per |gradient| in element scores (a batch's distance); paper 1, code 2"),
     HParam("projections", str, "shared", choices=("shared", "fresh"),
-           doc="SWD directions: one set for all, or fresh per layer and pair; paper (unsaid) shared, code fresh"),
+           doc="SWD directions: one set for every layer and pair, or fresh for each; paper unsaid (here shared), code fresh"),
     HParam("probe_layout", str, "paper", choices=("paper", "code"),
-           doc="probes: probe_k per modality, or M x probe_k (create_330_samples); paper paper, code code"),
+           doc="probes: paper = probe_k (110 per modality), code = M x probe_k (create_330_samples: 330)"),
     HParam("other_weight", float, 1.0, low=0.0,
            doc="weight of the other modalities' z-scores in layer scores (code --alpha); paper 1, code 1"),
     HParam("seed", int, 0, doc="seed of the probe sample and the SWD projections; official code 42"),
