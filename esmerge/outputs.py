@@ -37,6 +37,7 @@ import os
 import shutil
 import stat
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,10 @@ def describe(path: Path) -> str:
     kind = kind_of(path)
     if kind is not None:
         return kind.noun
-    names = sorted(p.name for p in path.iterdir())
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError as err:
+        return f"a folder esmerge cannot list ({err.strerror})"
     if not names:
         return "an empty folder"
     return f"a folder holding {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
@@ -171,18 +175,28 @@ def check_finite(tensors: dict, where: str, cause: str) -> None:
 
 
 # --------------------------------------------------------------------------- locking, staging
+_HELD: set[tuple[int, str]] = set()  # (thread, folder) locks this process holds: taking one again is a no-op
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """Exclusive ``flock`` on ``folder`` itself: publishers into one parent take turns (no lock file left).
 
     The kernel drops it when the holder dies, so a killed writer never blocks the next one.
+    Re-entrant within a thread (a load inside a publish must not wait for itself).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    key = (threading.get_ident(), os.path.realpath(folder))
+    if key in _HELD:
+        yield
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD.add(key)
         yield
     finally:
+        _HELD.discard(key)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
@@ -213,8 +227,16 @@ def _pid_alive(pid: int) -> bool:
 def _leftovers(out: Path) -> list[Path]:
     # ``.replaced`` and ``.old-*``: the names earlier versions moved an old output to.
     name = glob.escape(out.name)
-    found = [*out.parent.glob(f".{name}.replaced*"), *out.parent.glob(f".{name}.old-*")]
-    return sorted(found, key=lambda p: p.lstat().st_mtime, reverse=True)
+    found = [p for p in (*out.parent.glob(f".{name}.replaced*"), *out.parent.glob(f".{name}.old-*"))
+             if p.is_dir() and not p.is_symlink()]  # anything else is not esmerge's: never touched
+    return sorted(found, key=_mtime, reverse=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:  # removed meanwhile by another writer's tidy-up
+        return 0.0
 
 
 def _recover_locked(out: Path) -> None:
@@ -229,10 +251,11 @@ def _recover_locked(out: Path) -> None:
     name = glob.escape(out.name)
     for partial in out.parent.glob(f".{name}.partial-*"):  # staging folders of writers that died
         pid = partial.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not _pid_alive(int(pid)) and partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)
     for partial in out.parent.glob(f".{name}.staging-*"):  # earlier versions' name for them
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def recover(out: str | Path) -> None:

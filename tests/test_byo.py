@@ -163,9 +163,10 @@ def test_bad_adapters_are_refused_with_one_line(trained, tmp_path):
     one_line_refusal(merge(wrong_hash), r"adapter 'other' was trained on base weights 000000000000")
     # ... shapes of another base (both adapters fit each other, not the base) ...
     narrow = load_smoke(seed=0, hidden_size=32).model
-    pair = {"a": random_adapter(narrow, tmp_path / "narrow_a", seed=1), "b": random_adapter(narrow, tmp_path / "narrow_b", seed=2)}
+    pair = {"left": random_adapter(narrow, tmp_path / "narrow_a", seed=1),
+            "right": random_adapter(narrow, tmp_path / "narrow_b", seed=2)}
     one_line_refusal(lambda: byo.merge_adapters("smoke", pair, probes, tmp_path / "out", "es"),
-                     r"adapter 'a': .* has width \d+, the base .* has \d+ at .*; it was trained on another base")
+                     r"adapter 'left': .* has width \d+, the base .* has \d+ at .*; it was trained on another base")
     # ... or a PEFT directory (no card) naming another base
     named = random_adapter(load_smoke(seed=0).model, tmp_path / "named")
     config = json.loads((named / "adapter_config.json").read_text())

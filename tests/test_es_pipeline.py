@@ -150,3 +150,18 @@ def test_element_scores_follow_the_active_adapter_when_several_are_attached(cont
         for key in single:
             assert single[key].abs().sum() > 0, (n, key)
             assert torch.allclose(joint[n][key], single[key], rtol=1e-4, atol=1e-7), (n, key)
+
+
+def test_a_corrupt_element_scores_entry_is_set_aside_and_recomputed(context, capsys):
+    adapters = [s.adapter for s in context.specialists.values()]
+    first = methods.run("es", adapters, context, n_projections=16)
+    victims = sorted(context.cache.glob("scores-*.pt"))
+    for victim in victims:
+        victim.write_bytes(b"")  # zero-byte entries, as a full disk or a kill mid-write could leave
+    capsys.readouterr()
+    again = methods.run("es", adapters, context, n_projections=16)
+    assert capsys.readouterr().err.count("moved it to") == 3  # the three specialists' wanted entries
+    assert len(list(context.cache.glob("scores-*.pt.corrupt-*"))) == 3
+    assert all(v.stat().st_size > 0 for v in victims)  # recomputed: both distances written again
+    for key, value in first.adapter.state.items():
+        torch.testing.assert_close(again.adapter.state[key], value)

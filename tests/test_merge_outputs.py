@@ -235,10 +235,10 @@ def test_probe_k_zero_is_refused_and_the_default_comes_from_the_scale(monkeypatc
 
 @pytest.mark.parametrize("hparams, message", [
     ({"tau": 0.1}, "es: unknown hyper-parameter 'tau'; known: distance, equal_size"),  # the old help text's example
-    ({"tau_layer": "abc"}, "es: tau_layer must be a number > 0, got 'abc'"),
-    ({"tau_layer": 0}, "es: tau_layer must be a number > 0, got 0"),
-    ({"n_projections": 0}, "es: n_projections must be an integer >= 1, got 0"),
-    ({"n_projections": 2.5}, "es: n_projections must be an integer >= 1, got 2.5"),
+    ({"tau_layer": "abc"}, "es: tau_layer must be a number >= 1e-06, got 'abc'"),
+    ({"tau_layer": 0}, "es: tau_layer must be a number >= 1e-06, got 0"),
+    ({"n_projections": 0}, "es: n_projections must be an integer in [1, 65536], got 0"),
+    ({"n_projections": 2.5}, "es: n_projections must be an integer in [1, 65536], got 2.5"),
     ({"variant": "mine"}, "es: variant must be one of paper | code, got 'mine'"),
     ({"per_tensor": 1}, "es: per_tensor must be true or false, got 1"),
 ])

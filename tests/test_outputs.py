@@ -142,6 +142,30 @@ def test_force_replaces_only_the_same_kind_of_output(tmp_path):
     assert outputs.kind_of(shipped) is outputs.SPECIALIST
 
 
+def test_specialist_and_converter_writers_follow_the_same_rule(tmp_path):
+    """save_specialist(force=True) and a forced conversion replace only their own kind (D1)."""
+    from esmerge.convert import output
+    from esmerge.specialists import Specialist, save_specialist
+
+    merge = run_merge("avg", tmp_path / "merge", toy_context())
+    spec = Specialist("cell", toy_adapter(), None, {"modality": "cell"})
+    with pytest.raises(OutputExistsError, match="holds a finished merge, not a finished specialist"):
+        save_specialist(spec, merge, force=True)
+    trained = save_specialist(spec, tmp_path / "cell")
+    assert outputs.kind_of(trained) is outputs.SPECIALIST
+    save_specialist(spec, trained, force=True)  # its own kind: replaced
+    with pytest.raises(OutputExistsError, match="holds a finished specialist, not a converted specialist"):
+        with output.staged(trained, {"converter": "test"}, force=True):
+            pass
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(OutputExistsError, match="ckpt is an input of this run"):
+        with output.staged(source, {"source": {"path": str(source)}}, force=True):
+            pass
+    assert is_merged(merge) and (source / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_merge_cli_refuses_before_loading_the_base(tmp_path, capsys, monkeypatch):
     """Regression (D1): `esmerge merge --adapter ... --out X --force` with X holding the adapters."""
     from esmerge import byo

@@ -72,6 +72,9 @@ class EvalConfig:
         return cls(**{**{k: v for k, v in defaults.__dict__.items() if k in own}, **overrides})
 
     def __post_init__(self):
+        from esmerge.methods.hparams import check_seed
+
+        check_seed(self.seed, "seed")  # the pools' numpy generator takes [0, 2**32)
         if self.decision not in calibration.DECISIONS:
             raise UsageError(f"decision={self.decision!r}: choose one of {', '.join(calibration.DECISIONS)}")
         if self.shot_labels not in SHOT_LABELS:

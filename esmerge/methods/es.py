@@ -21,7 +21,7 @@ import torch
 
 from esmerge import element_gradients, elementwise, layerwise, probe
 from esmerge.adapters import Adapter, adapter_digest, attach, with_state
-from esmerge.cache import atomic_torch_save, cached, content_key, key_lock, tensor_digest
+from esmerge.cache import MISSING, atomic_torch_save, cached, content_key, key_lock, load_entry, tensor_digest
 from esmerge.errors import UsageError
 from esmerge.merge import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
 from esmerge.methods import HParam, MergeResult, register
@@ -149,10 +149,12 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
             files = {dist: root / f"scores-{content_key(states_key, name, dist, SCORES_VERSION, *([changed] if changed else []))}.pt"
                      for dist in elementwise.DISTANCES}
             wanted = files[settings["distance"]]
-            if not wanted.exists():
+            stored = load_entry(wanted)  # a corrupt entry is set aside (one warning) and computed again
+            if stored is MISSING:
                 # A second process (another notebook at --jobs 2) waits here and reuses the first's scores.
                 with key_lock(wanted):
-                    if not wanted.exists():
+                    stored = load_entry(wanted)
+                    if stored is MISSING:
                         # One pass yields the scores of every distance; store each so either is instant later.
                         peft_model.set_adapter(name)
                         modalities = [own[name]] if settings["score_modalities"] == "own" else probes.modalities
@@ -163,7 +165,8 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
                         computed = element_scores(peft_model, probes, tokens, modalities, settings["grad_batch"], norm)
                         for dist, path in files.items():
                             atomic_torch_save(computed[dist], path)
-            scores.append(torch.load(files[settings["distance"]], weights_only=True))
+                        stored = computed[settings["distance"]]
+            scores.append(stored)
     finally:
         peft_model.unload()
     return {"probes": probes, "states": states, "swd": swd, "scores": scores, "names": names,
