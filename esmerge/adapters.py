@@ -29,6 +29,8 @@ from esmerge import outputs
 from esmerge.cache import tensor_digest
 from esmerge.errors import InputError
 
+BASE_NAME = "base_model_name_or_path"  # the base an adapter config names
+
 LoraState = dict[str, torch.Tensor]
 _KEY = re.compile(r"layers\.(\d+)\.(?:[a-z_]+)\.([a-z_]+)\.lora_([AB])\.")
 MARKER = "esmerge.json"  # written last: a merged-model directory with it is complete
@@ -147,8 +149,11 @@ def adapter_from_model(peft_model, name: str = "") -> Adapter:
 def check_compatible(adapters: list[Adapter]) -> None:
     """Refuse adapters that cannot be merged element-wise, naming the mismatch.
 
-    Checks rank, alpha, target modules, base model, key sets, shapes and finiteness.
+    Checks rank, alpha, target modules, base model (by ``models.same_base_name``: ``org/x`` and
+    ``/models/x`` agree), key sets, shapes and finiteness.
     """
+    from esmerge.models import same_base_name
+
     if not adapters:
         raise AdapterMismatchError("no adapters to merge")
     ref = adapters[0]
@@ -156,10 +161,13 @@ def check_compatible(adapters: list[Adapter]) -> None:
         _check_finite(other)
     for other in adapters[1:]:
         pair = f"{ref.name or 'adapter 0'} vs {other.name or 'adapter'}"
-        for field_name in ("r", "lora_alpha", "base_model_name_or_path"):
+        for field_name in ("r", "lora_alpha"):
             a, b = ref.config.get(field_name), other.config.get(field_name)
             if a != b:
                 raise AdapterMismatchError(f"{pair}: different {field_name} ({a!r} vs {b!r})")
+        a, b = ref.config.get(BASE_NAME), other.config.get(BASE_NAME)
+        if a and b and not same_base_name(a, b):  # one unnamed adapter is no evidence either way
+            raise AdapterMismatchError(f"{pair}: different {BASE_NAME} ({a!r} vs {b!r}); merge adapters trained on one base")
         ta, tb = sorted(ref.config.get("target_modules") or []), sorted(other.config.get("target_modules") or [])
         if ta != tb:
             raise AdapterMismatchError(f"{pair}: different target_modules ({ta} vs {tb})")

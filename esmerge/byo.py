@@ -328,10 +328,7 @@ def merge_adapters(base: str, adapters: dict[str, str | Path], probes: str | Pat
         raise UsageError(f"merging needs at least two adapters, got {len(adapters)} (--adapter NAME=PATH, repeated)")
     refuse_existing(out, force)
     loaded = {name: read_adapter(name, path) for name, path in adapters.items()}
-    # The base each adapter names is checked against the given base below (a hub id and a local
-    # copy of it name one base), so it is left out of the pairwise check.
-    check_compatible([Adapter(a.state, {k: v for k, v in a.config.items() if k != "base_model_name_or_path"}, name)
-                      for name, (a, _) in loaded.items()])
+    check_compatible([Adapter(a.state, a.config, name) for name, (a, _) in loaded.items()])
     texts = None
     if method in PROBE_METHODS:
         if probes is None:

@@ -23,7 +23,7 @@ from esmerge.adapters import save_merged
 from esmerge.cache import cache_dir
 from esmerge.errors import UsageError
 from esmerge.encoders import RawEncoder
-from esmerge.models import load_base
+from esmerge.models import load_base, same_base_name
 from esmerge.specialists import PAPER_BASE_ENV, load_specialists, paper_base  # noqa: F401 (PAPER_BASE_ENV re-exported)
 
 
@@ -94,7 +94,7 @@ def check_base(base, specialists: dict) -> None:
                     f"{base.name} ({base.weights_sha256[:12]}...); use specialists trained on this base")
             continue
         named = (spec.adapter.config or {}).get("base_model_name_or_path")
-        if named and named != base.name:
+        if named and not same_base_name(named, base.name):
             raise AdapterMismatchError(
                 f"{modality} adapter names base {named!r} and records no base weights hash, but the base is "
                 f"{base.name}; merge adapters trained on this base")

@@ -10,6 +10,7 @@ from esmerge.encoders import make_projector
 from esmerge.errors import UsageError
 from esmerge.pipeline import MergeContext, run_merge
 from esmerge.models import load_smoke, lora_config
+from test_data import needs_data  # skips when the upstream data are not here
 
 
 @dataclass
@@ -99,6 +100,7 @@ def test_code_variant_and_bad_settings(context):
         methods.run("es", adapters, None)
 
 
+@needs_data  # the probes are sampled from ChEBI-20, Swiss-Prot and CCLE
 def test_merge_cli_at_smoke_scale(tmp_path):
     """`esmerge merge --scale smoke --method es` end to end (real probe data, smoke specialists).
 

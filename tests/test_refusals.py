@@ -236,7 +236,7 @@ def test_adapters_naming_another_base_are_still_refused(env, tmp_path, capsys):
     other = _edit_config(shutil.copytree(env["local"], tmp_path / "other"), base_model_name_or_path="org/other-llm")
     argv = ["merge", "--base", env["tiny"], "--method", "avg", "--out", tmp_path / "out",
             "--adapter", f"org={env['org']}", "--adapter", f"other={other}"]
-    assert_refused(argv, capsys, ["'other'", "org/other-llm"], exit_code=1)
+    assert_refused(argv, capsys, ["other", "org/other-llm"], exit_code=1)
 
 
 def test_a_base_without_a_tokenizer_serves_parameter_space_merges(env, tmp_path, capsys):

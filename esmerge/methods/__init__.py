@@ -23,7 +23,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from esmerge.adapters import Adapter, AdapterMismatchError, check_compatible
+from esmerge.adapters import Adapter, check_compatible
 from esmerge.errors import UsageError
 from esmerge.methods.hparams import HParam, check_all, parse_set
 
@@ -134,29 +134,13 @@ def describe(name: str | None = None) -> list[dict]:
     return rows
 
 
-BASE_NAME = "base_model_name_or_path"
-
-
-def check_same_base(adapters: list[Adapter]) -> None:
-    """Refuse adapters whose configs name different bases (``models.same_base_name``: ``org/x`` and
-    ``/models/x`` agree); one unnamed adapter is no evidence either way. The weights-hash check
-    against the loaded base (``pipeline.check_base``, ``byo.check_fits_base``) is the stronger one."""
-    from esmerge.models import same_base_name
-
-    named = [(a.name, a.config[BASE_NAME]) for a in adapters if (a.config or {}).get(BASE_NAME)]
-    for other, base in named[1:]:
-        if not same_base_name(named[0][1], base):
-            raise AdapterMismatchError(f"{named[0][0]} vs {other}: different {BASE_NAME} ({named[0][1]!r} vs {base!r}); "
-                                       "merge adapters trained on one base")
 
 
 def run(name: str, adapters: list[Adapter], context: Any = None, **hparams) -> MergeResult:
     """Merge ``adapters`` with the method registered as ``name`` (hyper-parameters validated first)."""
     method = get(name)
     hparams = validate(name, hparams)
-    check_same_base(adapters)  # base names by their one rule; check_compatible compares the rest
-    check_compatible([Adapter(a.state, {k: v for k, v in (a.config or {}).items() if k != BASE_NAME}, a.name, a.extras)
-                      for a in adapters])
+    check_compatible(adapters)
     if method.needs_context and context is None:
         raise UsageError(f"merge method {name!r} needs a MergeContext (model, probes or data)")
     return method.fn(adapters, context, **hparams)
