@@ -5,6 +5,7 @@
     esmerge train --scale cpu --modality molecule     train one specialist
     esmerge merge --scale cpu --method es --out DIR   merge the three specialists
     esmerge methods [NAME]                            list merge methods and their hyper-parameters
+    esmerge methods describe NAME                     one method in full, with the values of its presets
     esmerge evaluate --scale cpu --model base --model DIR   evaluate models on the 13 benchmarks
     esmerge convert mol-llama|prot2text|lora-extract ...    published checkpoints -> specialist folders
     esmerge regenerate --scale cpu                    run every notebook (papermill) and build the book
@@ -130,7 +131,16 @@ def _methods(args) -> int:
 
     from esmerge import methods
 
-    print(pd.DataFrame(methods.describe(args.name)).to_string(index=False))
+    words = list(args.name)
+    if words[:1] == ["describe"]:
+        if len(words) != 2:
+            raise UsageError("write `esmerge methods describe NAME`, e.g. `esmerge methods describe es`")
+        print(methods.describe_method(words[1]))
+        return 0
+    if len(words) > 1:
+        raise UsageError(f"esmerge methods takes one method name, got {' '.join(words)!r}; "
+                         "or `esmerge methods describe NAME` for one method in full")
+    print(pd.DataFrame(methods.describe(words[0] if words else None)).to_string(index=False))
     return 0
 
 
@@ -235,7 +245,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_merge)
 
     p = sub.add_parser("methods", parents=[common], help="list merge methods and their hyper-parameters")
-    p.add_argument("name", nargs="?", help="one method (default: all)")
+    p.add_argument("name", nargs="*", metavar="[describe] NAME",
+                   help="one method (default: all); `describe NAME`: one method in full, with its presets")
     p.set_defaults(run=_methods)
 
     p = sub.add_parser("evaluate", parents=[common], help="evaluate models on the interaction benchmarks")

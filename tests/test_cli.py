@@ -115,3 +115,17 @@ def test_bring_your_own_adapters_through_the_cli(trained, tmp_path, capsys):
                  f"protein={nan}", "--probe", str(probes), "--method", "avg", "--out", str(tmp_path / "x")]) == 1
     line = _one_line(capsys)
     assert "'protein'" in line and "NaN" in line and str(nan) in line, line
+
+
+def test_methods_describe_lists_every_es_setting_with_its_paper_and_code_values(capsys):
+    from esmerge.cli import main
+    from esmerge.methods import es
+
+    assert main(["methods", "describe", "es"]) == 0
+    out = capsys.readouterr().out
+    for name in es.PAPER_SETTINGS:
+        line = next(i for i, text in enumerate(out.splitlines()) if text.startswith(f"  {name} ("))
+        presets = out.splitlines()[line + 1]
+        assert f"paper: {es.PAPER_SETTINGS[name]!r}" in presets and f"code: {es.CODE_SETTINGS[name]!r}" in presets
+    assert max(len(text) for text in out.splitlines()) <= 100
+    assert main(["methods", "describe"]) == 2

@@ -27,7 +27,8 @@ from esmerge.adapters import Adapter, check_compatible
 from esmerge.errors import UsageError
 from esmerge.methods.hparams import HParam, check_all, parse_set
 
-__all__ = ["HParam", "MergeMethod", "MergeResult", "UnknownMethodError", "describe", "get", "names", "parse_set",
+__all__ = ["HParam", "MergeMethod", "MergeResult", "UnknownMethodError", "describe", "describe_method", "get", "names",
+           "parse_set",
            "register", "run", "validate"]
 
 
@@ -47,6 +48,8 @@ class MergeMethod:
     fn: Callable[..., MergeResult]
     needs_context: bool = False
     hparams: tuple[HParam, ...] = ()
+    # named settings over the declared hyper-parameters (ES-Merging: the paper's and the official code's)
+    presets: dict = field(default_factory=dict)
 
 
 class UnknownMethodError(UsageError, KeyError):
@@ -69,13 +72,13 @@ _METHOD_MODULES = (
 
 
 def register(name: str, pretty_name: str, reference: str, needs_context: bool = False,
-             hparams: tuple[HParam, ...] = ()):
+             hparams: tuple[HParam, ...] = (), presets: dict | None = None):
     """Decorator adding a merge function to the registry under ``name`` with its declared ``hparams``."""
 
     def wrap(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = MergeMethod(name, pretty_name, reference, fn, needs_context, tuple(hparams))
+        METHODS[name] = MergeMethod(name, pretty_name, reference, fn, needs_context, tuple(hparams), dict(presets or {}))
         return fn
 
     return wrap
@@ -134,6 +137,36 @@ def describe(name: str | None = None) -> list[dict]:
     return rows
 
 
+
+
+def describe_method(name: str, width: int = 100) -> str:
+    """One method in full, for ``esmerge methods describe NAME``: each hyper-parameter with its
+    type, default, range, the value of every preset (e.g. ``paper`` and ``code``) and its doc,
+    wrapped to ``width`` columns.
+
+    >>> print(describe_method("ties"))  # doctest: +ELLIPSIS
+    ties: TIES-Merging (...)
+      keep (float) default 0.2, range in (0, 1]
+    ...
+    """
+    import textwrap
+
+    method = get(name)
+    lines = [f"{method.name}: {method.pretty_name} ({method.reference})"]
+    if not method.hparams:
+        lines.append("  no hyper-parameters")
+    for h in method.hparams:
+        head = f"  {h.name} ({h.type.__name__}) default {h.default!r}" if h.type is str else \
+            f"  {h.name} ({h.type.__name__}) default {h.default}"
+        if h.range_text():
+            head += f", range {h.range_text()}"
+        lines.append(head)
+        values = [f"{preset}: {settings[h.name]!r}" for preset, settings in method.presets.items() if h.name in settings]
+        if values:
+            lines.append(f"      presets: {', '.join(values)}")
+        if h.doc:
+            lines += textwrap.wrap(h.doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def run(name: str, adapters: list[Adapter], context: Any = None, **hparams) -> MergeResult:

@@ -35,6 +35,7 @@ PAPER_SETTINGS = dict(n_projections=1024, p=2.0, tau_layer=0.5, tau_element=0.5,
 CODE_SETTINGS = dict(PAPER_SETTINGS, tau_element=0.1, distance="mse", per_tensor=True, standardize=True,
                      equal_size="min", score_modalities="own", final_norm=True, grad_batch=2, projections="fresh",
                      probe_layout="code")
+PRESETS = {"paper": PAPER_SETTINGS, "code": CODE_SETTINGS}  # what `esmerge methods describe es` shows
 # Settings that change the element scores; they enter the scores' cache key only when they differ
 # from the paper's, so the paper's keys (and every score cached under them) stay as they were.
 SCORE_SETTINGS = ("score_modalities", "final_norm", "grad_batch")
@@ -290,18 +291,19 @@ def es_merge(adapters: list[Adapter], context, use_layer: bool = True, use_eleme
     return MergeResult(with_state(adapters[0], merged, "es"), info)
 
 
-@register("es", "ES-Merging", "Lee, Kim, Hwang 2026, §4 (Eq. 4)", needs_context=True, hparams=HPARAMS)
+@register("es", "ES-Merging", "Lee, Kim, Hwang 2026, §4 (Eq. 4)", needs_context=True, hparams=HPARAMS,
+          presets=PRESETS)
 def es(adapters, context=None, **hp):
     return es_merge(adapters, context, use_layer=True, use_element=True, **hp)
 
 
 @register("es-layer", "Layer-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.2 (Eq. 2)", needs_context=True,
-          hparams=HPARAMS)
+          hparams=HPARAMS, presets=PRESETS)
 def es_layer(adapters, context=None, **hp):
     return es_merge(adapters, context, use_layer=True, use_element=False, **hp)
 
 
 @register("es-element", "Element-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.3 (Eq. 3)", needs_context=True,
-          hparams=HPARAMS)
+          hparams=HPARAMS, presets=PRESETS)
 def es_element(adapters, context=None, **hp):
     return es_merge(adapters, context, use_layer=False, use_element=True, **hp)
