@@ -15,9 +15,10 @@ ifndef ESMERGE_DATA_CACHE
 ESMERGE_DATA_CACHE := $(or $(ESMERGE_CACHE),$(HOME)/.cache/esmerge)/data
 endif
 export ESMERGE_DATA_CACHE
-# The test run's intermediates go under build/ unless ESMERGE_CACHE is set: it neither writes to nor
-# needs the home folder.
+# The test run's intermediates go under build/ unless ESMERGE_CACHE is set, and so do matplotlib's font
+# cache and IPython's profile (the notebook kernels): it neither writes to nor needs the home folder.
 TEST_CACHE := $(or $(ESMERGE_CACHE),$(CURDIR)/build/cache)
+TEST_HOME_DIRS := MPLCONFIGDIR=$(CURDIR)/build/home/matplotlib IPYTHONDIR=$(CURDIR)/build/home/ipython
 
 .PHONY: all setup data test pytest regenerate book ship check shipped-book-test browser-test reproduce-smoke clean
 
@@ -45,7 +46,7 @@ data: setup
 # pytest exits 5 when it collects no tests; say so rather than fail with a bare code. Run alone
 # without the data, the tests that need them are skipped, each naming what is missing.
 pytest: setup
-	@ESMERGE_CACHE=$(TEST_CACHE) $(BIN)/python -m pytest -q; rc=$$?; \
+	@ESMERGE_CACHE=$(TEST_CACHE) $(TEST_HOME_DIRS) $(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (a test suite must exist)" >&2; fi; \
 	exit $$rc
 
@@ -54,7 +55,7 @@ pytest: setup
 # (Sphinx warnings are errors, internal links checked) opened in headless Chromium, a second cold
 # smoke run that must reproduce the first, and the shipped cpu book rendered and opened too.
 test: data check pytest
-	ESMERGE_CACHE=$(TEST_CACHE) $(BIN)/esmerge regenerate --scale smoke --jobs 2
+	ESMERGE_CACHE=$(TEST_CACHE) $(TEST_HOME_DIRS) $(BIN)/esmerge regenerate --scale smoke --jobs 2
 	$(BIN)/python tests/browser/check_book.py --install
 	$(MAKE) --no-print-directory reproduce-smoke
 	$(MAKE) --no-print-directory shipped-book-test
@@ -64,7 +65,7 @@ test: data check pytest
 REPRO := build/reproduce
 reproduce-smoke: setup data
 	rm -rf $(REPRO)
-	ESMERGE_RUNS_DIR=$(CURDIR)/$(REPRO)/runs ESMERGE_CACHE=$(CURDIR)/$(REPRO)/cache \
+	ESMERGE_RUNS_DIR=$(CURDIR)/$(REPRO)/runs ESMERGE_CACHE=$(CURDIR)/$(REPRO)/cache $(TEST_HOME_DIRS) \
 	  $(BIN)/esmerge regenerate --scale smoke --jobs 2 --no-book
 	$(BIN)/python -m esmerge.reproducibility runs/smoke $(REPRO)/runs/smoke
 

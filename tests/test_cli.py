@@ -10,6 +10,7 @@ import torch
 from esmerge.adapters import load_merged
 from esmerge.cli import main
 from test_byo import trained  # noqa: F401  (the two adapters trained for the byo tests)
+from test_data import needs_data
 
 
 def _one_line(capsys) -> str:
@@ -72,6 +73,7 @@ def test_data_dir_that_is_not_a_folder_is_one_line(tmp_path, monkeypatch, capsys
     assert "is not a folder" in _one_line(capsys)
 
 
+@needs_data
 def test_evaluate_scores_by_generation_on_request(tmp_path, capsys):
     """--scoring generate: greedy replies read by their `Final answer:`; the table still prints."""
     argv = ["evaluate", "--scale", "smoke", "--model", "base", "--scoring", "generate", "--max-new-tokens", "3",

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from esmerge.cli import main
+from test_data import needs_data
 
 SMOKE = ["--base", "smoke"]
 
@@ -200,6 +201,7 @@ def test_seeds_outside_the_numpy_torch_range_are_refused_by_every_command(env, c
     ("--n-eval", "100000", ["CYP2C9-substrate", "n_eval=100000", "666 rows"]),
     ("--n-shots", "100000", ["CYP2C9-substrate", "n_shots=100000", "holds 12 rows"]),
 ])
+@needs_data
 def test_pools_too_small_for_the_settings_are_refused_before_any_model(env, capsys, monkeypatch, flag, value, words):
     from esmerge.evaluate import by_name
 
