@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from esmerge.cli import main
+from test_byo import random_adapter
 from test_data import needs_data
 
 SMOKE = ["--base", "smoke"]
@@ -26,21 +27,10 @@ SMOKE = ["--base", "smoke"]
 
 # --------------------------------------------------------------------------- the stand-ins
 def _random_adapter(model, folder: Path, seed: int, base_name: str | None = None, card: dict | None = None) -> Path:
-    from peft import get_peft_model
-
-    from esmerge.adapters import adapter_from_model, save_adapter
-    from esmerge.models import lora_config
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, lora_config())
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    adapter = adapter_from_model(peft_model, "x")
-    peft_model.unload()
-    adapter.config["base_model_name_or_path"] = base_name
-    save_adapter(adapter, folder)
+    """``test_byo.random_adapter`` naming ``base_name`` as its base, with ``card`` beside it."""
+    random_adapter(model, folder, seed)
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": base_name}))
     if card is not None:
         (folder / "card.json").write_text(json.dumps(card))
     return folder
