@@ -68,7 +68,7 @@ def _train(args) -> int:
     from esmerge import specialists
 
     if args.write_manifest:
-        print(f"wrote {specialists.write_manifest(args.scale)}")
+        print(f"wrote {specialists.write_manifest(args.scale, args.seed or 0)}")
         return 0
     if args.modality is None:
         raise UsageError("--modality is required (molecule, protein or cell)")
@@ -209,7 +209,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", type=Path, help="output directory (default data_manifest/specialists/<scale>/<modality>)")
+    p.add_argument("--out", type=Path, help="output directory (default data_manifest/specialists/<scale>/<modality>; "
+                   "at --seed N > 0, <scale>-seedN)")
     p.add_argument("--max-tokens", type=int, default=None, help="default: the recipe's, per modality")
     p.add_argument("--cell-top-k", type=int, default=None, help="genes per cell (default: the scale's)")
     p.add_argument("--checkpoint-every", type=int, default=25)

@@ -260,7 +260,7 @@ def train_for_scale(scale: str, modality: str, out_dir=None, *, base: BaseModel 
     if base is None:
         extra = {"model_id": paper_base()} if scale == "paper" else {}  # the base merge_command uses too
         base = load_base(scale, seed=settings["seed"], device=device, **extra)
-    out = Path(out_dir) if out_dir is not None else SHIPPED_DIR / scale / modality
+    out = Path(out_dir) if out_dir is not None else SHIPPED_DIR / shipped_set(scale, settings["seed"]) / modality
     return train_specialist(base, modality, out_dir=out, **settings)
 
 
@@ -271,11 +271,24 @@ def shipped_manifest() -> dict:
     return yaml.safe_load(SHIPPED_MANIFEST.read_text())
 
 
-def verify_shipped(scale: str = "cpu") -> dict[str, Path]:
-    """Check every shipped specialist file against its sha256 in ``specialists.yaml``."""
-    manifest = shipped_manifest().get(scale)
+def shipped_set(scale: str, seed: int = 0) -> str:
+    """The name of a shipped set of specialists: its folder under ``data_manifest/specialists`` and
+    its section of ``specialists.yaml``. Seed 0 is the scale itself; the seed replicates (trained
+    with the same recipes, only the seed changed) are ``<scale>-seed<N>``.
+
+    >>> shipped_set("cpu"), shipped_set("cpu", 2)
+    ('cpu', 'cpu-seed2')
+    """
+    return scale if seed == 0 else f"{scale}-seed{seed}"
+
+
+def verify_shipped(scale: str = "cpu", seed: int = 0) -> dict[str, Path]:
+    """Check every shipped specialist file of ``scale`` at training ``seed`` against its sha256 in
+    ``specialists.yaml``."""
+    name = shipped_set(scale, seed)
+    manifest = shipped_manifest().get(name)
     if not manifest:
-        raise SpecialistError(f"{SHIPPED_MANIFEST} lists no {scale!r} specialists")
+        raise SpecialistError(f"{SHIPPED_MANIFEST} lists no {name!r} specialists")
     dirs = {}
     for modality in MODALITIES:
         entry = manifest["specialists"][modality]
@@ -284,7 +297,8 @@ def verify_shipped(scale: str = "cpu") -> dict[str, Path]:
             file = folder / name
             if not file.exists():
                 raise SpecialistError(f"{file} is missing; restore it with `git checkout -- {file.relative_to(REPO_ROOT)}` "
-                                      f"or retrain with `esmerge train --scale {scale} --modality {modality}`")
+                                      f"or retrain with `esmerge train --scale {scale} --modality {modality} "
+                                      f"--seed {seed}`")
             actual = file_sha256(file)
             if actual != expected:
                 raise SpecialistError(f"{file}: sha256 {actual[:16]}... does not match {SHIPPED_MANIFEST.name} "
@@ -294,12 +308,14 @@ def verify_shipped(scale: str = "cpu") -> dict[str, Path]:
     return dirs
 
 
-def write_manifest(scale: str = "cpu") -> Path:
-    """(Re)write the ``scale`` section of ``specialists.yaml`` from the shipped directories."""
+def write_manifest(scale: str = "cpu", seed: int = 0) -> Path:
+    """(Re)write the section of ``specialists.yaml`` of ``scale`` at training ``seed`` (``shipped_set``)
+    from the shipped directories."""
     data = yaml.safe_load(SHIPPED_MANIFEST.read_text()) if SHIPPED_MANIFEST.exists() else {}
+    name = shipped_set(scale, seed)
     section = {"specialists": {}}
     for modality in MODALITIES:
-        folder = SHIPPED_DIR / scale / modality
+        folder = SHIPPED_DIR / name / modality
         if not is_finished(folder):
             raise SpecialistError(f"{folder} holds no finished specialist")
         card = read_card(folder)
@@ -309,7 +325,9 @@ def write_manifest(scale: str = "cpu") -> Path:
             "steps": card["steps"], "batch_size": card["batch_size"], "lr": card["lr"], "seed": card["seed"],
             "sha256": {f: file_sha256(folder / f) for f in SHIPPED_FILES if (folder / f).exists()},
         }
-    data[scale] = section
+    if any(entry["seed"] != seed for entry in section["specialists"].values()):
+        raise SpecialistError(f"{SHIPPED_DIR / name} holds specialists trained at another seed than {seed}")
+    data[name] = section
     SHIPPED_MANIFEST.write_text(yaml.safe_dump(data, sort_keys=False))
     return SHIPPED_MANIFEST
 

@@ -317,3 +317,45 @@ def test_an_unreadable_card_is_refused_in_one_line_naming_it(tmp_path, content, 
         S.load_specialist(folder, SimpleNamespace(weights_sha256=None, name="smoke"))
     assert str(err.value).startswith(f"{folder / 'card.json'}: {says}") and "\n" not in str(err.value)
     assert isinstance(err.value, C.SpecialistError)
+
+
+def _shipped_sets() -> dict:
+    return yaml.safe_load(S.SHIPPED_MANIFEST.read_text()) or {} if S.SHIPPED_MANIFEST.exists() else {}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_seed_replicates_are_the_shipped_recipe_with_only_the_seed_changed(seed):
+    """The seed replicates were fixed in advance (seeds 1 and 2, the shipped recipes unchanged) and
+    are shipped beside seed 0 with their hashes; none was selected by a result."""
+    if S.shipped_set("cpu", seed) not in _shipped_sets():
+        pytest.skip(f"cpu specialists at seed {seed} not shipped yet")
+    dirs, first = S.verify_shipped("cpu", seed), S.verify_shipped("cpu")
+    recipe_keys = ("steps", "batch_size", "lr", "max_tokens", "bf16", "projector_lr_scale", "base_weights_sha256")
+    for m in S.MODALITIES:
+        card, card0 = (json.loads((d[m] / "card.json").read_text()) for d in (dirs, first))
+        assert card["seed"] == seed and card0["seed"] == 0
+        assert {k: card.get(k) for k in recipe_keys} == {k: card0.get(k) for k in recipe_keys}
+        assert card["loss_last10"] < card["loss_first10"]
+
+
+def test_write_manifest_names_the_seed_set_and_refuses_a_mixed_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(S, "SHIPPED_DIR", tmp_path / "specialists")
+    monkeypatch.setattr(S, "SHIPPED_MANIFEST", tmp_path / "specialists.yaml")
+    for m in S.MODALITIES:
+        folder = tmp_path / "specialists" / "cpu-seed1" / m
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+        card = {"base_name": "b", "base_weights_sha256": "0" * 64, "steps": 1, "batch_size": 1, "lr": 0.1,
+                "seed": 1, "modality": m}
+        (folder / "card.json").write_text(json.dumps(card))
+    monkeypatch.setattr(S, "is_finished", lambda folder: (folder / "card.json").exists())
+    S.write_manifest("cpu", seed=1)
+    assert set(yaml.safe_load(S.SHIPPED_MANIFEST.read_text())) == {"cpu-seed1"}
+    assert set(S.verify_shipped("cpu", seed=1)) == set(S.MODALITIES)
+    with pytest.raises(S.SpecialistError, match="lists no 'cpu-seed2'"):
+        S.verify_shipped("cpu", seed=2)
+    card_file = tmp_path / "specialists" / "cpu-seed1" / "cell" / "card.json"
+    card_file.write_text(json.dumps({**json.loads(card_file.read_text()), "seed": 0}))
+    with pytest.raises(S.SpecialistError, match="another seed than 1"):
+        S.write_manifest("cpu", seed=1)
