@@ -330,7 +330,8 @@ def test_seed_replicates_are_the_shipped_recipe_with_only_the_seed_changed(seed)
     if S.shipped_set("cpu", seed) not in _shipped_sets():
         pytest.skip(f"cpu specialists at seed {seed} not shipped yet")
     dirs, first = S.verify_shipped("cpu", seed), S.verify_shipped("cpu")
-    recipe_keys = ("steps", "batch_size", "lr", "max_tokens", "bf16", "projector_lr_scale", "base_weights_sha256")
+    recipe_keys = ("steps", "batch_size", "lr", "lr_schedule", "optimizer", "max_tokens", "n_tokens", "bf16_autocast",
+                   "projector_lr_scale", "base_weights_sha256")
     for m in S.MODALITIES:
         card, card0 = (json.loads((d[m] / "card.json").read_text()) for d in (dirs, first))
         assert card["seed"] == seed and card0["seed"] == 0
