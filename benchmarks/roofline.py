@@ -55,6 +55,13 @@ over every call of the decoder in the counting pass, from the attention masks it
 useful work. At ``smoke`` the model is a hidden-64 toy whose matmuls are tiny: its ratios only
 show that every code path runs.
 
+Measured on 2026-12-06 (``benchmarks/results/roofline_cpu.json``), ``--scale cpu``, 2 threads, the
+2-core Intel Xeon with AVX-512 and AMX-bf16 otherwise idle (a paused trainer aside; load 1.6-2.1),
+3.3 min: fp32 GEMM 269 GFLOP/s, bf16 1,575 (5.9x). Ratios to the fp32 GEMM: 03 probe states 0.68,
+05 element scores 0.47, 06 AdaMerging 0.41 (23 % padded), LS-Merge 0.51, Avg+FT 0.40, 07 scoring
+0.52 (6.2 % padded), 09 NLL 0.68 (4.5 % padded). On this CPU bf16 matmuls are far faster than
+fp32, unlike the AMD EPYC machines the evaluation's fp32 choice was measured on.
+
 What the counter counts. ``FlopCounterMode`` counts only matmul-like ATen ops (``mm``, ``addmm``,
 ``bmm``, ``baddbmm``, convolutions and the CUDA scaled-dot-product-attention kernels), 2 FLOPs
 per multiply-add. Elementwise ops, norms, softmax, embeddings and optimiser updates count zero,
