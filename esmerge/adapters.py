@@ -103,20 +103,37 @@ def _json_text(obj) -> str:
 
 
 def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
-    """Read a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    """Read a PEFT adapter directory: ``adapter_config.json`` and ``adapter_model.safetensors``, or
+    the older ``adapter_model.bin`` (read weights-only: a tensor dict, nothing that runs code)."""
     path = Path(path)
     config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not weights.is_file() and (path / "adapter_model.bin").is_file():
+        weights = path / "adapter_model.bin"
     for needed in (config_file, weights):
         if not needed.is_file():
             raise AdapterFileError(f"{path} is not a PEFT adapter directory: {needed.name} is missing")
     config = read_json(config_file)
-    tensors = read_tensors(weights)
+    tensors = read_tensors(weights) if weights.suffix == ".safetensors" else _read_bin(weights)
     for key, value in tensors.items():  # an int LoRA tensor is a broken export, not weights to round
         if not value.is_floating_point():
             raise AdapterFileError(f"{weights}: {key} holds {str(value.dtype).removeprefix('torch.')} values, "
                                    "not floating-point LoRA weights; re-export the adapter")
     state = {k: v.float() for k, v in tensors.items()}
     return Adapter(state, config, name or path.name)
+
+
+def _read_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch ``adapter_model.bin`` as a tensor dict, with ``torch.load(weights_only=True)``."""
+    import pickle
+
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise AdapterFileError(f"{file} is not a weights-only PyTorch file ({type(err).__name__}); "
+                               "re-save the adapter with PEFT (safetensors)") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise AdapterFileError(f"{file} does not hold a dict of tensors; re-save the adapter with PEFT (safetensors)")
+    return tensors
 
 
 def save_adapter(adapter: Adapter, out_dir: str | Path, metadata: dict | None = None) -> Path:

@@ -214,6 +214,19 @@ def check_lora_config(name: str, path: Path, adapter: Adapter) -> None:
     gives its module (``rank_pattern``, matched as PEFT matches it, else ``r``).
     """
     where = f"adapter {name!r}: {path / 'adapter_config.json'}"
+    # Three PEFT layouts carry more than LoRA factors A and B, which every method here merges; each
+    # is refused for what it is before any work (merging them as factors would be silently wrong:
+    # TIES trimmed DoRA's magnitude vectors, the weight norms themselves, to zero).
+    if adapter.config.get("use_dora"):
+        raise AdapterMismatchError(f"{where} is a DoRA adapter (use_dora): its magnitude vectors are weight norms, "
+                                   "not LoRA factors, and esmerge merges LoRA only; merge it with PEFT instead")
+    if adapter.config.get("modules_to_save"):
+        raise AdapterMismatchError(f"{where} also trains whole modules (modules_to_save: "
+                                   f"{adapter.config['modules_to_save']}), which esmerge does not merge; re-train "
+                                   "or re-export it without modules_to_save")
+    if adapter.config.get("fan_in_fan_out"):
+        raise AdapterMismatchError(f"{where} targets Conv1D layers (fan_in_fan_out, GPT-2 style), whose weights are "
+                                   "transposed; esmerge merges LoRA on nn.Linear layers only")
     targets = adapter.config.get("target_modules")
     if isinstance(targets, str):
         raise AdapterMismatchError(f"{where} gives target_modules as the regex {targets!r}; esmerge needs a list of "

@@ -206,3 +206,45 @@ def test_shipped_cpu_specialists_merge_on_their_base(tmp_path):
                              tmp_path / "es", "es", {"n_projections": 16})
     meta = load_merged(out).meta
     assert meta["scale"] == "cpu" and len(meta["info"]["alpha"]) == 2 and len(meta["info"]["alpha"][0]) == 30
+
+
+class _Planted:
+    def __reduce__(self):
+        return (exec, ("open('PLANTED_RAN', 'w').write('x')",))
+
+
+def test_an_adapter_saved_as_bin_loads_as_its_safetensors_twin_and_a_planted_one_runs_nothing(trained, tmp_path,
+                                                                                               monkeypatch):
+    _, root, _ = trained
+    from safetensors.torch import load_file
+
+    twin = shutil.copytree(root / "protein", tmp_path / "bin")
+    tensors = load_file(twin / "adapter_model.safetensors")
+    (twin / "adapter_model.safetensors").unlink()
+    torch.save(tensors, twin / "adapter_model.bin")  # the layout PEFT writes with safe_serialization=False
+    loaded, _ = byo.read_adapter("protein", twin)
+    reference = load_adapter(root / "protein")
+    assert set(loaded.state) == set(reference.state)
+    assert all(torch.equal(loaded.state[k], reference.state[k]) for k in reference.state)
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"x": _Planted()}, twin / "adapter_model.bin")
+    with pytest.raises(InputError, match=r"adapter_model.bin is not a weights-only PyTorch file") as err:
+        byo.read_adapter("protein", twin)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "PLANTED_RAN").exists()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("use_dora", True, "is a DoRA adapter"),
+    ("modules_to_save", ["lm_head"], r"modules_to_save: \['lm_head'\]"),
+    ("fan_in_fan_out", True, "targets Conv1D layers"),
+])
+def test_peft_layouts_beyond_lora_factors_are_refused_for_what_they_are(trained, tmp_path, field, value, words):
+    _, root, probes = trained
+    other = shutil.copytree(root / "protein", tmp_path / field)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {field: value}))
+    one_line_refusal(lambda: byo.merge_adapters("smoke", {"molecule": root / "molecule", "other": other}, probes,
+                                                tmp_path / "out", "ties"), words)
+    assert not (tmp_path / "out").exists()
