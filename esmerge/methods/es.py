@@ -21,7 +21,7 @@ import torch
 
 from esmerge import element_gradients, elementwise, layerwise, probe
 from esmerge.adapters import Adapter, adapter_digest, attach, with_state
-from esmerge.cache import MISSING, atomic_torch_save, cached, content_key, key_lock, load_entry, tensor_digest
+from esmerge.cache import atomic_torch_save, cached, content_key, tensor_digest
 from esmerge.errors import UsageError
 from esmerge.merge import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
 from esmerge.methods import HParam, MergeResult, register
@@ -150,24 +150,24 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
             files = {dist: root / f"scores-{content_key(states_key, name, dist, SCORES_VERSION, *([changed] if changed else []))}.pt"
                      for dist in elementwise.DISTANCES}
             wanted = files[settings["distance"]]
-            stored = load_entry(wanted)  # a corrupt entry is set aside (one warning) and computed again
-            if stored is MISSING:
-                # A second process (another notebook at --jobs 2) waits here and reuses the first's scores.
-                with key_lock(wanted):
-                    stored = load_entry(wanted)
-                    if stored is MISSING:
-                        # One pass yields the scores of every distance; store each so either is instant later.
-                        peft_model.set_adapter(name)
-                        modalities = [own[name]] if settings["score_modalities"] == "own" else probes.modalities
-                        norm = element_gradients.final_norm(peft_model) if settings["final_norm"] else None
-                        tokens = {m: states["base"]["tokens"][m] for m in modalities}
-                        if norm is not None:
-                            tokens = {m: _norm_last_layer(norm, t) for m, t in tokens.items()}
-                        computed = element_scores(peft_model, probes, tokens, modalities, settings["grad_batch"], norm)
-                        for dist, path in files.items():
-                            atomic_torch_save(computed[dist], path)
-                        stored = computed[settings["distance"]]
-            scores.append(stored)
+
+            def compute(name=name, files=files, wanted=wanted):
+                # One pass yields the scores of every distance; store each so either is instant later.
+                peft_model.set_adapter(name)
+                modalities = [own[name]] if settings["score_modalities"] == "own" else probes.modalities
+                norm = element_gradients.final_norm(peft_model) if settings["final_norm"] else None
+                tokens = {m: states["base"]["tokens"][m] for m in modalities}
+                if norm is not None:
+                    tokens = {m: _norm_last_layer(norm, t) for m, t in tokens.items()}
+                computed = element_scores(peft_model, probes, tokens, modalities, settings["grad_batch"], norm)
+                for dist, path in files.items():
+                    if path != wanted:  # ``cached`` stores the wanted one
+                        atomic_torch_save(computed[dist], path)
+                return computed[settings["distance"]]
+
+            # A second process (another notebook at --jobs 2) waits for the first and reuses its
+            # scores; a corrupt entry is set aside with one warning and computed again.
+            scores.append(cached(wanted, compute))
     finally:
         peft_model.unload()
     return {"probes": probes, "states": states, "swd": swd, "scores": scores, "names": names,
