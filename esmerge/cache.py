@@ -9,7 +9,7 @@ Nothing wrong is kept as finished: a tensor with NaN/Inf is refused before it is
 (``InputError`` naming the entry and the likely cause), and an entry that cannot be read as a
 weights-only torch file (empty, truncated, or a pickle planted there) is moved aside to
 ``<name>.corrupt-<id>`` with a one-line warning and computed again. Nothing is ever unpickled
-with ``weights_only=False``. A full file system becomes one line naming the cache folder.
+beyond weights-only loading. A full file system becomes one line naming the cache folder.
 """
 from __future__ import annotations
 
@@ -94,25 +94,25 @@ def _temporary_sibling(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _first_nonfinite(obj: Any, where: str = "") -> tuple[str, int, int] | None:
+def first_nonfinite(obj: Any, where: str = "") -> tuple[str, int, int] | None:
     """``(where, bad, total)`` of the first floating tensor in ``obj`` (nested dicts, lists) with NaN/Inf."""
     if torch.is_tensor(obj):
         if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
             return where or "the value", int((~torch.isfinite(obj)).sum()), obj.numel()
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            if (found := _first_nonfinite(value, f"{where}[{key!r}]")) is not None:
+            if (found := first_nonfinite(value, f"{where}[{key!r}]")) is not None:
                 return found
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            if (found := _first_nonfinite(value, f"{where}[{i}]")) is not None:
+            if (found := first_nonfinite(value, f"{where}[{i}]")) is not None:
                 return found
     return None
 
 
 def check_finite_entry(obj: Any, path: Path) -> None:
     """Refuse (``InputError``, one line) to store an object holding a NaN/Inf float tensor at ``path``."""
-    found = _first_nonfinite(obj)
+    found = first_nonfinite(obj)
     if found is not None:
         where, bad, total = found
         cause = _NONFINITE_CAUSES.get(Path(path).name.split("-")[0],

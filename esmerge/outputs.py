@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from esmerge.cache import first_nonfinite
 from esmerge.errors import InputError, OutputExistsError
 
 KIND_KEY = "esmerge_output"  # the marker's record of what wrote it
@@ -168,9 +169,9 @@ def check_replaceable(out: str | Path, kind: Kind, force: bool, inputs: Iterable
 def check_finite(tensors: dict, where: str, cause: str) -> None:
     """``InputError`` naming the first floating tensor of ``tensors`` with NaN/Inf, the count and ``cause``."""
     for key, value in tensors.items():
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise InputError(f"{where}: {key} has {bad:,} NaN/Inf of {value.numel():,} entries, so nothing was "
+        if torch.is_tensor(value) and (found := first_nonfinite(value)) is not None:
+            _, bad, total = found
+            raise InputError(f"{where}: {key} has {bad:,} NaN/Inf of {total:,} entries, so nothing was "
                              f"written; {cause}")
 
 

@@ -1,4 +1,4 @@
-"""Retention: how much of each specialist's own skill a merged model keeps (issue 10 item 4).
+"""Retention: how much of each specialist's own skill a merged model keeps.
 
 For modality m, let L be the mean held-out answer NLL (nats per answer token, lower is better)
 of the base, specialist m and a merged model, all on the same examples of specialist m's task

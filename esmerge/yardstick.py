@@ -1,4 +1,4 @@
-"""A retrieval-only yardstick: what the in-context examples alone predict, with no LLM (issue 10).
+"""A retrieval-only yardstick: what the in-context examples alone predict, with no LLM.
 
 Two predictors, each returned as a dict shaped like an ``evaluate.evaluate`` result so it can sit
 as a row in every results table and claims register:

@@ -1,4 +1,4 @@
-"""Calibrated decisions and the shots-shuffled control (issue 10 item 2), and the power statement (item 5)."""
+"""Calibrated decisions and the shots-shuffled control, and the power statement."""
 from __future__ import annotations
 
 import re

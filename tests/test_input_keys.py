@@ -1,4 +1,4 @@
-"""Input keys follow each notebook's import closure within the package, not every file of it (issue 12 item 4)."""
+"""Input keys follow each notebook's import closure within the package, not every file of it."""
 from __future__ import annotations
 
 import shutil

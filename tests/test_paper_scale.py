@@ -1,4 +1,4 @@
-"""`esmerge merge --scale paper` end to end on stand-ins of the published checkpoints (issue 11).
+"""`esmerge merge --scale paper` end to end on stand-ins of the published checkpoints.
 
 A tiny LLaMA saved in the Hugging Face layout (with a LLaMA-3-style tokenizer) stands in for
 LLaMA-3.1-8B-Instruct; the Mol-LLaMA and Prot2Text-V2 stand-ins go through their converters and

@@ -1,4 +1,4 @@
-"""Decisions that read the prompt, and the control that shows whether they do (issue 10 item 2).
+"""Decisions that read the prompt, and the control that shows whether they do.
 
 A small base LLM scored by ``label_logits`` leans towards one label whatever its shots say: the
 argmax of the two label log-likelihoods gives the majority answer on nearly every example. Two

@@ -150,7 +150,7 @@ def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | 
 
 def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
                      level: float = 0.95) -> pd.DataFrame:
-    """Claims the paper does not make but a reader needs (issue 10), in ``claims``' columns and
+    """Claims the paper does not make but a reader needs, in ``claims``' columns and
     verdicts (``paper`` NaN), on the mean accuracy over all 13 benchmarks:
 
     * every model beats the always-majority yardstick, and beats the k-NN vote over its own shots
