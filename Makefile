@@ -9,7 +9,7 @@ export PYTHONHASHSEED := 0
 
 # Upstream data files are read from $ESMERGE_DATA_DIR (else ../shared/data), then from the data cache,
 # where `make data` downloads what is missing. The data cache is fixed here, from the caller's
-# environment (esmerge.data's default), so that runs given their own ESMERGE_CACHE (the tests, the cold
+# environment (esmerge.data.files's default), so that runs given their own ESMERGE_CACHE (the tests, the cold
 # reproduction) still read the files fetched once.
 ifndef ESMERGE_DATA_CACHE
 ESMERGE_DATA_CACHE := $(or $(ESMERGE_CACHE),$(HOME)/.cache/esmerge)/data
@@ -20,7 +20,7 @@ export ESMERGE_DATA_CACHE
 TEST_CACHE := $(or $(ESMERGE_CACHE),$(CURDIR)/build/cache)
 TEST_HOME_DIRS := MPLCONFIGDIR=$(CURDIR)/build/home/matplotlib IPYTHONDIR=$(CURDIR)/build/home/ipython
 
-.PHONY: all setup data test pytest regenerate book ship check shipped-book-test browser-test reproduce-smoke clean
+.PHONY: all setup data test lint pytest regenerate book ship check shipped-book-test browser-test reproduce-smoke clean
 
 all: setup data regenerate book
 
@@ -43,6 +43,10 @@ $(VENV)/.installed: pyproject.toml
 data: setup
 	@$(BIN)/esmerge data fetch
 
+# The linter (its settings are in pyproject.toml): pyflakes, pycodestyle at 120 columns, import order.
+lint: setup
+	$(BIN)/ruff check esmerge tests notebooks benchmarks
+
 # pytest exits 5 when it collects no tests; say so rather than fail with a bare code. Run alone
 # without the data, the tests that need them are skipped, each naming what is missing.
 pytest: setup
@@ -54,20 +58,20 @@ pytest: setup
 # notebook's text changed since it ran), the unit tests, every notebook at the smoke scale, the book
 # (Sphinx warnings are errors, internal links checked) opened in headless Chromium, a second cold
 # smoke run that must reproduce the first, and the shipped cpu book rendered and opened too.
-test: data check pytest
+test: data check lint pytest
 	ESMERGE_CACHE=$(TEST_CACHE) $(TEST_HOME_DIRS) $(BIN)/esmerge regenerate --scale smoke --jobs 2
 	$(BIN)/python tests/browser/check_book.py --install
 	$(MAKE) --no-print-directory reproduce-smoke
 	$(MAKE) --no-print-directory shipped-book-test
 
 # A second, cold smoke run (empty cache and runs folder) must reproduce runs/smoke file by file,
-# timings aside (esmerge.reproducibility says which fields are timings).
+# timings aside (esmerge.regen.reproducibility says which fields are timings).
 REPRO := build/reproduce
 reproduce-smoke: setup data
 	rm -rf $(REPRO)
 	ESMERGE_RUNS_DIR=$(CURDIR)/$(REPRO)/runs ESMERGE_CACHE=$(CURDIR)/$(REPRO)/cache $(TEST_HOME_DIRS) \
 	  $(BIN)/esmerge regenerate --scale smoke --jobs 2 --no-book
-	$(BIN)/python -m esmerge.reproducibility runs/smoke $(REPRO)/runs/smoke
+	$(BIN)/python -m esmerge.regen.reproducibility runs/smoke $(REPRO)/runs/smoke
 
 regenerate: setup data
 	$(BIN)/esmerge regenerate --scale $(SCALE) --jobs $(JOBS) --no-book

@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esmerge import benchmarks
 from esmerge import evaluate as ev
-from esmerge.adapters import Adapter
 from esmerge.cache import atomic_write_json
+from esmerge.data import benchmarks
 from esmerge.errors import OutputExistsError
-from esmerge.models import load_base
-from esmerge.specialists import load_specialists
+from esmerge.specialists.adapters import Adapter
+from esmerge.specialists.base_llm import load_base
+from esmerge.specialists.load import load_specialists
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,7 +74,8 @@ def _prompts(bench: str, queries: tuple[int, int], config, retrieval, tokenizer,
     return prompts, [str(index) for index, _ in queries]
 
 
-def measure(queries: tuple[int, int], threads: int, bench_names=ev.BENCHMARK_NAMES, budget_s: float = float("inf")) -> dict:
+def measure(queries: tuple[int, int], threads: int, bench_names=ev.BENCHMARK_NAMES,
+            budget_s: float = float("inf")) -> dict:
     """Score the same batches in fp32 and bf16; returns the record written to JSON.
 
     Batches go round-robin over benchmarks and models, so a run cut short by ``budget_s`` (no new
@@ -115,21 +116,25 @@ def measure(queries: tuple[int, int], threads: int, bench_names=ev.BENCHMARK_NAM
                 order = ("fp32", "bf16") if (first // config.batch_size) % 2 == 0 else ("bf16", "fp32")
                 for dt in order:
                     t0 = time.perf_counter()
-                    scores[dt] = ev.label_logits(torch_models[name, dt], batch, muts[name][dt].projectors).float().numpy()
+                    scores[dt] = ev.label_logits(torch_models[name, dt], batch,
+                                                 muts[name][dt].projectors).float().numpy()
                     seconds[dt] += time.perf_counter() - t0
                 for i, example in enumerate(ids[first:first + config.batch_size]):
                     s32, s16 = scores["fp32"][i], scores["bf16"][i]
                     decisions.append({"benchmark": bench, "model": name, "example_id": example,
                                       "margin_fp32": float(s32[1] - s32[0]), "margin_bf16": float(s16[1] - s16[0]),
                                       "max_abs_score_diff": float(np.abs(s32 - s16).max())})
-            print(f"queries {queries[0] + first}-{queries[0] + first + config.batch_size - 1} of each benchmark: {len(decisions)} prompts, "
-                  f"fp32 {seconds['fp32']:.0f} s, bf16 {seconds['bf16']:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"queries {queries[0] + first}-{queries[0] + first + config.batch_size - 1} of each benchmark: "
+                  f"{len(decisions)} prompts, "
+                  f"fp32 {seconds['fp32']:.0f} s, bf16 {seconds['bf16']:.0f} s, load {os.getloadavg()[0]:.1f}",
+                  flush=True)
             if stopped_early:
                 break
     same = [(d["margin_fp32"] > 0) == (d["margin_bf16"] > 0) for d in decisions]
     per_bench = {}
     for d, agree in zip(decisions, same):
-        entry = per_bench.setdefault(d["benchmark"], {}).setdefault(d["model"], {"n": 0, "agree": 0, "max_abs_score_diff": 0.0})
+        entry = per_bench.setdefault(d["benchmark"], {}).setdefault(d["model"],
+                                                                    {"n": 0, "agree": 0, "max_abs_score_diff": 0.0})
         entry["n"] += 1
         entry["agree"] += int(agree)
         entry["max_abs_score_diff"] = max(entry["max_abs_score_diff"], d["max_abs_score_diff"])
@@ -156,7 +161,8 @@ def combine(records: list[dict]) -> dict:
     for r in records:
         for bench, models in r["per_benchmark"].items():
             for model, m in models.items():
-                entry = per_bench.setdefault(bench, {}).setdefault(model, {"n": 0, "agree": 0, "max_abs_score_diff": 0.0})
+                entry = per_bench.setdefault(bench, {}).setdefault(model,
+                                                                   {"n": 0, "agree": 0, "max_abs_score_diff": 0.0})
                 entry["n"] += m["n"]
                 entry["agree"] += m["agree"]
                 entry["max_abs_score_diff"] = max(entry["max_abs_score_diff"], m["max_abs_score_diff"])
@@ -167,7 +173,8 @@ def combine(records: list[dict]) -> dict:
             "tokens_per_second": {dt: tokens / v for dt, v in seconds.items()}, "per_benchmark": per_bench,
             "disagreements": [d for r in records for d in r["disagreements"]],
             "runs": [{k: r.get(k) for k in ("queries", "n_prompts", "n_agree", "seconds", "threads", "budget_s",
-                                        "stopped_at_budget", "load_average_start", "load_average_end")} for r in records]}
+                                        "stopped_at_budget", "load_average_start", "load_average_end")}
+                     for r in records]}
 
 
 def main(argv=None) -> None:

@@ -66,8 +66,8 @@ def measure(scale: str = "smoke", seed: int = 0, probe_k: int | None = None, **b
     paper_budget_passes / passes.
     """
     from esmerge import evaluate, methods
-    from esmerge.methods import contexts
-    from esmerge.pipeline import build_context
+    from esmerge.run import baseline_inputs
+    from esmerge.run.merge import build_context
 
     settings = dict(BUDGETS.get(scale, BUDGETS["cpu"]), **budget)
     torch.manual_seed(seed)
@@ -86,7 +86,7 @@ def measure(scale: str = "smoke", seed: int = 0, probe_k: int | None = None, **b
     rows["es"] = {"flops": int(counter.get_total_flops()), "wall_s": time.perf_counter() - start,
                   "passes": context.probe_k, "paper_budget_passes": PAPER_BUDGET["probe_k"]}
 
-    context.extras.update(contexts.adamerging_extras(context.base, context.specialists, benchmarks,
+    context.extras.update(baseline_inputs.adamerging_extras(context.base, context.specialists, benchmarks,
                                                      settings["ada_prompts"], settings["ada_batch"], eval_config, seed))
     info = methods.run("adamerging", adapters, context, steps=settings["ada_steps"], progress=False).info
     rows["adamerging"] = {"flops": info["cost"]["flops"], "wall_s": info["cost"]["wall_seconds"],
@@ -94,8 +94,9 @@ def measure(scale: str = "smoke", seed: int = 0, probe_k: int | None = None, **b
 
     ft = {"flops": 0, "wall_s": 0.0, "passes": 0, "paper_budget_passes": 0}
     for benchmark in benchmarks:
-        context.extras.update(contexts.finetune_extras(context.base, context.specialists, benchmark,
-                                                       settings["ft_examples"], settings["ft_batch"], eval_config, seed))
+        context.extras.update(baseline_inputs.finetune_extras(context.base, context.specialists, benchmark,
+                                                       settings["ft_examples"], settings["ft_batch"], eval_config,
+                                                       seed))
         info = methods.run("avg-ft", adapters, context, epochs=settings["ft_epochs"], progress=False).info
         ft["flops"] += info["cost"]["flops"]
         ft["wall_s"] += info["cost"]["wall_seconds"]

@@ -5,7 +5,7 @@
 Builds the scale's probes and base states, then for each chosen specialist times (1) the
 per-sample loop element scores used before batching (one forward and one backward per
 modality for every probe sample, ``per_sample_loop_scores``) and (2)
-``element_gradients.element_scores_by_distance`` (one forward per batch of probes, one backward per
+``element_scores_by_distance`` (one forward per batch of probes, one backward per
 modality), checks that both give the same scores, and prints the time ratio (issue 12: >= 5x at
 ``cpu``, K = 110). Run on demand, not in CI. ``per_sample_loop_scores`` is also the oracle of
 ``tests/test_elementwise.py``.
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from esmerge import element_gradients, elementwise
-from esmerge.adapters import layer_of
+from esmerge.signals import elementwise, gradients
+from esmerge.signals.element_scores import element_scores_by_distance
+from esmerge.signals.hooks import block_outputs, lora_parameters
+from esmerge.specialists.adapters import layer_of
 
 
 def per_sample_loop_scores(model, embeds: torch.Tensor, positions: dict, base_tokens: dict) -> dict:
@@ -31,14 +33,15 @@ def per_sample_loop_scores(model, embeds: torch.Tensor, positions: dict, base_to
     ``embeds [K, T, d]``, ``base_tokens`` modality -> ``[L, K, T_m, d]``.
     Returns distance -> (LoRA key -> scores), as ``element_scores_by_distance``.
     """
-    params = element_gradients.lora_parameters(model)
+    params = lora_parameters(model)
     keys, tensors = list(params), list(params.values())
     for p in tensors:
         p.requires_grad_(True)
-    scores = {d: {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()} for d in elementwise.DISTANCES}
+    scores = {d: {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+              for d in elementwise.DISTANCES}
     width = embeds.shape[-1]
     for k in range(embeds.shape[0]):
-        with element_gradients.block_outputs(model, detach_inputs=True) as outputs:
+        with block_outputs(model, detach_inputs=True) as outputs:
             model(inputs_embeds=embeds[k].unsqueeze(0), use_cache=False)
         for idx, (modality, pos) in enumerate(positions.items()):
             r = torch.stack([elementwise.token_distance(out[0, pos], base_tokens[modality][l, k].to(out.dtype))
@@ -60,16 +63,16 @@ def max_relative_difference(new: dict, old: dict) -> float:
 
 def main() -> None:
     # Heavy imports here so that the test can import per_sample_loop_scores cheaply.
-    from esmerge.adapters import attach
     from esmerge.methods.es import signals
-    from esmerge.pipeline import build_context
+    from esmerge.run.merge import build_context
+    from esmerge.specialists.adapters import attach
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="cpu")
     parser.add_argument("--probe-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--specialists", nargs="*", default=None, help="modalities to score (default: all three)")
-    parser.add_argument("--batch-size", type=int, default=element_gradients.BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=gradients.BATCH_SIZE)
     args = parser.parse_args()
 
     context = build_context(args.scale, args.seed, args.probe_k)
@@ -87,7 +90,7 @@ def main() -> None:
             old = per_sample_loop_scores(peft_model, probes.embeds, probes.positions, base_tokens)
             loop_s = time.perf_counter() - t
             t = time.perf_counter()
-            new = element_gradients.element_scores_by_distance(peft_model, probes.embeds, probes.positions, base_tokens,
+            new = element_scores_by_distance(peft_model, probes.embeds, probes.positions, base_tokens,
                                                                progress=False, batch_size=args.batch_size)
             batched_s = time.perf_counter() - t
             rows.append((name, loop_s, batched_s, max_relative_difference(new, old)))

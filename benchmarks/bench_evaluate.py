@@ -52,11 +52,11 @@ import time
 import numpy as np
 import torch
 
-from esmerge import benchmarks
 from esmerge import evaluate as ev
-from esmerge.encoders import make_projector
-from esmerge.evaluate.under_test import PeftCopies
-from esmerge.models import load_base
+from esmerge.data import benchmarks
+from esmerge.evaluate.models import PeftCopies
+from esmerge.specialists.base_llm import load_base
+from esmerge.specialists.encoders import make_projector
 
 PARTS = ("cost", "throughput", "merge")
 
@@ -142,7 +142,7 @@ def throughput(args) -> None:
 
 
 def merge_effect(args) -> None:
-    from esmerge.specialists import load_specialists  # only this part needs the shipped specialists
+    from esmerge.specialists.load import load_specialists  # only this part needs the shipped specialists
 
     base = load_base(args.scale)
     spec = load_specialists(args.scale, base)["molecule"]

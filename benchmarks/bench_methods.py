@@ -3,7 +3,7 @@
 The three adapters are the scale's LoRA layout with random A and B (seeded), so this needs no
 trained specialist and no data: it measures the methods, not the models' quality. AdaMerging
 and Avg+FT run on short synthetic text prompts with the production objectives of
-``esmerge.methods.contexts`` (entropy of the two-label answer distribution; gold-answer NLL).
+``esmerge.run.baseline_inputs`` (entropy of the two-label answer distribution; gold-answer NLL).
 
     python benchmarks/bench_methods.py --scale cpu
     python benchmarks/bench_methods.py --scale smoke --methods avg ties graft
@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 
 from esmerge import evaluate, methods
-from esmerge.adapters import adapter_from_model
-from esmerge.methods.contexts import answer_nll_loss, label_entropy_objective
-from esmerge.models import load_base, lora_config
+from esmerge.run.baseline_inputs import answer_nll_loss, label_entropy_objective
+from esmerge.specialists.adapters import adapter_from_model
+from esmerge.specialists.base_llm import load_base, lora_config
 
 OURS = ("avg", "ties", "emr", "pcb", "consensus", "graft", "ls-merge", "adamerging", "avg-ft")
 PROMPTS = ["Does the molecule CCO inhibit CYP3A4? Answer:", "Is the cell line A549 sensitive to cisplatin? Answer:",
@@ -80,7 +80,8 @@ def main(argv=None) -> pd.DataFrame:
         cost = result.info.get("cost", {})
         steps = extra.get(name, {}).get("steps") or extra.get(name, {}).get("epochs")
         rows.append({"method": name, "wall_s": round(wall, 3), "flops": cost.get("flops"),
-                     "steps": steps if name in ("adamerging", "avg-ft") else result.info.get("hparams", {}).get("epochs")})
+                     "steps": steps if name in ("adamerging", "avg-ft")
+                     else result.info.get("hparams", {}).get("epochs")})
         print(f"{name:>11}: {wall:8.3f} s   FLOPs {cost.get('flops')}", flush=True)
     table = pd.DataFrame(rows)
     print(f"\nscale={args.scale}, {n_params:,} LoRA entries per adapter, 3 adapters, threads={args.threads}")

@@ -46,10 +46,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esmerge import benchmarks, yardstick
 from esmerge import evaluate as ev
+from esmerge.data import benchmarks
 from esmerge.evaluate import calibration as cal
-from esmerge.models import load_base
+from esmerge.evaluate import yardstick
+from esmerge.specialists.base_llm import load_base
 
 SETS = ("eval", "eval-shuffled", "fit", "cf")
 
@@ -85,7 +86,8 @@ def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval, sets=
     eval_shuf = cal.shuffled_shot_labels(eval_lab, args.seed)
     options = ev.PromptOptions(frozenset(), config.top_k_genes, config.protein_chars, config.smiles_chars)
     tok = base.tokenizer if base is not None else None
-    plan = {"eval": (eval_df, pool, eval_pos, eval_lab, False), "eval-shuffled": (eval_df, pool, eval_pos, eval_shuf, False),
+    plan = {"eval": (eval_df, pool, eval_pos, eval_lab, False),
+            "eval-shuffled": (eval_df, pool, eval_pos, eval_shuf, False),
             "fit": (fit_df, rest, fit_pos, fit_lab, False), "cf": (fit_df, rest, fit_pos, fit_lab, True)}
     out = {"y": eval_df["y"].astype(int).to_numpy(), "fit_y": fit_df["y"].astype(int).to_numpy(),
            "ids": [str(i) for i in eval_df.index], "eval_shot_labels": eval_lab,
@@ -96,7 +98,8 @@ def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval, sets=
             continue
         if not path.exists():
             started = time.time()
-            scores = _score(base.model, _prompts(bench, queries, p, positions, labels, options, tok, cf), tok, args.batch_size)
+            scores = _score(base.model, _prompts(bench, queries, p, positions, labels, options, tok, cf), tok,
+                            args.batch_size)
             np.save(path, scores)
             print(f"  {bench} k={k} {name}: {len(scores)} prompts in {time.time() - started:.0f} s", flush=True)
         out[name] = np.load(path)

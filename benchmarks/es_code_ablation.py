@@ -13,7 +13,7 @@ difference *can* be, not how large it is on trained specialists.
 ``--scale cpu`` (about an hour on 2 cores): merges ES-Merging with the paper's settings, the
 code's, and the paper's with each of the three differences in beta alone (own-modality scores,
 the last layer after the final norm, |gradient| of a batch-of-2 MSE), and prints each merged
-model's retained fraction per modality (``esmerge.retention``, as ``09_retention``).
+model's retained fraction per modality (``esmerge.evaluate.retention``, as ``09_retention``).
 
     python benchmarks/es_code_ablation.py --tiny
     python benchmarks/es_code_ablation.py --scale cpu --n 50
@@ -28,9 +28,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from esmerge import elementwise, layerwise
-from esmerge.merge import combine, merge_lora
 from esmerge.methods import es
+from esmerge.signals import layerwise
+from esmerge.signals.combine import combine, merge_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 # The three differences in beta, each as the paper's settings plus that one official choice.
@@ -121,9 +121,10 @@ CODE = es.CODE_SETTINGS
 
 
 def cpu_retention(scale: str, n: int | None, seed: int, out: Path) -> pd.DataFrame:
-    from esmerge import retention, scales
-    from esmerge.captions import heldout_examples
-    from esmerge.pipeline import build_context, merge_once
+    from esmerge import scales
+    from esmerge.evaluate import retention
+    from esmerge.run.merge import build_context, merge_once
+    from esmerge.specialists.captions import heldout_examples
 
     context = build_context(scale, seed)
     n = n or scales.get(scale).n_retention
@@ -141,7 +142,8 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--scale", default=None, help="retention of the ES variants at this scale (e.g. cpu)")
     parser.add_argument("--n", type=int, default=None, help="held-out examples per modality (default: the scale's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="merged models go here (default: runs/<scale>/es_code_ablation)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="merged models go here (default: runs/<scale>/es_code_ablation)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.tiny == bool(args.scale):

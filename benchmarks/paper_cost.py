@@ -40,11 +40,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from esmerge import benchmarks, evaluate, scales, yardstick
+from esmerge import evaluate, scales
 from esmerge.cache import atomic_write_json
+from esmerge.data import benchmarks
 from esmerge.errors import OutputExistsError
+from esmerge.evaluate import yardstick
 from esmerge.evaluate.generation import MAX_NEW_TOKENS
-from esmerge.models import load_cpu
+from esmerge.specialists.base_llm import load_cpu
 
 OUT = Path(__file__).resolve().parent / "results" / "paper_cost.json"
 # LLaMA-3.1-8B-Instruct's config.json (meta-llama/Llama-3.1-8B-Instruct)
@@ -135,7 +137,8 @@ def main(argv=None) -> None:
     tokenizer = load_cpu().tokenizer
     model = meta_llama()
     n_params = sum(p.numel() for p in model.parameters())
-    test_sizes = {name: len(yardstick.paper_split(benchmarks.load_benchmark(name), 0)[0]) for name in benchmarks.BENCHMARK_NAMES}
+    test_sizes = {name: len(yardstick.paper_split(benchmarks.load_benchmark(name), 0)[0])
+                  for name in benchmarks.BENCHMARK_NAMES}
 
     per_benchmark = {}
     for name in benchmarks.BENCHMARK_NAMES:

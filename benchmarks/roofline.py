@@ -14,7 +14,7 @@ In one run, with one thread count for everything, this measures
   07 scoring       ``evaluate.label_logits`` of a merged model (Avg. Merging of the three
                    specialists, LoRA merged into a copy's weights by ``PeftCopies`` as
                    ``evaluate`` does, every projector) on one evaluation batch of BindingDB and one
-                   of GDSC2, prompts from ``methods.contexts.benchmark_prompts`` collated as
+                   of GDSC2, prompts from ``run.baseline_inputs.benchmark_prompts`` collated as
                    ``evaluate`` does (the scale's ``batch_size`` 8 / 3 and shots): 2 batches
   09 NLL           ``retention_scoring.example_nlls`` of the same merged model on 16 / 8 held-out
                    molecule caption examples (``captions.heldout_examples``), batch 8 / 4: 2 batches
@@ -93,15 +93,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from esmerge import evaluate, methods, probe, scales
-from esmerge.adapters import attach, with_state
-from esmerge.captions import heldout_examples
+from esmerge import evaluate, methods, scales
+from esmerge.evaluate.models import PeftCopies
+from esmerge.evaluate.retention_models import example_nlls
 from esmerge.evaluate.scoring import common_n_tokens
-from esmerge.evaluate.under_test import PeftCopies
-from esmerge.methods import contexts
 from esmerge.methods.es import _training_cells, element_scores
-from esmerge.pipeline import build_context
-from esmerge.retention_scoring import example_nlls
+from esmerge.run import baseline_inputs
+from esmerge.run.merge import build_context
+from esmerge.signals import probe
+from esmerge.specialists.adapters import attach, with_state
+from esmerge.specialists.captions import heldout_examples
+from esmerge.specialists.load import projectors_of
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,7 @@ def on_device(adapter, device: str):
 def projectors_on(context, device: str) -> dict:
     """Every specialist's projector on ``device`` (a copy when it lives elsewhere)."""
     out = {}
-    for m, p in contexts.projectors_of(context.specialists).items():
+    for m, p in projectors_of(context.specialists).items():
         here = next(p.parameters()).device
         out[m] = p if here == torch.device(device) else copy.deepcopy(p).to(device)
     return out
@@ -250,11 +252,12 @@ def projectors_on(context, device: str) -> dict:
 def scoring_batches(context, sl: Slice) -> list:
     """One evaluation batch per benchmark of ``sl``, built and collated as ``evaluate`` does."""
     config = evaluate.default_config(context.scale)
-    projectors = contexts.projectors_of(context.specialists)
+    projectors = projectors_of(context.specialists)
     tok = context.base.tokenizer
     batches = []
     for bench in sl.eval_benchmarks:
-        prompts = contexts.benchmark_prompts(bench, tok, projectors, config, "eval", config.batch_size, context.seed)
+        prompts = baseline_inputs.benchmark_prompts(bench, tok, projectors, config, "eval", config.batch_size,
+                                                    context.seed)
         batches.append(evaluate.collate(prompts[:config.batch_size], tok, common_n_tokens(projectors),
                                         projectors=projectors))
     return batches
@@ -264,7 +267,7 @@ def make_probes(context, k: int) -> probe.Probes:
     """``k`` probe samples built as ``methods.es.signals`` builds them (its ``make_probes``)."""
     base = context.base
     raw = probe.probe_entities(k=k, seed=context.seed, exclude_cells=_training_cells(context))
-    blocks = probe.encode_blocks(base, contexts.projectors_of(context.specialists), raw,
+    blocks = probe.encode_blocks(base, projectors_of(context.specialists), raw,
                                  {"molecule": 8, "protein": 8, "cell": 24})
     return probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), blocks, raw)
 
@@ -274,7 +277,7 @@ def evaluation_stages(context, merged, sl: Slice, device: str, reps: int) -> lis
     """07 scoring and 09 NLL, both on the merged model as ``evaluate`` and ``score_models`` load it."""
     base = context.base
     model = PeftCopies().load(base, merged)  # LoRA merged into a copy's weights, as in evaluation
-    projectors = contexts.projectors_of(context.specialists)
+    projectors = projectors_of(context.specialists)
     batches = scoring_batches(context, sl)
 
     def score():
@@ -315,20 +318,20 @@ def probe_stages(context, sl: Slice, device: str, reps: int) -> list[Row]:
 
 def adamerging_stage(context, sl: Slice, device: str, reps: int) -> Row:
     """2 AdaMerging steps over 2 batches of unlabeled evaluation prompts, built as
-    ``contexts.adamerging_extras`` builds them (kept here so that each run gets a fresh objective)."""
+    ``baseline_inputs.adamerging_extras`` builds them (kept here so that each run gets a fresh objective)."""
     projectors = projectors_on(context, device)
     tok = context.base.tokenizer
     config = evaluate.default_config(context.scale)
     prompts = [p for bench in sl.eval_benchmarks for p in
-               contexts.benchmark_prompts(bench, tok, projectors, config, "eval", sl.ada_prompts, context.seed)]
-    batches = contexts.prompt_batches(prompts, tok, projectors, sl.ada_batch, context.seed)
-    model = contexts.trainable_copy(context.base, context.specialists["molecule"].adapter).to(device)
+               baseline_inputs.benchmark_prompts(bench, tok, projectors, config, "eval", sl.ada_prompts, context.seed)]
+    batches = baseline_inputs.prompt_batches(prompts, tok, projectors, sl.ada_batch, context.seed)
+    model = baseline_inputs.trainable_copy(context.base, context.specialists["molecule"].adapter).to(device)
     adapters = [on_device(s.adapter, device) for s in context.specialists.values()]
     steps = len(batches)
 
     def run():
         # a fresh objective each run: it cycles through the batches, so both runs see the same ones
-        objective = contexts.label_entropy_objective(model, batches, projectors)
+        objective = baseline_inputs.label_entropy_objective(model, batches, projectors)
         return methods.run("adamerging", adapters, {"entropy_objective": objective}, steps=steps,
                            count_cost=False, progress=False)
 
@@ -349,9 +352,9 @@ def lsmerge_stage(context, sl: Slice, reps: int) -> Row:
 
 
 def finetune_stage(context, sl: Slice, device: str, reps: int) -> Row:
-    """Avg+FT: 2 Adam steps over BindingDB training prompts (``contexts.finetune_extras``)."""
-    extras = contexts.finetune_extras(context.base, context.specialists, "BindingDB", sl.ft_examples, sl.ft_batch,
-                                      evaluate.default_config(context.scale), context.seed)
+    """Avg+FT: 2 Adam steps over BindingDB training prompts (``baseline_inputs.finetune_extras``)."""
+    extras = baseline_inputs.finetune_extras(context.base, context.specialists, "BindingDB", sl.ft_examples,
+                                      sl.ft_batch, evaluate.default_config(context.scale), context.seed)
     adapters = [on_device(s.adapter, device) for s in context.specialists.values()]
     def run():
         return methods.run("avg-ft", adapters, extras, epochs=1, count_cost=False, progress=False)

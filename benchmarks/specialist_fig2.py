@@ -31,7 +31,7 @@ RECIPE_KEYS = ("steps", "batch_size", "lr", "seed", "bf16_autocast", "projector_
 
 def fig2_rows(swd_by_variant: dict) -> list[dict]:
     """Fig. 2 verdicts of each specialist, for each SWD table ``[S, M, L]`` in ``swd_by_variant``."""
-    from esmerge import layerwise
+    from esmerge.signals import layerwise
 
     rows = []
     for variant, swd in swd_by_variant.items():
@@ -42,23 +42,25 @@ def fig2_rows(swd_by_variant: dict) -> list[dict]:
 
 def massive_counts(states: dict) -> dict:
     """model -> input modality -> the most massive-activation tokens at any block."""
-    from esmerge import layerwise
+    from esmerge.signals import layerwise
 
     return layerwise.massive_token_counts({model: {m: states[model]["tokens"][m] for m in NAMES}
                                            for model in ("base",) + NAMES})
 
 
 def main() -> None:
-    from esmerge import captions, heldout, layerwise
     from esmerge.methods.es import signals
-    from esmerge.pipeline import build_context
-    from esmerge.specialists import attach_specialist, load_specialist
+    from esmerge.run.merge import build_context
+    from esmerge.signals import layerwise
+    from esmerge.specialists import captions, heldout
+    from esmerge.specialists.load import attach_specialist, load_specialist
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--molecule", nargs="*", default=[], help="candidate molecule specialist folders")
     parser.add_argument("--specialists", nargs="*", default=[], type=Path,
                         help="candidate sets: folders holding molecule/, protein/ and cell/ specialists")
-    parser.add_argument("--heldout", type=int, default=0, help="held-out examples of each candidate's own task to score (0: none)")
+    parser.add_argument("--heldout", type=int, default=0,
+                        help="held-out examples of each candidate's own task to score (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -101,7 +103,8 @@ def main() -> None:
                   f"mean ratio {row['mean_ratio']:.3f}: {'passes' if row['passes'] else 'fails'}")
         print("  massive-activation tokens (most at any block), model -> input modality:", entry["massive_tokens"])
     if args.json:
-        args.json.write_text(json.dumps({"seed": args.seed, "probe_k": context.probe_k, "results": results}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"seed": args.seed, "probe_k": context.probe_k, "results": results},
+                                        indent=1) + "\n")
         print(f"wrote {args.json}")
 
 

@@ -3,7 +3,7 @@
 Two protocols, both written beside the paper's ES-Merging (``paper_results.csv``) with a verdict:
 
 * ``yardstick_full.csv`` -- the paper's protocol (App. A.4) on the **whole** benchmark: a seeded,
-  label-stratified 80/20 split of every processed benchmark (``esmerge.yardstick.paper_split``;
+  label-stratified 80/20 split of every processed benchmark (``esmerge.evaluate.yardstick.paper_split``;
   our splits, not the paper's), 5 shots retrieved from the 80 % side, evaluation on the whole 20 %;
 * ``yardstick_cpu.csv`` -- the pools and shots the LLMs see at ``cpu`` scale
   (``evaluate.default_config("cpu")``: 64 evaluation rows, a 512-row context pool, 3 shots).
@@ -23,9 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from esmerge import benchmarks, evaluate, yardstick
+from esmerge import evaluate, report
 from esmerge.cache import atomic_write_json
+from esmerge.data import benchmarks
 from esmerge.errors import OutputExistsError
+from esmerge.evaluate import yardstick
+from esmerge.report import yardstick as report_yardstick
 
 OUT = Path(__file__).resolve().parent / "results"
 FILES = ("yardstick_full.csv", "yardstick_cpu.csv", "yardstick.json")
@@ -33,9 +36,10 @@ FILES = ("yardstick_full.csv", "yardstick_cpu.csv", "yardstick.json")
 
 def table(runs: dict[str, dict[str, dict]], n_resamples: int, seed: int, protocol: str) -> pd.DataFrame:
     """Accuracy and macro-F1 verdict tables side by side, rounded for the committed CSV."""
-    acc = yardstick.verdict_table(runs, "es", "accuracy", n_resamples=n_resamples, seed=seed)
-    f1 = yardstick.verdict_table(runs, "es", "macro_f1", n_resamples=n_resamples, seed=seed)
-    f1 = f1.drop(columns=["benchmarks", "n_eval", "n_context"]).add_suffix("_f1").rename(columns={"dataset_f1": "dataset"})
+    acc = report_yardstick.verdict_table(runs, "es", "accuracy", n_resamples=n_resamples, seed=seed)
+    f1 = report_yardstick.verdict_table(runs, "es", "macro_f1", n_resamples=n_resamples, seed=seed)
+    f1 = f1.drop(columns=["benchmarks", "n_eval", "n_context"]).add_suffix("_f1").rename(
+        columns={"dataset_f1": "dataset"})
     merged = acc.rename(columns={"majority": "majority_acc", "knn": "knn_acc", "paper": "paper_es_acc"}).merge(
         f1.rename(columns={"paper_f1": "paper_es_f1"}), on="dataset")
     return merged.round(2).assign(protocol=protocol)
@@ -69,7 +73,7 @@ def main(argv=None) -> None:
     marker = args.out / FILES[-1]
     if marker.exists() and not args.force:
         raise OutputExistsError(f"{marker} exists: pass --force to recompute the yardstick")
-    evaluate.paper_results()  # fail now, not after minutes of retrieval, if the reference is missing
+    report.paper_results()  # fail now, not after minutes of retrieval, if the reference is missing
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
@@ -87,8 +91,8 @@ def main(argv=None) -> None:
               f"[{r['accuracy_ci'][0]:.1f}, {r['accuracy_ci'][1]:.1f}] ({seconds[name]} s)", flush=True)
     full_seconds = time.time() - started
     write_csv(table(full, args.n_resamples, args.seed,
-                    f"our seeded stratified {1 - args.test_fraction:.0%}/{args.test_fraction:.0%} split, not the paper's; "
-                    f"{args.shots} shots; seed {args.seed}"), args.out / FILES[0])
+                    f"our seeded stratified {1 - args.test_fraction:.0%}/{args.test_fraction:.0%} split, "
+                    f"not the paper's; {args.shots} shots; seed {args.seed}"), args.out / FILES[0])
 
     t0 = time.time()
     cpu_config = evaluate.default_config("cpu")
@@ -102,7 +106,7 @@ def main(argv=None) -> None:
         "what": "retrieval-only yardstick (issue 10): always-majority of the context pool; k-NN vote "
                 "over the retrieved shots, ties to the context-pool majority, a tied pool to y = 0",
         "full_protocol": {"split": f"seeded label-stratified {1 - args.test_fraction:.0%}/{args.test_fraction:.0%} "
-                                   "split of each processed benchmark (esmerge.yardstick.paper_split); "
+                                   "split of each processed benchmark (esmerge.evaluate.yardstick.paper_split); "
                                    "NOT the paper's splits (its test sizes are App. A.1's)",
                           "seed": args.seed, "shots": args.shots, "n_resamples": args.n_resamples,
                           "n_eval": {b: full["knn-shots"][b]["n"] for b in full["knn-shots"]},

@@ -116,7 +116,8 @@ def check_finite_entry(obj: Any, path: Path) -> None:
     if found is not None:
         where, bad, total = found
         cause = _NONFINITE_CAUSES.get(Path(path).name.split("-")[0],
-                                      "an input or a hyper-parameter of the step that computes it is likely out of range")
+                                      "an input or a hyper-parameter of the step that computes it is likely "
+                                      "out of range")
         raise InputError(f"cache entry {Path(path).name}: {where} has {bad:,} NaN/Inf of {total:,} values, so it was "
                          f"not stored; {cause}")
 

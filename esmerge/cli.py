@@ -10,8 +10,9 @@
     esmerge convert mol-llama|prot2text|lora-extract ...    published checkpoints -> specialist folders
     esmerge regenerate --scale cpu                    run every notebook (papermill) and build the book
 
-Every subcommand is declared here, once, and calls one library function. A refusal is one line on stderr, ``esmerge <command>: <what and what to do>``, exit code 1
-(2 for a usage error); ``--debug`` shows the traceback instead. ``unexpected ...`` is reserved for defects.
+Every subcommand is declared here, once, and calls one library function. A refusal is one line
+on stderr, ``esmerge <command>: <what and what to do>``, exit code 1 (2 for a usage error);
+``--debug`` shows the traceback instead. ``unexpected ...`` is reserved for defects.
 Stdout is a report: when it cannot be written (``> /dev/full``, a closed pipe) the command still
 finishes, then one warning line says so (none for a closed pipe); the exit code stays the command's,
 except for ``methods`` and ``data verify``, whose listing is their product (exit 1).
@@ -26,14 +27,15 @@ from pathlib import Path
 
 from esmerge import scales
 from esmerge.errors import EsmergeError, UsageError
+from esmerge.specialists.encoders import MODALITIES
 
 
 # --------------------------------------------------------------------------- subcommands
 def _data(args) -> int:
-    from esmerge import data
+    from esmerge.data import files
 
     if args.action == "verify":
-        statuses = data.verify()
+        statuses = files.verify()
         width = max([len(s.path) for s in statuses] + [4])
         status_width = max([len(s.status) for s in statuses] + [7])
         print(f"{'file':<{width}}  {'bytes':>9}  {'status':<{status_width}}  where")
@@ -48,15 +50,15 @@ def _data(args) -> int:
     # What `make data` runs before `make all` / `make test`: a no-op (one line) when every file is
     # already resolved, else the downloads; anything still missing is one refusal line, not one per file.
     failures = {}
-    for path, outcome in data.fetch_missing(args.files, force=args.force):
+    for path, outcome in files.fetch_missing(args.files, force=args.force):
         if isinstance(outcome, Exception):
             failures[path] = outcome
         else:
             print(f"fetched {path} -> {outcome}")
-    wanted = [data.manifest()[p] for p in args.files or data.manifest()]
+    wanted = [files.manifest()[p] for p in args.files or files.manifest()]
     if failures:
-        raise data.DataError(data.fetch_summary(failures, len(wanted)))
-    statuses = [data.check_file(entry) for entry in wanted]  # hashes are memoised: no second read
+        raise files.DataError(files.fetch_summary(failures, len(wanted)))
+    statuses = [files.check_file(entry) for entry in wanted]  # hashes are memoised: no second read
     roots = sorted({str(s.location)[: -len(s.path) - 1] for s in statuses if s.location is not None})
     print(f"{len(statuses)} of {len(statuses)} upstream data files ok, sha256-checked (in {', '.join(roots)})")
     return 0
@@ -65,21 +67,21 @@ def _data(args) -> int:
 def _train(args) -> int:
     import torch
 
-    from esmerge import specialists
+    from esmerge.specialists import load
 
     if args.write_manifest:
-        print(f"wrote {specialists.write_manifest(args.scale, args.seed or 0)}")
+        print(f"wrote {load.write_manifest(args.scale, args.seed or 0)}")
         return 0
     if args.modality is None:
         raise UsageError("--modality is required (molecule, protein or cell)")
-    from esmerge.train import check_settings  # before the base loads
+    from esmerge.specialists.train import check_settings  # before the base loads
 
     check_settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
                    projector_lr_scale=args.projector_lr_scale)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or specialists.SHIPPED_DIR / args.scale / args.modality
-    specialists.train_for_scale(args.scale, args.modality, out, device=args.device, steps=args.steps,
+    out = args.out or load.SHIPPED_DIR / args.scale / args.modality
+    load.train_for_scale(args.scale, args.modality, out, device=args.device, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_tokens=args.max_tokens,
                                 resume=not args.no_resume, force=args.force, checkpoint_every=args.checkpoint_every,
                                 bf16=args.bf16, cell_top_k=args.cell_top_k,
@@ -89,7 +91,8 @@ def _train(args) -> int:
 
 
 def _merge(args) -> int:
-    from esmerge import byo, methods, pipeline
+    from esmerge import methods
+    from esmerge.run import byo, merge
 
     hparams = methods.parse_set(args.set)
     if args.adapter:  # bring your own adapters: any PEFT LoRA folders on one base
@@ -102,7 +105,7 @@ def _merge(args) -> int:
     else:
         if args.probe or args.no_chat:
             raise UsageError("--probe and --no-chat go with --adapter NAME=PATH (bring your own adapters)")
-        out = pipeline.merge_command(args.scale, args.method, args.out, hparams, seed=args.seed,
+        out = merge.merge_command(args.scale, args.method, args.out, hparams, seed=args.seed,
                                      probe_k=args.probe_k, force=args.force, base_path=args.base,
                                      specialists_dir=args.specialists)  # validates before loading a model
     print(f"merged with {args.method} -> {out}")
@@ -147,19 +150,20 @@ def _methods(args) -> int:
 def _evaluate(args) -> int:
     import pandas as pd
 
-    from esmerge.evaluate.by_name import evaluate_by_name
+    from esmerge.run.evaluate_named import evaluate_by_name
 
     rows = evaluate_by_name(args.scale, args.model, args.benchmarks, seed=args.seed, out_dir=args.out,
                             n_eval=args.n_eval, n_shots=args.n_shots, scoring=args.scoring,
                             max_new_tokens=args.max_new_tokens)
     with pd.option_context("display.width", 160, "display.max_rows", 500):
-        print(rows[["method", "benchmark", "n", "accuracy", "acc_lo", "acc_hi", "macro_f1"]].round(1).to_string(index=False))
+        print(rows[["method", "benchmark", "n", "accuracy", "acc_lo", "acc_hi", "macro_f1"]].round(1)
+              .to_string(index=False))
         print(rows.groupby("method", sort=False)[["accuracy", "macro_f1"]].mean().round(1).to_string())
     return 0
 
 
 def _convert(args) -> int:
-    from esmerge import convert
+    from esmerge.specialists import convert
 
     sources = (getattr(args, "src", None), getattr(args, "finetuned", None), args.base)
     _refuse_output("converted-specialist", args.out, args.force, sources)  # before reading any checkpoint
@@ -177,7 +181,7 @@ def _convert(args) -> int:
 
 
 def _regenerate(args) -> int:
-    from esmerge import regenerate
+    from esmerge.regen import regenerate
 
     return regenerate.regenerate(args)  # checks its options first
 
@@ -197,14 +201,15 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", parents=[common], help="upstream data files of the manifest: verify / fetch")
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("verify", parents=[common], help="check every file against its sha256; exit 0 only if all match")
-    fetch = actions.add_parser("fetch", parents=[common], help="download missing files by URL into the cache, hash-checked")
+    fetch = actions.add_parser("fetch", parents=[common],
+                               help="download missing files by URL into the cache, hash-checked")
     fetch.add_argument("files", nargs="*", help="manifest paths (default: every missing file)")
     fetch.add_argument("--force", action="store_true", help="download even if a good copy exists")
     p.set_defaults(run=_data)
 
     p = sub.add_parser("train", parents=[common], help="train a modality specialist (LoRA + projector)")
     scale_option(p)
-    p.add_argument("--modality", choices=("molecule", "protein", "cell"))
+    p.add_argument("--modality", choices=MODALITIES)
     p.add_argument("--steps", type=int, default=None, help="default: the scale's recipe (esmerge.scales)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -260,7 +265,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scoring", choices=("loglik", "generate"), default=None,
                    help="loglik: the likelier answer; generate: the paper's greedy reply and its `Final answer:` "
                         "(default: the scale's; paper: generate)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="with --scoring generate: reply length cap (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="with --scoring generate: reply length cap (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="results cache (default runs/<scale>/07_results/evals)")
     p.set_defaults(run=_evaluate)
@@ -281,7 +287,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("base")
     k.add_argument("out", type=Path)
     k.add_argument("--rank", type=int, default=8)
-    k.add_argument("--modality", default=None, choices=("molecule", "protein", "cell"))
+    k.add_argument("--modality", default=None, choices=MODALITIES)
     k.add_argument("--device", default=None)
     for k in kinds.choices.values():
         k.add_argument("--force", action="store_true", help="replace a finished output folder")
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     """The command, its refusals as one line (``EsmergeError``) and anything else as a reported defect."""
     try:
-        from esmerge.methods.hparams import check_seed
+        from esmerge.errors import check_seed
 
         check_seed(getattr(args, "seed", None))  # every command's --seed: numpy and torch take [0, 2**32)
         return int(args.run(args) or 0)

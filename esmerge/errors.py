@@ -29,3 +29,30 @@ class OutputExistsError(EsmergeError, FileExistsError):
 
 class ModelUnavailableError(EsmergeError):
     """A base model cannot be loaded here; the message says how to get it."""
+
+
+# Bounds every command checks the same way (the methods' hyper-parameters, training, evaluation).
+# numpy.random.seed and torch.Generator.manual_seed both take [0, 2**32) (numpy refuses anything else).
+SEED_RANGE = (0, 2**32 - 1)
+# Learning rates above this are refused everywhere (train --lr, the methods' lr): Adam moves every
+# weight by about lr per step whatever the gradient's scale, so lr = 10 already moves LoRA entries
+# (|w| ~ 0.01-1) by orders of magnitude more than they hold; published recipes use 1e-5 to 1e-2.
+LR_MAX = 10.0
+
+
+def check_seed(seed, what: str = "--seed"):
+    """``seed`` if it is an integer in ``SEED_RANGE`` (or ``None``: the default), else a one-line ``UsageError``.
+
+    >>> check_seed(7), check_seed(None)
+    (7, None)
+    >>> check_seed(2**32)
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: --seed must be an integer in [0, 4294967295] (a numpy/torch seed), got 4294967296
+    """
+    ok = seed is None or (isinstance(seed, int) and not isinstance(seed, bool)
+                          and SEED_RANGE[0] <= seed <= SEED_RANGE[1])
+    if not ok:
+        raise UsageError(f"{what} must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (a numpy/torch seed), "
+                         f"got {seed!r}")
+    return seed

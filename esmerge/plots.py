@@ -53,7 +53,8 @@ def project_2d(groups: dict[str, torch.Tensor], method: str = "pca", seed: int =
     elif method == "tsne":
         from sklearn.manifold import TSNE
 
-        xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=min(30, len(data) // 4 or 1)).fit_transform(data)
+        xy = TSNE(n_components=2, random_state=seed, init="pca",
+                  perplexity=min(30, len(data) // 4 or 1)).fit_transform(data)
     else:
         raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
     out, start = {}, 0

@@ -87,7 +87,8 @@ class ScaleConfig:
     evaluation: EvalDefaults = field(default_factory=EvalDefaults)
     # (notebook stem, seconds) measured in book/rerun.md: `esmerge regenerate`'s estimate before a first run.
     notebook_seconds: tuple[tuple[str, float], ...] = ()
-    # held-out examples per modality on which 09_retention scores every model (n >= 200, so per-modality CIs resolve a few hundredths)
+    # held-out examples per modality on which 09_retention scores every model (n >= 200, so per-modality
+    # CIs resolve a few hundredths)
     n_retention: int = 200
 
 

@@ -51,13 +51,14 @@ import pandas as pd
 from IPython.display import Markdown, display
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-from esmerge import evaluate, models
-from esmerge.notebook_graph import discover
+from esmerge import report
 from esmerge.paths import NOTEBOOKS_DIR, REPO_ROOT, run_dir
+from esmerge.regen.notebook_graph import discover
+from esmerge.specialists import base_llm
 
 pd.set_option("display.max_colwidth", None)  # the tables here are prose: show it whole
 out = run_dir(scale, "00_overview")
-print(f"scale={scale} seed={seed}; figures and tables go to {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}")
+print(f"scale={scale} seed={seed}; figures and tables go to {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}")  # noqa: E501
 
 # %% [markdown]
 # ## The pipeline
@@ -121,13 +122,13 @@ scales = pd.DataFrame(
          "CI and tests: every notebook in well under a minute"),
         ("cpu", "SmolLM2-135M-Instruct (30 layers, hidden 576)", "small subsets of every benchmark",
          "a laptop CPU; the default"),
-        ("paper", f"{models.PAPER_MODEL_ID} (bf16)", "the paper's splits", "a GPU; as in the paper"),
+        ("paper", f"{base_llm.PAPER_MODEL_ID} (bf16)", "the paper's splits", "a GPU; as in the paper"),
     ],
     columns=["scale", "base model", "data", "meant for"],
 ).set_index("scale")
-assert tuple(scales.index) == models.SCALES, "scale table is out of date with esmerge.models.SCALES"
-scales["LoRA"] = f"r={models.LORA_RANK}, alpha={models.LORA_ALPHA}, " + "/".join(
-    m.removesuffix("_proj") for m in models.LORA_TARGET_MODULES)
+assert tuple(scales.index) == base_llm.SCALES, "scale table is out of date with esmerge.specialists.base_llm.SCALES"
+scales["LoRA"] = f"r={base_llm.LORA_RANK}, alpha={base_llm.LORA_ALPHA}, " + "/".join(
+    m.removesuffix("_proj") for m in base_llm.LORA_TARGET_MODULES)
 scales.to_csv(out / "scales.csv")
 scales
 
@@ -139,7 +140,7 @@ scales
 # and metric). Later chapters compare against these rows; here is the shape of each table.
 
 # %%
-paper = evaluate.paper_results()
+paper = report.paper_results()
 shape = (
     paper.groupby("table")
     .agg(
@@ -151,7 +152,7 @@ shape = (
     .reset_index()
 )
 shape.to_csv(out / "paper_tables.csv", index=False)
-display(Markdown(f"{len(paper)} reported values in {len(shape)} tables (n={len(paper)} rows, scale={scale}, seed={seed})."))
+display(Markdown(f"{len(paper)} reported values in {len(shape)} tables (n={len(paper)} rows, scale={scale}, seed={seed})."))  # noqa: E501
 shape
 
 # %% [markdown]

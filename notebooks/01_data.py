@@ -16,7 +16,7 @@
 #
 # Everything this book trains on or evaluates comes from public repositories at pinned commits.
 # No data file lives in this repository: `data_manifest/files.yaml` lists each upstream file with
-# its URL, sha256, size, licence, citation and the tasks that use it, and `esmerge.data` resolves
+# its URL, sha256, size, licence, citation and the tasks that use it, and `esmerge.data.files` resolves
 # and hash-checks every file before reading it (`esmerge data verify`, `esmerge data fetch`).
 # The processing rules (which file each benchmark uses, how GDSC2 is binarised, how cell lines are
 # matched, how pools are drawn) are recorded in `data_manifest/processing.md`; this chapter shows
@@ -36,8 +36,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from esmerge import benchmarks as bm
-from esmerge import data_tables
+from esmerge.data import benchmarks as bm
+from esmerge.data import tables
 from esmerge.paths import run_dir
 
 logging.basicConfig(level=logging.WARNING)
@@ -51,13 +51,13 @@ print(f"scale={scale} seed={seed}; results in {out}")
 # The data are the same at every scale; `scale` only selects where results are written.
 
 # %%
-manifest_table = data_tables.manifest_table()
+manifest_table = tables.manifest_table()
 manifest_table.to_csv(out / "manifest.csv", index=False)
 display(manifest_table)
 print(f"{(manifest_table['status'] == 'ok').sum()} of {len(manifest_table)} files verified")
 
 # %%
-citations = data_tables.citations_table()
+citations = tables.citations_table()
 citations.to_csv(out / "citations.csv", index=False)
 display(citations)
 
@@ -69,13 +69,13 @@ display(citations)
 # (PBMC 68k cell types; CCLE lines with tissue and histology). Loaders count and drop invalid rows.
 
 # %%
-corpora = data_tables.load_corpora()
-corpus_table = data_tables.corpus_table(corpora)
+corpora = tables.load_corpora()
+corpus_table = tables.corpus_table(corpora)
 corpus_table.to_csv(out / "corpora.csv", index=False)
 display(corpus_table)
 
 # %%
-examples = data_tables.corpus_examples(corpora)
+examples = tables.corpus_examples(corpora)
 with pd.option_context("display.max_colwidth", 120):
     display(examples)
 
@@ -123,8 +123,8 @@ plt.show()
 
 # %%
 benchmarks = {name: bm.load_benchmark(name) for name in bm.BENCHMARKS}
-counts = data_tables.benchmark_counts(benchmarks)
-dropped = data_tables.dropped_rows(benchmarks)
+counts = tables.benchmark_counts(benchmarks)
+dropped = tables.dropped_rows(benchmarks)
 counts.to_csv(out / "benchmark_counts.csv", index=False)
 dropped.to_csv(out / "dropped_rows.csv", index=False)
 display(counts)
@@ -138,7 +138,7 @@ display(dropped)
 # (benchmarks smaller than the requested pools are scaled down to fit).
 
 # %%
-pools = data_tables.pool_balance(benchmarks, n_eval, n_context, seed)
+pools = tables.pool_balance(benchmarks, n_eval, n_context, seed)
 pools.to_csv(out / "pools.csv", index=False)
 display(pools)
 display(Markdown(f"Pools drawn with seed={seed}, requested n_eval={n_eval}, n_context={n_context} (scale={scale})."))

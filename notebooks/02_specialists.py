@@ -20,7 +20,7 @@
 # Each is the frozen base LLM plus
 #
 # * a **modality projector** (trained): fixed features (Morgan fingerprint + descriptors for a
-#   molecule, amino-acid / dipeptide composition for a protein, `esmerge.encoders`) mapped by a
+#   molecule, amino-acid / dipeptide composition for a protein, `esmerge.specialists.encoders`) mapped by a
 #   2-layer MLP to **8 tokens** in the LLM's embedding space, spliced into the prompt as
 #   `inputs_embeds` (paper §3: $\mathbf H^0 = [\mathbf H_\text{text}; \mathbf H_m; \dots]$);
 #   cells have no projector: like Cell-o1, a cell is text, its top-k genes comma-separated;
@@ -78,15 +78,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-
-from esmerge import captions, heldout, plots
-from esmerge import specialists as S
 from IPython.display import display
 
+from esmerge import plots
 from esmerge.cache import cached, content_key
-from esmerge.adapters import adapter_digest
-from esmerge.models import load_base
 from esmerge.paths import run_dir
+from esmerge.specialists import captions, heldout
+from esmerge.specialists import load as S
+from esmerge.specialists.adapters import adapter_digest
+from esmerge.specialists.base_llm import load_base
 
 torch.set_num_threads(1)
 out = run_dir(scale, "02_specialists")
@@ -181,7 +181,8 @@ plots.save(fig, out, "heldout_loss_delta")
 plt.show()
 diagonal = np.diag(delta.to_numpy())
 off = [np.delete(delta.to_numpy()[i], i).mean() for i in range(len(specs))]
-summary = pd.DataFrame({"specialist": list(specs), "own-modality change": diagonal, "mean change on other modalities": off,
+summary = pd.DataFrame({"specialist": list(specs), "own-modality change": diagonal,
+                        "mean change on other modalities": off,
                         "specialised (own < others)": diagonal < np.asarray(off)})
 summary.to_csv(out / "specialisation_summary.csv", index=False)
 summary

@@ -38,9 +38,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from esmerge import plots
-from esmerge.pipeline import build_context
 from esmerge.methods.es import signals
 from esmerge.paths import run_dir
+from esmerge.run.merge import build_context
 
 out = run_dir(scale, "03_probe")
 context = build_context(scale, seed, probe_k)

@@ -18,7 +18,7 @@
 # between the base's and the specialist's mean-pooled block states measures how far the
 # specialist has moved that modality by layer l (paper §4.2). Its growth from one layer to the
 # next, z-scored over layers and summed over modalities, is turned into layer coefficients by a
-# softmax over specialists (Eq. 2). `esmerge.layerwise` implements each step as a pure function.
+# softmax over specialists (Eq. 2). `esmerge.signals.layerwise` implements each step as a pure function.
 
 # %% tags=["parameters"]
 # esmerge-needs: 03_probe
@@ -35,10 +35,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from esmerge import layerwise, plots
-from esmerge.pipeline import build_context
+from esmerge import plots
 from esmerge.methods.es import signals
 from esmerge.paths import run_dir
+from esmerge.run.merge import build_context
+from esmerge.signals import layerwise
 
 out = run_dir(scale, "04_layerwise")
 context = build_context(scale, seed, probe_k)
@@ -73,7 +74,7 @@ gap.index.name = "specialist"
 gap.to_csv(out / "fig2_summary.csv")
 for name, row in gap.iterrows():
     print(f"{name} specialist: own-modality SWD exceeds other-modality SWD at {row.blocks_above}/{L} blocks "
-          f"(mean ratio {row.mean_ratio:.2f}); the paper's Fig. 2 pattern {'holds' if row.passes else 'does NOT hold'} here.")
+          f"(mean ratio {row.mean_ratio:.2f}); the paper's Fig. 2 pattern {'holds' if row.passes else 'does NOT hold'} here.")  # noqa: E501
 gap
 
 # %% [markdown]

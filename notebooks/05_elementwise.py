@@ -19,7 +19,7 @@
 # own layer reacts to it: the absolute gradient, summed over probe samples and modalities
 # (paper §4.3). Scores are z-scored within each layer and turned into coefficients by a softmax
 # over specialists (Eq. 3), then multiplied with the layer coefficients and renormalised
-# (Eq. 4). `esmerge.elementwise` computes the per-sample gradients with each layer's input
+# (Eq. 4). `esmerge.signals.elementwise` computes the per-sample gradients with each layer's input
 # detached, so the distance at layer l is differentiated through layer l's parameters only; a
 # test checks these gradients against finite differences.
 
@@ -37,11 +37,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from esmerge import plots
-from esmerge.adapters import parse_key
-from esmerge.methods import es_report
 from esmerge.methods.es import coefficients_from_signals, signals
 from esmerge.paths import run_dir
-from esmerge.pipeline import build_context
+from esmerge.report import es_coefficients
+from esmerge.run.merge import build_context
+from esmerge.specialists.adapters import parse_key
 
 out = run_dir(scale, "05_elementwise")
 context = build_context(scale, seed, probe_k)
@@ -125,8 +125,9 @@ for module in attn:
 
 # %%
 for module in attn:
-    module_grid(lam, four_layers, module, f"combined coefficients lambda (Eq. 4); {caption}", "fig10_combined_coefficients")
-summary = es_report.coefficient_summary(alpha, beta, lam, names)
+    module_grid(lam, four_layers, module, f"combined coefficients lambda (Eq. 4); {caption}",
+                "fig10_combined_coefficients")
+summary = es_coefficients.coefficient_summary(alpha, beta, lam, names)
 summary.to_csv(out / "coefficient_summary.csv", index=False)
 summary
 
@@ -138,20 +139,21 @@ summary
 
 # %%
 probes, states = sig["probes"], sig["states"]
-merged_states = es_report.merged_states(context.base.model, es_report.merged_adapter(adapters, lam), probes)
+merged_states = es_coefficients.merged_states(context.base.model, es_coefficients.merged_adapter(adapters, lam), probes)
 last = L - 1
 fig, axes = plt.subplots(1, len(probes.positions), figsize=(5 * len(probes.positions), 4.4))
 for ax, modality in zip(axes, probes.positions):
     groups = {f"{n} specialist": states[n]["tokens"][modality][last] for n in names}
     groups["ES-merged"] = merged_states["tokens"][modality][last]
-    colors = {f"{n} specialist": plots.MODALITY_COLORS[n] for n in names} | {"ES-merged": plots.MODALITY_COLORS["merged"]}
+    colors = {f"{n} specialist": plots.MODALITY_COLORS[n] for n in names} | {
+        "ES-merged": plots.MODALITY_COLORS["merged"]}
     plots.embedding_scatter(ax, plots.project_2d(groups, "pca", seed), colors, f"{modality} tokens, block {last + 1}")
 fig.suptitle(f"Specialists and the ES-merged model, last block (PCA); {caption}", y=1.04)
 plots.save(fig, out, "fig8_merged_embeddings")
 plt.show()
-closest = es_report.merged_distances(merged_states, states, names, last)
+closest = es_coefficients.merged_distances(merged_states, states, names, last)
 closest.to_csv(out / "fig8_distances.csv")
-for modality, (nearest, matches) in es_report.nearest_specialists(closest).items():
+for modality, (nearest, matches) in es_coefficients.nearest_specialists(closest).items():
     print(f"{modality} tokens: the merged model is nearest the {nearest} specialist"
           f" ({'as the paper reports' if matches else 'NOT the matching specialist, unlike the paper'}).")
 closest.style.format("{:.3f}").highlight_min(axis=1)
@@ -164,7 +166,8 @@ closest.style.format("{:.3f}").highlight_min(axis=1)
 # row changes one setting and reports how much the final coefficients lambda move.
 
 # %%
-mse_scores = signals(adapters, context, seed=seed, need_scores=True, distance="mse")["scores"] if code_distance else None
-code_effect = es_report.code_vs_paper_element(sig["scores"], alpha, lam, tau_element, mse_scores)
+mse_scores = signals(adapters, context, seed=seed, need_scores=True,
+                     distance="mse")["scores"] if code_distance else None
+code_effect = es_coefficients.code_vs_paper_element(sig["scores"], alpha, lam, tau_element, mse_scores)
 code_effect.to_csv(out / "code_vs_paper_element.csv", index=False)
 code_effect

@@ -53,10 +53,11 @@ import pandas as pd
 import torch
 
 from esmerge import evaluate, plots
-from esmerge.adapters import load_merged
-from esmerge.methods import contexts, report
 from esmerge.paths import run_dir
-from esmerge.pipeline import build_context, merge_once
+from esmerge.report import merged_adapters
+from esmerge.run import baseline_inputs
+from esmerge.run.merge import build_context, merge_once
+from esmerge.specialists.adapters import load_merged
 
 torch.manual_seed(seed)
 torch.set_num_threads(1)  # the book's machines are shared; small tensor ops thrash with more threads
@@ -111,7 +112,7 @@ print(f"VAE reconstruction MSE (standardised units): {vae['recon_mse_before']:.3
 # are never read). The objective scores answers with `evaluate.label_logits`, as the evaluation does.
 
 # %%
-context.extras.update(contexts.adamerging_extras(
+context.extras.update(baseline_inputs.adamerging_extras(
     context.base, specialists, adamerging_benchmarks, adamerging_prompts_per_benchmark,
     adamerging_batch, eval_config, seed))
 merged["adamerging"], meta["adamerging"] = merge_once(
@@ -125,7 +126,8 @@ axes[0].set(xlabel="block l", ylabel="λ", title="AdaMerging coefficients")
 axes[0].legend(frameon=False)
 axes[1].plot(ada["entropy"]["history"])
 axes[1].set(xlabel="step", ylabel="mean entropy (nats)", title="entropy objective")
-fig.suptitle(f"AdaMerging, {adamerging_steps} steps on {context.adamerging_prompts} unlabeled prompts; {caption}", fontsize=9)
+fig.suptitle(f"AdaMerging, {adamerging_steps} steps on {context.adamerging_prompts} unlabeled prompts; {caption}",
+             fontsize=9)
 fig.tight_layout()
 plots.save(fig, out, "adamerging")
 plt.show()
@@ -140,10 +142,10 @@ plt.show()
 # %%
 ft_meta = {}
 for benchmark in ft_benchmarks:
-    context.extras.update(contexts.finetune_extras(context.base, specialists, benchmark, ft_examples, ft_batch,
+    context.extras.update(baseline_inputs.finetune_extras(context.base, specialists, benchmark, ft_examples, ft_batch,
                                                    eval_config, seed))
     _, ft_meta[benchmark] = merge_once("avg-ft", out / "avg-ft" / benchmark, context, epochs=ft_epochs, progress=False)
-ft_table = report.finetune_table(ft_meta)
+ft_table = merged_adapters.finetune_table(ft_meta)
 ft_table.to_csv(out / "avg_ft.csv", index=False)
 ft_table
 
@@ -154,8 +156,10 @@ ft_table
 # `torch.utils.flop_counter` (forward and backward passes). Avg+FT is summed over benchmarks.
 
 # %%
-cost = report.cost_table({name: meta[name] for name in static_methods + ["ls-merge", "adamerging"]}, ft_table,
-                         {"examples": ft_examples, "epochs": ft_epochs, "batch": ft_batch, "benchmarks": len(ft_benchmarks)})
+cost = merged_adapters.cost_table({name: meta[name] for name in static_methods + ["ls-merge", "adamerging"]},
+                                  ft_table,
+                                  {"examples": ft_examples, "epochs": ft_epochs, "batch": ft_batch,
+                                   "benchmarks": len(ft_benchmarks)})
 cost.to_csv(out / "methods.csv", index=False)
 print(caption)
 cost
@@ -173,7 +177,7 @@ cost
 compare = {**{f"specialist {m}": a for m, a in adapters.items()},
            **{k: v for k, v in merged.items()},
            f"avg-ft ({ft_benchmarks[0]})": load_merged(out / "avg-ft" / ft_benchmarks[0]).adapter}
-norms, cosines, lora_cosines = report.comparison_tables(compare, adapters)
+norms, cosines, lora_cosines = merged_adapters.comparison_tables(compare, adapters)
 norms.to_csv(out / "delta_norms.csv", index_label="layer")
 cosines.to_csv(out / "delta_cosine_to_specialists.csv")
 lora_cosines.to_csv(out / "lora_cosine_to_specialists.csv")
@@ -206,7 +210,7 @@ plt.show()
 # specialist's for all six orders.
 
 # %%
-graft_orders = report.graft_order_table(adapters)
+graft_orders = merged_adapters.graft_order_table(adapters)
 graft_orders.to_csv(out / "graft_orders.csv")
 print(f"Graft order effect (cosine of the merged update BA to each specialist's); {caption}")
 graft_orders.round(3)
@@ -221,7 +225,7 @@ graft_orders.round(3)
 # method uses it.
 
 # %%
-compat = pd.DataFrame(contexts.compatibility_table(context.base, specialists, list(compat_benchmarks),
+compat = pd.DataFrame(baseline_inputs.compatibility_table(context.base, specialists, list(compat_benchmarks),
                                                    compat_prompts, eval_config, seed))
 compat.to_csv(out / "graft_compatibility.csv", index=False)
 print(f"Graft compatibility (Eq. 14), {compat_prompts} prompts per benchmark; {caption}")
@@ -232,7 +236,7 @@ compat.pivot(index="specialist", columns="benchmark", values="compatibility").ro
 #
 # EMR keeps a mask and a rescaler per task and applies one task's at inference. Our benchmarks
 # each hold two modalities, so the evaluation uses, identically for all benchmarks, the mean
-# of the modulated adapters of the modalities present (`contexts.emr_adapter_for_benchmark`).
+# of the modulated adapters of the modalities present (`emr_adapter_for_benchmark`).
 
 # %%
-report.emr_table(meta["emr"]["info"]).round(3)
+merged_adapters.emr_table(meta["emr"]["info"]).round(3)

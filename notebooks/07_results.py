@@ -52,7 +52,7 @@
 # here; the power statement below gives the smallest paired difference this n resolves, and
 # `09_retention` measures merge quality with far more power. With more time, or a GPU, raise
 # `n_eval` (the parameter below): doubling it doubles this chapter's time.
-# Two rows in every table are not models: the retrieval-only yardstick (`esmerge.yardstick`:
+# Two rows in every table are not models: the retrieval-only yardstick (`esmerge.evaluate.yardstick`:
 # the context pool's majority label, and the majority label of the very shots each prompt shows),
 # and the base on its shots-shuffled control. At `smoke` scale one benchmark per group is scored
 # on 3 examples to exercise the code.
@@ -82,13 +82,15 @@ import pandas as pd
 import torch
 
 from esmerge import evaluate as ev
-from esmerge import plots, yardstick
+from esmerge import plots, report
 from esmerge.cache import atomic_write_json
-from esmerge.evaluate.report import REPO_ROOT
-from esmerge.methods import contexts
+from esmerge.evaluate import yardstick
+from esmerge.methods.static import emr_adapter_for_benchmark
 from esmerge.paths import run_dir
-from esmerge.pipeline import build_context, merge_once
 from esmerge.progress import track
+from esmerge.report.paper_tables import REPO_ROOT
+from esmerge.run.merge import build_context, merge_once
+from esmerge.specialists.load import projectors_of
 
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -100,7 +102,7 @@ config = replace(config, seed=seed, n_resamples=n_resamples if scale != "smoke" 
 benchmarks = list(benchmarks or ev.default_benchmarks(scale))
 context = build_context(scale, seed)
 base, specialists = context.base, context.specialists
-projectors = contexts.projectors_of(specialists)
+projectors = projectors_of(specialists)
 caption = (f"scale={scale}, seed={seed}, n={config.n_eval} examples per benchmark, {config.n_shots} shots, "
            f"context pool {config.n_context}, decision {config.decision}")
 print(caption, "| base:", base.name)
@@ -119,7 +121,7 @@ print("evaluation settings:", config)
 merge_root = run_dir(scale, "06_merging")
 
 
-merged, covers, notes = ev.merged_models(merge_root, base, projectors, benchmarks, contexts.emr_adapter_for_benchmark)
+merged, covers, notes = ev.merged_models(merge_root, base, projectors, benchmarks, emr_adapter_for_benchmark)
 for note in notes:
     print(note)
 for name in es_variants or (("es",) if scale == "cpu" else ("es", "es-layer", "es-element")):
@@ -148,8 +150,8 @@ for name, mut in track(list(models.items()), desc="models", unit="model"):
     results[name] = ev.evaluate_all(mut, covers.get(name, benchmarks), config, out_dir=out / "evals", session=session)
 # The retrieval-only yardstick (no LLM: the context pool's majority label; the majority label of
 # the very shots each prompt shows) and the base on its shots-shuffled control, as rows like any model.
-control = ev.ModelUnderTest.base_only(base, name=ev.SHUFFLED_CONTROL)
-results[ev.SHUFFLED_CONTROL] = ev.evaluate_all(control, benchmarks, replace(config, shot_labels="shuffled"),
+control = ev.ModelUnderTest.base_only(base, name=report.SHUFFLED_CONTROL)
+results[report.SHUFFLED_CONTROL] = ev.evaluate_all(control, benchmarks, replace(config, shot_labels="shuffled"),
                                                out_dir=out / "evals", session=session)
 results.update(yardstick.yardstick_all(benchmarks, config, retrieval=session.retrieval))
 table = ev.summary(results)
@@ -180,8 +182,8 @@ overview.round(2)
 # over the evaluated benchmarks).
 
 # %%
-shots_test = ev.yardstick_claims({k: results[k] for k in ("base", ev.SHUFFLED_CONTROL, *ev.YARDSTICKS) if k in results},
-                                  n_resamples, seed)
+shots_test = report.yardstick_claims(
+    {k: results[k] for k in ("base", report.SHUFFLED_CONTROL, *report.YARDSTICKS) if k in results}, n_resamples, seed)
 shots_test.to_csv(out / "shots_test.csv", index=False)
 print(f"The base against its shots-shuffled control and the yardsticks; {caption}")
 shots_test[["claim", "datasets", "ours", "lo", "hi", "verdict"]]
@@ -197,11 +199,11 @@ shots_test[["claim", "datasets", "ours", "lo", "hi", "verdict"]]
 # observed $q_b$.
 
 # %%
-power = ev.power_table(results, reference="es")
+power = report.power_table(results, reference="es")
 power.to_csv(out / "power.csv", index=False)
 if len(power):
     for q in (0.1, 0.3):
-        print(f"at a discordance of {q:.0%}: MDE {ev.minimal_detectable_difference([q] * len(benchmarks), [config.n_eval] * len(benchmarks)):.1f} "
+        print(f"at a discordance of {q:.0%}: MDE {ev.minimal_detectable_difference([q] * len(benchmarks), [config.n_eval] * len(benchmarks)):.1f} "  # noqa: E501
               f"points on the mean over {len(benchmarks)} benchmarks at n = {config.n_eval} each")
     print(f"Smallest paired difference from ES-Merging this build resolves (80 % power, alpha 0.05); {caption}")
 power.round(2)
@@ -213,41 +215,41 @@ power.round(2)
 # averages.
 
 # %%
-t1 = ev.results_table(results, "Table 1", n_resamples, seed)
+t1 = report.results_table(results, "Table 1", n_resamples, seed)
 t1.to_csv(out / "table1.csv", index=False)
 print(f"Table 1 analogue, accuracy (%); {caption}")
-ev.wide_table(t1, "accuracy")
+report.wide_table(t1, "accuracy")
 
 # %%
 print(f"Table 1 analogue, macro-F1 (%); {caption}")
-ev.wide_table(t1, "macro_f1")
+report.wide_table(t1, "macro_f1")
 
 # %% [markdown]
 # ## Table 2: target-fixed functionality prediction (CYP)
 
 # %%
-t2 = ev.results_table(results, "Table 2", n_resamples, seed)
+t2 = report.results_table(results, "Table 2", n_resamples, seed)
 t2.to_csv(out / "table2.csv", index=False)
 print(f"Table 2 analogue, accuracy (%); {caption}")
-ev.wide_table(t2, "accuracy")
+report.wide_table(t2, "accuracy")
 
 # %%
 print(f"Table 2 analogue, macro-F1 (%); {caption}")
-ev.wide_table(t2, "macro_f1")
+report.wide_table(t2, "macro_f1")
 
 # %% [markdown]
 # ## Tables 3 and 8: layer-wise, element-wise and combined coefficients
 
 # %%
 ablation = {k: results[k] for k in ("es-layer", "es-element", "es") if k in results}
-t8 = ev.results_table(ablation, "Table 8", n_resamples, seed)
+t8 = report.results_table(ablation, "Table 8", n_resamples, seed)
 t8.to_csv(out / "table8.csv", index=False)
 print(f"Table 3 analogue (group averages of Table 8), accuracy (%); {caption}")
-ev.wide_table(t8[t8["dataset"].str.startswith("Avg.")], "accuracy")
+report.wide_table(t8[t8["dataset"].str.startswith("Avg.")], "accuracy")
 
 # %%
 print(f"Table 8 analogue, accuracy (%); {caption}")
-ev.wide_table(t8, "accuracy")
+report.wide_table(t8, "accuracy")
 
 # %% [markdown]
 # ## Group averages beside the paper
@@ -257,7 +259,7 @@ ev.wide_table(t8, "accuracy")
 # scales; the question is whether the *ordering* of methods carries over.
 
 # %%
-group_rows = ev.group_averages([t1, t2], ablation=t8)  # the ablation variants' paper values are in Table 8 only
+group_rows = report.group_averages([t1, t2], ablation=t8)  # the ablation variants' paper values are in Table 8 only
 order = list(results)  # the models, the shuffled control, then the yardsticks
 fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharey=True)
 for ax, group in zip(axes, ev.GROUPS):
@@ -285,8 +287,8 @@ plt.show()
 
 # %%
 # a method with one merged model per benchmark (Avg. Merging + FT) reports the sum of their costs
-method_dirs = ev.merge_folders(merge_root, out / "merged")
-cost = ev.cost_table(method_dirs)
+method_dirs = report.merge_folders(merge_root, out / "merged")
+cost = report.cost_table(method_dirs)
 cost.to_csv(out / "table4.csv", index=False)
 print(f"Table 4 analogue; {caption}")
 cost
@@ -308,7 +310,7 @@ full_columns = ["dataset", "n_eval", "n_context", "majority_acc", "knn_acc", "kn
 full_path = REPO_ROOT / "benchmarks" / "results" / "yardstick_full.csv"
 full = pd.read_csv(full_path) if full_path.is_file() else pd.DataFrame(columns=full_columns)
 print(f"Retrieval-only yardstick, paper protocol on the full benchmarks, beside the paper's ES-Merging "
-      f"(accuracy, %): {full['protocol'].iloc[0] if len(full) else f'{full_path} not found: run benchmarks/yardstick_full.py'}")
+      f"(accuracy, %): {full['protocol'].iloc[0] if len(full) else f'{full_path} not found: run benchmarks/yardstick_full.py'}")  # noqa: E501
 full[full_columns[:-1]].round(1)
 
 # %% [markdown]

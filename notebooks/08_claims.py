@@ -49,22 +49,21 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from esmerge import evaluate as ev
-from esmerge import plots
+from esmerge import plots, report
 from esmerge.paths import run_dir
 
 out = run_dir(scale, "08_claims")
 results = json.loads((run_dir(scale, "07_results") / "results.json").read_text())
 n_eval = {r["n"] for runs in results.values() for r in runs.values()}
 caption = f"scale={scale}, seed={seed}, n={'/'.join(map(str, sorted(n_eval)))} examples per benchmark"
-print(f"{len([m for m in results if m not in ev.NOT_MODELS])} models evaluated, with the yardstick and control rows "
-      f"{', '.join(m for m in results if m in ev.NOT_MODELS)}; {caption}")
+print(f"{len([m for m in results if m not in report.NOT_MODELS])} models evaluated, with the yardstick and control rows "  # noqa: E501
+      f"{', '.join(m for m in results if m in report.NOT_MODELS)}; {caption}")
 
 # %% [markdown]
 # ## Representation claims
 
 # %%
-mechanism = ev.mechanism_claims(
+mechanism = report.mechanism_claims(
     pd.read_csv(run_dir(scale, "03_probe") / "last_block_shift.csv", index_col=0),
     pd.read_csv(run_dir(scale, "04_layerwise") / "fig2_summary.csv"),
     pd.read_csv(run_dir(scale, "04_layerwise") / "table7_projection_stability.csv"),
@@ -80,15 +79,15 @@ mechanism
 # %%
 # the paper's claims, then the yardstick's rows: every model against always-majority and against the
 # k-NN vote over its own shots, and the base against its shots-shuffled control (not claims of the paper)
-register = pd.concat([ev.claims(results, n_resamples, seed), ev.yardstick_claims(results, n_resamples, seed)],
+register = pd.concat([report.claims(results, n_resamples, seed), report.yardstick_claims(results, n_resamples, seed)],
                      ignore_index=True)
 register.to_csv(out / "accuracy_claims.csv", index=False)
 print(f"Accuracy claims register; {caption}")
 register
 
 # %%
-power = ev.power_table(results, reference="es")
-print("\n".join(ev.decided_verdicts(register, power)))
+power = report.power_table(results, reference="es")
+print("\n".join(report.decided_verdicts(register, power)))
 
 # %% [markdown]
 # Each claim's margin over its strongest competitor: ours (dot, 95 % CI) and the paper's (black
@@ -120,20 +119,20 @@ if len(measured):
 # ## Where our results disagree with the paper
 
 # %%
-print("\n".join(ev.disagreements(mechanism, register)))
+print("\n".join(report.disagreements(mechanism, register)))
 
 # the results chapter's Tables 1 and 2, as it saved them (their bootstrap CIs are not recomputed)
 tables = [pd.read_csv(run_dir(scale, "07_results") / f"table{t}.csv") for t in (1, 2)]
-ranks = ev.es_ranks([t[~t["method"].isin(ev.NOT_MODELS)] for t in tables])  # among models, not yardsticks
+ranks = report.es_ranks([t[~t["method"].isin(report.NOT_MODELS)] for t in tables])  # among models, not yardsticks
 if len(ranks):
     print("\nES-Merging's rank among the evaluated models per group, ours vs paper:")
     for r in ranks.itertuples(index=False):
         paper_rank = f"paper: {r.paper_rank:.0f} of {r.paper_of}" if r.paper_of else "no paper value: partial group"
         print(f"  {r.group}: {r.rank:.0f} of {r.of} ({paper_rank})")
-bias = ev.answer_bias({m: runs for m, runs in results.items() if m not in ev.NOT_MODELS})
+bias = report.answer_bias({m: runs for m, runs in results.items() if m not in report.NOT_MODELS})
 positive_answers, aurocs = bias["positive_answers"], bias["auroc"]
 print(f"\nModels answer 'positive' on {min(positive_answers.values()):.0f}-{max(positive_answers.values()):.0f}% of "
-      f"examples, while {bias['positive_rate']:.0f}% are positive: where every model gives the majority answer, accuracies "
+      f"examples, while {bias['positive_rate']:.0f}% are positive: where every model gives the majority answer, accuracies "  # noqa: E501
       "coincide and margins are exactly 0. The answer margin still ranks examples: mean AUROC "
       f"{min(aurocs.values()):.0f}-{max(aurocs.values()):.0f} (50 = chance), base {aurocs.get('base', np.nan):.0f}, "
       f"ES-Merging {aurocs.get('es', np.nan):.0f}.")

@@ -67,10 +67,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from esmerge import plots, retention, scales
-from esmerge.captions import heldout_examples
+from esmerge import plots, scales
+from esmerge.evaluate import retention
 from esmerge.paths import run_dir
-from esmerge.pipeline import build_context, merge_once
+from esmerge.run.merge import build_context, merge_once
+from esmerge.specialists.captions import heldout_examples
 
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))  # batched forwards: both cores of the book machine

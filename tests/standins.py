@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from esmerge.models import LORA_ALPHA, LORA_TARGET_MODULES
+from esmerge.specialists.base_llm import LORA_ALPHA, LORA_TARGET_MODULES
 
 VOCAB = 100
 ADDED_TOKENS = 2  # Mol-LLaMA adds [PAD] and <mol>
@@ -182,7 +182,7 @@ LLAMA3_TEMPLATE = (
 
 def llama3_tokenizer():
     """A byte-level tokenizer in LLaMA-3's chat format (``<|eot_id|>`` ends a turn), built in code."""
-    from esmerge.models import byte_tokenizer
+    from esmerge.specialists.base_llm import byte_tokenizer
 
     return byte_tokenizer(specials=("<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                     "<|eot_id|>"), eos="<|eot_id|>", chat_template=LLAMA3_TEMPLATE)
@@ -199,7 +199,7 @@ def save_paper_base(out: Path, seed: int = 0) -> torch.nn.Module:
 def paper_specialists(root: Path, base_folder: Path, base_model) -> dict[str, Path]:
     """The three converted specialists in ``root/<modality>``: Mol-LLaMA and Prot2Text-V2 stand-ins
     through their converters, a full fine-tune through ``lora_extract`` as the cell one."""
-    from esmerge import convert
+    from esmerge.specialists import convert
 
     mol_llama_checkpoint(root / "src" / "mol", base_model, str(base_folder))
     convert.convert_mol_llama(root / "src" / "mol", root / "molecule", base=base_folder)
@@ -213,7 +213,7 @@ def paper_specialists(root: Path, base_folder: Path, base_model) -> dict[str, Pa
 def mol_llama_standin_builder(entry: dict, projector: dict, encoder: dict, folder):
     """Mol-LLaMA's encoder is an optional extra; this stand-in keeps its interface (8 tokens per
     molecule through the checkpoint's ``query_tokens`` and ``llm_proj``) on fixed fingerprint features."""
-    from esmerge.encoders import RawEncoder, molecule_features
+    from esmerge.specialists.encoders import RawEncoder, molecule_features
 
     class StandinMolEncoder(RawEncoder):
         n_tokens = 8
@@ -222,7 +222,8 @@ def mol_llama_standin_builder(entry: dict, projector: dict, encoder: dict, folde
             super().__init__()
             query = projector["encoder.query_tokens"]  # [1, 8, 16]
             self.register_buffer("query", query[0].float())
-            self.register_buffer("mix", torch.randn(2054, query.shape[-1], generator=torch.Generator().manual_seed(0)) / 45)
+            self.register_buffer("mix", torch.randn(2054, query.shape[-1],
+                                                    generator=torch.Generator().manual_seed(0)) / 45)
             self.register_buffer("weight", projector["llm_proj.weight"].float())
             self.register_buffer("bias", projector["llm_proj.bias"].float())
 

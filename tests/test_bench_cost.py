@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_data import needs_data  # skips when the upstream data are not here
 
 from esmerge.errors import OutputExistsError
-from test_data import needs_data  # skips when the upstream data are not here
 
 
 def _bench_cost():

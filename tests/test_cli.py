@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-
-from esmerge.adapters import load_merged
-from esmerge.cli import main
-from test_byo import trained  # noqa: F401  (the two adapters trained for the byo tests)
+from test_byo import trained_fixture  # noqa: F401  (the fixture `trained`: the two adapters trained for the byo tests)
 from test_data import needs_data
+
+from esmerge.cli import main
+from esmerge.specialists.adapters import load_merged
 
 
 def _one_line(capsys) -> str:
@@ -23,7 +23,8 @@ def _one_line(capsys) -> str:
 @pytest.mark.parametrize("argv, exit_code, words", [
     (["merge", "--scale", "smoke", "--method", "es", "--set", "tau=0.1", "--out", "X"], 2,
      ["unknown hyper-parameter 'tau'", "tau_layer"]),
-    (["merge", "--scale", "smoke", "--method", "es", "--set", "tau_layer=abc", "--out", "X"], 2, ["tau_layer", "'abc'"]),
+    (["merge", "--scale", "smoke", "--method", "es", "--set", "tau_layer=abc", "--out", "X"], 2,
+     ["tau_layer", "'abc'"]),
     (["merge", "--scale", "smoke", "--method", "es", "--set", "n_projections=0", "--out", "X"], 2, ["n_projections"]),
     (["merge", "--scale", "smoke", "--method", "es", "--probe-k", "0", "--out", "X"], 2, ["probe_k"]),
     (["merge", "--scale", "smoke", "--method", "nope", "--out", "X"], 2, ["nope"]),

@@ -5,17 +5,17 @@ import json
 import math
 
 import pytest
+import standins
 import torch
 from safetensors.torch import load_file, save_file
 
-from esmerge import convert
-from esmerge.adapters import attach, load_adapter
-from esmerge.convert import extract, lowrank
-from esmerge.encoders import UnavailableEncoder
 from esmerge.errors import InputError, OutputExistsError
-from esmerge.models import BaseModel, checkpoint_sha256, state_dict_sha256
-from esmerge.specialists import SpecialistError, is_finished, load_specialist
-import standins
+from esmerge.specialists import convert
+from esmerge.specialists.adapters import attach, load_adapter
+from esmerge.specialists.base_llm import BaseModel, checkpoint_sha256, state_dict_sha256
+from esmerge.specialists.convert import extract, lowrank
+from esmerge.specialists.encoders import UnavailableEncoder
+from esmerge.specialists.load import SpecialistError, is_finished, load_specialist
 
 BASE_NAME = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -157,7 +157,8 @@ def test_mol_llama_refuses_wrong_shapes_and_rank(base, tmp_path):
     standins.save_base(small, seed=0, hidden_size=16)
     src = tmp_path / "stage2.ckpt"
     standins.mol_llama_checkpoint(src, model, str(folder), layout="lightning")
-    with pytest.raises(convert.CheckpointError, match=r"lora_A.default.weight has shape \(8, 64\), but the base needs \(8, 32\)"):
+    with pytest.raises(convert.CheckpointError,
+                       match=r"lora_A.default.weight has shape \(8, 64\), but the base needs \(8, 32\)"):
         convert.convert_mol_llama(src, tmp_path / "out", base=small)
     rank16 = tmp_path / "rank16.ckpt"
     standins.mol_llama_checkpoint(rank16, model, str(folder), layout="lightning", rank=16)
@@ -187,7 +188,8 @@ def test_mol_llama_refuses_nan_and_planted_pickles(base, tmp_path, capsys):
 
     planted = tmp_path / "planted.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": Planted()}, planted)
-    with pytest.raises(convert.CheckpointError, match=r"planted.ckpt: not a plain tensor checkpoint .*weights_only=True"):
+    with pytest.raises(convert.CheckpointError,
+                       match=r"planted.ckpt: not a plain tensor checkpoint .*weights_only=True"):
         convert.convert_mol_llama(planted, tmp_path / "out", base=folder)
     assert "ran planted code" not in capsys.readouterr().out
     assert issubclass(convert.CheckpointError, InputError)
@@ -220,7 +222,8 @@ def test_full_rank_extraction_reports_the_error_it_makes(base, ids, tmp_path):
     for name, err in measured.items():
         assert reported[name] == pytest.approx(err, abs=1e-5)
         assert 0.2 < err < 1.0  # a full-rank delta loses a real share at rank 8
-    layer0 = [measured[f"layers.0.{m}"] for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    layer0 = [measured[f"layers.0.{m}"]
+              for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
     assert result.report["per_layer_relative_error"][0] <= max(layer0) + 1e-6
     assert set(result.report["changed_other_tensors"]) == {"model.norm.weight"}
     # The extracted adapter moves the base towards the fine-tune, not all the way.
@@ -275,7 +278,8 @@ def test_interrupted_extraction_leaves_nothing_finished_and_resumes(base, tmp_pa
     assert len(calls) == 7 and result.report["resumed_layers"] == 1  # only layer 1 was recomputed
     assert is_finished(out) and not partial.exists()
     assert result.report["per_matrix_relative_error"] == reference.report["per_matrix_relative_error"]
-    want, got = load_file(tmp_path / "reference" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    want, got = (load_file(tmp_path / "reference" / "adapter_model.safetensors"),
+                 load_file(out / "adapter_model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 

@@ -8,16 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esmerge import benchmarks, data, sources
 from esmerge.cli import main as cli_main
+from esmerge.data import benchmarks, files, sources
 from esmerge.errors import EsmergeError
 
 
 def _missing_data() -> str:
     """Why the upstream data cannot be used here ("" when every manifest file resolves and matches)."""
     try:
-        bad = [s.path for s in data.verify() if s.status != "ok"]
-    except data.DataError as err:  # ESMERGE_DATA_DIR is not a folder
+        bad = [s.path for s in files.verify() if s.status != "ok"]
+    except files.DataError as err:  # ESMERGE_DATA_DIR is not a folder
         return str(err)
     if not bad:
         return ""
@@ -33,7 +33,7 @@ needs_data = pytest.mark.skipif(bool(MISSING_DATA), reason=MISSING_DATA)
 
 
 def _missing_reference() -> str:
-    from esmerge.evaluate import reference_dir
+    from esmerge.report import reference_dir
 
     path = reference_dir() / "paper_results.csv"
     return "" if path.is_file() else (f"{path} not found: put the paper's reference values there "
@@ -108,7 +108,7 @@ def test_load_pbmc68k_ranks_by_expression():
     assert list(df.columns) == ["cell_id", "genes", "cell_type"]
     assert len(df) == 700 and df["cell_type"].nunique() == 10
     # Recompute the first cell's top gene straight from the CSR arrays.
-    with h5py.File(data.data_path(sources.PBMC68K)) as fh:
+    with h5py.File(files.data_path(sources.PBMC68K)) as fh:
         start, stop = fh["raw/X/indptr"][0:2]
         values = fh["raw/X/data"][start:stop]
         indices = fh["raw/X/indices"][start:stop]
@@ -147,7 +147,7 @@ def test_safe_pickle_load_accepts_arrays_and_containers(tmp_path):
     for protocol in (2, 3, 4, 5):
         path = tmp_path / f"ok{protocol}.pkl"
         path.write_bytes(pickle.dumps(obj, protocol=protocol))
-        back = data.safe_pickle_load(path)
+        back = files.safe_pickle_load(path)
         np.testing.assert_array_equal(back["a"], obj["a"])
         assert back["b"] == obj["b"] and back["c"] == obj["c"] and back["e"] == b"raw"
         assert back["d"] == np.float32(1.5) and back["f"].tolist() == ["u", "v"]
@@ -160,31 +160,31 @@ def test_safe_pickle_load_refuses_code_execution(tmp_path, protocol):
     payload.marker = marker
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(payload, protocol=protocol))
-    with pytest.raises(data.DataError, match=r"refused global (posix|os|nt)\.system"):
-        data.safe_pickle_load(path)
+    with pytest.raises(files.DataError, match=r"refused global (posix|os|nt)\.system"):
+        files.safe_pickle_load(path)
     assert not marker.exists()
     path.write_bytes(pickle.dumps(_CallsEval(), protocol=protocol))
-    with pytest.raises(data.DataError, match="refused global builtins.eval"):
-        data.safe_pickle_load(path)
+    with pytest.raises(files.DataError, match="refused global builtins.eval"):
+        files.safe_pickle_load(path)
     path.write_bytes(pickle.dumps(pd.DataFrame({"x": [1]}), protocol=protocol))  # arbitrary classes too
-    with pytest.raises(data.DataError, match="refused global pandas"):
-        data.safe_pickle_load(path)
+    with pytest.raises(files.DataError, match="refused global pandas"):
+        files.safe_pickle_load(path)
 
 
 def test_safe_pickle_load_reports_garbage(tmp_path):
     path = tmp_path / "junk.pkl"
     path.write_bytes(b"\x80\x04not a pickle")
-    with pytest.raises(data.DataError, match="not a readable pickle"):
-        data.safe_pickle_load(path)
+    with pytest.raises(files.DataError, match="not a readable pickle"):
+        files.safe_pickle_load(path)
 
 
 @needs_data
 def test_safe_pickle_load_reads_the_real_tgsa_pickles():
-    ic50 = data.safe_pickle_load(data.data_path(sources.TGSA_IC50))
+    ic50 = files.safe_pickle_load(files.data_path(sources.TGSA_IC50))
     assert isinstance(ic50, np.ndarray) and ic50.shape == (82833, 3)
-    cells = data.safe_pickle_load(data.data_path(sources.TGSA_CELLS))
-    drugs = data.safe_pickle_load(data.data_path(sources.TGSA_DRUGS))
-    smiles = data.safe_pickle_load(data.data_path(sources.TGSA_SMILES))
+    cells = files.safe_pickle_load(files.data_path(sources.TGSA_CELLS))
+    drugs = files.safe_pickle_load(files.data_path(sources.TGSA_DRUGS))
+    smiles = files.safe_pickle_load(files.data_path(sources.TGSA_SMILES))
     assert len(cells) == 580 and cells[0] == "ACH-000001"
     assert len(drugs) == 170 and set(drugs.values()) == set(smiles)
 
@@ -205,7 +205,7 @@ def test_benchmark_registry_matches_the_paper():
     assert benchmarks.BENCHMARKS["CYP1A2"].labels == ("Does not inhibit", "Inhibit")
     assert benchmarks.BENCHMARKS["DrugComb"].labels == ("Antagonistic", "Synergistic")
     assert benchmarks.BENCHMARKS["Human"].labels == ("Does not interact", "Interacts")
-    manifest = data.manifest()
+    manifest = files.manifest()
     for spec in benchmarks.BENCHMARKS.values():
         assert all(f in manifest and f"benchmark:{spec.name}" in manifest[f].tasks for f in spec.files)
 
@@ -250,7 +250,7 @@ def test_drugcomb_cell_mapping_and_drops():
     # 31 O'Neil cell lines; A427 has no Enrichr CCLE gene set, LNCAP/MSTO resolve through the aliases.
     assert df["cell_id"].nunique() == 30
     assert {"LNCAPCLONEFGC_PROSTATE", "MSTO211H_PLEURA", "A375_SKIN"} <= set(df["cell_id"])
-    raw = pd.read_csv(data.data_path(sources.DRUGCOMB))
+    raw = pd.read_csv(files.data_path(sources.DRUGCOMB))
     assert df.attrs["dropped"]["unknown cell line"] == int((raw["cell"] == "A427").sum())
     ccle = sources.load_ccle_cells().set_index("ccle_name")
     row = df[df["cell_id"] == "A375_SKIN"].iloc[0]
@@ -313,10 +313,10 @@ def test_label_balance_counts_match_loaders():
 
 # --------------------------------------------------------------------------- manifest, verify, fetch
 
-def _fake_entry(path: str, content: bytes, url: str | None = None) -> data.ManifestEntry:
+def _fake_entry(path: str, content: bytes, url: str | None = None) -> files.ManifestEntry:
     import hashlib
 
-    return data.ManifestEntry(path=path, sha256=hashlib.sha256(content).hexdigest(), bytes=len(content),
+    return files.ManifestEntry(path=path, sha256=hashlib.sha256(content).hexdigest(), bytes=len(content),
                               repo="test/repo", commit="0" * 40, url=url, licence="MIT", source="test")
 
 
@@ -329,21 +329,21 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("ESMERGE_DATA_CACHE", raising=False)  # the Makefile sets it: the default here
     content = b"hello esmerge\n"
     entry = _fake_entry("fake/hello.txt", content)
-    monkeypatch.setattr(data, "manifest", lambda: {entry.path: entry})
+    monkeypatch.setattr(files, "manifest", lambda: {entry.path: entry})
     return tmp_path, entry, content
 
 
 def test_data_path_missing_and_corrupt_name_file_and_hash(isolated):
     tmp_path, entry, content = isolated
-    with pytest.raises(data.DataError, match=f"fake/hello.txt: not found .*expected sha256 {entry.sha256}"):
-        data.data_path(entry.path)
+    with pytest.raises(files.DataError, match=f"fake/hello.txt: not found .*expected sha256 {entry.sha256}"):
+        files.data_path(entry.path)
     copy = tmp_path / "datadir" / entry.path
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_bytes(content[:-1] + b"!")
-    with pytest.raises(data.DataError, match=f"hello.txt: sha256 mismatch \\(expected {entry.sha256}\\)"):
-        data.data_path(entry.path)
-    with pytest.raises(data.DataError, match="not in the data manifest"):
-        data.data_path("fake/other.txt")
+    with pytest.raises(files.DataError, match=f"hello.txt: sha256 mismatch \\(expected {entry.sha256}\\)"):
+        files.data_path(entry.path)
+    with pytest.raises(files.DataError, match="not in the data manifest"):
+        files.data_path("fake/other.txt")
 
 
 def test_verify_cli_exit_codes_and_messages(isolated, capsys):
@@ -358,7 +358,7 @@ def test_verify_cli_exit_codes_and_messages(isolated, capsys):
     assert cli_main(["data", "verify"]) == 0
     assert " ok " in capsys.readouterr().out
     copy.write_bytes(b"X" * len(content))  # same size, different bytes: only the hash can tell
-    data._verified.cache_clear()
+    files._verified.cache_clear()
     assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert "corrupt" in out and "corrupt copy at" in err and entry.sha256 in err and "Traceback" not in err
@@ -369,12 +369,12 @@ def test_fetch_downloads_by_url_with_hash_check(isolated, monkeypatch, capsys):
     tmp_path, entry, content = isolated
     upstream = tmp_path / "upstream.txt"
     upstream.write_bytes(content)
-    good = data.ManifestEntry(**{**entry.__dict__, "url": upstream.as_uri()})
-    monkeypatch.setattr(data, "manifest", lambda: {good.path: good})
+    good = files.ManifestEntry(**{**entry.__dict__, "url": upstream.as_uri()})
+    monkeypatch.setattr(files, "manifest", lambda: {good.path: good})
     assert cli_main(["data", "fetch"]) == 0
     cached = tmp_path / "cache" / "data" / good.path
     assert cached.read_bytes() == content
-    assert data.data_path(good.path) == cached  # resolution now finds the cached copy
+    assert files.data_path(good.path) == cached  # resolution now finds the cached copy
     # Upstream changed: the download is refused and nothing is left in the cache.
     upstream.write_bytes(b"tampered\n")
     cached.unlink()
@@ -383,7 +383,7 @@ def test_fetch_downloads_by_url_with_hash_check(isolated, monkeypatch, capsys):
     assert f"expected {good.sha256}" in err and "Traceback" not in err
     assert not cached.exists() and not list(cached.parent.glob(".*"))
     # No URL (a derived file): a clear one-line error.
-    monkeypatch.setattr(data, "manifest", lambda: {entry.path: entry})
+    monkeypatch.setattr(files, "manifest", lambda: {entry.path: entry})
     assert cli_main(["data", "fetch"]) == 1
     assert "no download URL" in capsys.readouterr().err
 
@@ -393,21 +393,21 @@ def test_verify_reports_corrupt_copy_in_data_dir_first(tmp_path, monkeypatch, ca
     # ESMERGE_DATA_DIR is searched first (and alone, before the cache), so its corrupt copy must be
     # reported, not hidden by a good copy elsewhere. The folder links every other file.
     fasta = "derived/cyp_human.fasta"
-    for path in data.manifest():
+    for path in files.manifest():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         if path == fasta:
-            (tmp_path / path).write_bytes(data.data_path(fasta).read_bytes().replace(b"MALSQ", b"MALSA"))
+            (tmp_path / path).write_bytes(files.data_path(fasta).read_bytes().replace(b"MALSQ", b"MALSA"))
         else:
-            (tmp_path / path).symlink_to(data.data_path(path))
-    data._verified.cache_clear()
+            (tmp_path / path).symlink_to(files.data_path(path))
+    files._verified.cache_clear()
     monkeypatch.setenv("ESMERGE_DATA_DIR", str(tmp_path))
     assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert [line for line in err.splitlines() if line] == [line for line in err.splitlines() if fasta in line]
-    assert data.manifest()[fasta].sha256 in err
-    assert f"{len(data.manifest()) - 1} of {len(data.manifest())} files ok" in out
-    with pytest.raises(data.DataError, match="cyp_human.fasta: sha256 mismatch"):
-        data.data_path(fasta)
+    assert files.manifest()[fasta].sha256 in err
+    assert f"{len(files.manifest()) - 1} of {len(files.manifest())} files ok" in out
+    with pytest.raises(files.DataError, match="cyp_human.fasta: sha256 mismatch"):
+        files.data_path(fasta)
 
 
 @needs_data
@@ -417,7 +417,7 @@ def test_python_m_esmerge_data_verify():
 
     done = subprocess.run([sys.executable, "-m", "esmerge", "data", "verify"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert f"{len(data.manifest())} of {len(data.manifest())} files ok" in done.stdout
+    assert f"{len(files.manifest())} of {len(files.manifest())} files ok" in done.stdout
 
 
 def test_split_pools_property_over_random_sizes():
@@ -449,18 +449,18 @@ def test_module_doctests():
 def test_derive_cyp_fasta_reproduces_the_manifest_file():
     import hashlib
 
-    text = data.derive_cyp_fasta()
-    assert hashlib.sha256(text.encode()).hexdigest() == data.manifest()[data.CYP_FASTA].sha256
-    assert sources.read_fasta(data.data_path(data.CYP_FASTA)).keys() == data.CYP_ACCESSIONS.keys()
+    text = files.derive_cyp_fasta()
+    assert hashlib.sha256(text.encode()).hexdigest() == files.manifest()[files.CYP_FASTA].sha256
+    assert sources.read_fasta(files.data_path(files.CYP_FASTA)).keys() == files.CYP_ACCESSIONS.keys()
 
 
 @needs_data
 def test_fetch_derives_the_cyp_fasta_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path))
     monkeypatch.delenv("ESMERGE_DATA_CACHE", raising=False)
-    path = data.fetch(data.manifest()[data.CYP_FASTA], force=True)
-    assert path == tmp_path / "data" / data.CYP_FASTA
-    assert path.read_bytes() == data.data_path(data.CYP_FASTA).read_bytes()
+    path = files.fetch(files.manifest()[files.CYP_FASTA], force=True)
+    assert path == tmp_path / "data" / files.CYP_FASTA
+    assert path.read_bytes() == files.data_path(files.CYP_FASTA).read_bytes()
 
 
 # --------------------------------------------------------------------------- bad input (issue 15)
@@ -471,7 +471,8 @@ def test_one_text_label_is_refused_naming_file_and_value(tmp_path, monkeypatch):
     path.write_text("SMILES,Protein,Y\nCCO,MKTAYIAKQR,1\nCCN,MKTAYIAKQR,yes\nCCC,MKTAYIAKQR,0\n")
     monkeypatch.setattr(sources, "data_path", lambda relpath: path)
     spec = benchmarks.BENCHMARKS["Human"]
-    with pytest.raises(data.DataError, match=r"^drugban/datasets/human/random/test.csv: label 'yes' \(row 1\) is text"):
+    with pytest.raises(files.DataError,
+                       match=r"^drugban/datasets/human/random/test.csv: label 'yes' \(row 1\) is text"):
         sources.raw_dti(spec, {})
     path.write_text("SMILES,Protein,Y\nCCO,MKTAYIAKQR,1\nCCN,MKTAYIAKQR,2\nCCC,MKTAYIAKQR,0\nCO,MKTAYIAKQR,\n")
     rows, n_read = sources.raw_dti(spec, {})
@@ -482,9 +483,9 @@ def test_data_dir_that_does_not_exist_is_refused(tmp_path, monkeypatch, capsys):
     """Before: ESMERGE_DATA_DIR=/nonexistent was skipped silently and files came from elsewhere."""
     missing = tmp_path / "nonexistent"
     monkeypatch.setenv("ESMERGE_DATA_DIR", str(missing))
-    with pytest.raises(data.DataError, match=f"^ESMERGE_DATA_DIR={missing} is not a folder"):
-        data.data_path(data.CYP_FASTA)
-    assert isinstance(data.DataError("x"), EsmergeError)
+    with pytest.raises(files.DataError, match=f"^ESMERGE_DATA_DIR={missing} is not a folder"):
+        files.data_path(files.CYP_FASTA)
+    assert isinstance(files.DataError("x"), EsmergeError)
     assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "is not a folder" in err and "Traceback" not in err
@@ -500,15 +501,15 @@ def test_verify_prints_the_table_with_an_unreadable_file(isolated, monkeypatch, 
     def denied(path, *args, **kwargs):  # what a chmod 000 file gives a non-root user
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(data, "file_sha256", denied)
-    data._verified.cache_clear()
+    monkeypatch.setattr(files, "file_sha256", denied)
+    files._verified.cache_clear()
     assert cli_main(["data", "verify"]) == 1
     out, err = capsys.readouterr()
     assert "fake/hello.txt" in out and "unreadable" in out and "0 of 1 files ok" in out
     assert err.count("\n") == 1 and "cannot read" in err and "Permission denied" in err
-    with pytest.raises(data.DataError, match="cannot be read"):
-        data.data_path(entry.path)
-    data._verified.cache_clear()
+    with pytest.raises(files.DataError, match="cannot be read"):
+        files.data_path(entry.path)
+    files._verified.cache_clear()
 
 
 def test_verify_reports_an_unreadable_folder(isolated, monkeypatch, capsys):
@@ -531,21 +532,21 @@ def test_data_dir_replaces_the_shared_folder_and_the_data_cache_comes_last(tmp_p
     repo, shared, chosen = tmp_path / "repo", tmp_path / "shared" / "data", tmp_path / "mine"
     for folder in (repo, shared, chosen):
         folder.mkdir(parents=True)
-    monkeypatch.setattr(data, "REPO_ROOT", repo)
+    monkeypatch.setattr(files, "REPO_ROOT", repo)
     monkeypatch.setenv("ESMERGE_DATA_CACHE", str(tmp_path / "fetched"))
     monkeypatch.delenv("ESMERGE_DATA_DIR", raising=False)
-    assert data.search_dirs() == [shared, tmp_path / "fetched"]
+    assert files.search_dirs() == [shared, tmp_path / "fetched"]
     monkeypatch.setenv("ESMERGE_DATA_DIR", str(chosen))
-    assert data.search_dirs() == [chosen, tmp_path / "fetched"]  # what the user named, not ../shared
+    assert files.search_dirs() == [chosen, tmp_path / "fetched"]  # what the user named, not ../shared
     monkeypatch.delenv("ESMERGE_DATA_CACHE")
     monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path / "cache"))
-    assert data.search_dirs()[-1] == tmp_path / "cache" / "data"
+    assert files.search_dirs()[-1] == tmp_path / "cache" / "data"
 
 
 def _entries(tmp_path, monkeypatch, n):
     entries = [_fake_entry(f"fake/{i}.txt", f"file {i}\n".encode(), url=f"https://example.invalid/{i}.txt")
                for i in range(n)]
-    monkeypatch.setattr(data, "manifest", lambda: {e.path: e for e in entries})
+    monkeypatch.setattr(files, "manifest", lambda: {e.path: e for e in entries})
     return entries
 
 
@@ -590,7 +591,7 @@ def test_fetch_http_error_stops_only_that_file(isolated, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert f"fetched {entries[1].path}" in out
     assert err.count("\n") == 1 and err.startswith("esmerge data: fake/0.txt: download from") and "404" in err
-    assert data.data_path(entries[1].path) == tmp_path / "cache" / "data" / entries[1].path
+    assert files.data_path(entries[1].path) == tmp_path / "cache" / "data" / entries[1].path
 
 
 def test_fetch_is_a_no_op_when_every_file_resolves(isolated, monkeypatch, capsys):
@@ -611,8 +612,9 @@ def test_make_fetches_the_data_before_any_work():
 
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    root = data.REPO_ROOT
+    root = files.REPO_ROOT
     for target, first_work in (("all", "regenerate --scale cpu"), ("test", "regenerate --scale cpu --check")):
-        plan = subprocess.run(["make", "-n", "-C", str(root), target], capture_output=True, text=True, check=True).stdout
+        plan = subprocess.run(["make", "-n", "-C", str(root), target], capture_output=True, text=True,
+                              check=True).stdout
         assert "esmerge data fetch" in plan, target
         assert plan.index("esmerge data fetch") < plan.index(first_work), target

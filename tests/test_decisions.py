@@ -9,7 +9,7 @@ import pytest
 
 from esmerge.evaluate import decisions as D
 
-C = importlib.import_module("esmerge.evaluate.claims")  # the package re-exports a function of that name
+C = importlib.import_module("esmerge.report.claims")  # the package re-exports a function of that name
 
 
 def _run(y, pred, scores=None):
@@ -82,7 +82,8 @@ def test_at_least_as_good_on_a_null_result_is_inconclusive_without_a_margin():
     b[11:22] = 1 - b[11:22]  # 11 wins, 11 losses
     results = {"es": {"CYP2C9-substrate": _run(y, a)}, "specialist-molecule": {"CYP2C9-substrate": _run(y, b)}}
     claim = C.Claim("es >= mol", "-", "es", ("specialist-molecule",), None, "-", at_least=True)
-    row = C._check(claim, {m: {"CYP2C9-substrate": r["CYP2C9-substrate"]} for m, r in results.items()}, None, 300, 0, 0.95)
+    row = C._check(claim, {m: {"CYP2C9-substrate": r["CYP2C9-substrate"]} for m, r in results.items()},
+                   None, 300, 0, 0.95)
     assert row["ours"] == 0.0
     assert row["verdict"].startswith("inconclusive (no margin declared)")
     wide = C._check(claim, results, None, 300, 0, 0.95, noninferiority_margin=50.0)

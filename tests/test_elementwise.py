@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from esmerge import element_gradients, elementwise, probe
-from esmerge.adapters import attach
 from esmerge.errors import InputError
+from esmerge.signals import elementwise, gradients, probe
+from esmerge.signals.element_scores import element_scores, element_scores_by_distance
+from esmerge.signals.hooks import block_outputs, lora_parameters
+from esmerge.specialists.adapters import attach
 
 
 def _bench_es():
@@ -29,8 +31,8 @@ CELLS = ["CD3E, CD2, IL7R, LTB, CCR7", "MS4A1, CD79A, CD79B", "NKG7, GNLY, GZMB,
 @pytest.fixture(scope="module")
 def smoke_setup(tmp_path_factory):
     """The smoke base, its three trained specialists (cached in a temporary ESMERGE_CACHE) and real probes."""
-    from esmerge.models import load_base
-    from esmerge.specialists import load_specialists
+    from esmerge.specialists.base_llm import load_base
+    from esmerge.specialists.load import load_specialists
 
     patch = pytest.MonkeyPatch()
     patch.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -62,7 +64,7 @@ def test_batched_scores_equal_the_per_sample_loop(smoke_setup):
     for name in names:  # several adapters attached, as in ES-Merging: each scored w.r.t. its own LoRA
         peft_model.set_adapter(name)
         old = reference_scores(peft_model, probes.embeds, probes.positions, base_tokens)
-        new = element_gradients.element_scores_by_distance(peft_model, probes.embeds, probes.positions, base_tokens,
+        new = element_scores_by_distance(peft_model, probes.embeds, probes.positions, base_tokens,
                                                            progress=False, batch_size=2)  # chunks 2, 2, 1
         for distance in elementwise.DISTANCES:
             assert set(new[distance]) == set(old[distance])
@@ -70,7 +72,7 @@ def test_batched_scores_equal_the_per_sample_loop(smoke_setup):
             assert not any(v.requires_grad for v in new[distance].values())
             assert_relatively_equal(new[distance], old[distance])
         # The public single-distance entry point returns the same Frobenius scores.
-        frob = element_gradients.element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False)
+        frob = element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False)
         assert_relatively_equal(frob, old["frobenius"])
 
 
@@ -78,8 +80,8 @@ def test_scores_do_not_depend_on_the_batch_size(smoke_setup):
     """No operation mixes samples, so a sample's gradient is the same alone or in a batch."""
     peft_model, names, probes, base_tokens = smoke_setup
     peft_model.set_adapter(names[1])
-    one = element_gradients.element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False, batch_size=1)
-    every = element_gradients.element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False, batch_size=5)
+    one = element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False, batch_size=1)
+    every = element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False, batch_size=5)
     assert_relatively_equal(every, one)
 
 
@@ -87,15 +89,16 @@ def test_per_sample_gradients_match_autograd_of_each_sample(smoke_setup):
     """Signed per-sample gradients of a batch equal each sample's own parameter gradient."""
     peft_model, names, probes, base_tokens = smoke_setup
     peft_model.set_adapter(names[0])
-    grads, dists = element_gradients.batch_distance_gradients(peft_model, probes.embeds[:3], probes.positions,
+    grads, dists = gradients.batch_distance_gradients(peft_model, probes.embeds[:3], probes.positions,
                                                               {m: t[:, :3] for m, t in base_tokens.items()})
-    params = element_gradients.lora_parameters(peft_model)
+    params = lora_parameters(peft_model)
     key = next(k for k in params if ".layers.1." in k and "lora_A" in k)
     for k in range(3):
-        with element_gradients.block_outputs(peft_model, detach_inputs=True) as outputs:
+        with block_outputs(peft_model, detach_inputs=True) as outputs:
             peft_model(inputs_embeds=probes.embeds[k:k + 1], use_cache=False)
         pos = probes.positions["protein"]
-        r = torch.stack([elementwise.token_distance(out[0, pos], base_tokens["protein"][l, k]) for l, out in enumerate(outputs)])
+        r = torch.stack([elementwise.token_distance(out[0, pos], base_tokens["protein"][l, k])
+                         for l, out in enumerate(outputs)])
         (g,) = torch.autograd.grad(r.sum(), [params[key]])
         assert torch.allclose(grads["protein"][key][k], g, rtol=1e-4, atol=1e-7 * g.abs().max())
         assert torch.allclose(dists["protein"][k], r.detach(), rtol=1e-5)
@@ -105,7 +108,7 @@ def test_per_sample_gradients_match_autograd_of_each_sample(smoke_setup):
 def test_batch_size_must_be_positive(smoke_setup):
     peft_model, _, probes, base_tokens = smoke_setup
     with pytest.raises(ValueError, match="batch_size"):
-        element_gradients.element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False, batch_size=0)
+        element_scores(peft_model, probes.embeds, probes.positions, base_tokens, progress=False, batch_size=0)
 
 
 # --------------------------------------------------------------------------- NaN / Inf refusals

@@ -5,10 +5,17 @@ import ot
 import pytest
 import torch
 
-from esmerge.element_gradients import sample_distance_gradients
-from esmerge.elementwise import element_coefficients, token_distance, zscore_within_layers
-from esmerge.layerwise import layer_changes, layer_coefficients, layer_scores, sliced_projections, sliced_wasserstein, swd_table
-from esmerge.merge import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
+from esmerge.signals.combine import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
+from esmerge.signals.elementwise import element_coefficients, token_distance, zscore_within_layers
+from esmerge.signals.gradients import sample_distance_gradients
+from esmerge.signals.layerwise import (
+    layer_changes,
+    layer_coefficients,
+    layer_scores,
+    sliced_projections,
+    sliced_wasserstein,
+    swd_table,
+)
 
 R3 = math.sqrt(3.0)
 
@@ -103,7 +110,8 @@ def test_combine_and_merge_lora_refuse_non_finite_coefficients():
 # --------------------------------------------------------------------------- SWD
 def test_swd_matches_pot_and_is_order_invariant():
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(30, 6, generator=g, dtype=torch.float64) + 0.5
+    x, y = (torch.randn(30, 6, generator=g, dtype=torch.float64),
+            torch.randn(30, 6, generator=g, dtype=torch.float64) + 0.5)
     proj = sliced_projections(6, 64, seed=3)
     ours = sliced_wasserstein(x, y, proj)
     pot = ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), n_projections=64, seed=3)
@@ -157,7 +165,8 @@ def test_zscore_within_layer_vs_per_tensor():
     assert torch.allclose(per_tensor[KEY_A], torch.tensor([-1., 1.], dtype=torch.float64))
     assert torch.allclose(per_tensor[KEY_B], torch.tensor([-1., 1.], dtype=torch.float64))
     flat = torch.tensor([1., 3., 10., 30.], dtype=torch.float64)
-    assert torch.allclose(per_layer[KEY_B], (torch.tensor([10., 30.], dtype=torch.float64) - flat.mean()) / flat.std(unbiased=False))
+    assert torch.allclose(per_layer[KEY_B],
+                          (torch.tensor([10., 30.], dtype=torch.float64) - flat.mean()) / flat.std(unbiased=False))
     assert torch.equal(per_layer[KEY_A1], torch.zeros(2, dtype=torch.float64))
 
 
@@ -179,7 +188,8 @@ def test_combine_with_uniform_factor_reduces_to_the_other():
     template = {KEY_A: torch.zeros(2, 5), KEY_A1: torch.zeros(4, 2)}
     lam = combine(alpha, uniform_element_coefficients(template, 3))
     assert torch.allclose(lam[KEY_A], alpha[:, 0].view(3, 1, 1).expand(3, 2, 5))
-    beta = {k: torch.softmax(torch.randn(3, *v.shape, generator=g, dtype=torch.float64), 0) for k, v in template.items()}
+    beta = {k: torch.softmax(torch.randn(3, *v.shape, generator=g, dtype=torch.float64), 0)
+            for k, v in template.items()}
     lam = combine(uniform_layer_coefficients(3, 2), beta)
     assert all(torch.allclose(lam[k], beta[k]) for k in beta)
 
@@ -212,7 +222,7 @@ def tiny_peft():
     patch = pytest.MonkeyPatch()
     patch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
 
-    from esmerge.models import load_smoke, lora_config
+    from esmerge.specialists.base_llm import load_smoke, lora_config
 
     torch.manual_seed(0)
     base = load_smoke(seed=0, num_layers=3, hidden_size=32)
@@ -248,7 +258,8 @@ def test_element_gradients_match_finite_differences(tiny_peft):
     h = 1e-6
     for layer in (0, 1):
         for module, part in (("q_proj", "A"), ("down_proj", "B"), ("v_proj", "B")):
-            name = f"base_model.model.model.layers.{layer}.{'mlp' if module == 'down_proj' else 'self_attn'}.{module}.lora_{part}.default.weight"
+            name = (f"base_model.model.model.layers.{layer}.{'mlp' if module == 'down_proj' else 'self_attn'}."
+                    f"{module}.lora_{part}.default.weight")
             key = name.replace(".default", "")
             p = params[name]
             for idx in [(0, 0), (1, 2)]:
@@ -261,7 +272,8 @@ def test_element_gradients_match_finite_differences(tiny_peft):
                         down = _layer_distance(tiny_peft, embeds, pos, base_tokens[modality][layer], layer)
                         p[idx] = old
                     fd = (up - down).item() / (2 * h)
-                    assert grads[modality][key][idx].item() == pytest.approx(fd, rel=1e-4, abs=1e-8), (key, idx, modality)
+                    assert grads[modality][key][idx].item() == pytest.approx(fd, rel=1e-4,
+                                                                             abs=1e-8), (key, idx, modality)
     # The recorded distances are the true (non-isolated) r^l.
     r0 = _layer_distance(tiny_peft, embeds, positions["molecule"], base_tokens["molecule"][0], 0)
     assert dists["molecule"][0].item() == pytest.approx(r0.item(), rel=1e-10)
@@ -285,12 +297,13 @@ def test_gradients_are_layer_isolated(tiny_peft):
 
 def test_one_pass_mse_scores_equal_direct_mse_gradients(tiny_peft):
     """element_scores_by_distance derives MSE scores from Frobenius gradients; check against direct MSE gradients."""
-    from esmerge.element_gradients import element_scores_by_distance
+    from esmerge.signals.element_scores import element_scores_by_distance
 
     g = torch.Generator().manual_seed(4)
     embeds = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
     positions = {"molecule": torch.tensor([1, 2]), "cell": torch.tensor([5, 6, 7])}
-    base_tokens = {m: 0.5 * torch.randn(3, 2, len(p), 32, generator=g, dtype=torch.float64) for m, p in positions.items()}
+    base_tokens = {m: 0.5 * torch.randn(3, 2, len(p), 32, generator=g, dtype=torch.float64)
+                   for m, p in positions.items()}
     both = element_scores_by_distance(tiny_peft, embeds, positions, base_tokens, progress=False)
     direct = {k: torch.zeros_like(v) for k, v in both["mse"].items()}
     for k in range(2):

@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from esmerge import elementwise, layerwise, methods
-from esmerge.adapters import adapter_from_model, attach
+from esmerge import methods
 from esmerge.errors import UsageError
 from esmerge.methods import es
-from esmerge.probe import Probes
+from esmerge.signals import elementwise, layerwise
+from esmerge.signals.probe import Probes
+from esmerge.specialists.adapters import adapter_from_model, attach
 
 NAMES = ("molecule", "protein", "cell")
 POSITIONS = {"molecule": torch.tensor([1, 2, 3]), "protein": torch.tensor([5, 6, 7, 8]), "cell": torch.tensor([10, 11])}
@@ -65,8 +66,8 @@ def tiny_setting(cache, seed: int = 0, k: int = K):
     all three modality blocks; returns ``(context, adapters, probes)``."""
     from peft import get_peft_model
 
-    from esmerge.models import load_smoke, lora_config
-    from esmerge.pipeline import MergeContext
+    from esmerge.run.merge import MergeContext
+    from esmerge.specialists.base_llm import load_smoke, lora_config
 
     base = load_smoke(seed=seed, num_layers=N_LAYERS, hidden_size=WIDTH)
     base.model.double()
@@ -168,7 +169,7 @@ def betas(tiny, **settings):
 
 
 def max_delta_by_layer(beta, reference) -> dict[int, float]:
-    from esmerge.adapters import layer_of
+    from esmerge.specialists.adapters import layer_of
 
     out = {}
     for key, value in beta.items():
@@ -205,14 +206,14 @@ def test_each_official_beta_setting_alone_moves_beta_off_the_reference(tiny, set
 
 def test_grad_batch_one_equals_the_per_probe_scores():
     """The batch-mean path with batches of one probe is the paper's per-probe score."""
-    from esmerge.element_batches import batch_mean_scores
-    from esmerge.element_gradients import element_scores_by_distance
+    from esmerge.signals.element_scores import element_scores_by_distance
+    from esmerge.signals.gradient_batches import batch_mean_scores
 
     with fp64_rms_norm():
         context, adapters, probes = tiny_setting(None, seed=3)
         peft_model = attach(context.base.model, {"m": adapters[0]})
         try:
-            from esmerge.probe import collect_states
+            from esmerge.signals.probe import collect_states
 
             tokens = collect_states(peft_model, ["m"], probes)["base"]["tokens"]
             per_probe = element_scores_by_distance(peft_model, probes.embeds, probes.positions, tokens, progress=False)
@@ -267,18 +268,20 @@ def test_fresh_projections_differ_by_layer_and_pair_shared_ones_do_not():
 
 
 def test_probe_layout_code_takes_m_times_probe_k_probes(tmp_path, monkeypatch):
-    from esmerge import probe
+    from esmerge.signals import probe
 
     asked = []
 
     def entities(k, seed, exclude_cells=None):
         asked.append(k)
-        return {"molecule": ["CCO"] * k, "protein": ["MKTAYIAKQR"] * k, "cell": ["CD3E, CD2, IL7R, LTB, CCR7, MAL, LEF1, TCF7"] * k}
+        return {"molecule": ["CCO"] * k, "protein": ["MKTAYIAKQR"] * k,
+                "cell": ["CD3E, CD2, IL7R, LTB, CCR7, MAL, LEF1, TCF7"] * k}
 
     monkeypatch.setattr(probe, "probe_entities", entities)
     from test_es_pipeline import random_specialists  # the smoke stand-ins
-    from esmerge.models import load_smoke
-    from esmerge.pipeline import MergeContext
+
+    from esmerge.run.merge import MergeContext
+    from esmerge.specialists.base_llm import load_smoke
 
     base = load_smoke(seed=0)
     context = MergeContext(base, random_specialists(base), "smoke", 0, probe_k=2, cache=tmp_path)
@@ -345,8 +348,8 @@ def test_code_variant_on_masked_probes_takes_the_per_sample_path_to_the_same_bet
 
 def test_paper_variant_keeps_its_cache_keys(tiny):
     """Settings enter a cache key only when they differ from the paper's, so earlier caches stay valid."""
-    from esmerge.adapters import adapter_digest
     from esmerge.cache import content_key, tensor_digest
+    from esmerge.specialists.adapters import adapter_digest
 
     context, adapters, _ = tiny
     with fp64_rms_norm():

@@ -3,14 +3,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_data import needs_data  # skips when the upstream data are not here
 
 from esmerge import methods
-from esmerge.adapters import adapter_from_model, load_adapter
-from esmerge.encoders import make_projector
 from esmerge.errors import UsageError
-from esmerge.pipeline import MergeContext, run_merge
-from esmerge.models import load_smoke, lora_config
-from test_data import needs_data  # skips when the upstream data are not here
+from esmerge.run.merge import MergeContext, run_merge
+from esmerge.specialists.adapters import adapter_from_model, load_adapter
+from esmerge.specialists.base_llm import load_smoke, lora_config
+from esmerge.specialists.encoders import make_projector
 
 
 @dataclass
@@ -42,7 +42,7 @@ def random_specialists(base, seed=0):
 
 @pytest.fixture()
 def context(tmp_path, monkeypatch):
-    from esmerge import probe
+    from esmerge.signals import probe
 
     smiles = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "O=C=O", "CCCC"]
     seqs = ["MKTAYIAKQR", "GAVLIPFW", "MSTNPKPQRK", "MAHHHHHHGS", "MKKLLPTAAA", "MDEKRRAQHN"]
@@ -123,9 +123,9 @@ def test_merge_cli_at_smoke_scale(tmp_path):
 
 def test_element_scores_follow_the_active_adapter_when_several_are_attached(context):
     """With all three adapters in one PeftModel, scores of each must equal scores with it alone."""
-    from esmerge import probe as probe_mod
-    from esmerge.adapters import attach
-    from esmerge.element_gradients import element_scores
+    from esmerge.signals import probe as probe_mod
+    from esmerge.signals.element_scores import element_scores
+    from esmerge.specialists.adapters import attach
 
     base = context.base
     specs = context.specialists

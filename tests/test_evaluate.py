@@ -8,13 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_data import needs_reference  # skips when ../shared/reference is not here
 
 from esmerge import evaluate as ev
-from esmerge.evaluate import run
-from esmerge.adapters import adapter_from_model
-from esmerge.encoders import make_projector
-from esmerge.models import load_base, lora_config
-from test_data import needs_reference  # skips when ../shared/reference is not here
+from esmerge import report
+from esmerge.evaluate import sweep
+from esmerge.specialists.adapters import adapter_from_model
+from esmerge.specialists.base_llm import load_base, lora_config
+from esmerge.specialists.encoders import make_projector
 
 SMILES = ["CCO", "CCN", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CCCCO", "CCOC(=O)C", "c1ccncc1", "CC(C)O",
           "c1ccccc1", "CCCCCC"]
@@ -51,8 +52,8 @@ def test_prompt_has_the_shots_then_the_query_with_the_paper_labels(base):
     df = mol_prot_frame()
     opts = ev.PromptOptions(protein_chars=10)
     prompt = ev.build_prompt("BindingDB", df.iloc[0], df.iloc[1:6], base.tokenizer, opts)
-    examples = re.findall(r"Example (\d+): Protein: (\S+) Molecule: (\S+) Final answer: (Interacts|Does not interact)\n",
-                          prompt.text)
+    examples = re.findall(r"Example (\d+): Protein: (\S+) Molecule: (\S+) "
+                          r"Final answer: (Interacts|Does not interact)\n", prompt.text)
     assert [int(e[0]) for e in examples] == [1, 2, 3, 4, 5]
     assert [e[2] for e in examples] == SMILES[1:6]
     assert [e[3] for e in examples] == ["Interacts" if y else "Does not interact" for y in df["y"][1:6]]
@@ -84,7 +85,7 @@ def test_cell_and_cyp_prompts(base):
 
 
 def test_prompt_labels_and_groups_come_from_the_one_benchmark_table(base):
-    from esmerge import benchmarks
+    from esmerge.data import benchmarks
 
     df = frame(SMILES[:2], [PROT_A, PROT_B], [0, 1], genes=[["G1", "G2"], ["G3"]], molecule2=SMILES[2:4],
                cell_ids=["a", "b"])
@@ -92,7 +93,7 @@ def test_prompt_labels_and_groups_come_from_the_one_benchmark_table(base):
         spec = benchmarks.spec(name)
         prompt = ev.build_prompt(name, df.iloc[0], df.iloc[1:2], base.tokenizer)
         assert prompt.labels == spec.labels and spec.prompt.system in prompt.text
-        assert name in ev.GROUPS[spec.group] and ev.PAPER_DATASET[name] == spec.paper_dataset
+        assert name in ev.GROUPS[spec.group] and report.PAPER_DATASET[name] == spec.paper_dataset
     assert ev.default_config("smoke") == ev.EvalConfig(n_eval=3, n_context=12, n_shots=1, top_k_genes=3,
                                                        protein_chars=12, smiles_chars=24, batch_size=3, n_resamples=100,
                                                        decision="argmax", n_calibration=32)
@@ -356,7 +357,7 @@ def test_evaluate_caches_and_resumes(base, projectors, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a cached evaluation must not run the model")
 
-    monkeypatch.setattr(run, "label_logits", boom)
+    monkeypatch.setattr(sweep, "label_logits", boom)
     again = ev.evaluate(mut, "Human", config, pools=_pools(), out_dir=tmp_path, progress=False)
     assert again == first
     # a different setting is a different cache entry and does run
@@ -375,15 +376,15 @@ def test_results_table_and_claims_against_the_paper():
         for b, y in ys.items():
             wrong = rng.random(40) < flip
             results[method][b] = _fake_run(y, np.where(wrong, 1 - y, y), b)
-    table = ev.results_table(results, "Table 1", n_resamples=200)
+    table = report.results_table(results, "Table 1", n_resamples=200)
     es = table[(table.method == "es") & (table.metric == "accuracy")].set_index("dataset")
     assert es.loc["Avg. Mol-Prot", "ours"] == pytest.approx(
         np.mean([results["es"][b]["accuracy"] for b in ev.GROUPS["Mol-Prot"]]))
     assert es.loc["BindingDB", "paper"] == pytest.approx(66.0)
     assert es.loc["Avg. Mol-Prot", "paper"] == pytest.approx(65.7)
-    t3 = ev.results_table(results, "Table 3", n_resamples=100)
+    t3 = report.results_table(results, "Table 3", n_resamples=100)
     assert set(t3["dataset"]) == {"Avg. Mol-Prot", "Avg. Mol-Cell", "Avg. CYP Inh.", "Avg. CYP Sub."}
-    register = ev.claims(results, n_resamples=200).set_index("claim")
+    register = report.claims(results, n_resamples=200).set_index("claim")
     row = register.loc["ES-Merging beats every merging baseline on Mol-Prot (avg. accuracy)"]
     assert row["verdict"] == "supported (partial)" and row["n_compared"] == 2
     assert row["paper"] == pytest.approx(65.7 - 64.2)
@@ -391,18 +392,18 @@ def test_results_table_and_claims_against_the_paper():
     assert register.loc["Layer x element >= each alone on Mol-Prot", "verdict"] == "not measured"
     # a ">=" claim whose models answer identically everywhere is not evidence for it
     same = {**results, "es-layer": results["es"], "es-element": results["es"]}
-    row = ev.claims(same, n_resamples=100).set_index("claim").loc["Layer x element >= each alone on Mol-Prot"]
+    row = report.claims(same, n_resamples=100).set_index("claim").loc["Layer x element >= each alone on Mol-Prot"]
     assert (row["ours"], row["lo"], row["hi"]) == (0.0, 0.0, 0.0)
     assert row["verdict"] == "inconclusive (identical answers)" and "identical answers" in row["detail"]
     reversed_results = {"es": results["base"], "base": results["es"]}
-    rev = ev.claims(reversed_results, n_resamples=200).set_index("claim")
+    rev = report.claims(reversed_results, n_resamples=200).set_index("claim")
     assert rev.loc["ES-Merging beats the base LLM on all 13 benchmarks (avg.)", "verdict"] == "not supported"
 
 
 def test_missing_reference_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ESMERGE_REFERENCE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="paper_results.csv"):
-        ev.paper_results()
+        report.paper_results()
 
 
 @needs_reference
@@ -410,11 +411,11 @@ def test_partial_groups_are_labelled_and_have_no_paper_value():
     rng = np.random.default_rng(4)
     y = rng.integers(0, 2, 30)
     results = {"es": {"BindingDB": _fake_run(y, y, "BindingDB"), "BIOSNAP": _fake_run(y, 1 - y, "BIOSNAP")}}
-    table = ev.results_table(results, "Table 1", n_resamples=100)
+    table = report.results_table(results, "Table 1", n_resamples=100)
     avg = table[(table.metric == "accuracy") & table.dataset.str.startswith("Avg.")]
     assert avg["dataset"].tolist() == ["Avg. Mol-Prot (2/3 datasets)"]
     assert avg["ours"].iloc[0] == pytest.approx(50.0) and avg["paper"].isna().all()
-    register = ev.claims({**results, "base": results["es"]}, n_resamples=100).set_index("claim")
+    register = report.claims({**results, "base": results["es"]}, n_resamples=100).set_index("claim")
     row = register.loc["ES-Merging beats the base LLM on all 13 benchmarks (avg.)"]
     assert row["datasets"] == "2/13" and row["verdict"] == "inconclusive (identical answers) (partial)"
 
@@ -427,14 +428,15 @@ def test_mechanism_claims_on_hand_made_tables():
                         "blocks": [4, 4], "mean_ratio": [1.2, 1.5]})
     stability = pd.DataFrame({"projections": [256, 32, 1024], "mean std of alpha over seeds": [0.04, 0.1, 0.01]})
     distances = pd.DataFrame({"molecule": [1.0, 3.0], "protein": [2.0, 2.5]}, index=["molecule", "protein"])
-    table = ev.mechanism_claims(shift, gap, stability, distances).set_index(["source", "claim"])["verdict"]
+    table = report.mechanism_claims(shift, gap, stability, distances).set_index(["source", "claim"])["verdict"]
     by_source = table.groupby(level=0).apply(list).to_dict()
     assert by_source["Fig. 1"] == ["holds", "does not hold"]
     assert by_source["Fig. 2"] == ["holds", "does not hold"]  # 2 of 4 blocks is not "most"
     assert by_source["Table 7"] == ["holds"]  # sorted by projections: 0.1 > 0.04 > 0.01
     assert by_source["Fig. 8"] == ["holds", "holds"]
     stability.loc[2, "mean std of alpha over seeds"] = 0.05
-    assert ev.mechanism_claims(shift, gap, stability, distances).set_index("source").loc["Table 7", "verdict"] == "does not hold"
+    assert (report.mechanism_claims(shift, gap, stability, distances).set_index("source").loc["Table 7", "verdict"]
+            == "does not hold")
 
 
 # --------------------------------------------------------------------------- bad pools (issue 15)
@@ -442,7 +444,7 @@ def _no_model_work(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("bad rows must be refused before any model work")
 
-    monkeypatch.setattr(run, "label_logits", boom)
+    monkeypatch.setattr(sweep, "label_logits", boom)
 
 
 @pytest.mark.parametrize("spoil, message", [
@@ -450,7 +452,8 @@ def _no_model_work(monkeypatch):
     (lambda e, c: (e.assign(y=[0, np.nan, 1, 0]), c), r"Human eval pool, row 1: label is NaN"),
     (lambda e, c: (pd.concat([e, e.iloc[:1]]), c), r"Human eval pool, row 0: appears twice"),
     (lambda e, c: (e, c.assign(y=["1"] * len(c))), r"Human context pool, row 4: label '1' is not 0 or 1"),
-    (lambda e, c: (e.assign(molecule=["CCO", "C1CC", "CCN", "CCC"]), c), r"row 1: molecule 'C1CC' is not a valid SMILES"),
+    (lambda e, c: (e.assign(molecule=["CCO", "C1CC", "CCN", "CCC"]), c),
+     r"row 1: molecule 'C1CC' is not a valid SMILES"),
 ])
 def test_evaluate_refuses_bad_pools_before_scoring(base, tmp_path, monkeypatch, spoil, message):
     """Before: label 2 was scored as a wrong answer, a repeated row counted twice, and a NaN label
@@ -472,7 +475,8 @@ def test_evaluate_refuses_an_unknown_cell_line_before_scoring(base, tmp_path, mo
     genes = [["G1", "G2"], None, ["G3"], ["G1"], ["G4", "G5"], ["G2", "G6"]]
     df = frame(SMILES[:6], y=[0, 1, 0, 1, 0, 1], genes=genes, cell_ids=list("abcdef"))
     config = ev.EvalConfig(n_eval=2, n_context=4, n_shots=1, n_resamples=100)
-    with pytest.raises(InputError, match=r"GDSC2 eval pool, row 1: cell line 'b' has no gene list \(unknown cell line\)"):
+    with pytest.raises(InputError,
+                       match=r"GDSC2 eval pool, row 1: cell line 'b' has no gene list \(unknown cell line\)"):
         ev.evaluate(ev.ModelUnderTest.base_only(base), "GDSC2", config, pools=(df.iloc[:2], df.iloc[2:]),
                     out_dir=tmp_path, progress=False)
     with pytest.raises(InputError, match=r"no column cell_genes"):
@@ -501,7 +505,7 @@ def test_caches_live_on_objects_not_in_the_module(base, projectors, monkeypatch)
     assert retrieval.shots("mol-prot", "Human", pool.iloc[:3], pool.iloc[3:], 2) is shots
     index = ev.ContextIndex(pool.iloc[3:], "mol-prot")
     assert shots[1] == [ev.retrieve_examples(index, row, 2) for _, row in pool.iloc[:3].iterrows()]
-    for module in ("retrieval", "scoring", "under_test", "run"):
+    for module in ("retrieval", "scoring", "models", "sweep"):
         mod = __import__(f"esmerge.evaluate.{module}", fromlist=["x"])
         private_dicts = [k for k, v in vars(mod).items() if isinstance(v, dict) and k.startswith("_") and k[1] != "_"]
         assert private_dicts in ([], ["_FIELD_TITLE"]), module

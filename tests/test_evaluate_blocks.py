@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from esmerge import evaluate as ev
-from esmerge.adapters import adapter_from_model
-from esmerge.encoders import Prot2TextEncoder, esm_token_ids, make_projector
 from esmerge.errors import UsageError
-from esmerge.evaluate import run
+from esmerge.evaluate import sweep
 from esmerge.evaluate.generation import INVALID, score_replies
 from esmerge.evaluate.scoring import common_n_tokens, entity_tokens
-from esmerge.methods.contexts import answer_nll_loss, label_entropy_objective, prompt_batches, trainable_copy
 from esmerge.methods.objectives import mean_entropy
-from esmerge.models import load_smoke, lora_config
+from esmerge.run.baseline_inputs import answer_nll_loss, label_entropy_objective, prompt_batches, trainable_copy
+from esmerge.specialists.adapters import adapter_from_model
+from esmerge.specialists.base_llm import load_smoke, lora_config
+from esmerge.specialists.encoders import Prot2TextEncoder, esm_token_ids, make_projector
 
 SMILES = ["CCO", "CCN", "c1ccccc1O", "CC(=O)O", "CCCCO", "CCOC(=O)C", "c1ccncc1", "CC(C)O"]
 PROTEINS = ["MKTAYIAKQR", "GAV", "MSTNPKPQRSTVWYAC", "MKTAYIAKQRW", "GGSSLLAAVV", "MAHHHHHHG", "PK", "MKV"]
@@ -147,11 +147,13 @@ def test_fixed_projectors_collate_exactly_as_a_hand_built_batch(stand_in):
         assert batch.slots["molecule"][0].tolist() == [0, 0, 1, 1]
         assert batch.slots["molecule"][1].tolist() == [o + s for o, st in zip(offsets, starts) for s in st]
         assert batch.lengths["molecule"].tolist() == [8] * 4
-        assert torch.equal(batch.features["molecule"], ev.FeatureCache()("molecule", [v for p in prompts for _, v in p.entities]))
+        assert torch.equal(batch.features["molecule"],
+                           ev.FeatureCache()("molecule", [v for p in prompts for _, v in p.entities]))
         rests = ev.answer_tokens(tok, LABELS)[1]
         for j, rest in enumerate(rests):
             assert batch.continuations[0, j, :len(rest)].tolist() == rest
-            assert batch.continuation_mask[0, j].tolist() == [1] * len(rest) + [0] * (batch.continuations.shape[2] - len(rest))
+            assert (batch.continuation_mask[0, j].tolist()
+                    == [1] * len(rest) + [0] * (batch.continuations.shape[2] - len(rest)))
     with torch.no_grad():  # same batch, same scores, whichever way the lengths were asked for
         assert torch.equal(ev.label_logits(base.model, ev.collate(prompts, tok), fixed),
                            ev.label_logits(base.model, ev.collate(prompts, tok, None, projectors=fixed), fixed))
@@ -206,14 +208,14 @@ def test_evaluate_by_generation_reads_answers_and_reports_invalid_rate(stand_in,
         return torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in ids])
 
     monkeypatch.setattr(base.model, "generate", fake_generate)
-    monkeypatch.setattr(run, "label_logits", lambda *a, **k: pytest.fail("generation scoring ran label_logits"))
+    monkeypatch.setattr(sweep, "label_logits", lambda *a, **k: pytest.fail("generation scoring ran label_logits"))
     result = ev.evaluate(mut, "Human", config, pools=pools(), out_dir=tmp_path / "canned", progress=False)
     assert result["y"] == [0, 1, 1, 0] and result["pred"] == [0, 1, INVALID, 1]
     assert result["accuracy"] == 50.0 and result["invalid_rate"] == 25.0 and result["n_invalid"] == 1
     # by hand: class 0 TP=1 FP=0 FN=1 -> F1 2/3; class 1 TP=1 FP=1 FN=1 (the invalid reply) -> 1/2
     assert result["macro_f1"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
     # Each prompt's length: its log-likelihood layout (protein blocks of residues + 2) minus "Final answer:".
-    prompts = run._prompts("Human", "mol-prot", *pools(), config,
+    prompts = sweep._prompts("Human", "mol-prot", *pools(), config,
                            ev.PromptOptions(frozenset(projectors), config.top_k_genes, config.protein_chars,
                                             config.smiles_chars), tok, ev.EvalSession())
     answer = len(ev.answer_tokens(tok, LABELS)[0])

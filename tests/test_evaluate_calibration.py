@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from esmerge import evaluate as ev
-from esmerge.benchmarks import spec
+from esmerge.data.benchmarks import spec
 from esmerge.errors import UsageError
 from esmerge.evaluate import calibration as cal
-from esmerge.evaluate import run
-from esmerge.models import load_base
+from esmerge.evaluate import sweep
+from esmerge.specialists.base_llm import load_base
 
 # 24 distinct valid SMILES (a CYP benchmark reads molecules only)
 SMILES = ["C" * i + "O" for i in range(1, 9)] + ["C" * i + "N" for i in range(1, 9)] + \
@@ -73,8 +73,9 @@ def test_shuffled_control_keeps_entities_order_and_label_multiset_on_a_hand_made
     config = ev.EvalConfig(n_eval=8, n_context=16, n_shots=3, shot_labels="shuffled")
     options = ev.PromptOptions(frozenset(), smiles_chars=None)
     session = ev.EvalSession()
-    real = run._prompts("CYP2C9", KIND, eval_df, context_df, ev.EvalConfig(n_shots=3), options, base.tokenizer, session)
-    control = run._prompts("CYP2C9", KIND, eval_df, context_df, config, options, base.tokenizer, session)
+    real = sweep._prompts("CYP2C9", KIND, eval_df, context_df, ev.EvalConfig(n_shots=3), options, base.tokenizer,
+                          session)
+    control = sweep._prompts("CYP2C9", KIND, eval_df, context_df, config, options, base.tokenizer, session)
     shots = lambda p: re.findall(r"Example \d+: Molecule: (\S+) Final answer: ([^\n]+)", p.text)  # noqa: E731
     pool, positions = session.retrieval.shots(KIND, "CYP2C9", eval_df, context_df, 3)
     real_labels, control_labels = [], []

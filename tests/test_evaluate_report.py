@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_data import needs_reference  # skips when ../shared/reference is not here
 
 from esmerge import evaluate as ev
-from esmerge.adapters import adapter_from_model, save_merged
-from esmerge.models import load_base, lora_config
-from test_data import needs_reference  # skips when ../shared/reference is not here
+from esmerge import report
+from esmerge.specialists.adapters import adapter_from_model, save_merged
+from esmerge.specialists.base_llm import load_base, lora_config
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,9 @@ def test_cost_table_sums_per_benchmark_merges_including_wall_seconds(tmp_path):
         folder.mkdir(parents=True)
         (folder / "esmerge.json").write_text(json.dumps(meta))
     (root / "empty").mkdir()
-    folders = ev.merge_folders(root, extra)
+    folders = report.merge_folders(root, extra)
     assert list(folders) == ["avg", "es", "avg-ft", "empty"] and folders["es"] == extra / "es"
-    cost = ev.cost_table(folders).set_index("method")
+    cost = report.cost_table(folders).set_index("method")
     assert list(cost.index) == ["avg", "es", "avg-ft"]  # a folder with no esmerge.json at all is left out
     assert cost.loc["avg-ft", "wall_seconds"] == pytest.approx(4.0)
     assert cost.loc["avg-ft", "cost.wall_seconds"] == pytest.approx(3.0)
@@ -84,9 +85,10 @@ def test_cost_table_sums_per_benchmark_merges_including_wall_seconds(tmp_path):
 def test_group_averages_take_the_ablation_paper_values_from_table_8():
     t1 = pd.DataFrame({"method": ["es", "es-layer", "es"], "dataset": ["Avg. Mol-Prot", "Avg. Mol-Prot", "BindingDB"],
                        "metric": ["accuracy"] * 3, "ours": [60.0, 55.0, 61.0], "paper": [65.7, np.nan, 66.0]})
-    t2 = t1.assign(dataset=["Avg. CYP Inh.", "Avg. CYP Inh.", "CYP1A2 Inh."], metric=["accuracy", "macro_f1", "accuracy"])
+    t2 = t1.assign(dataset=["Avg. CYP Inh.", "Avg. CYP Inh.", "CYP1A2 Inh."],
+                   metric=["accuracy", "macro_f1", "accuracy"])
     t8 = pd.DataFrame({"method": ["es-layer"], "dataset": ["Avg. Mol-Prot"], "paper": [63.1]})
-    rows = ev.group_averages([t1, t2], ablation=t8)
+    rows = report.group_averages([t1, t2], ablation=t8)
     assert rows[["method", "dataset"]].values.tolist() == [["es", "Avg. Mol-Prot"], ["es-layer", "Avg. Mol-Prot"],
                                                            ["es", "Avg. CYP Inh."]]
     assert rows["paper"].tolist() == [65.7, 63.1, 65.7]
@@ -106,7 +108,7 @@ def test_claims_chapter_summaries():
     register = pd.DataFrame({"claim": ["a", "b", "c"], "source": ["§5", "§5", "T2"], "paper": [1.5, -0.2, 2.0],
                              "ours": [3.0, np.nan, -4.0], "lo": [1.0, np.nan, -6.0], "hi": [5.0, np.nan, -2.0],
                              "verdict": ["supported", "not measured", "not supported"]})
-    lines = ev.disagreements(mechanism, register)
+    lines = report.disagreements(mechanism, register)
     assert lines[:4] == ["- Fig. 2: c2 -> does not hold here (e2)",
                          "- §5: b: paper margin -0.2 pts; ours not measured -> not measured",
                          "- T2: c: paper margin +2.0 pts; ours -4.0 [-6.0, -2.0] -> not supported",
@@ -116,15 +118,15 @@ def test_claims_chapter_summaries():
     table = pd.DataFrame({"method": ["es", "avg", "base", "es", "avg"], "metric": ["accuracy"] * 5,
                           "dataset": ["Avg. Mol-Prot"] * 3 + ["Avg. CYP Inh. (2/5 datasets)"] * 2,
                           "ours": [70.0, 60.0, 65.0, 40.0, 50.0], "paper": [65.7, 64.0, np.nan, np.nan, np.nan]})
-    ranks = ev.es_ranks([table]).set_index("group")
+    ranks = report.es_ranks([table]).set_index("group")
     assert ranks.loc["Avg. Mol-Prot", ["rank", "of", "paper_rank", "paper_of"]].tolist() == [1.0, 3, 1.0, 2]
     assert ranks.loc["Avg. CYP Inh. (2/5 datasets)", "rank"] == 2.0
     assert np.isnan(ranks.loc["Avg. CYP Inh. (2/5 datasets)", "paper_rank"])
-    assert ev.es_ranks([table], method="graft").empty
+    assert report.es_ranks([table], method="graft").empty
     run = {"pred": [1, 1, 0, 0], "y": [1, 0, 0, 0], "auroc": 60.0, "accuracy_ci": [40.0, 90.0]}
-    bias = ev.answer_bias({"es": {"A": run, "B": {**run, "pred": [1] * 4, "auroc": 40.0}}})
+    bias = report.answer_bias({"es": {"A": run, "B": {**run, "pred": [1] * 4, "auroc": 40.0}}})
     assert bias["positive_answers"] == {"es": 75.0} and bias["positive_rate"] == 25.0
     assert bias["auroc"] == {"es": 50.0} and bias["median_ci_width"] == 50.0
     # a generated reply without a valid answer is -1: neither positive nor a fraction of one
-    invalid = ev.answer_bias({"gen": {"A": {**run, "pred": [1, -1, 0, 1]}}})
+    invalid = report.answer_bias({"gen": {"A": {**run, "pred": [1, -1, 0, 1]}}})
     assert invalid["positive_answers"] == {"gen": 50.0}

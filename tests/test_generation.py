@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from esmerge import scales
-from esmerge.encoders import RawEncoder, make_projector
 from esmerge.evaluate import answer_tokens, collate, splice_embeddings
 from esmerge.evaluate.generation import INVALID, generate_replies, generation_inputs, parse_answer, score_replies
 from esmerge.evaluate.prompts import MARK, Prompt
-from esmerge.models import end_of_turn_id, load_smoke
+from esmerge.specialists.base_llm import end_of_turn_id, load_smoke
+from esmerge.specialists.encoders import RawEncoder, make_projector
 
 LABELS = ("Not a substrate", "Substrate")
 
@@ -58,7 +58,8 @@ def test_invalid_replies_count_as_wrong_and_are_reported():
 
 def test_generation_prompt_stops_before_the_answer_prefix(smoke):
     base, projectors = smoke
-    prompts = prompts_for(base.tokenizer, [("Is it a substrate", "CCO", 1), ("Substrate of CYP2C9, or not", "c1ccccc1", 0)])
+    prompts = prompts_for(base.tokenizer, [("Is it a substrate", "CCO", 1),
+                                           ("Substrate of CYP2C9, or not", "c1ccccc1", 0)])
     embeds, mask = generation_inputs(base.model, prompts, base.tokenizer, projectors)
     scored = collate(prompts, base.tokenizer, 8)
     shared_answer = answer_tokens(base.tokenizer, LABELS)[0]  # byte tokens of "Final answer: " (both labels)

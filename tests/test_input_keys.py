@@ -4,8 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from esmerge import input_keys
 from esmerge.paths import Layout
+from esmerge.regen import input_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_real_notebooks_rekey_only_on_modules_they_import(tmp_path):
                     package=tmp_path / "esmerge", manifest=REPO / "data_manifest" / "files.yaml", cwd=tmp_path)
     before = input_keys.current_keys("smoke", layout)
     closure = input_keys.import_closure((REPO / "notebooks" / "01_data.py").read_text(), layout.package)
-    assert "esmerge.data" in closure and "esmerge.plots" not in closure
+    assert "esmerge.data.files" in closure and "esmerge.plots" not in closure
 
     with (layout.package / "plots.py").open("a") as fh:
         fh.write("\n# a restyled plot\n")
@@ -63,7 +63,7 @@ def test_real_notebooks_rekey_only_on_modules_they_import(tmp_path):
     assert after["01_data"] == before["01_data"] and after["00_overview"] == before["00_overview"]
     assert after["07_results"] != before["07_results"]  # it draws with plots
 
-    with (layout.package / "data.py").open("a") as fh:
+    with (layout.package / "data" / "files.py").open("a") as fh:
         fh.write("\n# a data change\n")
     changed = input_keys.current_keys("smoke", layout)
     assert changed["01_data"] != after["01_data"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from esmerge import layerwise
+from esmerge.signals import layerwise
 
 
 def test_counts_only_tokens_far_above_the_layer_median():
@@ -27,11 +27,17 @@ def test_one_massive_token_dominates_the_pooled_swd():
     # mean-pooled SWD between them is far larger than for a small change on ordinary tokens.
     torch.manual_seed(0)
     base = torch.randn(1, 16, 8, 6)
-    small = base.clone(); small[0, :, 1] *= 1.1
-    spiky_base = base.clone(); spiky_base[0, 0, 3] *= 200
-    spiky_other = spiky_base.clone(); spiky_other[0, 0, 3] *= 2 / 3
+    small = base.clone()
+    small[0, :, 1] *= 1.1
+    spiky_base = base.clone()
+    spiky_base[0, 0, 3] *= 200
+    spiky_other = spiky_base.clone()
+    spiky_other[0, 0, 3] *= 2 / 3
     assert layerwise.massive_tokens(spiky_base).tolist() == [1]
-    swd = lambda a, b: float(layerwise.swd_table({"m": a.mean(2)}, [{"m": b.mean(2)}], 256, seed=0)[0, 0, 0])
+
+    def swd(a, b):
+        return float(layerwise.swd_table({"m": a.mean(2)}, [{"m": b.mean(2)}], 256, seed=0)[0, 0, 0])
+
     assert swd(spiky_base, spiky_other) > 10 * swd(base, small)
 
 

@@ -7,19 +7,26 @@ from __future__ import annotations
 import inspect
 import json
 import multiprocessing
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from esmerge import adapters as adapter_io
-from esmerge import methods, pipeline
-from esmerge.adapters import (Adapter, AdapterFileError, AdapterMismatchError, is_merged, load_adapter, load_merged,
-                              save_adapter, save_merged)
+from esmerge import methods
 from esmerge.errors import EsmergeError, OutputExistsError, UsageError
-from esmerge.pipeline import MergeContext, merge_once, run_merge
+from esmerge.run import merge
+from esmerge.run.merge import MergeContext, merge_once, run_merge
+from esmerge.specialists import adapters as adapter_io
+from esmerge.specialists.adapters import (
+    Adapter,
+    AdapterFileError,
+    AdapterMismatchError,
+    is_merged,
+    load_adapter,
+    load_merged,
+    save_adapter,
+)
 
 MODALITIES = ("molecule", "protein", "cell")
 KEYS = ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
@@ -72,7 +79,8 @@ def test_existing_output_is_refused_and_force_replaces_it_whole(tmp_path):
 def test_marker_is_the_last_file_written(tmp_path, monkeypatch):
     written = []
     real = adapter_io.write_file
-    monkeypatch.setattr(adapter_io, "write_file", lambda path, data: written.append(Path(path).name) or real(path, data))
+    monkeypatch.setattr(adapter_io, "write_file",
+                        lambda path, data: written.append(Path(path).name) or real(path, data))
     run_merge("emr", tmp_path / "out", toy_context())
     assert written[-1] == "esmerge.json" and written.count("esmerge.json") == 1
     assert len(written) == 6  # weights, config, extras, two projectors, marker
@@ -112,7 +120,8 @@ def test_a_merge_stopped_at_every_write_never_looks_finished_and_resumes_identic
             if name != "esmerge.json":
                 assert got[name] == ref[name], (n, name)
         assert without_timing(json.loads(got["esmerge.json"])) == without_timing(json.loads(ref["esmerge.json"]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference"] + sorted(f"stopped-{n}" for n in range(1, n_writes + 1))
+    assert (sorted(p.name for p in tmp_path.iterdir())
+            == ["reference"] + sorted(f"stopped-{n}" for n in range(1, n_writes + 1)))
 
 
 def test_a_killed_writer_leaves_only_a_temporary_sibling_that_the_next_run_removes(tmp_path):
@@ -178,7 +187,8 @@ def test_load_merged_reads_back_what_save_merged_wrote(tmp_path):
     assert merged.adapter.extras.keys() == fresh.adapter.extras.keys()
     assert merged.meta["method"] == "emr" and merged.adapter.name == "emr"
     assert set(merged.projectors) == {"molecule", "protein"}
-    torch.testing.assert_close(merged.projectors["molecule"]["weight"], context.specialists["molecule"].projector.weight)
+    torch.testing.assert_close(merged.projectors["molecule"]["weight"],
+                               context.specialists["molecule"].projector.weight)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -204,7 +214,8 @@ def test_truncated_adapter_is_refused_naming_the_file(tmp_path):
 def test_specialists_of_another_base_are_refused_by_weights_hash(tmp_path):
     """Regression: three adapters trained for another base merged onto the smoke base with exit 0."""
     other = toy_context(card={"base_weights_sha256": "b" * 64, "base_name": "Llama-3.1-8B-Instruct"})
-    with pytest.raises(AdapterMismatchError, match=r"molecule specialist was trained on base weights bbbbbbbbbbbb\.\.\., "
+    with pytest.raises(AdapterMismatchError, match=r"molecule specialist was trained on base weights "
+                                                    r"bbbbbbbbbbbb\.\.\., "
                                                     r"but the base is toy-base \(aaaaaaaaaaaa\.\.\.\)"):
         run_merge("avg", tmp_path / "x", other)
     unproven = toy_context(card={})
@@ -219,18 +230,18 @@ def test_specialists_of_another_base_are_refused_by_weights_hash(tmp_path):
 def test_probe_k_zero_is_refused_and_the_default_comes_from_the_scale(monkeypatch):
     """Regression: --probe-k 0 silently used 8 (`probe_k or SCALE_DEFAULTS[...]`)."""
     loaded = []
-    monkeypatch.setattr(pipeline, "load_base", lambda scale, seed=0: loaded.append(scale) or BASE)
-    monkeypatch.setattr(pipeline, "load_specialists", lambda scale, base: toy_context().specialists)
+    monkeypatch.setattr(merge, "load_base", lambda scale, seed=0: loaded.append(scale) or BASE)
+    monkeypatch.setattr(merge, "load_specialists", lambda scale, base: toy_context().specialists)
     with pytest.raises(UsageError, match="probe_k must be an integer >= 1 .*got 0"):
-        pipeline.build_context("smoke", probe_k=0)
+        merge.build_context("smoke", probe_k=0)
     assert loaded == []  # refused before any model was loaded
     with pytest.raises(UsageError, match="probe_k"):
         MergeContext(BASE, {}, "smoke", probe_k=0)
     from esmerge import scales
 
-    assert pipeline.build_context("smoke").probe_k == scales.get("smoke").probe_k == 8
-    assert pipeline.build_context("smoke", probe_k=3).probe_k == 3
-    assert not hasattr(pipeline, "SCALE_DEFAULTS")
+    assert merge.build_context("smoke").probe_k == scales.get("smoke").probe_k == 8
+    assert merge.build_context("smoke", probe_k=3).probe_k == 3
+    assert not hasattr(merge, "SCALE_DEFAULTS")
 
 
 @pytest.mark.parametrize("hparams, message", [
@@ -244,22 +255,22 @@ def test_probe_k_zero_is_refused_and_the_default_comes_from_the_scale(monkeypatc
 ])
 def test_set_values_are_refused_before_any_model_loads(tmp_path, monkeypatch, hparams, message):
     """Regression: --set tau=0.1 gave a TypeError, tau_layer=abc a str/int comparison error, after loading."""
-    monkeypatch.setattr(pipeline, "build_context", lambda *a, **k: pytest.fail("loaded models before validating"))
+    monkeypatch.setattr(merge, "build_context", lambda *a, **k: pytest.fail("loaded models before validating"))
     with pytest.raises(UsageError) as err:
-        pipeline.merge_command("smoke", "es", tmp_path / "out", hparams)
+        merge.merge_command("smoke", "es", tmp_path / "out", hparams)
     assert str(err.value) == message or str(err.value).startswith(message)
     assert "\n" not in str(err.value)
 
 
 def test_merge_command_refuses_existing_output_and_unknown_method_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "build_context", lambda *a, **k: pytest.fail("loaded models"))
+    monkeypatch.setattr(merge, "build_context", lambda *a, **k: pytest.fail("loaded models"))
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError, match="--force"):
-        pipeline.merge_command("smoke", "avg", tmp_path / "out", {})
+        merge.merge_command("smoke", "avg", tmp_path / "out", {})
     with pytest.raises(UsageError, match="unknown merge method 'nope'; available: adamerging"):
-        pipeline.merge_command("smoke", "nope", tmp_path / "new", {})
+        merge.merge_command("smoke", "nope", tmp_path / "new", {})
     with pytest.raises(UsageError, match="unknown scale 'gpu'"):
-        pipeline.merge_command("gpu", "avg", tmp_path / "new", {})
+        merge.merge_command("gpu", "avg", tmp_path / "new", {})
     with pytest.raises(UsageError, match="write KEY=VALUE"):
         methods.parse_set(["tau_layer"])
 

@@ -7,16 +7,28 @@ import pytest
 import torch
 
 from esmerge import evaluate, methods
-from esmerge.adapters import Adapter, AdapterMismatchError, adapter_from_model, load_adapter, save_adapter, with_state
 from esmerge.methods import primitives as P
 from esmerge.methods.adamerging import coefficient_groups, layerwise_sum
-from esmerge.methods.contexts import answer_nll_loss, label_entropy_objective, module_outputs
-from esmerge.methods.objectives import lora_state_swapped, mean_entropy
 from esmerge.methods.graft import (
-    compatibility_score, dual_gate_weights, global_gate, graft_matrix, weight_entropy,
+    compatibility_score,
+    dual_gate_weights,
+    global_gate,
+    graft_matrix,
+    weight_entropy,
 )
 from esmerge.methods.lsmerge import VAEConfig, chunk_vectors, train_vae
+from esmerge.methods.objectives import lora_state_swapped, mean_entropy
 from esmerge.methods.static import emr_benchmark_adapter, emr_task_adapter
+from esmerge.run.baseline_inputs import answer_nll_loss, label_entropy_objective
+from esmerge.signals.hooks import module_outputs
+from esmerge.specialists.adapters import (
+    Adapter,
+    AdapterMismatchError,
+    adapter_from_model,
+    load_adapter,
+    save_adapter,
+    with_state,
+)
 
 OURS = ("avg", "ties", "emr", "pcb", "consensus", "adamerging", "ls-merge", "graft", "avg-ft")
 MODALITIES = ("molecule", "protein", "cell")
@@ -28,7 +40,7 @@ def smoke():
     """A smoke LLaMA with LoRA, three adapters with randomised A and B, and tokenised prompts."""
     from peft import get_peft_model
 
-    from esmerge.models import load_base, lora_config
+    from esmerge.specialists.base_llm import load_base, lora_config
 
     base = load_base("smoke", seed=0)
     model = get_peft_model(base.model, lora_config())
@@ -138,7 +150,8 @@ def test_emr_reconstructs_sign_pattern_and_rescales():
         # the rescaler restores the task vector's L1 mass (EMR Eq. 6)
         torch.testing.assert_close(rec.abs().sum(), tau[t].abs().sum())
     both = emr_benchmark_adapter(result, ["molecule", "protein"])
-    expected = (emr_task_adapter(result, "molecule").state[KEY_A] + emr_task_adapter(result, "protein").state[KEY_A]) / 2
+    expected = (emr_task_adapter(result, "molecule").state[KEY_A]
+                + emr_task_adapter(result, "protein").state[KEY_A]) / 2
     torch.testing.assert_close(both.state[KEY_A], expected)
     with pytest.raises(KeyError, match="no EMR mask"):
         emr_task_adapter(result, "rna")
@@ -247,7 +260,8 @@ def test_ls_merge_vae_reconstruction_improves():
     assert chunks.shape == (3, 5, 64) and torch.all(chunks[:, -1, 300 - 256:] == 0)
     flat = chunks.reshape(-1, 64)
     positions = torch.arange(5).repeat(3)
-    _, log = train_vae(flat, positions, VAEConfig(chunk=64, hidden=32, latent=8, epochs=80, batch=15, lr=1e-2), progress=False)
+    _, log = train_vae(flat, positions, VAEConfig(chunk=64, hidden=32, latent=8, epochs=80, batch=15, lr=1e-2),
+                       progress=False)
     # A trained-outcome bound, not a trajectory: 80 epochs fit these 15 chunks to 1.5-5.5% of the
     # untrained error for every data seed 0-2 x VAE seed 0-3 (paths far apart, unlike two CPUs'
     # rounding of one path), so half leaves a 9x margin; a VAE that does not learn stays near 100%.
@@ -363,14 +377,15 @@ def _context(smoke):
     }
 
 
-FAST = {"adamerging": {"steps": 2}, "avg-ft": {"epochs": 1}, "ls-merge": {"epochs": 2, "chunk": 1024, "hidden": 16, "latent": 4}}
+FAST = {"adamerging": {"steps": 2}, "avg-ft": {"epochs": 1},
+        "ls-merge": {"epochs": 2, "chunk": 1024, "hidden": 16, "latent": 4}}
 
 
 @pytest.mark.parametrize("name", OURS)
 def test_every_method_end_to_end_loads_in_peft(name, smoke, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
 
-    from esmerge.models import load_base
+    from esmerge.specialists.base_llm import load_base
 
     assert name in methods.names()
     result = methods.run(name, smoke["adapters"], _context(smoke), progress=False, **FAST.get(name, {})) \
@@ -444,7 +459,8 @@ def test_lora_state_swapped_is_differentiable_and_restores(smoke):
 
 # --------------------------------------------------------------------------- contexts and report helpers
 def test_benchmark_modalities_and_emr_rule():
-    from esmerge.methods.contexts import benchmark_modalities, emr_adapter_for_benchmark
+    from esmerge.data.benchmarks import benchmark_modalities
+    from esmerge.methods.static import emr_adapter_for_benchmark
 
     assert benchmark_modalities("BindingDB") == ["protein", "molecule"]
     assert benchmark_modalities("DrugComb") == ["cell", "molecule"]  # molecule2 is a molecule too
@@ -466,7 +482,7 @@ def test_task_names_map_specialist_names_to_modalities():
 
 
 def test_delta_weight_norms_and_cosine_worked_example():
-    from esmerge.methods.report import cosine_to, delta_weight_norms
+    from esmerge.report.merged_adapters import cosine_to, delta_weight_norms
 
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
@@ -480,8 +496,8 @@ def test_delta_weight_norms_and_cosine_worked_example():
 def test_merge_once_resumes_and_reruns_on_new_hparams(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from esmerge.adapters import load_merged
-    from esmerge.pipeline import MergeContext, merge_once
+    from esmerge.run.merge import MergeContext, merge_once
+    from esmerge.specialists.adapters import load_merged
 
     specs = {m: SimpleNamespace(modality=m, adapter=a, projector=None) for m, a in zip(MODALITIES, _random_toy(8))}
     context = MergeContext(base=None, specialists=specs, scale="smoke")
@@ -505,14 +521,14 @@ def test_merge_once_resumes_and_reruns_on_new_hparams(tmp_path, monkeypatch):
 def test_evaluation_backed_objectives_match_loaded_model(smoke):
     from peft import set_peft_model_state_dict
 
-    from esmerge.methods.contexts import trainable_copy
+    from esmerge.run.baseline_inputs import trainable_copy
 
     tok = smoke["base"].tokenizer
     prompts = [evaluate.Prompt(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                                        add_generation_prompt=True), [], ("No", "Yes"), y)
                for q, y in (("Is CCO toxic?", 1), ("Does MKV bind?", 0))]
     batch = evaluate.collate(prompts, tok)
-    from esmerge.models import load_base
+    from esmerge.specialists.base_llm import load_base
 
     model = trainable_copy(load_base("smoke", seed=0), smoke["adapters"][0])  # a fresh base: the fixture's holds LoRA
     state = {k: v.clone().requires_grad_(True) for k, v in smoke["adapters"][1].state.items()}
@@ -528,7 +544,7 @@ def test_evaluation_backed_objectives_match_loaded_model(smoke):
 
 
 def test_delta_inner_matches_explicit_products():
-    from esmerge.methods.report import delta_cosine_to, delta_inner
+    from esmerge.report.merged_adapters import delta_cosine_to, delta_inner
 
     gen = torch.Generator().manual_seed(9)
     a1, a2 = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)

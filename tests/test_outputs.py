@@ -17,10 +17,17 @@ import pytest
 import torch
 
 from esmerge import outputs
-from esmerge.adapters import (Adapter, AdapterFileError, is_merged, load_adapter, load_merged, save_adapter,
-                              save_merged)
 from esmerge.errors import InputError, OutputExistsError
-from esmerge.pipeline import MergeContext, run_merge
+from esmerge.run.merge import MergeContext, run_merge
+from esmerge.specialists.adapters import (
+    Adapter,
+    AdapterFileError,
+    is_merged,
+    load_adapter,
+    load_merged,
+    save_adapter,
+    save_merged,
+)
 
 KEYS = ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
@@ -144,8 +151,8 @@ def test_force_replaces_only_the_same_kind_of_output(tmp_path):
 
 def test_specialist_and_converter_writers_follow_the_same_rule(tmp_path):
     """save_specialist(force=True) and a forced conversion replace only their own kind (D1)."""
-    from esmerge.convert import output
-    from esmerge.specialists import Specialist, save_specialist
+    from esmerge.specialists.convert import output
+    from esmerge.specialists.load import Specialist, save_specialist
 
     merge = run_merge("avg", tmp_path / "merge", toy_context())
     spec = Specialist("cell", toy_adapter(), None, {"modality": "cell"})
@@ -168,8 +175,8 @@ def test_specialist_and_converter_writers_follow_the_same_rule(tmp_path):
 
 def test_merge_cli_refuses_before_loading_the_base(tmp_path, capsys, monkeypatch):
     """Regression (D1): `esmerge merge --adapter ... --out X --force` with X holding the adapters."""
-    from esmerge import byo
     from esmerge.cli import main
+    from esmerge.run import byo
 
     monkeypatch.setattr(byo, "load_base_for", lambda *a, **k: pytest.fail("loaded the base"))
     x = tmp_path / "X"
@@ -285,7 +292,7 @@ def test_a_method_that_overflows_is_refused_by_run_merge(tmp_path, monkeypatch):
 
 
 def test_a_specialist_with_nan_is_refused(tmp_path):
-    from esmerge.specialists import Specialist, save_specialist
+    from esmerge.specialists.load import Specialist, save_specialist
 
     adapter = toy_adapter()
     adapter.state[KEYS[0]][0, 0] = float("nan")
@@ -295,7 +302,7 @@ def test_a_specialist_with_nan_is_refused(tmp_path):
 
 
 def test_a_converted_specialist_with_nan_is_refused(tmp_path):
-    from esmerge.convert import output
+    from esmerge.specialists.convert import output
 
     with pytest.raises(InputError, match=r"converting into .*out: LoRA: .* has 1 NaN/Inf"):
         with output.staged(tmp_path / "out", {"converter": "test"}) as stage:
@@ -305,7 +312,7 @@ def test_a_converted_specialist_with_nan_is_refused(tmp_path):
 
 
 def test_a_diverged_checkpoint_is_not_written(tmp_path):
-    from esmerge import train
+    from esmerge.specialists import train
 
     with pytest.raises(InputError, match=r"checkpoint .* at step 3: lora.x has 1 NaN/Inf.*lower --lr"):
         train.save_checkpoint(tmp_path / "ck", {"lora.x": torch.tensor([1.0, float("inf")])},

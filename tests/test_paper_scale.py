@@ -11,16 +11,17 @@ import json
 import shutil
 
 import pytest
+import standins
 import torch
 
-from esmerge import encoders, probe
-from esmerge.adapters import load_merged
-from esmerge.encoders import EncoderUnavailableError, Prot2TextEncoder, esm_token_ids
 from esmerge.methods import es as es_method
-from esmerge.models import load_paper
-from esmerge.pipeline import PAPER_BASE_ENV, merge_command
-from esmerge.specialists import PAPER_SPECIALISTS_ENV, SpecialistError, load_specialists
-import standins
+from esmerge.run.merge import PAPER_BASE_ENV, merge_command
+from esmerge.signals import probe
+from esmerge.specialists import encoders
+from esmerge.specialists.adapters import load_merged
+from esmerge.specialists.base_llm import load_paper
+from esmerge.specialists.encoders import EncoderUnavailableError, Prot2TextEncoder, esm_token_ids
+from esmerge.specialists.load import PAPER_SPECIALISTS_ENV, SpecialistError, load_specialists
 
 SEQUENCES = ["MKTAYIAKQR", "GAVLIPFWMKTW", "MSTNPK", "MAHHHHHHGSMKKLLPTA"]  # 10, 12, 6, 18 residues
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN"]
@@ -96,8 +97,8 @@ def test_missing_paper_specialist_names_the_converter(paper, tmp_path):
 
 def test_variable_length_element_scores_equal_each_sample_alone(paper, probe_inputs, tmp_path):
     """es.element_scores on padded, masked probes = the sum over samples run alone, unpadded."""
-    from esmerge import element_gradients
-    from esmerge.adapters import attach
+    from esmerge.signals.element_scores import element_scores_by_distance
+    from esmerge.specialists.adapters import attach
 
     base = load_paper(str(paper[0]), dtype=torch.float32, device="cpu")  # fp32: bf16 rounding differs by layout
     protein = load_specialists("paper", base, root=paper[1])["protein"]
@@ -111,10 +112,11 @@ def test_variable_length_element_scores_equal_each_sample_alone(paper, probe_inp
         scores = es_method.element_scores(peft_model, probes, states["tokens"])
         expected = None
         for k in range(3):
-            alone = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), {"protein": blocks["protein"][k][None]})
+            alone = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(),
+                                       {"protein": blocks["protein"][k][None]})
             with peft_model.disable_adapter():
                 own = probe.hidden_states(peft_model, alone)["tokens"]
-            one = element_gradients.element_scores_by_distance(peft_model, alone.embeds, alone.positions, own, progress=False)
+            one = element_scores_by_distance(peft_model, alone.embeds, alone.positions, own, progress=False)
             expected = one if expected is None else {d: {key: expected[d][key] + v for key, v in s.items()}
                                                      for d, s in one.items()}
     finally:
@@ -136,7 +138,8 @@ def test_merge_command_paper_scale_end_to_end(paper, probe_inputs, tmp_path, mon
     assert set(merged.projectors) == set()
     alpha = torch.tensor(meta["info"]["alpha"])
     assert alpha.shape == (3, 2) and torch.allclose(alpha.sum(0), torch.ones(2), atol=1e-5)
-    keys = set(load_specialists("paper", load_paper(str(paper[0]), device="cpu"), root=paper[1])["protein"].adapter.state)
+    keys = set(load_specialists("paper", load_paper(str(paper[0]), device="cpu"),
+                                root=paper[1])["protein"].adapter.state)
     assert set(merged.adapter.state) == keys
     assert all(torch.isfinite(v).all() for v in merged.adapter.state.values())
     # The same merge again is cached (probes with masks, states, SWD, scores): identical tensors.
@@ -166,8 +169,8 @@ def test_paper_scoring_generates_with_protein_blocks_of_their_own_length(paper):
 def test_paper_cell_substitute_trains_on_the_paper_base(paper, tmp_path, monkeypatch):
     """`esmerge train --scale paper --modality cell` (train_for_scale) uses $ESMERGE_PAPER_BASE, the
     base merge_command loads, so load_specialists("paper") accepts the folder it writes."""
-    from esmerge.captions import load_examples
-    from esmerge.specialists import load_specialist, train_for_scale
+    from esmerge.specialists.captions import load_examples
+    from esmerge.specialists.load import load_specialist, train_for_scale
 
     monkeypatch.setenv(PAPER_BASE_ENV, str(paper[0]))
     examples, info = load_examples("cell", "train", "smoke")

@@ -104,5 +104,7 @@ def test_disabled_bar_does_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(progress.ENV_FILE, str(tmp_path / "nb.jsonl"))
     assert list(progress.track(range(2), disable=True)) == [0, 1]
     bar = progress.track(total=3, disable=True)
-    bar.update(); bar.set_postfix(a=1); bar.close()
+    bar.update()
+    bar.set_postfix(a=1)
+    bar.close()
     assert not (tmp_path / "nb.jsonl").exists() and capsys.readouterr() == ("", "")

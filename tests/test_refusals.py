@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from esmerge.cli import main
 from test_byo import random_adapter
 from test_data import needs_data
+
+from esmerge.cli import main
 
 SMOKE = ["--base", "smoke"]
 
@@ -46,7 +46,7 @@ def _fake_cpu_model():
     """What the fake GGUF 'de-quantises' to: a 2-block LLaMA with tied embeddings and the byte tokenizer."""
     from transformers import LlamaForCausalLM
 
-    from esmerge.models import byte_tokenizer, smoke_config
+    from esmerge.specialists.base_llm import byte_tokenizer, smoke_config
 
     tok = byte_tokenizer()
     torch.manual_seed(5)
@@ -69,7 +69,7 @@ def world(tmp_path_factory):
     tokenizer with adapters naming it two ways, a probe file, and a fake ``cpu`` GGUF."""
     from standins import save_base, save_paper_base
 
-    from esmerge.models import load_smoke
+    from esmerge.specialists.base_llm import load_smoke
 
     root = tmp_path_factory.mktemp("world")
     torch.set_num_threads(1)
@@ -89,7 +89,8 @@ def world(tmp_path_factory):
     w["probe"].write_text('{"text": "Name [[mol]]CCO[[/mol]] and [[prot]]MKTAYIAKQR[[/prot]]."}\n'
                           '{"text": "Does [[mol]]c1ccccc1O[[/mol]] bind [[prot]]GAVL[[/prot]]?"}\n')
     w["latin1"] = root / "latin1.jsonl"
-    w["latin1"].write_bytes(b'{"text": "[[mol]]CCO[[/mol]] [[prot]]MKT[[/prot]]"}\n{"text": "caf\xe9 [[mol]]C[[/mol]]"}\n')
+    w["latin1"].write_bytes(b'{"text": "[[mol]]CCO[[/mol]] [[prot]]MKT[[/prot]]"}\n'
+                            b'{"text": "caf\xe9 [[mol]]C[[/mol]]"}\n')
     w["gguf"] = root / "fake.gguf"
     w["gguf"].write_bytes(b"GGUF fake weights")
     gguf_sha = hashlib.sha256(w["gguf"].read_bytes()).hexdigest()
@@ -168,9 +169,9 @@ def test_hyper_parameters_that_alone_overflow_are_refused_up_front(env, tmp_path
     (["--seed", "4294967296"], ["--seed", "4294967296"]),
 ])
 def test_training_settings_are_refused_before_the_base_loads(env, tmp_path, capsys, monkeypatch, argv, words):
-    from esmerge import specialists
+    from esmerge.specialists import load
 
-    monkeypatch.setattr(specialists, "load_base", lambda *a, **k: pytest.fail("SILENT: the base was loaded"))
+    monkeypatch.setattr(load, "load_base", lambda *a, **k: pytest.fail("SILENT: the base was loaded"))
     out = tmp_path / "specialist"
     assert_refused(["train", "--scale", "smoke", "--modality", "cell", "--steps", "2", "--out", out, *argv],
                    capsys, words, exit_code=2)
@@ -193,9 +194,9 @@ def test_seeds_outside_the_numpy_torch_range_are_refused_by_every_command(env, c
 ])
 @needs_data
 def test_pools_too_small_for_the_settings_are_refused_before_any_model(env, capsys, monkeypatch, flag, value, words):
-    from esmerge.evaluate import by_name
+    from esmerge.run import evaluate_named
 
-    monkeypatch.setattr(by_name, "build_context", lambda *a, **k: pytest.fail("SILENT: models were loaded"))
+    monkeypatch.setattr(evaluate_named, "build_context", lambda *a, **k: pytest.fail("SILENT: models were loaded"))
     assert_refused(["evaluate", "--scale", "smoke", "--model", "base", "--benchmarks", "CYP2C9-substrate", flag, value],
                    capsys, words, exit_code=2)
 
@@ -216,7 +217,7 @@ def test_names_outside_the_safe_set_are_refused(env, tmp_path, capsys, name):
 
 def test_adapters_naming_one_base_two_ways_merge(env, tmp_path, capsys):
     """D7: ``org/tiny-llm`` and ``/models/tiny-llm`` name the base folder ``.../tiny-llm`` (models.same_base_name)."""
-    from esmerge.adapters import load_merged
+    from esmerge.specialists.adapters import load_merged
 
     out = tmp_path / "out"
     code, err = run(merge_argv(env, out, "org", "local", base=["--base", env["tiny"]]), capsys)
@@ -260,7 +261,7 @@ def test_a_probe_file_that_is_not_utf8_is_refused(env, tmp_path, capsys):
 def test_a_full_stdout_does_not_fail_a_finished_merge(env, tmp_path, capsys, monkeypatch):
     """/dev/full: the merge is on disk, so exit 0 and one warning line; a listing's loss is exit 1;
     a closed pipe (``| head``) is the reader's choice: the command's own code, silently."""
-    from esmerge.adapters import is_merged
+    from esmerge.specialists.adapters import is_merged
 
     fulls = [open("/dev/full", "w", buffering=1) for _ in range(2)]  # line-buffered: the report line fails
     monkeypatch.setattr(sys, "stdout", fulls[0])
@@ -289,10 +290,10 @@ def test_a_full_stdout_does_not_fail_a_finished_merge(env, tmp_path, capsys, mon
 
 def test_an_altered_cpu_base_conversion_is_converted_again(env, tmp_path, capsys, monkeypatch):
     """D6: the cached model.safetensors is checked against the sha256 recorded at conversion on every load
-    (``esmerge.smollm2``), so the base's identity, the GGUF's sha256, names the weights loaded."""
+    (``esmerge.specialists.smollm2``), so the base's identity, the GGUF's sha256, names the weights loaded."""
     from safetensors.torch import load_file, save_file
 
-    from esmerge import smollm2
+    from esmerge.specialists import smollm2
 
     monkeypatch.setattr(smollm2, "smollm2_gguf_path", lambda: env["gguf"])
     monkeypatch.setattr(smollm2, "_gguf_to_folder", _fake_gguf_to_folder)

@@ -19,9 +19,9 @@ import nbformat
 import pytest
 import yaml
 
-from esmerge import regenerate as rg
 from esmerge.cli import main as cli_main
-from esmerge.paths import Layout
+from esmerge.paths import BOOK_DIR, Layout
+from esmerge.regen import regenerate as rg
 
 NOTEBOOK = """\
 # %% [markdown]
@@ -146,12 +146,13 @@ def test_broken_links_reports_missing_files_and_anchors_only(tmp_path):
 def test_api_page_lists_only_existing_modules(tmp_path):
     package = tmp_path / "esmerge"
     (package / "methods").mkdir(parents=True)
-    (package / "probe.py").write_text("")
+    (package / "signals").mkdir(parents=True)
+    (package / "signals" / "probe.py").write_text("")
     (package / "methods" / "__init__.py").write_text("")
     (package / "unlisted.py").write_text("")
     text = rg.write_api_page(tmp_path, package).read_text()
     assert [line for line in text.splitlines() if line.startswith(".. automodule::")] == [
-        ".. automodule:: esmerge.probe", ".. automodule:: esmerge.methods"]
+        ".. automodule:: esmerge.signals.probe", ".. automodule:: esmerge.methods"]
 
 
 # ----------------------------------------------------------------------------- execution
@@ -258,7 +259,7 @@ def test_interrupt_keeps_finished_notebooks_and_leaves_no_partial(tmp_path):
     script = (
         # SIGUSR1 dumps every thread's stack to stderr: if the interrupt ever hangs, the failure says where.
         "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
-        "from pathlib import Path\nfrom esmerge import regenerate as rg\n"
+        "from pathlib import Path\nfrom esmerge.regen import regenerate as rg\n"
         f"root = Path({str(tmp_path)!r})\n"
         "rg.run_notebooks('smoke', rg.Layout(notebooks=root / 'notebooks', runs=root / 'runs', book=root / 'book',"
         " package=root / 'pkg', manifest=root / 'files.yaml', cwd=root))\n"
@@ -307,7 +308,7 @@ def test_notebook_without_parameters_cell_is_refused(tmp_path):
 def test_book_build_fails_on_sphinx_warning_and_builds_only_existing_chapters(tmp_path):
     layout = make_layout(tmp_path)
     layout.book.mkdir()
-    repo_book = Path(rg.__file__).resolve().parent.parent / "book"
+    repo_book = BOOK_DIR
     for name in ("_config.yml", "references.bib"):
         shutil.copy(repo_book / name, layout.book / name)
     write_notebook(tmp_path, "01_only", "print('hello from the only chapter')\n")

@@ -18,9 +18,9 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
-
-from esmerge import regenerate as rg
 from test_regenerate import make_layout, write_notebook
+
+from esmerge.regen import regenerate as rg
 
 
 class InjectedFault(OSError):
@@ -192,7 +192,7 @@ def _failing_papermill(input_path, output_path, **_kwargs):
 
 
 def _run_failing(tmp_path, failed_dir):
-    from esmerge.execute import NotebookFailed, execute_notebook
+    from esmerge.regen.execute import NotebookFailed, execute_notebook
 
     source = write_notebook(tmp_path, "01_first", "x = 1 / 0\n")
     executed = tmp_path / "book" / "executed" / "smoke" / "01_first.ipynb"

@@ -6,14 +6,13 @@ import io
 import json
 import re
 import time
-from pathlib import Path
 
 import nbformat
+from test_regenerate import make_layout, run_cli, write_notebook
 
 from esmerge import progress
-from esmerge import regenerate as rg
-from esmerge.monitor import Estimate, Monitor
-from test_regenerate import make_layout, run_cli, write_notebook
+from esmerge.paths import BOOK_DIR
+from esmerge.regen.monitor import Estimate, Monitor
 
 SLEEPY = """\
     import time
@@ -93,7 +92,7 @@ def test_estimates_before_a_first_run_are_the_figures_of_the_rerun_page():
     from esmerge import scales
 
     rows = re.findall(r"^\| `(\d\d_\w+)` \| ([^|]*)\|[^|]*\| ([^|]*)\|$",
-                      (Path(rg.__file__).resolve().parents[1] / "book" / "rerun.md").read_text(), re.M)
+                      (BOOK_DIR / "rerun.md").read_text(), re.M)
     assert len(rows) >= 9, "the per-notebook table of book/rerun.md changed shape"
     smoke_cold = {stem: float(m.group(1)) for stem, cold, _ in rows if (m := re.match(r"\s*(\d+) s", cold))}
     cpu = {stem: float(re.match(r"\s*(\d+) s", col).group(1)) for stem, _, col in rows}

@@ -12,14 +12,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_regenerate import make_layout, quiet, run_cli, write_notebook
 
-from esmerge import findings, freshness
-from esmerge import regenerate as rg
-from esmerge import ship
 from esmerge.errors import OutputExistsError
-from test_regenerate import make_layout, run_cli, quiet, write_notebook
+from esmerge.paths import BOOK_DIR
+from esmerge.regen import findings, freshness, ship
+from esmerge.regen import regenerate as rg
 
-REPO_BOOK = Path(rg.__file__).resolve().parent.parent / "book"
+REPO_BOOK = BOOK_DIR
 
 
 def git(root: Path, *args: str) -> str:
@@ -41,7 +41,7 @@ def regenerated(tmp_path: Path) -> rg.Layout:
     """)
     write_notebook(tmp_path, "08_claims", """\
         (out / "representation_claims.csv").write_text("claim,source,evidence,verdict\\nA moves,Fig. 1,1.02 vs 0.7,holds\\n")
-    """, needs="01_first")
+    """, needs="01_first")  # noqa: E501  (a long line of the notebook's code, inside the string)
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", "notebooks", "pkg", "files.yaml")
     git(tmp_path, "commit", "-q", "-m", "notebooks")
@@ -147,7 +147,8 @@ def test_book_renders_shipped_chapters_with_banners_and_findings_first(tmp_path)
     page = (html / "shipped/smoke/01_first.html").read_text()
     assert "esmerge-freshness" in page and head[:12] in page and "matches the code now." in page
     assert "Executed from the code as it is now" in page
-    key = json.loads((tmp_path / "book/shipped/smoke/regenerate_state.json").read_text())["notebooks"]["01_first"]["key"]
+    key = json.loads((tmp_path / "book/shipped/smoke/regenerate_state.json")
+                     .read_text())["notebooks"]["01_first"]["key"]
     assert key in page
     glance = (html / "findings.html").read_text()
     assert "Findings at a glance" in glance and "A moves" in glance and "1.02 vs 0.7" in glance
@@ -172,7 +173,8 @@ def test_findings_page_lists_every_verdict_with_its_numbers(tmp_path):
         "ES beats avg on Mol-Prot,§5.2,1.5,1/3,-2.0,-4.5,0.5,7,inconclusive (partial),vs avg: -2.0\n"
         "ES beats ties on CYP,§5.3,5.0,5/5,3.1,1.2,5.0,7,supported,vs ties: +3.1\n")
     (claims / "representation_claims.csv").write_text(
-        "claim,source,evidence,verdict\n\"molecule moves | most\",Fig. 1,\"molecule 1.02, protein 0.716\",does not hold\n")
+        "claim,source,evidence,verdict\n"
+        "\"molecule moves | most\",Fig. 1,\"molecule 1.02, protein 0.716\",does not hold\n")
     (claims / "margin_claims.csv").write_text("model,margin\nes,1\n")  # no verdict column: not a register
     (claims / "margins.csv").write_text("model,verdict\nes,holds\n")  # not a *claims.csv: not a register
     (retention / "retention_claims.csv").write_text("claim,retained,verdict\nES keeps molecule skill,0.81,holds\n")
@@ -194,3 +196,35 @@ def test_findings_page_lists_every_verdict_with_its_numbers(tmp_path):
     assert findings.write_findings_page(book, tmp_path / "runs", "cpu") == book / "findings.md"
     assert findings.write_findings_page(book, tmp_path / "nothing", "cpu") is None
     assert not (book / "findings.md").exists()  # another scale's page does not linger
+
+
+def test_check_counts_a_notebook_whose_esmerge_imports_moved_as_a_code_change(tmp_path):
+    """Moving a function between esmerge modules changes a notebook's import lines and the module it
+    is reached through, not what the chapter says or calls: a warning. Any other edit fails."""
+    layout = make_layout(tmp_path)
+    write_notebook(tmp_path, "01_first", """\
+        from esmerge import errors
+        print(errors.check_seed(7),
+              "seed")
+    """)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "notebooks", "pkg", "files.yaml")
+    git(tmp_path, "commit", "-q", "-m", "notebooks")
+    assert rg.run_notebooks("smoke", layout, log=quiet).failed is None
+    ship.ship("smoke", layout, log=quiet)
+    notebook = tmp_path / "notebooks/01_first.py"
+    shipped_text = notebook.read_text()
+
+    notebook.write_text(shipped_text.replace("from esmerge import errors\n", "from esmerge.errors import check_seed\n")
+                        .replace('print(errors.check_seed(7),\n      "seed")', 'print(check_seed(7), "seed")'))
+    assert "errors." not in notebook.read_text() and "from esmerge.errors import" in notebook.read_text()
+    lines: list[str] = []
+    assert rg.check_shipped("smoke", layout, log=lines.append) == 0
+    assert any(line.startswith("  note        01_first: its text differs from the shipped run only in its esmerge "
+                               "imports") for line in lines)
+    assert any(line.startswith("  warning     01_first: code changed") for line in lines)
+
+    notebook.write_text(shipped_text.replace("check_seed(7)", "check_seed(8)"))
+    lines.clear()
+    assert rg.check_shipped("smoke", layout, log=lines.append) == 1
+    assert any(line.startswith("  STALE       01_first: text changed") for line in lines)

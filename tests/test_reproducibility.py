@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from esmerge.reproducibility import compare_runs, main
+from esmerge.regen.reproducibility import compare_runs, main
 
 
 def _write(root, files: dict):

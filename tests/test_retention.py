@@ -7,11 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from esmerge import captions as C
-from esmerge import heldout, retention as R
-from esmerge import retention_scoring as S
-from esmerge.adapters import save_merged
-from esmerge.models import load_base
+from esmerge.evaluate import retention as R
+from esmerge.evaluate import retention_models as S
+from esmerge.specialists import captions as C
+from esmerge.specialists import heldout
+from esmerge.specialists.adapters import save_merged
+from esmerge.specialists.base_llm import load_base
+from esmerge.specialists.encoders import MODALITIES
 
 
 def hand_made(base=(3.0, 5.0), spec=(1.0, 3.0), **merged):
@@ -30,7 +32,8 @@ def test_retained_fraction_on_hand_made_nlls():
     assert res.nll["base"]["molecule"] == pytest.approx(8 / 3)
     assert res.nll["specialist-molecule"]["molecule"] == pytest.approx(4 / 3)
     point = {k: res.point[k]["molecule"] for k in res.point}
-    # sign convention: 1 = as good as the specialist, 0 = the base, < 0 worse than the base, > 1 better than the specialist
+    # sign convention: 1 = as good as the specialist, 0 = the base, < 0 worse than the base,
+    # > 1 better than the specialist
     assert point == pytest.approx({"base": 0.0, "specialist-molecule": 1.0, "half": 0.5, "same_as_spec": 1.0,
                                    "worse": -0.5, "better": 1.5})  # means 10/3 and 2/3
     assert res.gain["molecule"][0] == pytest.approx(4 / 3)
@@ -56,10 +59,11 @@ def synthetic(n=400, seed=0, merged_shift=0.5, noise=0.05, models=None):
     """
     rng = np.random.default_rng(seed)
     nlls, tokens = {}, {}
-    for m in R.MODALITIES:
+    for m in MODALITIES:
         t = rng.integers(5, 30, n)
         d = rng.gamma(2.0, 1.5, n)  # difficulty, shared: spread 2 nats, much larger than the effects
-        per = {"base": d + 1, f"specialist-{m}": d, **{k: d + s for k, s in (models or {"merged": merged_shift}).items()}}
+        per = {"base": d + 1, f"specialist-{m}": d,
+               **{k: d + s for k, s in (models or {"merged": merged_shift}).items()}}
         nlls[m] = {k: (v + noise * rng.standard_normal(n)) * t for k, v in per.items()}
         tokens[m] = t
     return nlls, tokens
@@ -69,11 +73,11 @@ def test_paired_ci_covers_the_truth_and_is_tight():
     nlls, tokens = synthetic(merged_shift=0.3)
     table = R.retention_table(R.resampled_retention(nlls, tokens, n_resamples=500, seed=1))
     rows = table[table["method"] == "merged"].set_index("modality")
-    for m in (*R.MODALITIES, "mean"):
+    for m in (*MODALITIES, "mean"):
         assert rows.loc[m, "lo"] < 0.7 < rows.loc[m, "hi"], m
         # paired: the shared difficulty cancels, so the CI is a few hundredths wide
         assert rows.loc[m, "hi"] - rows.loc[m, "lo"] < 0.1, m
-    assert (rows.loc[list(R.MODALITIES), "n"] == 400).all()
+    assert (rows.loc[list(MODALITIES), "n"] == 400).all()
     own = table[(table["method"] == "specialist-cell") & (table["modality"] == "cell")].iloc[0]
     assert own[["retained", "lo", "hi"]].tolist() == [1.0, 1.0, 1.0]
 
@@ -141,7 +145,7 @@ def test_claims_without_es_are_not_measured():
 # --------------------------------------------------------------------------- NLLs of real (smoke) models
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    from esmerge.specialists import load_specialists
+    from esmerge.specialists.load import load_specialists
 
     torch.set_num_threads(1)
     mp = pytest.MonkeyPatch()
@@ -169,7 +173,8 @@ def test_score_models_caches_per_model_and_reads_merged_folders(smoke, tmp_path,
     save_merged(tmp_path / "merges" / "avg-ft" / "GDSC2", specs["cell"].adapter, {"method": "avg-ft"})
     (tmp_path / "merges" / "junk").mkdir()
     models, notes = S.retention_models(specs, tmp_path / "merges", avg_ft_benchmarks=["GDSC2", "BindingDB"])
-    assert list(models) == ["base", "specialist-molecule", "specialist-protein", "specialist-cell", "avg", "avg-ft/GDSC2"]
+    assert list(models) == ["base", "specialist-molecule", "specialist-protein", "specialist-cell", "avg",
+                            "avg-ft/GDSC2"]
     assert any("junk" in n for n in notes)
     examples = {m: C.smoke_examples(m)[:4] for m in ("molecule", "cell")}
     calls = []
@@ -196,7 +201,7 @@ def test_score_models_caches_per_model_and_reads_merged_folders(smoke, tmp_path,
 
 
 def test_claims_have_the_registers_shape_so_the_claims_chapter_can_list_them():
-    from esmerge.evaluate.claims import disagreements
+    from esmerge.report.claims import disagreements
 
     nlls, tokens = synthetic(models={"es": 0.3, "avg": 0.6, "ties": 0.1})
     claims = R.retention_claims(R.resampled_retention(nlls, tokens, n_resamples=200))
@@ -209,7 +214,7 @@ def test_claims_have_the_registers_shape_so_the_claims_chapter_can_list_them():
 
 
 def test_emr_is_scored_with_its_modulation_for_the_specialists_task(smoke, tmp_path):
-    from esmerge.adapters import with_state
+    from esmerge.specialists.adapters import with_state
 
     base, specs = smoke
     unified = specs["protein"].adapter

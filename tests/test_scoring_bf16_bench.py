@@ -47,7 +47,7 @@ def test_combine_sums_counts_seconds_and_keeps_every_disagreement(bench):
 
 
 def test_average_adapter_is_the_element_wise_mean(bench):
-    from esmerge.adapters import Adapter
+    from esmerge.specialists.adapters import Adapter
 
     one = Adapter({"k": torch.tensor([1.0, 2.0])}, {"r": 8}, "a")
     two = Adapter({"k": torch.tensor([3.0, 6.0])}, {"r": 8}, "b")

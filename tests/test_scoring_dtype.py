@@ -7,7 +7,7 @@ import hashlib
 import torch
 
 from esmerge import evaluate as ev
-from esmerge.models import load_base
+from esmerge.specialists.base_llm import load_base
 
 
 def test_model_id_separates_fp32_from_bf16_and_keeps_fp32_ids():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from esmerge import evaluate as ev
-from esmerge.adapters import adapter_from_model
-from esmerge.encoders import make_projector
-from esmerge.models import load_base, lora_config
+from esmerge.specialists.adapters import adapter_from_model
+from esmerge.specialists.base_llm import load_base, lora_config
+from esmerge.specialists.encoders import make_projector
 
 SMILES = ["CCO", "CCN", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CCCCO", "CCOC(=O)C"]
 PROTEINS = ["MKTAYIAKQRQISFVK", "GGSSLLAAVVGGSSLL", "MKTAYIAKQRQISFVA"] * 2

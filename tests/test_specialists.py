@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from esmerge import captions as C
-from esmerge import encoders, heldout
-from esmerge import specialists as S
 from esmerge.cli import main as cli_main
-from esmerge import train as T
-from esmerge.adapters import check_compatible
-from esmerge.models import load_base, lora_config
+from esmerge.specialists import captions as C
+from esmerge.specialists import encoders, heldout
+from esmerge.specialists import load as S
+from esmerge.specialists import train as T
+from esmerge.specialists.adapters import check_compatible
+from esmerge.specialists.base_llm import load_base, lora_config
 
 RECIPE = dict(steps=12, batch_size=4, lr=5e-3, seed=0, progress=False, checkpoint_every=5)
 
@@ -126,8 +126,9 @@ def test_save_load_round_trip_gives_identical_outputs(base, molecule, tmp_path):
         b = C.answer_nll(S.attach_specialist(base, loaded), loaded.projector, batch, "molecule")[0]
     assert torch.equal(a, b)
     # A standard PEFT directory: peft itself can load it.
-    from peft import PeftModel
     import copy
+
+    from peft import PeftModel
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(tmp_path / "copy"))
     ids = torch.tensor([[5, 6, 7]])
     assert torch.allclose(peft_model(input_ids=ids).logits, S.attach_specialist(base, spec)(input_ids=ids).logits)
@@ -262,7 +263,8 @@ def test_train_cli_refuses_a_planted_checkpoint_in_one_line(tmp_path, capsys, mo
     ckpt = tmp_path / "out" / "checkpoint" / "state.pt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"recipe": _Planted(marker), "step": 1, "lora": {}, "optimizer": {}}, ckpt)
-    rc = cli_main(["train", "--scale", "smoke", "--modality", "molecule", "--steps", "3", "--out", str(tmp_path / "out")])
+    rc = cli_main(["train", "--scale", "smoke", "--modality", "molecule", "--steps", "3",
+                   "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and not marker.exists()
     assert len(err) == 1 and "state.pt" in err[0] and "--no-resume" in err[0]
@@ -336,7 +338,8 @@ def test_seed_replicates_are_the_shipped_recipe_with_only_the_seed_changed(seed)
         card, card0 = (json.loads((d[m] / "card.json").read_text()) for d in (dirs, first))
         assert card["seed"] == seed and card0["seed"] == 0
         # a card without projector_lr_scale predates the setting: its projector trained at the LoRA's lr (1.0)
-        recipe, recipe0 = ({**{k: c.get(k) for k in recipe_keys}, "projector_lr_scale": c.get("projector_lr_scale") or 1.0}
+        recipe, recipe0 = ({**{k: c.get(k) for k in recipe_keys},
+                            "projector_lr_scale": c.get("projector_lr_scale") or 1.0}
                            for c in (card, card0))
         assert recipe == recipe0
         assert card["loss_last10"] < card["loss_first10"]

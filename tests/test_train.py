@@ -9,11 +9,11 @@ import threading
 import pytest
 import torch
 
-from esmerge import adapters, models
-from esmerge import captions as C
-from esmerge import specialists as S
-from esmerge import train as T
 from esmerge.errors import InputError, OutputExistsError
+from esmerge.specialists import adapters, base_llm
+from esmerge.specialists import captions as C
+from esmerge.specialists import load as S
+from esmerge.specialists import train as T
 
 RECIPE = dict(steps=6, batch_size=4, lr=5e-3, seed=0, progress=False, checkpoint_every=2)
 OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "projector.safetensors")
@@ -31,7 +31,7 @@ class Crash(BaseException):
 @pytest.fixture(scope="module")
 def base():
     torch.set_num_threads(1)
-    return models.load_base("smoke")
+    return base_llm.load_base("smoke")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def _train(base, data, out, **extra):
 
 
 def _leftovers(out):
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and not p.name.endswith(".lock"))
+    return sorted(p.name for p in out.parent.iterdir()
+                  if p.name.startswith(f".{out.name}.") and not p.name.endswith(".lock"))
 
 
 def test_checkpoint_is_json_and_safetensors_and_replaced_whole(base, molecule_data, tmp_path):
@@ -129,16 +130,16 @@ def test_an_output_folder_with_other_files_is_refused_before_training(base, mole
 
 
 def _llama3_tokenizer():
-    return models.byte_tokenizer(LLAMA3_SPECIALS, eos="<|eot_id|>", chat_template=LLAMA3_TEMPLATE)
+    return base_llm.byte_tokenizer(LLAMA3_SPECIALS, eos="<|eot_id|>", chat_template=LLAMA3_TEMPLATE)
 
 
 def test_end_of_turn_comes_from_the_chat_template():
-    chatml, llama3 = models.byte_tokenizer(), _llama3_tokenizer()
-    assert chatml.convert_ids_to_tokens(models.end_of_turn_id(chatml)) == "<|im_end|>"
-    assert llama3.convert_ids_to_tokens(models.end_of_turn_id(llama3)) == "<|eot_id|>"
-    plain = models.byte_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    chatml, llama3 = base_llm.byte_tokenizer(), _llama3_tokenizer()
+    assert chatml.convert_ids_to_tokens(base_llm.end_of_turn_id(chatml)) == "<|im_end|>"
+    assert llama3.convert_ids_to_tokens(base_llm.end_of_turn_id(llama3)) == "<|eot_id|>"
+    plain = base_llm.byte_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     with pytest.raises(InputError, match="not a special token"):
-        models.end_of_turn_id(plain)
+        base_llm.end_of_turn_id(plain)
 
 
 def test_llama3_batches_end_each_answer_with_eot():
@@ -151,7 +152,7 @@ def test_llama3_batches_end_each_answer_with_eot():
 
 
 def test_load_base_casts_and_keeps_the_weights_hash():
-    fp32, bf16 = models.load_base("smoke"), models.load_base("smoke", dtype=torch.bfloat16, device="cpu")
+    fp32, bf16 = base_llm.load_base("smoke"), base_llm.load_base("smoke", dtype=torch.bfloat16, device="cpu")
     assert bf16.model.dtype == torch.bfloat16 and fp32.model.dtype == torch.float32
     assert bf16.weights_sha256 == fp32.weights_sha256
 
@@ -159,7 +160,7 @@ def test_load_base_casts_and_keeps_the_weights_hash():
 @pytest.fixture()
 def paper_standin(tmp_path):
     """A LLaMA-3-style checkpoint folder (tiny LLaMA, tokenizer without a pad token) for ``load_paper``."""
-    tiny = models.load_smoke(seed=3, num_layers=2, hidden_size=32)
+    tiny = base_llm.load_smoke(seed=3, num_layers=2, hidden_size=32)
     tok = _llama3_tokenizer()
     tok.pad_token = None
     tiny.model.resize_token_embeddings(len(tok))
@@ -169,15 +170,16 @@ def paper_standin(tmp_path):
 
 
 def test_load_paper_sets_a_pad_token_and_hashes_the_weights(paper_standin):
-    loaded = models.load_paper(str(paper_standin))
-    assert loaded.tokenizer.pad_token == "<|eot_id|>" and loaded.model.config.pad_token_id == loaded.tokenizer.pad_token_id
+    loaded = base_llm.load_paper(str(paper_standin))
+    assert (loaded.tokenizer.pad_token == "<|eot_id|>"
+            and loaded.model.config.pad_token_id == loaded.tokenizer.pad_token_id)
     sha = hashlib.sha256((paper_standin / "model.safetensors").read_bytes()).hexdigest()
     assert loaded.weights_sha256 == hashlib.sha256(f"model.safetensors {sha}\n".encode()).hexdigest()
 
 
 def test_paper_scale_trains_an_r8_cell_lora(paper_standin, tmp_path):
     """``esmerge train --scale paper --modality cell`` as a library call, on the stand-in base."""
-    base = models.load_paper(str(paper_standin))
+    base = base_llm.load_paper(str(paper_standin))
     spec = S.train_for_scale("paper", "cell", tmp_path / "cell", base=base, examples=C.smoke_examples("cell"),
                              steps=3, progress=False)
     card = json.loads((tmp_path / "cell" / "card.json").read_text())
@@ -188,9 +190,9 @@ def test_paper_scale_trains_an_r8_cell_lora(paper_standin, tmp_path):
 
 def test_probe_blocks_of_varying_length_match_each_sample_alone():
     """Prot2Text-style blocks (length + 2 tokens): padding slots change no real token's state."""
-    from esmerge import probe
+    from esmerge.signals import probe
 
-    base = models.load_smoke(seed=0)
+    base = base_llm.load_smoke(seed=0)
     emb = base.model.get_input_embeddings()
     torch.manual_seed(0)
     short, long_ = torch.randn(3, 64), torch.randn(5, 64)
@@ -209,9 +211,9 @@ def test_probe_blocks_of_varying_length_match_each_sample_alone():
 
 
 def test_probe_blocks_of_one_length_are_built_as_before():
-    from esmerge import probe
+    from esmerge.signals import probe
 
-    base = models.load_smoke(seed=0)
+    base = base_llm.load_smoke(seed=0)
     emb = base.model.get_input_embeddings()
     blocks = torch.randn(2, 8, 64)
     as_list = probe.build_probes(base.tokenizer, emb, {"molecule": list(blocks)})
@@ -224,7 +226,7 @@ def test_probe_blocks_of_one_length_are_built_as_before():
 def test_projector_lr_scale_slows_only_the_projector(base, molecule_data, tmp_path):
     """Scale 0 leaves the projector at its seeded initialisation while the LoRA trains as before;
     scale 1 is the plain recipe (the card says which), and a checkpoint of one refuses the other."""
-    from esmerge import encoders
+    from esmerge.specialists import encoders
 
     plain = _train(base, molecule_data, tmp_path / "plain")
     frozen = _train(base, molecule_data, tmp_path / "frozen", projector_lr_scale=0.0)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
-from esmerge import benchmarks
-from esmerge import evaluate as ev
-from esmerge import yardstick as ys
 from test_data import needs_data, needs_reference  # skip when the upstream data / the paper's values are not here
+
+from esmerge import evaluate as ev
+from esmerge.data import benchmarks
+from esmerge.evaluate import yardstick as ys
+from esmerge.report import yardstick as ry
 
 ALCOHOLS = ["CCO", "CCCO", "CCCCO", "CCCCCO", "CCCCCCO", "OCCO"]
 AROMATICS = ["c1ccccc1", "Cc1ccccc1", "CCc1ccccc1", "c1ccc2ccccc2c1", "Oc1ccccc1C", "c1ccncc1"]
@@ -107,9 +108,11 @@ def test_fast_retrieval_equals_evaluate_on_hand_made_pools():
     picked = _same_as_evaluate(mp, q, "mol-prot", 4)
     assert 2 not in picked[0]  # row 2 ("CCCCO", PROT_C) shows the query's entities: never a shot
     g = lambda *ids: [f"G{i}" for i in ids]  # noqa: E731
-    cells = frame(["CCO", "CCCCO", "CCO", "CCCCO"], [0, 1, 0, 1], genes=[g(1, 2, 3, 9), g(1, 2, 3, 4), g(1, 2, 3, 4), g(7, 8)],
+    cells = frame(["CCO", "CCCCO", "CCO", "CCCCO"], [0, 1, 0, 1],
+                  genes=[g(1, 2, 3, 9), g(1, 2, 3, 4), g(1, 2, 3, 4), g(7, 8)],
                   cell_ids=list("wxyz"), molecule2=["CCN", "CCC", "CCCN", "CO"])
-    cq = frame(["CCCCO", "CCN"], [1, 0], genes=[g(1, 2, 3, 4), g(7, 8, 9)], cell_ids=["q", "r"], molecule2=["CCN", "CCO"])
+    cq = frame(["CCCCO", "CCN"], [1, 0], genes=[g(1, 2, 3, 4), g(7, 8, 9)], cell_ids=["q", "r"],
+               molecule2=["CCN", "CCO"])
     assert _same_as_evaluate(cells, cq, "gdsc", 4)[0] == [1, 2, 0, 3]
     _same_as_evaluate(cells, cq, "drugcomb", 3)
     _same_as_evaluate(frame(ALCOHOLS + AROMATICS, [0, 1] * 6), frame(["CCCCCCCO", "Cc1ccccc1"], [1, 0]), "cyp-sub", 5)
@@ -137,10 +140,10 @@ def test_paper_split_is_seeded_stratified_disjoint_and_complete():
 
 # --------------------------------------------------------------------------- beside the paper
 def test_paper_verdict_on_hand_made_numbers():
-    assert ys.paper_verdict(71.0, 79.0, 66.0) == "above"
-    assert ys.paper_verdict(71.0, 79.0, 94.1) == "below"
-    assert ys.paper_verdict(71.0, 79.0, 71.0) == "within CI"  # the bounds belong to the CI
-    assert ys.paper_verdict(71.0, 79.0, float("nan")) == "no paper value"
+    assert ry.paper_verdict(71.0, 79.0, 66.0) == "above"
+    assert ry.paper_verdict(71.0, 79.0, 94.1) == "below"
+    assert ry.paper_verdict(71.0, 79.0, 71.0) == "within CI"  # the bounds belong to the CI
+    assert ry.paper_verdict(71.0, 79.0, float("nan")) == "no paper value"
 
 
 def _run(y, pred, n_context=100):
@@ -157,9 +160,11 @@ def test_verdict_table_on_hand_made_numbers():
                           "Human": _run(y, 1 - y)},
             "majority": {b: _run(y, np.zeros(100, int)) for b in ("GDSC2", "DrugComb", "Human")}}
     paper = {"GDSC2": 94.1, "DrugComb": 80.7, "Avg. Mol-Cell": 87.4}
-    table = ys.verdict_table(runs, paper=paper, n_resamples=200).set_index("dataset")
-    assert table.loc["GDSC2", "knn"] == 100.0 and table.loc["GDSC2", "verdict"] == "k-NN vote above the paper's ES-Merging"
-    assert table.loc["DrugComb", "knn"] == 50.0 and table.loc["DrugComb", "verdict"].endswith("below the paper's ES-Merging")
+    table = ry.verdict_table(runs, paper=paper, n_resamples=200).set_index("dataset")
+    assert (table.loc["GDSC2", "knn"] == 100.0
+            and table.loc["GDSC2", "verdict"] == "k-NN vote above the paper's ES-Merging")
+    assert (table.loc["DrugComb", "knn"] == 50.0
+            and table.loc["DrugComb", "verdict"].endswith("below the paper's ES-Merging"))
     assert table.loc["Human", "verdict"] == "no paper value" and table.loc["Human", "majority"] == 50.0
     avg = table.loc["Avg. Mol-Cell"]
     assert avg["knn"] == pytest.approx(75.0) and avg["knn_lo"] < 75.0 < avg["knn_hi"] and avg["n_eval"] == 200
@@ -171,7 +176,7 @@ def test_verdict_table_on_hand_made_numbers():
 def test_verdict_table_reads_the_paper_values_by_default():
     y = np.array([1, 0] * 10)
     runs = {m: {b: _run(y, y) for b in benchmarks.BENCHMARK_NAMES} for m in ys.METHODS}
-    table = ys.verdict_table(runs, n_resamples=50).set_index("dataset")
+    table = ry.verdict_table(runs, n_resamples=50).set_index("dataset")
     assert table.loc["GDSC2", "paper"] == 94.1 and table.loc["CYP2D6 Inh.", "paper"] == 80.7
     assert table.loc["Avg. CYP Sub.", "paper"] == 61.9
     assert table.loc["Mean of 13", "benchmarks"] == 13 and table.loc["Mean of 13", "n_eval"] == 13 * 20

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from esmerge.encoders import RawEncoder
 from esmerge.evaluate.prompts import ANSWER_PREFIX, MARK_RE, Prompt
 from esmerge.evaluate.scoring import FeatureCache, entity_length
 from esmerge.evaluate.stats import accuracy, macro_f1
-from esmerge.models import end_of_turn_id
+from esmerge.specialists.base_llm import end_of_turn_id
+from esmerge.specialists.encoders import RawEncoder
 
 INVALID = -1
 SCORINGS = ("loglik", "generate")
@@ -93,7 +93,8 @@ def generation_inputs(model: nn.Module, prompts: list[Prompt], tokenizer, projec
     block is written there (featurised through ``features`` for a ``Projector``, raw otherwise).
     """
     if len({p.labels for p in prompts}) != 1:
-        raise ValueError(f"a generation batch needs one label pair (one benchmark), got {sorted({p.labels for p in prompts})}")
+        raise ValueError("a generation batch needs one label pair (one benchmark), "
+                         f"got {sorted({p.labels for p in prompts})}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, slots = [], []  # slots: (row, modality, value, start, length)
     for b, prompt in enumerate(prompts):
@@ -139,7 +140,7 @@ def generate_replies(model: nn.Module, prompts: list[Prompt], tokenizer, project
     """Greedy replies (``do_sample=False``) to one batch of prompts, decoded without special tokens.
 
     Generation stops at ``end_token_id`` (default: the tokenizer's end-of-turn token,
-    ``models.end_of_turn_id``) or after ``max_new_tokens``.
+    ``base_llm.end_of_turn_id``) or after ``max_new_tokens``.
     """
     embeds, mask = generation_inputs(model, prompts, tokenizer, projectors or {}, n_tokens, features)
     end = end_token_id if end_token_id is not None else end_of_turn_id(tokenizer)

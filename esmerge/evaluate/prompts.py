@@ -1,9 +1,9 @@
 """The prompts of Tables 9-10: system message, retrieved examples, the query and both answers.
 
 Molecules and proteins are token blocks (8 tokens from a projector; one per residue + 2 from
-Prot2Text-V2's ESM-2 encoder) when the evaluated model has that modality's encoder, text otherwise ("unsupported modalities are represented as textual inputs", §5.1);
-cells are always text (``encoders.cell_text``). The wording of each task is in
-``esmerge.benchmarks.TASKS``.
+Prot2Text-V2's ESM-2 encoder) when the evaluated model has that modality's encoder, text
+otherwise ("unsupported modalities are represented as textual inputs", §5.1); cells are always
+text (``encoders.cell_text``). The wording of each task is in ``esmerge.data.benchmarks.TASKS``.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from esmerge import scales
-from esmerge.benchmarks import spec
-from esmerge.encoders import cell_text
+from esmerge.data.benchmarks import spec
 from esmerge.evaluate.retrieval import as_text
+from esmerge.specialists.encoders import cell_text
 
 _FIELD_TITLE = {"protein": "Protein", "molecule": "Molecule", "molecule2": "Molecule2", "cell": "Cell"}
 ANSWER_PREFIX = "Final answer:"

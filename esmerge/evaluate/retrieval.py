@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from esmerge.encoders import protein_features
+from esmerge.specialists.encoders import protein_features
 
 
 def _fingerprint(smiles: str):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from esmerge.encoders import FEATURISERS, RawEncoder
 from esmerge.evaluate.prompts import ANSWER_PREFIX, MARK_RE, Prompt
+from esmerge.specialists.encoders import FEATURISERS, RawEncoder
 
 
 @dataclass
@@ -251,7 +251,8 @@ def splice_embeddings(embeds: torch.Tensor, slots: dict, tokens: dict[str, torch
         emitted = sizes if sizes is not None else torch.full((len(rows),), block.shape[1])
         if reserved is not None and not torch.equal(emitted, reserved.cpu()):
             k = int((emitted != reserved.cpu()).nonzero()[0])
-            raise ValueError(f"{modality} encoder emitted {int(emitted[k])} tokens where {int(reserved[k])} were reserved")
+            raise ValueError(f"{modality} encoder emitted {int(emitted[k])} tokens where {int(reserved[k])} "
+                             "were reserved")
         if sizes is None:  # one length for all: [K, T, d]
             k, t, d = block.shape
             r = rows[:, None].expand(k, t).reshape(-1).to(embeds.device)

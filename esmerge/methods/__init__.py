@@ -7,7 +7,7 @@ The methods, grouped by idea:
 * data- or training-driven: ``es`` (ES-Merging and its ablations, from probe embeddings),
   ``adamerging`` (test-time entropy), ``finetune`` (Avg+FT), ``lsmerge`` (a VAE over parameters);
 * what the training methods optimise: ``objectives`` (differentiable model calls with a given
-  LoRA state, entropy, answer NLL) and ``contexts`` (which prompts they see);
+  LoRA state, entropy, answer NLL; the prompts they see are built in ``esmerge.run.baseline_inputs``);
 * ``report``: comparing merged adapters.
 
 Every method has the same signature::
@@ -23,9 +23,9 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from esmerge.adapters import Adapter, check_compatible
 from esmerge.errors import UsageError
 from esmerge.methods.hparams import HParam, check_all, parse_set
+from esmerge.specialists.adapters import Adapter, check_compatible
 
 __all__ = ["HParam", "MergeMethod", "MergeResult", "UnknownMethodError", "describe", "describe_method", "get", "names",
            "parse_set",
@@ -73,12 +73,48 @@ _METHOD_MODULES = (
 
 def register(name: str, pretty_name: str, reference: str, needs_context: bool = False,
              hparams: tuple[HParam, ...] = (), presets: dict | None = None):
-    """Decorator adding a merge function to the registry under ``name`` with its declared ``hparams``."""
+    """Decorator that adds a merge function to the registry under ``name``, with its hyper-parameters.
+
+    Parameters
+    ----------
+    name : str
+        Registry name (``--method``), unique.
+    pretty_name : str
+        Name in tables and plots.
+    reference : str
+        Where the method comes from (paper, section or URL).
+    needs_context : bool
+        The method needs a ``MergeContext`` (model, probes or data); ``run`` refuses ``None``.
+    hparams : tuple of HParam
+        Declared hyper-parameters (``validate`` checks ``--set`` values against them).
+    presets : dict, optional
+        Named settings over the hyper-parameters (e.g. ES-Merging's ``paper`` and ``code``).
+
+    Returns
+    -------
+    callable
+        The decorator; it returns the function unchanged and raises ``ValueError`` if ``name``
+        is already registered.
+
+    Examples
+    --------
+    >>> def keep_first(adapters, context=None):
+    ...     return MergeResult(adapters[0])
+    >>> register("demo-first", "Keep the first", "a doctest")(keep_first) is keep_first
+    True
+    >>> METHODS.pop("demo-first").pretty_name  # leave the registry as it was
+    'Keep the first'
+    >>> register("avg", "Again", "a doctest")(keep_first)
+    Traceback (most recent call last):
+    ...
+    ValueError: merge method 'avg' registered twice
+    """
 
     def wrap(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = MergeMethod(name, pretty_name, reference, fn, needs_context, tuple(hparams), dict(presets or {}))
+        METHODS[name] = MergeMethod(name, pretty_name, reference, fn, needs_context, tuple(hparams),
+                                    dict(presets or {}))
         return fn
 
     return wrap
@@ -90,10 +126,33 @@ def _load_all() -> None:
 
 
 def get(name: str) -> MergeMethod:
-    """The registered method ``name``; an ``UnknownMethodError`` listing the available ones.
+    """The registered merge method called ``name``.
 
+    Parameters
+    ----------
+    name : str
+        Registry name, e.g. ``"es"``.
+
+    Returns
+    -------
+    MergeMethod
+        Its registry entry (function, hyper-parameters, presets).
+
+    Raises
+    ------
+    UnknownMethodError
+        If no method has that name; the message lists the available ones.
+
+    Examples
+    --------
     >>> get("avg").pretty_name
     'Avg. Merging'
+    >>> get("es").reference
+    'Lee, Kim, Hwang 2026, §4 (Eq. 4)'
+    >>> get("no-such-method")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    esmerge.methods.UnknownMethodError: unknown merge method 'no-such-method'; available: adamerging, avg, ...
     """
     _load_all()
     if name not in METHODS:
@@ -102,14 +161,47 @@ def get(name: str) -> MergeMethod:
 
 
 def names() -> list[str]:
+    """The names of all registered merge methods, sorted.
+
+    Returns
+    -------
+    list of str
+        Every name ``get`` and ``run`` accept.
+
+    Examples
+    --------
+    >>> names()  # doctest: +NORMALIZE_WHITESPACE
+    ['adamerging', 'avg', 'avg-ft', 'consensus', 'emr', 'es', 'es-element', 'es-layer',
+     'graft', 'ls-merge', 'pcb', 'ties']
+    """
     _load_all()
     return sorted(METHODS)
 
 
 def validate(name: str, hparams: dict) -> dict:
-    """``hparams`` converted to their declared types; a one-line ``UsageError`` for an unknown
-    method, an unknown key or a value out of range. Needs no model: call it first.
+    """Convert a method's hyper-parameters to their declared types, or refuse them in one line.
 
+    Needs no model: call it first.
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    hparams : dict
+        Hyper-parameter -> value (strings from ``--set`` are parsed).
+
+    Returns
+    -------
+    dict
+        The converted values.
+
+    Raises
+    ------
+    UsageError
+        For an unknown method, an unknown key or a value out of range.
+
+    Examples
+    --------
     >>> validate("ties", {"keep": "0.5", "scope": "model"})
     {'keep': 0.5, 'scope': 'model'}
     >>> validate("ties", {"tau": 0.1})
@@ -121,10 +213,26 @@ def validate(name: str, hparams: dict) -> dict:
 
 
 def describe(name: str | None = None) -> list[dict]:
-    """One row per (method, hyper-parameter): what ``esmerge methods`` lists.
+    """The table that ``esmerge methods`` lists: one row per (method, hyper-parameter).
 
+    Parameters
+    ----------
+    name : str, optional
+        One method; default: all of them.
+
+    Returns
+    -------
+    list of dict
+        Rows with ``method``, ``name``, ``parameter``, ``type``, ``default``, ``range`` and
+        ``doc``; a method without hyper-parameters has one row with an empty ``parameter``.
+
+    Examples
+    --------
     >>> [r["parameter"] for r in describe("pcb")]
     ['drop', 'scale', 'scope']
+    >>> row = describe("ties")[0]
+    >>> row["parameter"], row["type"], row["default"], row["range"]
+    ('keep', 'float', 0.2, 'in (0, 1]')
     """
     rows = []
     for method in ([get(name)] if name else [get(n) for n in names()]):
@@ -140,10 +248,25 @@ def describe(name: str | None = None) -> list[dict]:
 
 
 def describe_method(name: str, width: int = 100) -> str:
-    """One method in full, for ``esmerge methods describe NAME``: each hyper-parameter with its
-    type, default, range, the value of every preset (e.g. ``paper`` and ``code``) and its doc,
-    wrapped to ``width`` columns.
+    """One method in full, for ``esmerge methods describe NAME``.
 
+    Each hyper-parameter with its type, default, range, the value of every preset (e.g.
+    ``paper`` and ``code``) and its doc.
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    width : int
+        Column at which the docs are wrapped.
+
+    Returns
+    -------
+    str
+        The description, several lines.
+
+    Examples
+    --------
     >>> print(describe_method("ties"))  # doctest: +ELLIPSIS
     ties: TIES-Merging (...)
       keep (float) default 0.2, range in (0, 1]
@@ -161,7 +284,8 @@ def describe_method(name: str, width: int = 100) -> str:
         if h.range_text():
             head += f", range {h.range_text()}"
         lines.append(head)
-        values = [f"{preset}: {settings[h.name]!r}" for preset, settings in method.presets.items() if h.name in settings]
+        values = [f"{preset}: {settings[h.name]!r}" for preset, settings in method.presets.items()
+                  if h.name in settings]
         if values:
             lines.append(f"      presets: {', '.join(values)}")
         if h.doc:
@@ -170,7 +294,39 @@ def describe_method(name: str, width: int = 100) -> str:
 
 
 def run(name: str, adapters: list[Adapter], context: Any = None, **hparams) -> MergeResult:
-    """Merge ``adapters`` with the method registered as ``name`` (hyper-parameters validated first)."""
+    """Merge adapters with the method registered as ``name``.
+
+    The hyper-parameters are validated first, then the adapters are checked for an element-wise
+    merge (same rank, targets, keys and shapes, finite values).
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    adapters : list of Adapter
+        The specialists' LoRA adapters.
+    context : MergeContext, optional
+        Model, probes or data, for the methods that need them.
+    **hparams
+        The method's hyper-parameters.
+
+    Returns
+    -------
+    MergeResult
+        The merged adapter and what the method records.
+
+    Examples
+    --------
+    Average Merging is Eq. 1 with every λ = 1/2 here: (1 + 3) / 2 = 2, (3 + 5) / 2 = 4.
+
+    >>> import torch
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> key = "layers.0.self_attn.q_proj.lora_A.weight"
+    >>> a = Adapter({key: torch.tensor([[1., 3.]])}, {}, "molecule")
+    >>> b = Adapter({key: torch.tensor([[3., 5.]])}, {}, "protein")
+    >>> run("avg", [a, b]).adapter.state[key]
+    tensor([[2., 4.]])
+    """
     method = get(name)
     hparams = validate(name, hparams)
     check_compatible(adapters)

@@ -11,20 +11,43 @@ import time
 
 import torch
 
-from esmerge.adapters import Adapter, parse_key, with_state
+from esmerge.errors import LR_MAX
 from esmerge.methods import HParam, MergeResult, register
-from esmerge.methods.hparams import LR_MAX
 from esmerge.methods.objectives import count_flops, from_context
 from esmerge.methods.static import task_names
 from esmerge.progress import track
+from esmerge.specialists.adapters import Adapter, parse_key, with_state
 
 
 def coefficient_groups(keys: list[str], granularity: str = "layer") -> tuple[list[int], list[str]]:
-    """Which coefficient each LoRA key uses.
+    """Which AdaMerging coefficient each LoRA key uses.
 
-    ``granularity="layer"``: one per transformer block (all its A and B matrices);
-    ``"tensor"``: one per LoRA tensor (the original code's notion of a "layer" = one
-    parameter tensor). Returns (group index per key, group labels).
+    ``granularity="layer"``: one per transformer block (all its A and B matrices), the l of
+    :math:`\\lambda^l_t`; ``"tensor"``: one per LoRA tensor (the original code's notion of a
+    "layer" = one parameter tensor).
+
+    Parameters
+    ----------
+    keys : list of str
+        LoRA keys (the layer is read from each name).
+    granularity : {"layer", "tensor"}
+        One coefficient per block or per tensor.
+
+    Returns
+    -------
+    groups : list of int
+        The group index of each key.
+    labels : list of str
+        One label per group (``"layer3"``, or the key itself).
+
+    Examples
+    --------
+    >>> keys = ["layers.0.self_attn.q_proj.lora_A.weight", "layers.0.self_attn.q_proj.lora_B.weight",
+    ...         "layers.1.self_attn.q_proj.lora_A.weight"]
+    >>> coefficient_groups(keys)
+    ([0, 0, 1], ['layer0', 'layer1'])
+    >>> coefficient_groups(keys, "tensor")[0]
+    [0, 1, 2]
     """
     if granularity == "tensor":
         return list(range(len(keys))), list(keys)
@@ -35,11 +58,33 @@ def coefficient_groups(keys: list[str], granularity: str = "layer") -> tuple[lis
     return [index[parse_key(k)[0]] for k in keys], [f"layer{layer}" for layer in layers]
 
 
-def layerwise_sum(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor, groups: dict[str, int]) -> dict[str, torch.Tensor]:
-    r"""Layer-wise weighted sum :math:`\sum_t \lambda_t^{g(k)} \tau_t^k` (paper Eq. 1 with per-layer :math:`\lambda`).
+def layerwise_sum(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor,
+                  groups: dict[str, int]) -> dict[str, torch.Tensor]:
+    r"""Weighted sum of the adapters with one coefficient per group: paper Eq. 1 with per-layer λ.
 
-    stacked : ``{key: Tensor (T, *shape)}``; coefficients : Tensor, shape (T, G);
-    groups : ``{key: g}``. Returns ``{key: Tensor (*shape)}``, differentiable in ``coefficients``.
+    :math:`\theta^k = \sum_t \lambda_t^{g(k)} \tau_t^k` for every LoRA key k, with g(k) its group
+    (``coefficient_groups``). Differentiable in ``coefficients``.
+
+    Parameters
+    ----------
+    stacked : dict of str to Tensor, shape ``[T, *shape]``
+        Key -> the T adapters' tensors, stacked.
+    coefficients : Tensor, shape ``[T, G]``
+        One coefficient per adapter and group.
+    groups : dict of str to int
+        Key -> group index.
+
+    Returns
+    -------
+    dict of str to Tensor, shape ``[*shape]``
+        Key -> merged tensor.
+
+    Examples
+    --------
+    0.5 · [1, 2] + 0.25 · [3, 4] = [1.25, 2]:
+
+    >>> layerwise_sum({"k": torch.tensor([[1., 2.], [3., 4.]])}, torch.tensor([[0.5], [0.25]]), {"k": 0})
+    {'k': tensor([1.2500, 2.0000])}
     """
     out = {}
     for key, tensors in stacked.items():
@@ -52,19 +97,26 @@ def layerwise_sum(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor, 
     HParam("steps", int, 500, low=0, doc="Adam steps"),
     HParam("lr", float, 1e-3, low=0.0, high=LR_MAX, low_open=True, doc="Adam learning rate"),
     HParam("init", float, 0.3, low=0.0, high=1.0, doc="initial value of every coefficient"),
-    HParam("granularity", str, "layer", choices=("layer", "tensor"), doc="one coefficient per block or per LoRA tensor"),
+    HParam("granularity", str, "layer", choices=("layer", "tensor"),
+           doc="one coefficient per block or per LoRA tensor"),
     HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),
     HParam("progress", bool, True, doc="show a progress bar")))
 def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: float = 1e-3, init: float = 0.3,
                granularity: str = "layer", count_cost: bool = True, progress: bool = True) -> MergeResult:
     r"""Layer-wise AdaMerging: learn :math:`\lambda_t^l` by entropy minimisation (AdaMerging Eqs. 5-6).
 
-    ``context.entropy_objective(state) -> scalar`` must return the mean Shannon entropy of
-    the model's two-label answer distribution on (a batch of) unlabeled test prompts when the
-    model carries the LoRA ``state`` (see :func:`esmerge.methods.objectives.label_entropy_objective`).
+    A baseline of the paper (App. A.2). The merge is Eq. 1 with one λ per adapter and layer,
+    :math:`\theta^l = \sum_t \lambda_t^l \tau_t^l`, and λ minimises the entropy of the answers.
 
     Parameters
     ----------
+    adapters : list of Adapter
+        The T specialists.
+    context : MergeContext or dict
+        ``context.entropy_objective(state) -> scalar`` must return the mean Shannon entropy of
+        the model's two-label answer distribution on (a batch of) unlabeled test prompts when
+        the model carries the LoRA ``state`` (see
+        :func:`esmerge.run.baseline_inputs.label_entropy_objective`).
     steps : int
         Adam steps; 500 as in the original.
     lr : float
@@ -74,11 +126,39 @@ def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: floa
     granularity : ``"layer"`` | ``"tensor"``
         One coefficient per transformer block per adapter (the paper: "a merging coefficient
         for each layer of every task vector"), or per LoRA tensor as in the original code.
+    count_cost : bool
+        Count FLOPs (FlopCounterMode).
+    progress : bool
+        Show a progress bar.
 
+    Returns
+    -------
+    MergeResult
+        The merged adapter; ``info`` holds the hyper-parameters, the learnt coefficients per
+        task and group, the entropy history and the cost.
+
+    Notes
+    -----
     Choices where the papers are silent: coefficients are clipped to [0, 1] after each step
     (as the original code does); the merged A's and B's both use the layer's coefficient, so
     the layer's update :math:`BA` scales quadratically, as Eq. 1 implies for LoRA.
     Cost: wall time and the FLOPs of all forward/backward passes (FlopCounterMode).
+
+    Examples
+    --------
+    Any scalar function of the merged state can stand in for the entropy. With no steps the
+    merge is 0.3 · (a + b); minimising the squared norm drives every coefficient to its bound 0:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> key = "layers.0.self_attn.q_proj.lora_A.weight"
+    >>> a = Adapter({key: torch.tensor([[1., 3.]])}, {}, "molecule")
+    >>> b = Adapter({key: torch.tensor([[3., 5.]])}, {}, "protein")
+    >>> context = {"entropy_objective": lambda state: sum((v ** 2).sum() for v in state.values())}
+    >>> adamerging([a, b], context, steps=0, count_cost=False, progress=False).adapter.state[key]
+    tensor([[1.2000, 2.4000]])
+    >>> result = adamerging([a, b], context, steps=20, lr=0.1, count_cost=False, progress=False)
+    >>> result.info["coefficients"]
+    {'molecule': {'layer0': 0.0}, 'protein': {'layer0': 0.0}}
     """
     objective = from_context(context, "entropy_objective", "adamerging")
     start = time.perf_counter()

@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from esmerge.adapters import Adapter, with_state
+from esmerge.errors import LR_MAX
 from esmerge.methods import HParam, MergeResult, register
-from esmerge.methods.hparams import LR_MAX
 from esmerge.methods.objectives import count_flops, from_context
 from esmerge.progress import track
+from esmerge.specialists.adapters import Adapter, with_state
 
 # Paper App. A.2: 2,000 sampled training examples, 10 epochs, batch size 16.
 PAPER_EXAMPLES, PAPER_EPOCHS, PAPER_BATCH = 2000, 10, 16
@@ -22,10 +22,47 @@ PAPER_EXAMPLES, PAPER_EPOCHS, PAPER_BATCH = 2000, 10, 16
 
 def finetune_state(state: dict[str, torch.Tensor], loss_fn, batches, epochs: int, lr: float,
                    max_steps: int | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Adam on the LoRA tensors of ``state`` over ``epochs`` passes of ``batches``.
+    """Fine-tune LoRA tensors with Adam over several passes of the training batches.
 
-    ``loss_fn(state, batch) -> scalar`` (e.g. :func:`esmerge.methods.objectives.answer_nll_loss`).
-    Returns the trained state (detached copies) and the loss per step.
+    The second half of the Avg. Merging + FT baseline (paper App. A.2). The tensors are trained
+    in float32 on copies; ``state`` itself is not changed.
+
+    Parameters
+    ----------
+    state : dict of str to Tensor
+        LoRA key -> tensor (any shapes).
+    loss_fn : callable
+        ``loss_fn(state, batch) -> scalar`` (e.g. :func:`esmerge.run.baseline_inputs.answer_nll_loss`).
+    batches : iterable
+        The training batches (at least one); read once into a list.
+    epochs : int
+        Passes over ``batches``.
+    lr : float
+        Adam learning rate.
+    max_steps : int, optional
+        Cap on optimiser steps.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    state : dict of str to Tensor
+        The trained tensors (detached), same keys and shapes.
+    losses : list of float
+        The loss at each step.
+
+    Examples
+    --------
+    Adam's first step moves a parameter by about ``lr`` against the gradient's sign:
+
+    >>> loss = lambda state, target: ((state["w"] - target) ** 2).sum()
+    >>> state, losses = finetune_state({"w": torch.tensor([0.])}, loss, [torch.tensor([1.])], epochs=1, lr=0.1,
+    ...                                progress=False)
+    >>> state["w"], losses  # the loss before the step: (0 - 1)^2
+    (tensor([0.1000]), [1.0])
+    >>> len(finetune_state({"w": torch.tensor([0.])}, loss, [torch.tensor([1.])], epochs=5, lr=0.1, max_steps=3,
+    ...                    progress=False)[1])
+    3
     """
     params = {k: v.detach().clone().float().requires_grad_(True) for k, v in state.items()}
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
@@ -59,21 +96,52 @@ def avg_finetune(adapters: list[Adapter], context=None, epochs: int = PAPER_EPOC
                  max_steps: int | None = None, count_cost: bool = True, progress: bool = True) -> MergeResult:
     r"""Average the adapters (Eq. 1, :math:`\lambda = 1/K`), then fine-tune the LoRA on one benchmark.
 
-    Context: ``train_loss(state, batch) -> scalar`` and ``train_batches`` (a re-iterable of
-    batches; the paper samples 2,000 training examples in batches of 16). Optional
-    ``benchmark`` (a name recorded in ``info``).
+    A baseline of the paper (App. A.2, "Average Merging + Task-Specific Finetune").
 
     Parameters
     ----------
+    adapters : list of Adapter
+        The K specialists.
+    context : MergeContext or dict
+        ``train_loss(state, batch) -> scalar`` and ``train_batches`` (a re-iterable of batches;
+        the paper samples 2,000 training examples in batches of 16). Optional ``benchmark`` (a
+        name recorded in ``info``).
     epochs : int
         Passes over ``train_batches`` (paper: 10).
     lr : float
         Adam learning rate. The paper does not state it; 1e-4 is the usual LoRA rate.
     max_steps : int, optional
         Cap on optimiser steps (for the small scales).
+    count_cost : bool
+        Count FLOPs (FlopCounterMode).
+    progress : bool
+        Show a progress bar.
 
+    Returns
+    -------
+    MergeResult
+        The fine-tuned adapter; ``info`` holds the hyper-parameters, the benchmark, the loss
+        history and the cost.
+
+    Notes
+    -----
     Choices where the paper is silent: Adam without weight decay or schedule; LoRA
     dropout 0 (shared LoRA config); only A and B are trained, the modality projectors are not.
+
+    Examples
+    --------
+    The mean of [1, 3] and [3, 5] is [2, 4]; one Adam step of lr 0.5 on the squared norm moves
+    each entry down by 0.5:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> key = "layers.0.self_attn.q_proj.lora_A.weight"
+    >>> a = Adapter({key: torch.tensor([[1., 3.]])}, {}, "molecule")
+    >>> b = Adapter({key: torch.tensor([[3., 5.]])}, {}, "protein")
+    >>> context = {"train_loss": lambda state, batch: sum((v ** 2).sum() for v in state.values()),
+    ...            "train_batches": [None]}
+    >>> result = avg_finetune([a, b], context, epochs=1, lr=0.5, count_cost=False, progress=False)
+    >>> result.adapter.state[key], result.info["loss"]["first"]  # 2^2 + 4^2 = 20
+    (tensor([[1.5000, 3.5000]]), 20.0)
     """
     loss_fn = from_context(context, "train_loss", "avg-ft")
     batches = from_context(context, "train_batches", "avg-ft")

@@ -22,39 +22,115 @@ from typing import Callable
 
 import torch
 
-from esmerge.adapters import Adapter, with_state
 from esmerge.methods import HParam, MergeResult, register
 from esmerge.methods.static import task_names
+from esmerge.specialists.adapters import Adapter, with_state
 
 GRAFT_A, GRAFT_C, GRAFT_BINS = 0.4, 500.0, 10  # Graft Sec. 4.1
 
 
 def channel_difference(base: torch.Tensor, graft: torch.Tensor) -> torch.Tensor:
-    r"""Per-output-channel absolute difference :math:`d_i = \sum_j |W_b[i,j] - W_g[i,j]|` (Graft Eq. 1).
+    r"""Absolute difference of two matrices per output channel (row), Graft Eq. 1.
 
-    base, graft : Tensor, shape (M, N) -> Tensor, shape (M,)
+    :math:`d_i = \sum_j |W_b[i,j] - W_g[i,j]|`.
+
+    Parameters
+    ----------
+    base, graft : Tensor, shape ``[M, N]``
+        The two matrices; rows are output channels.
+
+    Returns
+    -------
+    Tensor, shape ``[M]``
+        d.
+
+    Examples
+    --------
+    >>> channel_difference(torch.tensor([[1., 2.], [0., 0.]]), torch.tensor([[0., 0.], [0., 1.]]))
+    tensor([3., 1.])
     """
     return (base - graft).abs().sum(dim=1)
 
 
 def standardize(d: torch.Tensor) -> torch.Tensor:
-    """Our untrained channel gate network phi: z-score of ``d`` (0 where all channels agree equally)."""
+    r"""Our untrained channel gate network :math:`\phi` of Graft Eq. 2: the z-score of ``d``.
+
+    The std is the sample one (unbiased). All zeros when every channel differs equally (or there
+    is one channel).
+
+    Parameters
+    ----------
+    d : Tensor, shape ``[M]``
+        Channel differences (``channel_difference``).
+
+    Returns
+    -------
+    Tensor, shape ``[M]``
+        The z-scores.
+
+    Examples
+    --------
+    [1, 3] has mean 2 and sample std sqrt(2):
+
+    >>> standardize(torch.tensor([1., 3.]))
+    tensor([-0.7071,  0.7071])
+    >>> standardize(torch.tensor([2., 2.]))
+    tensor([0., 0.])
+    """
     std = d.std() if d.numel() > 1 else torch.zeros(())
     return torch.where(std > 0, (d - d.mean()) / std.clamp(min=torch.finfo(d.dtype).tiny), torch.zeros_like(d))
 
 
 def local_gate(d: torch.Tensor, phi: Callable[[torch.Tensor], torch.Tensor] = standardize) -> torch.Tensor:
-    r"""Channel gate :math:`w_{local} = \sigma(\phi(d)) \in (0,1)^M` (Graft Eq. 2). ``d``: (M,) -> (M,)."""
+    r"""Per-channel local gate :math:`w_{local} = \sigma(\phi(d)) \in (0,1)^M` (Graft Eq. 2).
+
+    Parameters
+    ----------
+    d : Tensor, shape ``[M]``
+        Channel differences (``channel_difference``).
+    phi : callable
+        The channel gate network, ``[M] -> [M]`` (default: ``standardize``).
+
+    Returns
+    -------
+    Tensor, shape ``[M]``
+        The gate, in (0, 1).
+
+    Examples
+    --------
+    sigmoid(-0.7071) = 0.3302; equal differences give the neutral gate 0.5:
+
+    >>> local_gate(torch.tensor([1., 3.]))
+    tensor([0.3302, 0.6698])
+    >>> local_gate(torch.tensor([2., 2.]))
+    tensor([0.5000, 0.5000])
+    """
     return torch.sigmoid(phi(d))
 
 
 def weight_entropy(weight: torch.Tensor, bins: int = GRAFT_BINS) -> torch.Tensor:
     r"""Entropy of a matrix's value histogram, :math:`H = -\sum_k p_k \log p_k` (Graft Eq. 3).
 
-    ``bins`` uniform bins spanning the matrix's own [min, max]; a constant matrix has H = 0.
+    ``bins`` uniform bins span the matrix's own [min, max]; a constant matrix has H = 0.
 
+    Parameters
+    ----------
+    weight : Tensor
+        Any shape; its values are binned.
+    bins : int
+        Number of bins (Graft: 10).
+
+    Returns
+    -------
+    Tensor, shape ``[]``
+        H, in nats.
+
+    Examples
+    --------
     >>> round(float(weight_entropy(torch.tensor([0.0, 1.0]), bins=2)), 4)  # two equal bins: log 2
     0.6931
+    >>> float(weight_entropy(torch.ones(2, 2)))
+    0.0
     """
     flat = weight.detach().float().reshape(-1)
     lo, hi = float(flat.min()), float(flat.max())
@@ -65,16 +141,65 @@ def weight_entropy(weight: torch.Tensor, bins: int = GRAFT_BINS) -> torch.Tensor
     return -(p * p.log()).sum()
 
 
-def global_gate(h_base: torch.Tensor | float, h_graft: torch.Tensor | float, a: float = GRAFT_A, c: float = GRAFT_C) -> torch.Tensor:
-    r""":math:`w_{global} = \frac{a}{\pi}\arctan(c\,[H(W_b) - H(W_g)]) + \frac12` (Graft Algorithm 1, line 7; see module doc)."""
+def global_gate(h_base: torch.Tensor | float, h_graft: torch.Tensor | float, a: float = GRAFT_A,
+                c: float = GRAFT_C) -> torch.Tensor:
+    r"""Global gate from the entropy gap of two matrices (Graft Algorithm 1, line 7; see the module doc).
+
+    :math:`w_{global} = \frac{a}{\pi}\arctan(c\,[H(W_b) - H(W_g)]) + \frac12`, in
+    :math:`(\frac12 - \frac a2, \frac12 + \frac a2)`.
+
+    Parameters
+    ----------
+    h_base, h_graft : Tensor or float
+        Entropies :math:`H(W_b)` and :math:`H(W_g)` (``weight_entropy``).
+    a : float
+        Range of the gate (Graft: 0.4).
+    c : float
+        Slope (Graft: 500).
+
+    Returns
+    -------
+    Tensor, shape ``[]``
+        The gate.
+
+    Examples
+    --------
+    Equal entropies give 0.5; a gap of 1 nat gives nearly 0.5 + a/2 = 0.7:
+
+    >>> float(global_gate(0.5, 0.5))
+    0.5
+    >>> round(float(global_gate(1.0, 0.0)), 4)
+    0.6997
+    """
     return a / math.pi * torch.atan(c * (torch.as_tensor(h_base) - torch.as_tensor(h_graft))) + 0.5
 
 
 def dual_gate_weights(w_local: torch.Tensor, w_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-channel fusion weights (Graft Eqs. 5-7, Algorithm 1 lines 8-10).
+    r"""Per-channel fusion weights of the base and the graft matrix (Graft Eqs. 5-7, Algorithm 1 lines 8-10).
 
     :math:`\tilde w_b = g(1 - e^{-g\,w_l})`, :math:`\tilde w_g = (1-g)(1 - e^{-(1-g)(1-w_l)})`,
-    :math:`[w_b, w_g] = \mathrm{Softmax}([\tilde w_b, \tilde w_g])`. Shapes follow ``w_local``; ``w_b + w_g = 1``.
+    :math:`[w_b, w_g] = \mathrm{Softmax}([\tilde w_b, \tilde w_g])`, with g the global gate.
+
+    Parameters
+    ----------
+    w_local : Tensor, shape ``[M]``
+        Local gate (``local_gate``).
+    w_global : Tensor, shape ``[]``
+        Global gate (``global_gate``).
+
+    Returns
+    -------
+    w_b, w_g : Tensor, shape ``[M]``
+        Weights of the base and the graft; ``w_b + w_g = 1``.
+
+    Examples
+    --------
+    Neutral gates (0.5 and 0.5) give equal weights; a global gate of 0.7 favours the base:
+
+    >>> dual_gate_weights(torch.tensor([0.5]), torch.tensor(0.5))
+    (tensor([0.5000]), tensor([0.5000]))
+    >>> dual_gate_weights(torch.tensor([0.5]), torch.tensor(0.7))
+    (tensor([0.5411]), tensor([0.4589]))
     """
     g = w_global
     tilde_b = g * (1 - torch.exp(-g * w_local))
@@ -85,9 +210,35 @@ def dual_gate_weights(w_local: torch.Tensor, w_global: torch.Tensor) -> tuple[to
 
 def graft_matrix(base: torch.Tensor, graft: torch.Tensor, a: float = GRAFT_A, c: float = GRAFT_C,
                  bins: int = GRAFT_BINS, phi: Callable = standardize) -> tuple[torch.Tensor, dict]:
-    r"""Fuse one matrix: :math:`W_f = w_b \odot W_b + w_g \odot W_g` (Graft Eq. 8), weights per output channel.
+    r"""Fuse two matrices with Graft's dual gate: :math:`W_f = w_b \odot W_b + w_g \odot W_g` (Graft Eq. 8).
 
-    base, graft : Tensor, shape (M, N). Returns the fused (M, N) tensor and the gates.
+    The weights are per output channel (row), from ``local_gate``, ``global_gate`` and
+    ``dual_gate_weights``.
+
+    Parameters
+    ----------
+    base, graft : Tensor, shape ``[M, N]``
+        The two matrices (same shape).
+    a, c, bins : float, float, int
+        Global-gate range and slope, and entropy bins.
+    phi : callable
+        Channel gate network (default: ``standardize``).
+
+    Returns
+    -------
+    fused : Tensor, shape ``[M, N]``
+        :math:`W_f`.
+    gates : dict
+        ``{"w_global": float, "w_base_mean": float}``.
+
+    Examples
+    --------
+    A matrix fused with itself is itself, with neutral gates:
+
+    >>> w = torch.tensor([[1., 2.], [3., 4.]])
+    >>> graft_matrix(w, w)
+    (tensor([[1., 2.],
+            [3., 4.]]), {'w_global': 0.5, 'w_base_mean': 0.5})
     """
     if base.shape != graft.shape:
         raise ValueError(f"graft needs equal shapes, got {tuple(base.shape)} vs {tuple(graft.shape)}")
@@ -99,15 +250,41 @@ def graft_matrix(base: torch.Tensor, graft: torch.Tensor, a: float = GRAFT_A, c:
 
 
 def graft_pair(base: dict[str, torch.Tensor], graft: dict[str, torch.Tensor], **kwargs) -> tuple[dict, dict]:
-    """Graft every LoRA matrix of ``graft`` onto ``base`` (same keys). Returns (state, per-key gates)."""
+    """Graft every LoRA matrix of one adapter onto another's (Graft Eq. 8 per matrix).
+
+    Parameters
+    ----------
+    base, graft : dict of str to Tensor, shape ``[M, N]``
+        LoRA key -> matrix, same keys (tensors are used in float32).
+    **kwargs
+        ``a``, ``c``, ``bins``, ``phi`` of ``graft_matrix``.
+
+    Returns
+    -------
+    state : dict of str to Tensor, shape ``[M, N]``
+        LoRA key -> fused matrix.
+    gates : dict of str to dict
+        LoRA key -> the gates of ``graft_matrix``.
+
+    Examples
+    --------
+    Rows [1, 3] and [0, 0] swap between the two; the gates are neutral, so each row is the mean:
+
+    >>> fused, gates = graft_pair({"k": torch.tensor([[1., 3.], [0., 0.]])}, {"k": torch.tensor([[0., 0.], [1., 3.]])})
+    >>> fused["k"]
+    tensor([[0.5000, 1.5000],
+            [0.5000, 1.5000]])
+    """
     fused, gates = {}, {}
     for key in sorted(base):
         fused[key], gates[key] = graft_matrix(base[key].float(), graft[key].float(), **kwargs)
     return fused, gates
 
 
-@register("graft", "Graft", "Dai et al. 2025, Graft: Integrating the Domain Knowledge via Efficient Parameter Synergy for MLLMs",
-          hparams=(HParam("order", list, None, nullable=True, doc="grafting order of the tasks; null: the adapters' order"),
+@register("graft", "Graft",
+          "Dai et al. 2025, Graft: Integrating the Domain Knowledge via Efficient Parameter Synergy for MLLMs",
+          hparams=(HParam("order", list, None, nullable=True,
+                          doc="grafting order of the tasks; null: the adapters' order"),
                    HParam("a", float, GRAFT_A, low=0.0, high=1.0, low_open=True, doc="global-gate range"),
                    HParam("c", float, GRAFT_C, low=0.0, low_open=True, doc="global-gate slope"),
                    HParam("bins", int, GRAFT_BINS, low=1, doc="histogram bins of the weight entropy")))
@@ -120,6 +297,10 @@ def graft(adapters: list[Adapter], context=None, order: list[str] | None = None,
 
     Parameters
     ----------
+    adapters : list of Adapter
+        The K experts.
+    context : ignored
+        Graft needs no context.
     order : list of task names, optional
         Grafting order (default: the adapters' order, molecule -> protein -> cell). Later
         experts get larger weight (about 1/2 for the last, 1/4 for the one before, ...), so
@@ -127,11 +308,30 @@ def graft(adapters: list[Adapter], context=None, order: list[str] | None = None,
     a, c, bins :
         Global-gate range and slope and histogram bins (paper: 0.4, 500, 10).
 
+    Returns
+    -------
+    MergeResult
+        The fused adapter; ``info`` holds the hyper-parameters and the mean gates of each step.
+
+    Notes
+    -----
     Choices where the paper is silent: the "learnable" channel gate network :math:`\phi`
     has no stated training objective or data, so we use a fixed, untrained affine map, the
     z-score of :math:`d` within the matrix (average disagreement -> gate 0.5); entropy bins
     span each matrix's own value range; rows are output channels for both A and B;
     K > 2 experts by sequential grafting (the paper fuses 3-4 experts without saying how).
+
+    Examples
+    --------
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> a = Adapter({"k": torch.tensor([[1., 3.], [0., 0.]])}, {}, "molecule")
+    >>> b = Adapter({"k": torch.tensor([[0., 0.], [1., 3.]])}, {}, "protein")
+    >>> result = graft([a, b])
+    >>> result.adapter.state["k"]
+    tensor([[0.5000, 1.5000],
+            [0.5000, 1.5000]])
+    >>> result.info["steps"]
+    [{'grafted': 'protein', 'mean_w_global': 0.5, 'mean_w_base': 0.5}]
     """
     start = time.perf_counter()
     names = task_names(adapters)
@@ -161,8 +361,26 @@ def activation_statistics(samples: list[torch.Tensor], eps: float = 1e-3) -> tup
     r"""Mean magnitude, sparsity and variance of one module's activations (Graft Eqs. 9-11).
 
     :math:`\mu = \frac1K\sum_k \|A^{(k)}\|_1/\dim`, :math:`s = \frac1K\sum_k \#\{|a|<\epsilon\}/\dim`,
-    :math:`v = \frac1K\sum_k \mathrm{Var}(A^{(k)})`. ``samples``: K tensors of any shape.
-    ``eps`` is not given in the paper; 1e-3.
+    :math:`v = \frac1K\sum_k \mathrm{Var}(A^{(k)})` (population variance).
+
+    Parameters
+    ----------
+    samples : list of Tensor
+        K activation tensors of any shape.
+    eps : float
+        Magnitude below which an activation counts as zero; not given in the paper, 1e-3.
+
+    Returns
+    -------
+    tuple of float
+        (mu, sparsity, variance).
+
+    Examples
+    --------
+    [0, 2]: mean magnitude 1, half of the entries zero, variance 1:
+
+    >>> activation_statistics([torch.tensor([0., 2.])])
+    (1.0, 0.5, 1.0)
     """
     if not samples:
         raise ValueError("compatibility needs at least one activation sample per module")
@@ -179,7 +397,30 @@ def compatibility_score(activations: dict[str, list[torch.Tensor]], eps: float =
     statistic across modules, :math:`\rho'_i = \mu'_i(1-s'_i)\sqrt{v'_i}` (Eq. 13);
     compatibility :math:`= \frac1M \sum_i \rho'_i` (Eq. 14).
 
-    activations : ``{module name: [K tensors]}``. Returns ``{"compatibility", "rho", "rho_normalized"}``.
+    Parameters
+    ----------
+    activations : dict of str to list of Tensor
+        Module name -> its K activation samples (``esmerge.signals.hooks.module_outputs``).
+    eps : float
+        See ``activation_statistics``.
+
+    Returns
+    -------
+    dict
+        ``{"compatibility": float, "rho": {name: float}, "rho_normalized": {name: float}}``.
+
+    Examples
+    --------
+    Statistics (mu, s, v): a (2, 0.5, 4), b (2, 0, 1), c (1, 0, 0). Raw rho: a = 2·0.5·2 = 2,
+    b = 2·1·1 = 2, c = 0. Min-max normalised: a (1, 1, 1), b (1, 0, 0.25), c (0, 0, 0), so
+    rho' = (0, 0.5, 0) and the compatibility is 0.5 / 3:
+
+    >>> acts = {"a": [torch.tensor([0., 4.])], "b": [torch.tensor([1., 3.])], "c": [torch.tensor([1., 1.])]}
+    >>> score = compatibility_score(acts)
+    >>> score["rho"], score["rho_normalized"]
+    ({'a': 2.0, 'b': 2.0, 'c': 0.0}, {'a': 0.0, 'b': 0.5, 'c': 0.0})
+    >>> round(score["compatibility"], 4)
+    0.1667
     """
     names = sorted(activations)
     stats = torch.tensor([activation_statistics(activations[n], eps) for n in names], dtype=torch.float64)

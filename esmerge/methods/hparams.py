@@ -32,35 +32,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from esmerge.errors import UsageError
+from esmerge.errors import SEED_RANGE, UsageError
 
-_TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list of names"}
-# numpy.random.seed and torch.Generator.manual_seed both take [0, 2**32) (numpy refuses anything else).
-SEED_RANGE = (0, 2**32 - 1)
 _INT64 = 2**63
-# Learning rates above this are refused everywhere (train --lr, the methods' lr): Adam moves every
-# weight by about lr per step whatever the gradient's scale, so lr = 10 already moves LoRA entries
-# (|w| ~ 0.01-1) by orders of magnitude more than they hold; published recipes use 1e-5 to 1e-2.
-LR_MAX = 10.0
-
-
-def check_seed(seed, what: str = "--seed"):
-    """``seed`` if it is an integer in ``SEED_RANGE`` (or ``None``: the default), else a one-line ``UsageError``.
-
-    >>> check_seed(7), check_seed(None)
-    (7, None)
-    >>> check_seed(2**32)
-    Traceback (most recent call last):
-    ...
-    esmerge.errors.UsageError: --seed must be an integer in [0, 4294967295] (a numpy/torch seed), got 4294967296
-    """
-    ok = seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and SEED_RANGE[0] <= seed <= SEED_RANGE[1])
-    if not ok:
-        raise UsageError(f"{what} must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (a numpy/torch seed), "
-                         f"got {seed!r}")
-    return seed
-
-
+_TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list of names"}
 @dataclass(frozen=True)
 class HParam:
     """One hyper-parameter of a merge method.
@@ -93,7 +68,8 @@ class HParam:
         if self.choices:
             text = " | ".join(map(str, self.choices))
         elif self.low is not None and self.high is not None:
-            text = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            text = (f"in {'(' if self.low_open else '['}{_num(self.low)}, "
+                    f"{_num(self.high)}{')' if self.high_open else ']'}")
         elif self.low is not None:
             text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
         elif self.high is not None:
@@ -110,7 +86,7 @@ class HParam:
                           + (f" ({why})" if why else ""))
 
     def check(self, method: str, value: Any) -> Any:
-        """``value`` converted to this parameter's type (strings from the command line are parsed), or a ``UsageError``."""
+        """``value`` converted to this parameter's type (command-line strings are parsed), or a ``UsageError``."""
         if value is None:
             if self.nullable:
                 return None
@@ -171,7 +147,37 @@ def _num(x: float) -> str:
 
 
 def check_all(method: str, declared: tuple[HParam, ...], hparams: dict) -> dict:
-    """Every given value converted; a ``UsageError`` naming an unknown key and the known ones."""
+    """Convert every given hyper-parameter with its declaration (``HParam.check``).
+
+    Parameters
+    ----------
+    method : str
+        The method's name, for the messages.
+    declared : tuple of HParam
+        The method's declared hyper-parameters.
+    hparams : dict
+        Name -> value.
+
+    Returns
+    -------
+    dict
+        Name -> converted value (only the given ones; defaults are not filled in).
+
+    Raises
+    ------
+    UsageError
+        For an unknown name (the message lists the known ones) or a bad value.
+
+    Examples
+    --------
+    >>> declared = (HParam("k", int, 2, low=1),)
+    >>> check_all("demo", declared, {"k": "3"})
+    {'k': 3}
+    >>> check_all("demo", declared, {"j": 1})
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: demo: unknown hyper-parameter 'j'; known: k
+    """
     by_name = {h.name: h for h in declared}
     out = {}
     for key, value in hparams.items():
@@ -183,7 +189,34 @@ def check_all(method: str, declared: tuple[HParam, ...], hparams: dict) -> dict:
 
 
 def parse_set(items: list[str]) -> dict:
-    """``["key=value", ...]`` (``--set``) -> ``{key: value}``; a value is JSON if it parses, else the string."""
+    """Parse ``--set key=value`` items into a dict.
+
+    A value is JSON if it parses (numbers, ``true``, lists), else the string itself.
+
+    Parameters
+    ----------
+    items : list of str
+        ``["key=value", ...]``.
+
+    Returns
+    -------
+    dict
+        Key -> value, not yet checked (see ``check_all``).
+
+    Raises
+    ------
+    UsageError
+        For an item without ``=`` or without a key.
+
+    Examples
+    --------
+    >>> parse_set(["k=3", "name=abc", "flag=true"])
+    {'k': 3, 'name': 'abc', 'flag': True}
+    >>> parse_set(["k"])
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: --set 'k': write KEY=VALUE, e.g. --set tau_layer=0.1
+    """
     out = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from esmerge.adapters import Adapter, with_state
+from esmerge.errors import LR_MAX
 from esmerge.methods import HParam, MergeResult, register
-from esmerge.methods.hparams import LR_MAX
 from esmerge.methods import primitives as P
 from esmerge.methods.objectives import count_flops
 from esmerge.progress import track
+from esmerge.specialists.adapters import Adapter, with_state
 
 
 @dataclass
@@ -40,7 +40,28 @@ class VAEConfig:
 
 
 def chunk_vectors(tau: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Split each row of ``tau`` ``[T, P]`` into chunks, zero-padding the last: ``[T, ceil(P/chunk), chunk]``."""
+    """Split each flattened adapter into chunks of equal size, zero-padding the last one.
+
+    LS-Merge's VAE works on these chunks (paper App. A.3: 16,384 parameters each).
+
+    Parameters
+    ----------
+    tau : Tensor, shape ``[T, P]``
+        T flattened adapters (``primitives.flatten``).
+    chunk : int
+        Entries per chunk.
+
+    Returns
+    -------
+    Tensor, shape ``[T, ceil(P / chunk), chunk]``
+        The chunks.
+
+    Examples
+    --------
+    >>> chunk_vectors(torch.tensor([[1., 2., 3.]]), 2)
+    tensor([[[1., 2.],
+             [3., 0.]]])
+    """
     n_chunks = math.ceil(tau.shape[1] / chunk)
     padded = torch.zeros(tau.shape[0], n_chunks * chunk, dtype=tau.dtype)
     padded[:, : tau.shape[1]] = tau
@@ -48,10 +69,31 @@ def chunk_vectors(tau: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def key_scales(adapters: list[Adapter], keys: list[str]) -> torch.Tensor:
-    """Per-key standard deviation over all adapters, broadcast to the flat layout, shape ``(P,)``.
+    """Standard deviation of each LoRA key over all adapters, repeated for each of its entries.
 
     A and B matrices differ in scale by orders of magnitude; dividing each key by its own
     scale lets one VAE model both (our choice; the paper does not say how it normalises).
+
+    Parameters
+    ----------
+    adapters : list of Adapter
+        The T adapters.
+    keys : list of str
+        Key order of the flat layout (``primitives.flatten``).
+
+    Returns
+    -------
+    Tensor, shape ``[P]``
+        The scale of each flat entry: its key's sample std (1 where that is 0).
+
+    Examples
+    --------
+    Key v holds 1, -1, 1, -1 over the two adapters: std sqrt(4/3) = 1.1547. Key w is all zero:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> a = Adapter({"v": torch.tensor([1., -1.]), "w": torch.zeros(1)}, {})
+    >>> key_scales([a, a], ["v", "w"])
+    tensor([1.1547, 1.1547, 1.0000])
     """
     parts = []
     for key in keys:
@@ -92,12 +134,57 @@ class ChunkVAE(nn.Module):
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    r""":math:`\mathrm{KL}(q(z|x)\,\|\,\mathcal N(0,I))` per sample, summed over latents, averaged over the batch."""
+    r"""KL divergence of a diagonal Gaussian posterior from the standard normal, averaged over the batch.
+
+    :math:`\mathrm{KL}(q(z|x)\,\|\,\mathcal N(0,I)) = -\frac12\sum(1 + \log\sigma^2 - \mu^2 - \sigma^2)` per
+    sample, summed over latents.
+
+    Parameters
+    ----------
+    mu, logvar : Tensor, shape ``[B, latent]``
+        Posterior mean and log-variance.
+
+    Returns
+    -------
+    Tensor, shape ``[]``
+        The mean KL, in nats.
+
+    Examples
+    --------
+    The standard normal itself has KL 0; moving the mean to (1, 1) costs (1 + 1) / 2 = 1:
+
+    >>> kl_divergence(torch.zeros(1, 2), torch.zeros(1, 2)), kl_divergence(torch.ones(1, 2), torch.zeros(1, 2))
+    (tensor(0.), tensor(1.))
+    """
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=-1)).mean()
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 0."""
+    """Learning rate at a step: linear warm-up, then cosine decay to 0 (LS-Merge, paper App. A.3).
+
+    Parameters
+    ----------
+    step : int
+        The step, from 0.
+    total : int
+        All steps.
+    base : float
+        Peak learning rate.
+    warmup : int
+        Warm-up steps.
+
+    Returns
+    -------
+    float
+        The learning rate.
+
+    Examples
+    --------
+    Warm-up reaches the peak at step 9; the cosine is half-way at step 60 of 110:
+
+    >>> lr_at(0, 110, 1.0, 10), lr_at(9, 110, 1.0, 10), lr_at(60, 110, 1.0, 10), lr_at(110, 110, 1.0, 10)
+    (0.1, 1.0, 0.5, 0.0)
+    """
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -105,14 +192,70 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def reconstruction_error(vae: ChunkVAE, chunks: torch.Tensor, positions: torch.Tensor) -> float:
-    """Mean squared error of decoding the posterior means, chunks: (N, chunk)."""
+    """Mean squared error of the chunks decoded from their posterior means.
+
+    Parameters
+    ----------
+    vae : ChunkVAE
+        The VAE.
+    chunks : Tensor, shape ``[N, chunk]``
+        Parameter chunks.
+    positions : Tensor, shape ``[N]``
+        Position index of each chunk.
+
+    Returns
+    -------
+    float
+        The MSE over all entries.
+
+    Examples
+    --------
+    A decoder that outputs 0 leaves the mean square of the chunk, (1 + 9) / 2 = 5:
+
+    >>> vae = ChunkVAE(chunk=2, hidden=3, latent=1, n_positions=1)
+    >>> _ = torch.nn.init.zeros_(vae.decoder_out.weight), torch.nn.init.zeros_(vae.decoder_out.bias)
+    >>> reconstruction_error(vae, torch.tensor([[1., 3.]]), torch.tensor([0]))
+    5.0
+    """
     with torch.no_grad():
         mu, _ = vae.encode(chunks, positions)
         return float((vae.decode(mu, positions) - chunks).pow(2).mean())
 
 
-def train_vae(chunks: torch.Tensor, positions: torch.Tensor, config: VAEConfig, progress: bool = True) -> tuple[ChunkVAE, dict]:
-    """Train a :class:`ChunkVAE` on ``chunks`` (N, chunk) at ``positions`` (N,). Returns the VAE and a log."""
+def train_vae(chunks: torch.Tensor, positions: torch.Tensor, config: VAEConfig,
+              progress: bool = True) -> tuple[ChunkVAE, dict]:
+    """Train a :class:`ChunkVAE` on parameter chunks (LS-Merge, paper App. A.3).
+
+    AdamW with warm-up and cosine decay (``lr_at``); the KL weight follows a controller toward
+    ``config.target_kl``. Seeded by ``config.seed``.
+
+    Parameters
+    ----------
+    chunks : Tensor, shape ``[N, chunk]``
+        Parameter chunks of all adapters.
+    positions : Tensor, shape ``[N]``
+        Position index of each chunk within its adapter.
+    config : VAEConfig
+        Sizes and training settings.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    vae : ChunkVAE
+        The trained VAE.
+    log : dict
+        ``recon_before``, ``recon_after`` (``reconstruction_error``) and per-epoch ``loss``,
+        ``kl`` and ``kl_weight``.
+
+    Examples
+    --------
+    >>> chunks, positions = torch.tensor([[1., 2.], [3., 4.], [1., 2.], [3., 4.]]), torch.tensor([0, 1, 0, 1])
+    >>> config = VAEConfig(chunk=2, hidden=8, latent=2, epochs=50, batch=4, lr=1e-2, warmup=1)
+    >>> vae, log = train_vae(chunks, positions, config, progress=False)
+    >>> len(log["loss"]), log["recon_after"] < log["recon_before"]  # one entry per epoch; it learnt
+    (50, True)
+    """
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     vae = ChunkVAE(chunks.shape[1], config.hidden, config.latent, int(positions.max()) + 1)
@@ -136,7 +279,8 @@ def train_vae(chunks: torch.Tensor, positions: torch.Tensor, config: VAEConfig, 
             loss.backward()
             optimizer.step()
             # Controller toward the target KL: raise the weight when KL overshoots, lower it otherwise.
-            beta = min(1.0, max(1e-8, beta * (config.kl_adapt if float(kl.detach()) > config.target_kl else 1 / config.kl_adapt)))
+            beta = min(1.0, max(1e-8, beta * (config.kl_adapt if float(kl.detach()) > config.target_kl
+                                              else 1 / config.kl_adapt)))
             step += 1
         log["loss"].append(float(loss.detach()))
         log["kl"].append(float(kl.detach()))
@@ -167,8 +311,30 @@ def ls_merge(adapters: list[Adapter], context=None, count_cost: bool = True, pro
              **config_overrides) -> MergeResult:
     r"""LS-Merge: :math:`\hat\theta = \mathrm{Dec}(\frac1K \sum_t \mu_{\phi}(\theta_t))` chunk by chunk.
 
-    Hyper-parameters are the fields of :class:`VAEConfig` (pass e.g. ``epochs=200``).
+    A baseline of the paper (App. A.2-A.3): the specialists' chunks are encoded, their posterior
+    means are averaged uniformly and decoded back to parameters.
 
+    Parameters
+    ----------
+    adapters : list of Adapter
+        The K specialists.
+    context : ignored
+        LS-Merge needs no context.
+    count_cost : bool
+        Count FLOPs (FlopCounterMode).
+    progress : bool
+        Show a progress bar.
+    **config_overrides
+        Fields of :class:`VAEConfig` (e.g. ``epochs=200``).
+
+    Returns
+    -------
+    MergeResult
+        The merged adapter; ``info`` holds the VAE settings, the number of chunks, the VAE's
+        reconstruction errors and KL, and the cost.
+
+    Notes
+    -----
     Choices where the paper is silent or we deviate: an MLP VAE (one hidden layer,
     ``hidden=256``, ``latent=64``) conditioned on a learned chunk-position embedding,
     instead of LS-Merge's transformer VAE; each LoRA tensor is divided by its standard
@@ -177,6 +343,20 @@ def ls_merge(adapters: list[Adapter], context=None, count_cost: bool = True, pro
     (x1.01 per step when KL > target, /1.01 otherwise); warm-up is capped at a tenth of
     all steps. At ``cpu`` scale (3 adapters of 2.44M entries = 450 chunks) the default
     1,000 epochs took 7 minutes on one shared CPU thread (1.9e13 FLOPs).
+
+    Examples
+    --------
+    Two adapters of 3 entries in chunks of 2: 2 chunks each, 4 in all. The merged values depend
+    on the trained VAE:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> key = "layers.0.self_attn.q_proj.lora_A.weight"
+    >>> a = Adapter({key: torch.tensor([[1., 2., 3.]])}, {}, "molecule")
+    >>> b = Adapter({key: torch.tensor([[3., 2., 1.]])}, {}, "protein")
+    >>> result = ls_merge([a, b], count_cost=False, progress=False, chunk=2, hidden=8, latent=2, epochs=5, batch=4,
+    ...                   warmup=1)
+    >>> result.info["n_chunks"], result.adapter.state[key].shape
+    (4, torch.Size([1, 3]))
     """
     config = VAEConfig(**config_overrides)
     start = time.perf_counter()
@@ -196,7 +376,8 @@ def ls_merge(adapters: list[Adapter], context=None, count_cost: bool = True, pro
         "hparams": asdict(config),
         "n_chunks": int(n_chunks) * int(n_tasks),
         "vae": {"recon_mse_before": log["recon_before"], "recon_mse_after": log["recon_after"],
-                "final_kl": log["kl"][-1] if log["kl"] else None, "final_kl_weight": log["kl_weight"][-1] if log["kl_weight"] else None,
+                "final_kl": log["kl"][-1] if log["kl"] else None,
+                "final_kl_weight": log["kl_weight"][-1] if log["kl_weight"] else None,
                 "loss_history": log["loss"]},
         "cost": {"wall_seconds": time.perf_counter() - start, "flops": flops},
     }

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from esmerge.adapters import Adapter, LoraState
+from esmerge.specialists.adapters import Adapter, LoraState
 
 
 # --------------------------------------------------------------------------- flat views
 def flatten(adapters: list[Adapter]) -> tuple[torch.Tensor, list[str], list[torch.Size]]:
-    """Stack adapters into task vectors.
+    """Stack adapters into LoRA task vectors, one flat row per adapter.
+
+    The base of a LoRA task vector is the zero LoRA, so the row is the adapter itself.
+
+    Parameters
+    ----------
+    adapters : list of Adapter
+        T adapters with the same keys and shapes.
 
     Returns
     -------
@@ -25,6 +32,17 @@ def flatten(adapters: list[Adapter]) -> tuple[torch.Tensor, list[str], list[torc
         The key order used.
     shapes : list[torch.Size]
         Shape of each key's tensor, to undo the flattening.
+
+    Examples
+    --------
+    Key "a" comes first in sorted order:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> adapters = [Adapter({"b": torch.tensor([1., 2.]), "a": torch.tensor([[3.]])}, {}),
+    ...             Adapter({"b": torch.tensor([4., 5.]), "a": torch.tensor([[6.]])}, {})]
+    >>> flatten(adapters)
+    (tensor([[3., 1., 2.],
+            [6., 4., 5.]]), ['a', 'b'], [torch.Size([1, 1]), torch.Size([2])])
     """
     keys = sorted(adapters[0].state)
     shapes = [adapters[0].state[k].shape for k in keys]
@@ -33,7 +51,32 @@ def flatten(adapters: list[Adapter]) -> tuple[torch.Tensor, list[str], list[torc
 
 
 def unflatten(vector: torch.Tensor, keys: list[str], shapes: list[torch.Size]) -> LoraState:
-    """Inverse of one row of :func:`flatten`: ``vector`` of shape ``(P,)`` -> ``{key: tensor}``."""
+    """Undo :func:`flatten` for one row: a flat vector back to a LoRA state dict.
+
+    Parameters
+    ----------
+    vector : Tensor, shape (P,)
+        One flat task vector.
+    keys : list[str]
+        Key order, as :func:`flatten` returns it.
+    shapes : list[torch.Size]
+        Shape of each key's tensor.
+
+    Returns
+    -------
+    dict of str to Tensor
+        Key -> tensor of its shape (copies).
+
+    Raises
+    ------
+    ValueError
+        If the sizes do not add up to P.
+
+    Examples
+    --------
+    >>> unflatten(torch.tensor([3., 1., 2.]), ["a", "b"], [torch.Size([1, 1]), torch.Size([2])])
+    {'a': tensor([[3.]]), 'b': tensor([1., 2.])}
+    """
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     if vector.numel() != sum(sizes):
         raise ValueError(f"vector has {vector.numel()} elements, keys need {sum(sizes)}")
@@ -42,10 +85,31 @@ def unflatten(vector: torch.Tensor, keys: list[str], shapes: list[torch.Size]) -
 
 
 def per_segment(tau: torch.Tensor, shapes: list[torch.Size], fn) -> torch.Tensor:
-    """Apply ``fn: [T, P_k] -> [P_k]`` to each tensor's columns of ``tau`` ``[T, P]`` separately; concatenate.
+    """Apply a function to the columns of each LoRA tensor separately, then concatenate the results.
 
     Used to take a method's thresholds and normalisations per LoRA tensor instead of over the
     whole flattened adapter.
+
+    Parameters
+    ----------
+    tau : Tensor, shape (T, P)
+        Stacked task vectors.
+    shapes : list[torch.Size]
+        Shape of each key's tensor, in the flat order (their sizes P_k add up to P).
+    fn : callable
+        ``fn(part) -> Tensor``: ``[T, P_k] -> [P_k]``.
+
+    Returns
+    -------
+    Tensor, shape (P,)
+
+    Examples
+    --------
+    Normalise each segment to sum 1: [4] / 4 and [2, 4] / 6:
+
+    >>> tau = torch.tensor([[1., 2., 4.], [3., 0., 0.]])
+    >>> per_segment(tau, [torch.Size([1]), torch.Size([2])], lambda part: part.sum(0) / part.sum())
+    tensor([1.0000, 0.3333, 0.6667])
     """
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     return torch.cat([fn(part) for part in torch.split(tau, sizes, dim=1)])
@@ -64,8 +128,14 @@ def magnitude_trim(tau: torch.Tensor, keep: float) -> torch.Tensor:
     keep : float in (0, 1]
         Fraction of entries kept per row (TIES' ``k``, 0.2 = top-20%).
 
+    Returns
+    -------
+    Tensor, shape (T, P)
+
     Ties at the threshold are all kept, so slightly more than ``keep`` may survive.
 
+    Examples
+    --------
     >>> magnitude_trim(torch.tensor([[0.1, -3.0, 2.0, 0.5]]), keep=0.5)
     tensor([[ 0., -3.,  2.,  0.]])
     """
@@ -93,15 +163,36 @@ def elect_sign(tau: torch.Tensor) -> torch.Tensor:
     -------
     Tensor, shape (P,), entries in {-1, +1}
 
+    Examples
+    --------
     >>> elect_sign(torch.tensor([[1.0, -2.0], [-3.0, 1.0]]))
     tensor([-1., -1.])
+    >>> elect_sign(torch.tensor([[1.0], [-1.0]]))  # a zero sum elects +1
+    tensor([1.])
     """
     total = tau.sum(dim=0)
     return torch.where(total >= 0, torch.ones_like(total), -torch.ones_like(total))
 
 
 def agreement_mask(tau: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """``[T, P]`` bool: entry is non-zero and has the elected ``sign`` (shape ``(P,)``)."""
+    """Which entries are non-zero and have the elected sign (TIES' set of agreeing tasks).
+
+    Parameters
+    ----------
+    tau : Tensor, shape (T, P)
+    sign : Tensor, shape (P,)
+        Elected sign, entries in {-1, +1} (:func:`elect_sign`).
+
+    Returns
+    -------
+    Tensor, shape (T, P), bool
+
+    Examples
+    --------
+    >>> agreement_mask(torch.tensor([[1.0, -2.0], [-3.0, 1.0]]), torch.tensor([-1.0, -1.0]))
+    tensor([[False,  True],
+            [ True, False]])
+    """
     return (tau * sign) > 0
 
 
@@ -119,6 +210,10 @@ def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     Tensor, shape (P,)
+
+    Examples
+    --------
+    Column 0: tasks 0 and 1 agree with +1, (1 + 3) / 2 = 2; column 1: only task 1 agrees with -1:
 
     >>> disjoint_mean(torch.tensor([[1.0, 0.0], [3.0, -2.0], [-5.0, 0.0]]), torch.tensor([1.0, -1.0]))
     tensor([ 2., -2.])
@@ -144,6 +239,10 @@ def emr_unified(tau: torch.Tensor) -> torch.Tensor:
     -------
     Tensor, shape (P,)
 
+    Examples
+    --------
+    Both sums are negative; the largest negative magnitudes are 3 and 4:
+
     >>> emr_unified(torch.tensor([[1.0, -2.0], [-3.0, 1.0], [0.5, -4.0]]))
     tensor([-3., -4.])
     """
@@ -153,7 +252,26 @@ def emr_unified(tau: torch.Tensor) -> torch.Tensor:
 
 
 def emr_masks(tau: torch.Tensor, unified: torch.Tensor) -> torch.Tensor:
-    r"""Task-specific masks :math:`M_t = 1[\tau_t \odot \tau_{uni} > 0]` (EMR Eq. 5), ``[T, P]`` bool."""
+    r"""Task-specific masks :math:`M_t = 1[\tau_t \odot \tau_{uni} > 0]` (EMR Eq. 5).
+
+    Parameters
+    ----------
+    tau : Tensor, shape (T, P)
+    unified : Tensor, shape (P,)
+        :math:`\tau_{uni}` (:func:`emr_unified`).
+
+    Returns
+    -------
+    Tensor, shape (T, P), bool
+
+    Examples
+    --------
+    >>> tau = torch.tensor([[1.0, -2.0], [-3.0, 1.0], [0.5, -4.0]])
+    >>> emr_masks(tau, emr_unified(tau))  # unified = [-3, -4]
+    tensor([[False,  True],
+            [ True, False],
+            [False,  True]])
+    """
     return (tau * unified) > 0
 
 
@@ -161,14 +279,37 @@ def emr_rescalers(tau: torch.Tensor, unified: torch.Tensor, masks: torch.Tensor)
     r"""Task-specific rescalers :math:`\lambda_t = \frac{\sum|\tau_t|}{\sum|M_t \odot \tau_{uni}|}` (EMR Eq. 6).
 
     One scalar per task over the whole flattened adapter, as in EMR's definition.
-    Returns Tensor of shape ``(T,)``; a task whose mask is empty gets 0.
+
+    Parameters
+    ----------
+    tau : Tensor, shape (T, P)
+    unified : Tensor, shape (P,)
+        :math:`\tau_{uni}` (:func:`emr_unified`).
+    masks : Tensor, shape (T, P), bool
+        :math:`M_t` (:func:`emr_masks`).
+
+    Returns
+    -------
+    Tensor, shape (T,)
+        A task whose mask is empty gets 0.
+
+    Examples
+    --------
+    With unified = [-3, -4]: task 0 keeps |-4|, so 3 / 4; task 1 keeps |-3|, 4 / 3; task 2 keeps
+    |-4|, 4.5 / 4:
+
+    >>> tau = torch.tensor([[1.0, -2.0], [-3.0, 1.0], [0.5, -4.0]])
+    >>> unified = emr_unified(tau)
+    >>> emr_rescalers(tau, unified, emr_masks(tau, unified))
+    tensor([0.7500, 1.3333, 1.1250])
     """
     kept = (masks * unified.abs()).sum(dim=1)
     return torch.where(kept > 0, tau.abs().sum(dim=1) / kept.clamp(min=torch.finfo(tau.dtype).tiny), 0.0)
 
 
 # --------------------------------------------------------------------------- TALL / Consensus
-def tall_masks(tau: torch.Tensor, lambdas: float | torch.Tensor, multi_task: torch.Tensor | None = None) -> torch.Tensor:
+def tall_masks(tau: torch.Tensor, lambdas: float | torch.Tensor,
+               multi_task: torch.Tensor | None = None) -> torch.Tensor:
     r"""TALL masks (Wang et al. 2024, "Localizing task information...", Eq. 4).
 
     :math:`m_t = 1\{|\tau_t| \ge \lambda_t \, |\tau_{MTL} - \tau_t|\}` with
@@ -190,6 +331,10 @@ def tall_masks(tau: torch.Tensor, lambdas: float | torch.Tensor, multi_task: tor
     -------
     Tensor, shape (T, P), bool
 
+    Examples
+    --------
+    tau_MTL = [2, 2.1]. Task 0, entry 1: |0.1| < 0.5 * |2.1 - 0.1| = 1, so it is dropped:
+
     >>> tall_masks(torch.tensor([[1.0, 0.1], [1.0, 2.0]]), 0.5).int()
     tensor([[1, 0],
             [1, 1]], dtype=torch.int32)
@@ -202,15 +347,49 @@ def tall_masks(tau: torch.Tensor, lambdas: float | torch.Tensor, multi_task: tor
 def consensus_mask(masks: torch.Tensor, k: int) -> torch.Tensor:
     r"""Entries active in at least ``k`` task masks: :math:`m_{cons} = 1\{\sum_t m_t \ge k\}` (Consensus, Eq. 5).
 
-    ``masks``: ``[T, P]`` bool -> ``[P]`` bool. ``k=2`` removes "selfish" weights (one task
-    only) and "catastrophic" ones (no task).
+    ``k=2`` removes "selfish" weights (one task only) and "catastrophic" ones (no task).
+
+    Parameters
+    ----------
+    masks : Tensor, shape (T, P), bool
+        TALL masks (:func:`tall_masks`).
+    k : int
+        Minimum number of tasks.
+
+    Returns
+    -------
+    Tensor, shape (P,), bool
+
+    Examples
+    --------
+    >>> consensus_mask(torch.tensor([[True, False, True], [True, True, False]]), 2)
+    tensor([ True, False, False])
     """
     return masks.sum(dim=0) >= k
 
 
 # --------------------------------------------------------------------------- PCB
 def minmax_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``(x - min) / (max - min)`` along ``dim``; a constant row maps to 0."""
+    """Min-max normalisation ``(x - min) / (max - min)`` along one dimension (PCB's Norm).
+
+    Parameters
+    ----------
+    x : Tensor
+        Any shape.
+    dim : int
+        The dimension to normalise along.
+
+    Returns
+    -------
+    Tensor
+        Same shape, in [0, 1]; a constant row maps to 0.
+
+    Examples
+    --------
+    >>> minmax_normalize(torch.tensor([[1., 3., 5.], [2., 2., 2.]]))
+    tensor([[0.0000, 0.5000, 1.0000],
+            [0.0000, 0.0000, 0.0000]])
+    """
     lo = x.amin(dim=dim, keepdim=True)
     span = x.amax(dim=dim, keepdim=True) - lo
     return torch.where(span > 0, (x - lo) / span.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(x))
@@ -234,7 +413,18 @@ def pcb_log_balance(tau: torch.Tensor) -> torch.Tensor:
 
     Returns
     -------
-    Tensor, shape (T, P): :math:`\log \beta`.
+    Tensor, shape (T, P)
+        :math:`\log \beta`.
+
+    Examples
+    --------
+    One task of two equal entries: Norm gives [0, 0], each softmax 1/2, so beta = 1/4. With
+    entries [0, 1], Norm gives [0, 1] and each softmax (0.2689, 0.7311), so beta = their squares:
+
+    >>> pcb_log_balance(torch.tensor([[1., 1.]])).exp()
+    tensor([[0.2500, 0.2500]])
+    >>> pcb_log_balance(torch.tensor([[0., 1.]])).exp()
+    tensor([[0.0723, 0.5344]])
     """
     n_tasks = tau.shape[0]
     log_intra = torch.log_softmax(n_tasks * minmax_normalize(tau * tau, dim=1), dim=1)
@@ -248,7 +438,24 @@ def keep_top_fraction(scores: torch.Tensor, drop: float) -> torch.Tensor:
     r"""Mask keeping, per row, entries whose score is at or above the ``drop`` quantile.
 
     PCB Eq. 5: :math:`m_i = \beta_i \ge \mathrm{sorted}(\beta_i)[r \cdot P]` with drop ratio ``r``.
-    ``scores``: ``[T, P]`` -> ``[T, P]`` bool. ``drop=0`` keeps everything.
+
+    Parameters
+    ----------
+    scores : Tensor, shape (T, P)
+        E.g. PCB's log balance (:func:`pcb_log_balance`).
+    drop : float in [0, 1)
+        Fraction dropped per row; ``drop=0`` keeps everything.
+
+    Returns
+    -------
+    Tensor, shape (T, P), bool
+
+    Examples
+    --------
+    Dropping half of four scores keeps those at or above the third smallest, 3:
+
+    >>> keep_top_fraction(torch.tensor([[1., 4., 2., 3.]]), 0.5)
+    tensor([[False,  True, False,  True]])
     """
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop ratio must be in [0, 1), got {drop}")
@@ -265,7 +472,27 @@ def balanced_mean(tau: torch.Tensor, log_weights: torch.Tensor, keep: torch.Tens
     :math:`\hat\beta_i = m_i \odot \beta_i`; written as a softmax over tasks of the masked log
     weights so it never divides tiny numbers. Entries that every task dropped become 0.
 
-    tau, log_weights, keep : Tensor, shape (T, P) -> Tensor, shape (P,)
+    Parameters
+    ----------
+    tau : Tensor, shape (T, P)
+    log_weights : Tensor, shape (T, P)
+        :math:`\log \beta` (:func:`pcb_log_balance`).
+    keep : Tensor, shape (T, P), bool
+        :math:`m_i` (:func:`keep_top_fraction`).
+
+    Returns
+    -------
+    Tensor, shape (P,)
+
+    Examples
+    --------
+    Weights 3 and 1 on column 0: (3·1 + 1·3) / 4 = 1.5; equal weights on column 1: (2 + 4) / 2:
+
+    >>> tau = torch.tensor([[1., 2.], [3., 4.]])
+    >>> balanced_mean(tau, torch.tensor([[3., 1.], [1., 1.]]).log(), torch.ones(2, 2, dtype=torch.bool))
+    tensor([1.5000, 3.0000])
+    >>> balanced_mean(tau, torch.zeros(2, 2), torch.tensor([[True, False], [True, False]]))  # column 1 dropped
+    tensor([2., 0.])
     """
     masked = torch.where(keep, log_weights, torch.full_like(log_weights, -torch.inf))
     any_kept = keep.any(dim=0)

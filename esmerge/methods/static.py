@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from esmerge.adapters import Adapter, with_state
-from esmerge.encoders import MODALITIES
+from esmerge.data.benchmarks import benchmark_modalities
 from esmerge.methods import HParam, MergeResult, register
 from esmerge.methods import primitives as P
+from esmerge.specialists.adapters import Adapter, with_state
+from esmerge.specialists.encoders import MODALITIES
 
 
 def _merged(adapters: list[Adapter], vector: torch.Tensor, keys, shapes, name: str, info: dict, start: float,
@@ -39,8 +40,26 @@ def _scoped(tau: torch.Tensor, shapes, scope: str, fn) -> torch.Tensor:
 
 
 def task_name(name: str, index: int) -> str:
-    """The task of an adapter named ``name``: its modality if the name is or starts with one
-    (``"molecule"``, ``"molecule-specialist"``), else the name itself, else ``task{index}``."""
+    """The task (modality) of an adapter, from its name.
+
+    Parameters
+    ----------
+    name : str
+        The adapter's name.
+    index : int
+        Its position, for an unnamed adapter.
+
+    Returns
+    -------
+    str
+        Its modality if the name is one or starts with one and ``-`` or ``_`` (``"molecule"``,
+        ``"molecule-specialist"``), else the name itself, else ``task{index}``.
+
+    Examples
+    --------
+    >>> task_name("molecule-specialist", 0), task_name("cell_v2", 1), task_name("mine", 1), task_name("", 2)
+    ('molecule', 'cell', 'mine', 'task2')
+    """
     for modality in MODALITIES:
         if name == modality or name.startswith(modality + "-") or name.startswith(modality + "_"):
             return modality
@@ -48,7 +67,26 @@ def task_name(name: str, index: int) -> str:
 
 
 def task_names(adapters: list[Adapter]) -> list[str]:
-    """Task names of the adapters (see :func:`task_name`); ``task{i}`` for all if any two collide."""
+    """The task names of several adapters (see :func:`task_name`).
+
+    Parameters
+    ----------
+    adapters : list of Adapter
+        The adapters, in order.
+
+    Returns
+    -------
+    list of str
+        One name per adapter; ``task{i}`` for all if any two collide.
+
+    Examples
+    --------
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> task_names([Adapter({}, {}, "cell"), Adapter({}, {}, "protein-x")])
+    ['cell', 'protein']
+    >>> task_names([Adapter({}, {}, "molecule"), Adapter({}, {}, "molecule_v2")])
+    ['task0', 'task1']
+    """
     names = [task_name(a.name, i) for i, a in enumerate(adapters)]
     return names if len(set(names)) == len(names) else [f"task{i}" for i in range(len(adapters))]
 
@@ -56,10 +94,34 @@ def task_names(adapters: list[Adapter]) -> list[str]:
 # --------------------------------------------------------------------------- Average
 @register("avg", "Avg. Merging", "https://arxiv.org/abs/2203.05482")
 def average(adapters: list[Adapter], context=None) -> MergeResult:
-    r"""Element-wise mean of the LoRA tensors: Eq. 1 with :math:`\lambda_{m_i}^{l,n} = 1/K`.
+    r"""Average Merging: the element-wise mean of the LoRA tensors, Eq. 1 with :math:`\lambda_{m_i}^{l,n} = 1/K`.
 
+    A baseline of the paper (App. A.2).
+
+    Parameters
+    ----------
+    adapters : list of Adapter
+        The T specialists (task vectors: the base is the zero LoRA).
+    context : ignored
+        Training-free: no context is needed.
+
+    Returns
+    -------
+    MergeResult
+        The mean adapter.
+
+    Notes
+    -----
     Choices where the paper is silent: none (the A's and the B's are averaged separately,
     as Eq. 1 prescribes; the product :math:`\bar B \bar A` is not the mean of :math:`B_t A_t`).
+
+    Examples
+    --------
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> a = Adapter({"w": torch.tensor([1., 3.])}, {}, "molecule")
+    >>> b = Adapter({"w": torch.tensor([3., 5.])}, {}, "protein")
+    >>> average([a, b]).adapter.state["w"]
+    tensor([2., 4.])
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
@@ -87,6 +149,10 @@ def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float 
 
     Parameters
     ----------
+    adapters : list of Adapter
+        The T specialists (task vectors: the base is the zero LoRA).
+    context : ignored
+        Training-free: no context is needed.
     keep : float
         Fraction of each task vector kept by magnitude (the paper's k = 20%, its default).
     scale : float
@@ -99,8 +165,26 @@ def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float 
         update BA nearly vanishes. We default to a threshold per LoRA tensor (as PEFT's
         LoRA TIES does); ``"model"`` reproduces the original's global threshold.
 
+    Returns
+    -------
+    MergeResult
+        The merged adapter.
+
+    Notes
+    -----
     Choices where the papers are silent: the scope above; a zero sign-sum elects +1
     (irrelevant to the result).
+
+    Examples
+    --------
+    Nothing trimmed: entry 0 elects + and averages 1 and 3; entry 1 elects - and keeps -2;
+    entry 2 sums to 0, elects + and keeps 0.5:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> a = Adapter({"w": torch.tensor([1., -2., 0.5])}, {}, "molecule")
+    >>> b = Adapter({"w": torch.tensor([3., 1., -0.5])}, {}, "protein")
+    >>> ties([a, b], keep=1.0).adapter.state["w"]
+    tensor([ 2.0000, -2.0000,  0.5000])
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
@@ -110,7 +194,8 @@ def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float 
         return P.disjoint_mean(trimmed, P.elect_sign(trimmed))
 
     merged = scale * _scoped(tau, shapes, scope, merge)
-    return _merged(adapters, merged, keys, shapes, "ties", {"hparams": {"keep": keep, "scale": scale, "scope": scope}}, start)
+    return _merged(adapters, merged, keys, shapes, "ties", {"hparams": {"keep": keep, "scale": scale, "scope": scope}},
+                   start)
 
 
 # --------------------------------------------------------------------------- EMR
@@ -130,6 +215,21 @@ def emr(adapters: list[Adapter], context=None) -> MergeResult:
     ``"{task}.rescale"`` (scalar); :func:`emr_task_adapter` rebuilds the modulated task
     vector :math:`\hat\tau_t = \lambda_t M_t \odot \tau_{uni}` (Eq. 7).
 
+    Parameters
+    ----------
+    adapters : list of Adapter
+        The T specialists (task vectors: the base is the zero LoRA).
+    context : ignored
+        Training-free: no context is needed.
+
+    Returns
+    -------
+    MergeResult
+        :math:`\tau_{uni}` with the masks and rescalers as extras; ``info`` holds the rescalers,
+        the mask densities and the cross-modal rule.
+
+    Notes
+    -----
     Choices where the paper is silent:
 
     * Rescalers are one scalar per task over the whole flattened adapter.
@@ -137,6 +237,20 @@ def emr(adapters: list[Adapter], context=None) -> MergeResult:
       average the modulated adapters :math:`\hat\tau_t` of the modalities present in the
       benchmark (:func:`emr_benchmark_adapter`); e.g. molecule-protein interaction uses
       :math:`(\hat\tau_{mol} + \hat\tau_{prot})/2`.
+
+    Examples
+    --------
+    Signs elected: (+, +). Unified magnitudes: 3 (from the molecule task) and 2 (protein).
+    Rescalers: molecule (3 + 1) / 3, protein (1 + 2) / 2:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> a = Adapter({"w": torch.tensor([3., -1.])}, {}, "molecule")
+    >>> b = Adapter({"w": torch.tensor([-1., 2.])}, {}, "protein")
+    >>> result = emr([a, b])
+    >>> result.adapter.state["w"], result.adapter.extras["molecule.mask.w"]
+    (tensor([3., 2.]), tensor([ True, False]))
+    >>> {task: round(v, 4) for task, v in result.info["rescalers"].items()}
+    {'molecule': 1.3333, 'protein': 1.5}
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
@@ -159,7 +273,36 @@ def emr(adapters: list[Adapter], context=None) -> MergeResult:
 
 
 def emr_task_adapter(result: MergeResult | Adapter, task: str) -> Adapter:
-    r"""The modulated adapter :math:`\lambda_t M_t \odot \tau_{uni}` of one task (EMR Eq. 7)."""
+    r"""The modulated adapter :math:`\hat\tau_t = \lambda_t M_t \odot \tau_{uni}` of one task (EMR Eq. 7).
+
+    Parameters
+    ----------
+    result : MergeResult or Adapter
+        EMR's output (with its masks and rescalers as extras).
+    task : str
+        The task (modality).
+
+    Returns
+    -------
+    Adapter
+        Named ``emr[task]``.
+
+    Raises
+    ------
+    KeyError
+        If the adapter has no EMR extras for that task.
+
+    Examples
+    --------
+    With the example of :func:`emr`: molecule keeps entry 0, 4/3 · 3 = 4; protein keeps entry 1,
+    1.5 · 2 = 3:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> result = emr([Adapter({"w": torch.tensor([3., -1.])}, {}, "molecule"),
+    ...               Adapter({"w": torch.tensor([-1., 2.])}, {}, "protein")])
+    >>> emr_task_adapter(result, "molecule").state["w"], emr_task_adapter(result, "protein").state["w"]
+    (tensor([4., 0.]), tensor([0., 3.]))
+    """
     merged = result.adapter if isinstance(result, MergeResult) else result
     if f"{task}.rescale" not in merged.extras:
         known = sorted({k.split(".")[0] for k in merged.extras})
@@ -170,7 +313,30 @@ def emr_task_adapter(result: MergeResult | Adapter, task: str) -> Adapter:
 
 
 def emr_benchmark_adapter(result: MergeResult | Adapter, modalities: list[str]) -> Adapter:
-    """Mean of the EMR task adapters of the ``modalities`` a benchmark contains (our cross-modal rule)."""
+    """The mean of the EMR task adapters of the modalities a benchmark contains (our cross-modal rule).
+
+    Parameters
+    ----------
+    result : MergeResult or Adapter
+        EMR's output.
+    modalities : list of str
+        The benchmark's modalities (at least one).
+
+    Returns
+    -------
+    Adapter
+        Named ``emr[m1+m2...]``.
+
+    Examples
+    --------
+    The mean of [4, 0] and [0, 3] (see :func:`emr_task_adapter`):
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> result = emr([Adapter({"w": torch.tensor([3., -1.])}, {}, "molecule"),
+    ...               Adapter({"w": torch.tensor([-1., 2.])}, {}, "protein")])
+    >>> emr_benchmark_adapter(result, ["molecule", "protein"]).state["w"]
+    tensor([2.0000, 1.5000])
+    """
     if not modalities:
         raise ValueError("a benchmark needs at least one modality to pick EMR masks")
     parts = [emr_task_adapter(result, m) for m in modalities]
@@ -186,12 +352,17 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float =
         scope: str = "tensor") -> MergeResult:
     r"""PCB-Merging (Du et al. 2024, Eqs. 2-7).
 
-    :math:`\beta_i = \mathrm{Softmax}(T\,\mathrm{Norm}(\tau_i^2)) \odot \sum_j \mathrm{Softmax}(\mathrm{Norm}(\tau_i \odot \tau_j))`,
+    :math:`\beta_i = \mathrm{Softmax}(T\,\mathrm{Norm}(\tau_i^2)) \odot
+    \sum_j \mathrm{Softmax}(\mathrm{Norm}(\tau_i \odot \tau_j))`,
     drop the lowest ``drop`` fraction of :math:`\beta_i` per task,
     :math:`\tau_m = \lambda \sum_i \hat\beta_i \tau_i / \sum_i \hat\beta_i`.
 
     Parameters
     ----------
+    adapters : list of Adapter
+        The T specialists (task vectors: the base is the zero LoRA).
+    context : ignored
+        Training-free: no context is needed.
     drop : float
         Fraction of each task's entries dropped (paper's ratio r). 0.9 matches the official
         code's default ``pcb_ratio=0.1``, which *keeps* the top 10% of :math:`\beta_i`.
@@ -204,11 +375,29 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float =
         Over the whole adapter the kept 10% are almost all A entries (larger than B's), every
         B is dropped and the merged update BA is exactly 0; hence per tensor.
 
+    Returns
+    -------
+    MergeResult
+        The merged adapter; ``info`` holds the fraction of entries kept.
+
+    Notes
+    -----
     Choices where the paper is silent or the code differs: we follow the paper's Eq. 3
     (a sum of softmaxes) rather than the official code's ``tanh(tau_i * sum_j tau_j)``;
     Norm is min-max within a task vector (the code's ``normalize``); we skip the code's
     0.01% outlier clamping; kept entries are weighted by :math:`\beta` itself (Eq. 6), not
     by a min-max rescaled :math:`\beta`.
+
+    Examples
+    --------
+    Two equal tasks each keep their larger entry only, so entry 0 is dropped by both (0) and
+    entry 1 is the balanced mean of 2 and 2:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> a = Adapter({"w": torch.tensor([1., 2.])}, {}, "molecule")
+    >>> result = pcb([a, Adapter({"w": torch.tensor([1., 2.])}, {}, "protein")], drop=0.5)
+    >>> result.adapter.state["w"], result.info["kept_fraction"]
+    (tensor([0., 2.]), 0.5)
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
@@ -242,6 +431,10 @@ def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k
 
     Parameters
     ----------
+    adapters : list of Adapter
+        The T specialists (task vectors: the base is the zero LoRA).
+    context : ignored
+        Training-free: no context is needed.
     tall_lambda : float
         :math:`\lambda_t`, the same for every task. The paper picks each from
         {0.2, ..., 0.6} on validation data; we have none and take the middle, 0.4.
@@ -251,9 +444,27 @@ def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k
         Task-arithmetic :math:`\alpha`; tuned on validation in the paper. Default ``1/T``,
         so that with every entry kept the result is the plain average (comparable to Avg).
 
+    Returns
+    -------
+    MergeResult
+        The merged adapter; ``info`` holds the kept fraction and each task's TALL mask density.
+
+    Notes
+    -----
     Choices where the paper is silent: :math:`\tau_{MTL}` is the unscaled task-arithmetic
     sum of the task vectors (as FusionBench's TALL-mask implementation builds it); the same
     :math:`\lambda` for all tasks.
+
+    Examples
+    --------
+    The TALL masks of :func:`~esmerge.methods.primitives.tall_masks`' example: entry 0 matters to
+    both tasks and is kept, (1 + 1) / 2 = 1; entry 1 matters to one task only and is dropped:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> a = Adapter({"w": torch.tensor([1., 0.1])}, {}, "molecule")
+    >>> b = Adapter({"w": torch.tensor([1., 2.])}, {}, "protein")
+    >>> consensus([a, b], tall_lambda=0.5).adapter.state["w"]
+    tensor([1., 0.])
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
@@ -267,3 +478,32 @@ def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k
         "tall_mask_density": {n: float(m.float().mean()) for n, m in zip(task_names(adapters), masks)},
     }
     return _merged(adapters, merged, keys, shapes, "consensus", info, start)
+
+
+def emr_adapter_for_benchmark(merged: Adapter, benchmark: str) -> Adapter:
+    """EMR's adapter for one benchmark: the mean of the modulated task vectors of its modalities.
+
+    Parameters
+    ----------
+    merged : Adapter
+        EMR's merged adapter.
+    benchmark : str
+        A benchmark name (``esmerge.data.benchmarks``), e.g. ``"BindingDB"``.
+
+    Returns
+    -------
+    Adapter
+        ``emr_benchmark_adapter`` over the benchmark's modalities.
+
+    Examples
+    --------
+    BindingDB holds proteins and molecules:
+
+    >>> from esmerge.specialists.adapters import Adapter
+    >>> result = emr([Adapter({"w": torch.tensor([3., -1.])}, {}, "molecule"),
+    ...               Adapter({"w": torch.tensor([-1., 2.])}, {}, "protein")])
+    >>> adapter = emr_adapter_for_benchmark(result.adapter, "BindingDB")
+    >>> adapter.name, adapter.state["w"]
+    ('emr[protein+molecule]', tensor([2.0000, 1.5000]))
+    """
+    return emr_benchmark_adapter(merged, benchmark_modalities(benchmark))

@@ -10,7 +10,7 @@ Serves ``book/_build/html`` on 127.0.0.1 (python's http.server), opens each page
 * the page has a heading,
 * every equation was typeset by MathJax (served from the book itself, so this holds offline),
 * every chapter (a page under ``executed/`` or ``shipped/``) shows its freshness banner (the
-  commit and input key it ran from, ``esmerge.sphinx_freshness``),
+  commit and input key it ran from, ``esmerge.regen.sphinx_freshness``),
 
 and saves a full-page screenshot per page under ``book/_build/screenshots/<scale>/`` (the scale
 of the last build; CI keeps that folder as an artefact). The protocol runs

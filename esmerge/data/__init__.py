@@ -1,0 +1,7 @@
+"""Stage 1, data: the upstream files and the 13 interaction benchmarks built from them.
+
+* ``files`` -- the manifest (``data_manifest/files.yaml``): where each file resolves, its sha256, fetching;
+* ``sources`` -- readers of the upstream corpora (ChEBI-20, Swiss-Prot GO, PBMC68k, CCLE, ...);
+* ``benchmarks`` -- the one table of the 13 benchmarks of Tables 1-2 (groups, kinds, prompt fields, splits);
+* ``tables`` -- the data chapter's tables.
+"""

@@ -1,0 +1,329 @@
+"""The evaluation driver: one model on one benchmark -> accuracy, macro-F1, CIs and every answer.
+
+``evaluate`` validates the pools (``benchmarks.check_rows``) before any model work, retrieves the
+shots, builds the prompts, scores both answers (``config.scoring="loglik"``) or reads the label from
+a greedy reply (``"generate"``, the paper's own scoring) and caches the result as JSON under ``out_dir``
+(keyed by the model's weights, the benchmark, the pools and the settings), so an interrupted sweep
+resumes. ``EvalSession`` holds what a sweep over models shares: entity features, retrieved shots
+and the PEFT copy of the base.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esmerge import scales
+from esmerge.cache import atomic_write_json
+from esmerge.data.benchmarks import BENCHMARK_NAMES, check_rows, load_benchmark, spec, split_pools
+from esmerge.errors import UsageError
+from esmerge.evaluate import calibration
+from esmerge.evaluate.generation import MAX_NEW_TOKENS, SCORINGS, generate_replies, score_replies
+from esmerge.evaluate.models import ModelUnderTest, PeftCopies
+from esmerge.evaluate.prompts import PromptOptions, build_prompt
+from esmerge.evaluate.retrieval import RetrievalCache, frame_digest
+from esmerge.evaluate.scoring import FeatureCache, collate, common_n_tokens, label_logits, prompt_token_ids
+from esmerge.evaluate.stats import accuracy, auroc, bootstrap_ci, macro_f1
+from esmerge.paths import runs_root
+from esmerge.progress import track
+
+SHOT_LABELS = ("retrieved", "shuffled")
+PROMPT_VERSION = 1  # bump when prompts or scoring change, so cached results are recomputed
+_CPU = scales.get("cpu").evaluation
+
+
+@dataclass(frozen=True, repr=False)
+class EvalConfig:
+    """Everything that decides an evaluation's numbers (and hence its cache key).
+
+    The defaults are the ``cpu`` scale's (``scales.get("cpu").evaluation``); ``for_scale`` gives
+    any scale's. At cpu, n = 64 gives a 95 % CI of about +-12 points on a per-benchmark accuracy.
+    ``scoring``: ``"loglik"`` (the likelier answer, ``evaluate.scoring``) or ``"generate"`` (a greedy
+    reply of at most ``max_new_tokens`` read by its ``Final answer:``, ``evaluate.generation``).
+    """
+
+    n_eval: int = _CPU.n_eval
+    n_context: int = _CPU.n_context
+    n_shots: int = _CPU.n_shots
+    seed: int = 0
+    top_k_genes: int = _CPU.top_k_genes
+    protein_chars: int = _CPU.protein_chars
+    smiles_chars: int | None = _CPU.smiles_chars
+    batch_size: int = _CPU.batch_size
+    n_resamples: int = _CPU.n_resamples
+    decision: str = _CPU.decision  # calibration.DECISIONS
+    n_calibration: int = _CPU.n_calibration
+    shot_labels: str = "retrieved"  # "shuffled": the shots-shuffled control (calibration.shuffled_shot_labels)
+    scoring: str = _CPU.scoring  # generation.SCORINGS
+    max_new_tokens: int = MAX_NEW_TOKENS  # read only by scoring="generate"
+
+    @classmethod
+    def for_scale(cls, scale: str, **overrides) -> "EvalConfig":
+        """The evaluation settings of ``scale`` (``scales.get(scale).evaluation``), with ``overrides``."""
+        defaults = scales.get(scale).evaluation
+        own = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in defaults.__dict__.items() if k in own}, **overrides})
+
+    def __post_init__(self):
+        from esmerge.errors import check_seed
+
+        check_seed(self.seed, "seed")  # the pools' numpy generator takes [0, 2**32)
+        if self.decision not in calibration.DECISIONS:
+            raise UsageError(f"decision={self.decision!r}: choose one of {', '.join(calibration.DECISIONS)}")
+        if self.shot_labels not in SHOT_LABELS:
+            raise UsageError(f"shot_labels={self.shot_labels!r}: choose one of {', '.join(SHOT_LABELS)}")
+        if self.scoring not in SCORINGS:
+            raise UsageError(f"scoring={self.scoring!r}: choose one of {', '.join(SCORINGS)}")
+        if self.scoring == "generate" and self.decision != "argmax":
+            raise UsageError(f"decision={self.decision!r} reads the two answers' scores, which "
+                             "scoring='generate' has none of: use decision='argmax' or scoring='loglik'")
+
+    def _shown(self) -> dict:
+        # The generation fields only when generating, so log-likelihood settings keep the keys
+        # (and the printed form) they had before generation existed.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.scoring == "loglik":
+            shown.pop("scoring"), shown.pop("max_new_tokens")
+        return shown
+
+    def __repr__(self) -> str:
+        return f"EvalConfig({', '.join(f'{k}={v!r}' for k, v in self._shown().items())})"
+
+    def key(self) -> dict:
+        """The settings that decide the numbers; the decision fields only when they differ from the
+        plain argmax on retrieved shots, and the generation fields only with ``scoring="generate"``,
+        so results computed before they existed keep their keys."""
+        key = {k: v for k, v in self._shown().items() if k != "batch_size"}
+        if self.decision == "argmax":
+            key.pop("decision"), key.pop("n_calibration")
+        if self.shot_labels == "retrieved":
+            key.pop("shot_labels")
+        return key
+
+
+def check_pool_sizes(benchmark: str, config: EvalConfig, rows: int) -> None:
+    """Refuse settings whose pools ``benchmark`` (``rows`` usable rows) cannot supply, in one line naming both.
+
+    >>> check_pool_sizes("CYP2C9-substrate", EvalConfig(n_eval=700, n_context=12), rows=666)
+    ... # doctest: +NORMALIZE_WHITESPACE
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: n_eval=700 (--n-eval): CYP2C9-substrate has 666 rows, 12 of them for the in-context
+    pool; use at most 654
+    """
+    if config.n_eval + config.n_context > rows:
+        raise UsageError(f"n_eval={config.n_eval} (--n-eval): {benchmark} has {rows} rows, {config.n_context} of them "
+                         f"for the in-context pool; use at most {max(rows - config.n_context, 0)}")
+    if config.n_shots > config.n_context:
+        raise UsageError(f"n_shots={config.n_shots} (--n-shots): the in-context pool of {benchmark} holds "
+                         f"{config.n_context} rows; use at most {config.n_context}")
+
+
+def default_config(scale: str) -> EvalConfig:
+    return EvalConfig.for_scale(scale)
+
+
+def default_benchmarks(scale: str) -> tuple[str, ...]:
+    """The benchmarks a scale evaluates by default (all 13 unless ``scales`` names fewer)."""
+    return scales.get(scale).evaluation.benchmarks or BENCHMARK_NAMES
+
+
+def eval_dir(scale: str) -> Path:
+    """Default cache of evaluation results: ``runs/{scale}/07_results/evals`` (``$ESMERGE_RUNS_DIR`` honoured)."""
+    return runs_root() / scale / "07_results" / "evals"
+
+
+@dataclass
+class EvalSession:
+    """What a sweep over models and benchmarks shares; pass one to every ``evaluate`` call of a sweep."""
+
+    features: FeatureCache = field(default_factory=FeatureCache)
+    retrieval: RetrievalCache = field(default_factory=RetrievalCache)
+    copies: PeftCopies = field(default_factory=PeftCopies)
+
+
+def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = None, *,
+             pools: tuple[pd.DataFrame, pd.DataFrame] | None = None, out_dir: Path | None = None,
+             progress: bool = True, session: EvalSession | None = None) -> dict:
+    """Evaluate ``mut`` on ``benchmark``; cached as JSON under ``out_dir``.
+
+    ``pools = (eval_df, context_df)`` overrides ``split_pools(load_benchmark(...))``; both are
+    checked by ``benchmarks.check_rows`` first (``InputError`` naming the row: a label other than
+    0/1, a repeated row, an unknown cell line, ...). ``session`` shares caches across calls.
+    Returns ``{method, benchmark, model_id, accuracy, accuracy_ci, macro_f1, macro_f1_ci, n, seed,
+    config, example_ids, y, pred, scores, seconds}`` (metrics in percent, CIs at 95 %); a fitted
+    ``config.decision`` (``evaluate.calibration``) adds ``decision`` (what was fitted, on context
+    rows only) and ``pred_argmax``. ``config.shot_labels="shuffled"`` is the shots-shuffled control.
+    ``config.scoring="generate"`` answers by greedy replies: ``pred`` is -1 for a reply naming no label
+    (counted wrong), ``scores`` is None and ``auroc`` NaN, and the result adds ``scoring``, ``replies``,
+    ``invalid_rate`` (percent) and ``n_invalid``.
+    """
+    config = config or EvalConfig()
+    session = session or EvalSession()
+    kind = spec(benchmark).kind
+    if pools is None:
+        frame = load_benchmark(benchmark)
+        check_pool_sizes(benchmark, config, len(frame))
+        pools = split_pools(frame, config.n_eval, config.n_context, config.seed)
+    eval_df, context_df = pools
+    check_rows(benchmark, eval_df, "eval pool")
+    check_rows(benchmark, context_df, "context pool")
+    if len(context_df) < config.n_shots:
+        raise UsageError(f"n_shots={config.n_shots} (--n-shots): the in-context pool of {benchmark} holds "
+                         f"{len(context_df)} rows; use at most {len(context_df)}")
+    options = PromptOptions(frozenset(mut.projectors), config.top_k_genes, config.protein_chars, config.smiles_chars)
+    key_parts = [PROMPT_VERSION, mut.model_id(benchmark), benchmark, config.key(), options.key(),
+                 frame_digest(eval_df), frame_digest(context_df)]
+    digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = (out_dir or eval_dir(mut.base.scale)) / mut.name / f"{benchmark}-{digest}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+
+    started = time.time()
+    tokenizer = mut.base.tokenizer
+    n_tokens = common_n_tokens(mut.projectors)  # None: each projector gives its own block lengths
+    prompts = _prompts(benchmark, kind, eval_df, context_df, config, options, tokenizer, session)
+    y = eval_df["y"].astype(int).to_numpy()
+    desc = f"{mut.name} / {benchmark}"
+    if config.scoring == "generate":
+        replies = _generate_all(mut, benchmark, prompts, config, session, n_tokens, progress, desc)
+        scored = score_replies(replies, prompts[0].labels if prompts else ("", ""), y)
+        pred, score, decision = np.asarray(scored["pred"], dtype=int), None, {}
+    else:
+        fit_prompts, fit_y = _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, session)
+        score, fit_score = _score_all(mut, benchmark, [prompts, fit_prompts], config, session, n_tokens, progress,
+                                      [desc, f"{desc} (calibration)"])
+        pred, decision = _decide(score, fit_score if fit_prompts else None, fit_y, config)
+    result = {
+        "method": mut.name, "benchmark": benchmark, "model_id": mut.model_id(benchmark),
+        "n": int(len(y)), "seed": config.seed, "config": config.key(), "options": options.key(),
+        "accuracy": float(accuracy(y, pred)),
+        "accuracy_ci": list(bootstrap_ci(y, pred, "accuracy", config.n_resamples, config.seed)),
+        "macro_f1": float(macro_f1(y, pred)),
+        "macro_f1_ci": list(bootstrap_ci(y, pred, "macro_f1", config.n_resamples, config.seed)),
+        "auroc": auroc(y, score[:, 1] - score[:, 0]) if score is not None else float("nan"),
+        "mean_prompt_tokens": float(np.mean([len(prompt_token_ids(p, tokenizer, n_tokens, 0, mut.projectors)[0])
+                                             for p in prompts])),
+        "seconds": time.time() - started,
+        "example_ids": [str(i) for i in eval_df.index], "y": y.tolist(), "pred": pred.tolist(),
+        "scores": score.round(4).tolist() if score is not None else None,
+    }
+    if decision:
+        result["decision"] = decision
+        result["pred_argmax"] = score.argmax(1).tolist()
+    if config.scoring == "generate":
+        result.update(scoring="generate", replies=replies, invalid_rate=scored["invalid_rate"],
+                      n_invalid=scored["n_invalid"])
+    atomic_write_json(path, result)
+    return result
+
+
+def _score_all(mut, benchmark, prompt_lists, config, session, n_tokens, progress, descs) -> list:
+    """``label_logits`` ``[n, 2]`` (numpy) of each list of prompts, in batches of ``config.batch_size``
+    (None for an empty list)."""
+    tokenizer = mut.base.tokenizer
+    out = []
+    with mut.model_for(benchmark, session.copies) as model, torch.no_grad():
+        for todo, desc in zip(prompt_lists, descs):
+            if not todo:
+                out.append(None)
+                continue
+            chunks = range(0, len(todo), config.batch_size)
+            if progress:
+                chunks = track(chunks, desc=desc, unit="batch")
+            batches = (collate(todo[i: i + config.batch_size], tokenizer, n_tokens, session.features, mut.projectors)
+                       for i in chunks)
+            out.append(torch.cat([label_logits(model, batch, mut.projectors).float().cpu()
+                                  for batch in batches]).numpy())
+    return out
+
+
+def _generate_all(mut, benchmark, prompts, config, session, n_tokens, progress, desc) -> list[str]:
+    """Greedy replies (``generation.generate_replies``) to ``prompts``, in batches of ``config.batch_size``."""
+    replies = []
+    with mut.model_for(benchmark, session.copies) as model:
+        chunks = range(0, len(prompts), config.batch_size)
+        if progress:
+            chunks = track(chunks, desc=desc, unit="batch")
+        for i in chunks:
+            replies += generate_replies(model, prompts[i: i + config.batch_size], mut.base.tokenizer, mut.projectors,
+                                        n_tokens, config.max_new_tokens, features=session.features)
+    return replies
+
+
+def _prompts(benchmark, kind, queries, pool_df, config, options, tokenizer, session, content_free=False,
+             shuffle=None):
+    """The prompts of ``queries`` with shots retrieved from ``pool_df``: shot labels shuffled when
+    ``shuffle`` (default: ``config.shot_labels == "shuffled"``), queries blanked when ``content_free``."""
+    pool, positions = session.retrieval.shots(kind, benchmark, queries, pool_df, config.n_shots)
+    labels = [pool["y"].to_numpy()[p].astype(int).tolist() for p in positions]
+    if config.shot_labels == "shuffled" if shuffle is None else shuffle:
+        labels = calibration.shuffled_shot_labels(labels, config.seed)
+    return [build_prompt(benchmark, calibration.content_free(row) if content_free else row,
+                         calibration.relabelled(pool.iloc[p], lab), tokenizer, options)
+            for (_, row), p, lab in zip(queries.iterrows(), positions, labels)]
+
+
+def _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, session):
+    """``(prompts, labels)`` a fitted decision is fitted on: context rows only
+    (``calibration.calibration_pools``), shots from the rest of the context pool, their labels as
+    retrieved even in the shuffled control (which differs from the real run only in the evaluation
+    prompts' shot labels); ``([], None)`` for argmax."""
+    if config.decision == "argmax":
+        return [], None
+    fit_df, rest_df = calibration.calibration_pools(context_df, config.n_calibration, config.seed, keep=config.n_shots)
+    content_free = config.decision == "contextual"
+    return (_prompts(benchmark, kind, fit_df, rest_df, config, options, tokenizer, session, content_free, False),
+            fit_df["y"].astype(int).to_numpy())
+
+
+def _decide(score: np.ndarray, cal_scores: np.ndarray | None, cal_y: np.ndarray | None,
+            config: EvalConfig) -> tuple[np.ndarray, dict]:
+    """Answers from scores ``[n, 2]`` by ``config.decision``, and what was fitted (``{}`` for argmax).
+    ``cal_scores`` ``[n_cal, 2]`` and ``cal_y`` ``[n_cal]`` are the context rows' (never evaluation rows')."""
+    if config.decision == "argmax":
+        return score.argmax(1), {}
+    info = {"rule": config.decision, "n_calibration": int(len(cal_scores)), "shot_labels": config.shot_labels}
+    if config.decision == "contextual":
+        bias = calibration.content_free_bias(cal_scores)
+        return calibration.threshold_decision(calibration.margin(score), bias), {**info, "content_free_bias": bias}
+    threshold = calibration.fit_threshold(calibration.margin(cal_scores), cal_y)
+    return calibration.threshold_decision(calibration.margin(score), threshold), {**info, "threshold": threshold}
+
+
+def evaluate_all(mut: ModelUnderTest, benchmarks: Iterable[str] = BENCHMARK_NAMES,
+                 config: EvalConfig | None = None, out_dir: Path | None = None,
+                 pools: dict[str, tuple[pd.DataFrame, pd.DataFrame]] | None = None,
+                 session: EvalSession | None = None) -> dict[str, dict]:
+    """``evaluate`` on each benchmark, sharing one ``session``; returns ``{benchmark: result}``
+    (each cached separately)."""
+    session = session or EvalSession()
+    return {b: evaluate(mut, b, config, pools=(pools or {}).get(b), out_dir=out_dir, session=session)
+            for b in benchmarks}
+
+
+def summary(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """One row per (method, benchmark) from ``{method: {benchmark: result}}``."""
+    rows = []
+    for method, runs in results.items():
+        for bench, r in runs.items():
+            rows.append({"method": method, "benchmark": bench, "n": r["n"], "seed": r["seed"],
+                         "accuracy": r["accuracy"], "acc_lo": r["accuracy_ci"][0], "acc_hi": r["accuracy_ci"][1],
+                         "macro_f1": r["macro_f1"], "f1_lo": r["macro_f1_ci"][0], "f1_hi": r["macro_f1_ci"][1],
+                         "auroc": r.get("auroc", np.nan),
+                         "predicted_positive": float(np.mean(np.asarray(r["pred"]) == 1)),
+                         "seconds": r["seconds"], "prompt_tokens": r["mean_prompt_tokens"]})
+    return pd.DataFrame(rows)
+
+
+def overview(per_benchmark: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy, macro-F1, AUROC and share of positive answers over the benchmarks, per method
+    (``summary`` rows in, methods in their order of appearance)."""
+    return per_benchmark.groupby("method", sort=False)[["accuracy", "macro_f1", "auroc", "predicted_positive"]].mean()

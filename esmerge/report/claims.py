@@ -1,0 +1,325 @@
+"""The claims register: each claim of the paper tested against our results, with a verdict.
+
+``claims`` checks the accuracy claims (Tables 1-3, 8; §5) with paired-bootstrap margins;
+``mechanism_claims`` the representation claims (Figs. 1, 2, 8; Table 7) on the tables the probe,
+layer-wise and element-wise chapters save. ``disagreements``, ``es_ranks`` and ``answer_bias``
+summarise where and why our numbers differ from the paper's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from esmerge.data.benchmarks import BENCHMARK_NAMES, GROUPS
+from esmerge.evaluate import decisions
+from esmerge.evaluate.stats import discordance, paired_bootstrap, paired_mde
+from esmerge.report.paper_tables import PAPER_DATASET, paper_results
+from esmerge.signals.layerwise import specialisation_verdict
+
+MERGING_BASELINES = ("avg", "ties", "emr", "adamerging", "pcb", "consensus", "ls-merge")
+SPECIALISTS = ("specialist-molecule", "specialist-protein", "specialist-cell")
+# rows that are not models: the retrieval-only yardstick (esmerge.evaluate.yardstick.METHODS) and the
+# base on its shots-shuffled control (evaluate.calibration)
+YARDSTICKS = ("majority", "knn-shots")
+SHUFFLED_CONTROL = "base-shuffled-shots"
+NOT_MODELS = (*YARDSTICKS, SHUFFLED_CONTROL)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper: method ``a`` beats each of ``b`` on the mean accuracy over ``benchmarks``."""
+
+    claim: str
+    source: str
+    a: str
+    b: tuple[str, ...]
+    group: str | None  # None: all 13 benchmarks
+    table: str
+    at_least: bool = False  # ">=": supported unless significantly worse
+
+
+def _claims_list() -> list[Claim]:
+    out = []
+    for group, table in (("Mol-Prot", "Table 1"), ("Mol-Cell", "Table 1"),
+                         ("CYP Inh.", "Table 2"), ("CYP Sub.", "Table 2")):
+        out.append(Claim(f"ES-Merging beats every merging baseline on {group} (avg. accuracy)",
+                         "§5.2-5.3", "es", MERGING_BASELINES, group, table))
+    out.append(Claim("ES-Merging beats every merging baseline on all 13 benchmarks (avg.)", "§5.2-5.3",
+                     "es", MERGING_BASELINES, None, "Table 1+2"))
+    out.append(Claim("ES-Merging beats Avg. Merging + FT on Mol-Prot", "§5.2", "es", ("avg-ft",), "Mol-Prot",
+                     "Table 1"))
+    out.append(Claim("ES-Merging is at least as good as Mol-LLaMA on CYP Sub.", "§5.3", "es",
+                     ("specialist-molecule",), "CYP Sub.", "Table 2", at_least=True))
+    out.append(Claim("ES-Merging beats the base LLM on all 13 benchmarks (avg.)", "Tables 1-2", "es", ("base",),
+                     None, "Table 1+2"))
+    out.append(Claim("ES-Merging beats every specialist on all 13 benchmarks (avg.)", "Tables 1-2", "es",
+                     SPECIALISTS, None, "Table 1+2"))
+    for group in GROUPS:
+        out.append(Claim(f"Layer x element >= each alone on {group}", "§5.4, Table 3", "es",
+                         ("es-layer", "es-element"), group, "Table 8", at_least=True))
+    for group in ("Mol-Prot", "CYP Inh."):
+        out.append(Claim(f"ES-Layer alone beats every merging baseline on {group}", "§5.4", "es-layer",
+                         MERGING_BASELINES, group, "Table 2" if group.startswith("CYP") else "Table 1"))
+    return out
+
+
+CLAIMS = _claims_list()
+
+
+def _paper_group_value(paper: pd.DataFrame, method: str, group: str | None, table: str) -> float:
+    tables = ("Table 1", "Table 2") if table == "Table 1+2" else (table,)
+    if method not in set(paper[paper["table"].isin(tables)]["method"]):
+        tables = ("Table 8",)  # the ablation variants appear only there
+    sub = paper[(paper["method"] == method) & paper["table"].isin(tables) & (paper["metric"] == "accuracy")]
+    if group is None:
+        datasets = [PAPER_DATASET[b] for b in BENCHMARK_NAMES]
+    else:
+        datasets = [f"Avg. {group}"]
+    values = sub[sub["dataset"].isin(datasets)]["value"]
+    return float(values.mean()) if len(values) == len(datasets) else float("nan")
+
+
+def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
+           level: float = 0.95, noninferiority_margin: float | None = None) -> pd.DataFrame:
+    """The claims register: each paper claim, the paper's margin, ours with a paired-bootstrap CI.
+
+    For "A beats B" the margin is ``mean accuracy(A) - mean accuracy(B)`` over the group's
+    benchmarks, minimised over the B's; ``p_holm`` is that competitor's sign-flip p-value after
+    Holm's correction over the compared competitors (``decisions.compare``; competitors with
+    identical answers count once and are named together). Verdicts (``decisions``):
+
+    * "beats": *supported* when the CI of every margin lies above 0; *not supported* when some
+      competitor is significantly better after the correction; *inconclusive* otherwise;
+    * ">=": *supported* only with a ``noninferiority_margin`` (points, declared in the scale before
+      the run) that every CI's lower end clears; *not supported* as above; without a margin a
+      null result is *inconclusive (no margin declared)*;
+    * *inconclusive (identical answers)* when every competitor answers exactly as ``a`` on every
+      example (a margin of 0 with a CI of [0, 0] tests nothing); *not measured* when a method or
+      benchmark is missing.
+    """
+    paper = paper_results()
+    return pd.DataFrame([_check(c, results, paper, n_resamples, seed, level, noninferiority_margin)
+                         for c in CLAIMS])
+
+
+def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | None, n_resamples: int,
+           seed: int, level: float, noninferiority_margin: float | None = None,
+           n_permutations: int = 10000) -> dict:
+    """One register row for claim ``c`` (see ``claims``); ``paper=None``: a claim the paper does not make."""
+    benches = list(BENCHMARK_NAMES) if c.group is None else list(GROUPS[c.group])
+    if paper is None:
+        paper_margin = float("nan")
+    else:
+        paper_a = _paper_group_value(paper, c.a, c.group, c.table)
+        paper_b = {b: _paper_group_value(paper, b, c.group, c.table) for b in c.b}
+        paper_margin = paper_a - max(paper_b.values()) if paper_b else float("nan")
+    all_benches = benches
+    benches = [x for x in benches if x in results.get(c.a, {})]
+    have = [m for m in (c.a, *c.b) if m in results and benches and all(x in results[m] for x in benches)]
+    row = {"claim": c.claim, "source": c.source, "paper": round(paper_margin, 1),
+           "datasets": f"{len(benches)}/{len(all_benches)}"}
+    if c.a not in have or not any(b in have for b in c.b):
+        return {**row, "ours": np.nan, "lo": np.nan, "hi": np.nan, "n_compared": 0, "p_holm": np.nan,
+                "verdict": "not measured", "detail": f"missing: {sorted(set((c.a, *c.b)) - set(have))}"}
+    # paired: both runs of each benchmark are resampled with the same example indices
+    competitors = {b: results[b] for b in c.b if b in have}
+    margins = {b: paired_bootstrap({x: results[c.a][x] for x in benches}, {x: results[b][x] for x in benches},
+                                   "accuracy", n_resamples, seed, level) for b in competitors}
+    # Competitors answering identically form one comparison of the family (decisions.answer_groups).
+    groups, _, adjusted = decisions.compare(results[c.a], competitors, benches, n_permutations, seed)
+    margins = {g[0]: margins[g[0]] for g in groups}
+    worst = min(margins, key=lambda b: margins[b][0])
+    point, lo, hi = margins[worst]
+    # A competitor that gives A's answer on every example has a margin of exactly 0 with a CI of
+    # [0, 0]: that tests nothing.
+    identical = [g[0] for g in groups if all(results[c.a][x]["pred"] == results[g[0]][x]["pred"] for x in benches)]
+    if len(identical) == len(margins):
+        verdict = "inconclusive (identical answers)"
+    elif c.at_least:
+        verdict = decisions.noninferiority_verdict(margins, adjusted, noninferiority_margin)
+    else:
+        verdict = decisions.superiority_verdict(margins, adjusted)
+    if len(competitors) < len(c.b) or len(benches) < len(all_benches):
+        verdict += " (partial)"
+    names = {g[0]: " = ".join(g) for g in groups}
+    detail = "; ".join(f"vs {names[b]}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}], Holm p {adjusted[b]:.3f}"
+                       + (" (identical answers)" if b in identical else "") for b, m in margins.items())
+    return {**row, "ours": round(point, 1), "lo": round(lo, 1), "hi": round(hi, 1),
+            "n_compared": len(margins), "p_holm": round(adjusted[worst], 4), "verdict": verdict, "detail": detail}
+
+
+def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> pd.DataFrame:
+    """Claims the paper does not make but a reader needs, in ``claims``' columns and
+    verdicts (``paper`` NaN), on the mean accuracy over all 13 benchmarks:
+
+    * every model beats the always-majority yardstick, and beats the k-NN vote over its own shots
+      (``YARDSTICKS``; *not supported* there means the yardstick is significantly better);
+    * the base uses its shots: it beats its shots-shuffled control (``SHUFFLED_CONTROL``).
+
+    Only the rows present in ``results`` are checked; margins are paired over the same examples.
+    """
+    out = []
+    models = [m for m in results if m not in NOT_MODELS]
+    if SHUFFLED_CONTROL in results and "base" in results:
+        out.append(Claim("the base uses its shots: it beats its shots-shuffled control (all 13, avg.)",
+                         "issue 10", "base", (SHUFFLED_CONTROL,), None, "-"))
+    names = {"majority": "the always-majority yardstick", "knn-shots": "the k-NN vote over its own shots"}
+    for yard in YARDSTICKS:
+        if yard in results:
+            out += [Claim(f"{m} beats {names[yard]} (all 13, avg.)", "yardstick", m, (yard,), None, "-")
+                    for m in models]
+    return pd.DataFrame([_check(c, results, None, n_resamples, seed, level) for c in out],
+                        columns=["claim", "source", "paper", "datasets", "ours", "lo", "hi", "n_compared",
+                                 "p_holm", "verdict", "detail"])
+
+
+def power_table(results: dict[str, dict[str, dict]], reference: str = "es", alpha: float = 0.05,
+                power: float = 0.8) -> pd.DataFrame:
+    """How small a paired difference from ``reference`` the mean over its benchmarks can resolve:
+    per other row, the mean discordance rate (share of examples where exactly one of the two is
+    right) and ``stats.paired_mde`` at ``alpha`` and ``power``. Columns ``method, n, discordance,
+    mde``; empty when ``reference`` is missing."""
+    if reference not in results:
+        return pd.DataFrame(columns=["method", "n", "discordance", "mde"])
+    ref = results[reference]
+    rows = []
+    for method, runs in results.items():
+        if method == reference:
+            continue
+        shared = [b for b in ref if b in runs]
+        if not shared:
+            continue
+        pair_a, pair_b = {b: ref[b] for b in shared}, {b: runs[b] for b in shared}
+        rows.append({"method": method, "n": sum(len(ref[b]["y"]) for b in shared),
+                     "discordance": float(np.mean([discordance(pair_a[b], pair_b[b]) for b in shared])),
+                     "mde": paired_mde(pair_a, pair_b, alpha, power)})
+    return pd.DataFrame(rows, columns=["method", "n", "discordance", "mde"])
+
+
+def decided_verdicts(register: pd.DataFrame, power: pd.DataFrame | None = None) -> list[str]:
+    """One line per register row whose verdict is neither inconclusive nor not measured; when there
+    is none, why: the claims' margins beside the smallest difference this n resolves (``power``,
+    a ``power_table``), with the numbers."""
+    decided = register[~register["verdict"].str.startswith(("inconclusive", "not measured"))]
+    if len(decided):
+        return [f"{len(decided)} of {len(register)} verdicts are not inconclusive:"] + [
+            f"- {r['claim']}: {r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] -> {r['verdict']}"
+            for _, r in decided.iterrows()]
+    measured = register.dropna(subset=["ours"])
+    lines = [f"No verdict of the {len(register)} is decided at this n."]
+    if len(measured):
+        lines.append(f"The measured margins lie between {measured['ours'].min():+.1f} and "
+                     f"{measured['ours'].max():+.1f} points; "
+                     f"{measured['verdict'].str.contains('identical').sum()} compare models that answer "
+                     "identically on every example.")
+    if power is not None and len(power):
+        lines.append(f"Paired differences from ES-Merging this n resolves (80 % power, alpha 0.05): "
+                     f"{power['mde'].min():.1f}-{power['mde'].max():.1f} points (discordance "
+                     f"{power['discordance'].min():.0%}-{power['discordance'].max():.0%}).")
+    return lines
+
+
+def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
+                     projection_stability: pd.DataFrame, merged_distances: pd.DataFrame) -> pd.DataFrame:
+    """The paper's claims about representations (Figs. 1, 2, 8 and Table 7), checked on the tables
+    the probe, layer-wise and element-wise chapters save.
+
+    Inputs (one seed, so verdicts are descriptive, without CIs):
+
+    * ``last_block_shift``: rows specialists, columns token modalities; mean last-block distance
+      between base and specialist tokens (``03_probe``). Fig. 1: each specialist moves its own
+      modality's tokens furthest.
+    * ``own_vs_other``: columns ``specialist``, ``blocks_above``, ``blocks``, ``mean_ratio``
+      (``layerwise.specialisation_table``, saved by ``04_layerwise``). Fig. 2: own-modality SWD
+      exceeds other-modality SWD at most blocks and on average (``layerwise.specialisation_verdict``).
+    * ``projection_stability``: columns ``projections``, ``mean std of alpha over seeds``
+      (``04_layerwise``). Table 7: more projections, steadier coefficients (strictly falling).
+    * ``merged_distances``: rows token modalities, columns specialists; distance from the ES-merged
+      model (``05_elementwise``). Fig. 8: on each modality the merged model is nearest the
+      matching specialist.
+
+    Returns ``claim, source, evidence, verdict`` with verdict ``holds`` or ``does not hold``.
+    """
+    rows = []
+
+    def add(claim, source, evidence, holds):
+        rows.append({"claim": claim, "source": source, "evidence": evidence,
+                     "verdict": "holds" if holds else "does not hold"})
+
+    for name, row in last_block_shift.iterrows():
+        if name in row.index:
+            furthest = row.idxmax()
+            add(f"the {name} specialist moves {name} tokens furthest from the base (last block)", "Fig. 1",
+                ", ".join(f"{m} {v:.3g}" for m, v in row.items()), furthest == name)
+    for row in own_vs_other.itertuples(index=False):
+        spec = row.specialist
+        add(f"{spec} specialist: SWD on {spec} tokens exceeds SWD on other tokens", "Fig. 2",
+            f"{row.blocks_above}/{row.blocks} blocks, mean ratio {row.mean_ratio:.2f}",
+            specialisation_verdict(row.blocks_above, row.blocks, row.mean_ratio))
+    ordered = projection_stability.sort_values("projections")
+    spread = ordered["mean std of alpha over seeds"].to_numpy()
+    add("more random projections give steadier layer coefficients", "Table 7",
+        ", ".join(f"{p}: {v:.3f}" for p, v in zip(ordered["projections"], spread)),
+        bool(len(spread) > 1 and np.all(np.diff(spread) < 0)))
+    for modality, row in merged_distances.iterrows():
+        if modality in row.index:
+            add(f"on {modality} tokens the ES-merged model is nearest the {modality} specialist", "Fig. 8",
+                "nearest: " + row.idxmin() + "; " + ", ".join(f"{m} {v:.3g}" for m, v in row.items()),
+                row.idxmin() == modality)
+    return pd.DataFrame(rows, columns=["claim", "source", "evidence", "verdict"])
+
+
+
+# --------------------------------------------------------------------------- summaries (claims chapter)
+def disagreements(mechanism: pd.DataFrame, register: pd.DataFrame) -> list[str]:
+    """One line per claim that does not hold or is not supported here, then one per claim whose
+    margin is already <= 0 in the paper's own numbers, then a count of the verdicts."""
+    lines = [f"- {r['source']}: {r['claim']} -> does not hold here ({r['evidence']})"
+             for _, r in mechanism[mechanism["verdict"] != "holds"].iterrows()]
+    for _, r in register[~register["verdict"].str.startswith("supported")].iterrows():
+        ours = "not measured" if pd.isna(r["ours"]) else f"{r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]"
+        paper = "not a claim of the paper" if pd.isna(r["paper"]) else f"paper margin {r['paper']:+.1f} pts"
+        lines.append(f"- {r['source']}: {r['claim']}: {paper}; ours {ours} -> {r['verdict']}")
+    lines += [f"- note: the paper's own numbers give this claim a margin of {r['paper']:+.1f} pts: {r['claim']}"
+              for _, r in register[register["paper"] <= 0].iterrows()]
+    verdicts = register["verdict"]
+    lines.append(f"\nRepresentation: {(mechanism['verdict'] == 'holds').sum()} of {len(mechanism)} hold. "
+                 f"Accuracy: {verdicts.str.startswith('supported').sum()} of {len(register)} supported, "
+                 f"{(verdicts == 'not supported').sum()} contradicted, "
+                 f"{verdicts.str.startswith('inconclusive').sum()} inconclusive, "
+                 f"{(verdicts == 'not measured').sum()} not measured.")
+    return lines
+
+
+def es_ranks(tables: list[pd.DataFrame], method: str = "es") -> pd.DataFrame:
+    """``method``'s rank among the evaluated models on each group-average accuracy, ours and the paper's.
+
+    ``tables``: ``results_table`` outputs (Tables 1-2). Rank 1 is best; ``paper_rank`` is NaN where
+    the paper has no value (a partial group). Columns ``group, rank, of, paper_rank, paper_of``.
+    """
+    rows = pd.concat(tables)
+    rows = rows[(rows["metric"] == "accuracy") & rows["dataset"].str.startswith("Avg.")]
+    ours = rows.pivot(index="method", columns="dataset", values="ours").rank(ascending=False)
+    paper = rows.dropna(subset=["paper"]).pivot(index="method", columns="dataset", values="paper").rank(ascending=False)
+    out = []
+    for col in ours.columns if method in ours.index else []:
+        has_paper = col in paper.columns and method in paper.index
+        out.append({"group": col, "rank": ours.loc[method, col], "of": int(ours[col].notna().sum()),
+                    "paper_rank": paper.loc[method, col] if has_paper else np.nan,
+                    "paper_of": int(paper[col].notna().sum()) if has_paper else 0})
+    return pd.DataFrame(out, columns=["group", "rank", "of", "paper_rank", "paper_of"])
+
+
+def answer_bias(results: dict[str, dict[str, dict]]) -> dict:
+    """How one-sided the answers are: per model the % of positive answers and the mean AUROC over
+    benchmarks; the % of positive examples; the median width of a per-benchmark accuracy CI."""
+    # pred == 1, not mean(pred): a generated reply without a valid answer is stored as -1
+    return {"positive_answers": {m: np.mean([np.mean(np.asarray(r["pred"]) == 1) for r in runs.values()]) * 100
+                                 for m, runs in results.items()},
+            "positive_rate": np.mean([np.mean(r["y"]) for r in next(iter(results.values())).values()]) * 100,
+            "auroc": {m: np.nanmean([r["auroc"] for r in runs.values()]) for m, runs in results.items()},
+            "median_ci_width": float(np.median([r["accuracy_ci"][1] - r["accuracy_ci"][0]
+                                                for runs in results.values() for r in runs.values()]))}

@@ -1,0 +1,7 @@
+"""Stage 7, run: whole jobs over the earlier stages, as the CLI and the notebooks start them.
+
+* ``merge`` -- load a scale's base and specialists into a ``MergeContext``, run a method, write the merge;
+* ``baseline_inputs`` -- the prompts and objectives the training baselines (and Graft) are given;
+* ``byo`` -- bring your own LoRA adapters: ES-merge adapters trained elsewhere;
+* ``evaluate_named`` -- ``esmerge evaluate``: models named on the command line, evaluated.
+"""
