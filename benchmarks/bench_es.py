@@ -63,7 +63,7 @@ def max_relative_difference(new: dict, old: dict) -> float:
 
 def main() -> None:
     # Heavy imports here so that the test can import per_sample_loop_scores cheaply.
-    from esmerge.methods.es import signals
+    from esmerge.methods.es_signals import signals
     from esmerge.run.merge import build_context
     from esmerge.specialists.adapters import attach
 

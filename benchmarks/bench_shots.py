@@ -1,23 +1,33 @@
 """Does the cpu base read its shots? Decision rules and shot counts against the shots-shuffled control.
 
 For each option (a number of shots and a decision rule of ``esmerge.evaluate.calibration``) the
-base LLM is scored on the cpu pools of all 13 benchmarks (``benchmarks.split_pools`` with
-``--n-eval`` evaluation rows and a 512-row context pool, seed ``--seed``), and again on the
-shots-shuffled control (same prompts, shot labels permuted across the benchmark's prompts; the
-decision's fitted part, from context-pool prompts, is the same in both). Printed per option: mean
-accuracy over the 13 benchmarks with its paired-bootstrap 95 % CI, the paired differences against
-the always-majority yardstick and against the option's own shuffled control (CIs), and the share
-of positive answers. The retrieval-only yardsticks (majority, k-NN vote over the same shots) are
-printed for reference.
+base LLM is scored on the **protocol rows** of all 13 benchmarks (``benchmarks.protocol_rows``:
+``--n-protocol`` rows per benchmark, stratified, seed ``--seed``, disjoint from the evaluation rows
+of ``--scale``; shots retrieved from that scale's context pool), and again on the shots-shuffled
+control (same prompts, shot labels permuted across the benchmark's prompts; the decision's fitted
+part, from context-pool prompts, is the same in both; a cross-fitted threshold is fitted on each
+run's own margins). Printed per option: mean accuracy over the 13 benchmarks with its
+paired-bootstrap 95 % CI, the paired differences against the always-majority yardstick and against
+the option's own shuffled control (CIs), and the share of positive answers. The retrieval-only
+yardsticks (majority, k-NN vote over the same shots) are printed for reference.
 
-    timeout 3h python benchmarks/bench_shots.py --n-eval 32 --shots 3 5 --dtype bf16
+    timeout 3h python benchmarks/bench_shots.py --n-protocol 32 --shots 3 5 --dtype bf16
+
+A setting chosen here is chosen on rows no evaluation of ``--scale`` scores: the protocol rows are
+the tail of ``benchmarks.split_pools``' seeded draw, the evaluation rows its head (at the cpu and
+paper sizes every benchmark, the CYP substrate sets included, has up to 87 protocol rows beyond its
+evaluation and context rows; with more, a benchmark takes them from its context pool, says so in
+the header, and their shots then come from the rest of that pool).
 
 Scores are kept under ``--work`` (one ``.npy`` per benchmark, shot count and prompt set), so an
 interrupted run resumes and the table can be reprinted with ``--table-only``. The decisions never
-read an evaluation label: the threshold is fitted on ``--n-fit`` context rows scored with shots
-retrieved from the rest of the context pool (``calibration.calibration_pools``).
+read a label of the rows they decide: the context threshold is fitted on ``--n-fit`` context rows
+(never protocol rows) scored with shots retrieved from the rest of the context pool
+(``calibration.calibration_pools``); the cross-fitted one on the other folds of the protocol rows.
 
-Measured (``benchmarks/results/bench_shots_cpu.txt``; bf16, 1 thread per process, two processes
+Measured **before the protocol split existed**, on 8 of the cpu *evaluation* rows per benchmark
+(a subset of the 32 that ``07_results`` evaluates; rerun this script for numbers on protocol rows)
+(``benchmarks/results/bench_shots_cpu.txt``; bf16, 1 thread per process, two processes
 splitting the benchmarks on the shared 2-core machine at load 5-10; 416 prompts in 21 min):
 n_eval = 8 per benchmark (104 examples), 8 fitting rows, seed 0, 3 shots. The machine allowed no
 more; at this n a paired difference must exceed ~10 points to be resolved.
@@ -72,11 +82,23 @@ def _score(model, prompts, tokenizer, batch_size) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval, sets=SETS) -> dict:
-    """Scores ``[n, 2]`` of the prompt sets ``sets`` (of ``SETS``) for ``bench`` at ``k`` shots
-    (cached; with ``base=None`` only what the cache holds)."""
-    config = ev.EvalConfig(n_eval=args.n_eval, n_context=args.n_context, n_shots=k, seed=args.seed)
+def protocol_pools(bench: str, args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """``(protocol_df, context_df, source)``: the protocol rows of ``bench`` (``benchmarks.protocol_rows``,
+    disjoint from ``args.scale``'s evaluation rows) and the context pool their shots and the fitted
+    threshold come from -- the scale's context pool, less the protocol rows where they were taken
+    from it (``source == "context"``)."""
+    config = ev.EvalConfig.for_scale(args.scale, seed=args.seed)
+    protocol_df = benchmarks.protocol_rows(bench, args.n_protocol, args.scale, args.seed)
     eval_df, context_df = yardstick.scale_pools(bench, config)
+    assert not set(protocol_df.index) & set(eval_df.index), f"{bench}: protocol rows among the evaluation rows"
+    return protocol_df, context_df.drop(index=protocol_df.index, errors="ignore"), protocol_df.attrs["protocol_source"]
+
+
+def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval, sets=SETS) -> dict:
+    """Scores ``[n, 2]`` of the prompt sets ``sets`` (of ``SETS``) for ``bench`` at ``k`` shots on
+    its protocol rows (cached; with ``base=None`` only what the cache holds)."""
+    config = ev.EvalConfig.for_scale(args.scale, n_shots=k, seed=args.seed)
+    eval_df, context_df, source = protocol_pools(bench, args)  # eval_df: the protocol rows
     fit_df, rest_df = cal.calibration_pools(context_df, args.n_fit, args.seed)
     kind = benchmarks.spec(bench).kind
     pool, eval_pos = retrieval.shots(kind, bench, eval_df, context_df, k)
@@ -90,6 +112,7 @@ def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval, sets=
             "eval-shuffled": (eval_df, pool, eval_pos, eval_shuf, False),
             "fit": (fit_df, rest, fit_pos, fit_lab, False), "cf": (fit_df, rest, fit_pos, fit_lab, True)}
     out = {"y": eval_df["y"].astype(int).to_numpy(), "fit_y": fit_df["y"].astype(int).to_numpy(),
+           "protocol_source": source,
            "ids": [str(i) for i in eval_df.index], "eval_shot_labels": eval_lab,
            "context_majority": yardstick.majority_vote(context_df["y"].astype(int).to_numpy())}
     for name, (queries, p, positions, labels, cf) in plan.items():
@@ -106,12 +129,13 @@ def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval, sets=
     return out
 
 
-def decisions(s: dict, shuffled: bool) -> dict[str, np.ndarray]:
-    """Every decision rule's predictions on the eval rows, for the real run or its control (the
-    control's eval prompts have shuffled shot labels; what a rule fits comes from the same
-    context-pool prompts in both, so the two differ only in the eval prompts' shot labels)."""
+def decisions(s: dict, shuffled: bool, seed: int = 0, n_folds: int = cal.N_FOLDS) -> dict[str, np.ndarray]:
+    """Every decision rule's predictions on the protocol rows, for the real run or its control (the
+    control's prompts have shuffled shot labels; what a context-fitted rule fits comes from the same
+    context-pool prompts in both, so the two differ only in the scored prompts' shot labels; the
+    cross-fitted threshold is fitted on each run's own margins, never a row's own label)."""
     m = cal.margin(s["eval-shuffled" if shuffled else "eval"])
-    out = {"argmax": (m > 0).astype(int)}
+    out = {"argmax": (m > 0).astype(int), "cross-fit": cal.cross_fit_decision(m, s["y"], n_folds, seed)[0]}
     if "cf" in s:
         out["contextual"] = cal.threshold_decision(m, cal.content_free_bias(s["cf"]))
     if "fit" in s:
@@ -123,7 +147,8 @@ def _run(ids, y, pred) -> dict:
     return {"example_ids": ids, "y": np.asarray(y).tolist(), "pred": np.asarray(pred).tolist()}
 
 
-def table(all_scores: dict[int, dict[str, dict]], n_resamples: int, seed: int) -> pd.DataFrame:
+def table(all_scores: dict[int, dict[str, dict]], n_resamples: int, seed: int, n_folds: int = cal.N_FOLDS
+          ) -> pd.DataFrame:
     rows = []
     any_k = next(iter(all_scores))
     majority = {b: _run(s["ids"], s["y"], np.full(len(s["y"]), s["context_majority"]))
@@ -146,8 +171,8 @@ def table(all_scores: dict[int, dict[str, dict]], n_resamples: int, seed: int) -
         knn = {b: _run(s["ids"], s["y"], yardstick.knn_vote(s["eval_shot_labels"], s["context_majority"]))
                for b, s in per_bench.items()}
         row(f"yardstick: k-NN vote over the {k} shots", knn)
-        real = {b: decisions(s, False) for b, s in per_bench.items()}
-        ctrl = {b: decisions(s, True) for b, s in per_bench.items()}
+        real = {b: decisions(s, False, seed, n_folds) for b, s in per_bench.items()}
+        ctrl = {b: decisions(s, True, seed, n_folds) for b, s in per_bench.items()}
         for rule in cal.DECISIONS:
             if not all(rule in real[b] for b in per_bench):
                 continue  # not every benchmark has the prompts this rule is fitted on
@@ -158,8 +183,11 @@ def table(all_scores: dict[int, dict[str, dict]], n_resamples: int, seed: int) -
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-eval", type=int, default=32)
-    parser.add_argument("--n-context", type=int, default=512)
+    parser.add_argument("--n-protocol", type=int, default=benchmarks.PROTOCOL_ROWS,
+                        help="protocol rows per benchmark (benchmarks.protocol_rows), never evaluation rows")
+    parser.add_argument("--scale", default="cpu", help="whose evaluation rows the protocol rows avoid and whose "
+                        "context pool gives the shots")
+    parser.add_argument("--n-folds", type=int, default=cal.N_FOLDS, help="folds of the cross-fitted threshold")
     parser.add_argument("--n-fit", type=int, default=32, help="context rows the threshold is fitted on")
     parser.add_argument("--shots", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--seed", type=int, default=0)
@@ -173,7 +201,7 @@ def main(argv=None) -> None:
     parser.add_argument("--table-only", action="store_true", help="only print what --work holds")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    work = args.work / f"n{args.n_eval}-c{args.n_context}-f{args.n_fit}-s{args.seed}-{args.dtype}"
+    work = args.work / f"protocol{args.n_protocol}-{args.scale}-f{args.n_fit}-s{args.seed}-{args.dtype}"
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     base = None if args.table_only else load_base("cpu", dtype=torch.bfloat16 if args.dtype == "bf16" else None)
@@ -189,11 +217,17 @@ def main(argv=None) -> None:
                     all_scores[k][bench] = scores
         if not all_scores[k]:
             del all_scores[k]
-    result = table(all_scores, args.n_resamples, args.seed)
+    result = table(all_scores, args.n_resamples, args.seed, args.n_folds)
     benches = sorted({b for per in all_scores.values() for b in per})
-    header = (f"bench_shots: cpu base ({args.dtype}), n_eval={args.n_eval} per benchmark x {len(benches)} benchmarks, "
-              f"context pool {args.n_context}, threshold fitted on {args.n_fit} context rows, seed {args.seed}, "
-              f"{args.n_resamples} paired-bootstrap resamples; {time.time() - started:.0f} s")
+    from_context = sorted({b for per in all_scores.values() for b, s in per.items()
+                           if s["protocol_source"] == "context"})
+    n_context = ev.EvalConfig.for_scale(args.scale).n_context
+    header = (f"bench_shots: cpu base ({args.dtype}), {args.n_protocol} protocol rows per benchmark (disjoint from "
+              f"the {args.scale} evaluation rows) x {len(benches)} benchmarks, shots from the {args.scale} context "
+              f"pool ({n_context} rows), threshold fitted on {args.n_fit} context rows or cross-fitted over "
+              f"{args.n_folds} folds, seed {args.seed}, {args.n_resamples} paired-bootstrap resamples; "
+              f"{time.time() - started:.0f} s"
+              + (f"; protocol rows taken from the context pool: {', '.join(from_context)}" if from_context else ""))
     print(header)
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(result.round(1).to_string(index=False))

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from esmerge.methods import es
+from esmerge.methods import es, es_settings, es_signals
 from esmerge.signals import layerwise
 from esmerge.signals.combine import combine, merge_lora
 
@@ -65,8 +65,8 @@ def tiny_effects(n_projections: int = 1024) -> pd.DataFrame:
         context, adapters, _ = ref.tiny_setting(Path(tmp) / "cache")
 
         def coefficients(context=context, seed=0, **settings):
-            resolved = es.resolve_settings(**{"n_projections": n_projections, **settings})
-            sig = es.signals(adapters, context, seed=seed, **resolved)
+            resolved = es_settings.resolve_settings(**{"n_projections": n_projections, **settings})
+            sig = es_signals.signals(adapters, context, seed=seed, **resolved)
             return es.coefficients_from_signals(sig, adapters[0].state, resolved)
 
         code_alpha, code_beta, code_lam = coefficients(variant="code")
@@ -99,8 +99,8 @@ def tiny_effects(n_projections: int = 1024) -> pd.DataFrame:
         # 6: smaller points
         add(6, "other_weight=0.5 vs 1 (the README's 1 equals the paper)", "alpha", code_alpha,
             coefficients(variant="code", other_weight=0.5)[0])
-        states = es.signals(adapters, context, seed=42, need_scores=False,
-                            **es.resolve_settings("code", n_projections=n_projections))
+        states = es_signals.signals(adapters, context, seed=42, need_scores=False,
+                            **es_settings.resolve_settings("code", n_projections=n_projections))
         official = ref.official_layer_coefficients(states["states"]["base"]["pooled"],
                                                    [states["states"][n]["pooled"] for n in ref.NAMES],
                                                    n_projections, 42)
@@ -117,7 +117,7 @@ def tiny_effects(n_projections: int = 1024) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-CODE = es.CODE_SETTINGS
+CODE = es_settings.CODE_SETTINGS
 
 
 def cpu_retention(scale: str, n: int | None, seed: int, out: Path) -> pd.DataFrame:

@@ -97,7 +97,7 @@ from esmerge import evaluate, methods, scales
 from esmerge.evaluate.models import PeftCopies
 from esmerge.evaluate.retention_models import example_nlls
 from esmerge.evaluate.scoring import common_n_tokens
-from esmerge.methods.es import _training_cells, element_scores
+from esmerge.methods.es_signals import _training_cells, element_scores
 from esmerge.run import baseline_inputs
 from esmerge.run.merge import build_context
 from esmerge.signals import probe

@@ -7,10 +7,10 @@ written by ``esmerge train --scale cpu --modality molecule --out DIR``), with th
 and cell ones beside it, and for each candidate set (a folder with ``molecule/``, ``protein/``
 and ``cell/`` specialist folders; a missing one stays the shipped one), this prints per specialist:
 
-* the Fig. 2 test (``layerwise.own_vs_other`` / ``specialisation_verdict``): blocks where the SWD
+* the Fig. 2 test (``diagnostics.own_vs_other`` / ``specialisation_verdict``): blocks where the SWD
   on its own modality exceeds the mean SWD on the others, and the mean ratio, with the paper's
   SWD and with the official code's joint standardisation;
-* the massive-activation tokens (``layerwise.massive_tokens``, the most at any block) that each
+* the massive-activation tokens (``diagnostics.massive_tokens``, the most at any block) that each
   model's states hold on each input modality;
 * optionally each candidate's held-out loss on ``--heldout`` examples of its own task (ChEBI-20
   test captions, held-out Swiss-Prot GO text, held-out cells), in nats per answer token.
@@ -25,33 +25,32 @@ import json
 import time
 from pathlib import Path
 
+from esmerge.signals import diagnostics
+
 NAMES = ("molecule", "protein", "cell")
 RECIPE_KEYS = ("steps", "batch_size", "lr", "seed", "bf16_autocast", "projector_lr_scale")
 
 
 def fig2_rows(swd_by_variant: dict) -> list[dict]:
     """Fig. 2 verdicts of each specialist, for each SWD table ``[S, M, L]`` in ``swd_by_variant``."""
-    from esmerge.signals import layerwise
-
     rows = []
     for variant, swd in swd_by_variant.items():
-        for name, row in zip(NAMES, layerwise.specialisation_table(swd, list(range(len(NAMES))))):
+        for name, row in zip(NAMES, diagnostics.specialisation_table(swd, list(range(len(NAMES))))):
             rows.append({"specialist": name, "swd": variant, **row, "mean_ratio": round(row["mean_ratio"], 3)})
     return rows
 
 
 def massive_counts(states: dict) -> dict:
     """model -> input modality -> the most massive-activation tokens at any block."""
-    from esmerge.signals import layerwise
 
-    return layerwise.massive_token_counts({model: {m: states[model]["tokens"][m] for m in NAMES}
+    return diagnostics.massive_token_counts({model: {m: states[model]["tokens"][m] for m in NAMES}
                                            for model in ("base",) + NAMES})
 
 
 def main() -> None:
-    from esmerge.methods.es import signals
+    from esmerge.methods.es_signals import signals
     from esmerge.run.merge import build_context
-    from esmerge.signals import layerwise
+    from esmerge.signals import sliced
     from esmerge.specialists import captions, heldout
     from esmerge.specialists.load import attach_specialist, load_specialist
 
@@ -78,7 +77,7 @@ def main() -> None:
         sig = signals([s.adapter for s in context.specialists.values()], context, seed=args.seed, need_scores=False)
         states = sig["states"]
         # signals' table is the paper's SWD (es.PAPER_SETTINGS); the code's standardises first
-        code_swd = layerwise.swd_table(states["base"]["pooled"], [states[n]["pooled"] for n in NAMES],
+        code_swd = sliced.swd_table(states["base"]["pooled"], [states[n]["pooled"] for n in NAMES],
                                        seed=args.seed, standardize=True)
         entry = {"specialists": {n: str(folders.get(n, "shipped")) for n in NAMES},
                  "recipes": {n: {k: context.specialists[n].card.get(k) for k in RECIPE_KEYS} for n in NAMES},

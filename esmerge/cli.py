@@ -95,21 +95,51 @@ def _merge(args) -> int:
     from esmerge.run import byo, merge
 
     hparams = methods.parse_set(args.set)
+    methods.validate(args.method, hparams)  # a bad method or value first, before the options' fit
+    _check_merge_options(args)
     if args.adapter:  # bring your own adapters: any PEFT LoRA folders on one base
         if not args.base:
             raise UsageError("--adapter needs --base (a hub id, a local model folder, or smoke/cpu)")
         named = byo.named_adapters([_name_path(item) for item in args.adapter])  # a name twice is refused
         _refuse_output("merge", args.out, args.force, [*named.values(), args.probe, args.base])  # before loading
+        _check_probe_options(args, byo.PROBE_METHODS)
         out = byo.merge_adapters(args.base, named, args.probe, args.out, args.method, hparams, force=args.force,
-                                 seed=args.seed, chat=not args.no_chat, device=args.device)
+                                 seed=args.seed, chat=not args.no_chat, device=args.device, dtype=args.dtype,
+                                 space=args.space or "factors", rank=args.rank, report=print)
     else:
-        if args.probe or args.no_chat:
-            raise UsageError("--probe and --no-chat go with --adapter NAME=PATH (bring your own adapters)")
-        out = merge.merge_command(args.scale, args.method, args.out, hparams, seed=args.seed,
+        out = merge.merge_command(args.scale or "cpu", args.method, args.out, hparams, seed=args.seed,
                                      probe_k=args.probe_k, force=args.force, base_path=args.base,
                                      specialists_dir=args.specialists)  # validates before loading a model
     print(f"merged with {args.method} -> {out}")
     return 0
+
+
+# Options of `esmerge merge` that apply to one of its two ways only: given with the other way, each is
+# refused in one line rather than silently ignored.
+_SCALE_ONLY = (("--scale", "scale"), ("--probe-k", "probe_k"), ("--specialists", "specialists"))
+_ADAPTER_ONLY = (("--probe", "probe"), ("--no-chat", "no_chat"), ("--dtype", "dtype"), ("--device", "device"),
+                 ("--space", "space"), ("--rank", "rank"))
+
+
+def _check_merge_options(args) -> None:
+    """Refuse, in one line, a `merge` option that does not apply to this way of merging."""
+    given = [flag for flag, dest in (_ADAPTER_ONLY if not args.adapter else _SCALE_ONLY)
+             if getattr(args, dest) is not None and getattr(args, dest) is not False]  # --rank 0 is given
+    if given and not args.adapter:
+        raise UsageError(f"{given[0]} goes with --adapter NAME=PATH (bring your own adapters), not with the "
+                         "scale's specialists; drop it or add --base and --adapter")
+    if given:
+        raise UsageError(f"{given[0]} applies to the scale's specialists, not to --adapter NAME=PATH (bring your "
+                         "own adapters); drop it")
+
+
+def _check_probe_options(args, probe_methods) -> None:
+    """Refuse, in one line, --probe or --no-chat with a method that reads no probes."""
+    if args.method not in probe_methods:
+        for flag, dest in (("--probe", "probe"), ("--no-chat", "no_chat")):
+            if getattr(args, dest):
+                raise UsageError(f"{flag} is read only by {', '.join(probe_methods)}; method {args.method!r} merges "
+                                 f"the adapters' parameters alone: drop {flag}")
 
 
 def _refuse_output(kind: str, out, force: bool, inputs) -> None:
@@ -129,8 +159,27 @@ def _name_path(item: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+# What a method's MergeContext must hold, for the methods whose registry entry says they need one
+# (``needs_context``); one that is not listed here shows "context".
+METHOD_NEEDS = {"es": "probe", "es-layer": "probe", "es-element": "probe", "adamerging": "data",
+                "avg-ft": "data, labels"}
+NEEDS_LEGEND = ("needs: - = the adapters alone; probe = probe texts (--probe with --adapter, else the scale's "
+                "probes); data = the scale's prompts (adamerging: evaluation prompts, avg-ft: training prompts), "
+                "so not with --adapter; labels = the training set's task labels (avg-ft). "
+                "`esmerge methods describe NAME`: every parameter's meaning and presets.")
+
+
+def method_needs(name: str) -> str:
+    """What a method needs besides the adapters: from its registry entry, then ``METHOD_NEEDS``."""
+    from esmerge import methods
+
+    if not methods.get(name).needs_context:
+        return "-"
+    return METHOD_NEEDS.get(name, "context")
+
+
 def _methods(args) -> int:
-    import pandas as pd
+    import textwrap
 
     from esmerge import methods
 
@@ -143,8 +192,38 @@ def _methods(args) -> int:
     if len(words) > 1:
         raise UsageError(f"esmerge methods takes one method name, got {' '.join(words)!r}; "
                          "or `esmerge methods describe NAME` for one method in full")
-    print(pd.DataFrame(methods.describe(words[0] if words else None)).to_string(index=False))
+    print("\n".join(methods_listing(words[0] if words else None)))
+    print("\n".join(textwrap.wrap(NEEDS_LEGEND, 100)))
     return 0
+
+
+def methods_listing(name: str | None = None, width: int = 100) -> list[str]:
+    """The lines of `esmerge methods [NAME]`: method, what it needs, and its parameters' type, default and range;
+    one method alone also gets each parameter's doc, wrapped. No line is longer than ``width``."""
+    import textwrap
+
+    from esmerge import methods
+
+    rows = methods.describe(name)
+    head = ("method", "needs", "parameter", "type", "default", "range")
+    table = [(r["method"], method_needs(r["method"]), r["parameter"] or "(none)", r["type"], str(r["default"]),
+              r["range"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in [head, *table]) for i in range(len(head))]
+    lines, last = [], None
+
+    def line(cells) -> str:
+        text = "  ".join(f"{c:<{w}}" for c, w in zip(cells, widths)).rstrip()
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    lines.append(line(head))
+    for row, source in zip(table, rows):
+        shown = row if row[0] != last else ("", "", *row[2:])
+        last = row[0]
+        lines.append(line(shown))
+        if name and source["doc"] and source["parameter"]:
+            indent = " " * (widths[0] + widths[1] + 4 + 2)
+            lines += textwrap.wrap(source["doc"], width, initial_indent=indent, subsequent_indent=indent)
+    return lines
 
 
 def _evaluate(args) -> int:
@@ -187,6 +266,19 @@ def _regenerate(args) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+MERGE_DESCRIPTION = """Merge LoRA adapters with a registered method (`esmerge methods` lists them and what each needs).
+
+Two ways: bring your own PEFT LoRA adapters trained on one base (--base, --adapter NAME=PATH per
+adapter; ranks, alphas and target modules may differ), or merge this project's three specialists
+of a scale (--scale). An option of the other way is refused, as is --probe with a method that
+reads no probes. The output folder is a PEFT adapter plus esmerge.json."""
+MERGE_EXAMPLES = """examples:
+  esmerge merge --base cpu --adapter molecule=adapters/mol --adapter protein=adapters/prot \\
+      --probe probes.jsonl --method es --out merged-es
+  esmerge merge --base org/model --adapter a=./a --adapter b=./b --method ties --space product --out merged
+  esmerge merge --scale cpu --method es --set variant=code --out runs/cpu/es-code"""
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -231,23 +323,37 @@ def parser() -> argparse.ArgumentParser:
                    help="only (re)write data_manifest/specialists.yaml from the shipped directories")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("merge", parents=[common], help="merge the specialists with any registered method")
-    scale_option(p)
-    p.add_argument("--method", default="es", help="a registered method (see `esmerge methods`)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists, unless --force)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--probe-k", type=int, default=None, help="probe samples per modality (default: the scale's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p = sub.add_parser("merge", parents=[common], help="merge LoRA adapters with any registered method",
+                       description=MERGE_DESCRIPTION, epilog=MERGE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("method and output")
+    g.add_argument("--method", default="es", help="a registered method (see `esmerge methods`; default es)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter, e.g. --set tau_layer=0.1 (see `esmerge methods`)")
-    p.add_argument("--force", action="store_true", help="replace a finished output directory")
-    p.add_argument("--base", default=None, help="base model: a hub id or folder (paper scale, or with --adapter)")
-    p.add_argument("--specialists", type=Path, default=None,
+    g.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists, unless --force)")
+    g.add_argument("--force", action="store_true", help="replace a finished output directory")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("bring your own adapters (PEFT LoRA folders on one base)")
+    g.add_argument("--base", default=None, help="the adapters' base: a hub id, a local model folder, or smoke/cpu "
+                   "(also the base's hub id or folder at --scale paper)")
+    g.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a PEFT LoRA folder on --base; repeat for each adapter (ranks, alphas, targets may differ)")
+    g.add_argument("--probe", type=Path, default=None,
+                   help="probe texts, JSON Lines with marked spans (es, es-layer, es-element only)")
+    g.add_argument("--no-chat", action="store_true", help="probes are not wrapped in the chat template")
+    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "auto"),
+                   help="how the base is loaded (default auto: float32 on the CPU, bfloat16 on CUDA)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present for a hub/folder base)")
+    g.add_argument("--space", default=None, choices=("factors", "product"),
+                   help="avg and ties: merge A and B (factors, default: the paper's way) or each module's B A "
+                        "(product, returned as a LoRA by truncated SVD)")
+    g.add_argument("--rank", type=int, default=None,
+                   help="with --space product: the merged LoRA's rank (default: the largest input rank)")
+    g = p.add_argument_group("this project's specialists (a scale)")
+    g.add_argument("--scale", default=None, choices=scales.NAMES, help="model/data scale (default: cpu)")
+    g.add_argument("--probe-k", type=int, default=None, help="probe samples per modality (default: the scale's)")
+    g.add_argument("--specialists", type=Path, default=None,
                    help="paper scale: folder of converted specialists (default data_manifest/specialists/paper)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="bring your own: a PEFT LoRA folder on --base; repeat for each adapter")
-    p.add_argument("--probe", type=Path, default=None, help="with --adapter: probe texts (JSON Lines, marked spans)")
-    p.add_argument("--no-chat", action="store_true", help="with --adapter: probes are not wrapped in the chat template")
-    p.add_argument("--device", default=None, help="with --adapter: cpu or cuda (default: cuda if present)")
     p.set_defaults(run=_merge)
 
     p = sub.add_parser("methods", parents=[common], help="list merge methods and their hyper-parameters")

@@ -38,7 +38,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from esmerge import plots
-from esmerge.methods.es import signals
+from esmerge.methods.es_signals import signals
 from esmerge.paths import run_dir
 from esmerge.run.merge import build_context
 

@@ -36,10 +36,10 @@ import numpy as np
 import pandas as pd
 
 from esmerge import plots
-from esmerge.methods.es import signals
+from esmerge.methods.es_signals import signals
 from esmerge.paths import run_dir
 from esmerge.run.merge import build_context
-from esmerge.signals import layerwise
+from esmerge.signals import diagnostics, layerwise, sliced
 
 out = run_dir(scale, "04_layerwise")
 context = build_context(scale, seed, probe_k)
@@ -58,7 +58,7 @@ print(caption)
 # Solid: SWD on the specialist's own modality; dashed: mean SWD on the other two modalities.
 
 # %%
-own, other = layerwise.own_vs_other(swd, [modalities.index(n) for n in names])
+own, other = diagnostics.own_vs_other(swd, [modalities.index(n) for n in names])
 fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), sharey=False)
 layers = np.arange(1, L + 1)
 for ax, j, name in zip(axes, range(len(names)), names):
@@ -69,7 +69,7 @@ for ax, j, name in zip(axes, range(len(names)), names):
 fig.suptitle(f"Layer-wise SWD on specialised vs non-specialised tokens; {caption}", y=1.04)
 plots.save(fig, out, "fig2_swd_own_vs_other")
 plt.show()
-gap = pd.DataFrame(layerwise.specialisation_table(swd, [modalities.index(n) for n in names]), index=names)
+gap = pd.DataFrame(diagnostics.specialisation_table(swd, [modalities.index(n) for n in names]), index=names)
 gap.index.name = "specialist"
 gap.to_csv(out / "fig2_summary.csv")
 for name, row in gap.iterrows():
@@ -80,13 +80,13 @@ gap
 # %% [markdown]
 # ## Massive-activation tokens
 #
-# A token whose state norm exceeds 20x the median of its block (`layerwise.massive_tokens`)
+# A token whose state norm exceeds 20x the median of its block (`diagnostics.massive_tokens`)
 # dominates a mean-pooled state, and with it the SWD. Our first cpu molecule specialist, trained
 # with its projector at the full learning rate, produced such tokens and failed the Fig. 2 test
 # (`book/paper_vs_code.md`). The most massive tokens at any block, per model and input modality:
 
 # %%
-massive = pd.DataFrame(layerwise.massive_token_counts({m: states[m]["tokens"] for m in ["base", *names]})).T
+massive = pd.DataFrame(diagnostics.massive_token_counts({m: states[m]["tokens"] for m in ["base", *names]})).T
 massive.index.name = "model"
 massive.to_csv(out / "massive_tokens.csv")
 massive
@@ -116,7 +116,7 @@ pd.DataFrame({"specialist": names, "mean alpha": alpha.mean(1).numpy(), "max alp
 # seeds (standard deviation over seeds, averaged over specialists and layers).
 
 # %%
-alphas = layerwise.projection_stability(states["base"]["pooled"], [states[n]["pooled"] for n in names],
+alphas = diagnostics.projection_stability(states["base"]["pooled"], [states[n]["pooled"] for n in names],
                                         stability_sizes, range(stability_seeds), tau)
 stability = pd.DataFrame([{"projections": size, "seeds": stability_seeds,
                            "mean std of alpha over seeds": float(a.std(0, unbiased=True).mean()),
@@ -132,7 +132,7 @@ stability
 # what the code's choice changes in alpha.
 
 # %%
-swd_code = layerwise.swd_table(states["base"]["pooled"], [states[n]["pooled"] for n in names],
+swd_code = sliced.swd_table(states["base"]["pooled"], [states[n]["pooled"] for n in names],
                                n_projections, seed=seed, standardize=True, equal_size=K)
 alpha_code = layerwise.layer_coefficients(swd_code, tau)
 effect = pd.DataFrame([{

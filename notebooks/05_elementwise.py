@@ -37,7 +37,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from esmerge import plots
-from esmerge.methods.es import coefficients_from_signals, signals
+from esmerge.methods.es import coefficients_from_signals
+from esmerge.methods.es_signals import signals
 from esmerge.paths import run_dir
 from esmerge.report import es_coefficients
 from esmerge.run.merge import build_context

@@ -85,7 +85,7 @@ from esmerge import evaluate as ev
 from esmerge import plots, report
 from esmerge.cache import atomic_write_json
 from esmerge.evaluate import yardstick
-from esmerge.methods.static import emr_adapter_for_benchmark
+from esmerge.methods.emr import emr_adapter_for_benchmark
 from esmerge.paths import run_dir
 from esmerge.progress import track
 from esmerge.report.paper_tables import REPO_ROOT

@@ -180,11 +180,10 @@ def test_bad_adapters_are_refused_with_one_line(trained, tmp_path):
     config = json.loads((named / "adapter_config.json").read_text())
     (named / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/other-llm"}))
     one_line_refusal(merge(named), r"adapter 'other' names base 'org/other-llm', not 'smoke-llama")
-    # rank, target modules
-    one_line_refusal(merge(random_adapter(load_smoke(seed=0).model, tmp_path / "r4", r=4)), r"different r \(8 vs 4\)")
-    one_line_refusal(merge(random_adapter(load_smoke(seed=0).model, tmp_path / "qv",
-                                          target_modules=("q_proj", "v_proj"))),
-                     "different target_modules")
+    # a module whose width differs between the adapters (another base), before the base loads
+    wide = random_adapter(load_smoke(seed=0, hidden_size=32).model, tmp_path / "wide", seed=3)
+    one_line_refusal(lambda: byo.merge_adapters("smoke", {"molecule": good, "wide": wide}, None, tmp_path / "out",
+                                                "avg"), r"molecule vs wide: .* has width \d+ vs \d+; they were")
     # NaN
     nan = shutil.copytree(root / "protein", tmp_path / "nan")
     from safetensors.torch import load_file, save_file
@@ -194,6 +193,27 @@ def test_bad_adapters_are_refused_with_one_line(trained, tmp_path):
     save_file(tensors, nan / "adapter_model.safetensors")
     one_line_refusal(merge(nan), "contains NaN or Inf")
     assert not (tmp_path / "out").exists()
+
+
+def test_adapters_of_another_rank_alpha_or_target_set_are_normalised_not_refused(trained, tmp_path):
+    """Rank 4 with alpha 8, or q/v only, beside the trained rank-8 specialist: merged (lora_layout.normalise),
+    each adapter's delta W kept, every module of the union in the output."""
+    from esmerge.specialists.lora_layout import delta_weights, normalise
+
+    _, root, probes = trained
+    smoke = load_smoke(seed=0).model
+    others = {"r4": random_adapter(smoke, tmp_path / "r4", seed=1, r=4, alpha=8),
+              "qv": random_adapter(smoke, tmp_path / "qv", seed=2, target_modules=("q_proj", "v_proj"))}
+    for name, other in others.items():
+        named = {"molecule": root / "molecule", name: other}
+        out = byo.merge_adapters("smoke", named, probes, tmp_path / f"es-{name}", "es", {"n_projections": 8})
+        merged = load_merged(out)
+        assert merged.meta["normalised"]["changed"]
+        originals = [load_adapter(p, name=n) for n, p in named.items()]
+        assert set(merged.adapter.state) == set().union(*(a.state for a in originals))
+        for before, after in zip(originals, normalise(originals)[0]):
+            want, got = delta_weights(before), delta_weights(after)
+            assert all(torch.allclose(got[h], want[h], atol=1e-6) for h in want)
 
 
 def test_a_folder_that_is_not_an_adapter_is_refused(trained, tmp_path):

@@ -3,6 +3,7 @@ loads where it can be; --debug shows the traceback; bring-your-own adapters thro
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ def _one_line(capsys) -> str:
     return err[0]
 
 
+BYO = ["--base", "smoke", "--adapter", "first=nowhere/a", "--adapter", "second=nowhere/b"]
+
+
 @pytest.mark.parametrize("argv, exit_code, words", [
     (["merge", "--scale", "smoke", "--method", "es", "--set", "tau=0.1", "--out", "X"], 2,
      ["unknown hyper-parameter 'tau'", "tau_layer"]),
@@ -30,6 +34,21 @@ def _one_line(capsys) -> str:
     (["merge", "--scale", "smoke", "--method", "nope", "--out", "X"], 2, ["nope"]),
     (["merge", "--scale", "smoke", "--set", "novalue", "--out", "X"], 2, ["KEY=VALUE"]),
     (["merge", "--adapter", "a=b", "--out", "X"], 2, ["--base"]),
+    # options that do not apply are refused, not ignored
+    (["merge", *BYO, "--method", "avg", "--probe", "p.jsonl", "--out", "X"], 2, ["--probe", "'avg'", "drop --probe"]),
+    (["merge", *BYO, "--method", "ties", "--no-chat", "--out", "X"], 2, ["--no-chat", "'ties'"]),
+    (["merge", *BYO, "--method", "avg", "--specialists", "d", "--out", "X"], 2, ["--specialists", "--adapter"]),
+    (["merge", *BYO, "--scale", "smoke", "--method", "avg", "--out", "X"], 2, ["--scale", "--adapter"]),
+    (["merge", *BYO, "--probe-k", "4", "--out", "X"], 2, ["--probe-k", "--adapter"]),
+    (["merge", "--scale", "smoke", "--method", "avg", "--space", "product", "--out", "X"], 2, ["--space", "--adapter"]),
+    (["merge", "--scale", "smoke", "--dtype", "bfloat16", "--out", "X"], 2, ["--dtype", "--adapter"]),
+    (["merge", "--scale", "smoke", "--probe", "p.jsonl", "--out", "X"], 2, ["--probe", "--adapter"]),
+    (["merge", *BYO, "--method", "es", "--space", "product", "--out", "X"], 2, ["--space product", "'es'"]),
+    (["merge", *BYO, "--method", "avg", "--rank", "4", "--out", "X"], 2, ["--rank", "--space product"]),
+    (["merge", *BYO, "--method", "ties", "--space", "product", "--set", "scope=model", "--out", "X"], 2,
+     ["scope=model"]),
+    (["merge", *BYO, "--method", "ties", "--set", "kep=0.5", "--probe", "p.jsonl", "--out", "X"], 2,
+     ["unknown hyper-parameter 'kep'"]),  # a bad value is named first
     (["evaluate", "--scale", "smoke", "--model", "nothing-here"], 2, ["nothing-here", "esmerge.json"]),
     (["evaluate", "--scale", "smoke", "--model", "base", "--n-eval", "0"], 2, ["n_eval=0"]),
     (["evaluate", "--scale", "smoke", "--model", "base", "--benchmarks", "Nope"], 2, ["Nope"]),
@@ -91,6 +110,33 @@ def test_methods_lists_declared_hyper_parameters(capsys):
     assert main(["methods", "es"]) == 0
     out = capsys.readouterr().out
     assert "tau_layer" in out and "n_projections" in out
+    assert "layer softmax temperature" in out  # one method: each parameter's doc, wrapped
+
+
+def test_methods_fits_100_columns_and_says_what_each_method_needs(capsys):
+    from esmerge import methods
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    rows = [re.split(r"\s{2,}", line) for line in lines[1:] if line[:1].strip()]
+    needs = {row[0]: row[1] for row in rows if row[0] in methods.names()}
+    assert set(needs) == set(methods.names())
+    assert {m: needs[m] for m in ("es", "es-layer", "es-element", "adamerging", "avg-ft", "avg", "ties")} == {
+        "es": "probe", "es-layer": "probe", "es-element": "probe", "adamerging": "data", "avg-ft": "data, labels",
+        "avg": "-", "ties": "-"}
+    assert all(needs[m] == "-" for m in methods.names() if not methods.get(m).needs_context)  # from the registry
+    assert any(line.startswith("needs: - = the adapters alone; probe = probe texts") for line in lines)
+
+
+def test_merge_help_groups_its_options_and_gives_examples(capsys):
+    assert main(["merge", "--help"]) == 0
+    out = capsys.readouterr().out
+    for words in ("Merge LoRA adapters with a registered method", "bring your own adapters",
+                  "this project's specialists (a scale)", "method and output", "examples:",
+                  "--space product", "--dtype {float32,bfloat16,auto}"):
+        assert words in out, words
+    assert out.count("  esmerge merge ") == 3
 
 
 def test_bring_your_own_adapters_through_the_cli(trained, tmp_path, capsys):
@@ -98,10 +144,14 @@ def test_bring_your_own_adapters_through_the_cli(trained, tmp_path, capsys):
     out = tmp_path / "es"
     argv = ["merge", "--base", "smoke", "--adapter", f"molecule={root / 'molecule'}",
             "--adapter", f"protein={root / 'protein'}", "--probe", str(probes), "--method", "es", "--out", str(out)]
-    rc, err = main(argv), capsys.readouterr().err
-    assert rc == 0, err
+    rc, captured = main(argv), capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"probe file {probes}: 3 probes; span molecule: 3 probes, 3 words; span protein: 3 probes, 3 words" \
+        in captured.out  # counted before the base loads
     merged = load_merged(out)
     assert merged.meta["method"] == "es" and set(merged.adapter.state)
+    tokens = len("MKTAYIAKQR" "GAVL" "MSTNPKPQRKTW")  # byte tokens of the three protein spans
+    assert merged.meta["probe_spans"]["protein"] == {"probes": 3, "words": 3, "tokens": tokens}
     assert main(argv) == 1  # the finished output is not replaced without --force
     assert "--force" in _one_line(capsys)
     nan = tmp_path / "nan"
@@ -115,20 +165,43 @@ def test_bring_your_own_adapters_through_the_cli(trained, tmp_path, capsys):
     state[key] = torch.full_like(state[key], float("nan"))
     save_file(state, nan / "adapter_model.safetensors")
     assert main(["merge", "--base", "smoke", "--adapter", f"molecule={root / 'molecule'}", "--adapter",
-                 f"protein={nan}", "--probe", str(probes), "--method", "avg", "--out", str(tmp_path / "x")]) == 1
+                 f"protein={nan}", "--method", "avg", "--out", str(tmp_path / "x")]) == 1
     line = _one_line(capsys)
     assert "'protein'" in line and "NaN" in line and str(nan) in line, line
 
 
 def test_methods_describe_lists_every_es_setting_with_its_paper_and_code_values(capsys):
     from esmerge.cli import main
-    from esmerge.methods import es
+    from esmerge.methods import es_settings
 
     assert main(["methods", "describe", "es"]) == 0
     out = capsys.readouterr().out
-    for name in es.PAPER_SETTINGS:
+    for name in es_settings.PAPER_SETTINGS:
         line = next(i for i, text in enumerate(out.splitlines()) if text.startswith(f"  {name} ("))
         presets = out.splitlines()[line + 1]
-        assert f"paper: {es.PAPER_SETTINGS[name]!r}" in presets and f"code: {es.CODE_SETTINGS[name]!r}" in presets
+        assert f"paper: {es_settings.PAPER_SETTINGS[name]!r}" in presets
+        assert f"code: {es_settings.CODE_SETTINGS[name]!r}" in presets
     assert max(len(text) for text in out.splitlines()) <= 100
     assert main(["methods", "describe"]) == 2
+
+
+def test_mixed_rank_adapters_merge_in_product_space_through_the_cli(trained, tmp_path, capsys):
+    from peft import PeftModel
+    from test_byo import random_adapter
+
+    from esmerge.specialists.base_llm import load_smoke
+
+    _, root, _ = trained
+    r4 = random_adapter(load_smoke(seed=0).model, tmp_path / "r4", seed=4, r=4, alpha=8)
+    out = tmp_path / "ties-product"
+    argv = ["merge", "--base", "smoke", "--adapter", f"molecule={root / 'molecule'}", "--adapter", f"small={r4}",
+            "--method", "ties", "--space", "product", "--rank", "6", "--dtype", "float32", "--out", str(out)]
+    rc, captured = main(argv), capsys.readouterr()
+    assert rc == 0, captured.err
+    meta = load_merged(out).meta
+    assert meta["space"] == "product" and meta["info"]["rank"] == 6 and meta["dtype"] == "float32"
+    assert meta["normalised"]["rank"] == 8 and 0 <= meta["info"]["max_reconstruction_error"] <= 1
+    assert set(meta["info"]["reconstruction_error"]) == {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                                                         for k in load_merged(out).adapter.state}
+    model = PeftModel.from_pretrained(load_smoke(seed=0).model, str(out))
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()

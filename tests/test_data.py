@@ -463,7 +463,7 @@ def test_fetch_derives_the_cyp_fasta_into_the_cache(tmp_path, monkeypatch):
     assert path.read_bytes() == files.data_path(files.CYP_FASTA).read_bytes()
 
 
-# --------------------------------------------------------------------------- bad input (issue 15)
+# --------------------------------------------------------------------------- bad input
 
 def test_one_text_label_is_refused_naming_file_and_value(tmp_path, monkeypatch):
     """Before: a single "yes" made pandas read the column as text, and every row was dropped as non-binary."""

@@ -114,3 +114,69 @@ def test_paired_auroc_difference_separates_a_ranker_from_noise():
 def test_a_bad_margin_is_refused():
     with pytest.raises(ValueError, match="positive number of points"):
         D.noninferiority_verdict({"b": (0.0, -1.0, 1.0)}, {"b": 1.0}, -3.0)
+
+
+def test_vectorised_auroc_draws_equal_stats_auroc_on_every_resample():
+    from esmerge.evaluate.stats import auroc
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 15)
+    margin = rng.integers(-2, 3, 15).astype(float)  # many ties
+    idx = rng.integers(0, 15, size=(200, 15))
+    idx[0] = 0  # one resample of a single example: one class only
+    fast = D._auroc_draws(y, margin, idx)
+    slow = np.array([auroc(y[i], margin[i]) for i in idx])
+    np.testing.assert_allclose(fast, slow, equal_nan=True)
+    assert np.isnan(fast[0])
+
+
+def test_paired_auroc_draws_pair_the_resamples_and_skip_runs_without_scores():
+    y = np.array([0, 1] * 10)
+    good = _run(y, y, np.stack([np.zeros(20), y + 0.01 * np.arange(20)], 1).tolist())
+    point, draws = D.paired_auroc_draws({"x": good, "z": good}, {"x": good, "z": {**good, "scores": None}}, 100)
+    assert point == 0.0 and np.all(draws[~np.isnan(draws)] == 0.0)  # only x counts, and it pairs with itself
+    assert D.bootstrap_pvalue(draws) == 1.0
+
+
+def test_bootstrap_pvalue_is_the_level_at_which_the_percentile_ci_reaches_zero():
+    draws = np.concatenate([np.full(95, 1.0), np.full(5, -1.0)])
+    assert D.bootstrap_pvalue(draws) == pytest.approx(2 * 6 / 101)
+    assert D.bootstrap_pvalue(-draws) == D.bootstrap_pvalue(draws)
+    assert D.bootstrap_pvalue(np.full(999, 2.0)) == pytest.approx(0.002)
+    assert np.isnan(D.bootstrap_pvalue([np.nan, np.nan]))
+
+
+def test_answer_groups_by_scores_separate_models_with_the_same_answers():
+    runs = {"a": {"b": {"pred": [1, 0], "scores": [[0, 1], [1, 0]]}},
+            "b": {"b": {"pred": [1, 0], "scores": [[0, 2], [1, 0]]}},
+            "c": {"b": {"pred": [1, 0], "scores": [[0, 1], [1, 0]]}}}
+    assert D.answer_groups(runs, ["b"]) == [["a", "b", "c"]]
+    assert D.answer_groups(runs, ["b"], field="scores") == [["a", "c"], ["b"]]
+
+
+def test_caveats_apply_only_to_the_rows_whose_models_they_concern():
+    every = D.DEFAULT_CAVEATS["accuracy"]
+    assert D.caveats_for(every, ["es", "ties"]) == ("tiny base LLM; our random splits, not the paper's; "
+                                                    "one seed, selected by the Fig. 2 test")
+    assert D.caveats_for(every, ["es", "emr", "adamerging", "avg-ft/GDSC2", "emr-one"]).endswith(
+        "oracle routing: emr; below the paper's budget: adamerging, avg-ft/GDSC2")
+    assert D.caveats_for(every, ["base", "majority"]) == "tiny base LLM; our random splits, not the paper's"
+    assert D.caveats_for([], ["es"]) == "none"
+    assert D.seeds_text([0], ["base", "knn-shots"]) == "none (no specialist)"
+    assert D.seeds_text([2, 0], ["es", "base"]) == "2, 0"
+    assert set(D.CAVEAT_COLUMNS) == {"n", "seeds", "caveats", "would_change"}
+
+
+def test_would_change_reads_the_numbers_of_each_kind_of_verdict():
+    assert D.would_change("supported", "ties", 1.2, 5.0) == "a CI lower bound at or below 0 vs ties (now +1.2)"
+    assert D.would_change("supported (partial)", "ties", 1.2, 5.0, at_least=True, margin=3.0) == \
+        "a CI lower bound at or below -3 vs ties (now +1.2)"
+    assert D.would_change("inconclusive", "mol", -4.0, 2.0, at_least=True, margin=3.0) == \
+        "a CI lower bound above -3 vs mol would support it (now -4.0)"
+    assert D.would_change("inconclusive (no margin declared)", "mol", 0.5, 2.0) == \
+        "a non-inferiority margin of any size declared before the run (the CI vs mol starts at +0.5)"
+    assert D.would_change("not supported", "avg", -0.3, -0.1, digits=3) == \
+        "avg no longer significantly better: a CI upper bound at or above 0 (now -0.100)"
+    assert D.would_change("inconclusive (identical answers)", "avg", 0.0, 0.0) == \
+        "any example on which the two models answer differently (vs avg)"
+    assert D.would_change("not measured", "", np.nan, np.nan) == "results for the missing models or benchmarks"

@@ -8,14 +8,8 @@ import torch
 from esmerge.signals.combine import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
 from esmerge.signals.elementwise import element_coefficients, token_distance, zscore_within_layers
 from esmerge.signals.gradients import sample_distance_gradients
-from esmerge.signals.layerwise import (
-    layer_changes,
-    layer_coefficients,
-    layer_scores,
-    sliced_projections,
-    sliced_wasserstein,
-    swd_table,
-)
+from esmerge.signals.layerwise import layer_changes, layer_coefficients, layer_scores
+from esmerge.signals.sliced import sliced_projections, sliced_wasserstein, swd_table
 
 R3 = math.sqrt(3.0)
 
@@ -87,7 +81,7 @@ def test_layer_coefficients_refuse_non_finite_swd(bad):
 
 
 def test_zero_projections_are_refused_not_nan():
-    """Regression (issue 15): n_projections=0 gave SWD = NaN and uniform 1/3 coefficients, exit 0."""
+    """Regression: n_projections=0 gave SWD = NaN and uniform 1/3 coefficients, exit 0."""
     from esmerge.errors import UsageError
 
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))

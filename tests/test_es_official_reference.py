@@ -25,8 +25,8 @@ import torch
 
 from esmerge import methods
 from esmerge.errors import UsageError
-from esmerge.methods import es
-from esmerge.signals import elementwise, layerwise
+from esmerge.methods import es, es_settings, es_signals
+from esmerge.signals import elementwise, layerwise, sliced
 from esmerge.signals.probe import Probes
 from esmerge.specialists.adapters import adapter_from_model, attach
 
@@ -162,9 +162,9 @@ def tiny(tmp_path_factory):
 
 def betas(tiny, **settings):
     context, adapters, _ = tiny
-    resolved = es.resolve_settings(**{"n_projections": 16, **settings})
+    resolved = es_settings.resolve_settings(**{"n_projections": 16, **settings})
     with fp64_rms_norm():
-        sig = es.signals(adapters, context, **resolved)
+        sig = es_signals.signals(adapters, context, **resolved)
     return elementwise.element_coefficients(sig["scores"], resolved["tau_element"], resolved["per_tensor"])
 
 
@@ -237,9 +237,9 @@ def test_code_variant_alpha_equals_the_official_reference_with_the_same_seed(tin
     """Fresh projections drawn as the official code draws them, joint standardisation, alpha mixing."""
     context, adapters, _ = tiny
     for weight in (1.0, 0.5):
-        settings = es.resolve_settings("code", n_projections=64, other_weight=weight)
+        settings = es_settings.resolve_settings("code", n_projections=64, other_weight=weight)
         with fp64_rms_norm():
-            sig = es.signals(adapters, context, seed=42, need_scores=False, **settings)
+            sig = es_signals.signals(adapters, context, seed=42, need_scores=False, **settings)
         alpha, _, _ = es.coefficients_from_signals(sig, adapters[0].state, settings, use_element=False)
         states = sig["states"]
         ref = official_layer_coefficients(states["base"]["pooled"], [states[n]["pooled"] for n in NAMES], 64, 42,
@@ -248,7 +248,7 @@ def test_code_variant_alpha_equals_the_official_reference_with_the_same_seed(tin
     for setting, paper_value in (("projections", "shared"), ("standardize", False)):  # each alone moves alpha off
         changed = dict(settings, **{setting: paper_value})
         with fp64_rms_norm():
-            sig = es.signals(adapters, context, seed=42, need_scores=False, **changed)
+            sig = es_signals.signals(adapters, context, seed=42, need_scores=False, **changed)
         alpha = es.coefficients_from_signals(sig, adapters[0].state, changed, use_element=False)[0]
         assert float((alpha - ref).abs().max()) > 1e-3, setting
 
@@ -258,13 +258,13 @@ def test_fresh_projections_differ_by_layer_and_pair_shared_ones_do_not():
     layer = torch.randn(1, 12, 6, generator=g)
     base = {"a": layer.expand(3, -1, -1), "b": layer.expand(3, -1, -1)}
     spec = [{m: v + 0.3 for m, v in base.items()}]  # the same states at every layer and in both modalities
-    shared = layerwise.swd_table(base, spec, n_projections=8, projections="shared")
-    fresh = layerwise.swd_table(base, spec, n_projections=8, projections="fresh")
+    shared = sliced.swd_table(base, spec, n_projections=8, projections="shared")
+    fresh = sliced.swd_table(base, spec, n_projections=8, projections="fresh")
     assert torch.equal(shared, shared[0, 0, 0].expand_as(shared))
     assert fresh.flatten().unique().numel() == fresh.numel()
-    assert torch.equal(fresh, layerwise.swd_table(base, spec, n_projections=8, projections="fresh"))
+    assert torch.equal(fresh, sliced.swd_table(base, spec, n_projections=8, projections="fresh"))
     with pytest.raises(UsageError, match="projections"):
-        layerwise.swd_table(base, spec, projections="new")
+        sliced.swd_table(base, spec, projections="new")
 
 
 def test_probe_layout_code_takes_m_times_probe_k_probes(tmp_path, monkeypatch):
@@ -286,8 +286,8 @@ def test_probe_layout_code_takes_m_times_probe_k_probes(tmp_path, monkeypatch):
     base = load_smoke(seed=0)
     context = MergeContext(base, random_specialists(base), "smoke", 0, probe_k=2, cache=tmp_path)
     adapters = [s.adapter for s in context.specialists.values()]
-    paper = es.signals(adapters, context, need_scores=False, n_projections=4)
-    code = es.signals(adapters, context, need_scores=False, n_projections=4, probe_layout="code")
+    paper = es_signals.signals(adapters, context, need_scores=False, n_projections=4)
+    code = es_signals.signals(adapters, context, need_scores=False, n_projections=4, probe_layout="code")
     assert asked == [2, 6] and len(paper["probes"]) == 2 and len(code["probes"]) == 6
 
 
@@ -296,7 +296,7 @@ def test_own_modality_needs_specialists_named_after_probe_blocks(tiny):
     renamed = dict(zip(("a", "b", "c"), context.specialists.values()))
     other = type(context)(context.base, renamed, "smoke", 0, probe_k=K, cache=context.cache, extras=context.extras)
     with pytest.raises(UsageError, match="named after its probe modality"):
-        es.signals(adapters, other, **es.resolve_settings(score_modalities="own", n_projections=4))
+        es_signals.signals(adapters, other, **es_settings.resolve_settings(score_modalities="own", n_projections=4))
 
 
 # --------------------------------------------------------------------------- bounds (reliability issue)
@@ -339,9 +339,9 @@ def test_code_variant_on_masked_probes_takes_the_per_sample_path_to_the_same_bet
     masked = Probes(given.embeds, given.positions, attention_mask=torch.ones(K, T, dtype=torch.long))
     other = type(context)(context.base, context.specialists, "smoke", 0, probe_k=K, cache=context.cache,
                           extras={"probes": masked})
-    resolved = es.resolve_settings("code", n_projections=16)
+    resolved = es_settings.resolve_settings("code", n_projections=16)
     with fp64_rms_norm():
-        sig = es.signals(adapters, other, **resolved)
+        sig = es_signals.signals(adapters, other, **resolved)
     beta = elementwise.element_coefficients(sig["scores"], resolved["tau_element"], resolved["per_tensor"])
     assert max(max_delta_by_layer(beta, reference).values()) < 1e-5
 
@@ -353,12 +353,12 @@ def test_paper_variant_keeps_its_cache_keys(tiny):
 
     context, adapters, _ = tiny
     with fp64_rms_norm():
-        es.signals(adapters, context, n_projections=16)
+        es_signals.signals(adapters, context, n_projections=16)
     probe_key = content_key(context.base.weights_sha256, "given",
-                            tensor_digest(es._probe_tensors(context.extras["probes"])))
+                            tensor_digest(es_signals._probe_tensors(context.extras["probes"])))
     states_key = content_key(probe_key, [adapter_digest(a) for a in adapters])
     names = {p.name for p in context.cache.iterdir()}
     assert f"swd-{content_key(states_key, 16, 2.0, 0, False, None)}.pt" in names
     for name in NAMES:
         for dist in elementwise.DISTANCES:
-            assert f"scores-{content_key(states_key, name, dist, es.SCORES_VERSION)}.pt" in names
+            assert f"scores-{content_key(states_key, name, dist, es_signals.SCORES_VERSION)}.pt" in names

@@ -22,7 +22,7 @@ class StandIn:
 
 
 def random_specialists(base, seed=0):
-    """Three random LoRA adapters (B non-zero) with fresh projectors: the smoke stand-ins of issue 4."""
+    """Three random LoRA adapters (B non-zero) with fresh projectors: the smoke stand-ins."""
     from peft import get_peft_model
 
     specs = {}

@@ -98,7 +98,7 @@ def test_prompt_labels_and_groups_come_from_the_one_benchmark_table(base):
                                                        protein_chars=12, smiles_chars=24, batch_size=3, n_resamples=100,
                                                        decision="argmax", n_calibration=32)
     assert ev.default_config("cpu") == ev.EvalConfig() and ev.EvalConfig().n_eval == 32
-    assert ev.EvalConfig().decision == "context-threshold"  # issue 10: the cpu base answers by its prompt
+    assert ev.EvalConfig().decision == "context-threshold"  # the cpu base answers by its prompt
     assert ev.default_benchmarks("smoke") == ("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate")
     assert ev.default_benchmarks("cpu") == ev.BENCHMARK_NAMES
 
@@ -439,7 +439,7 @@ def test_mechanism_claims_on_hand_made_tables():
             == "does not hold")
 
 
-# --------------------------------------------------------------------------- bad pools (issue 15)
+# --------------------------------------------------------------------------- bad pools
 def _no_model_work(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("bad rows must be refused before any model work")

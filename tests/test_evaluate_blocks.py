@@ -1,4 +1,4 @@
-"""Evaluation with variable-length token blocks (issue 11 items 2 and 4): log-likelihood batches
+"""Evaluation with variable-length token blocks: log-likelihood batches
 whose entities each reserve their own block length, the paper's generation scoring in ``evaluate``,
 and the AdaMerging / Avg+FT prompt batches, on a smoke base with a Prot2Text-V2-style protein
 encoder (a tiny ESM-2 ``EsmModel`` + GELU adapter: one token per residue plus two)."""

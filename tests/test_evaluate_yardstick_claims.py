@@ -1,4 +1,4 @@
-"""The yardstick and shuffled-control rows of the claims register, and the power table (issue 10 items 3, 5)."""
+"""The yardstick and shuffled-control rows of the claims register, and the power table."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,8 +1,8 @@
-"""layerwise.massive_tokens: counts of massive-activation tokens on hand-made states."""
+"""diagnostics.massive_tokens: counts of massive-activation tokens on hand-made states."""
 import pytest
 import torch
 
-from esmerge.signals import layerwise
+from esmerge.signals import diagnostics, sliced
 
 
 def test_counts_only_tokens_far_above_the_layer_median():
@@ -10,8 +10,8 @@ def test_counts_only_tokens_far_above_the_layer_median():
     tokens[1, 2, 3] *= 50                    # one massive token at layer 1
     tokens[2, 0, :2] *= 19                   # below 20x the median: not massive
     tokens[2, 1, 4] *= 21                    # above: massive
-    assert layerwise.massive_tokens(tokens).tolist() == [0, 1, 1]
-    assert layerwise.massive_tokens(tokens, factor=10).tolist() == [0, 1, 3]
+    assert diagnostics.massive_tokens(tokens).tolist() == [0, 1, 1]
+    assert diagnostics.massive_tokens(tokens, factor=10).tolist() == [0, 1, 3]
 
 
 def test_masked_slots_are_skipped():
@@ -19,7 +19,7 @@ def test_masked_slots_are_skipped():
     tokens[0, 1, 2] = 0                      # a padding slot ...
     tokens[0, 0, 0] *= 30                    # ... and one massive real token
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    assert layerwise.massive_tokens(tokens, mask=mask).tolist() == [1]
+    assert diagnostics.massive_tokens(tokens, mask=mask).tolist() == [1]
 
 
 def test_one_massive_token_dominates_the_pooled_swd():
@@ -33,14 +33,14 @@ def test_one_massive_token_dominates_the_pooled_swd():
     spiky_base[0, 0, 3] *= 200
     spiky_other = spiky_base.clone()
     spiky_other[0, 0, 3] *= 2 / 3
-    assert layerwise.massive_tokens(spiky_base).tolist() == [1]
+    assert diagnostics.massive_tokens(spiky_base).tolist() == [1]
 
     def swd(a, b):
-        return float(layerwise.swd_table({"m": a.mean(2)}, [{"m": b.mean(2)}], 256, seed=0)[0, 0, 0])
+        return float(sliced.swd_table({"m": a.mean(2)}, [{"m": b.mean(2)}], 256, seed=0)[0, 0, 0])
 
     assert swd(spiky_base, spiky_other) > 10 * swd(base, small)
 
 
 def test_refuses_states_of_the_wrong_rank():
     with pytest.raises(ValueError, match=r"\[L, K, T, d\]"):
-        layerwise.massive_tokens(torch.ones(3, 4, 5))
+        diagnostics.massive_tokens(torch.ones(3, 4, 5))

@@ -1,4 +1,4 @@
-"""Merged-model directories and merge inputs: atomic, locked, refusing, resumable (issue 15 items 2, 4, 5).
+"""Merged-model directories and merge inputs: atomic, locked, refusing, resumable.
 
 Each regression test names the defect it guards; all fail on the code before this change.
 """
@@ -162,8 +162,8 @@ def test_two_merges_into_one_output_one_wins_the_other_refuses(tmp_path):
 def test_merge_once_reuses_a_finished_merge_and_refuses_foreign_folders(tmp_path, monkeypatch):
     context, out = toy_context(), tmp_path / "m"
     calls = []
-    real = methods.run
-    monkeypatch.setattr(methods, "run", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = methods.run_checked
+    monkeypatch.setattr(methods, "run_checked", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     merge_once("ties", out, context, keep=0.5)
     merge_once("ties", out, context, keep="0.5")  # the same value, as the command line gives it
     assert calls == ["ties"]
@@ -279,7 +279,7 @@ def test_merge_command_refuses_existing_output_and_unknown_method_before_loading
 def test_every_declared_hyper_parameter_matches_its_function():
     from dataclasses import fields
 
-    from esmerge.methods.es import PAPER_SETTINGS
+    from esmerge.methods.es_settings import PAPER_SETTINGS
     from esmerge.methods.lsmerge import VAEConfig
 
     for name in methods.names():
@@ -303,7 +303,7 @@ def test_validate_converts_command_line_strings_and_refuses_wrong_types():
         {"steps": 10, "lr": 0.01, "progress": False}
     assert methods.validate("es", {"equal_size": "min"}) == {"equal_size": "min"}
     assert methods.validate("es", {"equal_size": None, "seed": 3.0}) == {"equal_size": None, "seed": 3}
-    assert methods.validate("consensus", {"scale": None}) == {"scale": None}
+    assert methods.validate("consensus", {"scaling_factor": None}) == {"scaling_factor": None}
     assert methods.validate("graft", {"order": ["cell", "molecule", "protein"]})["order"][0] == "cell"
     for name, hp in [("ties", {"keep": 0.0}), ("ties", {"keep": True}), ("pcb", {"drop": 1.0}),
                      ("graft", {"order": "cell"}), ("avg", {"keep": 0.5}), ("ties", {"keep": float("nan")}),
@@ -324,14 +324,14 @@ def test_describe_lists_every_method_and_parameter():
 
 
 def _merge_once_slowly(out, barrier, results):
-    real = methods.run
+    real = methods.run_checked
 
     def slow(*args, **kwargs):  # both processes have checked `out` before either publishes
         result = real(*args, **kwargs)
         barrier.wait()
         return result
 
-    methods.run = slow
+    methods.run_checked = slow
     try:
         merge_once("avg", out, toy_context())
         results.put("ok")

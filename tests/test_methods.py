@@ -9,6 +9,7 @@ import torch
 from esmerge import evaluate, methods
 from esmerge.methods import primitives as P
 from esmerge.methods.adamerging import coefficient_groups, layerwise_sum
+from esmerge.methods.emr import emr_benchmark_adapter, emr_task_adapter, emr_unified
 from esmerge.methods.graft import (
     compatibility_score,
     dual_gate_weights,
@@ -18,7 +19,6 @@ from esmerge.methods.graft import (
 )
 from esmerge.methods.lsmerge import VAEConfig, chunk_vectors, train_vae
 from esmerge.methods.objectives import lora_state_swapped, mean_entropy
-from esmerge.methods.static import emr_benchmark_adapter, emr_task_adapter
 from esmerge.run.baseline_inputs import answer_nll_loss, label_entropy_objective
 from esmerge.signals.hooks import module_outputs
 from esmerge.specialists.adapters import (
@@ -113,9 +113,9 @@ def test_ties_worked_example():
 
 def test_ties_method_on_worked_example():
     adapters = _toy_adapters([{KEY_A: torch.tensor([[v]])} for v in (1.0, 2.0, -4.0)])
-    merged = methods.get("ties").fn(adapters, keep=1.0, scale=1.0).adapter.state[KEY_A]
+    merged = methods.get("ties").fn(adapters, keep=1.0, scaling_factor=1.0).adapter.state[KEY_A]
     torch.testing.assert_close(merged, torch.tensor([[-4.0]]))  # mass 3 < 4: elect -, only -4 agrees
-    merged2 = methods.get("ties").fn(adapters, keep=1.0, scale=0.5).adapter.state[KEY_A]
+    merged2 = methods.get("ties").fn(adapters, keep=1.0, scaling_factor=0.5).adapter.state[KEY_A]
     torch.testing.assert_close(merged2, torch.tensor([[-2.0]]))
 
 
@@ -139,7 +139,7 @@ def test_emr_reconstructs_sign_pattern_and_rescales():
     adapters = _random_toy(1)
     result = methods.run("emr", adapters)
     tau, keys, _ = P.flatten(adapters)
-    unified = P.emr_unified(tau)
+    unified = emr_unified(tau)
     for t, name in enumerate(MODALITIES):
         rec = torch.cat([emr_task_adapter(result, name).state[k].reshape(-1) for k in keys])
         nonzero = rec != 0
@@ -160,7 +160,7 @@ def test_emr_reconstructs_sign_pattern_and_rescales():
 def test_emr_unified_worked_example():
     tau = torch.tensor([[1.0, -2.0, 0.5], [-3.0, 1.0, 0.2], [0.5, -4.0, -0.1]])
     # sums -1.5, -5, 0.6 -> signs -, -, +; max agreeing magnitudes 3, 4, 0.5
-    torch.testing.assert_close(P.emr_unified(tau), torch.tensor([-3.0, -4.0, 0.5]))
+    torch.testing.assert_close(emr_unified(tau), torch.tensor([-3.0, -4.0, 0.5]))
 
 
 def test_pcb_balance_worked_example():
@@ -194,7 +194,8 @@ def test_pcb_drop_zero_equal_tasks_is_average_and_drop_removes_low_scores():
 def test_identical_adapters_merge_to_themselves():
     adapters = _random_toy(3)
     same = [with_state(adapters[0], adapters[0].state, n) for n in MODALITIES]
-    cases = {"avg": {}, "ties": {"keep": 1.0, "scale": 1.0}, "pcb": {"drop": 0.0}, "consensus": {}, "graft": {}}
+    cases = {"avg": {}, "ties": {"keep": 1.0, "scaling_factor": 1.0}, "pcb": {"drop": 0.0}, "consensus": {},
+             "graft": {}}
     for name, hp in cases.items():
         merged = methods.run(name, same, **hp).adapter
         for k, v in adapters[0].state.items():
@@ -460,7 +461,7 @@ def test_lora_state_swapped_is_differentiable_and_restores(smoke):
 # --------------------------------------------------------------------------- contexts and report helpers
 def test_benchmark_modalities_and_emr_rule():
     from esmerge.data.benchmarks import benchmark_modalities
-    from esmerge.methods.static import emr_adapter_for_benchmark
+    from esmerge.methods.emr import emr_adapter_for_benchmark
 
     assert benchmark_modalities("BindingDB") == ["protein", "molecule"]
     assert benchmark_modalities("DrugComb") == ["cell", "molecule"]  # molecule2 is a molecule too
@@ -502,8 +503,8 @@ def test_merge_once_resumes_and_reruns_on_new_hparams(tmp_path, monkeypatch):
     specs = {m: SimpleNamespace(modality=m, adapter=a, projector=None) for m, a in zip(MODALITIES, _random_toy(8))}
     context = MergeContext(base=None, specialists=specs, scale="smoke")
     calls = []
-    real = methods.run
-    monkeypatch.setattr(methods, "run", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = methods.run_checked
+    monkeypatch.setattr(methods, "run_checked", lambda *a, **k: calls.append(k) or real(*a, **k))
     first, meta = merge_once("ties", tmp_path / "ties", context, keep=0.5)
     again, _ = merge_once("ties", tmp_path / "ties", context, keep=0.5)
     assert len(calls) == 1 and meta["info"]["hparams"]["keep"] == 0.5
@@ -593,3 +594,33 @@ def test_every_method_and_specialist_has_its_own_colour():
     assert len(set(colours.values())) == len(models), colours
     assert plots.method_color("specialist cell") == plots.MODALITY_COLORS["cell"]
     assert plots.method_color("es") == plots.MODALITY_COLORS["merged"]  # as in the embedding plots
+
+
+def test_emr_one_model_is_the_mean_of_the_modulated_task_vectors_not_a_routed_one():
+    """EMR as one deployed adapter (no oracle routing), against a hand computation."""
+    from esmerge.evaluate import decisions
+    from esmerge.methods.emr import ONE_MODEL, emr_one_model
+
+    adapters = _toy_adapters([{KEY_A: torch.tensor([[2.0, -1.0], [0.5, 3.0]])},
+                              {KEY_A: torch.tensor([[-1.0, -2.0], [1.0, -1.0]])},
+                              {KEY_A: torch.tensor([[1.0, 1.0], [-2.0, 2.0]])}])
+    result = methods.run("emr", adapters)
+    # By hand: unified = [2, -2, -2, 3]; masks molecule [1, 1, 0, 1], protein [0, 1, 0, 0], cell [1, 0, 1, 1];
+    # rescalers 6.5 / 7, 5 / 2, 6 / 7; modulated [13/7, -13/7, 0, 39/14], [0, -5, 0, 0], [12/7, 0, -12/7, 18/7].
+    expected = torch.tensor([[25 / 21, -16 / 7], [-4 / 7, 25 / 14]])
+    one = emr_one_model(result)
+    torch.testing.assert_close(one.state[KEY_A], expected)
+    assert one.name == ONE_MODEL == decisions.EMR_ONE_MODEL and one.extras == {}
+    # routing gives each task (and each two-modality benchmark) another adapter than the one model
+    for name in MODALITIES:
+        assert not torch.allclose(emr_task_adapter(result, name).state[KEY_A], one.state[KEY_A])
+    assert not torch.allclose(emr_benchmark_adapter(result, ["molecule", "protein"]).state[KEY_A], one.state[KEY_A])
+    # on random adapters with several keys it is the mean of the routed task adapters, key by key
+    toy = methods.run("emr", _random_toy(3))
+    mean = emr_one_model(toy.adapter)
+    for key in (KEY_A, KEY_B, KEY_A1):
+        routed = torch.stack([emr_task_adapter(toy, name).state[key] for name in MODALITIES])
+        torch.testing.assert_close(mean.state[key], routed.mean(0))
+    torch.testing.assert_close(emr_one_model(toy, ["cell"]).state[KEY_B], emr_task_adapter(toy, "cell").state[KEY_B])
+    with pytest.raises(KeyError, match="not EMR's output"):
+        emr_one_model(adapters[0])

@@ -264,28 +264,29 @@ def test_a_missing_output_is_restored_from_its_replaced_copy_by_any_writer(tmp_p
 
 # --------------------------------------------------------------------------- D2: nothing non-finite is finished
 def test_a_merge_with_nan_is_refused_and_nothing_is_written(tmp_path):
-    """Regression (D2): `merge --method ties --set scale=1e308` wrote 32,768 NaN entries and the marker, exit 0."""
+    """Regression (D2): `merge --method ties --set scaling_factor=1e308` wrote 32,768 NaN entries and the
+    marker, exit 0."""
     bad = toy_adapter()
     bad.state[KEYS[1]][0, 0] = float("inf")
     bad.state[KEYS[1]][1, 1] = float("nan")
     with pytest.raises(InputError) as err:
-        save_merged(tmp_path / "m", bad, {"method": "ties", "hparams": {"scale": 1e308}})
+        save_merged(tmp_path / "m", bad, {"method": "ties", "hparams": {"scaling_factor": 1e308}})
     assert one_line(err).startswith(f"merge into {tmp_path / 'm'}: {KEYS[1]} has 2 NaN/Inf of 8 entries")
-    assert "scale=1e+308" in str(err.value) and "esmerge methods ties" in str(err.value)
+    assert "scaling_factor=1e+308" in str(err.value) and "esmerge methods ties" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_method_that_overflows_is_refused_by_run_merge(tmp_path, monkeypatch):
     from esmerge import methods
 
-    real = methods.run
+    real = methods.run_checked
 
     def overflowing(name, adapters, *args, **kwargs):
         result = real(name, adapters, *args, **kwargs)
         result.adapter.state = {k: v * 1e308 * 1e308 for k, v in result.adapter.state.items()}
         return result
 
-    monkeypatch.setattr(methods, "run", overflowing)
+    monkeypatch.setattr(methods, "run_checked", overflowing)
     with pytest.raises(InputError, match="NaN/Inf .*so nothing was written"):
         run_merge("avg", tmp_path / "m", toy_context())
     assert not (tmp_path / "m").exists()

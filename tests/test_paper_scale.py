@@ -14,7 +14,7 @@ import pytest
 import standins
 import torch
 
-from esmerge.methods import es as es_method
+from esmerge.methods import es_signals
 from esmerge.run.merge import PAPER_BASE_ENV, merge_command
 from esmerge.signals import probe
 from esmerge.specialists import encoders
@@ -109,7 +109,7 @@ def test_variable_length_element_scores_equal_each_sample_alone(paper, probe_inp
     try:
         with peft_model.disable_adapter():
             states = probe.hidden_states(peft_model, probes)
-        scores = es_method.element_scores(peft_model, probes, states["tokens"])
+        scores = es_signals.element_scores(peft_model, probes, states["tokens"])
         expected = None
         for k in range(3):
             alone = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(),

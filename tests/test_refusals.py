@@ -141,9 +141,9 @@ def merge_argv(world, out, *adapters, method="avg", extra=(), base=SMOKE):
 
 # --------------------------------------------------------------------------- hyper-parameters
 @pytest.mark.parametrize("method, setting, shown", [
-    ("ties", "scale=1e308", "1e+308"),
-    ("pcb", "scale=-1e308", "-1e+308"),
-    ("consensus", "scale=1e300", "1e+300"),
+    ("ties", "scaling_factor=1e308", "1e+308"),
+    ("pcb", "scaling_factor=-1e308", "-1e+308"),
+    ("consensus", "scaling_factor=1e300", "1e+300"),
     ("ls-merge", "seed=-5", "-5"),
     ("ls-merge", "lr=1e30", "1e+30"),
     ("es", "seed=4294967296", "4294967296"),

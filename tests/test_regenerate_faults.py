@@ -1,5 +1,5 @@
 """Stop a regeneration at every file write in turn: the next run resumes to the same result, and
-nothing half-written ever looks finished (issue 15, fault injection).
+nothing half-written ever looks finished (fault injection).
 
 papermill is replaced by an in-process stand-in that executes the cells itself, saving the output
 notebook as papermill does (once when it starts, again when done), so that every write of the run

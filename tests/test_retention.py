@@ -1,4 +1,4 @@
-"""Retention (issue 10 item 4): the ratio and its sign on hand-made NLLs, paired bootstrap CIs that
+"""Retention: the ratio and its sign on hand-made NLLs, paired bootstrap CIs that
 cover a known truth, the claims section's verdicts, and per-example NLLs on the smoke base."""
 from __future__ import annotations
 
@@ -228,3 +228,29 @@ def test_emr_is_scored_with_its_modulation_for_the_specialists_task(smoke, tmp_p
         got = models["emr"].adapter_for(m).state
         for k, v in unified.state.items():
             torch.testing.assert_close(got[k], lam * v)
+
+
+def test_every_retention_claim_carries_its_caveats_and_what_would_change_it():
+    from esmerge.evaluate import decisions
+
+    nlls, tokens = synthetic(models={"es": 0.3, "avg": 0.6, "emr": 0.1, "adamerging": 0.3}, noise=0.2)
+    claims = R.retention_claims(R.resampled_retention(nlls, tokens, n_resamples=300))
+    assert list(claims.columns[-4:]) == list(decisions.CAVEAT_COLUMNS)
+    assert (claims["n"] == 3 * 400).all() and (claims["seeds"] == "0").all()
+    by_b = claims.set_index("b")
+    assert by_b.loc["emr", "caveats"] == "tiny base LLM; one seed, selected by the Fig. 2 test; oracle routing: emr"
+    assert by_b.loc["avg", "caveats"] == "tiny base LLM; one seed, selected by the Fig. 2 test"
+    assert by_b.loc["adamerging", "caveats"].endswith("below the paper's budget: adamerging")
+    head = by_b.loc["every baseline"]
+    assert "oracle routing: emr" in head["caveats"] and "below the paper's budget: adamerging" in head["caveats"]
+    # numbers from the rows: avg is beaten (0.7 vs 0.4), emr beats es (0.9 vs 0.7) and decides the head
+    avg = by_b.loc["avg"]
+    assert avg["verdict"] == "supported"
+    assert avg["would_change"] == f"a CI lower bound at or below 0 vs avg (now {avg['lo']:+.3f})"
+    assert by_b.loc["emr", "verdict"] == head["verdict"] == "not supported"
+    assert head["would_change"].startswith("emr no longer significantly better: a CI upper bound at or above 0")
+    mine = R.retention_claims(R.resampled_retention(nlls, tokens, n_resamples=50), seeds=(0, 1, 2),
+                              caveats=["tiny base"])
+    assert (mine["seeds"] == "0, 1, 2").all() and (mine["caveats"] == "tiny base LLM").all()
+    none = R.retention_claims(R.resampled_retention(*synthetic(models={"avg": 0.6}), n_resamples=20))
+    assert none.iloc[0]["would_change"] == "results for the missing models or benchmarks"

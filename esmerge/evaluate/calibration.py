@@ -14,6 +14,15 @@ decision without ever looking at an evaluation label:
   pool), chosen to maximise accuracy there (``fit_threshold``), then applied to the evaluation
   rows: ``m > t``.
 
+A third rule puts the threshold's own noise inside the evaluation's bootstrap CI instead of holding
+a 16-row fit fixed, and needs no calibration prompts at all:
+
+* ``"cross-fit"`` -- the evaluation rows are dealt into ``k`` folds (``cross_fit_folds``: seeded,
+  from the number of rows only); each fold's answers are ``m > t_f`` with ``t_f`` fitted
+  (``fit_threshold``) on the margins and labels of the *other* folds (``cross_fit_thresholds``).
+  No row's label ever reaches its own threshold; the folds are not stratified by label, because
+  then a row's own label would decide which rows its threshold is fitted on.
+
 ``"argmax"`` (``m > 0``) is the paper's decision for a model that answers in the requested form.
 
 The **shots-shuffled control** (``shuffled_shot_labels``): the same prompts -- same queries, same
@@ -22,8 +31,10 @@ permutation of all shot labels of the benchmark's evaluation prompts (every ``(q
 slot, pooled). The multiset of shown labels, hence the share of positive shots, is unchanged;
 what is destroyed is the link between a query and the labels of its nearest neighbours. What a
 decision fits (content-free bias, context-pool threshold) comes from the same context-pool prompts
-as in the real run, so the control differs from it only in the evaluation prompts' shot labels. A
-model that uses its shots scores higher than its control on the same examples (a paired test).
+as in the real run, so the control differs from it only in the evaluation prompts' shot labels
+(under ``"cross-fit"`` each run's thresholds are cross-fitted on its own margins: the control's on
+the control's). A model that uses its shots scores higher than its control on the same examples (a
+paired test).
 """
 from __future__ import annotations
 
@@ -32,7 +43,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-DECISIONS = ("argmax", "contextual", "context-threshold")
+DECISIONS = ("argmax", "contextual", "context-threshold", "cross-fit")
+N_FOLDS = 5  # cross-fit folds unless told
 CONTENT_FREE = "N/A"
 
 
@@ -112,6 +124,61 @@ def threshold_decision(margins, threshold: float) -> np.ndarray:
     [0, 1, 1]
     """
     return (np.asarray(margins, dtype=float) > threshold).astype(int)
+
+
+def cross_fit_folds(n: int, k: int = N_FOLDS, seed: int = 0) -> np.ndarray:
+    """The fold of each of ``n`` rows, ``[n]`` ints in ``[0, min(k, n))``: a permutation drawn by
+    ``numpy.random.default_rng(seed)`` dealt round-robin, so fold sizes differ by at most one. It
+    reads ``n``, ``k`` and ``seed`` only -- no label, so no row's label moves it between folds.
+
+    >>> cross_fit_folds(7, 3, seed=0).tolist()
+    [2, 0, 0, 2, 1, 1, 0]
+    >>> np.bincount(cross_fit_folds(7, 3, seed=0)).tolist(), cross_fit_folds(2, 5).tolist()  # k > n: one row a fold
+    ([3, 2, 2], [0, 1])
+    """
+    if int(k) < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    k = max(1, min(int(k), int(n)))
+    folds = np.empty(int(n), dtype=int)
+    folds[np.random.default_rng(seed).permutation(int(n))] = np.arange(int(n)) % k
+    return folds
+
+
+def cross_fit_thresholds(margins: Sequence[float], y: Sequence[int], folds: Sequence[int]) -> np.ndarray:
+    """Per-fold thresholds ``[k]`` (``k = max(folds) + 1``): fold ``f``'s is ``fit_threshold`` on
+    the margins ``[n]`` and labels ``[n]`` of the rows *not* in fold ``f`` (0.0, the argmax, when
+    there are none). Row ``i``'s threshold is ``thresholds[folds[i]]``; its own label never enters.
+
+    >>> m, y = [-3.0, -2.0, -1.0, 0.5, -2.5, 1.0], [0, 0, 1, 1, 0, 1]
+    >>> cross_fit_thresholds(m, y, [0, 1, 0, 1, 0, 1]).tolist()  # fold 0 from rows 1, 3, 5; fold 1 from 0, 2, 4
+    [-0.75, -1.75]
+    """
+    m = np.asarray(margins, dtype=float)
+    y = np.asarray(y, dtype=int)
+    folds = np.asarray(folds, dtype=int)
+    k = int(folds.max()) + 1 if len(folds) else 0
+    return np.array([fit_threshold(m[folds != f], y[folds != f]) for f in range(k)], dtype=float)
+
+
+def cross_fit_decision(margins: Sequence[float], y: Sequence[int], k: int = N_FOLDS, seed: int = 0
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cross-fitted threshold decision on evaluation rows: ``(pred [n], folds [n], thresholds [k'])``,
+    ``k' = min(k, n)`` folds from ``cross_fit_folds(n, k, seed)``, ``pred[i] = margins[i] >
+    thresholds[folds[i]]`` with each fold's threshold fitted on the other folds
+    (``cross_fit_thresholds``).
+
+    >>> pred, folds, t = cross_fit_decision([-3.0, -2.0, -1.0, 0.5, -2.5, 1.0], [0, 0, 1, 1, 0, 1], k=2, seed=0)
+    >>> folds.tolist()  # fold 0: rows 0, 3, 5; fold 1: rows 1, 2, 4
+    [0, 1, 1, 0, 1, 0]
+    >>> t.tolist()  # t_0 between -2.0 (y=0) and -1.0 (y=1) of rows 1, 2, 4; t_1 between -3.0 and 0.5 of rows 0, 3, 5
+    [-1.5, -1.25]
+    >>> pred.tolist()  # -3 > -1.5, -2 > -1.25, -1 > -1.25, 0.5 > -1.5, -2.5 > -1.25, 1 > -1.5
+    [0, 0, 1, 1, 0, 1]
+    """
+    m = np.asarray(margins, dtype=float)
+    folds = cross_fit_folds(len(m), k, seed)
+    thresholds = cross_fit_thresholds(m, y, folds)
+    return threshold_decision(m, thresholds[folds]), folds, thresholds
 
 
 def calibration_pools(context_df: pd.DataFrame, n_fit: int, seed: int = 0, keep: int = 1

@@ -12,11 +12,19 @@ the per-benchmark paired accuracy difference. The rules a reviewer asks for live
 * ``superiority_verdict`` and ``noninferiority_verdict``: the verdict words from the above. "At
   least as good" needs a non-inferiority margin declared before the run (the scale's
   ``noninferiority_margin``); without one a null result is *inconclusive*, never *supported*;
-* ``paired_auroc_difference``: a threshold-free check beside accuracy (the answer margin's AUROC,
-  resampled jointly for both models).
+* ``paired_auroc_difference`` (and ``paired_auroc_draws``, ``bootstrap_pvalue``): a threshold-free
+  check beside accuracy (the answer margin's AUROC, resampled jointly for both models).
+
+What a verdict rests on travels with it (every register row's ``n, seeds, caveats, would_change``):
+
+* ``caveats_for``: the caveats (``CAVEATS``) that apply to a row comparing some models, from a
+  default per kind of claim (``DEFAULT_CAVEATS``) or the caller's list;
+* ``seeds_text``: which specialist seeds the row's models rest on;
+* ``would_change``: one sentence, from the row's numbers, on what result would change its verdict.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -24,6 +32,191 @@ import numpy as np
 from esmerge.evaluate.stats import auroc
 
 ALPHA = 0.05
+
+# --------------------------------------------------------------------------- caveats
+# What a register row may rest on: key -> the short text the row's ``caveats`` shows.
+# tiny base: the scale's base LLM is far smaller than the paper's 7-8B models; random splits: our
+# evaluation rows are a random draw, not the paper's splits; seed selection: the specialists are one
+# seed, chosen because they pass the Fig. 2 test; oracle routing: EMR as evaluated gets each
+# benchmark's (or modality's) own task modulator, which no single merged model gets; budget: the
+# baseline ran with fewer steps or rows than its paper's.
+CAVEATS = {
+    "tiny base": "tiny base LLM",
+    "random splits": "our random splits, not the paper's",
+    "seed selection": "one seed, selected by the Fig. 2 test",
+    "oracle routing": "oracle routing",
+    "unequal budgets": "below the paper's budget",
+}
+# The caveats that apply by default, per kind of register. "oracle routing" and "unequal budgets"
+# only show on rows that compare a routed (``ROUTED``) or budget-limited (``BUDGETED``) model, and
+# "seed selection" only on rows with a model built from the specialists. Retention is measured on
+# the specialists' own held-out examples, so no benchmark split applies there.
+DEFAULT_CAVEATS = {
+    "accuracy": ("tiny base", "random splits", "seed selection", "oracle routing", "unequal budgets"),
+    "yardstick": ("tiny base", "random splits", "seed selection", "oracle routing", "unequal budgets"),
+    "retention": ("tiny base", "seed selection", "oracle routing", "unequal budgets"),
+    "representation": ("tiny base", "seed selection"),
+}
+ROUTED = ("emr",)  # EMR as evaluated per benchmark/modality: its task modulators chosen by an oracle
+EMR_ONE_MODEL = "emr-one"  # EMR as one merged model (esmerge.methods.emr.ONE_MODEL): no routing
+BUDGETED = ("adamerging", "avg-ft")  # baselines run below their papers' budgets (steps, rows)
+# Rows that use no specialist: the base, its shots-shuffled control and the retrieval yardsticks.
+WITHOUT_SPECIALISTS = ("base", "base-shuffled-shots", "majority", "knn-shots")
+CAVEAT_COLUMNS = ("n", "seeds", "caveats", "would_change")  # every register row carries them
+
+
+def _named(model: str, names) -> bool:
+    """``model`` is one of ``names`` or a per-benchmark part of one (``avg-ft/GDSC2``)."""
+    return any(model == x or model.startswith(f"{x}/") for x in names)
+
+
+def caveats_for(applies: Sequence[str], models: Sequence[str], routed: Sequence[str] = ROUTED,
+                budgeted: Sequence[str] | Mapping[str, str] = BUDGETED,
+                without_specialists: Sequence[str] = WITHOUT_SPECIALISTS) -> str:
+    """The caveats of a register row that compares ``models``, as one ``"; "``-joined text.
+
+    Parameters
+    ----------
+    applies : sequence of str
+        Keys of ``CAVEATS`` (e.g. ``DEFAULT_CAVEATS["accuracy"]``) or the caller's own short
+        texts, shown verbatim.
+    models : sequence of str
+        The row's models (the claimed one and its competitors), length k.
+    routed, budgeted : sequences of str
+        Models with oracle routing, and baselines below the paper's budget (a mapping adds each
+        one's budget, e.g. ``{"adamerging": "10 steps, paper 500"}``).
+    without_specialists : sequence of str
+        Models that use no specialist (no seed caveat for a row of only these).
+
+    Returns
+    -------
+    str
+        The texts in ``applies``' order; ``"none"`` when none applies (never empty).
+
+    Examples
+    --------
+    >>> caveats_for(["tiny base", "oracle routing", "unequal budgets"], ["es", "emr", "avg-ft/GDSC2"])
+    "tiny base LLM; oracle routing: emr; below the paper's budget: avg-ft/GDSC2"
+    >>> caveats_for(["seed selection", "oracle routing"], ["base", "majority"])
+    'none'
+    >>> caveats_for(["unequal budgets", "n = 8 per benchmark"], ["es", "adamerging"],
+    ...             budgeted={"adamerging": "10 steps"})
+    "below the paper's budget: adamerging (10 steps); n = 8 per benchmark"
+    """
+    out = []
+    for key in applies:
+        if key == "oracle routing":
+            names = [m for m in models if _named(m, routed)]
+        elif key == "unequal budgets":
+            detail = budgeted if isinstance(budgeted, Mapping) else {}
+            names = [m + (f" ({detail[b]})" if detail.get(b) else "")
+                     for m in models for b in budgeted if _named(m, [b])]
+        elif key == "seed selection":
+            names = [] if all(m in without_specialists for m in models) else None
+            if names is None:
+                out.append(CAVEATS[key])
+            continue
+        else:
+            out.append(CAVEATS.get(key, key))
+            continue
+        if names:
+            out.append(f"{CAVEATS[key]}: {', '.join(names)}")
+    return "; ".join(out) or "none"
+
+
+def seeds_text(seeds: Sequence[int], models: Sequence[str],
+               without_specialists: Sequence[str] = WITHOUT_SPECIALISTS) -> str:
+    """Which specialist seeds a register row comparing ``models`` rests on.
+
+    Parameters
+    ----------
+    seeds : sequence of int
+        The seeds the specialists (and every model merged from them) were trained at.
+    models : sequence of str, length k
+        The row's models.
+    without_specialists : sequence of str
+        Models that use no specialist.
+
+    Returns
+    -------
+    str
+        ``seeds`` joined, or ``"none (no specialist)"`` when every model is one of ``without_specialists``.
+
+    Examples
+    --------
+    >>> seeds_text([0], ["es", "avg"]), seeds_text([0, 1, 2], ["es"]), seeds_text([0], ["base", "majority"])
+    ('0', '0, 1, 2', 'none (no specialist)')
+    """
+    if all(m in without_specialists for m in models):
+        return "none (no specialist)"
+    return ", ".join(str(s) for s in seeds)
+
+
+def would_change(verdict: str, against: str, lo: float, hi: float, *, p_holm: float | None = None,
+                 margin: float | None = None, at_least: bool = False, n_competitors: int = 1, digits: int = 1,
+                 alpha: float = ALPHA) -> str:
+    """One sentence, from a row's numbers, on what result would change its verdict.
+
+    Parameters
+    ----------
+    verdict : str
+        The row's verdict (``superiority_verdict``, ``noninferiority_verdict``, ``retention.verdict``
+        words, optionally with a parenthesised qualifier).
+    against : str
+        The competitor the numbers are against (for "supported", the one with the lowest CI end;
+        for "not supported", the significant one).
+    lo, hi : float
+        That competitor's CI of ``A - competitor``.
+    p_holm : float, optional
+        Its Holm-adjusted p-value, where the rule uses one.
+    margin : float, optional
+        The declared non-inferiority margin (``at_least`` claims).
+    at_least : bool
+        An "A is at least as good" claim.
+    n_competitors : int
+        How many (groups of) competitors the verdict compares; above 1, "supported" needs every one.
+    digits : int
+        Decimals of the numbers quoted.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> would_change("inconclusive (no margin declared)", "specialist-molecule", -7.3, 8.3, at_least=True)
+    'a non-inferiority margin above 7.3 points declared before the run (the CI vs specialist-molecule starts at -7.3)'
+    >>> would_change("not supported", "ties", -19.8, -1.0, p_holm=0.045)
+    'ties no longer significantly better: a CI upper bound at or above 0 (now -1.0) or Holm p >= 0.05 (now 0.045)'
+    >>> would_change("inconclusive", "adamerging", -10.6, 0.6, n_competitors=7)
+    'a CI lower bound above 0 vs every competitor would support it (lowest now -10.6, vs adamerging)'
+    >>> would_change("inconclusive", "majority", -6.3, 3.6)
+    'a CI lower bound above 0 vs majority would support it (now -6.3)'
+    >>> would_change("supported", "avg", 0.006, 0.01, digits=3)
+    'a CI lower bound at or below 0 vs avg (now +0.006)'
+    """
+    kind = re.sub(r"\s*\(.*$", "", verdict.strip())
+    f = f"{{:+.{digits}f}}"
+    if kind == "not measured":
+        return "results for the missing models or benchmarks"
+    if "identical" in verdict:
+        return f"any example on which the two models answer differently (vs {against})"
+    if "no margin declared" in verdict:
+        bound = f"above {-lo:.{digits}f} points" if lo < 0 else "of any size"
+        return (f"a non-inferiority margin {bound} declared before the run "
+                f"(the CI vs {against} starts at {f.format(lo)})")
+    if kind == "supported":
+        floor = f"-{margin:g}" if at_least and margin is not None else "0"
+        return f"a CI lower bound at or below {floor} vs {against} (now {f.format(lo)})"
+    if kind == "not supported":
+        p = "" if p_holm is None or np.isnan(p_holm) else f" or Holm p >= {alpha:g} (now {p_holm:.3f})"
+        return (f"{against} no longer significantly better: a CI upper bound at or above 0 "
+                f"(now {f.format(hi)}){p}")
+    floor = f"-{margin:g}" if at_least and margin is not None else "0"
+    if n_competitors > 1:
+        return (f"a CI lower bound above {floor} vs every competitor would support it "
+                f"(lowest now {f.format(lo)}, vs {against})")
+    return f"a CI lower bound above {floor} vs {against} would support it (now {f.format(lo)})"
 
 
 def _paired_differences(runs_a: Mapping[str, dict], runs_b: Mapping[str, dict]) -> list[np.ndarray]:
@@ -82,10 +275,13 @@ def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
     return {k: out[k] for k in pvalues}
 
 
-def answer_groups(runs: Mapping[str, Mapping[str, dict]], benchmarks: Sequence[str]) -> list[list[str]]:
+def answer_groups(runs: Mapping[str, Mapping[str, dict]], benchmarks: Sequence[str],
+                  field: str = "pred") -> list[list[str]]:
     """Models that give the same answer on every example of ``benchmarks``, grouped, first-seen order.
 
     ``runs[model][benchmark]``: ``evaluate`` results (``pred`` lists on the same examples).
+    ``field="scores"`` groups by identical answer scores ``[n, 2]`` instead (models whose AUROCs
+    cannot differ).
 
     >>> r = {"x": {"b": {"pred": [1, 0]}}, "y": {"b": {"pred": [1, 1]}}, "z": {"b": {"pred": [1, 0]}}}
     >>> answer_groups(r, ["b"])
@@ -94,7 +290,7 @@ def answer_groups(runs: Mapping[str, Mapping[str, dict]], benchmarks: Sequence[s
     groups: list[list[str]] = []
     keys: list[tuple] = []
     for model, by_bench in runs.items():
-        key = tuple(tuple(np.asarray(by_bench[b]["pred"]).tolist()) for b in benchmarks)
+        key = tuple(repr(np.asarray(by_bench[b][field]).tolist()) for b in benchmarks)
         if key in keys:
             groups[keys.index(key)].append(model)
         else:
@@ -153,14 +349,87 @@ def noninferiority_verdict(margins: Mapping[str, tuple[float, float, float]], ad
     return "supported" if all(lo > -margin for _, lo, _ in margins.values()) else "inconclusive"
 
 
-def paired_auroc_difference(runs_a: Mapping[str, dict], runs_b: Mapping[str, dict], n_resamples: int = 1000,
-                            seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Point and percentile CI of ``mean_b AUROC(A) - mean_b AUROC(B)`` (points), examples resampled
-    jointly for A and B within each benchmark.
+def _auroc_draws(y: np.ndarray, margin: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``stats.auroc`` of every resample ``y[idx[r]], margin[idx[r]]`` at once: ``idx`` ``[R, n]`` -> ``[R]``.
+
+    The margins do not change between resamples, only which examples are drawn, so per resample
+    the drawn negatives are counted per distinct margin value; each drawn positive then adds the
+    negatives below its value plus half of those equal to it (the Mann-Whitney count with ties
+    at one half, as ``stats.auroc``). Time and memory ``O(R (n + distinct values))``.
+    """
+    n_resamples = idx.shape[0]
+    values, where = np.unique(margin, return_inverse=True)
+    drawn_y, drawn_value = y[idx], where.reshape(-1)[idx]
+    negatives = np.zeros((n_resamples, len(values)))
+    rows = np.broadcast_to(np.arange(n_resamples)[:, None], idx.shape)
+    np.add.at(negatives, (rows, drawn_value), (drawn_y == 0).astype(float))
+    below_or_half = np.cumsum(negatives, axis=1) - 0.5 * negatives  # < value, plus half of == value
+    greater = (np.take_along_axis(below_or_half, drawn_value, axis=1) * (drawn_y == 1)).sum(1)
+    pairs = (drawn_y == 1).sum(1) * negatives.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pairs > 0, 100.0 * greater / pairs, np.nan)
+
+
+def has_margins(runs: Mapping[str, dict]) -> bool:
+    """Whether every run carries per-example answer scores, so that an AUROC of the answer margin exists.
+
+    Parameters
+    ----------
+    runs : mapping of str to dict
+        ``runs[benchmark]``: ``evaluate`` results; ``scores`` ``[n, 2]``, or ``None`` for a generated
+        reply or a run that did not keep them.
+
+    Returns
+    -------
+    bool
+        False also for no runs at all.
+
+    Examples
+    --------
+    >>> has_margins({"b": {"scores": [[0.0, 1.0]]}}), has_margins({"b": {"scores": None}}), has_margins({})
+    (True, False, False)
+    """
+    return bool(runs) and all(r.get("scores") is not None for r in runs.values())
+
+
+def paired_auroc_draws(runs_a: Mapping[str, dict], runs_b: Mapping[str, dict], n_resamples: int = 1000,
+                       seed: int = 0) -> tuple[float, np.ndarray]:
+    """Point estimate and bootstrap draws of ``mean_b AUROC(A) - mean_b AUROC(B)`` (points),
+    examples resampled jointly for A and B within each benchmark.
 
     The AUROC is of the answer margin ``scores[:, 1] - scores[:, 0]`` (``stats.auroc``), so it needs
-    no threshold. Benchmarks where a run has no scores, or a resample holds one class only, are
-    left out of that resample's mean (NaN-aware); all NaN gives NaN.
+    no threshold. Benchmarks where a run has no scores, or a resample holds one class only, are left
+    out of that mean (NaN-aware).
+
+    Parameters
+    ----------
+    runs_a, runs_b : mapping of str to dict
+        ``runs[benchmark]``: ``evaluate`` results on the same examples: ``example_ids``, ``y``
+        ``[n_b]`` and ``scores`` ``[n_b, 2]`` (or ``None``).
+    n_resamples : int
+        R, the bootstrap draws.
+    seed : int
+
+    Returns
+    -------
+    point : float
+        NaN when no benchmark has both runs' scores.
+    draws : ndarray, shape (R,)
+        All NaN when ``point`` is.
+
+    Raises
+    ------
+    ValueError
+        If the two runs of a benchmark were evaluated on different examples.
+
+    Examples
+    --------
+    >>> y = [0, 0, 1, 1]
+    >>> a = {"x": {"example_ids": [0, 1, 2, 3], "y": y, "scores": [[0, 0], [0, 1], [0, 2], [0, 3]]}}
+    >>> b = {"x": {"example_ids": [0, 1, 2, 3], "y": y, "scores": [[0, 3], [0, 2], [0, 1], [0, 0]]}}
+    >>> point, draws = paired_auroc_draws(a, b, n_resamples=200)
+    >>> point, draws.shape, float(np.nanmin(draws)), float(np.nanmax(draws))  # A ranks perfectly, B backwards
+    (100.0, (200,), 100.0, 100.0)
     """
     rng = np.random.default_rng(seed)
     point, boot = [], []
@@ -175,13 +444,62 @@ def paired_auroc_difference(runs_a: Mapping[str, dict], runs_b: Mapping[str, dic
         mb = np.diff(np.asarray(b["scores"], dtype=float), axis=1)[:, 0]
         point.append(auroc(y, ma) - auroc(y, mb))
         idx = rng.integers(0, len(y), size=(n_resamples, len(y)))
-        boot.append([auroc(y[i], ma[i]) - auroc(y[i], mb[i]) for i in idx])
+        boot.append(_auroc_draws(y, ma, idx) - _auroc_draws(y, mb, idx))
     if not point or np.all(np.isnan(point)):
+        return float("nan"), np.full(n_resamples, np.nan)
+    boot = np.asarray(boot)
+    valid = (~np.isnan(boot)).sum(0)  # per resample, the benchmarks with both classes drawn
+    draws = np.where(valid > 0, np.where(np.isnan(boot), 0.0, boot).sum(0) / np.maximum(valid, 1), np.nan)
+    return float(np.nanmean(point)), draws
+
+
+def paired_auroc_difference(runs_a: Mapping[str, dict], runs_b: Mapping[str, dict], n_resamples: int = 1000,
+                            seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Point and percentile CI of ``mean_b AUROC(A) - mean_b AUROC(B)`` (points), examples resampled
+    jointly for A and B within each benchmark (``paired_auroc_draws``); ``(nan, nan, nan)`` when no
+    benchmark has both runs' scores.
+
+    >>> y = [0, 0, 1, 1]
+    >>> a = {"x": {"example_ids": [0, 1, 2, 3], "y": y, "scores": [[0, 0], [0, 1], [0, 2], [0, 3]]}}
+    >>> paired_auroc_difference(a, a, n_resamples=50)  # the same margins: nothing to tell apart
+    (0.0, 0.0, 0.0)
+    >>> paired_auroc_difference(a, {"x": {**a["x"], "scores": None}})
+    (nan, nan, nan)
+    """
+    point, draws = paired_auroc_draws(runs_a, runs_b, n_resamples, seed)
+    if np.isnan(point) or np.isnan(draws).all():
         return (float("nan"),) * 3
     alpha = (1 - level) / 2
-    mean_boot = np.nanmean(np.asarray(boot), axis=0)
-    return (float(np.nanmean(point)), float(np.nanquantile(mean_boot, alpha)),
-            float(np.nanquantile(mean_boot, 1 - alpha)))
+    return point, float(np.nanquantile(draws, alpha)), float(np.nanquantile(draws, 1 - alpha))
+
+
+def bootstrap_pvalue(draws: Sequence[float]) -> float:
+    """Two-sided bootstrap p-value of "the difference is 0" from bootstrap draws of it.
+
+    ``p = min(1, 2 (1 + min(#{d <= 0}, #{d >= 0})) / (1 + R))``: about the smallest ``1 - level``
+    whose percentile CI reaches 0, and never 0.
+
+    Parameters
+    ----------
+    draws : sequence of float, shape (R,)
+        NaN draws are dropped first.
+
+    Returns
+    -------
+    float
+        NaN when every draw is.
+
+    Examples
+    --------
+    >>> bootstrap_pvalue([1.0] * 99), bootstrap_pvalue([-1.0, 1.0] * 50), bootstrap_pvalue([0.0] * 9)
+    (0.02, 1.0, 1.0)
+    """
+    d = np.asarray(draws, dtype=float)
+    d = d[~np.isnan(d)]
+    if not len(d):
+        return float("nan")
+    tail = min(int(np.sum(d <= 0)), int(np.sum(d >= 0)))
+    return float(min(1.0, 2 * (1 + tail) / (1 + len(d))))
 
 
 def compare(runs_a: Mapping[str, dict], competitors: Mapping[str, Mapping[str, dict]], benchmarks: Sequence[str],

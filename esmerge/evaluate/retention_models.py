@@ -20,7 +20,7 @@ import torch
 from esmerge import scales
 from esmerge.cache import atomic_write_json, cache_dir, content_key, key_lock, tensor_digest
 from esmerge.evaluate.models import PeftCopies
-from esmerge.methods.static import emr_task_adapter
+from esmerge.methods.emr import emr_task_adapter
 from esmerge.progress import track
 from esmerge.specialists.adapters import Adapter, is_merged, load_merged
 from esmerge.specialists.base_llm import state_dict_sha256

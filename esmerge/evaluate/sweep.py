@@ -47,6 +47,8 @@ class EvalConfig:
     any scale's. At cpu, n = 64 gives a 95 % CI of about +-12 points on a per-benchmark accuracy.
     ``scoring``: ``"loglik"`` (the likelier answer, ``evaluate.scoring``) or ``"generate"`` (a greedy
     reply of at most ``max_new_tokens`` read by its ``Final answer:``, ``evaluate.generation``).
+    ``decision="cross-fit"`` fits each of ``n_folds`` folds' threshold on the other folds' evaluation
+    rows (``calibration.cross_fit_decision``) and scores no calibration prompts.
     """
 
     n_eval: int = _CPU.n_eval
@@ -59,7 +61,8 @@ class EvalConfig:
     batch_size: int = _CPU.batch_size
     n_resamples: int = _CPU.n_resamples
     decision: str = _CPU.decision  # calibration.DECISIONS
-    n_calibration: int = _CPU.n_calibration
+    n_calibration: int = _CPU.n_calibration  # read by "contextual" and "context-threshold" only
+    n_folds: int = calibration.N_FOLDS  # read by decision="cross-fit" only (no scale sets it yet)
     shot_labels: str = "retrieved"  # "shuffled": the shots-shuffled control (calibration.shuffled_shot_labels)
     scoring: str = _CPU.scoring  # generation.SCORINGS
     max_new_tokens: int = MAX_NEW_TOKENS  # read only by scoring="generate"
@@ -81,16 +84,20 @@ class EvalConfig:
             raise UsageError(f"shot_labels={self.shot_labels!r}: choose one of {', '.join(SHOT_LABELS)}")
         if self.scoring not in SCORINGS:
             raise UsageError(f"scoring={self.scoring!r}: choose one of {', '.join(SCORINGS)}")
+        if isinstance(self.n_folds, bool) or not isinstance(self.n_folds, (int, np.integer)) or self.n_folds < 2:
+            raise UsageError(f"n_folds={self.n_folds!r}: cross-fitting needs at least 2 folds")
         if self.scoring == "generate" and self.decision != "argmax":
             raise UsageError(f"decision={self.decision!r} reads the two answers' scores, which "
                              "scoring='generate' has none of: use decision='argmax' or scoring='loglik'")
 
     def _shown(self) -> dict:
-        # The generation fields only when generating, so log-likelihood settings keep the keys
-        # (and the printed form) they had before generation existed.
+        # The generation fields only when generating, and the fold count only when cross-fitting,
+        # so other settings keep the keys (and the printed form) they had before those existed.
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
         if self.scoring == "loglik":
             shown.pop("scoring"), shown.pop("max_new_tokens")
+        if self.decision != "cross-fit":
+            shown.pop("n_folds")
         return shown
 
     def __repr__(self) -> str:
@@ -99,10 +106,13 @@ class EvalConfig:
     def key(self) -> dict:
         """The settings that decide the numbers; the decision fields only when they differ from the
         plain argmax on retrieved shots, and the generation fields only with ``scoring="generate"``,
-        so results computed before they existed keep their keys."""
+        so results computed before they existed keep their keys. ``"cross-fit"`` keys its ``n_folds``
+        and not ``n_calibration`` (it scores no calibration rows)."""
         key = {k: v for k, v in self._shown().items() if k != "batch_size"}
+        if self.decision in ("argmax", "cross-fit"):
+            key.pop("n_calibration")
         if self.decision == "argmax":
-            key.pop("decision"), key.pop("n_calibration")
+            key.pop("decision")
         if self.shot_labels == "retrieved":
             key.pop("shot_labels")
         return key
@@ -156,11 +166,16 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
 
     ``pools = (eval_df, context_df)`` overrides ``split_pools(load_benchmark(...))``; both are
     checked by ``benchmarks.check_rows`` first (``InputError`` naming the row: a label other than
-    0/1, a repeated row, an unknown cell line, ...). ``session`` shares caches across calls.
+    0/1, a repeated row, an unknown cell line, ...). ``session`` shares caches across calls. No
+    default evaluation row is a protocol row (``benchmarks.protocol_rows``, where a decision rule or
+    shot count may be chosen): the evaluation rows are the head of ``split_pools``' draw, those the tail.
     Returns ``{method, benchmark, model_id, accuracy, accuracy_ci, macro_f1, macro_f1_ci, n, seed,
     config, example_ids, y, pred, scores, seconds}`` (metrics in percent, CIs at 95 %); a fitted
-    ``config.decision`` (``evaluate.calibration``) adds ``decision`` (what was fitted, on context
-    rows only) and ``pred_argmax``. ``config.shot_labels="shuffled"`` is the shots-shuffled control.
+    ``config.decision`` (``evaluate.calibration``) adds ``decision`` (its ``rule``, ``n_calibration``
+    the calibration rows scored, and what was fitted: on context rows only, or for ``"cross-fit"``
+    ``k``, each row's ``folds`` and the per-fold ``fold_thresholds``, each fitted on the other folds'
+    evaluation rows) and ``pred_argmax``; ``decision_rule(result)`` names the rule of any result.
+    ``config.shot_labels="shuffled"`` is the shots-shuffled control.
     ``config.scoring="generate"`` answers by greedy replies: ``pred`` is -1 for a reply naming no label
     (counted wrong), ``scores`` is None and ``auroc`` NaN, and the result adds ``scoring``, ``replies``,
     ``invalid_rate`` (percent) and ``n_invalid``.
@@ -200,7 +215,7 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
         fit_prompts, fit_y = _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, session)
         score, fit_score = _score_all(mut, benchmark, [prompts, fit_prompts], config, session, n_tokens, progress,
                                       [desc, f"{desc} (calibration)"])
-        pred, decision = _decide(score, fit_score if fit_prompts else None, fit_y, config)
+        pred, decision = _decide(score, fit_score if fit_prompts else None, fit_y, config, y)
     result = {
         "method": mut.name, "benchmark": benchmark, "model_id": mut.model_id(benchmark),
         "n": int(len(y)), "seed": config.seed, "config": config.key(), "options": options.key(),
@@ -275,8 +290,8 @@ def _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, se
     """``(prompts, labels)`` a fitted decision is fitted on: context rows only
     (``calibration.calibration_pools``), shots from the rest of the context pool, their labels as
     retrieved even in the shuffled control (which differs from the real run only in the evaluation
-    prompts' shot labels); ``([], None)`` for argmax."""
-    if config.decision == "argmax":
+    prompts' shot labels); ``([], None)`` for argmax and cross-fit, which score no calibration rows."""
+    if config.decision in ("argmax", "cross-fit"):
         return [], None
     fit_df, rest_df = calibration.calibration_pools(context_df, config.n_calibration, config.seed, keep=config.n_shots)
     content_free = config.decision == "contextual"
@@ -285,17 +300,36 @@ def _fitting_prompts(benchmark, kind, context_df, config, options, tokenizer, se
 
 
 def _decide(score: np.ndarray, cal_scores: np.ndarray | None, cal_y: np.ndarray | None,
-            config: EvalConfig) -> tuple[np.ndarray, dict]:
+            config: EvalConfig, y: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Answers from scores ``[n, 2]`` by ``config.decision``, and what was fitted (``{}`` for argmax).
-    ``cal_scores`` ``[n_cal, 2]`` and ``cal_y`` ``[n_cal]`` are the context rows' (never evaluation rows')."""
+    ``cal_scores`` ``[n_cal, 2]`` and ``cal_y`` ``[n_cal]`` are the context rows' (never evaluation rows').
+    ``y`` ``[n]``, the evaluation labels, is read by ``"cross-fit"`` only, each row's threshold
+    from the other folds' rows (``calibration.cross_fit_decision``)."""
     if config.decision == "argmax":
         return score.argmax(1), {}
+    if config.decision == "cross-fit":
+        pred, folds, thresholds = calibration.cross_fit_decision(calibration.margin(score), y, config.n_folds,
+                                                                 config.seed)
+        return pred, {"rule": "cross-fit", "n_calibration": 0, "shot_labels": config.shot_labels,
+                      "k": int(len(thresholds)), "folds": folds.tolist(),
+                      "fold_thresholds": [float(t) for t in thresholds]}
     info = {"rule": config.decision, "n_calibration": int(len(cal_scores)), "shot_labels": config.shot_labels}
     if config.decision == "contextual":
         bias = calibration.content_free_bias(cal_scores)
         return calibration.threshold_decision(calibration.margin(score), bias), {**info, "content_free_bias": bias}
     threshold = calibration.fit_threshold(calibration.margin(cal_scores), cal_y)
     return calibration.threshold_decision(calibration.margin(score), threshold), {**info, "threshold": threshold}
+
+
+def decision_rule(result: dict) -> str:
+    """The decision rule (``calibration.DECISIONS``) that turned ``result``'s scores into answers:
+    ``result["decision"]["rule"]`` where a rule was fitted, else ``"argmax"`` (argmax results keep
+    the fields they had before the other rules existed).
+
+    >>> decision_rule({"pred": [1]}), decision_rule({"decision": {"rule": "cross-fit", "k": 5}})
+    ('argmax', 'cross-fit')
+    """
+    return result.get("decision", {}).get("rule", "argmax")
 
 
 def evaluate_all(mut: ModelUnderTest, benchmarks: Iterable[str] = BENCHMARK_NAMES,

@@ -19,7 +19,8 @@ entry, so ``validate`` converts or refuses ``--set`` values before any model is 
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from esmerge.methods.hparams import HParam, check_all, parse_set
 from esmerge.specialists.adapters import Adapter, check_compatible
 
 __all__ = ["HParam", "MergeMethod", "MergeResult", "UnknownMethodError", "describe", "describe_method", "get", "names",
+           "run_checked",
            "parse_set",
            "register", "run", "validate"]
 
@@ -50,6 +52,8 @@ class MergeMethod:
     hparams: tuple[HParam, ...] = ()
     # named settings over the declared hyper-parameters (ES-Merging: the paper's and the official code's)
     presets: dict = field(default_factory=dict)
+    # what a user must supply beyond the adapters: "probe", "data" (a scale's prompts), "labels"
+    needs: tuple[str, ...] = ()
 
 
 class UnknownMethodError(UsageError, KeyError):
@@ -60,20 +64,15 @@ class UnknownMethodError(UsageError, KeyError):
 
 
 METHODS: dict[str, MergeMethod] = {}
-# Modules that register methods on import; listed here so the registry is complete on first use.
-_METHOD_MODULES = (
-    "esmerge.methods.es",
-    "esmerge.methods.static",
-    "esmerge.methods.graft",
-    "esmerge.methods.adamerging",
-    "esmerge.methods.finetune",
-    "esmerge.methods.lsmerge",
-)
 
 
 def register(name: str, pretty_name: str, reference: str, needs_context: bool = False,
-             hparams: tuple[HParam, ...] = (), presets: dict | None = None):
+             hparams: tuple[HParam, ...] = (), presets: dict | None = None, defaults=None, needs: tuple = ()):
     """Decorator that adds a merge function to the registry under ``name``, with its hyper-parameters.
+
+    Each hyper-parameter's default is declared once: in the function's signature (``keep: float =
+    0.2``) or, for a function that takes ``**settings``, in ``defaults`` (a dict or a dataclass
+    instance). An ``HParam`` declares type, range and meaning, never the default.
 
     Parameters
     ----------
@@ -89,21 +88,26 @@ def register(name: str, pretty_name: str, reference: str, needs_context: bool = 
         Declared hyper-parameters (``validate`` checks ``--set`` values against them).
     presets : dict, optional
         Named settings over the hyper-parameters (e.g. ES-Merging's ``paper`` and ``code``).
+    defaults : dict or dataclass instance, optional
+        Defaults of the hyper-parameters the signature does not name.
+    needs : tuple of str
+        What a user must supply beyond adapters: ``"probe"``, ``"data"`` (a scale's prompts),
+        ``"labels"`` (task labels).
 
     Returns
     -------
     callable
         The decorator; it returns the function unchanged and raises ``ValueError`` if ``name``
-        is already registered.
+        is already registered or a default is declared twice or not at all.
 
     Examples
     --------
-    >>> def keep_first(adapters, context=None):
+    >>> def keep_first(adapters, context=None, k: int = 1):
     ...     return MergeResult(adapters[0])
-    >>> register("demo-first", "Keep the first", "a doctest")(keep_first) is keep_first
+    >>> register("demo-first", "Keep the first", "a doctest", hparams=(HParam("k", int),))(keep_first) is keep_first
     True
-    >>> METHODS.pop("demo-first").pretty_name  # leave the registry as it was
-    'Keep the first'
+    >>> METHODS.pop("demo-first").hparams[0].default  # from the signature; the registry is left as it was
+    1
     >>> register("avg", "Again", "a doctest")(keep_first)
     Traceback (most recent call last):
     ...
@@ -113,16 +117,40 @@ def register(name: str, pretty_name: str, reference: str, needs_context: bool = 
     def wrap(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = MergeMethod(name, pretty_name, reference, fn, needs_context, tuple(hparams),
-                                    dict(presets or {}))
+        declared = _with_defaults(name, fn, tuple(hparams), defaults)
+        METHODS[name] = MergeMethod(name, pretty_name, reference, fn, needs_context, declared,
+                                    dict(presets or {}), tuple(needs))
         return fn
 
     return wrap
 
 
+def _with_defaults(method: str, fn: Callable, hparams: tuple[HParam, ...], defaults) -> tuple[HParam, ...]:
+    """``hparams`` with each default taken from its one declaration: ``fn``'s signature or ``defaults``."""
+    if dataclasses.is_dataclass(defaults):
+        defaults = dataclasses.asdict(defaults)
+    defaults = dict(defaults or {})
+    signature = inspect.signature(fn).parameters
+    out = []
+    for h in hparams:
+        param = signature.get(h.name)
+        sources = {}
+        if param is not None and param.default is not inspect.Parameter.empty:
+            sources["signature"] = param.default
+        if h.name in defaults:
+            sources["defaults"] = defaults[h.name]
+        if h.default is not None:
+            sources["HParam"] = h.default
+        if len(sources) > 1:
+            raise ValueError(f"{method}: the default of {h.name} is declared in {' and '.join(sources)}; keep one")
+        if not sources and not h.nullable:
+            raise ValueError(f"{method}: {h.name} has no default; give one in the function's signature")
+        out.append(dataclasses.replace(h, default=next(iter(sources.values()), None)))
+    return tuple(out)
+
+
 def _load_all() -> None:
-    for module in _METHOD_MODULES:
-        importlib.import_module(module)
+    from esmerge.methods import registry  # noqa: F401  (importing it registers every method)
 
 
 def get(name: str) -> MergeMethod:
@@ -207,7 +235,7 @@ def validate(name: str, hparams: dict) -> dict:
     >>> validate("ties", {"tau": 0.1})
     Traceback (most recent call last):
     ...
-    esmerge.errors.UsageError: ties: unknown hyper-parameter 'tau'; known: keep, scale, scope
+    esmerge.errors.UsageError: ties: unknown hyper-parameter 'tau'; known: keep, scaling_factor, scope
     """
     return check_all(name, get(name).hparams, dict(hparams))
 
@@ -229,7 +257,7 @@ def describe(name: str | None = None) -> list[dict]:
     Examples
     --------
     >>> [r["parameter"] for r in describe("pcb")]
-    ['drop', 'scale', 'scope']
+    ['drop', 'scaling_factor', 'scope']
     >>> row = describe("ties")[0]
     >>> row["parameter"], row["type"], row["default"], row["range"]
     ('keep', 'float', 0.2, 'in (0, 1]')
@@ -327,8 +355,13 @@ def run(name: str, adapters: list[Adapter], context: Any = None, **hparams) -> M
     >>> run("avg", [a, b]).adapter.state[key]
     tensor([[2., 4.]])
     """
+    return run_checked(name, adapters, context, validate(name, hparams))
+
+
+def run_checked(name: str, adapters: list[Adapter], context: Any, hparams: dict) -> MergeResult:
+    """``run`` with hyper-parameters that ``validate`` already returned (a caller that validated them
+    before loading any model does not check them twice)."""
     method = get(name)
-    hparams = validate(name, hparams)
     check_compatible(adapters)
     if method.needs_context and context is None:
         raise UsageError(f"merge method {name!r} needs a MergeContext (model, probes or data)")

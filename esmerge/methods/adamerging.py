@@ -93,14 +93,15 @@ def layerwise_sum(stacked: dict[str, torch.Tensor], coefficients: torch.Tensor,
     return out
 
 
-@register("adamerging", "AdaMerging (layer-wise)", "https://arxiv.org/abs/2310.02575", needs_context=True, hparams=(
-    HParam("steps", int, 500, low=0, doc="Adam steps"),
-    HParam("lr", float, 1e-3, low=0.0, high=LR_MAX, low_open=True, doc="Adam learning rate"),
-    HParam("init", float, 0.3, low=0.0, high=1.0, doc="initial value of every coefficient"),
-    HParam("granularity", str, "layer", choices=("layer", "tensor"),
+@register("adamerging", "AdaMerging (layer-wise)", "https://arxiv.org/abs/2310.02575", needs_context=True,
+          needs=("data",), hparams=(
+    HParam("steps", int, low=0, doc="Adam steps"),
+    HParam("lr", float, low=0.0, high=LR_MAX, low_open=True, doc="Adam learning rate"),
+    HParam("init", float, low=0.0, high=1.0, doc="initial value of every coefficient"),
+    HParam("granularity", str, choices=("layer", "tensor"),
            doc="one coefficient per block or per LoRA tensor"),
-    HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),
-    HParam("progress", bool, True, doc="show a progress bar")))
+    HParam("count_cost", bool, doc="count FLOPs (FlopCounterMode)"),
+    HParam("progress", bool, doc="show a progress bar")))
 def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: float = 1e-3, init: float = 0.3,
                granularity: str = "layer", count_cost: bool = True, progress: bool = True) -> MergeResult:
     r"""Layer-wise AdaMerging: learn :math:`\lambda_t^l` by entropy minimisation (AdaMerging Eqs. 5-6).

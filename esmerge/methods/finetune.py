@@ -86,12 +86,13 @@ def finetune_state(state: dict[str, torch.Tensor], loss_fn, batches, epochs: int
     return {k: v.detach().clone() for k, v in params.items()}, losses
 
 
-@register("avg-ft", "Avg. Merging + FT", "ES-Merging paper, App. A.2", needs_context=True, hparams=(
-    HParam("epochs", int, PAPER_EPOCHS, low=1, doc="passes over the training batches"),
-    HParam("lr", float, 1e-4, low=0.0, high=LR_MAX, low_open=True, doc="Adam learning rate"),
-    HParam("max_steps", int, None, low=1, nullable=True, doc="cap on optimiser steps; null: none"),
-    HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),
-    HParam("progress", bool, True, doc="show a progress bar")))
+@register("avg-ft", "Avg. Merging + FT", "ES-Merging paper, App. A.2", needs_context=True,
+          needs=("data", "labels"), hparams=(
+    HParam("epochs", int, low=1, doc="passes over the training batches"),
+    HParam("lr", float, low=0.0, high=LR_MAX, low_open=True, doc="Adam learning rate"),
+    HParam("max_steps", int, low=1, nullable=True, doc="cap on optimiser steps; null: none"),
+    HParam("count_cost", bool, doc="count FLOPs (FlopCounterMode)"),
+    HParam("progress", bool, doc="show a progress bar")))
 def avg_finetune(adapters: list[Adapter], context=None, epochs: int = PAPER_EPOCHS, lr: float = 1e-4,
                  max_steps: int | None = None, count_cost: bool = True, progress: bool = True) -> MergeResult:
     r"""Average the adapters (Eq. 1, :math:`\lambda = 1/K`), then fine-tune the LoRA on one benchmark.

@@ -283,11 +283,11 @@ def graft_pair(base: dict[str, torch.Tensor], graft: dict[str, torch.Tensor], **
 
 @register("graft", "Graft",
           "Dai et al. 2025, Graft: Integrating the Domain Knowledge via Efficient Parameter Synergy for MLLMs",
-          hparams=(HParam("order", list, None, nullable=True,
+          hparams=(HParam("order", list, nullable=True,
                           doc="grafting order of the tasks; null: the adapters' order"),
-                   HParam("a", float, GRAFT_A, low=0.0, high=1.0, low_open=True, doc="global-gate range"),
-                   HParam("c", float, GRAFT_C, low=0.0, low_open=True, doc="global-gate slope"),
-                   HParam("bins", int, GRAFT_BINS, low=1, doc="histogram bins of the weight entropy")))
+                   HParam("a", float, low=0.0, high=1.0, low_open=True, doc="global-gate range"),
+                   HParam("c", float, low=0.0, low_open=True, doc="global-gate slope"),
+                   HParam("bins", int, low=1, doc="histogram bins of the weight entropy")))
 def graft(adapters: list[Adapter], context=None, order: list[str] | None = None, a: float = GRAFT_A,
           c: float = GRAFT_C, bins: int = GRAFT_BINS) -> MergeResult:
     r"""Graft's dual-gate LoRA fusion (Eqs. 1-8, Algorithm 1) extended to K experts by sequential grafting.

@@ -48,7 +48,7 @@ class HParam:
 
     name: str
     type: type
-    default: Any
+    default: Any = None  # filled from the method's one declaration of its defaults at registration
     low: float | None = None
     high: float | None = None
     low_open: bool = False

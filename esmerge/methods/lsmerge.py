@@ -290,23 +290,23 @@ def train_vae(chunks: torch.Tensor, positions: torch.Tensor, config: VAEConfig,
 
 
 _VAE_FIELDS = (
-    HParam("chunk", int, 16384, low=1, doc="parameters per chunk"),
-    HParam("hidden", int, 256, low=1, doc="VAE hidden width"),
-    HParam("latent", int, 64, low=1, doc="VAE latent size"),
-    HParam("epochs", int, 1000, low=0, doc="VAE training epochs"),
-    HParam("batch", int, 512, low=1, doc="chunks per batch"),
-    HParam("lr", float, 3e-4, low=0.0, high=LR_MAX, low_open=True, doc="peak learning rate"),
-    HParam("warmup", int, 500, low=0, doc="warm-up steps"),
-    HParam("kl_weight", float, 1e-4, low=0.0, doc="initial KL weight"),
-    HParam("target_kl", float, 50.0, low=0.0, doc="target KL per chunk (nats)"),
-    HParam("kl_adapt", float, 1.01, low=1.0, doc="multiplicative step of the KL-weight controller"),
-    HParam("seed", int, 0, doc="seed of the VAE and its batches"),
+    HParam("chunk", int, low=1, doc="parameters per chunk"),
+    HParam("hidden", int, low=1, doc="VAE hidden width"),
+    HParam("latent", int, low=1, doc="VAE latent size"),
+    HParam("epochs", int, low=0, doc="VAE training epochs"),
+    HParam("batch", int, low=1, doc="chunks per batch"),
+    HParam("lr", float, low=0.0, high=LR_MAX, low_open=True, doc="peak learning rate"),
+    HParam("warmup", int, low=0, doc="warm-up steps"),
+    HParam("kl_weight", float, low=0.0, doc="initial KL weight"),
+    HParam("target_kl", float, low=0.0, doc="target KL per chunk (nats)"),
+    HParam("kl_adapt", float, low=1.0, doc="multiplicative step of the KL-weight controller"),
+    HParam("seed", int, doc="seed of the VAE and its batches"),
 )
 
 
 @register("ls-merge", "LS-Merge", "Soro et al. 2026 (LS-Merge); settings of ES-Merging App. A.3", hparams=(
-    *_VAE_FIELDS, HParam("count_cost", bool, True, doc="count FLOPs (FlopCounterMode)"),
-    HParam("progress", bool, True, doc="show a progress bar")))
+    *_VAE_FIELDS, HParam("count_cost", bool, doc="count FLOPs (FlopCounterMode)"),
+    HParam("progress", bool, doc="show a progress bar")), defaults=VAEConfig())
 def ls_merge(adapters: list[Adapter], context=None, count_cost: bool = True, progress: bool = True,
              **config_overrides) -> MergeResult:
     r"""LS-Merge: :math:`\hat\theta = \mathrm{Dec}(\frac1K \sum_t \mu_{\phi}(\theta_t))` chunk by chunk.

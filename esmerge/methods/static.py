@@ -13,14 +13,13 @@ import time
 
 import torch
 
-from esmerge.data.benchmarks import benchmark_modalities
 from esmerge.methods import HParam, MergeResult, register
 from esmerge.methods import primitives as P
 from esmerge.specialists.adapters import Adapter, with_state
 from esmerge.specialists.encoders import MODALITIES
 
 
-def _merged(adapters: list[Adapter], vector: torch.Tensor, keys, shapes, name: str, info: dict, start: float,
+def merged_result(adapters: list[Adapter], vector: torch.Tensor, keys, shapes, name: str, info: dict, start: float,
             extras: dict | None = None) -> MergeResult:
     info = dict(info)
     info["cost"] = {"wall_seconds": time.perf_counter() - start, "flops": None}
@@ -125,7 +124,7 @@ def average(adapters: list[Adapter], context=None) -> MergeResult:
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
-    return _merged(adapters, tau.mean(dim=0), keys, shapes, "avg", {"hparams": {}}, start)
+    return merged_result(adapters, tau.mean(dim=0), keys, shapes, "avg", {"hparams": {}}, start)
 
 
 # --------------------------------------------------------------------------- TIES
@@ -133,14 +132,15 @@ def average(adapters: list[Adapter], context=None) -> MergeResult:
 # outside any useful value, and LoRA entries (|w| < 1e3) times 1e3 stay finite in float32, while
 # lambda = 1e308 alone turns every merged entry into Inf or NaN.
 SCALE_BOUND = 1e3
-SCALE = HParam("scale", float, 1.0, low=-SCALE_BOUND, high=SCALE_BOUND, doc="lambda applied to the merged task vector")
-SCOPE = HParam("scope", str, "tensor", choices=SCOPES, doc="threshold per LoRA tensor or over the whole adapter")
+SCALING_FACTOR = HParam("scaling_factor", float, low=-SCALE_BOUND, high=SCALE_BOUND,
+                        doc="lambda applied to the merged task vector")
+SCOPE = HParam("scope", str, choices=SCOPES, doc="threshold per LoRA tensor or over the whole adapter")
 
 
 @register("ties", "TIES-Merging", "https://arxiv.org/abs/2306.01708", hparams=(
-    HParam("keep", float, 0.2, low=0.0, high=1.0, low_open=True, doc="fraction of each task vector kept"),
-    SCALE, SCOPE))
-def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float = 1.0,
+    HParam("keep", float, low=0.0, high=1.0, low_open=True, doc="fraction of each task vector kept"),
+    SCALING_FACTOR, SCOPE))
+def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scaling_factor: float = 1.0,
          scope: str = "tensor") -> MergeResult:
     r"""TIES-Merging (Yadav et al. 2023, Sec. 4 / Algorithm 1): trim, elect sign, disjoint merge.
 
@@ -155,7 +155,7 @@ def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float 
         Training-free: no context is needed.
     keep : float
         Fraction of each task vector kept by magnitude (the paper's k = 20%, its default).
-    scale : float
+    scaling_factor : float
         :math:`\lambda` applied to the merged task vector. The TIES paper tunes it on
         validation data; 1.0 is the value it recommends without validation data.
     scope : ``"tensor"`` | ``"model"``
@@ -193,162 +193,16 @@ def ties(adapters: list[Adapter], context=None, keep: float = 0.2, scale: float 
         trimmed = P.magnitude_trim(part, keep)
         return P.disjoint_mean(trimmed, P.elect_sign(trimmed))
 
-    merged = scale * _scoped(tau, shapes, scope, merge)
-    return _merged(adapters, merged, keys, shapes, "ties", {"hparams": {"keep": keep, "scale": scale, "scope": scope}},
-                   start)
-
-
-# --------------------------------------------------------------------------- EMR
-EMR_RULE = (
-    "cross-modal benchmark adapter = mean over the modalities present in the benchmark of "
-    "lambda_t * M_t * tau_uni (emr_benchmark_adapter); the saved adapter is tau_uni itself"
-)
-
-
-@register("emr", "EMR-Merging", "https://arxiv.org/abs/2405.17461")
-def emr(adapters: list[Adapter], context=None) -> MergeResult:
-    r"""EMR-Merging (Huang et al. 2024, Eqs. 2-7): elect, mask, rescale.
-
-    The merged adapter is the unified vector :math:`\tau_{uni}` (Eqs. 2-4). The per-task
-    masks :math:`M_t` (Eq. 5) and rescalers :math:`\lambda_t` (Eq. 6) are stored in
-    ``adapter.extras`` under ``"{task}.mask.{key}"`` (bool, the key's shape) and
-    ``"{task}.rescale"`` (scalar); :func:`emr_task_adapter` rebuilds the modulated task
-    vector :math:`\hat\tau_t = \lambda_t M_t \odot \tau_{uni}` (Eq. 7).
-
-    Parameters
-    ----------
-    adapters : list of Adapter
-        The T specialists (task vectors: the base is the zero LoRA).
-    context : ignored
-        Training-free: no context is needed.
-
-    Returns
-    -------
-    MergeResult
-        :math:`\tau_{uni}` with the masks and rescalers as extras; ``info`` holds the rescalers,
-        the mask densities and the cross-modal rule.
-
-    Notes
-    -----
-    Choices where the paper is silent:
-
-    * Rescalers are one scalar per task over the whole flattened adapter.
-    * Cross-modal benchmarks have no single task. Our rule, identical for all benchmarks:
-      average the modulated adapters :math:`\hat\tau_t` of the modalities present in the
-      benchmark (:func:`emr_benchmark_adapter`); e.g. molecule-protein interaction uses
-      :math:`(\hat\tau_{mol} + \hat\tau_{prot})/2`.
-
-    Examples
-    --------
-    Signs elected: (+, +). Unified magnitudes: 3 (from the molecule task) and 2 (protein).
-    Rescalers: molecule (3 + 1) / 3, protein (1 + 2) / 2:
-
-    >>> from esmerge.specialists.adapters import Adapter
-    >>> a = Adapter({"w": torch.tensor([3., -1.])}, {}, "molecule")
-    >>> b = Adapter({"w": torch.tensor([-1., 2.])}, {}, "protein")
-    >>> result = emr([a, b])
-    >>> result.adapter.state["w"], result.adapter.extras["molecule.mask.w"]
-    (tensor([3., 2.]), tensor([ True, False]))
-    >>> {task: round(v, 4) for task, v in result.info["rescalers"].items()}
-    {'molecule': 1.3333, 'protein': 1.5}
-    """
-    start = time.perf_counter()
-    tau, keys, shapes = P.flatten(adapters)
-    unified = P.emr_unified(tau)
-    masks = P.emr_masks(tau, unified)
-    rescale = P.emr_rescalers(tau, unified, masks)
-    extras = {}
-    for name, mask, lam in zip(task_names(adapters), masks, rescale):
-        for key, part in P.unflatten(mask.float(), keys, shapes).items():
-            extras[f"{name}.mask.{key}"] = part.bool()
-        extras[f"{name}.rescale"] = lam.reshape(())
-    info = {
-        "hparams": {},
-        "tasks": task_names(adapters),
-        "rescalers": {n: float(v) for n, v in zip(task_names(adapters), rescale)},
-        "mask_density": {n: float(m.float().mean()) for n, m in zip(task_names(adapters), masks)},
-        "inference_rule": EMR_RULE,
-    }
-    return _merged(adapters, unified, keys, shapes, "emr", info, start, extras)
-
-
-def emr_task_adapter(result: MergeResult | Adapter, task: str) -> Adapter:
-    r"""The modulated adapter :math:`\hat\tau_t = \lambda_t M_t \odot \tau_{uni}` of one task (EMR Eq. 7).
-
-    Parameters
-    ----------
-    result : MergeResult or Adapter
-        EMR's output (with its masks and rescalers as extras).
-    task : str
-        The task (modality).
-
-    Returns
-    -------
-    Adapter
-        Named ``emr[task]``.
-
-    Raises
-    ------
-    KeyError
-        If the adapter has no EMR extras for that task.
-
-    Examples
-    --------
-    With the example of :func:`emr`: molecule keeps entry 0, 4/3 · 3 = 4; protein keeps entry 1,
-    1.5 · 2 = 3:
-
-    >>> from esmerge.specialists.adapters import Adapter
-    >>> result = emr([Adapter({"w": torch.tensor([3., -1.])}, {}, "molecule"),
-    ...               Adapter({"w": torch.tensor([-1., 2.])}, {}, "protein")])
-    >>> emr_task_adapter(result, "molecule").state["w"], emr_task_adapter(result, "protein").state["w"]
-    (tensor([4., 0.]), tensor([0., 3.]))
-    """
-    merged = result.adapter if isinstance(result, MergeResult) else result
-    if f"{task}.rescale" not in merged.extras:
-        known = sorted({k.split(".")[0] for k in merged.extras})
-        raise KeyError(f"no EMR mask/rescaler for task {task!r}; adapter has {known or 'no EMR extras'}")
-    lam = merged.extras[f"{task}.rescale"]
-    state = {k: lam * merged.extras[f"{task}.mask.{k}"].to(v.dtype) * v for k, v in merged.state.items()}
-    return with_state(merged, state, f"emr[{task}]")
-
-
-def emr_benchmark_adapter(result: MergeResult | Adapter, modalities: list[str]) -> Adapter:
-    """The mean of the EMR task adapters of the modalities a benchmark contains (our cross-modal rule).
-
-    Parameters
-    ----------
-    result : MergeResult or Adapter
-        EMR's output.
-    modalities : list of str
-        The benchmark's modalities (at least one).
-
-    Returns
-    -------
-    Adapter
-        Named ``emr[m1+m2...]``.
-
-    Examples
-    --------
-    The mean of [4, 0] and [0, 3] (see :func:`emr_task_adapter`):
-
-    >>> from esmerge.specialists.adapters import Adapter
-    >>> result = emr([Adapter({"w": torch.tensor([3., -1.])}, {}, "molecule"),
-    ...               Adapter({"w": torch.tensor([-1., 2.])}, {}, "protein")])
-    >>> emr_benchmark_adapter(result, ["molecule", "protein"]).state["w"]
-    tensor([2.0000, 1.5000])
-    """
-    if not modalities:
-        raise ValueError("a benchmark needs at least one modality to pick EMR masks")
-    parts = [emr_task_adapter(result, m) for m in modalities]
-    state = {k: torch.stack([p.state[k] for p in parts]).mean(dim=0) for k in parts[0].state}
-    return with_state(parts[0], state, f"emr[{'+'.join(modalities)}]")
+    merged = scaling_factor * _scoped(tau, shapes, scope, merge)
+    info = {"hparams": {"keep": keep, "scaling_factor": scaling_factor, "scope": scope}}
+    return merged_result(adapters, merged, keys, shapes, "ties", info, start)
 
 
 # --------------------------------------------------------------------------- PCB
 @register("pcb", "PCB-Merging", "https://arxiv.org/abs/2410.02396", hparams=(
-    HParam("drop", float, 0.9, low=0.0, high=1.0, high_open=True, doc="fraction of each task's entries dropped"),
-    SCALE, SCOPE))
-def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float = 1.0,
+    HParam("drop", float, low=0.0, high=1.0, high_open=True, doc="fraction of each task's entries dropped"),
+    SCALING_FACTOR, SCOPE))
+def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scaling_factor: float = 1.0,
         scope: str = "tensor") -> MergeResult:
     r"""PCB-Merging (Du et al. 2024, Eqs. 2-7).
 
@@ -366,7 +220,7 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float =
     drop : float
         Fraction of each task's entries dropped (paper's ratio r). 0.9 matches the official
         code's default ``pcb_ratio=0.1``, which *keeps* the top 10% of :math:`\beta_i`.
-    scale : float
+    scaling_factor : float
         :math:`\lambda`; the paper searches it on validation data (evolutionary search),
         which we do not have; 1.0 leaves the balanced mean unscaled.
     scope : ``"tensor"`` | ``"model"``
@@ -409,20 +263,20 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scale: float =
         kept.append(keep.float().sum())
         return P.balanced_mean(part, log_beta, keep)
 
-    merged = scale * _scoped(tau, shapes, scope, merge)
-    info = {"hparams": {"drop": drop, "scale": scale, "scope": scope},
+    merged = scaling_factor * _scoped(tau, shapes, scope, merge)
+    info = {"hparams": {"drop": drop, "scaling_factor": scaling_factor, "scope": scope},
             "kept_fraction": float(sum(kept) / tau.numel())}
-    return _merged(adapters, merged, keys, shapes, "pcb", info, start)
+    return merged_result(adapters, merged, keys, shapes, "pcb", info, start)
 
 
 # --------------------------------------------------------------------------- Consensus
 @register("consensus", "Consensus Merging", "https://arxiv.org/abs/2405.07813", hparams=(
-    HParam("tall_lambda", float, 0.4, low=0.0, doc="TALL mask threshold lambda_t, the same for every task"),
-    HParam("k", int, 2, low=1, doc="minimum number of tasks an entry must matter to"),
-    HParam("scale", float, None, low=-SCALE_BOUND, high=SCALE_BOUND, nullable=True,
+    HParam("tall_lambda", float, low=0.0, doc="TALL mask threshold lambda_t, the same for every task"),
+    HParam("k", int, low=1, doc="minimum number of tasks an entry must matter to"),
+    HParam("scaling_factor", float, low=-SCALE_BOUND, high=SCALE_BOUND, nullable=True,
            doc="task-arithmetic alpha; null: 1/T")))
 def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k: int = 2,
-              scale: float | None = None) -> MergeResult:
+              scaling_factor: float | None = None) -> MergeResult:
     r"""Consensus Task Arithmetic (Wang et al. 2024, "Localizing task information...", Sec. 5).
 
     TALL masks :math:`m_t = 1\{|\tau_t| \ge \lambda_t |\tau_{MTL} - \tau_t|\}` with
@@ -440,7 +294,7 @@ def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k
         {0.2, ..., 0.6} on validation data; we have none and take the middle, 0.4.
     k : int
         Minimum number of tasks an entry must matter to (paper: 2).
-    scale : float, optional
+    scaling_factor : float, optional
         Task-arithmetic :math:`\alpha`; tuned on validation in the paper. Default ``1/T``,
         so that with every entry kept the result is the plain average (comparable to Avg).
 
@@ -468,42 +322,15 @@ def consensus(adapters: list[Adapter], context=None, tall_lambda: float = 0.4, k
     """
     start = time.perf_counter()
     tau, keys, shapes = P.flatten(adapters)
-    alpha = 1.0 / len(adapters) if scale is None else scale
+    alpha = 1.0 / len(adapters) if scaling_factor is None else scaling_factor
     masks = P.tall_masks(tau, tall_lambda)
     keep = P.consensus_mask(masks, k)
     merged = alpha * (tau * keep).sum(dim=0)
     info = {
-        "hparams": {"tall_lambda": tall_lambda, "k": k, "scale": alpha},
+        "hparams": {"tall_lambda": tall_lambda, "k": k, "scaling_factor": alpha},
         "kept_fraction": float(keep.float().mean()),
         "tall_mask_density": {n: float(m.float().mean()) for n, m in zip(task_names(adapters), masks)},
     }
-    return _merged(adapters, merged, keys, shapes, "consensus", info, start)
+    return merged_result(adapters, merged, keys, shapes, "consensus", info, start)
 
 
-def emr_adapter_for_benchmark(merged: Adapter, benchmark: str) -> Adapter:
-    """EMR's adapter for one benchmark: the mean of the modulated task vectors of its modalities.
-
-    Parameters
-    ----------
-    merged : Adapter
-        EMR's merged adapter.
-    benchmark : str
-        A benchmark name (``esmerge.data.benchmarks``), e.g. ``"BindingDB"``.
-
-    Returns
-    -------
-    Adapter
-        ``emr_benchmark_adapter`` over the benchmark's modalities.
-
-    Examples
-    --------
-    BindingDB holds proteins and molecules:
-
-    >>> from esmerge.specialists.adapters import Adapter
-    >>> result = emr([Adapter({"w": torch.tensor([3., -1.])}, {}, "molecule"),
-    ...               Adapter({"w": torch.tensor([-1., 2.])}, {}, "protein")])
-    >>> adapter = emr_adapter_for_benchmark(result.adapter, "BindingDB")
-    >>> adapter.name, adapter.state["w"]
-    ('emr[protein+molecule]', tensor([2.0000, 1.5000]))
-    """
-    return emr_benchmark_adapter(merged, benchmark_modalities(benchmark))

@@ -4,9 +4,21 @@
 ``mechanism_claims`` the representation claims (Figs. 1, 2, 8; Table 7) on the tables the probe,
 layer-wise and element-wise chapters save. ``disagreements``, ``es_ranks`` and ``answer_bias``
 summarise where and why our numbers differ from the paper's.
+
+Every register row carries what its verdict rests on (``decisions.CAVEAT_COLUMNS``): ``n``
+(examples), ``seeds`` (specialist seeds), ``caveats`` (``decisions.caveats_for``; the defaults per
+kind of claim are ``decisions.DEFAULT_CAVEATS``) and ``would_change`` (``decisions.would_change``).
+Accuracy rows add the threshold-free check beside accuracy: the paired AUROC difference of the
+answer margin with its CI and its own verdict.
+
+EMR appears in two forms, labelled wherever a row names it (``method_label``): ``emr`` is
+evaluated with oracle routing, each benchmark or modality getting its own task modulator
+(``emr (routed)``); ``emr-one`` is the one adapter a user would deploy without routing, the mean
+of the modulated task vectors (``esmerge.methods.emr.emr_one_model``; ``emr (one model)``).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +28,7 @@ from esmerge.data.benchmarks import BENCHMARK_NAMES, GROUPS
 from esmerge.evaluate import decisions
 from esmerge.evaluate.stats import discordance, paired_bootstrap, paired_mde
 from esmerge.report.paper_tables import PAPER_DATASET, paper_results
-from esmerge.signals.layerwise import specialisation_verdict
+from esmerge.signals.diagnostics import specialisation_verdict
 
 MERGING_BASELINES = ("avg", "ties", "emr", "adamerging", "pcb", "consensus", "ls-merge")
 SPECIALISTS = ("specialist-molecule", "specialist-protein", "specialist-cell")
@@ -25,6 +37,34 @@ SPECIALISTS = ("specialist-molecule", "specialist-protein", "specialist-cell")
 YARDSTICKS = ("majority", "knn-shots")
 SHUFFLED_CONTROL = "base-shuffled-shots"
 NOT_MODELS = (*YARDSTICKS, SHUFFLED_CONTROL)
+# EMR with oracle routing, and as one merged model (a competitor wherever it was evaluated)
+EMR_ROUTED, EMR_ONE_MODEL = "emr", decisions.EMR_ONE_MODEL
+METHOD_LABELS = {EMR_ROUTED: "emr (routed)", EMR_ONE_MODEL: "emr (one model)"}
+# The accuracy registers' columns, in order.
+COLUMNS = ["claim", "source", "paper", "datasets", "n", "seeds", "ours", "lo", "hi", "n_compared", "p_holm",
+           "margin", "verdict", "auroc_diff", "auroc_lo", "auroc_hi", "auroc_vs", "auroc_verdict", "same_answers",
+           "caveats", "would_change", "detail"]
+
+
+def method_label(name: str) -> str:
+    """The name a register row shows for a method: EMR says whether it is routed or one model.
+
+    Parameters
+    ----------
+    name : str
+        A key of the results (``emr``: oracle-routed EMR; ``emr-one``: EMR as one merged model).
+
+    Returns
+    -------
+    str
+        ``METHOD_LABELS[name]``, else ``name``.
+
+    Examples
+    --------
+    >>> method_label("emr"), method_label("emr-one"), method_label("ties")
+    ('emr (routed)', 'emr (one model)', 'ties')
+    """
+    return METHOD_LABELS.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -37,7 +77,8 @@ class Claim:
     b: tuple[str, ...]
     group: str | None  # None: all 13 benchmarks
     table: str
-    at_least: bool = False  # ">=": supported unless significantly worse
+    at_least: bool = False  # ">=": supported only with a declared non-inferiority margin
+    optional: tuple[str, ...] = ()  # competitors compared when evaluated; their absence is not "partial"
 
 
 def _claims_list() -> list[Claim]:
@@ -45,9 +86,9 @@ def _claims_list() -> list[Claim]:
     for group, table in (("Mol-Prot", "Table 1"), ("Mol-Cell", "Table 1"),
                          ("CYP Inh.", "Table 2"), ("CYP Sub.", "Table 2")):
         out.append(Claim(f"ES-Merging beats every merging baseline on {group} (avg. accuracy)",
-                         "§5.2-5.3", "es", MERGING_BASELINES, group, table))
+                         "§5.2-5.3", "es", MERGING_BASELINES, group, table, optional=(EMR_ONE_MODEL,)))
     out.append(Claim("ES-Merging beats every merging baseline on all 13 benchmarks (avg.)", "§5.2-5.3",
-                     "es", MERGING_BASELINES, None, "Table 1+2"))
+                     "es", MERGING_BASELINES, None, "Table 1+2", optional=(EMR_ONE_MODEL,)))
     out.append(Claim("ES-Merging beats Avg. Merging + FT on Mol-Prot", "§5.2", "es", ("avg-ft",), "Mol-Prot",
                      "Table 1"))
     out.append(Claim("ES-Merging is at least as good as Mol-LLaMA on CYP Sub.", "§5.3", "es",
@@ -61,7 +102,8 @@ def _claims_list() -> list[Claim]:
                          ("es-layer", "es-element"), group, "Table 8", at_least=True))
     for group in ("Mol-Prot", "CYP Inh."):
         out.append(Claim(f"ES-Layer alone beats every merging baseline on {group}", "§5.4", "es-layer",
-                         MERGING_BASELINES, group, "Table 2" if group.startswith("CYP") else "Table 1"))
+                         MERGING_BASELINES, group, "Table 2" if group.startswith("CYP") else "Table 1",
+                         optional=(EMR_ONE_MODEL,)))
     return out
 
 
@@ -82,32 +124,121 @@ def _paper_group_value(paper: pd.DataFrame, method: str, group: str | None, tabl
 
 
 def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
-           level: float = 0.95, noninferiority_margin: float | None = None) -> pd.DataFrame:
+           level: float = 0.95, noninferiority_margin: float | None = None, *, seeds: Sequence[int] = (0,),
+           caveats: Sequence[str] | None = None, budgets: Sequence[str] | Mapping[str, str] | None = None,
+           auroc_noninferiority_margin: float | None = None) -> pd.DataFrame:
     """The claims register: each paper claim, the paper's margin, ours with a paired-bootstrap CI.
 
     For "A beats B" the margin is ``mean accuracy(A) - mean accuracy(B)`` over the group's
     benchmarks, minimised over the B's; ``p_holm`` is that competitor's sign-flip p-value after
-    Holm's correction over the compared competitors (``decisions.compare``; competitors with
-    identical answers count once and are named together). Verdicts (``decisions``):
+    Holm's correction over the compared competitors (``decisions.compare``). Competitors that give
+    identical answers on every example of every benchmark of the claim are one model: counted once
+    in the Holm family (``n_compared`` counts groups) and named together in ``same_answers`` and
+    ``detail`` (e.g. ``adamerging = consensus``). Verdicts (``decisions``):
 
     * "beats": *supported* when the CI of every margin lies above 0; *not supported* when some
       competitor is significantly better after the correction; *inconclusive* otherwise;
     * ">=": *supported* only with a ``noninferiority_margin`` (points, declared in the scale before
-      the run) that every CI's lower end clears; *not supported* as above; without a margin a
-      null result is *inconclusive (no margin declared)*;
+      the run; recorded in the ``margin`` column) that every CI's lower end clears; *not
+      supported* as above; without a margin a null result is *inconclusive (no margin declared)*;
     * *inconclusive (identical answers)* when every competitor answers exactly as ``a`` on every
       example (a margin of 0 with a CI of [0, 0] tests nothing); *not measured* when a method or
       benchmark is missing.
+
+    Parameters
+    ----------
+    results : dict
+        ``results[method][benchmark]``: ``evaluate`` results (``example_ids, y, pred`` and, for the
+        AUROC columns, ``scores`` ``[n, 2]``), the same examples for every method.
+    n_resamples, seed, level :
+        The paired bootstrap (accuracy and AUROC) and the sign-flip test's seed.
+    noninferiority_margin : float, optional
+        Accuracy points, for the ">=" claims; ``None``: none declared.
+    seeds : sequence of int
+        The specialist seeds the evaluated models were built from (column ``seeds``).
+    caveats : sequence of str, optional
+        What applies (``decisions.CAVEATS`` keys or short texts); default
+        ``decisions.DEFAULT_CAVEATS["accuracy"]``: tiny base, our random splits, seed selection,
+        EMR's oracle routing (rows comparing ``emr``), baseline budgets below the paper's (rows
+        comparing ``decisions.BUDGETED``).
+    budgets : sequence of str or mapping, optional
+        The budget-limited baselines (a mapping adds each one's budget text); default
+        ``decisions.BUDGETED``.
+    auroc_noninferiority_margin : float, optional
+        AUROC points, for the ">=" claims' AUROC verdict.
+
+    Returns
+    -------
+    DataFrame
+        One row per claim, columns ``COLUMNS``: ``n`` examples of ``a`` over the claim's
+        benchmarks; the AUROC columns ``auroc_diff, auroc_lo, auroc_hi`` (points, against the
+        competitor ``auroc_vs`` with the smallest AUROC margin), ``auroc_verdict`` by the same rules
+        on the AUROC margins (bootstrap p-values, Holm over competitors with distinct scores); NaN
+        and a ``not measured (no answer margins: ...)`` verdict when a run has no per-example
+        ``scores``. EMR is named ``emr (routed)`` or ``emr (one model)`` (``method_label``).
     """
     paper = paper_results()
-    return pd.DataFrame([_check(c, results, paper, n_resamples, seed, level, noninferiority_margin)
-                         for c in CLAIMS])
+    ctx = _Context(tuple(seeds), tuple(decisions.DEFAULT_CAVEATS["accuracy"] if caveats is None else caveats),
+                   decisions.BUDGETED if budgets is None else budgets, auroc_noninferiority_margin)
+    return pd.DataFrame([_check(c, results, paper, n_resamples, seed, level, noninferiority_margin, ctx=ctx)
+                         for c in CLAIMS], columns=COLUMNS)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a row's caveat and AUROC columns need beyond the claim."""
+
+    seeds: tuple[int, ...] = (0,)
+    caveats: tuple[str, ...] = decisions.DEFAULT_CAVEATS["accuracy"]
+    budgets: Sequence[str] | Mapping[str, str] = decisions.BUDGETED
+    auroc_margin: float | None = None
+
+
+def _auroc_columns(c: Claim, results: dict, competitors: list[str], benches: list[str], n_resamples: int,
+                   seed: int, level: float, margin: float | None) -> tuple[dict, str]:
+    """The AUROC columns of a row and the detail's AUROC text (see ``claims``)."""
+    out = {"auroc_diff": np.nan, "auroc_lo": np.nan, "auroc_hi": np.nan, "auroc_vs": "-"}
+    runs = {m: {x: results[m][x] for x in benches} for m in (c.a, *competitors)}
+    without = [method_label(m) for m in runs if not decisions.has_margins(runs[m])]
+    if not decisions.has_margins(runs[c.a]) or len(without) == len(competitors):
+        return {**out, "auroc_verdict": f"not measured (no answer margins: {', '.join(without)})"}, ""
+    scored = {m: runs[m] for m in competitors if decisions.has_margins(runs[m])}
+    groups = decisions.answer_groups(scored, benches, field="scores")
+    alpha = (1 - level) / 2
+    margins, pvalues = {}, {}
+    for group in groups:
+        point, draws = decisions.paired_auroc_draws(runs[c.a], runs[group[0]], n_resamples, seed)
+        if np.isnan(point) or np.isnan(draws).all():
+            continue
+        margins[group[0]] = (point, float(np.nanquantile(draws, alpha)), float(np.nanquantile(draws, 1 - alpha)))
+        pvalues[group[0]] = decisions.bootstrap_pvalue(draws)
+    if not margins:
+        return {**out, "auroc_verdict": "not measured (one class only in every benchmark)"}, ""
+    adjusted = decisions.holm(pvalues)
+    same = [b for b in margins if all(np.array_equal(np.asarray(runs[c.a][x]["scores"], dtype=float),
+                                                     np.asarray(runs[b][x]["scores"], dtype=float)) for x in benches)]
+    if len(same) == len(margins):
+        verdict = "inconclusive (identical scores)"
+    elif c.at_least:
+        verdict = decisions.noninferiority_verdict(margins, adjusted, margin)
+    else:
+        verdict = decisions.superiority_verdict(margins, adjusted)
+    if without:
+        verdict += f" (partial: no answer margins: {', '.join(without)})"
+    worst = min(margins, key=lambda b: margins[b][0])
+    names = {g[0]: " = ".join(method_label(m) for m in g) for g in groups}
+    text = "AUROC: " + "; ".join(f"vs {names[b]}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}], Holm p {adjusted[b]:.3f}"
+                                 for b, m in margins.items())
+    point, lo, hi = margins[worst]
+    return {"auroc_diff": round(point, 1), "auroc_lo": round(lo, 1), "auroc_hi": round(hi, 1),
+            "auroc_vs": names[worst], "auroc_verdict": verdict}, text
 
 
 def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | None, n_resamples: int,
            seed: int, level: float, noninferiority_margin: float | None = None,
-           n_permutations: int = 10000) -> dict:
+           n_permutations: int = 10000, ctx: _Context | None = None) -> dict:
     """One register row for claim ``c`` (see ``claims``); ``paper=None``: a claim the paper does not make."""
+    ctx = ctx or _Context()
     benches = list(BENCHMARK_NAMES) if c.group is None else list(GROUPS[c.group])
     if paper is None:
         paper_margin = float("nan")
@@ -117,14 +248,24 @@ def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | 
         paper_margin = paper_a - max(paper_b.values()) if paper_b else float("nan")
     all_benches = benches
     benches = [x for x in benches if x in results.get(c.a, {})]
-    have = [m for m in (c.a, *c.b) if m in results and benches and all(x in results[m] for x in benches)]
+    everyone = (c.a, *c.b, *c.optional)
+    have = [m for m in everyone if m in results and benches and all(x in results[m] for x in benches)]
+    models = [m for m in everyone if m in have]
     row = {"claim": c.claim, "source": c.source, "paper": round(paper_margin, 1),
-           "datasets": f"{len(benches)}/{len(all_benches)}"}
-    if c.a not in have or not any(b in have for b in c.b):
+           "datasets": f"{len(benches)}/{len(all_benches)}",
+           "n": int(sum(len(results[c.a][x]["y"]) for x in benches)),
+           "seeds": decisions.seeds_text(ctx.seeds, models or [c.a, *c.b]),
+           "margin": noninferiority_margin if c.at_least and noninferiority_margin is not None else np.nan,
+           "caveats": decisions.caveats_for(ctx.caveats, models or [c.a, *c.b], budgeted=ctx.budgets)}
+    if c.a not in have or not any(b in have for b in (*c.b, *c.optional)):
+        missing = sorted(set((c.a, *c.b)) - set(have))
         return {**row, "ours": np.nan, "lo": np.nan, "hi": np.nan, "n_compared": 0, "p_holm": np.nan,
-                "verdict": "not measured", "detail": f"missing: {sorted(set((c.a, *c.b)) - set(have))}"}
+                "verdict": "not measured", "auroc_diff": np.nan, "auroc_lo": np.nan, "auroc_hi": np.nan,
+                "auroc_vs": "-", "auroc_verdict": "not measured", "same_answers": "-",
+                "would_change": f"results for {', '.join(map(method_label, missing))}",
+                "detail": f"missing: {missing}"}
     # paired: both runs of each benchmark are resampled with the same example indices
-    competitors = {b: results[b] for b in c.b if b in have}
+    competitors = {b: results[b] for b in (*c.b, *c.optional) if b in have}
     margins = {b: paired_bootstrap({x: results[c.a][x] for x in benches}, {x: results[b][x] for x in benches},
                                    "accuracy", n_resamples, seed, level) for b in competitors}
     # Competitors answering identically form one comparison of the family (decisions.answer_groups).
@@ -141,17 +282,39 @@ def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | 
         verdict = decisions.noninferiority_verdict(margins, adjusted, noninferiority_margin)
     else:
         verdict = decisions.superiority_verdict(margins, adjusted)
-    if len(competitors) < len(c.b) or len(benches) < len(all_benches):
+    if sum(b in competitors for b in c.b) < len(c.b) or len(benches) < len(all_benches):
         verdict += " (partial)"
-    names = {g[0]: " = ".join(g) for g in groups}
+    names = {g[0]: " = ".join(method_label(m) for m in g) for g in groups}
     detail = "; ".join(f"vs {names[b]}: {m[0]:+.1f} [{m[1]:+.1f}, {m[2]:+.1f}], Holm p {adjusted[b]:.3f}"
                        + (" (identical answers)" if b in identical else "") for b, m in margins.items())
+    auroc, auroc_text = _auroc_columns(c, results, list(competitors), benches, n_resamples, seed, level,
+                                       ctx.auroc_margin)
     return {**row, "ours": round(point, 1), "lo": round(lo, 1), "hi": round(hi, 1),
-            "n_compared": len(margins), "p_holm": round(adjusted[worst], 4), "verdict": verdict, "detail": detail}
+            "n_compared": len(margins), "p_holm": round(adjusted[worst], 4), "verdict": verdict, **auroc,
+            "same_answers": "; ".join(names[g[0]] for g in groups if len(g) > 1) or "-",
+            "would_change": _would_change(verdict, margins, adjusted, names, identical, c.at_least,
+                                          noninferiority_margin),
+            "detail": detail + (f"; {auroc_text}" if auroc_text else "")}
+
+
+def _would_change(verdict: str, margins: dict, adjusted: dict, names: dict, identical: list, at_least: bool,
+                  margin: float | None) -> str:
+    """``decisions.would_change`` against the competitor that decides the verdict."""
+    if verdict.startswith("not supported"):
+        significant = [b for b, (_, _, hi) in margins.items() if hi < 0 and adjusted[b] < decisions.ALPHA]
+        against = min(significant, key=lambda b: adjusted[b])
+    elif "identical" in verdict:
+        return decisions.would_change(verdict, " and ".join(names[b] for b in identical), 0.0, 0.0)
+    else:  # the lowest CI end: the one a "supported" rests on, and the one an "inconclusive" waits for
+        against = min(margins, key=lambda b: margins[b][1])
+    _, lo, hi = margins[against]
+    return decisions.would_change(verdict, names[against], lo, hi, p_holm=adjusted[against],
+                                  margin=margin, at_least=at_least, n_competitors=len(margins))
 
 
 def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> pd.DataFrame:
+                     level: float = 0.95, *, seeds: Sequence[int] = (0,), caveats: Sequence[str] | None = None,
+                     budgets: Sequence[str] | Mapping[str, str] | None = None) -> pd.DataFrame:
     """Claims the paper does not make but a reader needs, in ``claims``' columns and
     verdicts (``paper`` NaN), on the mean accuracy over all 13 benchmarks:
 
@@ -160,20 +323,23 @@ def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 100
     * the base uses its shots: it beats its shots-shuffled control (``SHUFFLED_CONTROL``).
 
     Only the rows present in ``results`` are checked; margins are paired over the same examples.
+    ``seeds``, ``caveats`` and ``budgets`` as in ``claims``; the default caveats are
+    ``decisions.DEFAULT_CAVEATS["yardstick"]`` (rows of the base and the yardsticks alone carry no
+    seed caveat: no specialist is involved).
     """
     out = []
     models = [m for m in results if m not in NOT_MODELS]
     if SHUFFLED_CONTROL in results and "base" in results:
         out.append(Claim("the base uses its shots: it beats its shots-shuffled control (all 13, avg.)",
-                         "issue 10", "base", (SHUFFLED_CONTROL,), None, "-"))
+                         "yardstick", "base", (SHUFFLED_CONTROL,), None, "-"))
     names = {"majority": "the always-majority yardstick", "knn-shots": "the k-NN vote over its own shots"}
     for yard in YARDSTICKS:
         if yard in results:
-            out += [Claim(f"{m} beats {names[yard]} (all 13, avg.)", "yardstick", m, (yard,), None, "-")
-                    for m in models]
-    return pd.DataFrame([_check(c, results, None, n_resamples, seed, level) for c in out],
-                        columns=["claim", "source", "paper", "datasets", "ours", "lo", "hi", "n_compared",
-                                 "p_holm", "verdict", "detail"])
+            out += [Claim(f"{method_label(m)} beats {names[yard]} (all 13, avg.)", "yardstick", m, (yard,), None,
+                          "-") for m in models]
+    ctx = _Context(tuple(seeds), tuple(decisions.DEFAULT_CAVEATS["yardstick"] if caveats is None else caveats),
+                   decisions.BUDGETED if budgets is None else budgets)
+    return pd.DataFrame([_check(c, results, None, n_resamples, seed, level, ctx=ctx) for c in out], columns=COLUMNS)
 
 
 def power_table(results: dict[str, dict[str, dict]], reference: str = "es", alpha: float = 0.05,
@@ -223,7 +389,9 @@ def decided_verdicts(register: pd.DataFrame, power: pd.DataFrame | None = None) 
 
 
 def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
-                     projection_stability: pd.DataFrame, merged_distances: pd.DataFrame) -> pd.DataFrame:
+                     projection_stability: pd.DataFrame, merged_distances: pd.DataFrame, *,
+                     n: int | Mapping[str, int] | None = None, seeds: Sequence[int] = (0,),
+                     caveats: Sequence[str] | None = None) -> pd.DataFrame:
     """The paper's claims about representations (Figs. 1, 2, 8 and Table 7), checked on the tables
     the probe, layer-wise and element-wise chapters save.
 
@@ -241,36 +409,64 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
       model (``05_elementwise``). Fig. 8: on each modality the merged model is nearest the
       matching specialist.
 
-    Returns ``claim, source, evidence, verdict`` with verdict ``holds`` or ``does not hold``.
+    ``n``: the examples behind each source (an int for all, or ``{source: n}``; ``"not recorded"``
+    where absent); ``seeds``: the specialist seeds; ``caveats``: what applies, default
+    ``decisions.DEFAULT_CAVEATS["representation"]`` (on Fig. 2 rows the seed caveat says that the
+    seed was selected by that very test).
+
+    Returns ``claim, source, evidence, verdict`` with verdict ``holds`` or ``does not hold``, and
+    the caveat columns ``n, seeds, caveats, would_change``.
     """
     rows = []
+    applies = tuple(decisions.DEFAULT_CAVEATS["representation"] if caveats is None else caveats)
 
-    def add(claim, source, evidence, holds):
+    def count(source):
+        value = n.get(source) if isinstance(n, Mapping) else n
+        return "not recorded" if value is None else value
+
+    def add(claim, source, evidence, holds, change):
+        text = decisions.caveats_for(applies, ["specialists"])
+        if source == "Fig. 2":
+            text = text.replace(decisions.CAVEATS["seed selection"], "one seed, selected by this very test")
         rows.append({"claim": claim, "source": source, "evidence": evidence,
-                     "verdict": "holds" if holds else "does not hold"})
+                     "verdict": "holds" if holds else "does not hold", "n": count(source),
+                     "seeds": decisions.seeds_text(seeds, ["specialists"]), "caveats": text, "would_change": change})
+
+    def nearest(row, want, smallest):
+        other = row.drop(want)
+        best = other.idxmin() if smallest else other.idxmax()
+        return f"{best} {other[best]:.3g} vs {want} {row[want]:.3g}"
 
     for name, row in last_block_shift.iterrows():
         if name in row.index:
-            furthest = row.idxmax()
+            holds = row.idxmax() == name
+            change = (f"another modality's tokens moving further ({nearest(row, name, False)})" if holds else
+                      f"{name} tokens moving furthest (now {nearest(row, name, False)})")
             add(f"the {name} specialist moves {name} tokens furthest from the base (last block)", "Fig. 1",
-                ", ".join(f"{m} {v:.3g}" for m, v in row.items()), furthest == name)
+                ", ".join(f"{m} {v:.3g}" for m, v in row.items()), holds, change)
     for row in own_vs_other.itertuples(index=False):
         spec = row.specialist
+        holds = specialisation_verdict(row.blocks_above, row.blocks, row.mean_ratio)
+        now = f"now {row.blocks_above}/{row.blocks} blocks, mean ratio {row.mean_ratio:.2f}"
+        change = (f"own SWD above the others' at half the blocks or fewer, or a mean ratio <= 1 ({now})" if holds
+                  else f"own SWD above the others' at most blocks and a mean ratio > 1 ({now})")
         add(f"{spec} specialist: SWD on {spec} tokens exceeds SWD on other tokens", "Fig. 2",
-            f"{row.blocks_above}/{row.blocks} blocks, mean ratio {row.mean_ratio:.2f}",
-            specialisation_verdict(row.blocks_above, row.blocks, row.mean_ratio))
+            f"{row.blocks_above}/{row.blocks} blocks, mean ratio {row.mean_ratio:.2f}", holds, change)
     ordered = projection_stability.sort_values("projections")
     spread = ordered["mean std of alpha over seeds"].to_numpy()
+    holds = bool(len(spread) > 1 and np.all(np.diff(spread) < 0))
     add("more random projections give steadier layer coefficients", "Table 7",
-        ", ".join(f"{p}: {v:.3f}" for p, v in zip(ordered["projections"], spread)),
-        bool(len(spread) > 1 and np.all(np.diff(spread) < 0)))
+        ", ".join(f"{p}: {v:.3f}" for p, v in zip(ordered["projections"], spread)), holds,
+        "a spread that does not fall at some step to more projections" if holds
+        else "a spread that falls at every step to more projections")
     for modality, row in merged_distances.iterrows():
         if modality in row.index:
+            holds = row.idxmin() == modality
+            change = (f"another specialist nearer ({nearest(row, modality, True)})" if holds else
+                      f"the {modality} specialist nearest (now {nearest(row, modality, True)})")
             add(f"on {modality} tokens the ES-merged model is nearest the {modality} specialist", "Fig. 8",
-                "nearest: " + row.idxmin() + "; " + ", ".join(f"{m} {v:.3g}" for m, v in row.items()),
-                row.idxmin() == modality)
-    return pd.DataFrame(rows, columns=["claim", "source", "evidence", "verdict"])
-
+                "nearest: " + row.idxmin() + "; " + ", ".join(f"{m} {v:.3g}" for m, v in row.items()), holds, change)
+    return pd.DataFrame(rows, columns=["claim", "source", "evidence", "verdict", *decisions.CAVEAT_COLUMNS])
 
 
 # --------------------------------------------------------------------------- summaries (claims chapter)

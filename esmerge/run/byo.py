@@ -20,44 +20,70 @@ Spans and the text between them may differ in length between lines: every piece 
 longest version and the padding is masked out (``probe.Probes.attention_mask``), positions count
 real tokens only. Each piece is tokenised on its own, so a token never straddles a marker.
 
+Span names are free labels: they need not be adapter names, and ES-Merging reads every span for
+every adapter (its SWD table compares the base's and each adapter's states on each span). Only
+the official code's settings (``--set variant=code``, ``score_modalities=own`` or
+``other_weight`` other than 1) score each adapter on its own span: then every adapter must be
+named after a span, which is checked before the base loads (``check_span_names``).
+``check_probe_texts`` validates the whole file before the base loads and counts, per span name,
+its probes and whitespace-separated words (``esmerge merge`` prints them; ``esmerge.json``
+records them with the tokens, ``probe_spans``).
+
 Adapter names (``--adapter NAME=PATH``) follow ``ADAPTER_NAME``: a letter, then up to 63 letters,
 digits, ``_`` or ``-``; each name once. PEFT refuses dots in adapter names and warns that a name
 inside its ``lora_`` prefix may have its weights re-initialised, so neither is accepted.
 
+Adapters of different rank, alpha (or ``rank_pattern``/``alpha_pattern``/rsLoRA) or target
+modules are brought to one layout before any merge (``esmerge.specialists.lora_layout.normalise``:
+scales folded into ``B``, ranks zero-padded, absent modules zero deltas), which leaves each
+adapter's ``Delta W`` unchanged; ``esmerge.json`` records what was done (``normalised``).
 Adapters are refused, with one line naming the adapter, when they do not fit the base (a LoRA
-tensor's shape), were trained on other base weights (a specialist ``card.json`` beside them
-records them) or name another base (``adapter_config.json``; compared by
-``base_llm.same_base_name``, so a hub id and a local copy of it agree), differ from the others in
-rank, alpha or target modules, hold NaN/Inf, or have a config PEFT would not load them with
-(``check_lora_config``: ``target_modules`` a regex string, or a ``rank_pattern`` that disagrees
-with the tensors' ranks). A parameter-space merge loads no tokenizer, so a base folder without
-one serves every method but ``es``, ``es-layer`` and ``es-element``.
+tensor's shape, or a Conv1D module), were trained on other base weights (``recorded_base_matches``,
+the one rule: a specialist ``card.json`` records the weights hash; else the base that
+``adapter_config.json`` names is hashed when its weights are on this machine, and only otherwise
+compared by name, ``base_llm.same_base_name``, so a hub id and a local copy of it agree), disagree
+with each other on a module's width, hold NaN/Inf, or have a config PEFT would not load them with,
+or that holds more than LoRA factors (``check_lora_config``: DoRA, ``modules_to_save``, trained
+biases, Conv1D ``fan_in_fan_out``, ``target_modules`` a regex string, a ``rank_pattern`` that
+disagrees with the tensors' ranks). A parameter-space merge loads no tokenizer, so a base folder
+without one serves every method but ``es``, ``es-layer`` and ``es-element``.
+
+``space="product"`` (``--space product``, ``avg`` and ``ties`` only) merges each module's
+``Delta W = s B A`` instead of the factors and returns a rank-k LoRA by truncated SVD
+(``esmerge.methods.product_space``); ``dtype`` (``--dtype``) is how the base is loaded: ``auto``
+is float32 on the CPU and bfloat16 on CUDA.
 """
 from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
 
 from esmerge import methods, scales
-from esmerge.cache import cache_dir
+from esmerge.cache import cache_dir, file_sha256
 from esmerge.errors import InputError, UsageError, check_seed
-from esmerge.run.merge import MergeContext, run_merge
+from esmerge.run.merge import MergeContext, check_base, merge_inputs, run_merge, specialist_digests
 from esmerge.signals.probe import Probes
 from esmerge.specialists.adapters import (
+    BASE_NAME,
     Adapter,
     AdapterFileError,
     AdapterMismatchError,
     check_compatible,
     load_adapter,
     refuse_existing,
+    save_merged,
 )
-from esmerge.specialists.base_llm import BaseModel, load_base, load_paper, same_base_name
+from esmerge.specialists.base_llm import BaseModel, checkpoint_sha256, load_base, load_paper, same_base_name
 from esmerge.specialists.load import Specialist
+from esmerge.specialists.lora_layout import normalise
 
 PROBE_METHODS = ("es", "es-layer", "es-element")  # data-aware methods whose data is the probe file
+SPACES = ("factors", "product")  # what avg and ties merge: the LoRA factors (Eq. 1/4) or each module's B A
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype, besides "auto"
 _MARK = re.compile(r"\[\[(/?)([A-Za-z0-9_.\-]+)\]\]")
 ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _PEFT_PREFIX = "lora_"  # PEFT warns that a name inside its prefix may get re-initialised weights
@@ -158,6 +184,68 @@ def read_probe_file(path: str | Path) -> list[str]:
     return texts
 
 
+def _check_layout(pieces: list[tuple[str, str]], first: list[str] | None, where: str, number: int) -> list[str]:
+    """A probe line's layout (``"text"`` and span names, in order), refused unless it marks each name once and,
+    after line 1 (``first``), the same names in the same order."""
+    layout = [kind for kind, _ in pieces]
+    names = [kind for kind in layout if kind != "text"]
+    if not names:
+        raise InputError(f"{where} line {number}: marks no span ([[name]]...[[/name]])")
+    if len(set(names)) != len(names):
+        raise InputError(f"{where} line {number}: marks {names}; each name at most once per line")
+    if first is not None and layout != first:
+        raise InputError(f"{where} line {number}: marks {names}, line 1 marks "
+                         f"{[k for k in first if k != 'text']}; every line marks the same spans in one order")
+    return layout
+
+
+def check_probe_texts(texts: list[str], where: str = "probe") -> dict[str, dict[str, int]]:
+    """Validate marked probe texts as ``text_probes`` reads them, without a tokenizer (before the base loads).
+
+    Returns, per span name in order, ``{"probes": lines, "words": whitespace-separated words}``.
+
+    >>> check_probe_texts(["a [[x]]b c[[/x]] [[y]]d[[/y]]", "[[x]]e[[/x]] [[y]]f g h[[/y]]"])
+    {'x': {'probes': 2, 'words': 3}, 'y': {'probes': 2, 'words': 4}}
+    """
+    first, spans = None, {}
+    for number, text in enumerate(texts, 1):
+        pieces = parse_probe_line(text, f"{where} line {number}")
+        first = _check_layout(pieces, first, where, number)
+        for kind, span in pieces:
+            if kind != "text":
+                count = spans.setdefault(kind, {"probes": 0, "words": 0})
+                count["probes"] += 1
+                count["words"] += len(span.split())
+    return spans
+
+
+def probe_summary(path, spans: dict[str, dict[str, int]]) -> str:
+    """One line: the probe file, its probes and, per span name, its probes and words.
+
+    >>> probe_summary("p.jsonl", {"x": {"probes": 2, "words": 3}})
+    'probe file p.jsonl: 2 probes; span x: 2 probes, 3 words'
+    """
+    lines = max((c["probes"] for c in spans.values()), default=0)
+    each = "; ".join(f"span {name}: {c['probes']} probes, {c['words']} words" for name, c in spans.items())
+    return f"probe file {path}: {lines} probes; {each}"
+
+
+def check_span_names(method: str, hparams: dict, spans: list[str], names: list[str], where: str = "probe") -> None:
+    """Span names are free labels (module docstring), except under settings that score each adapter on its own
+    span (``score_modalities=own``, ``other_weight`` other than 1, as ``variant=code`` sets): then every adapter
+    must be named after a span. Read from the method's registry presets; checked before the base loads."""
+    if method not in PROBE_METHODS:
+        return
+    spec = methods.get(method)
+    settings = dict(spec.presets.get(hparams.get("variant", "paper"), {})) | dict(hparams)
+    own = settings.get("score_modalities") == "own" or float(settings.get("other_weight", 1.0)) != 1.0
+    missing = [name for name in names if name not in spans]
+    if own and missing:
+        raise UsageError(f"{where} marks spans {spans}, but these settings (score_modalities='own' or other_weight "
+                         f"!= 1) score each adapter on the span named after it, and adapters {missing} have none; "
+                         "name each adapter after its span (--adapter NAME=PATH) or mark [[NAME]] spans")
+
+
 def text_probes(tokenizer, embedding: torch.nn.Embedding, texts: list[str], chat: bool = True,
                 where: str = "probe") -> Probes:
     """``Probes`` from marked texts: each span is its modality's block (see the module docstring)."""
@@ -166,15 +254,7 @@ def text_probes(tokenizer, embedding: torch.nn.Embedding, texts: list[str], chat
         if chat and getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
         pieces = parse_probe_line(text, f"{where} line {number}")
-        layout = [kind for kind, _ in pieces]
-        names = [kind for kind in layout if kind != "text"]
-        if not names:
-            raise InputError(f"{where} line {number}: marks no span ([[name]]...[[/name]])")
-        if len(set(names)) != len(names):
-            raise InputError(f"{where} line {number}: marks {names}; each name at most once per line")
-        if layouts and layout != layouts[0]:
-            raise InputError(f"{where} line {number}: marks {names}, line 1 marks "
-                             f"{[k for k in layouts[0] if k != 'text']}; every line marks the same spans in one order")
+        layout = _check_layout(pieces, layouts[0] if layouts else None, where, number)
         layouts.append(layout)
         spans.append(pieces)
         samples.append([tokenizer(s, add_special_tokens=False)["input_ids"] for _, s in pieces])
@@ -203,6 +283,24 @@ def text_probes(tokenizer, embedding: torch.nn.Embedding, texts: list[str], chat
 
 
 # --------------------------------------------------------------------------- adapters and base
+def resolve_dtype(dtype: str | torch.dtype | None, base: str, device: str | None = None) -> torch.dtype:
+    """``--dtype``: ``float32``, ``bfloat16``, or ``auto``/``None``: bfloat16 where the base will run on CUDA
+    (``device`` cuda or auto, or an HF base with no ``device``, when a GPU is present), float32 on the CPU.
+
+    >>> resolve_dtype("auto", "smoke"), resolve_dtype("bfloat16", "cpu")
+    (torch.float32, torch.bfloat16)
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = "auto" if dtype is None else dtype
+    if name == "auto":
+        wants_gpu = device is None and base not in ("smoke", "cpu") or str(device).startswith(("cuda", "auto"))
+        return torch.bfloat16 if wants_gpu and torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r}: choose one of {', '.join([*DTYPES, 'auto'])}")
+    return DTYPES[name]
+
+
 def load_base_for(base: str, dtype: torch.dtype | None = None, device: str | None = None,
                   with_tokenizer: bool = True) -> BaseModel:
     """``smoke`` or ``cpu``: this project's base of that scale (its shipped specialists' base);
@@ -210,7 +308,8 @@ def load_base_for(base: str, dtype: torch.dtype | None = None, device: str | Non
     tokenizer only ``with_tokenizer``)."""
     if base in ("smoke", "cpu"):
         return load_base(base, dtype=dtype, device=device)
-    return load_paper(base, dtype=dtype or torch.bfloat16, device=device, with_tokenizer=with_tokenizer)
+    return load_paper(base, dtype=dtype or resolve_dtype(None, base, device), device=device,
+                      with_tokenizer=with_tokenizer)
 
 
 def check_lora_config(name: str, path: Path, adapter: Adapter) -> None:
@@ -234,6 +333,17 @@ def check_lora_config(name: str, path: Path, adapter: Adapter) -> None:
     if adapter.config.get("fan_in_fan_out"):
         raise AdapterMismatchError(f"{where} targets Conv1D layers (fan_in_fan_out, GPT-2 style), whose weights are "
                                    "transposed; esmerge merges LoRA on nn.Linear layers only")
+    if adapter.config.get("bias", "none") not in (None, "none"):
+        raise AdapterMismatchError(f"{where} also trains biases (bias: {adapter.config['bias']!r}), which esmerge "
+                                   "does not merge; re-train or re-export it with bias=\"none\"")
+    if adapter.config.get("target_parameters"):
+        raise AdapterMismatchError(f"{where} adapts parameters directly (target_parameters: "
+                                   f"{adapter.config['target_parameters']}); esmerge merges LoRA on nn.Linear layers "
+                                   "only (target_modules)")
+    other = next((key for key in adapter.state if not re.search(r"\.lora_[AB]\.weight$", key)), None)
+    if other is not None:
+        raise AdapterMismatchError(f"{where}: its weights hold {other}, which is no LoRA factor (*.lora_A.weight, "
+                                   "*.lora_B.weight of an nn.Linear layer); esmerge merges those only")
     targets = adapter.config.get("target_modules")
     if isinstance(targets, str):
         raise AdapterMismatchError(f"{where} gives target_modules as the regex {targets!r}; esmerge needs a list of "
@@ -293,6 +403,10 @@ def check_fits_base(name: str, adapter: Adapter, card: dict, base: BaseModel) ->
         target = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         module = modules.get(target)
         weight = getattr(module, "weight", None)
+        if type(module).__name__ == "Conv1D":
+            raise AdapterMismatchError(f"adapter {name!r}: {key} targets {target}, a Conv1D layer of the base "
+                                       f"{base.name} (GPT-2 style, weights transposed); esmerge merges LoRA on "
+                                       "nn.Linear layers only")
         if weight is None or weight.ndim != 2:
             raise AdapterMismatchError(f"adapter {name!r}: {key} targets {target}, which the base {base.name} "
                                        "does not have; it was trained on another base")
@@ -306,8 +420,88 @@ def check_fits_base(name: str, adapter: Adapter, card: dict, base: BaseModel) ->
         raise AdapterMismatchError(f"adapter {name!r} was trained on base weights {recorded[:12]}..., but {base.name} "
                                    f"has {base.weights_sha256[:12]}...; pass the base it was trained on (--base)")
     named = adapter.config.get("base_model_name_or_path")
-    if not recorded and named and not same_base_name(named, base.name):
+    if recorded or not named:
+        return
+    matches, digest = recorded_base_matches(named, base)
+    if matches:
+        return
+    if digest is None:
         raise AdapterMismatchError(f"adapter {name!r} names base {named!r}, not {base.name!r}; pass that base (--base)")
+    raise AdapterMismatchError(f"adapter {name!r} names base {named!r}, whose weights ({digest[:12]}...) are not those "
+                               f"of {base.name}; pass the base it was trained on (--base)")
+
+
+def _named_folder(named: str) -> Path | None:
+    """The local folder of a named base: the path itself, or a hub id's snapshot in the local hub cache."""
+    if Path(named).is_dir():
+        return Path(named)
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", named) or Path(named).exists():
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(named, local_files_only=True, allow_patterns=["*.safetensors"]))
+    except Exception:  # not in the hub cache (or no hub library): the name decides
+        return None
+
+
+def named_base_sha256(named: str) -> str | None:
+    """The weights hash of the base an adapter names, when its weights are on this machine, else ``None``.
+
+    A folder (or a hub id's cached snapshot) with safetensors files: ``base_llm.checkpoint_sha256``, the
+    hash an HF base loaded from it records. A GGUF file, or a folder whose weights are one GGUF: that file's
+    sha256 (the ``cpu`` base's identity).
+    """
+    try:
+        path = Path(named)
+        if path.is_file():
+            return file_sha256(path) if path.suffix == ".gguf" else None
+        folder = _named_folder(named)
+        if folder is None:
+            return None
+        digest = checkpoint_sha256(folder)
+        if digest is None:
+            ggufs = sorted(folder.glob("*.gguf"))
+            digest = file_sha256(ggufs[0]) if len(ggufs) == 1 else None
+        return digest
+    except OSError:  # unreadable: no evidence either way, the name decides
+        return None
+
+
+def base_sha256s(base: BaseModel) -> set[str]:
+    """Every hash naming ``base``'s weights: its ``weights_sha256`` and, for the ``cpu`` base (whose identity
+    is its GGUF's sha256), the hash of its converted safetensors folder in the cache."""
+    hashes = {base.weights_sha256} - {None}
+    if base.scale == "cpu":
+        from esmerge.specialists.smollm2 import cpu_base_folder
+
+        folder, identity = cpu_base_folder()
+        hashes |= {identity, checkpoint_sha256(folder)} - {None}
+    return hashes
+
+
+def same_recorded_base(a: str, b: str) -> bool:
+    """Whether two adapters' recorded bases can be one base, before ``--base`` loads: by name when neither
+    names weights on this machine; otherwise yes here, and each is checked against the loaded base's weights
+    (``recorded_base_matches``: a GGUF and its converted folder are one base to it, not to their hashes)."""
+    if named_base_sha256(a) is not None or named_base_sha256(b) is not None:
+        return True
+    return same_base_name(a, b)
+
+
+def recorded_base_matches(named: str, base: BaseModel) -> tuple[bool, str | None]:
+    """The one rule for the base an adapter config names (``base_model_name_or_path``) against ``--base``.
+
+    When the named base's weights are on this machine (``named_base_sha256``: a local folder, a hub id's cached
+    snapshot, a GGUF), their hash decides: the adapter fits when it names ``base``'s weights (``base_sha256s``;
+    so ``--base cpu`` accepts adapters whose config names any copy of its converted folder or its GGUF, under
+    any name). Otherwise the name decides (``same_base_name``). Returns ``(fits, the named weights' hash or
+    None)``. (A ``card.json`` recording ``base_weights_sha256`` is checked before and decides alone.)
+    """
+    digest = named_base_sha256(named)
+    if digest is not None:
+        return digest in base_sha256s(base), digest
+    return same_base_name(named, base.name), None
 
 
 def check_method(method: str) -> None:
@@ -320,54 +514,119 @@ def check_method(method: str) -> None:
 
 
 # --------------------------------------------------------------------------- the merge
+def check_space(space: str, method: str, hparams: dict, rank: int | None) -> None:
+    """Refuse a ``--space``/``--rank`` that does not apply, in one line, before anything is read."""
+    if space not in SPACES:
+        raise UsageError(f"--space {space!r}: choose factors (merge A and B, the paper's way) or product "
+                         "(merge each module's B A, avg and ties only)")
+    if space == "factors":
+        if rank is not None:
+            raise UsageError("--rank sets the rank of a product-space merge; add --space product or drop --rank")
+        return
+    from esmerge.methods import product_space
+
+    product_space.check_space(method, hparams, rank)
+
+
+def run_product_merge(method: str, out: str | Path, context: MergeContext, hparams: dict, rank: int | None = None,
+                      force: bool = False, rounding: str = "esmerge") -> Path:
+    """``run_merge`` for ``--space product``: merge each module's ``Delta W`` (``methods.product_space``) and
+    write the merged-model directory; ``esmerge.json`` records each module's relative reconstruction error."""
+    from esmerge.methods import product_space
+
+    inputs = merge_inputs(context)
+    refuse_existing(out, force, inputs)
+    check_base(context.base, context.specialists)
+    adapters = [spec.adapter for spec in context.specialists.values()]
+    check_compatible(adapters)  # one layout (lora_layout.normalise ran)
+    weights = next(context.base.model.parameters(), None)
+    start = time.perf_counter()
+    adapter, info = product_space.merge(adapters, method, hparams, rank, rounding,
+                                        device=weights.device.type if weights is not None else None)
+    meta = {"method": method, "pretty_name": f"{methods.get(method).pretty_name} (product space)",
+            "hparams": hparams, "scale": context.scale, "seed": context.seed,
+            "specialists": specialist_digests(context), "wall_seconds": time.perf_counter() - start, "info": info}
+    meta |= context.extras.get("record", {})
+    return save_merged(out, adapter, meta, force=force, inputs=inputs)
+
+
 def merge_adapters(base: str, adapters: dict[str, str | Path], probes: str | Path | None, out: str | Path,
                    method: str = "es", hparams: dict | None = None, *, force: bool = False, seed: int = 0,
-                   chat: bool = True, dtype: torch.dtype | None = None, device: str | None = None) -> Path:
+                   chat: bool = True, dtype: str | torch.dtype | None = None, device: str | None = None,
+                   space: str = "factors", rank: int | None = None, report=None) -> Path:
     """ES-merge (or merge with any method that needs no task data) PEFT LoRA adapters on one base.
 
     Args:
         base: a hub id or local directory of the base LLM, or ``"smoke"``/``"cpu"`` for this
             project's bases (the shipped specialists' base).
-        adapters: name -> PEFT LoRA directory; at least two, all of one rank, alpha and targets.
+        adapters: name -> PEFT LoRA directory; at least two. Ranks, alphas and target modules may
+            differ (``lora_layout.normalise``).
         probes: the JSON Lines probe file (module docstring); needed by ``es``, ``es-layer`` and
-            ``es-element``, ignored by the parameter-space methods.
+            ``es-element``, ignored by the parameter-space methods (``esmerge merge`` refuses it there).
         out: the merged-model directory (``adapters.save_merged``), refused if it exists unless ``force``.
         method, hparams: a registry method and its hyper-parameters (``esmerge methods``).
         seed: the run's seed in ``esmerge.json`` (ES-Merging's probe/SWD seed is its hyper-parameter
             ``seed``, e.g. ``hparams={"seed": 1}``); chat: wrap probe texts in the chat template.
-        dtype, device: how an HF base is loaded (default bf16, ``device_map="auto"`` with a GPU).
+        dtype, device: how the base is loaded (``resolve_dtype``: default ``auto``, bfloat16 on CUDA and
+            float32 on the CPU; an HF base goes to ``device_map="auto"`` with a GPU).
+        space, rank: ``"factors"`` (default: A and B merged separately) or ``"product"`` (``avg``/``ties``
+            of each module's ``B A``, back to a rank-``rank`` LoRA; default the largest input rank).
+        report: called with one line per fact worth printing before the long work (the probe counts).
 
     Returns ``out``. Every check that needs no model runs before the base is loaded.
     """
     hparams = methods.validate(method, dict(hparams or {}))
     check_method(method)
+    check_space(space, method, hparams, rank)
     for name in adapters:
         check_adapter_name(name)
     check_seed(seed, "seed")
     if len(adapters) < 2:
         raise UsageError(f"merging needs at least two adapters, got {len(adapters)} (--adapter NAME=PATH, repeated)")
+    torch_dtype = resolve_dtype(dtype, base, device)
     refuse_existing(out, force)
     loaded = {name: read_adapter(name, path) for name, path in adapters.items()}
-    check_compatible([Adapter(a.state, a.config, name) for name, (a, _) in loaded.items()])
-    texts = None
+    originals = [Adapter(a.state, a.config, name) for name, (a, _) in loaded.items()]
+    check_compatible(originals, same_layout=False, same_base=same_recorded_base)  # what no layout fixes
+    normalised, layout = normalise(originals)
+    texts = spans = None
     if method in PROBE_METHODS:
         if probes is None:
             raise UsageError(f"method {method!r} reads the base's and adapters' states on probes: "
                              "pass --probe PROBES.jsonl")
         texts = read_probe_file(probes)
-    model = load_base_for(base, dtype, device, with_tokenizer=texts is not None)
+        spans = check_probe_texts(texts, str(probes))
+        check_span_names(method, hparams, list(spans), list(adapters), str(probes))
+        if report is not None:
+            report(probe_summary(probes, spans))
+    model = load_base_for(base, torch_dtype, device, with_tokenizer=texts is not None)
     for name, (adapter, card) in loaded.items():
         check_fits_base(name, adapter, card, model)
+    # Each fits this base now (by weights or name): one recorded base for all, the first adapter's, so the
+    # methods' own check (same names) agrees and the merged config names the base as the first adapter did.
+    recorded = next((a.config.get(BASE_NAME) for a in normalised if a.config.get(BASE_NAME)), None)
+    normalised = [Adapter(a.state, dict(a.config, **{BASE_NAME: recorded}), a.name, a.extras) if recorded else a
+                  for a in normalised]
     # Checked above: each card records this base (run_merge's own check reads the hash).
-    specialists = {name: Specialist(name, adapter, None, {"base_weights_sha256": model.weights_sha256},
-                                    Path(adapters[name]))
-                   for name, (adapter, card) in loaded.items()}
-    extras = {"record": {"base": str(base), "adapters": {n: str(p) for n, p in adapters.items()},
-                         "probe_file": str(probes) if texts else None}}
+    specialists = {adapter.name: Specialist(adapter.name, adapter, None, {"base_weights_sha256": model.weights_sha256},
+                                            Path(adapters[adapter.name]))
+                   for adapter in normalised}
+    record = {"base": str(base), "adapters": {n: str(p) for n, p in adapters.items()},
+              "probe_file": str(probes) if texts else None, "space": space,
+              "dtype": str(torch_dtype).removeprefix("torch.")}
+    if layout["changed"]:
+        record["normalised"] = layout
+    extras = {"record": record}
     k = 1
     if texts is not None:
         given = text_probes(model.tokenizer, model.model.get_input_embeddings(), texts, chat, str(probes))
         extras["probes"], k = given, len(given)
+        for name, count in spans.items():
+            real = given.block_mask[name].sum() if name in given.block_mask else k * len(given.positions[name])
+            count["tokens"] = int(real)
+        record["probe_spans"] = spans
     label = base if base in scales.NAMES[:2] else "byo"
     context = MergeContext(model, specialists, label, seed, k, cache_dir() / "es" / "byo", extras)
+    if space == "product":
+        return run_product_merge(method, out, context, hparams, rank, force=force)
     return run_merge(method, out, context, force=force, **hparams)

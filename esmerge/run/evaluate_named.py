@@ -17,7 +17,7 @@ from esmerge.data.benchmarks import BENCHMARK_NAMES, load_benchmark
 from esmerge.errors import UsageError
 from esmerge.evaluate.models import ModelUnderTest
 from esmerge.evaluate.sweep import EvalConfig, EvalSession, check_pool_sizes, default_benchmarks, evaluate_all, summary
-from esmerge.methods.static import emr_adapter_for_benchmark
+from esmerge.methods.emr import emr_adapter_for_benchmark
 from esmerge.run.merge import build_context
 from esmerge.specialists.adapters import is_merged, load_merged
 from esmerge.specialists.encoders import MODALITIES

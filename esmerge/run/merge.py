@@ -162,8 +162,7 @@ def merge_inputs(context: MergeContext) -> list[Path]:
     return [Path(p) for p in found if p]
 
 
-def run_merge(method: str, out: str | Path, context: MergeContext, force: bool = False, *, _same=None,
-              **hparams) -> Path:
+def run_merge(method: str, out: str | Path, context: MergeContext, force: bool = False, **hparams) -> Path:
     """Merge the context's specialists with ``method`` and write a merged-model directory to ``out``.
 
     Hyper-parameters are validated before any work; an existing ``out`` is refused unless
@@ -171,13 +170,19 @@ def run_merge(method: str, out: str | Path, context: MergeContext, force: bool =
     MLLM keeps every modality's encoder) and ``esmerge.json`` with the method,
     hyper-parameters and cost, written last (``esmerge.specialists.adapters.save_merged``).
     """
-    hparams = methods.validate(method, hparams)
+    return write_merge(method, out, context, methods.validate(method, hparams), force)
+
+
+def write_merge(method: str, out: str | Path, context: MergeContext, hparams: dict, force: bool = False,
+                same=None) -> Path:
+    """``run_merge`` with hyper-parameters ``methods.validate`` already returned (each entry point
+    validates once, before any model work). ``same``: see ``save_merged``."""
     inputs = merge_inputs(context)
     refuse_existing(out, force, inputs)
     check_base(context.base, context.specialists)
     adapters = [spec.adapter for spec in context.specialists.values()]
     start = time.perf_counter()
-    result = methods.run(method, adapters, context, **hparams)
+    result = methods.run_checked(method, adapters, context, hparams)
     seconds = time.perf_counter() - start
     meta = {
         "method": method,
@@ -192,7 +197,7 @@ def run_merge(method: str, out: str | Path, context: MergeContext, force: bool =
     if encoder_folders(context):
         meta["encoders"] = encoder_folders(context)
     meta |= context.extras.get("record", {})  # e.g. esmerge.run.byo: the base and adapter paths
-    return save_merged(out, result.adapter, meta, _projector_states(context), force=force, inputs=inputs, same=_same)
+    return save_merged(out, result.adapter, meta, _projector_states(context), force=force, inputs=inputs, same=same)
 
 
 def _same(a, b) -> bool:
@@ -229,7 +234,7 @@ def merge_once(method: str, out: str | Path, context: MergeContext, refresh: boo
     if refresh or not holds_merge(out, method, hparams, digests):
         same = None if refresh else (lambda existing: holds_merge(existing, method, hparams, digests))
         # force: an earlier merge here (any settings, or one published meanwhile) is replaced
-        run_merge(method, out, context, force=True, _same=same, **hparams)
+        write_merge(method, out, context, hparams, force=True, same=same)
     merged = load_merged(out, name=method)
     return merged.adapter, merged.meta
 
@@ -249,4 +254,4 @@ def merge_command(scale: str, method: str, out: str | Path, hparams: dict, seed:
     given = [p for p in (base_path, specialists_dir) if p and str(p) not in scales.NAMES and os.path.exists(p)]
     refuse_existing(out, force, given)  # run_merge checks every input again once they are loaded
     context = build_context(scale, seed, probe_k, base_path=base_path, specialists_dir=specialists_dir)
-    return run_merge(method, out, context, force=force, **hparams)
+    return write_merge(method, out, context, hparams, force=force)

@@ -163,13 +163,21 @@ def adapter_from_model(peft_model, name: str = "") -> Adapter:
     return Adapter(state, json.loads(json.dumps(config, default=str)), name)
 
 
-def check_compatible(adapters: list[Adapter]) -> None:
+def check_compatible(adapters: list[Adapter], same_layout: bool = True, same_base=None) -> None:
     """Refuse adapters that cannot be merged element-wise, naming the mismatch.
 
-    Checks rank, alpha, target modules, base model (by ``base_llm.same_base_name``: ``org/x`` and
-    ``/models/x`` agree), key sets, shapes and finiteness.
+    Always checked, since nothing can fix them: the base model (by ``base_llm.same_base_name``:
+    ``org/x`` and ``/models/x`` agree), finiteness, and the widths of every module both adapters
+    adapt (``d_in`` of ``lora_A``, ``d_out`` of ``lora_B``). With ``same_layout`` (every merge
+    method checks it) also rank, alpha, target modules, key sets and shapes;
+    ``esmerge.specialists.lora_layout.normalise`` gives adapters that differ only there one layout
+    (``esmerge merge --adapter`` runs it), so bring-your-own merging checks ``same_layout=False`` first.
+    ``same_base(a, b)``: whether two recorded base names can name one base (default ``same_base_name``;
+    ``esmerge.run.byo`` also looks at the weights they name).
     """
     from esmerge.specialists.base_llm import same_base_name
+
+    same_base = same_base or same_base_name
 
     if not adapters:
         raise AdapterMismatchError("no adapters to merge")
@@ -178,17 +186,27 @@ def check_compatible(adapters: list[Adapter]) -> None:
         _check_finite(other)
     for other in adapters[1:]:
         pair = f"{ref.name or 'adapter 0'} vs {other.name or 'adapter'}"
+        a, b = ref.config.get(BASE_NAME), other.config.get(BASE_NAME)
+        if a and b and not same_base(a, b):  # one unnamed adapter is no evidence either way
+            raise AdapterMismatchError(f"{pair}: different {BASE_NAME} ({a!r} vs {b!r}); "
+                                       "merge adapters trained on one base")
+        if not same_layout:  # (with it, the shape check below covers the widths)
+            for key in sorted(set(ref.state) & set(other.state)):
+                axis = 1 if ".lora_A." in key else 0  # A: [r, d_in], B: [d_out, r]
+                va, vb = ref.state[key], other.state[key]
+                if va.ndim == vb.ndim == 2 and va.shape[axis] != vb.shape[axis]:
+                    raise AdapterMismatchError(f"{pair}: {key} has width {va.shape[axis]} vs {vb.shape[axis]}; "
+                                               "they were trained on different bases")
+            continue
         for field_name in ("r", "lora_alpha"):
             a, b = ref.config.get(field_name), other.config.get(field_name)
             if a != b:
-                raise AdapterMismatchError(f"{pair}: different {field_name} ({a!r} vs {b!r})")
-        a, b = ref.config.get(BASE_NAME), other.config.get(BASE_NAME)
-        if a and b and not same_base_name(a, b):  # one unnamed adapter is no evidence either way
-            raise AdapterMismatchError(f"{pair}: different {BASE_NAME} ({a!r} vs {b!r}); "
-                                       "merge adapters trained on one base")
+                raise AdapterMismatchError(f"{pair}: different {field_name} ({a!r} vs {b!r}); "
+                                           "esmerge merge --adapter normalises them (lora_layout.normalise)")
         ta, tb = sorted(ref.config.get("target_modules") or []), sorted(other.config.get("target_modules") or [])
         if ta != tb:
-            raise AdapterMismatchError(f"{pair}: different target_modules ({ta} vs {tb})")
+            raise AdapterMismatchError(f"{pair}: different target_modules ({ta} vs {tb}); "
+                                       "esmerge merge --adapter normalises them (lora_layout.normalise)")
         ka, kb = set(ref.state), set(other.state)
         if ka != kb:
             missing = sorted(ka ^ kb)[:3]
@@ -245,7 +263,9 @@ def load_lora_state(peft_model, state: LoraState, adapter_name: str = "default")
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
-    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
+    # This adapter's own tensors only: `...lora_A.<name>.weight` (a name like "mlp" also appears in module paths).
+    own = re.compile(rf"\.lora_\w+\.{re.escape(adapter_name)}\.")
+    missing = [k for k in result.missing_keys if own.search(k)]
     if missing or result.unexpected_keys:
         raise AdapterMismatchError(f"adapter {adapter_name!r} does not fit the model: missing {missing[:2]}, "
                                    f"unexpected {list(result.unexpected_keys)[:2]}")
