@@ -94,15 +94,14 @@ def _merge(args) -> int:
     from esmerge import methods
     from esmerge.run import byo, merge
 
-    hparams = methods.parse_set(args.set)
-    methods.validate(args.method, hparams)  # a bad method or value first, before the options' fit
+    hparams = methods.validate(args.method, methods.parse_set(args.set))  # first, before the options' fit
     _check_merge_options(args)
     if args.adapter:  # bring your own adapters: any PEFT LoRA folders on one base
         if not args.base:
             raise UsageError("--adapter needs --base (a hub id, a local model folder, or smoke/cpu)")
         named = byo.named_adapters([_name_path(item) for item in args.adapter])  # a name twice is refused
         _refuse_output("merge", args.out, args.force, [*named.values(), args.probe, args.base])  # before loading
-        _check_probe_options(args, byo.PROBE_METHODS)
+        _check_probe_options(args, methods.needing("probe"))
         out = byo.merge_adapters(args.base, named, args.probe, args.out, args.method, hparams, force=args.force,
                                  seed=args.seed, chat=not args.no_chat, device=args.device, dtype=args.dtype,
                                  space=args.space or "factors", rank=args.rank, report=print)
@@ -159,10 +158,6 @@ def _name_path(item: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-# What a method's MergeContext must hold, for the methods whose registry entry says they need one
-# (``needs_context``); one that is not listed here shows "context".
-METHOD_NEEDS = {"es": "probe", "es-layer": "probe", "es-element": "probe", "adamerging": "data",
-                "avg-ft": "data, labels"}
 NEEDS_LEGEND = ("needs: - = the adapters alone; probe = probe texts (--probe with --adapter, else the scale's "
                 "probes); data = the scale's prompts (adamerging: evaluation prompts, avg-ft: training prompts), "
                 "so not with --adapter; labels = the training set's task labels (avg-ft). "
@@ -170,12 +165,10 @@ NEEDS_LEGEND = ("needs: - = the adapters alone; probe = probe texts (--probe wit
 
 
 def method_needs(name: str) -> str:
-    """What a method needs besides the adapters: from its registry entry, then ``METHOD_NEEDS``."""
+    """What a method needs besides the adapters (its registry entry's ``needs``), ``-`` for nothing."""
     from esmerge import methods
 
-    if not methods.get(name).needs_context:
-        return "-"
-    return METHOD_NEEDS.get(name, "context")
+    return ", ".join(methods.get(name).needs) or "-"
 
 
 def _methods(args) -> int:

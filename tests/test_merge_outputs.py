@@ -352,3 +352,16 @@ def test_two_merge_once_of_the_same_merge_both_succeed(tmp_path):
     assert sorted(results.get(timeout=5) for _ in procs) == ["ok", "ok"]
     assert is_merged(tmp_path / "avg") and [p.name for p in tmp_path.iterdir()] == ["avg"]
     assert merge_once("avg", tmp_path / "avg", toy_context())[1]["method"] == "avg"
+
+
+def test_each_entry_point_checks_hyper_parameters_once(tmp_path, monkeypatch):
+    real, calls = methods.check_all, []
+    monkeypatch.setattr(methods, "check_all", lambda *a: calls.append(a[0]) or real(*a))
+    run_merge("ties", tmp_path / "a", toy_context(), keep="0.5")
+    assert calls == ["ties"]
+    merge_once("ties", tmp_path / "b", toy_context(), keep=0.5)
+    assert calls == ["ties", "ties"]
+    checked = methods.validate("ties", {"keep": "0.5"})
+    assert checked == {"keep": 0.5} and methods.validate("ties", checked) is checked
+    with pytest.raises(UsageError, match="unknown hyper-parameter .keep."):  # checked for another method: again
+        methods.validate("pcb", checked)

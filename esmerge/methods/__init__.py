@@ -29,7 +29,7 @@ from esmerge.methods.hparams import HParam, check_all, parse_set
 from esmerge.specialists.adapters import Adapter, check_compatible
 
 __all__ = ["HParam", "MergeMethod", "MergeResult", "UnknownMethodError", "describe", "describe_method", "get", "names",
-           "run_checked",
+           "needing", "run_checked",
            "parse_set",
            "register", "run", "validate"]
 
@@ -188,6 +188,15 @@ def get(name: str) -> MergeMethod:
     return METHODS[name]
 
 
+def needing(what: str) -> tuple[str, ...]:
+    """The methods that need ``what`` (``"probe"``, ``"data"`` or ``"labels"``) beside the adapters.
+
+    >>> needing("probe")
+    ('es', 'es-element', 'es-layer')
+    """
+    return tuple(name for name in names() if what in get(name).needs)
+
+
 def names() -> list[str]:
     """The names of all registered merge methods, sorted.
 
@@ -204,6 +213,14 @@ def names() -> list[str]:
     """
     _load_all()
     return sorted(METHODS)
+
+
+class CheckedHParams(dict):
+    """Hyper-parameters ``validate`` converted and checked for one method (a plain dict otherwise)."""
+
+    def __init__(self, method: str, values: dict):
+        super().__init__(values)
+        self.method = method
 
 
 def validate(name: str, hparams: dict) -> dict:
@@ -237,7 +254,9 @@ def validate(name: str, hparams: dict) -> dict:
     ...
     esmerge.errors.UsageError: ties: unknown hyper-parameter 'tau'; known: keep, scaling_factor, scope
     """
-    return check_all(name, get(name).hparams, dict(hparams))
+    if isinstance(hparams, CheckedHParams) and hparams.method == name:
+        return hparams  # checked once already, on its way in (the CLI, then the merge it starts)
+    return CheckedHParams(name, check_all(name, get(name).hparams, dict(hparams)))
 
 
 def describe(name: str | None = None) -> list[dict]:

@@ -81,7 +81,6 @@ from esmerge.specialists.base_llm import BaseModel, checkpoint_sha256, load_base
 from esmerge.specialists.load import Specialist
 from esmerge.specialists.lora_layout import normalise
 
-PROBE_METHODS = ("es", "es-layer", "es-element")  # data-aware methods whose data is the probe file
 SPACES = ("factors", "product")  # what avg and ties merge: the LoRA factors (Eq. 1/4) or each module's B A
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype, besides "auto"
 _MARK = re.compile(r"\[\[(/?)([A-Za-z0-9_.\-]+)\]\]")
@@ -234,7 +233,7 @@ def check_span_names(method: str, hparams: dict, spans: list[str], names: list[s
     """Span names are free labels (module docstring), except under settings that score each adapter on its own
     span (``score_modalities=own``, ``other_weight`` other than 1, as ``variant=code`` sets): then every adapter
     must be named after a span. Read from the method's registry presets; checked before the base loads."""
-    if method not in PROBE_METHODS:
+    if method not in methods.needing("probe"):
         return
     spec = methods.get(method)
     settings = dict(spec.presets.get(hparams.get("variant", "paper"), {})) | dict(hparams)
@@ -507,8 +506,8 @@ def recorded_base_matches(named: str, base: BaseModel) -> tuple[bool, str | None
 def check_method(method: str) -> None:
     """Refuse a method that needs task data (AdaMerging's test prompts, Avg+FT's training set)."""
     spec = methods.get(method)
-    if spec.needs_context and method not in PROBE_METHODS:
-        usable = [m for m in methods.names() if m in PROBE_METHODS or not methods.get(m).needs_context]
+    if {"data", "labels"} & set(spec.needs):
+        usable = [m for m in methods.names() if not {"data", "labels"} & set(methods.get(m).needs)]
         raise UsageError(f"method {method!r} needs task data, which bring-your-own merging does not have; "
                          f"choose one of {', '.join(usable)}")
 
@@ -590,7 +589,7 @@ def merge_adapters(base: str, adapters: dict[str, str | Path], probes: str | Pat
     check_compatible(originals, same_layout=False, same_base=same_recorded_base)  # what no layout fixes
     normalised, layout = normalise(originals)
     texts = spans = None
-    if method in PROBE_METHODS:
+    if method in methods.needing("probe"):
         if probes is None:
             raise UsageError(f"method {method!r} reads the base's and adapters' states on probes: "
                              "pass --probe PROBES.jsonl")
