@@ -38,6 +38,10 @@ class EvalDefaults:
     # how scores become answers (evaluate.calibration): "argmax", "contextual" or "context-threshold"
     decision: str = "argmax"
     n_calibration: int = 32  # context rows a fitted decision is fitted on (never evaluation rows)
+    n_folds: int = 5  # folds of the "cross-fit" decision (each fold's threshold fitted on the others)
+    # "at least as good" claims: the largest deficit (accuracy points) still called non-inferior,
+    # declared before the run; None: such a claim is "inconclusive (no margin declared)"
+    noninferiority_margin: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,26 @@ class TrainRecipe:
 
 
 @dataclass(frozen=True)
+class MergeBudgets:
+    """How much data and compute the data-driven baselines get at a scale (chapter 6), beside the paper's.
+
+    The paper's own budgets are the defaults (App. A.2; AdaMerging's paper: 500 steps); a scale that
+    cannot afford them says so here, and the book states both wherever the baseline appears.
+    """
+
+    adamerging_steps: int = 500
+    adamerging_prompts_per_benchmark: int = 2
+    adamerging_batch: int = 2
+    ft_examples: int = 2000
+    ft_epochs: int = 10
+    ft_batch: int = 16
+    lsmerge_epochs: int = 1000
+    benchmarks: tuple[str, ...] | None = None  # None: all 13
+    compat_benchmarks: tuple[str, ...] = ("BindingDB", "CYP3A4", "GDSC2", "DrugComb")
+    es_variants: tuple[str, ...] = ("es", "es-layer", "es-element")  # the ES rows of Tables 1-3 and 8
+
+
+@dataclass(frozen=True)
 class ScaleConfig:
     name: str
     probe_k: int  # probe samples per modality (paper §4.1: 110)
@@ -90,6 +114,7 @@ class ScaleConfig:
     # held-out examples per modality on which 09_retention scores every model (n >= 200, so per-modality
     # CIs resolve a few hundredths)
     n_retention: int = 200
+    merge_budgets: MergeBudgets = field(default_factory=MergeBudgets)
 
 
 SCALES = {
@@ -103,7 +128,10 @@ SCALES = {
         notebook_seconds=(("00_overview", 8), ("01_data", 25), ("02_specialists", 16), ("03_probe", 19),
                           ("04_layerwise", 28), ("05_elementwise", 32), ("06_merging", 54),
                           ("07_results", 403)),
-        n_retention=8),  # all of SMOKE_DATA
+        n_retention=8,  # all of SMOKE_DATA
+        # keeps the merging chapter well under a minute
+        merge_budgets=MergeBudgets(adamerging_steps=2, ft_examples=4, ft_epochs=1, ft_batch=4, lsmerge_epochs=5,
+                                   benchmarks=("GDSC2",), compat_benchmarks=("GDSC2",))),
     # cpu: SmolLM2's tokenizer spends ~4.5 tokens per gene symbol, hence 12 genes per cell.
     # cpu: the 135M base leans towards one label whatever its shots say; a margin threshold fitted on
     # context rows makes it answer by its prompt (benchmarks/results/bench_shots_cpu.txt).
@@ -120,7 +148,11 @@ SCALES = {
                        notebook_seconds=(("00_overview", 8), ("01_data", 22), ("02_specialists", 245),
                                          ("03_probe", 486), ("04_layerwise", 696), ("05_elementwise", 51),
                                          ("06_merging", 992), ("07_results", 5000), ("08_claims", 6),
-                                         ("09_retention", 1511))),
+                                         ("09_retention", 1511)),
+                       # one AdaMerging step on 2 prompts takes ~30 s and one fine-tuning step on 4 prompts
+                       # ~12 s on one thread: far below the paper's budgets (chapter 6 says so)
+                       merge_budgets=MergeBudgets(adamerging_steps=10, ft_examples=8, ft_epochs=1, ft_batch=4,
+                                                  es_variants=("es",))),
     "paper": ScaleConfig("paper", probe_k=110, cell_top_k=50, train=TrainRecipe(cell_max_tokens=384),
                          evaluation=EvalDefaults(scoring="generate")),  # paper A.4: top-50 genes
 }
