@@ -149,28 +149,9 @@ def es_merge(adapters: list[Adapter], context, use_layer: bool = True, use_eleme
 @register("es", "ES-Merging", "Lee, Kim, Hwang 2026, §4 (Eq. 4)", needs_context=True, hparams=HPARAMS,
           presets=PRESETS, defaults=DEFAULTS, needs=("probe",))
 def es(adapters, context=None, **hp):
-    """ES-Merging method ``es``: both coefficient types, λ = α·β (paper §4.4, Eq. 4; Table 3).
+    """ES-Merging with both coefficient types, λ = α·β (paper §4.4, Eq. 4; Table 3).
 
-    ``es_merge`` with use_layer=True and use_element=True.
-
-    Parameters
-    ----------
-    adapters : list of Adapter
-        The S specialists.
-    context : MergeContext
-        Base model, specialists, probe count and cache (see ``signals``); required.
-    **hp
-        The declared hyper-parameters (``HPARAMS``; ``variant`` picks the paper's or the code's).
-
-    Returns
-    -------
-    MergeResult
-        As ``es_merge`` returns it.
-
-    Notes
-    -----
-    No doctest here: it needs a model context. ``es_merge`` has a runnable example, and
-    ``tests/test_es_pipeline.py`` runs this method end to end at smoke scale.
+    ``es_merge`` with use_layer=True, use_element=True; its example runs the whole method on a tiny LLaMA.
     """
     return es_merge(adapters, context, use_layer=True, use_element=True, **hp)
 
@@ -178,28 +159,9 @@ def es(adapters, context=None, **hp):
 @register("es-layer", "Layer-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.2 (Eq. 2)", needs_context=True,
           hparams=HPARAMS, presets=PRESETS, defaults=DEFAULTS, needs=("probe",))
 def es_layer(adapters, context=None, **hp):
-    """ES-Merging method ``es-layer``: layer-wise coefficients only, λ = α (paper §4.2, Eq. 2; Table 3).
+    """ES-Merging with layer-wise coefficients only, λ = α (paper §4.2, Eq. 2; Table 3).
 
-    ``es_merge`` with use_layer=True and use_element=False.
-
-    Parameters
-    ----------
-    adapters : list of Adapter
-        The S specialists.
-    context : MergeContext
-        Base model, specialists, probe count and cache (see ``signals``); required.
-    **hp
-        The declared hyper-parameters (``HPARAMS``; ``variant`` picks the paper's or the code's).
-
-    Returns
-    -------
-    MergeResult
-        As ``es_merge`` returns it.
-
-    Notes
-    -----
-    No doctest here: it needs a model context. ``es_merge`` has a runnable example, and
-    ``tests/test_es_pipeline.py`` runs this method end to end at smoke scale.
+    ``es_merge`` with use_layer=True, use_element=False; its example runs the whole method on a tiny LLaMA.
     """
     return es_merge(adapters, context, use_layer=True, use_element=False, **hp)
 
@@ -207,27 +169,8 @@ def es_layer(adapters, context=None, **hp):
 @register("es-element", "Element-wise ES-Merging", "Lee, Kim, Hwang 2026, §4.3 (Eq. 3)", needs_context=True,
           hparams=HPARAMS, presets=PRESETS, defaults=DEFAULTS, needs=("probe",))
 def es_element(adapters, context=None, **hp):
-    """ES-Merging method ``es-element``: element-wise coefficients only, λ = β (paper §4.3, Eq. 3; Table 3).
+    """ES-Merging with element-wise coefficients only, λ = β (paper §4.3, Eq. 3; Table 3).
 
-    ``es_merge`` with use_layer=False and use_element=True.
-
-    Parameters
-    ----------
-    adapters : list of Adapter
-        The S specialists.
-    context : MergeContext
-        Base model, specialists, probe count and cache (see ``signals``); required.
-    **hp
-        The declared hyper-parameters (``HPARAMS``; ``variant`` picks the paper's or the code's).
-
-    Returns
-    -------
-    MergeResult
-        As ``es_merge`` returns it.
-
-    Notes
-    -----
-    No doctest here: it needs a model context. ``es_merge`` has a runnable example, and
-    ``tests/test_es_pipeline.py`` runs this method end to end at smoke scale.
+    ``es_merge`` with use_layer=False, use_element=True; its example runs the whole method on a tiny LLaMA.
     """
     return es_merge(adapters, context, use_layer=False, use_element=True, **hp)
