@@ -215,9 +215,8 @@ def test_evaluate_by_generation_reads_answers_and_reports_invalid_rate(stand_in,
     # by hand: class 0 TP=1 FP=0 FN=1 -> F1 2/3; class 1 TP=1 FP=1 FN=1 (the invalid reply) -> 1/2
     assert result["macro_f1"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
     # Each prompt's length: its log-likelihood layout (protein blocks of residues + 2) minus "Final answer:".
-    prompts = sweep._prompts("Human", "mol-prot", *pools(), config,
-                           ev.PromptOptions(frozenset(projectors), config.top_k_genes, config.protein_chars,
-                                            config.smiles_chars), tok, ev.EvalSession())
+    prompts = sweep._prompts("Human", "mol-prot", *pools(), config, config.prompt_options(projectors), tok,
+                             ev.EvalSession())
     answer = len(ev.answer_tokens(tok, LABELS)[0])
     lengths = [len(ev.prompt_token_ids(p, tok, None, 0, projectors)[0]) - answer for p in prompts]
     assert [n for batch, _ in seen for n in batch] == lengths and {m for _, m in seen} == {3}

@@ -19,7 +19,7 @@ from esmerge.specialists.encoders import cell_text
 
 _FIELD_TITLE = {"protein": "Protein", "molecule": "Molecule", "molecule2": "Molecule2", "cell": "Cell"}
 ANSWER_PREFIX = "Final answer:"
-_CPU = scales.get("cpu").evaluation
+_DEFAULTS = scales.EvalDefaults()  # how entities are shown unless an evaluation says otherwise
 MARK = "\x00ENTITY{}\x00"
 MARK_RE = re.compile("\x00ENTITY(\\d+)\x00")
 
@@ -43,9 +43,9 @@ class PromptOptions:
     """How entities are shown. ``token_modalities``: those shown as projector tokens."""
 
     token_modalities: frozenset = frozenset()
-    top_k_genes: int = _CPU.top_k_genes
-    protein_chars: int = _CPU.protein_chars  # a protein shown as text is cut to its first residues
-    smiles_chars: int | None = _CPU.smiles_chars  # None: full SMILES
+    top_k_genes: int = _DEFAULTS.top_k_genes
+    protein_chars: int = _DEFAULTS.protein_chars  # a protein shown as text is cut to its first residues
+    smiles_chars: int | None = _DEFAULTS.smiles_chars  # None: full SMILES
 
     def key(self) -> dict:
         return {"top_k_genes": self.top_k_genes, "protein_chars": self.protein_chars,

@@ -67,6 +67,10 @@ class EvalConfig:
     scoring: str = _CPU.scoring  # generation.SCORINGS
     max_new_tokens: int = MAX_NEW_TOKENS  # read only by scoring="generate"
 
+    def prompt_options(self, token_modalities) -> PromptOptions:
+        """How this evaluation shows entities, with ``token_modalities`` as projector tokens."""
+        return PromptOptions(frozenset(token_modalities), self.top_k_genes, self.protein_chars, self.smiles_chars)
+
     @classmethod
     def for_scale(cls, scale: str, **overrides) -> "EvalConfig":
         """The evaluation settings of ``scale`` (``scales.get(scale).evaluation``), with ``overrides``."""
@@ -193,7 +197,7 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
     if len(context_df) < config.n_shots:
         raise UsageError(f"n_shots={config.n_shots} (--n-shots): the in-context pool of {benchmark} holds "
                          f"{len(context_df)} rows; use at most {len(context_df)}")
-    options = PromptOptions(frozenset(mut.projectors), config.top_k_genes, config.protein_chars, config.smiles_chars)
+    options = config.prompt_options(mut.projectors)
     key_parts = [PROMPT_VERSION, mut.model_id(benchmark), benchmark, config.key(), options.key(),
                  frame_digest(eval_df), frame_digest(context_df)]
     digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -54,8 +54,7 @@ def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, 
     """
     config = config or evaluate.EvalConfig()
     eval_df, context_df = benchmark_pools(benchmark, config)  # cached: callers only read them
-    options = evaluate.PromptOptions(frozenset(projectors), config.top_k_genes, config.protein_chars,
-                                     config.smiles_chars)
+    options = config.prompt_options(projectors)
     index = evaluate.ContextIndex(context_df, evaluate.benchmark_kind(benchmark))
     if split == "eval":
         queries = eval_df
