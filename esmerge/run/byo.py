@@ -545,7 +545,7 @@ def run_product_merge(method: str, out: str | Path, context: MergeContext, hpara
     meta = {"method": method, "pretty_name": f"{methods.get(method).pretty_name} (product space)",
             "hparams": hparams, "scale": context.scale, "seed": context.seed,
             "specialists": specialist_digests(context), "wall_seconds": time.perf_counter() - start, "info": info}
-    meta |= context.extras.get("record", {})
+    meta |= context.record
     return save_merged(out, adapter, meta, force=force, inputs=inputs)
 
 

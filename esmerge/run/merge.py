@@ -16,10 +16,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from esmerge import methods, scales
 from esmerge.cache import cache_dir
 from esmerge.errors import UsageError
+from esmerge.signals.probe import Probes
 from esmerge.specialists.adapters import (
     Adapter,
     AdapterMismatchError,
@@ -29,9 +31,9 @@ from esmerge.specialists.adapters import (
     refuse_existing,
     save_merged,
 )
-from esmerge.specialists.base_llm import load_base, same_base_name
+from esmerge.specialists.base_llm import BaseModel, load_base, same_base_name
 from esmerge.specialists.encoders import RawEncoder
-from esmerge.specialists.load import PAPER_BASE_ENV, load_specialists, paper_base  # noqa: F401 (PAPER_BASE_ENV re-exported)
+from esmerge.specialists.load import PAPER_BASE_ENV, Specialist, load_specialists, paper_base  # noqa: F401 (PAPER_BASE_ENV re-exported)
 
 
 def check_probe_k(probe_k) -> int:
@@ -54,31 +56,68 @@ class MergeContext:
     """What data-aware merging methods need besides the adapters.
 
     Attributes:
-        base: the base LLM (``esmerge.specialists.base_llm.BaseModel``).
-        specialists: modality -> ``Specialist`` (adapter, projector, card), modality order.
+        base: the base LLM.
+        specialists: name -> ``Specialist`` (adapter, projector, card), in merge order.
         scale, seed: run settings.
         probe_k: probe samples per modality (paper: 110).
         cache: directory for cached intermediates (probes, states, SWD, scores).
-        extras: method-specific inputs (e.g. an entropy objective for AdaMerging).
+        extras: the optional inputs of some methods, by name (``EXTRAS``); each is also an attribute
+            (``None`` until set): what ``run.baseline_inputs`` builds for AdaMerging and Avg+FT,
+            ready-made probes and what ``run.byo`` records.
     """
 
-    base: object
-    specialists: dict
+    base: BaseModel | None
+    specialists: dict[str, Specialist]
     scale: str = "cpu"
     seed: int = 0
     probe_k: int = 110
     cache: Path | None = None
-    extras: dict = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         check_probe_k(self.probe_k)
+        unknown = sorted(set(self.extras) - set(EXTRAS))
+        if unknown:
+            raise UsageError(f"MergeContext: unknown extras {unknown}; known: {', '.join(EXTRAS)}")
 
-    def __getattr__(self, name):
-        # Lets methods read optional inputs as attributes (context.objective, ...).
-        extras = self.__dict__.get("extras", {})
-        if name in extras:
-            return extras[name]
-        raise AttributeError(name)
+    @property
+    def entropy_objective(self) -> Callable | None:
+        """AdaMerging's objective: LoRA state -> mean entropy on unlabeled prompts."""
+        return self.extras.get("entropy_objective")
+
+    @property
+    def adamerging_prompts(self) -> int | None:
+        """How many unlabeled prompts the entropy objective cycles through."""
+        return self.extras.get("adamerging_prompts")
+
+    @property
+    def train_loss(self) -> Callable | None:
+        """Avg+FT's loss: (LoRA state, batch) -> mean NLL of the gold answers."""
+        return self.extras.get("train_loss")
+
+    @property
+    def train_batches(self) -> list | None:
+        """Avg+FT's training batches."""
+        return self.extras.get("train_batches")
+
+    @property
+    def benchmark(self) -> str | None:
+        """The benchmark Avg+FT fine-tunes on."""
+        return self.extras.get("benchmark")
+
+    @property
+    def probes(self) -> Probes | None:
+        """Ready-made probes (bring your own adapters), used as given instead of sampled ones."""
+        return self.extras.get("probes")
+
+    @property
+    def record(self) -> dict:
+        """What ``esmerge.json`` records besides the merge (e.g. ``run.byo``'s base and adapter paths)."""
+        return self.extras.get("record") or {}
+
+
+# The optional inputs a MergeContext can carry, each an attribute of it.
+EXTRAS = ("entropy_objective", "adamerging_prompts", "train_loss", "train_batches", "benchmark", "probes", "record")
 
 
 def check_base(base, specialists: dict) -> None:
@@ -154,7 +193,7 @@ def merge_inputs(context: MergeContext) -> list[Path]:
     """The files and folders a merge reads: each specialist's folder, the base's local folder, and
     (``esmerge.run.byo``) the adapters and probe file it records. ``--force`` never replaces one of them."""
     found = [getattr(s, "path", None) for s in context.specialists.values()]
-    record = context.extras.get("record") or {}
+    record = context.record
     found += list((record.get("adapters") or {}).values()) + [record.get("probe_file")]
     for base in (record.get("base"), getattr(context.base, "name", None)):
         if isinstance(base, str) and base not in scales.NAMES and os.path.exists(base):
@@ -196,7 +235,7 @@ def write_merge(method: str, out: str | Path, context: MergeContext, hparams: di
     }
     if encoder_folders(context):
         meta["encoders"] = encoder_folders(context)
-    meta |= context.extras.get("record", {})  # e.g. esmerge.run.byo: the base and adapter paths
+    meta |= context.record  # e.g. esmerge.run.byo: the base and adapter paths
     return save_merged(out, result.adapter, meta, _projector_states(context), force=force, inputs=inputs, same=same)
 
 
