@@ -46,7 +46,7 @@ API_MODULES = (
     "data", "data.files", "data.benchmarks", "specialists", "specialists.base_llm", "specialists.adapters",
     "specialists.encoders", "specialists.load", "signals", "signals.probe", "signals.layerwise",
     "signals.elementwise", "signals.gradients", "signals.element_scores", "signals.combine", "methods", "evaluate",
-    "report", "run", "run.merge", "run.byo", "regen", "regen.regenerate", "cache", "outputs", "paths", "progress",
+    "report", "run", "run.merge", "run.byo", "regen", "cache", "outputs", "paths", "progress",
 )
 
 
