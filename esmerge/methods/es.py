@@ -8,7 +8,7 @@ softmaxes, Frobenius distance, element scores summed over every modality's token
 block outputs before the final norm, z-scores within each layer, no standardisation before SWD.
 ``variant="code"`` switches every setting to the official code's choice (WonbinLee067/es-merging;
 ``CODE_SETTINGS``, the book's "Paper vs official code"): element tau 0.1, MSE distance, scores on
-the specialist's own modality only, the last layer after the final norm, |gradient| of the MSE of
+the specialist's own modality only, the last layer after the final norm, the absolute gradient of the MSE of
 each batch of 2 probes, per-tensor z-scores, joint standardisation before SWD, fresh SWD
 projections per layer and pair, and 3 x probe_k probes (create_330_samples). Each can also be set
 on its own, so every difference can be ablated.
