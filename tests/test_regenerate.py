@@ -333,10 +333,11 @@ def test_conda_environment_pins_what_pyproject_pins():
     tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
     repo = Path(__file__).resolve().parents[1]
-    pip_route = set(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"])
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    pip_route = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
     pip_entries = next(d["pip"] for d in yaml.safe_load((repo / "environment.yml").read_text())["dependencies"]
                        if isinstance(d, dict))
-    conda_route = {e for e in pip_entries if not e.startswith("-") and e not in ("torch==2.13.0", "pytest")}
+    conda_route = {e for e in pip_entries if not e.startswith("-") and e != "torch==2.13.0"}
     assert conda_route == pip_route, (sorted(conda_route - pip_route), sorted(pip_route - conda_route))
     assert "torch==2.13.0" in pip_entries
     assert re.search(r"^\s+- --extra-index-url https://download\.pytorch\.org/whl/cpu$",
