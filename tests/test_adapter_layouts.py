@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from esmerge.errors import InputError, UsageError
-from esmerge.run import byo
+from esmerge.run import byo, probe_file
 from esmerge.specialists.adapters import Adapter, AdapterMismatchError, load_adapter, load_merged
 from esmerge.specialists.base_llm import byte_tokenizer
 from esmerge.specialists.lora_layout import delta_weights, factors, normalise
@@ -373,7 +373,7 @@ def test_probe_files_are_checked_before_the_base_loads(llama, tmp_path, monkeypa
     for hparams in ({"variant": "code"}, {"score_modalities": "own"}, {"other_weight": 0.5}):
         with pytest.raises(UsageError, match=r"adapters \['same-a', 'r4'\] have none; name each adapter after"):
             byo.merge_adapters(str(base), named, good, tmp_path / "out", "es", hparams)
-    assert byo.check_probe_texts(['[[code]]a b[[/code]] [[math]]c[[/math]]']) == {
+    assert probe_file.check_probe_texts(['[[code]]a b[[/code]] [[math]]c[[/math]]']) == {
         "code": {"probes": 1, "words": 2}, "math": {"probes": 1, "words": 1}}
 
 

@@ -10,7 +10,7 @@ import torch
 
 from esmerge import methods
 from esmerge.errors import InputError, OutputExistsError, UsageError
-from esmerge.run import byo
+from esmerge.run import byo, probe_file
 from esmerge.signals.probe import hidden_states
 from esmerge.specialists.adapters import (
     AdapterMismatchError,
@@ -55,7 +55,7 @@ def test_text_probes_pad_each_piece_and_mask_it():
     """Byte tokens: every character is one token, so the layout can be written down by hand."""
     base = load_smoke(seed=0)
     embedding = base.model.get_input_embeddings()
-    p = byo.text_probes(base.tokenizer, embedding, ["ab [[m]]xyz[[/m]]!", "a [[m]]xy[[/m]]!!"], chat=False)
+    p = probe_file.text_probes(base.tokenizer, embedding, ["ab [[m]]xyz[[/m]]!", "a [[m]]xy[[/m]]!!"], chat=False)
     # pieces "ab " | "xyz" | "!"  and  "a " | "xy" | "!!": widths 3, 3, 2
     assert p.positions["m"].tolist() == [3, 4, 5]
     assert p.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 0, 1, 1, 0, 1, 1]]
@@ -65,7 +65,7 @@ def test_text_probes_pad_each_piece_and_mask_it():
     assert torch.equal(p.embeds[1, 3:5], embedding(torch.tensor(ids)).detach())
     assert not p.embeds[1, 5].any()  # a padding slot
     # Masked padding changes nothing: sample 2's block states equal sample 2 run alone.
-    alone = byo.text_probes(base.tokenizer, embedding, ["a [[m]]xy[[/m]]!!"], chat=False)
+    alone = probe_file.text_probes(base.tokenizer, embedding, ["a [[m]]xy[[/m]]!!"], chat=False)
     assert alone.attention_mask is None
     both, one = hidden_states(base.model, p), hidden_states(base.model, alone)
     assert torch.allclose(both["pooled"]["m"][:, 1], one["pooled"]["m"][:, 0], atol=1e-5)
@@ -83,17 +83,17 @@ def test_text_probes_pad_each_piece_and_mask_it():
 def test_bad_probe_lines_are_refused(lines, message):
     base = load_smoke(seed=0)
     with pytest.raises(InputError, match=message):
-        byo.text_probes(base.tokenizer, base.model.get_input_embeddings(), lines, chat=False)
+        probe_file.text_probes(base.tokenizer, base.model.get_input_embeddings(), lines, chat=False)
 
 
 def test_probe_file_errors_name_the_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"text": "[[a]]x[[/a]]"}\n{"txt": 1}\n')
     with pytest.raises(InputError, match=r"p.jsonl:2: needs a \"text\" string"):
-        byo.read_probe_file(path)
+        probe_file.read_probe_file(path)
     path.write_text("not json\n")
     with pytest.raises(InputError, match=r"p.jsonl:1: not JSON"):
-        byo.read_probe_file(path)
+        probe_file.read_probe_file(path)
 
 
 def test_es_merges_two_trained_adapters(trained, tmp_path):
