@@ -12,6 +12,8 @@ import pandas as pd
 from esmerge import report
 from esmerge.data.benchmarks import BENCHMARK_NAMES
 from esmerge.evaluate import decisions as D
+from esmerge.evaluate.caveats import CAVEAT_COLUMNS
+from esmerge.methods.emr import ONE_MODEL
 
 C = importlib.import_module("esmerge.report.claims")  # the package re-exports a function of that name
 N = 24
@@ -123,7 +125,7 @@ def test_identical_on_the_claims_benchmarks_only_is_enough():
 def test_every_row_carries_n_seeds_caveats_and_what_would_change_it():
     results = _results()
     reg = report.claims(results, n_resamples=100)
-    for column in D.CAVEAT_COLUMNS:
+    for column in CAVEAT_COLUMNS:
         assert reg[column].notna().all() and (reg[column].astype(str).str.strip() != "").all(), column
     row = _row(reg, ALL_13)
     assert row["n"] == 13 * N and row["seeds"] == "0"
@@ -175,7 +177,7 @@ def test_mechanism_claims_carry_caveats_and_fig2_says_it_selected_the_seed():
     stability = pd.DataFrame({"projections": [32, 256], "mean std of alpha over seeds": [0.1, 0.04]})
     distances = pd.DataFrame({"molecule": [1.0, 3.0], "protein": [2.0, 2.5]}, index=["molecule", "protein"])
     table = report.mechanism_claims(shift, gap, stability, distances, n={"Fig. 2": 64}).set_index("source")
-    assert list(table.columns[-4:]) == list(D.CAVEAT_COLUMNS)
+    assert list(table.columns[-4:]) == list(CAVEAT_COLUMNS)
     fig2 = table.loc["Fig. 2"]
     assert fig2["n"] == 64 and fig2["seeds"] == "0" and "selected by this very test" in fig2["caveats"]
     assert "mean ratio <= 1 (now 30/30 blocks, mean ratio 1.02)" in fig2["would_change"]
@@ -208,4 +210,4 @@ def test_emr_is_labelled_routed_or_one_model_and_one_model_is_optional():
     assert "vs emr (routed):" in row["detail"] and "vs emr (one model):" in row["detail"]
     assert row["n_compared"] == len(C.MERGING_BASELINES) + 1
     assert "oracle routing: emr;" in row["caveats"] and "emr-one" not in row["caveats"]
-    assert C.method_label("emr-one") == "emr (one model)" and C.EMR_ONE_MODEL == D.EMR_ONE_MODEL
+    assert C.method_label("emr-one") == "emr (one model)" and C.EMR_ONE_MODEL == ONE_MODEL

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from esmerge.evaluate import decisions as D
+from esmerge.evaluate.caveats import CAVEAT_COLUMNS, DEFAULT_CAVEATS, caveats_for, seeds_text, would_change
 
 C = importlib.import_module("esmerge.report.claims")  # the package re-exports a function of that name
 
@@ -155,28 +156,28 @@ def test_answer_groups_by_scores_separate_models_with_the_same_answers():
 
 
 def test_caveats_apply_only_to_the_rows_whose_models_they_concern():
-    every = D.DEFAULT_CAVEATS["accuracy"]
-    assert D.caveats_for(every, ["es", "ties"]) == ("tiny base LLM; our random splits, not the paper's; "
+    every = DEFAULT_CAVEATS["accuracy"]
+    assert caveats_for(every, ["es", "ties"]) == ("tiny base LLM; our random splits, not the paper's; "
                                                     "one seed, selected by the Fig. 2 test")
-    assert D.caveats_for(every, ["es", "emr", "adamerging", "avg-ft/GDSC2", "emr-one"]).endswith(
+    assert caveats_for(every, ["es", "emr", "adamerging", "avg-ft/GDSC2", "emr-one"]).endswith(
         "oracle routing: emr; below the paper's budget: adamerging, avg-ft/GDSC2")
-    assert D.caveats_for(every, ["base", "majority"]) == "tiny base LLM; our random splits, not the paper's"
-    assert D.caveats_for([], ["es"]) == "none"
-    assert D.seeds_text([0], ["base", "knn-shots"]) == "none (no specialist)"
-    assert D.seeds_text([2, 0], ["es", "base"]) == "2, 0"
-    assert set(D.CAVEAT_COLUMNS) == {"n", "seeds", "caveats", "would_change"}
+    assert caveats_for(every, ["base", "majority"]) == "tiny base LLM; our random splits, not the paper's"
+    assert caveats_for([], ["es"]) == "none"
+    assert seeds_text([0], ["base", "knn-shots"]) == "none (no specialist)"
+    assert seeds_text([2, 0], ["es", "base"]) == "2, 0"
+    assert set(CAVEAT_COLUMNS) == {"n", "seeds", "caveats", "would_change"}
 
 
 def test_would_change_reads_the_numbers_of_each_kind_of_verdict():
-    assert D.would_change("supported", "ties", 1.2, 5.0) == "a CI lower bound at or below 0 vs ties (now +1.2)"
-    assert D.would_change("supported (partial)", "ties", 1.2, 5.0, at_least=True, margin=3.0) == \
+    assert would_change("supported", "ties", 1.2, 5.0) == "a CI lower bound at or below 0 vs ties (now +1.2)"
+    assert would_change("supported (partial)", "ties", 1.2, 5.0, at_least=True, margin=3.0) == \
         "a CI lower bound at or below -3 vs ties (now +1.2)"
-    assert D.would_change("inconclusive", "mol", -4.0, 2.0, at_least=True, margin=3.0) == \
+    assert would_change("inconclusive", "mol", -4.0, 2.0, at_least=True, margin=3.0) == \
         "a CI lower bound above -3 vs mol would support it (now -4.0)"
-    assert D.would_change("inconclusive (no margin declared)", "mol", 0.5, 2.0) == \
+    assert would_change("inconclusive (no margin declared)", "mol", 0.5, 2.0) == \
         "a non-inferiority margin of any size declared before the run (the CI vs mol starts at +0.5)"
-    assert D.would_change("not supported", "avg", -0.3, -0.1, digits=3) == \
+    assert would_change("not supported", "avg", -0.3, -0.1, digits=3) == \
         "avg no longer significantly better: a CI upper bound at or above 0 (now -0.100)"
-    assert D.would_change("inconclusive (identical answers)", "avg", 0.0, 0.0) == \
+    assert would_change("inconclusive (identical answers)", "avg", 0.0, 0.0) == \
         "any example on which the two models answer differently (vs avg)"
-    assert D.would_change("not measured", "", np.nan, np.nan) == "results for the missing models or benchmarks"
+    assert would_change("not measured", "", np.nan, np.nan) == "results for the missing models or benchmarks"

@@ -9,8 +9,8 @@ import pytest
 
 from esmerge import report
 from esmerge.data.benchmarks import BENCHMARK_NAMES
-from esmerge.evaluate import decisions
 from esmerge.evaluate import retention as R
+from esmerge.evaluate.caveats import CAVEAT_COLUMNS
 from esmerge.regen import findings
 
 ACCURACY = (
@@ -28,7 +28,7 @@ ACCURACY = (
 def _values(path):
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return [(c, row[c]) for row in rows for c in decisions.CAVEAT_COLUMNS if c in row]
+    return [(c, row[c]) for row in rows for c in CAVEAT_COLUMNS if c in row]
 
 
 def _write(tmp_path, name="accuracy_claims.csv", text=ACCURACY, stem="08_claims"):
@@ -58,7 +58,7 @@ def test_every_caveat_value_of_a_register_is_on_the_page(tmp_path):
 
 def test_the_caveat_columns_cannot_be_skipped(tmp_path, monkeypatch):
     path = _write(tmp_path)
-    monkeypatch.setattr(findings, "SKIPPED_COLUMNS", ("detail", *decisions.CAVEAT_COLUMNS, "auroc_verdict"))
+    monkeypatch.setattr(findings, "SKIPPED_COLUMNS", ("detail", *CAVEAT_COLUMNS, "auroc_verdict"))
     text = findings.findings_page(tmp_path / "runs", "cpu")
     _assert_every_caveat_on_the_page(text, path)
     header = next(line for line in text.splitlines() if line.startswith("| claim"))

@@ -598,7 +598,7 @@ def test_every_method_and_specialist_has_its_own_colour():
 
 def test_emr_one_model_is_the_mean_of_the_modulated_task_vectors_not_a_routed_one():
     """EMR as one deployed adapter (no oracle routing), against a hand computation."""
-    from esmerge.evaluate import decisions
+    from esmerge import report
     from esmerge.methods.emr import ONE_MODEL, emr_one_model
 
     adapters = _toy_adapters([{KEY_A: torch.tensor([[2.0, -1.0], [0.5, 3.0]])},
@@ -610,7 +610,7 @@ def test_emr_one_model_is_the_mean_of_the_modulated_task_vectors_not_a_routed_on
     expected = torch.tensor([[25 / 21, -16 / 7], [-4 / 7, 25 / 14]])
     one = emr_one_model(result)
     torch.testing.assert_close(one.state[KEY_A], expected)
-    assert one.name == ONE_MODEL == decisions.EMR_ONE_MODEL and one.extras == {}
+    assert one.name == ONE_MODEL == report.EMR_ONE_MODEL and one.extras == {}
     # routing gives each task (and each two-modality benchmark) another adapter than the one model
     for name in MODALITIES:
         assert not torch.allclose(emr_task_adapter(result, name).state[KEY_A], one.state[KEY_A])

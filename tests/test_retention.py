@@ -9,6 +9,7 @@ import torch
 
 from esmerge.evaluate import retention as R
 from esmerge.evaluate import retention_models as S
+from esmerge.evaluate.caveats import CAVEAT_COLUMNS
 from esmerge.specialists import captions as C
 from esmerge.specialists import heldout
 from esmerge.specialists.adapters import save_merged
@@ -231,11 +232,10 @@ def test_emr_is_scored_with_its_modulation_for_the_specialists_task(smoke, tmp_p
 
 
 def test_every_retention_claim_carries_its_caveats_and_what_would_change_it():
-    from esmerge.evaluate import decisions
 
     nlls, tokens = synthetic(models={"es": 0.3, "avg": 0.6, "emr": 0.1, "adamerging": 0.3}, noise=0.2)
     claims = R.retention_claims(R.resampled_retention(nlls, tokens, n_resamples=300))
-    assert list(claims.columns[-4:]) == list(decisions.CAVEAT_COLUMNS)
+    assert list(claims.columns[-4:]) == list(CAVEAT_COLUMNS)
     assert (claims["n"] == 3 * 400).all() and (claims["seeds"] == "0").all()
     by_b = claims.set_index("b")
     assert by_b.loc["emr", "caveats"] == "tiny base LLM; one seed, selected by the Fig. 2 test; oracle routing: emr"

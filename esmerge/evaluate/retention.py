@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from esmerge.evaluate import decisions
+from esmerge.evaluate.caveats import BUDGETED, CAVEAT_COLUMNS, DEFAULT_CAVEATS, caveats_for, seeds_text, would_change
 
 # Re-exported: notebooks/09_retention.py calls them as ``retention.retention_models`` / ``.score_models``.
 from esmerge.evaluate.retention_models import retention_models, score_models  # noqa: F401
@@ -240,23 +240,23 @@ def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None 
     Columns ``claim, source, paper`` (NaN: the paper reports no retention) ``, a, b, ours, lo, hi,
     verdict, rank, of, detail, n_compared``, as the claims register's; margins rounded to 3 decimals.
 
-    Every row also carries what its verdict rests on (``decisions.CAVEAT_COLUMNS``): ``n`` (the
+    Every row also carries what its verdict rests on (``CAVEAT_COLUMNS``): ``n`` (the
     examples over all modalities), ``seeds`` (the specialist seeds, ``seeds``), ``caveats``
-    (``decisions.caveats_for``; default ``decisions.DEFAULT_CAVEATS["retention"]``: tiny base, seed
+    (``caveats_for``; default ``DEFAULT_CAVEATS["retention"]``: tiny base, seed
     selection, EMR's oracle routing on rows comparing ``emr``, below-budget baselines
-    ``budgets``, default ``decisions.BUDGETED``) and ``would_change`` (``decisions.would_change``).
+    ``budgets``, default ``BUDGETED``) and ``would_change`` (``would_change``).
     """
     if baselines is None:
         baselines = [k for k in res.point if k != a and k != "base" and not k.startswith("specialist-")
                      and not k.startswith(f"{a}-")]
     columns = ["claim", "source", "paper", "a", "b", "ours", "lo", "hi", "verdict", "rank", "of", "detail",
-               "n_compared", *decisions.CAVEAT_COLUMNS]
-    applies = tuple(decisions.DEFAULT_CAVEATS["retention"] if caveats is None else caveats)
-    budgets = decisions.BUDGETED if budgets is None else budgets
+               "n_compared", *CAVEAT_COLUMNS]
+    applies = tuple(DEFAULT_CAVEATS["retention"] if caveats is None else caveats)
+    budgets = BUDGETED if budgets is None else budgets
 
     def caveat_columns(models: list[str]) -> dict:
-        return {"n": int(sum(res.n.values())), "seeds": decisions.seeds_text(seeds, models),
-                "caveats": decisions.caveats_for(applies, models, budgeted=budgets)}
+        return {"n": int(sum(res.n.values())), "seeds": seeds_text(seeds, models),
+                "caveats": caveats_for(applies, models, budgeted=budgets)}
 
     if a not in res.point or "mean" not in res.point[a] or not baselines:
         return pd.DataFrame([{"claim": f"{a} retains more of the specialists' skill than every baseline",
@@ -264,7 +264,7 @@ def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None 
                               "lo": np.nan, "hi": np.nan, "verdict": "not measured", "rank": np.nan, "of": 0,
                               "detail": f"missing: {a if a not in res.point else 'baselines'}", "n_compared": 0,
                               **caveat_columns([a, *(baselines or [])]),
-                              "would_change": decisions.would_change("not measured", "", np.nan, np.nan)}],
+                              "would_change": would_change("not measured", "", np.nan, np.nan)}],
                             columns=columns)
     compared = [b for b in baselines if "mean" in res.point.get(b, {})]
     ranked = sorted([a, *compared], key=lambda k: -res.point[k]["mean"])
@@ -279,7 +279,7 @@ def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None 
                      "lo": lo, "hi": hi, "verdict": verdict(lo, hi), "rank": rank, "of": of,
                      "detail": f"{a} {res.point[a]['mean']:.3f} vs {b} {res.point[b]['mean']:.3f}; "
                                f"per modality: {per}", **caveat_columns([a, b]),
-                     "would_change": decisions.would_change(verdict(lo, hi), b, lo, hi, digits=3)})
+                     "would_change": would_change(verdict(lo, hi), b, lo, hi, digits=3)})
     worst = min(rows, key=lambda r: r["ours"]) if rows else None
     verdicts = [r["verdict"] for r in rows]
     overall = ("supported" if verdicts and all(v == "supported" for v in verdicts)
@@ -297,9 +297,9 @@ def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None 
     measured = [r for r in rows if r["verdict"] != "not measured"]
     against = (min((r for r in rows if r["verdict"] == "not supported"), key=lambda r: r["hi"])
                if "not supported" in verdicts else min(measured, key=lambda r: r["lo"]) if measured else None)
-    head["would_change"] = (decisions.would_change(overall, against["b"], against["lo"], against["hi"], digits=3,
+    head["would_change"] = (would_change(overall, against["b"], against["lo"], against["hi"], digits=3,
                                                    n_competitors=len(rows))
-                            if against else decisions.would_change("not measured", "", np.nan, np.nan))
+                            if against else would_change("not measured", "", np.nan, np.nan))
     # the register's shape (esmerge.report.claims.claims); the paper reports no retention
     head.update(paper=np.nan, n_compared=len(compared))
     rows = [{**r, "paper": np.nan, "n_compared": 1} for r in rows]

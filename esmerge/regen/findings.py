@@ -19,7 +19,7 @@ import csv
 import re
 from pathlib import Path
 
-from esmerge.evaluate.decisions import CAVEAT_COLUMNS
+from esmerge.evaluate.caveats import CAVEAT_COLUMNS
 
 PAGE = "findings.md"
 # Registers in reading order; any other register follows, alphabetically.

@@ -5,9 +5,9 @@
 layer-wise and element-wise chapters save. ``disagreements``, ``es_ranks`` and ``answer_bias``
 summarise where and why our numbers differ from the paper's.
 
-Every register row carries what its verdict rests on (``decisions.CAVEAT_COLUMNS``): ``n``
-(examples), ``seeds`` (specialist seeds), ``caveats`` (``decisions.caveats_for``; the defaults per
-kind of claim are ``decisions.DEFAULT_CAVEATS``) and ``would_change`` (``decisions.would_change``).
+Every register row carries what its verdict rests on (``CAVEAT_COLUMNS``): ``n``
+(examples), ``seeds`` (specialist seeds), ``caveats`` (``caveats_for``; the defaults per
+kind of claim are ``DEFAULT_CAVEATS``) and ``would_change`` (``would_change``).
 Accuracy rows add the threshold-free check beside accuracy: the paired AUROC difference of the
 answer margin with its CI and its own verdict.
 
@@ -26,7 +26,17 @@ import pandas as pd
 
 from esmerge.data.benchmarks import BENCHMARK_NAMES, GROUPS
 from esmerge.evaluate import decisions
+from esmerge.evaluate.caveats import (
+    BUDGETED,
+    CAVEAT_COLUMNS,
+    CAVEATS,
+    DEFAULT_CAVEATS,
+    caveats_for,
+    seeds_text,
+    would_change,
+)
 from esmerge.evaluate.stats import discordance, paired_bootstrap, paired_mde
+from esmerge.methods.emr import ONE_MODEL
 from esmerge.report.paper_tables import PAPER_DATASET, paper_results
 from esmerge.signals.diagnostics import specialisation_verdict
 
@@ -38,7 +48,7 @@ YARDSTICKS = ("majority", "knn-shots")
 SHUFFLED_CONTROL = "base-shuffled-shots"
 NOT_MODELS = (*YARDSTICKS, SHUFFLED_CONTROL)
 # EMR with oracle routing, and as one merged model (a competitor wherever it was evaluated)
-EMR_ROUTED, EMR_ONE_MODEL = "emr", decisions.EMR_ONE_MODEL
+EMR_ROUTED, EMR_ONE_MODEL = "emr", ONE_MODEL
 METHOD_LABELS = {EMR_ROUTED: "emr (routed)", EMR_ONE_MODEL: "emr (one model)"}
 # The accuracy registers' columns, in order.
 COLUMNS = ["claim", "source", "paper", "datasets", "n", "seeds", "ours", "lo", "hi", "n_compared", "p_holm",
@@ -157,13 +167,13 @@ def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: i
     seeds : sequence of int
         The specialist seeds the evaluated models were built from (column ``seeds``).
     caveats : sequence of str, optional
-        What applies (``decisions.CAVEATS`` keys or short texts); default
-        ``decisions.DEFAULT_CAVEATS["accuracy"]``: tiny base, our random splits, seed selection,
+        What applies (``CAVEATS`` keys or short texts); default
+        ``DEFAULT_CAVEATS["accuracy"]``: tiny base, our random splits, seed selection,
         EMR's oracle routing (rows comparing ``emr``), baseline budgets below the paper's (rows
-        comparing ``decisions.BUDGETED``).
+        comparing ``BUDGETED``).
     budgets : sequence of str or mapping, optional
         The budget-limited baselines (a mapping adds each one's budget text); default
-        ``decisions.BUDGETED``.
+        ``BUDGETED``.
     auroc_noninferiority_margin : float, optional
         AUROC points, for the ">=" claims' AUROC verdict.
 
@@ -178,8 +188,8 @@ def claims(results: dict[str, dict[str, dict]], n_resamples: int = 1000, seed: i
         ``scores``. EMR is named ``emr (routed)`` or ``emr (one model)`` (``method_label``).
     """
     paper = paper_results()
-    ctx = _Context(tuple(seeds), tuple(decisions.DEFAULT_CAVEATS["accuracy"] if caveats is None else caveats),
-                   decisions.BUDGETED if budgets is None else budgets, auroc_noninferiority_margin)
+    ctx = _Context(tuple(seeds), tuple(DEFAULT_CAVEATS["accuracy"] if caveats is None else caveats),
+                   BUDGETED if budgets is None else budgets, auroc_noninferiority_margin)
     return pd.DataFrame([_check(c, results, paper, n_resamples, seed, level, noninferiority_margin, ctx=ctx)
                          for c in CLAIMS], columns=COLUMNS)
 
@@ -189,8 +199,8 @@ class _Context:
     """What a row's caveat and AUROC columns need beyond the claim."""
 
     seeds: tuple[int, ...] = (0,)
-    caveats: tuple[str, ...] = decisions.DEFAULT_CAVEATS["accuracy"]
-    budgets: Sequence[str] | Mapping[str, str] = decisions.BUDGETED
+    caveats: tuple[str, ...] = DEFAULT_CAVEATS["accuracy"]
+    budgets: Sequence[str] | Mapping[str, str] = BUDGETED
     auroc_margin: float | None = None
 
 
@@ -254,9 +264,9 @@ def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | 
     row = {"claim": c.claim, "source": c.source, "paper": round(paper_margin, 1),
            "datasets": f"{len(benches)}/{len(all_benches)}",
            "n": int(sum(len(results[c.a][x]["y"]) for x in benches)),
-           "seeds": decisions.seeds_text(ctx.seeds, models or [c.a, *c.b]),
+           "seeds": seeds_text(ctx.seeds, models or [c.a, *c.b]),
            "margin": noninferiority_margin if c.at_least and noninferiority_margin is not None else np.nan,
-           "caveats": decisions.caveats_for(ctx.caveats, models or [c.a, *c.b], budgeted=ctx.budgets)}
+           "caveats": caveats_for(ctx.caveats, models or [c.a, *c.b], budgeted=ctx.budgets)}
     if c.a not in have or not any(b in have for b in (*c.b, *c.optional)):
         missing = sorted(set((c.a, *c.b)) - set(have))
         return {**row, "ours": np.nan, "lo": np.nan, "hi": np.nan, "n_compared": 0, "p_holm": np.nan,
@@ -299,16 +309,16 @@ def _check(c: Claim, results: dict[str, dict[str, dict]], paper: pd.DataFrame | 
 
 def _would_change(verdict: str, margins: dict, adjusted: dict, names: dict, identical: list, at_least: bool,
                   margin: float | None) -> str:
-    """``decisions.would_change`` against the competitor that decides the verdict."""
+    """``would_change`` against the competitor that decides the verdict."""
     if verdict.startswith("not supported"):
         significant = [b for b, (_, _, hi) in margins.items() if hi < 0 and adjusted[b] < decisions.ALPHA]
         against = min(significant, key=lambda b: adjusted[b])
     elif "identical" in verdict:
-        return decisions.would_change(verdict, " and ".join(names[b] for b in identical), 0.0, 0.0)
+        return would_change(verdict, " and ".join(names[b] for b in identical), 0.0, 0.0)
     else:  # the lowest CI end: the one a "supported" rests on, and the one an "inconclusive" waits for
         against = min(margins, key=lambda b: margins[b][1])
     _, lo, hi = margins[against]
-    return decisions.would_change(verdict, names[against], lo, hi, p_holm=adjusted[against],
+    return would_change(verdict, names[against], lo, hi, p_holm=adjusted[against],
                                   margin=margin, at_least=at_least, n_competitors=len(margins))
 
 
@@ -324,7 +334,7 @@ def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 100
 
     Only the rows present in ``results`` are checked; margins are paired over the same examples.
     ``seeds``, ``caveats`` and ``budgets`` as in ``claims``; the default caveats are
-    ``decisions.DEFAULT_CAVEATS["yardstick"]`` (rows of the base and the yardsticks alone carry no
+    ``DEFAULT_CAVEATS["yardstick"]`` (rows of the base and the yardsticks alone carry no
     seed caveat: no specialist is involved).
     """
     out = []
@@ -337,8 +347,8 @@ def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 100
         if yard in results:
             out += [Claim(f"{method_label(m)} beats {names[yard]} (all 13, avg.)", "yardstick", m, (yard,), None,
                           "-") for m in models]
-    ctx = _Context(tuple(seeds), tuple(decisions.DEFAULT_CAVEATS["yardstick"] if caveats is None else caveats),
-                   decisions.BUDGETED if budgets is None else budgets)
+    ctx = _Context(tuple(seeds), tuple(DEFAULT_CAVEATS["yardstick"] if caveats is None else caveats),
+                   BUDGETED if budgets is None else budgets)
     return pd.DataFrame([_check(c, results, None, n_resamples, seed, level, ctx=ctx) for c in out], columns=COLUMNS)
 
 
@@ -411,26 +421,26 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
 
     ``n``: the examples behind each source (an int for all, or ``{source: n}``; ``"not recorded"``
     where absent); ``seeds``: the specialist seeds; ``caveats``: what applies, default
-    ``decisions.DEFAULT_CAVEATS["representation"]`` (on Fig. 2 rows the seed caveat says that the
+    ``DEFAULT_CAVEATS["representation"]`` (on Fig. 2 rows the seed caveat says that the
     seed was selected by that very test).
 
     Returns ``claim, source, evidence, verdict`` with verdict ``holds`` or ``does not hold``, and
     the caveat columns ``n, seeds, caveats, would_change``.
     """
     rows = []
-    applies = tuple(decisions.DEFAULT_CAVEATS["representation"] if caveats is None else caveats)
+    applies = tuple(DEFAULT_CAVEATS["representation"] if caveats is None else caveats)
 
     def count(source):
         value = n.get(source) if isinstance(n, Mapping) else n
         return "not recorded" if value is None else value
 
     def add(claim, source, evidence, holds, change):
-        text = decisions.caveats_for(applies, ["specialists"])
+        text = caveats_for(applies, ["specialists"])
         if source == "Fig. 2":
-            text = text.replace(decisions.CAVEATS["seed selection"], "one seed, selected by this very test")
+            text = text.replace(CAVEATS["seed selection"], "one seed, selected by this very test")
         rows.append({"claim": claim, "source": source, "evidence": evidence,
                      "verdict": "holds" if holds else "does not hold", "n": count(source),
-                     "seeds": decisions.seeds_text(seeds, ["specialists"]), "caveats": text, "would_change": change})
+                     "seeds": seeds_text(seeds, ["specialists"]), "caveats": text, "would_change": change})
 
     def nearest(row, want, smallest):
         other = row.drop(want)
@@ -466,7 +476,7 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
                       f"the {modality} specialist nearest (now {nearest(row, modality, True)})")
             add(f"on {modality} tokens the ES-merged model is nearest the {modality} specialist", "Fig. 8",
                 "nearest: " + row.idxmin() + "; " + ", ".join(f"{m} {v:.3g}" for m, v in row.items()), holds, change)
-    return pd.DataFrame(rows, columns=["claim", "source", "evidence", "verdict", *decisions.CAVEAT_COLUMNS])
+    return pd.DataFrame(rows, columns=["claim", "source", "evidence", "verdict", *CAVEAT_COLUMNS])
 
 
 # --------------------------------------------------------------------------- summaries (claims chapter)
