@@ -10,13 +10,16 @@ to the paper's (or, where the code and the paper agree, what the setting would c
 are the numbers of the book's "Paper vs official code" page; random weights say how large a
 difference *can* be, not how large it is on trained specialists.
 
-``--scale cpu`` (about an hour on 2 cores): merges ES-Merging with the paper's settings, the
-code's, and the paper's with each of the three differences in beta alone (own-modality scores,
-the last layer after the final norm, |gradient| of a batch-of-2 MSE), and prints each merged
-model's retained fraction per modality (``esmerge.evaluate.retention``, as ``09_retention``).
+``--scale cpu`` (about an hour on 2 cores when nothing is cached; minutes from the ES signal and
+retention NLL caches): merges ES-Merging with the paper's settings, the code's, and the paper's
+with each of the three differences in beta alone (own-modality scores, the last layer after the
+final norm, |gradient| of a batch-of-2 MSE), and writes each merged model's retained fraction
+per modality (``esmerge.evaluate.retention``, as ``09_retention``) with its PAIRED 95 % CI of the
+difference from ES-paper to ``benchmarks/results/es_code_ablation_<scale>.csv`` (tidy) and
+``.txt``; ``esmerge.report.es_ablation.ablation_table`` reads the CSV for the book.
 
     python benchmarks/es_code_ablation.py --tiny
-    python benchmarks/es_code_ablation.py --scale cpu --n 50
+    python benchmarks/es_code_ablation.py --scale cpu            # n = 200, seed 0
 """
 from __future__ import annotations
 
@@ -120,7 +123,56 @@ def tiny_effects(n_projections: int = 1024) -> pd.DataFrame:
 CODE = es_settings.CODE_SETTINGS
 
 
-def cpu_retention(scale: str, n: int | None, seed: int, out: Path) -> pd.DataFrame:
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+VARIANTS = ("es-paper", "es-code", *BETA_ALONE)
+COLUMNS = ["variant", "modality", "retained", "lo", "hi", "diff_vs_paper", "diff_lo", "diff_hi", "n"]
+
+
+def paired_table(res, reference: str = "es-paper", variants=VARIANTS, level: float = 0.95) -> pd.DataFrame:
+    """Tidy table of each variant's retained fraction and its paired difference from ``reference``.
+
+    ``res`` is ``retention.resampled_retention``'s output: one bootstrap of examples per modality,
+    shared by every model, so ``draws[v] - draws[reference]`` is a paired difference and its
+    percentile interval a paired CI (the mean over modalities is taken per draw, so paired too).
+    The reference's own difference is 0 with CI [0, 0].
+
+    >>> import numpy as np
+    >>> from esmerge.evaluate.retention import Resampled
+    >>> d = {"a": {"m": np.array([0.5, 0.6, 0.7]), "mean": np.array([0.5, 0.6, 0.7])},
+    ...      "b": {"m": np.array([0.4, 0.6, 0.6]), "mean": np.array([0.4, 0.6, 0.6])}}
+    >>> res = Resampled({"a": {"m": 0.6, "mean": 0.6}, "b": {"m": 0.55, "mean": 0.55}}, d, {}, {}, {"m": 3})
+    >>> t = paired_table(res, "a", ("a", "b"), level=0.5)
+    >>> t.loc[t.variant == "b", "diff_vs_paper"].round(3).tolist()
+    [-0.05, -0.05]
+    >>> t.loc[(t.variant == "b") & (t.modality == "m"), ["diff_lo", "diff_hi"]].values.round(3).tolist()
+    [[-0.1, -0.05]]
+    """
+    from esmerge.evaluate.retention import percentile_ci
+
+    rows = []
+    for v in variants:
+        for m, value in res.point[v].items():
+            lo, hi = percentile_ci(res.draws[v][m], level)
+            diff = res.draws[v][m] - res.draws[reference][m]
+            dlo, dhi = (0.0, 0.0) if v == reference else percentile_ci(diff, level)
+            rows.append({"variant": v, "modality": m, "retained": value, "lo": lo, "hi": hi,
+                         "diff_vs_paper": value - res.point[reference][m], "diff_lo": dlo, "diff_hi": dhi,
+                         "n": res.n.get(m, sum(res.n.values()))})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def cpu_retention(scale: str, n: int | None, seed: int, out: Path):
+    """Merge every variant (signals read from the ES cache), score them (NLLs cached by adapter digest)
+    and return ``(resampled, retention_table)``."""
     from esmerge import scales
     from esmerge.evaluate import retention
     from esmerge.run.merge import build_context, merge_once
@@ -133,7 +185,35 @@ def cpu_retention(scale: str, n: int | None, seed: int, out: Path) -> pd.DataFra
     merged = {name: merge_once("es", out / name, context, **hp)[0] for name, hp in variants.items()}
     models, _ = retention.retention_models(context.specialists, None, None, merged)
     nlls, tokens = retention.score_models(models, context.base, context.specialists, examples)
-    return retention.retention_table(retention.resampled_retention(nlls, tokens, seed=seed))
+    res = retention.resampled_retention(nlls, tokens, seed=seed)
+    return res, retention.retention_table(res)
+
+
+CPU_HEADER = [
+    "benchmarks/es_code_ablation.py --scale {scale} (merge seed {seed}, the shipped seed-0 {scale} specialists, "
+    "n = {n} held-out examples per modality); specialist seeds 1-2 are out of scope (one training seed only)",
+    "code of commit {commit} (plus uncommitted files of this session); {cpu}, 2 cores shared with other work, "
+    "1 torch thread; {date}, {minutes:.0f} min (merges from the ES signal cache, NLLs from the retention cache "
+    "where present)",
+    "retained: (NLL_base - NLL_model) / (NLL_base - NLL_specialist) per modality, mean = mean of the three; "
+    "lo/hi: 95% percentile bootstrap (1000 resamples of examples)",
+    "diff_vs_paper: retained(variant) - retained(es-paper); diff_lo/diff_hi: PAIRED 95% CI (one bootstrap of "
+    "examples shared by all models, so the difference is resampled per draw)",
+    "es-paper: the paper's settings; es-code: variant=code; es-own / es-postnorm / es-batch2: the paper's settings "
+    "with one official-code difference in beta (score_modalities='own' / final_norm=True / grad_batch=2)",
+]
+
+
+def write_cpu_results(res, table: pd.DataFrame, stem: Path, header: list[str]) -> pd.DataFrame:
+    """``<stem>.csv`` (the tidy paired table) and ``<stem>.txt`` (header, paired table, full table)."""
+    tidy = paired_table(res)
+    tidy.to_csv(f"{stem}.csv", index=False, float_format="%.6f")
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        text = ("".join(f"# {line}\n" for line in header) + "\n# paired table (also in the .csv)\n"
+                + tidy.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+                + "\n\n# every model, unpaired CIs (retention_table)\n" + table.to_string(index=False) + "\n")
+    Path(f"{stem}.txt").write_text(text)
+    return tidy
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -144,6 +224,8 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="merged models go here (default: runs/<scale>/es_code_ablation)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results stem (default: benchmarks/results/es_code_ablation_<scale>: .csv and .txt)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.tiny == bool(args.scale):
@@ -153,10 +235,28 @@ def main(argv=None) -> pd.DataFrame:
             table = tiny_effects()
             print(table.to_string(index=False, float_format=lambda v: f"{v:.2g}"))
         else:
+            import platform
+            import subprocess
+            import time
+            from datetime import date
+
+            from esmerge import scales
             from esmerge.paths import run_dir
 
-            table = cpu_retention(args.scale, args.n, args.seed, args.out or run_dir(args.scale, "es_code_ablation"))
-            print(table.to_string(index=False))
+            start = time.perf_counter()
+            res, table = cpu_retention(args.scale, args.n, args.seed,
+                                       args.out or run_dir(args.scale, "es_code_ablation"))
+            try:
+                commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True, check=True).stdout.strip()
+            except (OSError, subprocess.CalledProcessError):
+                commit = "unknown"
+            header = [line.format(scale=args.scale, seed=args.seed, n=args.n or scales.get(args.scale).n_retention,
+                                  commit=commit, cpu=_cpu_name() or platform.machine(), date=date.today().isoformat(),
+                                  minutes=(time.perf_counter() - start) / 60) for line in CPU_HEADER]
+            stem = args.results or ROOT / "benchmarks" / "results" / f"es_code_ablation_{args.scale}"
+            table = write_cpu_results(res, table, stem, header)
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return table
 
 

@@ -18,6 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 BOOK_DIR = REPO_ROOT / "book"
 SCALES = scales.NAMES  # kept for importers; the names live in esmerge.scales
+# Folders under a merge root (``run_dir(scale, "06_merging")``) that hold no method of their own: the
+# merges of the seed replicates and the baselines' budget curves (``esmerge.run.all_methods``).
+MERGE_ROOT_EXTRAS = ("seeds", "curves")
 
 
 def runs_root() -> Path:

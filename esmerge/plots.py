@@ -84,3 +84,55 @@ def coefficient_heatmap(ax, matrix: np.ndarray, row_labels: list[str], title: st
     ax.set_title(title)
     plt.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
     return im
+
+
+# The pipeline as the book's chapters implement it: (label, module, column, row); edges between boxes.
+PIPELINE_STAGES = [
+    ("3 specialists\n(LoRA + projector)", "specialists", 0, 1.5),
+    ("probe input\n(all modalities)", "signals.probe", 1, 1.5),
+    ("layer-wise\nhidden states", "signals.hooks", 2, 1.5),
+    ("layer coefficients\n(SWD growth)", "signals.layerwise", 3, 2.4),
+    ("element scores\n(gradients)", "signals.elementwise", 3, 0.6),
+    ("merged adapter", "signals.combine", 4, 1.5),
+    ("evaluation\nvs. paper", "evaluate", 5, 1.5),
+]
+PIPELINE_EDGES = [(0, 1), (1, 2), (2, 3), (2, 4), (3, 5), (4, 5), (5, 6)]
+
+
+def pipeline_diagram(title: str):
+    """The ES-Merging pipeline as boxes (each naming the ``esmerge`` module that implements it) and arrows.
+
+    >>> fig = pipeline_diagram("t"); len(fig.axes[0].patches)  # 7 boxes, 7 arrows, 1 dashed arrow head
+    15
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    w, h, dx = 1.95, 0.95, 2.25  # box width, box height, column spacing
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    centres = []
+    for label, module, col, y in PIPELINE_STAGES:
+        x = col * dx
+        centres.append((x, y))
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04",
+                                    facecolor="#e8f0fb", edgecolor="#3b6fb6"))
+        ax.text(x, y + 0.1, label, ha="center", va="center", fontsize=11)
+        ax.text(x, y - 0.32, f"esmerge.{module}", ha="center", va="center", fontsize=8, family="monospace",
+                color="#555555")
+    for a, b in PIPELINE_EDGES:
+        (xa, ya), (xb, yb) = centres[a], centres[b]
+        ax.add_patch(FancyArrowPatch((xa + w / 2 + 0.03, ya), (xb - w / 2 - 0.03, yb), arrowstyle="-|>",
+                                     mutation_scale=12, color="#444444"))
+    # The coefficients weight the specialists' own adapters: that edge runs under the analysis.
+    (xa, ya), (xb, yb) = centres[0], centres[5]
+    low = min(y for *_, y in PIPELINE_STAGES) - h / 2 - 0.3
+    ax.plot([xa, xa, xb], [ya - h / 2 - 0.04, low, low], color="#3b6fb6", linestyle="--", linewidth=1)
+    ax.add_patch(FancyArrowPatch((xb, low), (xb, yb - h / 2 - 0.06), arrowstyle="-|>", mutation_scale=12,
+                                 color="#3b6fb6", linestyle="--"))
+    ax.text((xa + xb) / 2, low + 0.07, "the specialists' adapters, weighted by the coefficients", ha="center",
+            fontsize=10, color="#3b6fb6")
+    ax.set_xlim(-w / 2 - 0.15, 5 * dx + w / 2 + 0.15)
+    ax.set_ylim(low - 0.15, 3.05)
+    ax.axis("off")
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig

@@ -183,6 +183,16 @@ def test_mechanism_claims_carry_caveats_and_fig2_says_it_selected_the_seed():
     assert "mean ratio <= 1 (now 30/30 blocks, mean ratio 1.02)" in fig2["would_change"]
     assert (table.loc["Fig. 1", "n"] == "not recorded").all()
     protein = table[table["claim"].str.startswith("the protein specialist")].iloc[0]
+    # the same test at three specialist seeds: holds only where it holds at every seed
+    by_seed = pd.DataFrame({"seed": [0, 1, 2, 0, 1, 2], "specialist": ["molecule"] * 3 + ["cell"] * 3,
+                            "blocks_above": [30, 28, 25, 20, 5, 3], "blocks": [30] * 6,
+                            "mean_ratio": [1.3, 1.2, 1.1, 1.1, 0.9, 0.8]})
+    seeded = report.mechanism_claims(shift, by_seed, stability, distances, seeds=(0, 1, 2)).set_index("source")
+    mol, cell = (seeded.loc["Fig. 2"].set_index("claim").filter(like=f"{m} specialist", axis=0).iloc[0]
+                 for m in ("molecule", "cell"))
+    assert mol["verdict"] == "holds" and cell["verdict"] == "mixed: holds at 1 of 3 seeds"
+    assert mol["seeds"] == "0, 1, 2" and "seed 1: 28/30 blocks" in mol["evidence"]
+    assert "seed 0 selected by this very test, seeds 1, 2 not" in cell["caveats"]
     assert protein["verdict"] == "does not hold" and protein["would_change"] == \
         "protein tokens moving furthest (now molecule 2 vs protein 1.5)"
 

@@ -129,10 +129,11 @@ def official_layer_coefficients(base_pooled: dict, spec_pooled: list[dict], n_pr
                                 tau: float = 0.5, alpha: float = 1.0) -> torch.Tensor:
     rng = np.random.RandomState(seed)
     modalities = list(base_pooled)
-    swd = np.zeros((len(spec_pooled), len(modalities), N_LAYERS))
+    n_layers = base_pooled[modalities[0]].shape[0]
+    swd = np.zeros((len(spec_pooled), len(modalities), n_layers))
     for i, m in enumerate(modalities):
         for j, spec in enumerate(spec_pooled):
-            for layer in range(N_LAYERS):
+            for layer in range(n_layers):
                 x, y = base_pooled[m][layer].double().numpy(), spec[m][layer].double().numpy()
                 both = np.vstack([x, y])
                 scale = both.std(0)

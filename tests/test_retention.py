@@ -202,11 +202,13 @@ def test_score_models_caches_per_model_and_reads_merged_folders(smoke, tmp_path,
 
 
 def test_claims_have_the_registers_shape_so_the_claims_chapter_can_list_them():
-    from esmerge.report.claims import disagreements
+    from esmerge.report.summaries import disagreements
 
     nlls, tokens = synthetic(models={"es": 0.3, "avg": 0.6, "ties": 0.1})
     claims = R.retention_claims(R.resampled_retention(nlls, tokens, n_resamples=200))
-    assert {"claim", "source", "paper", "ours", "lo", "hi", "verdict", "n_compared", "detail"} <= set(claims.columns)
+    assert {"claim", "source", "paper", "ours", "lo", "hi", "verdict", "n_compared", "detail", "p_holm",
+            "modality"} <= set(claims.columns)
+    assert (claims["p_holm"] < 0.05).all()  # a margin of 0.3 or more survives Holm over the 2 baselines
     assert claims["n_compared"].tolist() == [2, 1, 1] and claims["paper"].isna().all()
     empty = pd.DataFrame(columns=["claim", "source", "evidence", "verdict"])
     lines = disagreements(empty, claims)

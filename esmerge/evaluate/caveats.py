@@ -22,6 +22,7 @@ from esmerge.evaluate.decisions import ALPHA
 # seed, chosen because they pass the Fig. 2 test; oracle routing: EMR as evaluated gets each
 # benchmark's (or modality's) own task modulator, which no single merged model gets; budget: the
 # baseline ran with fewer steps or rows than its paper's.
+SELECTED_SEED = 0  # the specialist seed chosen because it passed the Fig. 2 test; the replicates were not
 CAVEATS = {
     "tiny base": "tiny base LLM",
     "random splits": "our random splits, not the paper's",
@@ -65,7 +66,7 @@ def _named(model: str, names) -> bool:
 
 def caveats_for(applies: Sequence[str], models: Sequence[str], routed: Sequence[str] = ROUTED,
                 budgeted: Sequence[str] | Mapping[str, str] = BUDGETED,
-                without_specialists: Sequence[str] = WITHOUT_SPECIALISTS) -> str:
+                without_specialists: Sequence[str] = WITHOUT_SPECIALISTS, seeds: Sequence[int] = (0,)) -> str:
     """The caveats of a register row that compares ``models``, as one ``"; "``-joined text.
 
     Parameters
@@ -80,6 +81,9 @@ def caveats_for(applies: Sequence[str], models: Sequence[str], routed: Sequence[
         one's budget, e.g. ``{"adamerging": "10 steps, paper 500"}``).
     without_specialists : sequence of str
         Models that use no specialist (no seed caveat for a row of only these).
+    seeds : sequence of int
+        The specialist seeds the row rests on: seed 0 was selected by the Fig. 2 test, the
+        others were fixed in advance, so "seed selection" says how many of them were selected.
 
     Returns
     -------
@@ -92,6 +96,8 @@ def caveats_for(applies: Sequence[str], models: Sequence[str], routed: Sequence[
     "tiny base LLM; oracle routing: emr; below the paper's budget: avg-ft/GDSC2"
     >>> caveats_for(["seed selection", "oracle routing"], ["base", "majority"])
     'none'
+    >>> caveats_for(["seed selection"], ["es", "avg"], seeds=[0, 1, 2])
+    'seed 0 selected by the Fig. 2 test, seeds 1, 2 not (fixed in advance)'
     >>> caveats_for(["unequal budgets", "n = 8 per benchmark"], ["es", "adamerging"],
     ...             budgeted={"adamerging": "10 steps"})
     "below the paper's budget: adamerging (10 steps); n = 8 per benchmark"
@@ -107,7 +113,10 @@ def caveats_for(applies: Sequence[str], models: Sequence[str], routed: Sequence[
         elif key == "seed selection":
             names = [] if all(m in without_specialists for m in models) else None
             if names is None:
-                out.append(CAVEATS[key])
+                others = [str(x) for x in seeds if x != SELECTED_SEED]
+                out.append(CAVEATS[key] if not others else
+                           f"seed {SELECTED_SEED} selected by the Fig. 2 test, seeds {', '.join(others)} not "
+                           "(fixed in advance)")
             continue
         else:
             out.append(CAVEATS.get(key, key))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from esmerge.cache import tensor_digest
+from esmerge.paths import MERGE_ROOT_EXTRAS
 from esmerge.specialists.adapters import Adapter, attach, is_merged, load_lora_state, load_merged, lora_config_of
 
 
@@ -156,7 +157,7 @@ def merged_models(folder: Path, base, projectors: dict[str, nn.Module], benchmar
     one line per folder skipped or only partly covered.
     """
     found, covers, notes = {}, {}, []
-    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir() and p.name not in MERGE_ROOT_EXTRAS):
         name = sub.name
         if is_merged(sub):
             adapter = load_merged(sub, name=name).adapter

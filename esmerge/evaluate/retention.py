@@ -15,8 +15,9 @@ model, so the base, the specialist and each merged model always see the same res
 
 This module is the statistic, pure functions over per-example summed NLLs (``mean_nll``,
 ``retained_fraction``, ``resampled_retention``, ``retention_table``, ``retention_claims``);
-``esmerge.evaluate.retention_models`` picks the models and produces their NLLs, cached per (weights,
-examples, settings) under ``cache_dir()/retention``.
+``esmerge.evaluate.retention_seeds`` averages it over specialist seeds (a two-level bootstrap) for the
+same table and claims; ``esmerge.evaluate.retention_models`` picks the models and produces their
+NLLs, cached per (weights, examples, settings) under ``cache_dir()/retention``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from esmerge.evaluate.caveats import BUDGETED, CAVEAT_COLUMNS, DEFAULT_CAVEATS, caveats_for, seeds_text, would_change
+from esmerge.evaluate.decisions import ALPHA, bootstrap_pvalue, holm, superiority_verdict
 
 # Re-exported: notebooks/09_retention.py calls them as ``retention.retention_models`` / ``.score_models``.
 from esmerge.evaluate.retention_models import retention_models, score_models  # noqa: F401
@@ -163,13 +165,13 @@ def retention_table(res: Resampled, level: float = 0.95) -> pd.DataFrame:
                                        "specialist_gain", "gain_lo", "gain_hi"])
 
 
-def retention_wide(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
-    """``retention_table`` as one row per method, one column per modality: ``"0.50 [0.40, 0.60]"``.
+def retention_wide(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """``retention_table`` as one row per method, one column per modality: ``"0.500 [0.400, 0.600]"``.
 
     >>> t = pd.DataFrame({"method": ["avg", "avg"], "modality": ["cell", "mean"], "retained": [0.5, 0.25],
     ...                   "lo": [0.4, 0.1], "hi": [0.6, 0.4]})
     >>> retention_wide(t).loc["avg"].tolist()
-    ['0.50 [0.40, 0.60]', '0.25 [0.10, 0.40]']
+    ['0.500 [0.400, 0.600]', '0.250 [0.100, 0.400]']
     """
     cell = lambda r: f"{r.retained:.{digits}f} [{r.lo:.{digits}f}, {r.hi:.{digits}f}]"  # noqa: E731
     text = table.assign(text=[cell(r) for r in table.itertuples()])
@@ -226,81 +228,164 @@ def verdict(lo: float, hi: float) -> str:
     return "supported" if lo > 0 else "not supported" if hi < 0 else "inconclusive"
 
 
+def gated_verdict(lo: float, hi: float, p_holm: float, alpha: float = ALPHA) -> str:
+    """``verdict`` of a margin's CI, kept only where its Holm-adjusted p-value is below ``alpha`` too.
+
+    A CI that excludes 0 but does not survive the family-wise correction is ``inconclusive``.
+
+    >>> gated_verdict(0.1, 0.3, 0.01), gated_verdict(0.1, 0.3, 0.2), gated_verdict(-0.3, -0.1, 0.04)
+    ('supported', 'inconclusive', 'not supported')
+    """
+    v = verdict(lo, hi)
+    return v if v in ("inconclusive", "not measured") or p_holm < alpha else "inconclusive"
+
+
+def _margin(res: Resampled, a: str, b: str, m: str, level: float) -> tuple[float, float, float, float]:
+    """``(point, lo, hi, p)`` of ``R(a) - R(b)`` on ``m`` from the paired draws; ``p`` two-sided bootstrap."""
+    diff = res.draws[a][m] - res.draws[b][m]
+    return (res.point[a][m] - res.point[b][m], *percentile_ci(diff, level), bootstrap_pvalue(diff))
+
+
+def _holm(p: Mapping[str, float]) -> dict[str, float]:
+    """``decisions.holm`` over the measured p-values; NaN (nothing measured) stays NaN, outside the family."""
+    adjusted = holm({k: v for k, v in p.items() if not np.isnan(v)})
+    return {k: adjusted.get(k, float("nan")) for k in p}
+
+
+def _seed_text(res: Resampled, a: str, b: str, m: str) -> str:
+    """The margin at each specialist seed and how many seeds share the sign of their mean ("" for one seed set)."""
+    per = getattr(res, "per_seed", None)
+    if not per or m not in per.get(a, {}) or m not in per.get(b, {}):
+        return ""
+    seeds = list(per[a][m])
+    d = [per[a][m][s] - per[b][m][s] for s in seeds]
+    agree = int(np.sum(np.sign(d) == np.sign(np.mean(d))))
+    return (f"; seeds {'/'.join(map(str, seeds))}: {'/'.join(f'{x:+.3f}' for x in d)} "
+            f"({agree} of {len(d)} agree in sign)")
+
+
+def _row_would_change(v: str, b: str, lo: float, hi: float, p_holm: float, alpha: float) -> str:
+    """``would_change``, plus the case it has no words for: a CI excluding 0 that Holm leaves inconclusive."""
+    if v == "inconclusive" and (lo > 0 or hi < 0):
+        return f"Holm p < {alpha:g} vs {b} (now {p_holm:.3f}; the CI [{lo:+.3f}, {hi:+.3f}] already excludes 0)"
+    return would_change(v, b, lo, hi, p_holm=p_holm if v == "not supported" else None, digits=3)
+
+
 def retention_claims(res: Resampled, a: str = "es", baselines: list[str] | None = None,
-                     level: float = 0.95, *, seeds: Sequence[int] = (0,), caveats: Sequence[str] | None = None,
-                     budgets: Sequence[str] | Mapping[str, str] | None = None) -> pd.DataFrame:
+                     level: float = 0.95, *, seeds: Sequence[int] | None = None, caveats: Sequence[str] | None = None,
+                     budgets: Sequence[str] | Mapping[str, str] | None = None, alpha: float = ALPHA) -> pd.DataFrame:
     """The claims-register section: ``a`` beats each baseline on mean retention over modalities.
 
-    ``baselines``: default every model except ``a``, the base, the specialists and ``a``'s
-    ablations (``es-*``). Each row: the paired-bootstrap margin ``mean R(a) - mean R(b)``
-    (resampling examples jointly for a, b, the base and the specialists), ``rank`` of ``a``
-    among ``a`` and the baselines by mean retention (1 = best) and a verdict (``verdict``). The
-    first row is the claim over all baselines: its margin the smallest one, supported only when
-    every margin is, not supported when some margin's CI lies below 0 (as in ``claims.claims``).
-    Columns ``claim, source, paper`` (NaN: the paper reports no retention) ``, a, b, ours, lo, hi,
-    verdict, rank, of, detail, n_compared``, as the claims register's; margins rounded to 3 decimals.
+    ``res``: ``resampled_retention`` (one seed set) or ``retention_seeds.seeded_retention`` (its
+    draws from the two-level bootstrap, and per-seed values). ``baselines``: default every model
+    except ``a``, the base, the specialists and ``a``'s ablations (``es-*``). Each row: the margin
+    ``mean R(a) - mean R(b)`` with its paired-bootstrap percentile CI, its two-sided bootstrap
+    p-value (``bootstrap_pvalue``) Holm-adjusted over the compared baselines (``p_holm``),
+    ``rank`` of ``a`` among ``a`` and the baselines (1 = best) and a verdict (``gated_verdict``):
+    *supported* / *not supported* only when the CI excludes 0 on that side AND ``p_holm < alpha``.
+    ``detail`` names the per-modality margins and, for seeded results, the margin at each seed.
 
-    Every row also carries what its verdict rests on (``CAVEAT_COLUMNS``): ``n`` (the
-    examples over all modalities), ``seeds`` (the specialist seeds, ``seeds``), ``caveats``
-    (``caveats_for``; default ``DEFAULT_CAVEATS["retention"]``: tiny base, seed
-    selection, EMR's oracle routing on rows comparing ``emr``, below-budget baselines
-    ``budgets``, default ``BUDGETED``) and ``would_change`` (``would_change``).
+    Where a comparison's per-modality margins are significant (CI excluding 0) with opposite
+    signs, the mean nets them out: its ``detail`` says so and one row per modality follows it
+    (``modality``, claim "... on <modality>"), Holm-corrected within those modality rows.
+
+    The first row is the claim over all baselines, its margin the smallest one, judged as
+    ``decisions.superiority_verdict`` (as the accuracy register): *supported* when every CI lies
+    above 0 (an intersection-union test needs no correction), *not supported* only when some
+    baseline is significantly better after Holm. Columns ``claim, source, paper`` (NaN: the paper
+    reports no retention) ``, a, b, modality, ours, lo, hi, verdict, rank, of, detail, n_compared,
+    p_holm``, margins rounded to 3 decimals, then ``CAVEAT_COLUMNS``: ``n`` (examples over the
+    row's modalities, per seed), ``seeds`` (``seeds``, default ``res.seeds`` or ``(0,)``),
+    ``caveats`` (``caveats_for``; default ``DEFAULT_CAVEATS["retention"]``, below-budget
+    baselines ``budgets``, default ``BUDGETED``) and ``would_change``.
+
+    >>> t = np.array([1, 1])
+    >>> nl = {"base": np.array([2.0, 2.0]), "specialist-cell": np.array([1.0, 1.0]),
+    ...       "es": np.array([1.2, 1.3]), "avg": np.array([1.8, 1.9])}
+    >>> c = retention_claims(resampled_retention({"cell": nl}, {"cell": t}, n_resamples=200))
+    >>> c[["b", "ours", "verdict", "p_holm"]].values.tolist()
+    [['every baseline', 0.6, 'supported', 0.01], ['avg', 0.6, 'supported', 0.01]]
     """
     if baselines is None:
         baselines = [k for k in res.point if k != a and k != "base" and not k.startswith("specialist-")
                      and not k.startswith(f"{a}-")]
-    columns = ["claim", "source", "paper", "a", "b", "ours", "lo", "hi", "verdict", "rank", "of", "detail",
-               "n_compared", *CAVEAT_COLUMNS]
+    columns = ["claim", "source", "paper", "a", "b", "modality", "ours", "lo", "hi", "verdict", "rank", "of",
+               "detail", "n_compared", "p_holm", *CAVEAT_COLUMNS]
     applies = tuple(DEFAULT_CAVEATS["retention"] if caveats is None else caveats)
     budgets = BUDGETED if budgets is None else budgets
+    seeds = tuple(getattr(res, "seeds", (0,))) if seeds is None else tuple(seeds)
+    dropped = getattr(res, "dropped", {})
+    left_out = ("; not at every seed, left out: " + ", ".join(f"{k} (missing at seed {'/'.join(map(str, s))})"
+                                                               for k, s in dropped.items())) if dropped else ""
 
-    def caveat_columns(models: list[str]) -> dict:
-        return {"n": int(sum(res.n.values())), "seeds": seeds_text(seeds, models),
-                "caveats": caveats_for(applies, models, budgeted=budgets)}
+    def caveat_columns(models: list[str], m: str = "mean") -> dict:
+        return {"n": int(sum(res.n.values()) if m == "mean" else res.n[m]), "seeds": seeds_text(seeds, models),
+                "caveats": caveats_for(applies, models, budgeted=budgets, seeds=seeds)}
 
     if a not in res.point or "mean" not in res.point[a] or not baselines:
         return pd.DataFrame([{"claim": f"{a} retains more of the specialists' skill than every baseline",
-                              "source": SOURCE, "paper": np.nan, "a": a, "b": "every baseline", "ours": np.nan,
-                              "lo": np.nan, "hi": np.nan, "verdict": "not measured", "rank": np.nan, "of": 0,
-                              "detail": f"missing: {a if a not in res.point else 'baselines'}", "n_compared": 0,
-                              **caveat_columns([a, *(baselines or [])]),
+                              "source": SOURCE, "paper": np.nan, "a": a, "b": "every baseline", "modality": "mean",
+                              "ours": np.nan, "lo": np.nan, "hi": np.nan, "verdict": "not measured", "rank": np.nan,
+                              "of": 0, "detail": f"missing: {a if a not in res.point else 'baselines'}" + left_out,
+                              "n_compared": 0, "p_holm": np.nan, **caveat_columns([a, *(baselines or [])]),
                               "would_change": would_change("not measured", "", np.nan, np.nan)}],
                             columns=columns)
     compared = [b for b in baselines if "mean" in res.point.get(b, {})]
-    ranked = sorted([a, *compared], key=lambda k: -res.point[k]["mean"])
-    rank, of = ranked.index(a) + 1, len(ranked)
-    rows = []
+
+    def rank_of(m: str) -> tuple[int, int]:
+        ranked = sorted([a, *(b for b in compared if m in res.point[b])], key=lambda k: -res.point[k][m])
+        return ranked.index(a) + 1, len(ranked)
+
+    def row(b: str, m: str, margin: tuple, p_holm: float, family: str, extra: str = "") -> dict:
+        point, lo, hi, p = margin
+        v = gated_verdict(lo, hi, p_holm, alpha)
+        on = "mean over modalities" if m == "mean" else f"on {m}"
+        rank, of = rank_of(m)
+        return {"claim": f"{a} retains more of the specialists' skill than {b} ({on})", "source": SOURCE,
+                "paper": np.nan, "a": a, "b": b, "modality": m, "ours": point, "lo": lo, "hi": hi, "verdict": v,
+                "rank": rank, "of": of, "n_compared": 1, "p_holm": p_holm,
+                "detail": f"{a} {res.point[a][m]:.3f} vs {b} {res.point[b][m]:.3f}; {extra}p {p:.3f}, "
+                          f"Holm p {p_holm:.3f} over {family}" + _seed_text(res, a, b, m),
+                **caveat_columns([a, b], m), "would_change": _row_would_change(v, b, lo, hi, p_holm, alpha)}
+
+    margins = {b: _margin(res, a, b, "mean", level) for b in compared}
+    adjusted = _holm({b: x[3] for b, x in margins.items()})
+    modalities = [m for m in res.point[a] if m != "mean"]
+    family = f"{len(compared)} baseline" + "s" * (len(compared) != 1)
+    mean_rows, rows = [], []
     for b in compared:
-        diff = res.draws[a]["mean"] - res.draws[b]["mean"]
-        lo, hi = percentile_ci(diff, level)
-        per = "; ".join(f"{m} {res.point[a][m] - res.point[b][m]:+.3f}" for m in res.point[a] if m != "mean")
-        rows.append({"claim": f"{a} retains more of the specialists' skill than {b} (mean over modalities)",
-                     "source": SOURCE, "a": a, "b": b, "ours": res.point[a]["mean"] - res.point[b]["mean"],
-                     "lo": lo, "hi": hi, "verdict": verdict(lo, hi), "rank": rank, "of": of,
-                     "detail": f"{a} {res.point[a]['mean']:.3f} vs {b} {res.point[b]['mean']:.3f}; "
-                               f"per modality: {per}", **caveat_columns([a, b]),
-                     "would_change": would_change(verdict(lo, hi), b, lo, hi, digits=3)})
-    worst = min(rows, key=lambda r: r["ours"]) if rows else None
-    verdicts = [r["verdict"] for r in rows]
-    overall = ("supported" if verdicts and all(v == "supported" for v in verdicts)
-               else "not supported" if "not supported" in verdicts
-               else "not measured" if not verdicts or all(v == "not measured" for v in verdicts) else "inconclusive")
+        per = {m: _margin(res, a, b, m, level) for m in modalities if m in res.point[b]}
+        # the mean can net a significant gain on one modality against a significant loss on another
+        split = any(x[1] > 0 for x in per.values()) and any(x[2] < 0 for x in per.values())
+        text = "per modality: " + "; ".join(f"{m} {x[0]:+.3f}" for m, x in per.items()) + "; "
+        mean_rows.append(row(b, "mean", margins[b], adjusted[b], family,
+                             text + ("nets opposite per-modality effects; " if split else "")))
+        rows.append(mean_rows[-1])
+        if split:
+            within = _holm({m: x[3] for m, x in per.items()})
+            rows += [row(b, m, x, within[m], f"{len(per)} modalities vs {b}") for m, x in per.items()]
+    worst = min(mean_rows, key=lambda r: r["ours"]) if mean_rows else None
+    if not mean_rows or all(r["verdict"] == "not measured" for r in mean_rows):
+        overall = "not measured"
+    else:
+        overall = superiority_verdict({r["b"]: (r["ours"], r["lo"], r["hi"]) for r in mean_rows}, adjusted, alpha)
+    # the row that decides the head verdict: the significant one, else the lowest CI end
+    significant = [r for r in mean_rows if r["verdict"] == "not supported"]
+    measured = [r for r in mean_rows if r["verdict"] != "not measured"]
+    against = (min(significant, key=lambda r: r["hi"]) if overall == "not supported"
+               else min(measured, key=lambda r: r["lo"]) if measured else None)
     if len(compared) < len(baselines):
         overall += " (partial)"
     head = {"claim": f"{a} retains more of the specialists' skill than every baseline (mean over modalities)",
-            "source": SOURCE, "a": a, "b": "every baseline", "ours": worst["ours"] if worst else np.nan,
-            "lo": worst["lo"] if worst else np.nan, "hi": worst["hi"] if worst else np.nan, "verdict": overall,
-            "rank": rank, "of": of,
-            "detail": (f"smallest margin vs {worst['b']}; " if worst else "") + f"baselines: {', '.join(compared)}",
-            **caveat_columns([a, *compared])}
-    # the row that decides the head verdict: the significant one, else the lowest CI end
-    measured = [r for r in rows if r["verdict"] != "not measured"]
-    against = (min((r for r in rows if r["verdict"] == "not supported"), key=lambda r: r["hi"])
-               if "not supported" in verdicts else min(measured, key=lambda r: r["lo"]) if measured else None)
-    head["would_change"] = (would_change(overall, against["b"], against["lo"], against["hi"], digits=3,
-                                                   n_competitors=len(rows))
-                            if against else would_change("not measured", "", np.nan, np.nan))
-    # the register's shape (esmerge.report.claims.claims); the paper reports no retention
-    head.update(paper=np.nan, n_compared=len(compared))
-    rows = [{**r, "paper": np.nan, "n_compared": 1} for r in rows]
-    return pd.DataFrame([head, *rows], columns=columns).round({"ours": 3, "lo": 3, "hi": 3})
+            "source": SOURCE, "paper": np.nan, "a": a, "b": "every baseline", "modality": "mean",
+            "ours": worst["ours"] if worst else np.nan, "lo": worst["lo"] if worst else np.nan,
+            "hi": worst["hi"] if worst else np.nan, "verdict": overall, "rank": rank_of("mean")[0],
+            "of": rank_of("mean")[1], "n_compared": len(compared),
+            "p_holm": against["p_holm"] if against else np.nan,
+            "detail": (f"smallest margin vs {worst['b']}; " if worst else "") + f"baselines: {', '.join(compared)}"
+                      + left_out, **caveat_columns([a, *compared]),
+            "would_change": (would_change(overall, against["b"], against["lo"], against["hi"], digits=3,
+                                          p_holm=against["p_holm"] if overall.startswith("not supported") else None,
+                                          n_competitors=len(mean_rows))
+                             if against else would_change("not measured", "", np.nan, np.nan))}
+    return pd.DataFrame([head, *rows], columns=columns).round({"ours": 3, "lo": 3, "hi": 3, "p_holm": 4})

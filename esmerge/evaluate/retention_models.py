@@ -21,6 +21,7 @@ from esmerge import scales
 from esmerge.cache import atomic_write_json, cache_dir, content_key, key_lock, tensor_digest
 from esmerge.evaluate.models import PeftCopies
 from esmerge.methods.emr import emr_task_adapter
+from esmerge.paths import MERGE_ROOT_EXTRAS
 from esmerge.progress import track
 from esmerge.specialists.adapters import Adapter, is_merged, load_merged
 from esmerge.specialists.base_llm import state_dict_sha256
@@ -54,7 +55,9 @@ def retention_models(specialists: dict, merge_root: Path | None = None, avg_ft_b
     for m, s in specialists.items():
         models[f"specialist-{m}"] = RetentionModel(f"specialist-{m}", lambda _, a=s.adapter: a)
     notes = []
-    for sub in sorted(p for p in Path(merge_root).iterdir() if p.is_dir()) if merge_root else []:
+    subs = sorted(p for p in Path(merge_root).iterdir()
+                  if p.is_dir() and p.name not in MERGE_ROOT_EXTRAS) if merge_root else []
+    for sub in subs:
         if is_merged(sub):
             adapter = load_merged(sub, name=sub.name).adapter
             if sub.name == "emr":

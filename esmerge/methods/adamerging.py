@@ -13,6 +13,7 @@ import torch
 
 from esmerge.errors import LR_MAX
 from esmerge.methods import HParam, MergeResult, register
+from esmerge.methods.es_signals import peak_memory
 from esmerge.methods.objectives import count_flops, from_context
 from esmerge.methods.static import task_names
 from esmerge.progress import track
@@ -136,14 +137,16 @@ def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: floa
     -------
     MergeResult
         The merged adapter; ``info`` holds the hyper-parameters, the learnt coefficients per
-        task and group, the entropy history and the cost.
+        task and group, the entropy history and the cost (``wall_seconds``, ``flops``, ``peak_memory_mib``,
+        ``peak_memory_kind``).
 
     Notes
     -----
     Choices where the papers are silent: coefficients are clipped to [0, 1] after each step
     (as the original code does); the merged A's and B's both use the layer's coefficient, so
     the layer's update :math:`BA` scales quadratically, as Eq. 1 implies for LoRA.
-    Cost: wall time and the FLOPs of all forward/backward passes (FlopCounterMode).
+    Cost: wall time, the FLOPs of all forward/backward passes (FlopCounterMode) and the peak memory
+    (``es_signals.peak_memory``: CUDA peak allocated, or the process's RSS high-water mark on CPU).
 
     Examples
     --------
@@ -181,7 +184,8 @@ def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: floa
                 coefficients.clamp_(0.0, 1.0)
             history.append(float(loss.detach()))
 
-    _, flops = count_flops(train, enabled=count_cost)
+    with peak_memory() as memory:  # beside the FLOPs, for Table 4 (esmerge.report.cost)
+        _, flops = count_flops(train, enabled=count_cost)
     with torch.no_grad():
         final_entropy = float(objective(layerwise_sum(stacked, coefficients, groups)))
         state = {k: v.detach().clone() for k, v in layerwise_sum(stacked, coefficients, groups).items()}
@@ -190,6 +194,6 @@ def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: floa
         "hparams": {"steps": steps, "lr": lr, "init": init, "granularity": granularity},
         "coefficients": {n: dict(zip(labels, coefficients[i].tolist())) for i, n in enumerate(names)},
         "entropy": {"first_step": history[0] if history else None, "final": final_entropy, "history": history},
-        "cost": {"wall_seconds": time.perf_counter() - start, "flops": flops},
+        "cost": {"wall_seconds": time.perf_counter() - start, "flops": flops, **memory},
     }
     return MergeResult(with_state(adapters[0], state, "adamerging"), info)

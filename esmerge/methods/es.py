@@ -15,9 +15,11 @@ on its own, so every difference can be ablated.
 """
 from __future__ import annotations
 
+import time
+
 from esmerge.methods import MergeResult, register
 from esmerge.methods.es_settings import DEFAULTS, HPARAMS, PRESETS, resolve_settings
-from esmerge.methods.es_signals import own_modalities, signals
+from esmerge.methods.es_signals import NOT_RECORDED, own_modalities, signals
 from esmerge.signals import elementwise, layerwise
 from esmerge.signals.combine import combine, merge_lora, uniform_element_coefficients, uniform_layer_coefficients
 from esmerge.specialists.adapters import Adapter, with_state
@@ -106,7 +108,8 @@ def es_merge(adapters: list[Adapter], context, use_layer: bool = True, use_eleme
     -------
     MergeResult
         The merged adapter; ``info`` holds the settings, the seed, α ``[S, L]`` as lists, the
-        number of probes and the time spent on signals.
+        number of probes and the time spent on signals, and ``cost``: ``wall_seconds`` of this
+        call and the signals' ``flops``, ``seconds``, ``peak_memory_mib`` (``signal_cost``).
 
     Examples
     --------
@@ -132,18 +135,49 @@ def es_merge(adapters: list[Adapter], context, use_layer: bool = True, use_eleme
     >>> result = es_merge([adapter, adapter], context, n_projections=8)
     >>> result.info["alpha"]
     [[0.5, 0.5], [0.5, 0.5]]
+    >>> result.info["cost"]["flops"] > 0, result.info["cost"]["cached"]
+    (True, False)
     >>> all(torch.allclose(v, adapter.state[k]) for k, v in result.adapter.state.items())
     True
     >>> cache.cleanup()
     """
+    start = time.perf_counter()
     settings = resolve_settings(variant, **overrides)
     sig = signals(adapters, context, seed=seed, need_scores=use_element, **settings)
     alpha, _, coefficients = coefficients_from_signals(sig, adapters[0].state, settings, use_layer, use_element)
     merged = merge_lora([a.state for a in adapters], coefficients)
+    # The search's cost, as AdaMerging and Avg+FT record theirs (Table 4): FLOPs, seconds and peak memory of
+    # computing the signals, as recorded when each piece was computed (``cached``: some were read back).
+    cost = signal_cost(sig["cost"])
     info = {"settings": settings, "variant": variant, "seed": seed, "use_layer": use_layer,
             "use_element": use_element, "signal_seconds": sig["seconds"],
-            "alpha": alpha.tolist(), "probe_k": len(sig["probes"])}
+            "alpha": alpha.tolist(), "probe_k": len(sig["probes"]),
+            "n_specialists": len(adapters), "modalities": list(sig["modalities"]),
+            "cost": {"wall_seconds": time.perf_counter() - start, **cost}}
     return MergeResult(with_state(adapters[0], merged, "es"), info)
+
+
+def signal_cost(pieces: dict[str, dict]) -> dict:
+    """ES-Merging's signal cost for ``info["cost"]`` from each piece's ``counted`` record.
+
+    ``flops``, ``seconds``: sums as recorded when computed, or ``None`` and a ``note`` naming pieces cached
+    before counting (no partial sum); ``peak_memory_mib``: the largest; ``cached``: some piece was read back.
+
+    >>> cost = signal_cost({"states": {"flops": 10, "seconds": 1.0, "peak_memory_mib": 5.0, "cached": False},
+    ...                     "scores/x": {"flops": 32, "seconds": 2.0, "peak_memory_mib": 7.0, "cached": True}})
+    >>> cost["flops"], cost["seconds"], cost["peak_memory_mib"], cost["cached"]
+    (42, 3.0, 7.0, True)
+    >>> signal_cost({"states": {"flops": None, "seconds": None, "cached": True}})["note"]
+    'not recorded (cached before counting): states'
+    """
+    missing = [name for name, p in pieces.items() if p.get("flops") is None]
+    peaks = [p["peak_memory_mib"] for p in pieces.values() if p.get("peak_memory_mib") is not None]
+    kinds = list(dict.fromkeys(p["peak_memory_kind"] for p in pieces.values() if p.get("peak_memory_kind")))
+    return {"flops": None if missing else sum(p["flops"] for p in pieces.values()),
+            "seconds": None if missing else sum(p["seconds"] for p in pieces.values()),
+            "peak_memory_mib": max(peaks) if peaks else None, "peak_memory_kind": "; ".join(kinds) or None,
+            "cached": any(p.get("cached") for p in pieces.values()), "pieces": pieces,
+            **({"note": f"{NOT_RECORDED}: {', '.join(missing)}"} if missing else {})}
 
 
 @register("es", "ES-Merging", "Lee, Kim, Hwang 2026, §4 (Eq. 4)", needs_context=True, hparams=HPARAMS,

@@ -5,11 +5,18 @@ ablations (``es-layer``, ``es-element``, ``variant="code"``) reuse what they sha
 """
 from __future__ import annotations
 
+import json
+import resource
+import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
-from esmerge.cache import atomic_torch_save, cached, content_key, tensor_digest
+from esmerge.cache import atomic_torch_save, atomic_write_json, cached, content_key, tensor_digest
 from esmerge.errors import UsageError
 from esmerge.methods.es_settings import PAPER_SETTINGS, SCORE_SETTINGS, resolve_settings
 from esmerge.signals import elementwise, probe, sliced
@@ -17,8 +24,6 @@ from esmerge.signals.element_scores import element_scores_by_distance
 from esmerge.signals.hooks import final_norm
 from esmerge.specialists.adapters import Adapter, adapter_digest, attach
 
-# Bumped whenever the element-score computation changes, so stale cached scores are never reused
-# (2: gradients taken w.r.t. the active adapter only, when several adapters are attached).
 # Bumped whenever the element-score computation changes, so stale cached scores are never reused
 # (2: gradients taken w.r.t. the active adapter only, when several adapters are attached).
 SCORES_VERSION = 3  # 3: batched element scores (same values to ~4e-7 relative)
@@ -55,8 +60,9 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     -------
     dict
         ``{"probes", "states", "swd" [S, M, L], "scores": [dict per specialist], "names",
-        "modalities", "seconds"}``: ``scores`` is empty when ``need_scores`` is false, ``names``
-        are the specialists in order, ``modalities`` the SWD table's modality order.
+        "modalities", "seconds", "cost"}``: ``scores`` is empty when ``need_scores`` is false, ``names``
+        are the specialists in order, ``modalities`` the SWD table's modality order, ``cost`` piece ->
+        what computing it took (``counted``; ``es.signal_cost`` sums them).
 
     Examples
     --------
@@ -82,6 +88,10 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     (torch.Size([2, 1, 2]), ['x', 'y'], ['m'], 2)
     >>> torch.equal(sig["swd"][0], sig["swd"][1])  # the same adapter twice: the same signal
     True
+    >>> sig["cost"]["states"]["flops"] > 0, sig["cost"]["states"]["cached"]  # forward passes, counted
+    (True, False)
+    >>> signals([adapter, adapter], context, n_projections=8)["cost"]["scores/y"]["cached"]  # read back with its cost
+    True
     >>> cache.cleanup()
     """
     settings = resolve_settings(**settings)
@@ -106,24 +116,24 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
         p = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), blocks, raw)
         return _probe_record(p)
 
-    if given is not None:
-        stored = cached(root / f"probes-{probe_key}.pt", lambda: _probe_record(given))
-    else:
-        stored = cached(root / f"probes-{probe_key}.pt", make_probes)
+    pieces: dict[str, dict] = {}  # what computing each piece cost, as recorded beside its cache entry
+    stored, pieces["probes"] = counted(root / f"probes-{probe_key}.pt",
+                                       (lambda: _probe_record(given)) if given is not None else make_probes)
     probes = probe.Probes(stored["embeds"], stored["positions"], stored["raw"], stored["template"],
                           stored.get("attention_mask"), stored.get("block_mask", {}))
     own = own_modalities(names, probes.modalities, settings)
 
     peft_model = attach(base.model, dict(zip(names, adapters)))
     try:
-        states = cached(root / f"states-{states_key}.pt", lambda: probe.collect_states(peft_model, names, probes))
+        states, pieces["states"] = counted(root / f"states-{states_key}.pt",
+                                           lambda: probe.collect_states(peft_model, names, probes))
         equal = settings["equal_size"]
         if equal == "min":
             equal = len(probes)
         swd_parts = [states_key, settings["n_projections"], settings["p"], seed, settings["standardize"], equal]
         if settings["projections"] != "shared":
             swd_parts.append({"projections": settings["projections"]})
-        swd = cached(root / f"swd-{content_key(*swd_parts)}.pt", lambda: sliced.swd_table(
+        swd, pieces["swd"] = counted(root / f"swd-{content_key(*swd_parts)}.pt", lambda: sliced.swd_table(
             states["base"]["pooled"], [states[n]["pooled"] for n in names],
             n_projections=settings["n_projections"], p=settings["p"], seed=seed,
             standardize=settings["standardize"], equal_size=equal, projections=settings["projections"]))
@@ -150,12 +160,14 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
                 return computed[settings["distance"]]
 
             # A second process (another notebook at --jobs 2) waits for the first and reuses its
-            # scores; a corrupt entry is set aside with one warning and computed again.
-            scores.append(cached(wanted, compute))
+            # scores; a corrupt entry is set aside with one warning and computed again. The other
+            # distances' entries came from the same pass, so they share its cost record.
+            value, pieces[f"scores/{name}"] = counted(wanted, compute, also=[p for p in files.values() if p != wanted])
+            scores.append(value)
     finally:
         peft_model.unload()
     return {"probes": probes, "states": states, "swd": swd, "scores": scores, "names": names,
-            "modalities": probes.modalities, "seconds": time.perf_counter() - t0}
+            "modalities": probes.modalities, "seconds": time.perf_counter() - t0, "cost": pieces}
 
 
 def own_modalities(names: list[str], modalities: list[str], settings: dict) -> dict[str, str]:
@@ -282,3 +294,102 @@ def _training_cells(context) -> set:
     spec = context.specialists.get("cell")
     card = getattr(spec, "card", None) or {}
     return set(card.get("training_cells", []))
+
+
+# --------------------------------------------------------------------------- cost of the signals (Table 4)
+NOT_RECORDED = "not recorded (cached before counting)"
+
+
+@contextmanager
+def peak_memory():
+    """Peak memory of the block, in a dict filled on exit: ``peak_memory_mib`` and ``peak_memory_kind``.
+
+    CUDA (initialised on exit): ``torch.cuda.max_memory_allocated`` over the block (counter reset on entry);
+    CPU: the process's RSS high-water mark on exit (``ru_maxrss``; no per-call peak without tracing every
+    allocation), an upper bound, model included. The kind says which.
+
+    >>> with peak_memory() as memory:
+    ...     _ = torch.ones(1000) @ torch.ones(1000)
+    >>> memory["peak_memory_mib"] > 0, memory["peak_memory_kind"].split(":")[0] in ("cpu", "cuda")
+    (True, True)
+    """
+    record: dict = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield record
+    finally:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            record.update(peak_memory_mib=torch.cuda.max_memory_allocated() / 2**20,
+                          peak_memory_kind="cuda: torch.cuda.max_memory_allocated during the search")
+        else:  # ru_maxrss: KiB on Linux, bytes on macOS
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+            record.update(peak_memory_mib=rss, peak_memory_kind=(
+                "cpu: process RSS high-water mark after the search (ru_maxrss; an upper bound, model included)"))
+
+
+def cost_sidecar(path: Path) -> Path:
+    """Where the cost of computing cache entry ``path`` is kept: hidden, so entry listings stay as before.
+
+    >>> cost_sidecar(Path("cache/scores-ab12.pt")).as_posix()
+    'cache/.scores-ab12.pt.cost.json'
+    """
+    return Path(path).with_name(f".{Path(path).name}.cost.json")
+
+
+class FlopCount(TorchDispatchMode):
+    """``FlopCounterMode``'s count (its ``flop_registry``: matmuls, convolutions, attention, forward and
+    backward) with every op run as it is: FlopCounterMode decomposes ops it has no formula for, and
+    ``silu_backward`` decomposed moves float32 gradients by ~1e-7, so element scores would change.
+    The decomposed ops are elementwise, which it does not count either: the totals are the same.
+
+    >>> with FlopCount() as counter:
+    ...     _ = torch.ones(2, 3) @ torch.ones(3, 4)
+    >>> counter.flops  # 2 FLOPs per multiply-add: 2 * 2 * 3 * 4
+    48
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (formula := flop_registry.get(func._overloadpacket)) is not None:
+            self.flops += int(formula(*args, **(kwargs or {}), out_val=out))
+        return out
+
+
+def counted(path: Path, compute, also: list[Path] = ()) -> tuple[object, dict]:
+    """``cached(path, compute)`` (same value, same key) and what computing it cost.
+
+    When ``compute`` runs, its FLOPs (``FlopCount``: every forward and backward pass),
+    seconds and ``peak_memory`` go atomically, under the entry's lock, to ``cost_sidecar`` of
+    ``path`` and of ``also`` (entries the same pass wrote), so a cache hit reports them with
+    ``cached: True``; an entry stored before costs were recorded gives ``flops: None``, ``NOT_RECORDED``.
+
+    >>> import tempfile; folder = Path(tempfile.mkdtemp())
+    >>> value, cost = counted(folder / "x.pt", lambda: torch.ones(2, 3) @ torch.ones(3, 4))
+    >>> value.shape, cost["flops"], cost["cached"], counted(folder / "x.pt", lambda: None)[1]["flops"]
+    (torch.Size([2, 4]), 48, False, 48)
+    """
+    fresh: dict = {}
+
+    def run():
+        start = time.perf_counter()
+        with peak_memory() as memory, FlopCount() as counter:
+            value = compute()
+        fresh.update(flops=counter.flops, seconds=time.perf_counter() - start, **memory)
+        for target in (path, *also):
+            atomic_write_json(cost_sidecar(target), fresh)
+        return value
+
+    value = cached(path, run)
+    if fresh:
+        return value, {**fresh, "cached": False}
+    try:
+        stored = json.loads(cost_sidecar(path).read_text())
+    except (OSError, ValueError):
+        stored = {"flops": None, "seconds": None, "note": NOT_RECORDED}
+    return value, {**stored, "cached": True}
+

@@ -12,6 +12,7 @@ import torch
 
 from esmerge.errors import LR_MAX
 from esmerge.methods import HParam, MergeResult, register
+from esmerge.methods.es_signals import peak_memory
 from esmerge.methods.objectives import count_flops, from_context
 from esmerge.progress import track
 from esmerge.specialists.adapters import Adapter, with_state
@@ -122,7 +123,7 @@ def avg_finetune(adapters: list[Adapter], context=None, epochs: int = PAPER_EPOC
     -------
     MergeResult
         The fine-tuned adapter; ``info`` holds the hyper-parameters, the benchmark, the loss
-        history and the cost.
+        history and the cost (``wall_seconds``, ``flops``, ``peak_memory_mib``, ``peak_memory_kind``).
 
     Notes
     -----
@@ -150,13 +151,14 @@ def avg_finetune(adapters: list[Adapter], context=None, epochs: int = PAPER_EPOC
     start = time.perf_counter()
     keys = sorted(adapters[0].state)
     average = {k: torch.stack([a.state[k].float() for a in adapters]).mean(dim=0) for k in keys}
-    (state, losses), flops = count_flops(
-        lambda: finetune_state(average, loss_fn, batches, epochs, lr, max_steps, progress), enabled=count_cost
-    )
+    with peak_memory() as memory:  # beside the FLOPs, for Table 4 (esmerge.report.cost)
+        (state, losses), flops = count_flops(
+            lambda: finetune_state(average, loss_fn, batches, epochs, lr, max_steps, progress), enabled=count_cost
+        )
     info = {
         "hparams": {"epochs": epochs, "lr": lr, "max_steps": max_steps, "n_batches": len(list(batches))},
         "benchmark": benchmark,
         "loss": {"first": losses[0], "last": losses[-1], "history": losses},
-        "cost": {"wall_seconds": time.perf_counter() - start, "flops": flops},
+        "cost": {"wall_seconds": time.perf_counter() - start, "flops": flops, **memory},
     }
     return MergeResult(with_state(adapters[0], state, "avg-ft"), info)

@@ -119,6 +119,7 @@ def execute_notebook(stem: str, source: Path, executed: Path, parameters: dict, 
         # The kernel inherits the environment when it starts: the progress file must be set by then.
         with environ(**{progress.ENV_FILE: str(progress_file) if progress_file else None}):
             _run_papermill(papermill, stem, partial_in, partial_out, parameters, cwd)
+        remove_injected_parameters(partial_out)
         os.replace(partial_out, executed)
     except PapermillExecutionError as err:
         kept, note = _keep_failed(partial_out, failed_dir / f"{stem}.ipynb")
@@ -129,6 +130,19 @@ def execute_notebook(stem: str, source: Path, executed: Path, parameters: dict, 
             partial_out.unlink(missing_ok=True)
     (failed_dir / f"{stem}.ipynb").unlink(missing_ok=True)
     return time.perf_counter() - start
+
+
+def remove_injected_parameters(path: Path) -> None:
+    """Tag papermill's injected parameters cell ``remove-cell``, so the book shows no second
+    parameters cell (the notebook keeps it, for anyone rerunning it)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    nbformat.write(nb, path)
 
 
 def _keep_failed(partial: Path, kept: Path) -> tuple[Path | None, str]:

@@ -26,8 +26,11 @@ from pathlib import Path
 
 # Field names (JSON keys, CSV headers) that hold a duration or a timestamp, or say which commit a
 # notebook ran from (regenerate_state.json: an up-to-date notebook keeps the commit of its older run).
+# Peak memory (a process's RSS high-water mark) and whether a cost was read from a cache differ between
+# runs of the same code as times do.
 _VOLATILE = re.compile(r"(^|[ _.])(seconds|wall|wall_s|s / step|s_per_step|elapsed|elapsed_s|started|"
-                       r"finished_utc|timings|wall time \(min\)|commit|uncommitted_changes)($|[ _.(])")
+                       r"finished_utc|timings|wall time \(min\)|commit|uncommitted_changes|peak_memory_mib|"
+                       r"peak_memory|memory_measured_as|cached)($|[ _.(])")
 # produced.json records each file's sha256, which differs exactly when a volatile field does.
 _HASH_OF_FILE = "sha256"
 

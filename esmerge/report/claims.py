@@ -35,7 +35,7 @@ from esmerge.evaluate.caveats import (
     seeds_text,
     would_change,
 )
-from esmerge.evaluate.stats import discordance, paired_bootstrap, paired_mde
+from esmerge.evaluate.stats import paired_bootstrap
 from esmerge.methods.emr import ONE_MODEL
 from esmerge.report.paper_tables import PAPER_DATASET, paper_results
 from esmerge.signals.diagnostics import specialisation_verdict
@@ -352,52 +352,6 @@ def yardstick_claims(results: dict[str, dict[str, dict]], n_resamples: int = 100
     return pd.DataFrame([_check(c, results, None, n_resamples, seed, level, ctx=ctx) for c in out], columns=COLUMNS)
 
 
-def power_table(results: dict[str, dict[str, dict]], reference: str = "es", alpha: float = 0.05,
-                power: float = 0.8) -> pd.DataFrame:
-    """How small a paired difference from ``reference`` the mean over its benchmarks can resolve:
-    per other row, the mean discordance rate (share of examples where exactly one of the two is
-    right) and ``stats.paired_mde`` at ``alpha`` and ``power``. Columns ``method, n, discordance,
-    mde``; empty when ``reference`` is missing."""
-    if reference not in results:
-        return pd.DataFrame(columns=["method", "n", "discordance", "mde"])
-    ref = results[reference]
-    rows = []
-    for method, runs in results.items():
-        if method == reference:
-            continue
-        shared = [b for b in ref if b in runs]
-        if not shared:
-            continue
-        pair_a, pair_b = {b: ref[b] for b in shared}, {b: runs[b] for b in shared}
-        rows.append({"method": method, "n": sum(len(ref[b]["y"]) for b in shared),
-                     "discordance": float(np.mean([discordance(pair_a[b], pair_b[b]) for b in shared])),
-                     "mde": paired_mde(pair_a, pair_b, alpha, power)})
-    return pd.DataFrame(rows, columns=["method", "n", "discordance", "mde"])
-
-
-def decided_verdicts(register: pd.DataFrame, power: pd.DataFrame | None = None) -> list[str]:
-    """One line per register row whose verdict is neither inconclusive nor not measured; when there
-    is none, why: the claims' margins beside the smallest difference this n resolves (``power``,
-    a ``power_table``), with the numbers."""
-    decided = register[~register["verdict"].str.startswith(("inconclusive", "not measured"))]
-    if len(decided):
-        return [f"{len(decided)} of {len(register)} verdicts are not inconclusive:"] + [
-            f"- {r['claim']}: {r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] -> {r['verdict']}"
-            for _, r in decided.iterrows()]
-    measured = register.dropna(subset=["ours"])
-    lines = [f"No verdict of the {len(register)} is decided at this n."]
-    if len(measured):
-        lines.append(f"The measured margins lie between {measured['ours'].min():+.1f} and "
-                     f"{measured['ours'].max():+.1f} points; "
-                     f"{measured['verdict'].str.contains('identical').sum()} compare models that answer "
-                     "identically on every example.")
-    if power is not None and len(power):
-        lines.append(f"Paired differences from ES-Merging this n resolves (80 % power, alpha 0.05): "
-                     f"{power['mde'].min():.1f}-{power['mde'].max():.1f} points (discordance "
-                     f"{power['discordance'].min():.0%}-{power['discordance'].max():.0%}).")
-    return lines
-
-
 def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
                      projection_stability: pd.DataFrame, merged_distances: pd.DataFrame, *,
                      n: int | Mapping[str, int] | None = None, seeds: Sequence[int] = (0,),
@@ -410,9 +364,11 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
     * ``last_block_shift``: rows specialists, columns token modalities; mean last-block distance
       between base and specialist tokens (``03_probe``). Fig. 1: each specialist moves its own
       modality's tokens furthest.
-    * ``own_vs_other``: columns ``specialist``, ``blocks_above``, ``blocks``, ``mean_ratio``
-      (``layerwise.specialisation_table``, saved by ``04_layerwise``). Fig. 2: own-modality SWD
-      exceeds other-modality SWD at most blocks and on average (``layerwise.specialisation_verdict``).
+    * ``own_vs_other``: columns ``specialist``, ``blocks_above``, ``blocks``, ``mean_ratio`` and
+      optionally ``seed`` (``diagnostics.specialisation_by_seed``, saved by ``04_layerwise``). Fig. 2:
+      own-modality SWD exceeds other-modality SWD at most blocks and on average
+      (``specialisation_verdict``); with several specialist seeds, *holds* only at every seed,
+      *mixed: holds at k of S seeds* when at some.
     * ``projection_stability``: columns ``projections``, ``mean std of alpha over seeds``
       (``04_layerwise``). Table 7: more projections, steadier coefficients (strictly falling).
     * ``merged_distances``: rows token modalities, columns specialists; distance from the ES-merged
@@ -434,13 +390,15 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
         value = n.get(source) if isinstance(n, Mapping) else n
         return "not recorded" if value is None else value
 
-    def add(claim, source, evidence, holds, change):
-        text = caveats_for(applies, ["specialists"])
+    def add(claim, source, evidence, holds, change, row_seeds=None):
+        row_seeds = tuple(seeds) if row_seeds is None else row_seeds
+        text = caveats_for(applies, ["specialists"], seeds=row_seeds)
         if source == "Fig. 2":
-            text = text.replace(CAVEATS["seed selection"], "one seed, selected by this very test")
-        rows.append({"claim": claim, "source": source, "evidence": evidence,
-                     "verdict": "holds" if holds else "does not hold", "n": count(source),
-                     "seeds": seeds_text(seeds, ["specialists"]), "caveats": text, "would_change": change})
+            text = text.replace(CAVEATS["seed selection"], "one seed, selected by this very test").replace(
+                "selected by the Fig. 2 test", "selected by this very test")
+        verdict = holds if isinstance(holds, str) else "holds" if holds else "does not hold"
+        rows.append({"claim": claim, "source": source, "evidence": evidence, "verdict": verdict, "n": count(source),
+                     "seeds": seeds_text(row_seeds, ["specialists"]), "caveats": text, "would_change": change})
 
     def nearest(row, want, smallest):
         other = row.drop(want)
@@ -454,14 +412,20 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
                       f"{name} tokens moving furthest (now {nearest(row, name, False)})")
             add(f"the {name} specialist moves {name} tokens furthest from the base (last block)", "Fig. 1",
                 ", ".join(f"{m} {v:.3g}" for m, v in row.items()), holds, change)
-    for row in own_vs_other.itertuples(index=False):
-        spec = row.specialist
-        holds = specialisation_verdict(row.blocks_above, row.blocks, row.mean_ratio)
-        now = f"now {row.blocks_above}/{row.blocks} blocks, mean ratio {row.mean_ratio:.2f}"
-        change = (f"own SWD above the others' at half the blocks or fewer, or a mean ratio <= 1 ({now})" if holds
-                  else f"own SWD above the others' at most blocks and a mean ratio > 1 ({now})")
-        add(f"{spec} specialist: SWD on {spec} tokens exceeds SWD on other tokens", "Fig. 2",
-            f"{row.blocks_above}/{row.blocks} blocks, mean ratio {row.mean_ratio:.2f}", holds, change)
+    by_seed = own_vs_other if "seed" in own_vs_other else own_vs_other.assign(seed=seeds[0])
+    for spec, part in by_seed.groupby("specialist", sort=False):
+        part = part.sort_values("seed")
+        passed = [specialisation_verdict(r.blocks_above, r.blocks, r.mean_ratio) for r in part.itertuples()]
+        evidence = "; ".join(f"seed {r.seed}: {r.blocks_above}/{r.blocks} blocks, mean ratio {r.mean_ratio:.2f}"
+                             for r in part.itertuples()) if len(part) > 1 else (
+            f"{part.blocks_above.iloc[0]}/{part.blocks.iloc[0]} blocks, mean ratio {part.mean_ratio.iloc[0]:.2f}")
+        holds = all(passed) or (f"mixed: holds at {sum(passed)} of {len(passed)} seeds" if any(passed) else False)
+        every, any_ = (" at every seed", " at any seed") if len(part) > 1 else ("", "")
+        change = (f"own SWD above the others' at half the blocks or fewer, or a mean ratio <= 1{any_} (now {evidence})"
+                  if holds is True else
+                  f"own SWD above the others' at most blocks and a mean ratio > 1{every} (now {evidence})")
+        add(f"{spec} specialist: SWD on {spec} tokens exceeds SWD on other tokens", "Fig. 2", evidence, holds,
+            change, tuple(part["seed"]))
     ordered = projection_stability.sort_values("projections")
     spread = ordered["mean std of alpha over seeds"].to_numpy()
     holds = bool(len(spread) > 1 and np.all(np.diff(spread) < 0))
@@ -477,55 +441,3 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
             add(f"on {modality} tokens the ES-merged model is nearest the {modality} specialist", "Fig. 8",
                 "nearest: " + row.idxmin() + "; " + ", ".join(f"{m} {v:.3g}" for m, v in row.items()), holds, change)
     return pd.DataFrame(rows, columns=["claim", "source", "evidence", "verdict", *CAVEAT_COLUMNS])
-
-
-# --------------------------------------------------------------------------- summaries (claims chapter)
-def disagreements(mechanism: pd.DataFrame, register: pd.DataFrame) -> list[str]:
-    """One line per claim that does not hold or is not supported here, then one per claim whose
-    margin is already <= 0 in the paper's own numbers, then a count of the verdicts."""
-    lines = [f"- {r['source']}: {r['claim']} -> does not hold here ({r['evidence']})"
-             for _, r in mechanism[mechanism["verdict"] != "holds"].iterrows()]
-    for _, r in register[~register["verdict"].str.startswith("supported")].iterrows():
-        ours = "not measured" if pd.isna(r["ours"]) else f"{r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]"
-        paper = "not a claim of the paper" if pd.isna(r["paper"]) else f"paper margin {r['paper']:+.1f} pts"
-        lines.append(f"- {r['source']}: {r['claim']}: {paper}; ours {ours} -> {r['verdict']}")
-    lines += [f"- note: the paper's own numbers give this claim a margin of {r['paper']:+.1f} pts: {r['claim']}"
-              for _, r in register[register["paper"] <= 0].iterrows()]
-    verdicts = register["verdict"]
-    lines.append(f"\nRepresentation: {(mechanism['verdict'] == 'holds').sum()} of {len(mechanism)} hold. "
-                 f"Accuracy: {verdicts.str.startswith('supported').sum()} of {len(register)} supported, "
-                 f"{(verdicts == 'not supported').sum()} contradicted, "
-                 f"{verdicts.str.startswith('inconclusive').sum()} inconclusive, "
-                 f"{(verdicts == 'not measured').sum()} not measured.")
-    return lines
-
-
-def es_ranks(tables: list[pd.DataFrame], method: str = "es") -> pd.DataFrame:
-    """``method``'s rank among the evaluated models on each group-average accuracy, ours and the paper's.
-
-    ``tables``: ``results_table`` outputs (Tables 1-2). Rank 1 is best; ``paper_rank`` is NaN where
-    the paper has no value (a partial group). Columns ``group, rank, of, paper_rank, paper_of``.
-    """
-    rows = pd.concat(tables)
-    rows = rows[(rows["metric"] == "accuracy") & rows["dataset"].str.startswith("Avg.")]
-    ours = rows.pivot(index="method", columns="dataset", values="ours").rank(ascending=False)
-    paper = rows.dropna(subset=["paper"]).pivot(index="method", columns="dataset", values="paper").rank(ascending=False)
-    out = []
-    for col in ours.columns if method in ours.index else []:
-        has_paper = col in paper.columns and method in paper.index
-        out.append({"group": col, "rank": ours.loc[method, col], "of": int(ours[col].notna().sum()),
-                    "paper_rank": paper.loc[method, col] if has_paper else np.nan,
-                    "paper_of": int(paper[col].notna().sum()) if has_paper else 0})
-    return pd.DataFrame(out, columns=["group", "rank", "of", "paper_rank", "paper_of"])
-
-
-def answer_bias(results: dict[str, dict[str, dict]]) -> dict:
-    """How one-sided the answers are: per model the % of positive answers and the mean AUROC over
-    benchmarks; the % of positive examples; the median width of a per-benchmark accuracy CI."""
-    # pred == 1, not mean(pred): a generated reply without a valid answer is stored as -1
-    return {"positive_answers": {m: np.mean([np.mean(np.asarray(r["pred"]) == 1) for r in runs.values()]) * 100
-                                 for m, runs in results.items()},
-            "positive_rate": np.mean([np.mean(r["y"]) for r in next(iter(results.values())).values()]) * 100,
-            "auroc": {m: np.nanmean([r["auroc"] for r in runs.values()]) for m, runs in results.items()},
-            "median_ci_width": float(np.median([r["accuracy_ci"][1] - r["accuracy_ci"][0]
-                                                for runs in results.values() for r in runs.values()]))}

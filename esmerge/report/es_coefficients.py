@@ -10,7 +10,7 @@ import torch
 
 from esmerge.signals import elementwise, probe
 from esmerge.signals.combine import combine, merge_lora
-from esmerge.specialists.adapters import Adapter, attach, with_state
+from esmerge.specialists.adapters import Adapter, attach, parse_key, with_state
 
 
 def coefficient_summary(alpha: torch.Tensor, beta: dict, lam: dict, names: list[str]) -> pd.DataFrame:
@@ -105,3 +105,42 @@ def code_vs_paper_element(scores: list, alpha: torch.Tensor, lam: dict, tau_elem
         rows.append(coefficient_shift("MSE instead of Frobenius (code)", lam,
                                       combine(alpha, elementwise.element_coefficients(mse_scores, tau_element))))
     return pd.DataFrame(rows)
+
+
+def coefficient_map(coefs: dict[str, torch.Tensor], layer: int, module: str, part: str) -> torch.Tensor:
+    """The coefficients ``[S, rows, cols]`` of one LoRA matrix (``part`` "A" or "B") of ``module`` at ``layer``.
+
+    >>> key = "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"
+    >>> coefficient_map({key: torch.ones(3, 4, 8)}, 2, "q_proj", "A").shape
+    torch.Size([3, 4, 8])
+    """
+    return coefs[next(k for k in coefs if parse_key(k) == (layer, module, part))]
+
+
+def module_grid(coefs: dict[str, torch.Tensor], layers: list[int], module: str, names: list[str], title: str):
+    """One module's coefficients as images: rows (layer, LoRA A/B), columns the specialists ``names``,
+    one colour scale from 0 to 1 (paper Figs. 9-10). B ``[d_out, r]`` is drawn transposed, rank as rows
+    like A. Returns the Figure.
+
+    >>> key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    >>> coefs = {key.format("A"): torch.rand(2, 4, 6), key.format("B"): torch.rand(2, 6, 4)}
+    >>> fig = module_grid(coefs, [0], "q_proj", ["a", "b"], "t"); len(fig.axes)  # 2 x 2 images + colour bar
+    5
+    """
+    import matplotlib.pyplot as plt
+
+    rows = [(layer, p) for layer in layers for p in "AB"]
+    fig, axes = plt.subplots(len(rows), len(names), figsize=(3.4 * len(names), 1.25 * len(rows)), squeeze=False)
+    for r, (layer, part) in enumerate(rows):
+        m = coefficient_map(coefs, layer, module, part)
+        for j, spec in enumerate(names):
+            img = m[j] if part == "A" else m[j].T
+            im = axes[r, j].imshow(img.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            axes[r, j].set_xticks([]), axes[r, j].set_yticks([])
+            if r == 0:
+                axes[r, j].set_title(spec)
+            if j == 0:
+                axes[r, j].set_ylabel(f"L{layer} {part}", fontsize=8)
+    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01)
+    fig.suptitle(f"{module}: {title}", y=1.04)
+    return fig

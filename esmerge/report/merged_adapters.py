@@ -135,3 +135,56 @@ def emr_table(info: dict) -> pd.DataFrame:
     {'cell': {'rescaler': 1.5, 'mask density': 0.25}}
     """
     return pd.DataFrame({"rescaler": info["rescalers"], "mask density": info["mask_density"]})
+
+
+def budget_table(budgets, paper) -> pd.DataFrame:
+    """The searching baselines' budgets as run beside the paper's (``scales.MergeBudgets`` each).
+
+    >>> from esmerge.scales import MergeBudgets
+    >>> t = budget_table(MergeBudgets(adamerging_steps=10), MergeBudgets())
+    >>> t.loc[0].to_dict()
+    {'method': 'adamerging', 'setting': 'Adam steps', 'as run': 10, 'paper': 500}
+    """
+    fields = [("adamerging", "Adam steps", "adamerging_steps"),
+              ("adamerging", "unlabeled prompts per benchmark", "adamerging_prompts_per_benchmark"),
+              ("avg-ft", "training rows per benchmark", "ft_examples"), ("avg-ft", "epochs", "ft_epochs"),
+              ("avg-ft", "batch", "ft_batch"), ("ls-merge", "VAE epochs", "lsmerge_epochs")]
+    return pd.DataFrame([{"method": m, "setting": label, "as run": getattr(budgets, f), "paper": getattr(paper, f)}
+                         for m, label, f in fields])
+
+
+def curve_cost_table(curves: dict[str, dict], adamerging: dict, finetune: dict[str, dict], budgets) -> pd.DataFrame:
+    """One row per run of a budget curve: method, budget, wall time and FLOPs; the runs at the scale's
+    own budget (``adamerging``: its ``esmerge.json``; ``finetune``: benchmark -> ``esmerge.json``) are
+    included and marked, Avg+FT on ``budgets.curve_benchmarks`` only, summed over them.
+
+    >>> m = lambda s, f: {"info": {"cost": {"wall_seconds": s, "flops": f}}}
+    >>> from esmerge.scales import MergeBudgets
+    >>> b = MergeBudgets(adamerging_steps=10, ft_examples=8, curve_benchmarks=("X",))
+    >>> t = curve_cost_table({"adamerging@3": m(3.0, 30), "avg-ft@4/X": m(1.0, 4)}, m(10.0, 100), {"X": m(2.0, 8)}, b)
+    >>> t[["method", "budget", "wall_s", "FLOPs", "as run"]].values.tolist()
+    [['adamerging', 3, 3.0, 30, False], ['adamerging', 10, 10.0, 100, True], ['avg-ft', 4, 1.0, 4, False], \
+['avg-ft', 8, 2.0, 8, True]]
+    """
+    rows = {}
+    runs = {**curves, f"adamerging@{budgets.adamerging_steps}": adamerging,
+            **{f"avg-ft@{budgets.ft_examples}/{b}": finetune[b] for b in budgets.curve_benchmarks if b in finetune}}
+    for name, meta in runs.items():
+        method, rest = name.split("@")
+        budget = int(rest.split("/")[0])
+        row = rows.setdefault((method, budget), {"method": method, "budget": budget, "wall_s": 0.0, "FLOPs": 0,
+                                                 "as run": budget == (budgets.adamerging_steps if method == "adamerging"
+                                                                      else budgets.ft_examples)})
+        row["wall_s"] = round(row["wall_s"] + meta["info"]["cost"]["wall_seconds"], 2)
+        row["FLOPs"] += meta["info"]["cost"]["flops"] or 0
+    table = pd.DataFrame(sorted(rows.values(), key=lambda r: (r["method"], r["budget"])))
+    table.insert(2, "unit", table["method"].map({"adamerging": "Adam steps", "avg-ft": "training rows per benchmark"}))
+    return table
+
+
+def seed_cosine_table(by_seed: dict[int, tuple[dict[str, Adapter], dict[str, Adapter]]]) -> pd.DataFrame:
+    """Mean cosine of each merged update ``{BA}`` to its own seed's specialists' (``delta_cosine_to``),
+    methods x seeds; ``by_seed``: seed -> (method -> merged adapter, modality -> specialist adapter)."""
+    return pd.DataFrame({f"seed {s}": {name: sum(c := delta_cosine_to(a, specs).values()) / len(c)
+                                       for name, a in merged.items()}
+                         for s, (merged, specs) in by_seed.items()})

@@ -1,13 +1,11 @@
-"""The paper's tables from our results: Tables 1-3 and 8 beside ``paper_results.csv``, and Table 4's cost.
+"""The paper's tables from our results: Tables 1-3 and 8 beside ``paper_results.csv`` (Table 4: ``cost``).
 
 ``results`` everywhere is ``{method: {benchmark: evaluate(...) result}}``. The paper's numbers are
 read in place from ``../shared/reference`` (``$ESMERGE_REFERENCE_DIR``) and never copied here.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +79,7 @@ def results_table(results: dict[str, dict[str, dict]], table: str = "Table 1", n
 def wide_table(long: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     """``results_table`` output as method x dataset cells ``"ours [lo, hi] (paper)"``."""
     part = long[long["metric"] == metric]
-    cell = part.apply(lambda r: f"{r.ours:.1f} [{r.lo:.0f}, {r.hi:.0f}]"
+    cell = part.apply(lambda r: f"{r.ours:.1f} [{r.lo:.1f}, {r.hi:.1f}]"
                       + (f" ({r.paper:.1f})" if pd.notna(r.paper) else ""), axis=1)
     frame = part.assign(cell=cell).pivot(index="method", columns="dataset", values="cell")
     columns = list(dict.fromkeys(part["dataset"]))
@@ -103,61 +101,3 @@ def group_averages(tables: list[pd.DataFrame], ablation: pd.DataFrame | None = N
         rows = rows.assign(paper=[p if pd.notna(p) else t8_paper.get((m, d), np.nan)
                                   for m, d, p in zip(rows["method"], rows["dataset"], rows["paper"])])
     return rows
-
-
-# --------------------------------------------------------------------------- cost (Table 4)
-def merge_folders(*roots: Path) -> dict[str, Path]:
-    """Method name -> its folder under ``roots`` (a later root's folder replaces an earlier one of
-    the same name); folders holding one merged model come first, per-benchmark folders last."""
-    found: dict[str, Path] = {}
-    for root in roots:
-        found.update({p.name: p for p in sorted(Path(root).glob("*")) if p.is_dir()})
-    whole = {name: p for name, p in found.items() if (p / "esmerge.json").is_file()}
-    return {**whole, **{name: p for name, p in found.items() if name not in whole}}
-
-
-def _cost_of(folder: Path) -> dict | None:
-    """``esmerge.json`` of a merged model; for a folder of per-benchmark models (Avg. Merging + FT),
-    their costs summed: top-level ``wall_seconds`` and every number under ``info.cost``."""
-    marker = folder / "esmerge.json"
-    if marker.is_file():
-        return json.loads(marker.read_text())
-    metas = [json.loads(f.read_text()) for f in sorted(folder.glob("*/esmerge.json"))]
-    if not metas:
-        return None
-    keys = list(dict.fromkeys(k for m in metas for k in m.get("info", {}).get("cost", {})))
-    cost = {k: sum(m["info"].get("cost", {}).get(k, 0) or 0 for m in metas) for k in keys}
-    return {"wall_seconds": sum(m.get("wall_seconds", 0) or 0 for m in metas), "info": {"cost": cost}}
-
-
-def cost_table(method_dirs: dict[str, Path]) -> pd.DataFrame:
-    """Each merged method's recorded cost (``esmerge.json`` ``info``) beside the paper's Table 4.
-
-    Keys of ``info`` that mention flops, wall time, seconds or steps are reported as recorded,
-    with the merge's total ``wall_seconds``. A folder holding one merged model per benchmark
-    reports their sums; folders with no ``esmerge.json`` at all are left out.
-    """
-    paper = paper_results()
-    paper = paper[paper["table"] == "Table 4"].set_index("method")["value"]
-    rows = []
-    for method, folder in method_dirs.items():
-        meta = _cost_of(Path(folder))
-        if meta is None:
-            continue
-        flat = _flatten(meta.get("info", {}))
-        cost = {k: v for k, v in flat.items() if re.search(r"flop|wall|second|time|step|backward|forward", k, re.I)
-                and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        rows.append({"method": method, "wall_seconds": meta.get("wall_seconds", np.nan), **cost,
-                     "paper_total_flops": paper.get(method, np.nan)})
-    return pd.DataFrame(rows)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, name + "."))
-        else:
-            out[name] = v
-    return out

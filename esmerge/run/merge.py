@@ -147,10 +147,13 @@ def check_base(base, specialists: dict) -> None:
 
 
 def build_context(scale: str, seed: int = 0, probe_k: int | None = None, *, base_path: str | None = None,
-                  specialists_dir: str | Path | None = None, **extras) -> MergeContext:
+                  specialists_dir: str | Path | None = None, specialist_seed: int = 0, **extras) -> MergeContext:
     """Load the base and the three specialists of a scale into a ``MergeContext``.
 
-    ``probe_k``: probe samples per modality, default ``scales.get(scale).probe_k``. At ``paper``
+    ``seed`` seeds the merge (probe sample, projections, baselines' data); ``specialist_seed`` is
+    the training seed of the specialists (``scales.get(scale).specialist_seeds``; see
+    ``specialists.load.load_specialists``). ``probe_k``: probe samples per modality, default
+    ``scales.get(scale).probe_k``. At ``paper``
     scale the base is ``paper_base(base_path)`` (hub id or local folder) and the specialists are
     read from ``specialists.paper_specialists_dir(specialists_dir)``; both are refused elsewhere.
     """
@@ -165,7 +168,7 @@ def build_context(scale: str, seed: int = 0, probe_k: int | None = None, *, base
         specs = load_specialists(scale, base, root=specialists_dir)
     else:
         base = load_base(scale, seed=seed)
-        specs = load_specialists(scale, base)
+        specs = load_specialists(scale, base, seed=specialist_seed)
     check_base(base, specs)
     return MergeContext(base, specs, scale, seed, k, cache_dir() / "es" / scale, dict(extras))
 

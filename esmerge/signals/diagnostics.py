@@ -6,6 +6,7 @@ and how stable the SWD table is across random directions (``projection_stability
 """
 from __future__ import annotations
 
+import pandas as pd
 import torch
 
 from esmerge.signals.layerwise import layer_coefficients
@@ -174,6 +175,35 @@ def specialisation_table(swd: torch.Tensor, own_modality: list[int]) -> list[dic
         rows.append({"blocks_above": above, "blocks": own.shape[1], "mean_ratio": ratio,
                      "passes": specialisation_verdict(above, own.shape[1], ratio)})
     return rows
+
+
+def specialisation_by_seed(swds: dict[int, torch.Tensor], own_modality: list[int], names: list[str]) -> pd.DataFrame:
+    """Paper Fig. 2's test at every specialist seed: ``specialisation_table`` of each seed's SWD table.
+
+    Parameters
+    ----------
+    swds : dict of int to Tensor, each ``[S, M, L]``
+        Specialist seed -> its SWD table.
+    own_modality : list of int, length S
+        Each specialist's modality index.
+    names : list of str, length S
+        The specialists' names.
+
+    Returns
+    -------
+    DataFrame
+        One row per (seed, specialist): ``seed, specialist, blocks_above, blocks, mean_ratio, passes``.
+
+    Examples
+    --------
+    >>> swd = torch.tensor([[[2., 2., 0.5], [1., 1., 1.]], [[1., 1., 1.], [3., 0.5, 0.5]]])
+    >>> t = specialisation_by_seed({0: swd, 1: swd.flip(0)}, [0, 1], ["a", "b"])
+    >>> t[["seed", "specialist", "blocks_above", "passes"]].values.tolist()
+    [[0, 'a', 2, True], [0, 'b', 1, False], [1, 'a', 2, False], [1, 'b', 1, False]]
+    """
+    return pd.DataFrame([{"seed": s, "specialist": name, **row}
+                         for s, swd in swds.items()
+                         for name, row in zip(names, specialisation_table(swd, own_modality))])
 
 
 def projection_stability(base_states: dict[str, torch.Tensor], specialist_states: list[dict[str, torch.Tensor]],

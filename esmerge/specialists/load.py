@@ -21,7 +21,7 @@ import copy
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from safetensors.torch import save as tensors_to_bytes
 
 from esmerge import outputs, scales
 from esmerge.cache import cache_dir, content_key, file_sha256, key_lock
-from esmerge.errors import InputError
+from esmerge.errors import InputError, UsageError, check_seed
 from esmerge.paths import REPO_ROOT
 from esmerge.specialists import adapters as adapter_io
 from esmerge.specialists import encoders
@@ -378,11 +378,12 @@ def _paper_folder(root: Path, modality: str) -> Path:
     return folder
 
 
-def load_specialists(scale: str, base: BaseModel, root=None) -> dict[str, Specialist]:
-    """The three specialists of ``scale``, ordered molecule, protein, cell.
+def load_specialists(scale: str, base: BaseModel, root=None, seed: int = 0) -> dict[str, Specialist]:
+    """The three specialists of ``scale`` trained at ``seed``, ordered molecule, protein, cell.
 
-    * ``cpu``: the shipped ones in ``data_manifest/specialists/cpu/<modality>/``, after checking
-      their sha256 against ``data_manifest/specialists.yaml``.
+    * ``cpu``: the shipped ones in ``data_manifest/specialists/<shipped_set(scale, seed)>/<modality>/``
+      (seed 0: ``cpu/``; the seed replicates: ``cpu-seed1/``, ...), after checking their sha256
+      against ``data_manifest/specialists.yaml``.
     * ``smoke``: tiny specialists on the hand-made examples, trained in seconds (the smoke
       ``scales.TrainRecipe``) and cached under ``cache_dir()`` keyed by the base weights, recipe
       and code version; a second process waits for the first and reuses its specialists.
@@ -392,11 +393,12 @@ def load_specialists(scale: str, base: BaseModel, root=None) -> dict[str, Specia
       (``encoders.build_encoder``): ESM-2 + adapter for proteins (blocks of length + 2),
       Mol-LLaMA's own encoder for molecules when that optional extra is installed.
     """
+    check_seed(seed, "specialist seed")
     if scale == "cpu":
-        dirs = verify_shipped("cpu")
+        dirs = verify_shipped("cpu", seed)
         return {m: load_specialist(dirs[m], base) for m in MODALITIES}
     if scale == "smoke":
-        recipe = scales.get("smoke").train
+        recipe = replace(scales.get("smoke").train, seed=seed) if seed else scales.get("smoke").train
         key = content_key(base.weights_sha256, asdict(recipe), CODE_VERSION)
         root = cache_dir() / "specialists" / "smoke" / key
         specs = {}
@@ -412,6 +414,9 @@ def load_specialists(scale: str, base: BaseModel, root=None) -> dict[str, Specia
                 specs[modality] = _train_into(base, modality, folder, settings, False, examples, info, None)
         return specs
     if scale == "paper":
+        if seed:
+            raise UsageError(f"specialist seed {seed}: the paper scale has one set of specialists, the published "
+                             "ones (seed 0)")
         root = paper_specialists_dir(root)
         return {m: load_specialist(_paper_folder(root, m), base) for m in MODALITIES}
     scales.get(scale)  # a UsageError naming the scales

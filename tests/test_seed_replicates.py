@@ -1,0 +1,88 @@
+"""Specialist seed replicates: loaded per seed, merged by every method into their own folders, and the
+budget curves beside the scale's budgets (smoke scale, tiny budgets)."""
+import pytest
+import torch
+
+from esmerge import evaluate, scales
+from esmerge.errors import UsageError
+from esmerge.evaluate.models import merged_models
+from esmerge.evaluate.retention_models import retention_models
+from esmerge.report import budget_curves
+from esmerge.run import all_methods
+from esmerge.run.merge import build_context
+from esmerge.specialists import load as S
+from esmerge.specialists.adapters import adapter_digest, is_merged
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    torch.set_num_threads(1)
+    yield
+    mp.undo()
+
+
+def test_each_specialist_seed_is_its_own_set_and_seed_zero_is_unchanged(cache):
+    seed0 = build_context("smoke", 0)
+    again = build_context("smoke", 0, specialist_seed=0)
+    seed1 = build_context("smoke", 0, specialist_seed=1)
+    for m in seed0.specialists:
+        assert adapter_digest(seed0.specialists[m].adapter) == adapter_digest(again.specialists[m].adapter)
+        assert adapter_digest(seed0.specialists[m].adapter) != adapter_digest(seed1.specialists[m].adapter)
+        assert seed1.specialists[m].card["seed"] == 1 and seed0.specialists[m].card["seed"] == 0
+    assert seed0.base.weights_sha256 == seed1.base.weights_sha256  # one base: only the specialists vary
+
+
+def test_paper_scale_has_one_seed_and_a_bad_seed_is_refused(cache):
+    base = build_context("smoke", 0).base
+    with pytest.raises(UsageError, match="specialist seed 1: the paper scale has one set"):
+        S.load_specialists("paper", base, seed=1)
+    with pytest.raises(UsageError, match="specialist seed"):
+        S.load_specialists("smoke", base, seed=-1)
+
+
+def test_shipped_cpu_seed_replicates_verify_against_the_manifest():
+    dirs = {s: S.verify_shipped("cpu", s) for s in scales.get("cpu").specialist_seeds}
+    assert [d["cell"].parent.name for d in dirs.values()] == ["cpu", "cpu-seed1", "cpu-seed2"]
+
+
+def test_every_method_at_a_second_seed_lands_in_its_own_folder_and_discovery_skips_it(cache, tmp_path):
+    budgets = scales.get("smoke").merge_budgets
+    config = evaluate.default_config("smoke")
+    root = tmp_path / "06_merging"
+    for s in (0, 1):
+        context = build_context("smoke", 0, specialist_seed=s)
+        done = all_methods.merge_every_method(context, all_methods.seed_folder(root, s), budgets, config,
+                                              es_variants=("es",))
+        assert set(done.adapters) == {*all_methods.TRAINING_FREE, "ls-merge", "adamerging", "es"}
+        assert list(done.finetune) == list(budgets.benchmarks)
+    curves = all_methods.merge_budget_curves(context, root, budgets, config)
+    assert set(curves) == {"adamerging@1", "adamerging@3", "avg-ft@2/GDSC2", "avg-ft@8/GDSC2"}
+    assert all(is_merged(root / "curves" / name) for name in curves)
+    seed1 = root / "seeds" / "seed1"
+    assert is_merged(seed1 / "es") and is_merged(seed1 / "avg-ft" / "GDSC2")
+    # the seed-0 merges differ from seed 1's: each seed merges its own specialists
+    es0 = (root / "es" / "adapter_model.safetensors").read_bytes()
+    assert es0 != (seed1 / "es" / "adapter_model.safetensors").read_bytes()
+    # the evaluation and retention chapters find the methods, never "seeds" or "curves" as one
+    models, _, notes = merged_models(root, context.base, {}, ["GDSC2"], lambda a, b: a)
+    assert "seeds" not in models and "curves" not in models and not any("seeds" in n for n in notes)
+    found, notes = retention_models({}, root)
+    assert not {"seeds", "curves"} & set(found) and not any("curves" in n for n in notes)
+    # a rerun merges nothing again: every folder already holds its method's result
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("esmerge.json")}
+    all_methods.merge_every_method(context, all_methods.seed_folder(root, 1), budgets, config, es_variants=("es",))
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("esmerge.json")} == stamps
+
+
+def test_accuracy_curve_averages_avg_ft_over_the_curve_benchmarks_only():
+    budgets = scales.MergeBudgets(adamerging_steps=10, ft_examples=8, curve_benchmarks=("A",))
+    right, wrong = {"y": [1, 0], "pred": [1, 0]}, {"y": [1, 0], "pred": [0, 1]}
+    results = {"avg-ft": {"A": right, "B": wrong}, "avg-ft@4": {"A": wrong}, "adamerging": {"A": right, "B": wrong},
+               "ties": {"A": right}}
+    curve = budget_curves.accuracy_curve(results, budgets, n_resamples=50).set_index(["method", "budget"])
+    assert curve.loc[("avg-ft", 8), "accuracy"] == 100.0  # B, not a curve benchmark, is left out
+    assert curve.loc[("avg-ft", 4), "accuracy"] == 0.0
+    assert curve.loc[("adamerging", 10), "accuracy"] == 50.0 and bool(curve.loc[("adamerging", 10), "as_run"])
+    assert "ties" not in curve.index.get_level_values("method")
