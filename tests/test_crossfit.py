@@ -166,8 +166,10 @@ def test_cross_fit_config_keys_and_refusals():
     for decision in ("argmax", "contextual", "context-threshold"):
         config = ev.EvalConfig(decision=decision)
         assert "n_folds" not in config.key() and "n_folds" not in repr(config)
-    assert ev.default_config("cpu").decision == "context-threshold"  # cross-fit is opt-in
-    assert "n_folds" not in ev.default_config("cpu").key()
+    # the cpu scale cross-fits its thresholds (chosen on protocol rows): its key carries the fold count
+    assert ev.default_config("cpu").decision == "cross-fit" and ev.default_config("cpu").key()["n_folds"] == 5
+    # generation has no scores to threshold: asking for it at a cross-fitting scale takes the paper's argmax
+    assert ev.EvalConfig.for_scale("cpu", scoring="generate").decision == "argmax"
     key = ev.EvalConfig(decision="cross-fit", n_folds=4).key()
     assert key["decision"] == "cross-fit" and key["n_folds"] == 4 and "n_calibration" not in key
     assert ev.EvalConfig(decision="cross-fit").n_folds == cal.N_FOLDS == 5

@@ -96,9 +96,9 @@ def test_prompt_labels_and_groups_come_from_the_one_benchmark_table(base):
         assert name in ev.GROUPS[spec.group] and report.PAPER_DATASET[name] == spec.paper_dataset
     assert ev.default_config("smoke") == ev.EvalConfig(n_eval=3, n_context=12, n_shots=1, top_k_genes=3,
                                                        protein_chars=12, smiles_chars=24, batch_size=3, n_resamples=100,
-                                                       decision="argmax", n_calibration=32)
+                                                       decision="cross-fit", n_folds=3, n_calibration=32)
     assert ev.default_config("cpu") == ev.EvalConfig() and ev.EvalConfig().n_eval == 32
-    assert ev.EvalConfig().decision == "context-threshold"  # the cpu base answers by its prompt
+    assert ev.EvalConfig().decision == "cross-fit"  # the cpu base answers by its prompt, thresholds cross-fitted
     assert ev.default_benchmarks("smoke") == ("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate")
     assert ev.default_benchmarks("cpu") == ev.BENCHMARK_NAMES
 

@@ -132,7 +132,9 @@ def test_plain_argmax_keeps_its_old_cache_key_and_result_fields():
     assert "decision" not in config.key() and "shot_labels" not in config.key()
     assert "n_calibration" not in config.key()
     assert ev.EvalConfig(decision="contextual").key()["decision"] == "contextual"
-    assert ev.default_config("smoke").decision == "argmax"  # smoke outputs keep their keys
+    # smoke and cpu cross-fit their thresholds: the fold count is in the key, no calibration rows are
+    smoke = ev.default_config("smoke")
+    assert smoke.decision == "cross-fit" and smoke.key()["n_folds"] == 3 and "n_calibration" not in smoke.key()
     assert ev.EvalConfig(shot_labels="shuffled").key()["shot_labels"] == "shuffled"
     with pytest.raises(UsageError, match="decision='bogus'"):
         ev.EvalConfig(decision="bogus")

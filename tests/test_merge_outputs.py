@@ -231,7 +231,7 @@ def test_probe_k_zero_is_refused_and_the_default_comes_from_the_scale(monkeypatc
     """Regression: --probe-k 0 silently used 8 (`probe_k or SCALE_DEFAULTS[...]`)."""
     loaded = []
     monkeypatch.setattr(merge, "load_base", lambda scale, seed=0: loaded.append(scale) or BASE)
-    monkeypatch.setattr(merge, "load_specialists", lambda scale, base: toy_context().specialists)
+    monkeypatch.setattr(merge, "load_specialists", lambda scale, base, seed=0: toy_context().specialists)
     with pytest.raises(UsageError, match="probe_k must be an integer >= 1 .*got 0"):
         merge.build_context("smoke", probe_k=0)
     assert loaded == []  # refused before any model was loaded

@@ -76,7 +76,10 @@ class EvalConfig:
         """The evaluation settings of ``scale`` (``scales.get(scale).evaluation``), with ``overrides``."""
         defaults = scales.get(scale).evaluation
         own = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in defaults.__dict__.items() if k in own}, **overrides})
+        chosen = {**{k: v for k, v in defaults.__dict__.items() if k in own}, **overrides}
+        if overrides.get("scoring") == "generate" and "decision" not in overrides:
+            chosen["decision"] = "argmax"  # a parsed reply has no scores for the scale's fitted decision to read
+        return cls(**chosen)
 
     def __post_init__(self):
         from esmerge.errors import check_seed
