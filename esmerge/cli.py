@@ -362,8 +362,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=None, help="examples per benchmark (default: the scale's)")
     p.add_argument("--n-shots", type=int, default=None, help="in-context examples (default: the scale's)")
     p.add_argument("--scoring", choices=("loglik", "generate"), default=None,
-                   help="loglik: the likelier answer; generate: the paper's greedy reply and its `Final answer:` "
-                        "(default: the scale's; paper: generate)")
+                   help="loglik: the likelier answer; generate: the paper's greedy reply and its `Final answer:`, "
+                        "read as is (argmax: a reply has no scores to threshold) (default: the scale's; paper: "
+                        "generate)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="with --scoring generate: reply length cap (default 256)")
     p.add_argument("--seed", type=int, default=0)

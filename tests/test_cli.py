@@ -52,7 +52,6 @@ BYO = ["--base", "smoke", "--adapter", "first=nowhere/a", "--adapter", "second=n
     (["evaluate", "--scale", "smoke", "--model", "nothing-here"], 2, ["nothing-here", "esmerge.json"]),
     (["evaluate", "--scale", "smoke", "--model", "base", "--n-eval", "0"], 2, ["n_eval=0"]),
     (["evaluate", "--scale", "smoke", "--model", "base", "--benchmarks", "Nope"], 2, ["Nope"]),
-    (["evaluate", "--scale", "cpu", "--model", "base", "--scoring", "generate"], 2, ["generate", "argmax"]),
     (["regenerate", "--scale", "smoke", "--jobs", "0"], 2, ["--jobs"]),
     (["train", "--scale", "smoke"], 2, ["--modality"]),
 ])

@@ -170,6 +170,8 @@ def test_cross_fit_config_keys_and_refusals():
     assert ev.default_config("cpu").decision == "cross-fit" and ev.default_config("cpu").key()["n_folds"] == 5
     # generation has no scores to threshold: asking for it at a cross-fitting scale takes the paper's argmax
     assert ev.EvalConfig.for_scale("cpu", scoring="generate").decision == "argmax"
+    with pytest.raises(UsageError, match="scoring='generate' has none of"):  # but never silently when asked for
+        ev.EvalConfig.for_scale("cpu", scoring="generate", decision="cross-fit")
     key = ev.EvalConfig(decision="cross-fit", n_folds=4).key()
     assert key["decision"] == "cross-fit" and key["n_folds"] == 4 and "n_calibration" not in key
     assert ev.EvalConfig(decision="cross-fit").n_folds == cal.N_FOLDS == 5
