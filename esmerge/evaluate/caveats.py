@@ -23,10 +23,11 @@ from esmerge.evaluate.decisions import ALPHA
 # benchmark's (or modality's) own task modulator, which no single merged model gets; budget: the
 # baseline ran with fewer steps or rows than its paper's.
 SELECTED_SEED = 0  # the specialist seed chosen because it passed the Fig. 2 test; the replicates were not
+SELECTION_TEST = "the Fig. 2 test"
 CAVEATS = {
     "tiny base": "tiny base LLM",
     "random splits": "our random splits, not the paper's",
-    "seed selection": "one seed, selected by the Fig. 2 test",
+    "seed selection": f"one seed, selected by {SELECTION_TEST}",
     "oracle routing": "oracle routing",
     "unequal budgets": "below the paper's budget",
 }
@@ -66,7 +67,8 @@ def _named(model: str, names) -> bool:
 
 def caveats_for(applies: Sequence[str], models: Sequence[str], routed: Sequence[str] = ROUTED,
                 budgeted: Sequence[str] | Mapping[str, str] = BUDGETED,
-                without_specialists: Sequence[str] = WITHOUT_SPECIALISTS, seeds: Sequence[int] = (0,)) -> str:
+                without_specialists: Sequence[str] = WITHOUT_SPECIALISTS, seeds: Sequence[int] = (0,),
+                selected_by: str = SELECTION_TEST) -> str:
     """The caveats of a register row that compares ``models``, as one ``"; "``-joined text.
 
     Parameters
@@ -84,6 +86,8 @@ def caveats_for(applies: Sequence[str], models: Sequence[str], routed: Sequence[
     seeds : sequence of int
         The specialist seeds the row rests on: seed 0 was selected by the Fig. 2 test, the
         others were fixed in advance, so "seed selection" says how many of them were selected.
+    selected_by : str
+        What selected seed 0, as the caveat names it (a Fig. 2 row says "this very test").
 
     Returns
     -------
@@ -114,8 +118,8 @@ def caveats_for(applies: Sequence[str], models: Sequence[str], routed: Sequence[
             names = [] if all(m in without_specialists for m in models) else None
             if names is None:
                 others = [str(x) for x in seeds if x != SELECTED_SEED]
-                out.append(CAVEATS[key] if not others else
-                           f"seed {SELECTED_SEED} selected by the Fig. 2 test, seeds {', '.join(others)} not "
+                out.append(f"one seed, selected by {selected_by}" if not others else
+                           f"seed {SELECTED_SEED} selected by {selected_by}, seeds {', '.join(others)} not "
                            "(fixed in advance)")
             continue
         else:

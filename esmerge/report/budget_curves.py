@@ -16,6 +16,16 @@ CURVED = ("adamerging", "avg-ft")
 UNITS = {"adamerging": "Adam steps", "avg-ft": "training rows per benchmark"}
 
 
+def curve_name(method: str, budget: int) -> str:
+    """A budget-curve run's name: ``method@budget`` (AdaMerging steps, Avg+FT training rows); ``curve_member``
+    reads it back.
+
+    >>> curve_name("adamerging", 30)
+    'adamerging@30'
+    """
+    return f"{method}@{budget}"
+
+
 def curve_member(name: str, budgets) -> tuple[str, str | None, int] | None:
     """``(method, benchmark or None, budget)`` of a model on a budget curve, else None.
 

@@ -29,8 +29,8 @@ from esmerge.evaluate import decisions
 from esmerge.evaluate.caveats import (
     BUDGETED,
     CAVEAT_COLUMNS,
-    CAVEATS,
     DEFAULT_CAVEATS,
+    SELECTION_TEST,
     caveats_for,
     seeds_text,
     would_change,
@@ -392,10 +392,8 @@ def mechanism_claims(last_block_shift: pd.DataFrame, own_vs_other: pd.DataFrame,
 
     def add(claim, source, evidence, holds, change, row_seeds=None):
         row_seeds = tuple(seeds) if row_seeds is None else row_seeds
-        text = caveats_for(applies, ["specialists"], seeds=row_seeds)
-        if source == "Fig. 2":
-            text = text.replace(CAVEATS["seed selection"], "one seed, selected by this very test").replace(
-                "selected by the Fig. 2 test", "selected by this very test")
+        text = caveats_for(applies, ["specialists"], seeds=row_seeds,
+                           selected_by="this very test" if source == "Fig. 2" else SELECTION_TEST)
         verdict = holds if isinstance(holds, str) else "holds" if holds else "does not hold"
         rows.append({"claim": claim, "source": source, "evidence": evidence, "verdict": verdict, "n": count(source),
                      "seeds": seeds_text(row_seeds, ["specialists"]), "caveats": text, "would_change": change})

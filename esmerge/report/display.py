@@ -30,7 +30,7 @@ def with_cis(frame: pd.DataFrame, digits: int = 1, pairs: dict[str, tuple[str, s
     out = frame.copy()
     for value, (lo, hi) in (pairs or CI_PAIRS).items():
         if value in out and lo in out and hi in out:
-            out[value] = [_ci_text(v, a, b, digits) for v, a, b in zip(out[value], out[lo], out[hi])]
+            out[value] = [ci_text(v, a, b, digits) for v, a, b in zip(out[value], out[lo], out[hi])]
             out = out.drop(columns=[lo, hi])
     for column in out.columns:
         if pd.api.types.is_float_dtype(out[column]):
@@ -42,12 +42,22 @@ def _number(v, digits: int) -> str:
     return "" if pd.isna(v) else f"{v:.{digits}f}"
 
 
-def _ci_text(v, lo, hi, digits: int) -> str:
+def ci_text(v, lo, hi, digits: int = 1, signed: bool = False, missing_ci: str = "") -> str:
+    """``v [lo, hi]`` rounded to ``digits`` decimals (``+`` on positive numbers when ``signed``). A CI with a
+    NaN end shows ``v`` alone, or ``v [missing_ci]`` when that is given; a NaN value shows as empty, a
+    non-number as itself.
+
+    >>> ci_text(0.60549, 0.59831, 0.61275, 3), ci_text(-0.0226, -0.0301, 0.0152, 3, signed=True)
+    ('0.605 [0.598, 0.613]', '-0.023 [-0.030, +0.015]')
+    >>> ci_text(0.5, float("nan"), 0.7, 3), ci_text(0.5, float("nan"), 0.7, 3, missing_ci="n/a")
+    ('0.500', '0.500 [n/a]')
+    """
     if not isinstance(v, (int, float)) or pd.isna(v):
         return "" if pd.isna(v) else str(v)
+    spec = f"{'+' if signed else ''}.{digits}f"
     if pd.isna(lo) or pd.isna(hi):
-        return _number(v, digits)
-    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        return f"{v:{spec}}" + (f" [{missing_ci}]" if missing_ci else "")
+    return f"{v:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
 class Table:

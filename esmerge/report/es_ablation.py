@@ -9,12 +9,12 @@ missing or malformed file in one line that names it and the command that makes i
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
 
 from esmerge.errors import InputError
+from esmerge.report import display
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 ABLATION_CSV = RESULTS / "es_code_ablation_cpu.csv"
@@ -35,7 +35,8 @@ VARIANTS = {
 
 
 def ci_text(x: float, lo: float, hi: float, digits: int = 3, signed: bool = False) -> str:
-    """``x [lo, hi]`` rounded to ``digits`` decimals (``+`` on positive values when ``signed``).
+    """``x [lo, hi]`` as the ablation tables show it: ``display.ci_text`` at 3 decimals, ``[n/a]`` for a
+    missing CI.
 
     >>> ci_text(0.60549, 0.59831, 0.61275)
     '0.605 [0.598, 0.613]'
@@ -44,12 +45,7 @@ def ci_text(x: float, lo: float, hi: float, digits: int = 3, signed: bool = Fals
     >>> ci_text(0.5, float("nan"), float("nan"))
     '0.500 [n/a]'
     """
-    def one(v):
-        return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
-
-    if any(math.isnan(v) for v in (lo, hi)):
-        return f"{one(x)} [n/a]"
-    return f"{one(x)} [{one(lo)}, {one(hi)}]"
+    return display.ci_text(x, lo, hi, digits, signed, missing_ci="n/a")
 
 
 def read_ablation(csv_path: str | Path = ABLATION_CSV) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from esmerge import methods
+from esmerge.report.budget_curves import UNITS, curve_member
 from esmerge.specialists.adapters import Adapter, parse_key
 
 
@@ -167,18 +168,17 @@ def curve_cost_table(curves: dict[str, dict], adamerging: dict, finetune: dict[s
 ['avg-ft', 8, 2.0, 8, True]]
     """
     rows = {}
-    runs = {**curves, f"adamerging@{budgets.adamerging_steps}": adamerging,
-            **{f"avg-ft@{budgets.ft_examples}/{b}": finetune[b] for b in budgets.curve_benchmarks if b in finetune}}
+    # the runs at the scale's own budget keep the method's plain name (budget_curves.curve_member)
+    runs = {**curves, "adamerging": adamerging,
+            **{f"avg-ft/{b}": finetune[b] for b in budgets.curve_benchmarks if b in finetune}}
     for name, meta in runs.items():
-        method, rest = name.split("@")
-        budget = int(rest.split("/")[0])
+        method, _, budget = curve_member(name, budgets)
         row = rows.setdefault((method, budget), {"method": method, "budget": budget, "wall_s": 0.0, "FLOPs": 0,
-                                                 "as run": budget == (budgets.adamerging_steps if method == "adamerging"
-                                                                      else budgets.ft_examples)})
+                                                 "as run": budget == curve_member(method, budgets)[2]})
         row["wall_s"] = round(row["wall_s"] + meta["info"]["cost"]["wall_seconds"], 2)
         row["FLOPs"] += meta["info"]["cost"]["flops"] or 0
     table = pd.DataFrame(sorted(rows.values(), key=lambda r: (r["method"], r["budget"])))
-    table.insert(2, "unit", table["method"].map({"adamerging": "Adam steps", "avg-ft": "training rows per benchmark"}))
+    table.insert(2, "unit", table["method"].map(UNITS))
     return table
 
 

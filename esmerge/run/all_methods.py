@@ -14,6 +14,7 @@ from pathlib import Path
 
 from esmerge.data.benchmarks import BENCHMARK_NAMES
 from esmerge.paths import MERGE_ROOT_EXTRAS
+from esmerge.report.budget_curves import curve_name
 from esmerge.run import baseline_inputs
 from esmerge.run.merge import MergeContext, merge_once
 from esmerge.scales import MergeBudgets
@@ -30,15 +31,6 @@ def seed_folder(root: str | Path, specialist_seed: int) -> Path:
     ('runs/cpu/06_merging', 'runs/cpu/06_merging/seeds/seed2')
     """
     return Path(root) if specialist_seed == 0 else Path(root) / MERGE_ROOT_EXTRAS[0] / f"seed{specialist_seed}"
-
-
-def curve_name(method: str, budget: int) -> str:
-    """A budget-curve model's name: ``method@budget`` (AdaMerging steps, Avg+FT training rows).
-
-    >>> curve_name("adamerging", 30)
-    'adamerging@30'
-    """
-    return f"{method}@{budget}"
 
 
 def curve_budgets(budgets: MergeBudgets, method: str) -> tuple[int, ...]:
