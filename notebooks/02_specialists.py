@@ -51,7 +51,7 @@
 #   per specialist, versus full instruction tuning in the paper: the molecule and cell specialists
 #   take 200 steps in fp32, the molecule projector learning at 0.1x the LoRA's rate (cells are
 #   text, without a projector); the protein specialist takes 100 steps with bf16 autocast and one
-#   learning rate (`scales.TrainRecipe`; the table below reads each card). A molecule projector at
+#   learning rate (`scales.TrainRecipe`; Table 2.1 reads each card). A molecule projector at
 #   the full rate made tokens that SmolLM2 turns into massive activations, and those broke the
 #   paper's Fig. 2 pattern (the Layer-wise chapter and `paper_vs_code.md`). The point is not
 #   captioning quality but a measurable, modality-specific change of the base, which is what
@@ -64,14 +64,14 @@
 # modality's settings, so this reproduces the shipped card.
 # At `smoke` scale three tiny specialists are trained in seconds on hand-made examples.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 # esmerge-needs:
 scale = "cpu"
 seed = 0
 n_heldout = 32  # held-out examples per modality for the loss table
 n_show = 2  # greedy answers shown per specialist
 
-# %%
+# %% tags=["hide-input"]
 import json
 
 import matplotlib.pyplot as plt
@@ -80,9 +80,10 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from esmerge import plots
+from esmerge import plots, scales
 from esmerge.cache import cached, content_key
 from esmerge.paths import run_dir
+from esmerge.report.display import Numbered
 from esmerge.specialists import captions, heldout
 from esmerge.specialists import load as S
 from esmerge.specialists.adapters import adapter_digest
@@ -90,6 +91,7 @@ from esmerge.specialists.base_llm import load_base
 
 torch.set_num_threads(1)
 out = run_dir(scale, "02_specialists")
+book = Numbered(2)
 base = load_base(scale, seed=seed)
 specs = S.load_specialists(scale, base)
 print(f"scale={scale} seed={seed} base: {base.name} ({base.num_layers} blocks, hidden {base.hidden_size})")
@@ -100,7 +102,7 @@ print(f"scale={scale} seed={seed} base: {base.name} ({base.num_layers} blocks, h
 # One row per specialist, from its `card.json`: the recipe, the data it saw, what was excluded,
 # and the measured wall time.
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for m, spec in specs.items():
     c = spec.card
@@ -114,14 +116,17 @@ for m, spec in specs.items():
     })
 cards = pd.DataFrame(rows)
 cards.to_csv(out / "specialist_cards.csv", index=False)
-cards
+book.table(cards.assign(lr=cards["lr"].map("{:g}".format)),
+           f"Recipe and outcome of each specialist, from its card.json (scale={scale}, seed={seed}, one training run "
+           "each): steps, batch size, learning rate, token cap, training examples, mean training loss over the first "
+           "and last 10 steps, wall time, and the benchmark entities excluded from training.", digits=3)
 
 # %% [markdown]
 # ## Loss curves
 #
 # Training loss (nats per answer token) at every step, and its 10-step moving average.
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, len(specs), figsize=(4.6 * len(specs), 3.2), sharey=False)
 for ax, (m, spec) in zip(np.atleast_1d(axes), specs.items()):
     curve = np.asarray(spec.card["loss_curve"])
@@ -133,7 +138,10 @@ for ax, (m, spec) in zip(np.atleast_1d(axes), specs.items()):
     ax.set_xlabel("step"), ax.set_ylabel("caption loss")
 fig.suptitle(f"Training loss per specialist; scale={scale}, seed={seed}, n=1 run each", y=1.03)
 plots.save(fig, out, "loss_curves")
-plt.show()
+book.figure(fig, "Training loss (nats per answer token) of each specialist at every step (faint) and its 10-step "
+            f"moving average (bold); scale={scale}, seed={seed}, one run each. Mean loss over the first and last 10 "
+            "steps: " + ", ".join(f"{m} {s.card['loss_first10']:.2f} to {s.card['loss_last10']:.2f}"
+                                 for m, s in specs.items()) + ".")
 
 # %% [markdown]
 # ## Specialisation on held-out data
@@ -149,7 +157,7 @@ plt.show()
 # more than on the others. At `smoke` scale the "held-out" examples are the hand-made training
 # examples, so that table only checks the plumbing.
 
-# %%
+# %% tags=["hide-input"]
 examples = {m: captions.heldout_examples(m, scale, n_heldout, seed) for m in specs}
 key = content_key(base.weights_sha256, {m: adapter_digest(s.adapter) for m, s in specs.items()},
                   {m: [e.uid for e in ex] for m, ex in examples.items()}, captions.CODE_VERSION)
@@ -159,12 +167,15 @@ loss = pd.DataFrame(table.numpy(), index=row_names, columns=[f"{m} (n={len(examp
 loss.to_csv(out / "heldout_loss.csv")
 delta = pd.DataFrame((table[1:] - table[0]).numpy(), index=row_names[1:], columns=list(specs))
 delta.to_csv(out / "heldout_loss_minus_base.csv")
-print(f"Held-out caption loss (nats/token); scale={scale}, seed={seed}")
-display(loss.round(3))
-print("Specialist minus base (negative = better than the base)")
-display(delta.round(3))
+n_shown = "/".join(str(n) for n in sorted({len(ex) for ex in examples.values()}))  # held-out n per modality
+display(book.table(loss.rename_axis("model"), "Mean held-out caption loss (nats per answer token) of the base and "
+                   "each specialist (rows) on each modality's held-out examples (columns, with n); "
+                   f"scale={scale}, seed={seed}.", digits=3))
+display(book.table(delta.rename_axis("specialist"), "Held-out caption loss of each specialist minus the base's "
+                   f"(negative = better than the base), from Table 2.2; scale={scale}, seed={seed}, "
+                   f"n={n_shown} per modality.", digits=3))
 
-# %%
+# %% tags=["hide-input"]
 fig, ax = plt.subplots(figsize=(4.8, 3.2))
 im = ax.imshow(delta.to_numpy(), cmap="RdBu", vmin=-abs(delta.to_numpy()).max(), vmax=abs(delta.to_numpy()).max())
 ax.set_xticks(range(len(specs)), list(specs)), ax.set_yticks(range(len(specs)), row_names[1:])
@@ -177,15 +188,21 @@ for i in range(len(specs)):
                 color="white" if abs(value) > strong else "black")
 fig.colorbar(im, ax=ax, label="loss - base loss")
 ax.set_title(f"Held-out loss change vs base\nscale={scale}, seed={seed}, n={n_heldout} per modality", fontsize=9)
-plots.save(fig, out, "heldout_loss_delta")
-plt.show()
 diagonal = np.diag(delta.to_numpy())
 off = [np.delete(delta.to_numpy()[i], i).mean() for i in range(len(specs))]
+plots.save(fig, out, "heldout_loss_delta")
+book.figure(fig, "Held-out caption loss of each specialist minus the base's, by modality of the held-out data "
+            f"(red: lower than the base; scale={scale}, seed={seed}, n={n_shown} per modality). "
+            f"{int((diagonal < np.asarray(off)).sum())} of {len(specs)} specialists gain most on their own "
+            "modality (own vs mean other: " + ", ".join(f"{m} {d:+.2f} vs {o:+.2f}"
+                                                          for m, d, o in zip(specs, diagonal, off)) + ").")
 summary = pd.DataFrame({"specialist": list(specs), "own-modality change": diagonal,
                         "mean change on other modalities": off,
                         "specialised (own < others)": diagonal < np.asarray(off)})
 summary.to_csv(out / "specialisation_summary.csv", index=False)
-summary
+book.table(summary, "Held-out loss change of each specialist on its own modality and on average on the other two; "
+           "a specialist counts as specialised when its own-modality change is the lower; "
+           f"scale={scale}, seed={seed}, n={n_shown} per modality.", digits=3)
 
 # %% [markdown]
 # With the shipped `cpu` specialists every specialist lowers the held-out loss on its own
@@ -207,8 +224,8 @@ summary
 # protein captions are generic and repetitive. This is a small-model, few-step stand-in for
 # Mol-LLaMA and Prot2Text-V2, not a replacement.
 
-# %%
-if scale != "smoke":
+# %% tags=["hide-input"]
+if not scales.get(scale).random_models:
     shown = []
     for m, spec in specs.items():
         model = S.attach_specialist(base, spec)
@@ -220,13 +237,15 @@ if scale != "smoke":
     answers = pd.DataFrame(shown)
     answers.to_csv(out / "greedy_answers.csv", index=False)
     with pd.option_context("display.max_colwidth", 200):
-        display(answers)
+        display(book.table(answers, f"Greedy answers of each specialist and of the base to {n_show} held-out prompts "
+                           f"per modality, with the reference (scale={scale}, seed={seed}); inputs shortened to 60 "
+                           "characters, answers to 160."))
 
 # %% [markdown]
 # The layer-wise view of the same specialisation, the SWD between base and specialist states on
 # each modality's tokens at every block (paper Fig. 2), is in the Layer-wise chapter: it is
 # computed from the probe states that chapter and the Probe chapter share.
 
-# %%
+# %% tags=["hide-input"]
 print(json.dumps({m: {"steps": s.card["steps"], "wall_s": s.card["timings"]["wall_s"],
                       "loss_last10": round(s.card["loss_last10"], 3)} for m, s in specs.items()}, indent=1))

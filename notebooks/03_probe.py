@@ -24,7 +24,7 @@
 # *test* molecules, Swiss-Prot/FAPM *test* proteins, and CCLE cell lines the cell specialist
 # did not train on.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 # esmerge-needs: 02_specialists
 scale = "cpu"
 seed = 0
@@ -32,7 +32,7 @@ seed = 0
 probe_k = None
 embedding_method = "pca"  # or "tsne"
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
@@ -40,9 +40,11 @@ from IPython.display import Markdown, display
 from esmerge import plots
 from esmerge.methods.es_signals import signals
 from esmerge.paths import run_dir
+from esmerge.report.display import Numbered
 from esmerge.run.merge import build_context
 
 out = run_dir(scale, "03_probe")
+book = Numbered(3)
 context = build_context(scale, seed, probe_k)
 adapters = [s.adapter for s in context.specialists.values()]
 sig = signals(adapters, context, seed=seed, need_scores=False)
@@ -56,14 +58,15 @@ print(f"scale={scale} seed={seed} K={K} probe samples per modality; base: {conte
 # `<|molecule|>`, `<|protein|>` and `<|cell|>` mark where each modality's token block is spliced
 # into the input embeddings.
 
-# %%
+# %% tags=["hide-input"]
 display(Markdown("```text\n" + probes.template + "\n```"))
 layout = pd.DataFrame(
     [{"modality": m, "first position": int(p[0]), "tokens in block": len(p),
       "example input": str(probes.raw[m][0])[:70]} for m, p in probes.positions.items()])
 layout.to_csv(out / "probe_layout.csv", index=False)
 print(f"probe length T = {probes.embeds.shape[1]} tokens, hidden size d = {probes.embeds.shape[2]}")
-layout
+book.table(layout, f"Where each modality's token block sits in the probe (T={probes.embeds.shape[1]} tokens) and "
+           f"an example input of the block; scale={scale}, seed={seed}, K={K} probe samples per modality.")
 
 # %% [markdown]
 # ## Modality tokens in the last block (paper Fig. 1 and Fig. 8 a-c)
@@ -72,7 +75,7 @@ layout
 # base LLM and each specialist, jointly in 2-D. The paper observes that the specialist of the
 # matching modality moves its tokens furthest from the base.
 
-# %%
+# %% tags=["hide-input"]
 last = context.base.num_layers - 1
 names = ["base"] + list(context.specialists)
 colors = {"base": plots.MODALITY_COLORS["base"], **{m: plots.MODALITY_COLORS[m] for m in context.specialists}}
@@ -85,7 +88,9 @@ for ax, modality in zip(axes, probes.positions):
 fig.suptitle(f"Last-block token embeddings ({embedding_method.upper()}); scale={scale}, seed={seed}, "
              f"K={K} probes x block tokens per model", y=1.04)
 plots.save(fig, out, "fig1_last_block_tokens")
-plt.show()
+book.figure(fig, f"Joint 2-D {embedding_method.upper()} embedding of each modality's token states at the output of "
+            f"the last block ({last + 1}), for the base LLM and each specialist; scale={scale}, seed={seed}, K={K} "
+            "probe samples per modality. Table 3.2 measures how far each specialist moves each modality.")
 
 # %% [markdown]
 # ## How far each specialist moves each modality
@@ -93,7 +98,7 @@ plt.show()
 # Mean Frobenius distance per token between base and specialist states in the last block, by
 # input modality (rows: specialists). The diagonal should dominate if specialisation is real.
 
-# %%
+# %% tags=["hide-input"]
 
 rows = []
 for name in context.specialists:
@@ -104,4 +109,7 @@ for name in context.specialists:
     rows.append(row)
 shift = pd.DataFrame(rows).set_index("specialist")
 shift.to_csv(out / "last_block_shift.csv")
-shift.style.format("{:.3f}").background_gradient(cmap="viridis", axis=None)
+own_largest = sum(shift.loc[name].idxmax() == name for name in shift.index)
+book.table(shift, f"Mean Frobenius distance per token between base and specialist states in the last block "
+           f"({last + 1}): rows the specialists, columns the input modality; scale={scale}, seed={seed}, K={K}. "
+           f"{own_largest} of {len(shift)} specialists move their own modality furthest.", digits=3)

@@ -23,7 +23,7 @@
 # detached, so the distance at layer l is differentiated through layer l's parameters only; a
 # test checks these gradients against finite differences.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 # esmerge-needs: 04_layerwise
 scale = "cpu"
 seed = 0
@@ -32,7 +32,7 @@ tau_layer = 0.5
 tau_element = 0.5
 code_distance = True  # also compute MSE-based scores (official code) to measure the difference
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import torch
 
@@ -41,10 +41,12 @@ from esmerge.methods.es import coefficients_from_signals
 from esmerge.methods.es_signals import signals
 from esmerge.paths import run_dir
 from esmerge.report import es_coefficients
+from esmerge.report.es_ablation import ablation_table, differences_table
+from esmerge.report.display import Numbered
 from esmerge.run.merge import build_context
-from esmerge.specialists.adapters import parse_key
 
 out = run_dir(scale, "05_elementwise")
+book = Numbered(5)
 context = build_context(scale, seed, probe_k)
 names = list(context.specialists)
 adapters = [s.adapter for s in context.specialists.values()]
@@ -56,35 +58,15 @@ caption = f"scale={scale}, seed={seed}, K={K} probes per modality, tau={tau_elem
 print(f"{caption}; signals took {sig['seconds']:.0f} s (0 when cached)")
 
 
-# %%
-def coefficient_map(coefs: dict, layer: int, module: str, part: str) -> torch.Tensor:
-    """[S, rows, cols] coefficients of one LoRA matrix."""
-    key = next(k for k in coefs if parse_key(k) == (layer, module, part))
-    return coefs[key]
-
-
-def module_grid(coefs: dict, layers: list[int], module: str, title: str, name: str):
-    """One module: rows are (layer, LoRA-A/B), columns the three specialists; one shared colour scale."""
-    rows = [(l, p) for l in layers for p in "AB"]
-    fig, axes = plt.subplots(len(rows), len(names), figsize=(3.4 * len(names), 1.25 * len(rows)), squeeze=False)
-    for r, (layer, part) in enumerate(rows):
-        m = coefficient_map(coefs, layer, module, part)
-        for j, spec in enumerate(names):
-            img = m[j] if part == "A" else m[j].T  # B is [d_out, r]: show r as rows like A
-            im = axes[r, j].imshow(img.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-            axes[r, j].set_xticks([]), axes[r, j].set_yticks([])
-            if r == 0:
-                axes[r, j].set_title(spec)
-            if j == 0:
-                axes[r, j].set_ylabel(f"L{layer} {part}", fontsize=8)
-    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01)
-    fig.suptitle(f"{module}: {title}", y=1.04)
-    plots.save(fig, out, f"{name}_{module}")
-    plt.show()
-
-
+# %% tags=["hide-input"]
 four_layers = sorted({0, L // 3, (2 * L) // 3, L - 1})
 attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def module_means(coefs, module):
+    """Each specialist's mean coefficient over one module's LoRA A and B elements at `four_layers` (for captions)."""
+    maps = [es_coefficients.coefficient_map(coefs, layer, module, part) for layer in four_layers for part in "AB"]
+    return ", ".join(f"{n} {float(torch.cat([m[j].flatten() for m in maps]).mean()):.3f}" for j, n in enumerate(names))
 
 # %% [markdown]
 # ## Element-wise coefficients inside the molecule specialist's top layer (paper Fig. 6)
@@ -92,12 +74,13 @@ attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # The block where the molecule specialist's layer coefficient is largest; bars show, per module
 # and LoRA matrix, how the element coefficients of the molecule specialist spread.
 
-# %%
+# %% tags=["hide-input"]
 mol = names.index("molecule")
 top = int(alpha[mol].argmax())
 modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 fig, ax = plt.subplots(figsize=(11, 3.4))
-data = [coefficient_map(beta, top, mod, part)[mol].flatten().numpy() for mod in modules for part in "AB"]
+data = [es_coefficients.coefficient_map(beta, top, mod, part)[mol].flatten().numpy()
+        for mod in modules for part in "AB"]
 ax.violinplot(data, showmedians=True)
 ax.axhline(1 / len(names), color="grey", ls=":", label="uniform 1/3")
 ax.set_xticks(range(1, len(data) + 1), [f"{m}\n{p}" for m in modules for p in "AB"], fontsize=7)
@@ -105,7 +88,10 @@ ax.set_ylabel("beta (molecule)")
 ax.set_title(f"Molecule specialist's element coefficients in block {top} (alpha={alpha[mol, top]:.2f}); {caption}")
 ax.legend(frameon=False)
 plots.save(fig, out, "fig6_molecule_top_layer")
-plt.show()
+above = sum(int((d > 1 / len(names)).sum()) for d in data) / sum(d.size for d in data)
+book.figure(fig, f"Distribution of the molecule specialist's element coefficients beta in each module's LoRA A and B "
+            f"matrices at block {top}, where its layer coefficient is largest (alpha={alpha[mol, top]:.2f}); dotted: "
+            f"uniform 1/{len(names)}; {caption}. {above:.0%} of these elements are above uniform.")
 
 # %% [markdown]
 # ## Element-wise coefficients of q/k/v/o at four layers (paper Fig. 9)
@@ -114,9 +100,13 @@ plt.show()
 # LoRA-B matrices (rank on the vertical axis), columns the specialists; each pixel is one
 # element's coefficient beta (yellow = high). Uniform coefficients would be 1/3 everywhere.
 
-# %%
+# %% tags=["hide-input"]
 for module in attn:
-    module_grid(beta, four_layers, module, f"element-wise coefficients beta; {caption}", "fig9_element_coefficients")
+    fig = es_coefficients.module_grid(beta, four_layers, module, names, f"element-wise coefficients beta; {caption}")
+    plots.save(fig, out, f"fig9_element_coefficients_{module}")
+    book.figure(fig, f"Element-wise coefficients beta of the {module} LoRA A and B matrices (rank vertical) at blocks "
+                f"{', '.join(map(str, four_layers))} (rows), per specialist (columns); {caption}. Mean beta per "
+                f"specialist: {module_means(beta, module)} (uniform: {1 / len(names):.3f}).")
 
 # %% [markdown]
 # ## Combined coefficients (paper Fig. 10)
@@ -124,13 +114,18 @@ for module in attn:
 # The same elements after Eq. 4: the layer coefficient rescales each layer while the
 # element-level pattern stays.
 
-# %%
+# %% tags=["hide-input"]
 for module in attn:
-    module_grid(lam, four_layers, module, f"combined coefficients lambda (Eq. 4); {caption}",
-                "fig10_combined_coefficients")
+    fig = es_coefficients.module_grid(lam, four_layers, module, names,
+                                      f"combined coefficients lambda (Eq. 4); {caption}")
+    plots.save(fig, out, f"fig10_combined_coefficients_{module}")
+    book.figure(fig, f"Combined coefficients lambda (Eq. 4) of the {module} LoRA A and B matrices at blocks "
+                f"{', '.join(map(str, four_layers))} (rows), per specialist (columns); {caption}. Mean lambda per "
+                f"specialist: {module_means(lam, module)}.")
 summary = es_coefficients.coefficient_summary(alpha, beta, lam, names)
 summary.to_csv(out / "coefficient_summary.csv", index=False)
-summary
+book.table(summary, "Per specialist, the mean layer (alpha), element (beta) and combined (lambda) coefficient over "
+           f"all LoRA elements, and the share of elements where its lambda is the largest; {caption}.", digits=3)
 
 # %% [markdown]
 # ## The merged model's tokens (paper Fig. 8)
@@ -138,7 +133,7 @@ summary
 # Last-block tokens of each specialist and of the ES-merged model. The paper reports the merged
 # model sitting between the specialists, closest to the matching specialist on each modality.
 
-# %%
+# %% tags=["hide-input"]
 probes, states = sig["probes"], sig["states"]
 merged_states = es_coefficients.merged_states(context.base.model, es_coefficients.merged_adapter(adapters, lam), probes)
 last = L - 1
@@ -151,13 +146,19 @@ for ax, modality in zip(axes, probes.positions):
     plots.embedding_scatter(ax, plots.project_2d(groups, "pca", seed), colors, f"{modality} tokens, block {last + 1}")
 fig.suptitle(f"Specialists and the ES-merged model, last block (PCA); {caption}", y=1.04)
 plots.save(fig, out, "fig8_merged_embeddings")
-plt.show()
 closest = es_coefficients.merged_distances(merged_states, states, names, last)
 closest.to_csv(out / "fig8_distances.csv")
-for modality, (nearest, matches) in es_coefficients.nearest_specialists(closest).items():
+nearest_by_modality = es_coefficients.nearest_specialists(closest)
+book.figure(fig, f"Joint 2-D PCA of each modality's token states at the last block ({last + 1}) for each specialist "
+            f"and the ES-merged model; {caption}. The merged model is nearest the matching specialist on "
+            f"{sum(matches for _, matches in nearest_by_modality.values())} of {len(nearest_by_modality)} "
+            "modalities (Table 5.2).")
+for modality, (nearest, matches) in nearest_by_modality.items():
     print(f"{modality} tokens: the merged model is nearest the {nearest} specialist"
           f" ({'as the paper reports' if matches else 'NOT the matching specialist, unlike the paper'}).")
-closest.style.format("{:.3f}").highlight_min(axis=1)
+book.table(closest, f"Mean distance between the ES-merged model's and each specialist's (columns) pooled states in "
+           f"the last block ({last + 1}), per input modality (rows); the smallest in each row is the nearest "
+           f"specialist; {caption}.", digits=3)
 
 # %% [markdown]
 # ## Paper vs official code: element-wise settings
@@ -166,9 +167,32 @@ closest.style.format("{:.3f}").highlight_min(axis=1)
 # the Frobenius norm, and z-scores within each LoRA tensor rather than within each layer. Each
 # row changes one setting and reports how much the final coefficients lambda move.
 
-# %%
+# %% tags=["hide-input"]
 mse_scores = signals(adapters, context, seed=seed, need_scores=True,
                      distance="mse")["scores"] if code_distance else None
 code_effect = es_coefficients.code_vs_paper_element(sig["scores"], alpha, lam, tau_element, mse_scores)
 code_effect.to_csv(out / "code_vs_paper_element.csv", index=False)
-code_effect
+book.table(code_effect, "How far the final coefficients lambda move when one element-wise setting (one per row) "
+           "follows the official code instead of the paper, and the share of elements whose top specialist changes; "
+           f"{caption}.", digits=3)
+
+# %% [markdown]
+# ## Paper vs official code: every difference, measured at `cpu` scale
+#
+# The book's page "Paper vs official code" lists every place where the authors' public code does
+# something the paper does not say, with the `es` option that selects it. Below, each difference's
+# effect on the coefficients when it alone is switched on (`benchmarks/es_code_diffs.py`), then the
+# retention each ES variant reaches (`benchmarks/es_code_ablation.py`; the measure of the retention
+# chapter, 200 held-out examples per modality, specialist seed 0, paired CIs of the difference from
+# the paper's settings). Both were computed at `cpu` scale by those scripts, whose outputs this
+# chapter reads; at other scales the tables are the `cpu` ones.
+
+# %% tags=["hide-input"]
+book.table(differences_table(), "What each official-code choice alone changes in the layer (alpha) or element (beta) "
+           "coefficients at cpu scale: mean and largest absolute change, and the blocks or the share of elements "
+           "whose top specialist changes.", digits=3)
+
+# %% tags=["hide-input"]
+book.table(ablation_table(), "Retained fraction of the specialists' held-out skill [95 % CI] for ES-Merging with the "
+           "paper's settings, the official code's, and each of the three element-score differences alone; the last "
+           "column is the paired difference from the paper's settings (cpu scale, specialist seed 0).")

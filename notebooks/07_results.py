@@ -30,26 +30,26 @@
 # the same decision for a model that follows the format and costs one forward pass instead of a
 # few hundred. How the two scores become an answer is the scale's `decision`
 # (`esmerge.evaluate.calibration`, the same for every model): the paper's argmax, or, for a small
-# base that leans towards one label whatever its shots say, a threshold on the answer margin fitted
-# on rows of the context pool (never on evaluation rows) or contextual calibration with content-free
-# queries. Accuracy and macro-F1 (App. A.5) come with 95 % percentile-bootstrap CIs over
-# examples; group averages are the mean of the dataset values as in the paper, their CIs and the
-# claims' margins from a paired bootstrap (every model sees the same examples and shots).
+# base that leans towards one label whatever its shots say, a threshold on the answer margin. At
+# `cpu` the threshold is *cross-fitted*: the evaluation rows of each benchmark are split into
+# folds, and each fold's threshold is fitted on the other folds' rows, never on a row's own label;
+# the bootstrap CIs resample the fitted decisions, so the thresholds' noise is inside them. The
+# rule was chosen on protocol rows drawn disjoint from the evaluation rows
+# (`benchmarks/results/bench_shots_cpu_protocol.txt`; a test fails on any overlap).
+# Accuracy and macro-F1 (App. A.5) come with 95 % percentile-bootstrap CIs over examples; group
+# averages are the mean of the dataset values as in the paper, their CIs and the claims' margins
+# from a paired bootstrap (every model sees the same examples and shots). Beside every accuracy,
+# the AUROC of the answer margin: it needs no threshold, and separates models that accuracy at
+# this n cannot.
 #
 # **Scale.** At `cpu` scale the base is SmolLM2-135M, the specialists are our small LoRA
-# specialists, and each benchmark is scored on 32 examples with 3 shots instead of the paper's
-# full test sets and 5 shots (`esmerge.scales.get("cpu").evaluation`). The cpu decision (a margin
-# threshold fitted on 16 context rows per model and benchmark) scores half as many prompts again,
-# and the base's shuffled control is one more model: about 11,000 prompts of 290-430 tokens for
-# the 14 models, the longest chapter of the book (its measured time is in `book/rerun.md`;
-# `benchmarks/bench_evaluate.py` times one model). Why that decision: under argmax the base
-# answered "positive" on 5 % of examples (40 % are positive) and did not beat its shuffled control,
-# whereas the fitted threshold did, and reached the majority rate (`benchmarks/bench_shots.py`,
-# `benchmarks/results/bench_shots_cpu.txt`). The price is width:
+# specialists (the seed-0 set; accuracy is measured at that seed only, the retention chapter at
+# all three), and each benchmark is scored on 32 examples with 3 shots instead of the paper's
+# full test sets and 5 shots (`esmerge.scales.get("cpu").evaluation`). The price is width:
 # at n = 32 a per-benchmark accuracy has a 95 % CI of about ±17 points, a three-dataset group
-# average about ±10, the 13-benchmark average about ±5 (paired differences between models are
-# usually tighter). Differences of a few points, like most in the paper's tables, are not resolved
-# here; the power statement below gives the smallest paired difference this n resolves, and
+# average about ±10, the 13-benchmark average about ±5; paired differences between two models on
+# the same examples are tighter (the power table below gives the smallest one this n resolves).
+# Differences of a few points, like most in the paper's tables, are not resolved here, and
 # `09_retention` measures merge quality with far more power. With more time, or a GPU, raise
 # `n_eval` (the parameter below): doubling it doubles this chapter's time.
 # Two rows in every table are not models: the retrieval-only yardstick (`esmerge.evaluate.yardstick`:
@@ -59,21 +59,21 @@
 # The paper's values are read from `../shared/reference/paper_results.csv` and never copied
 # into this repository.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 # esmerge-needs: 06_merging
 scale = "cpu"
 seed = 0
 n_eval = None  # None: evaluate.default_config(scale)
 n_shots = None
-decision = None  # None: the scale's (evaluate.calibration: "argmax", "contextual", "context-threshold")
+decision = None  # None: the scale's (evaluate.calibration.DECISIONS)
 benchmarks = None  # None: evaluate.default_benchmarks(scale) (all 13; smoke: one per group)
 methods_only = None  # None: every model found; else a list of method names
-# None: ("es", "es-layer", "es-element"), but "es" alone at cpu: the ablations' accuracy at n = 32
-# would add ten minutes and resolve nothing; `09_retention` measures them with far more power
+# None: the scale's merge_budgets.es_variants ("es" alone at cpu: the ablations' accuracy at n = 32
+# would add ten minutes and resolve nothing; `09_retention` measures them with far more power)
 es_variants = None
-n_resamples = 1000
+n_resamples = None  # None: the scale's evaluation.n_resamples
 
-# %%
+# %% tags=["hide-input"]
 from dataclasses import replace
 
 import matplotlib.pyplot as plt
@@ -82,21 +82,26 @@ import pandas as pd
 import torch
 
 from esmerge import evaluate as ev
-from esmerge import plots, report
+from esmerge import plots, report, scales
 from esmerge.cache import atomic_write_json
 from esmerge.evaluate import yardstick
-from esmerge.methods.emr import emr_adapter_for_benchmark
+from esmerge.methods.emr import ONE_MODEL, emr_adapter_for_benchmark, emr_one_model
 from esmerge.paths import run_dir
 from esmerge.progress import track
+from esmerge.report import budget_curves, cost, figures
+from esmerge.report.display import Numbered
 from esmerge.report.paper_tables import REPO_ROOT
-from esmerge.run.merge import build_context, merge_once
+from esmerge.run import all_methods
+from esmerge.run.merge import build_context
+from esmerge.specialists.adapters import load_merged
 from esmerge.specialists.load import projectors_of
 
+book = Numbered(7)
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 out = run_dir(scale, "07_results")
 config = ev.default_config(scale)
-config = replace(config, seed=seed, n_resamples=n_resamples if scale != "smoke" else config.n_resamples,
+config = replace(config, seed=seed, n_resamples=n_resamples or config.n_resamples,
                  **({"n_eval": n_eval} if n_eval else {}), **({"n_shots": n_shots} if n_shots else {}),
                  **({"decision": decision} if decision else {}))
 benchmarks = list(benchmarks or ev.default_benchmarks(scale))
@@ -112,30 +117,42 @@ print("evaluation settings:", config)
 # ## Models under test
 #
 # The base LLM (every entity as text), each specialist (its own modality as tokens, the others as
-# text), and each merged model found in `runs/{scale}/06_merging/` (all projectors). EMR applies a
-# benchmark-specific modulation of its unified adapter; Avg. Merging + FT has one fine-tuned adapter
-# per benchmark. If the three ES-Merging variants are not among them, they are merged here with the
-# registry defaults.
+# text), and each merged model of `runs/{scale}/06_merging/` (all projectors). EMR appears twice:
+# `emr` applies each benchmark's own modulation of its unified adapter (the mean of the modulated
+# adapters of the modalities present), a routing an oracle chooses and no single merged model
+# gets; `emr-one` is the one model a user would deploy, the mean of all three modulated adapters.
+# Avg. Merging + FT has one fine-tuned adapter per benchmark. AdaMerging and Avg+FT also appear at
+# the other budgets of their curves (`adamerging@<steps>`, `avg-ft@<rows>`, the latter on the
+# curve benchmarks only).
 
-# %%
+# %% tags=["hide-input"]
 merge_root = run_dir(scale, "06_merging")
-
-
+budgets = scales.get(scale).merge_budgets
+es_variants = tuple(es_variants or budgets.es_variants)
 merged, covers, notes = ev.merged_models(merge_root, base, projectors, benchmarks, emr_adapter_for_benchmark)
+curves, curve_covers = {}, {}
+for name in all_methods.curve_models(budgets):  # the budget-curve runs (06_merging), Avg+FT on its benchmarks
+    folder = merge_root / "curves" / name
+    if name.startswith("avg-ft@"):
+        own = {b: load_merged(folder / b).adapter for b in budgets.curve_benchmarks if b in benchmarks}
+        curves[name] = ev.ModelUnderTest.emr(base, own.__getitem__, projectors, name)
+        curve_covers[name] = list(own)
+    else:
+        curves[name] = ev.ModelUnderTest.merged(base, load_merged(folder).adapter, projectors, name)
 for note in notes:
     print(note)
-for name in es_variants or (("es",) if scale == "cpu" else ("es", "es-layer", "es-element")):
-    if name not in merged:
-        adapter, _ = merge_once(name, out / "merged" / name, context)
-        merged[name] = ev.ModelUnderTest.merged(base, adapter, projectors, name)
-
-
+merged = {k: v for k, v in merged.items() if k not in all_methods.ES_VARIANTS or k in es_variants}
+merged[ONE_MODEL] = ev.ModelUnderTest.merged(base, emr_one_model(load_merged(merge_root / "emr").adapter),
+                                             projectors, ONE_MODEL)
 models = {"base": ev.ModelUnderTest.base_only(base)}
 models.update({f"specialist-{m}": ev.ModelUnderTest.specialist(base, s) for m, s in specialists.items()})
 models.update(merged)
+models.update(curves)
+covers.update(curve_covers)
 if methods_only:
     models = {k: v for k, v in models.items() if k in methods_only}
-ev.models_table(models)
+book.table(ev.models_table(models), f"The models under test: which adapter each uses and which modalities it reads "
+                                    f"as projector tokens; {caption}.")
 
 # %% [markdown]
 # ## Evaluation
@@ -143,7 +160,7 @@ ev.models_table(models)
 # Every (model, benchmark) result is cached under `runs/{scale}/07_results/evals/` keyed by the
 # model's weights, the benchmark, the pools and the settings, so an interrupted run resumes.
 
-# %%
+# %% tags=["hide-input"]
 session = ev.EvalSession()  # entity features, shots and the PEFT copy of the base, shared by every model
 results: dict[str, dict[str, dict]] = {}
 for name, mut in track(list(models.items()), desc="models", unit="model"):
@@ -163,13 +180,14 @@ print(f"{len(models)} models x {len(benchmarks)} benchmarks; {table['seconds'].s
       f"{table['seconds'].sum() / len(models) / 60:.1f} min per model")
 # Not in the paper: the share of "positive" answers and the AUROC of the answer margin show
 # whether a model that always gives one answer still ranks the examples (50 = chance).
-table.round(1).head(13)
+book.table(table[table["method"] == "es"], f"ES-Merging on each benchmark (all models' rows are in "
+                                          f"per_benchmark.csv); {caption}.", digits=1)
 
-# %%
+# %% tags=["hide-input"]
 overview = ev.overview(table)
 overview.to_csv(out / "overview.csv")
-print(f"Mean over the evaluated benchmarks per model (predicted_positive: share of positive answers); {caption}")
-overview.round(2)
+book.table(overview, f"Mean over the evaluated benchmarks per model (predicted_positive: share of positive "
+                     f"answers; AUROC of the answer margin, 50 = chance); {caption}.", digits=1)
 
 # %% [markdown]
 # ## Does the base read its shots?
@@ -181,12 +199,13 @@ overview.round(2)
 # yardstick and against the k-NN vote over the same shots (paired bootstrap over examples, mean
 # over the evaluated benchmarks).
 
-# %%
+# %% tags=["hide-input"]
 shots_test = report.yardstick_claims(
-    {k: results[k] for k in ("base", report.SHUFFLED_CONTROL, *report.YARDSTICKS) if k in results}, n_resamples, seed)
+    {k: results[k] for k in ("base", report.SHUFFLED_CONTROL, *report.YARDSTICKS) if k in results},
+    config.n_resamples, seed)
 shots_test.to_csv(out / "shots_test.csv", index=False)
-print(f"The base against its shots-shuffled control and the yardsticks; {caption}")
-shots_test[["claim", "datasets", "ours", "lo", "hi", "verdict"]]
+book.table(shots_test, f"The base against its shots-shuffled control and the yardsticks (margin in accuracy "
+                       f"points [95 % CI]); {caption}.", columns=["claim", "datasets", "ours", "verdict"])
 
 # %% [markdown]
 # ## What this n can resolve
@@ -198,15 +217,15 @@ shots_test[["claim", "datasets", "ours", "lo", "hi", "verdict"]]
 # (`evaluate.minimal_detectable_difference`). Below, each row's MDE against ES-Merging from the
 # observed $q_b$.
 
-# %%
+# %% tags=["hide-input"]
 power = report.power_table(results, reference="es")
 power.to_csv(out / "power.csv", index=False)
 if len(power):
     for q in (0.1, 0.3):
         print(f"at a discordance of {q:.0%}: MDE {ev.minimal_detectable_difference([q] * len(benchmarks), [config.n_eval] * len(benchmarks)):.1f} "  # noqa: E501
               f"points on the mean over {len(benchmarks)} benchmarks at n = {config.n_eval} each")
-    print(f"Smallest paired difference from ES-Merging this build resolves (80 % power, alpha 0.05); {caption}")
-power.round(2)
+book.table(power, f"Smallest paired difference from ES-Merging this build resolves (80 % power, alpha "
+                  f"0.05), in accuracy points; {caption}.", digits=2)
 
 # %% [markdown]
 # ## Table 1: instance-varying interaction prediction
@@ -214,42 +233,37 @@ power.round(2)
 # Each cell: our value [95 % CI] (paper's value). Rows are methods, columns datasets and group
 # averages.
 
-# %%
-t1 = report.results_table(results, "Table 1", n_resamples, seed)
+# %% tags=["hide-input"]
+t1 = report.results_table(results, "Table 1", config.n_resamples, seed)
 t1.to_csv(out / "table1.csv", index=False)
-print(f"Table 1 analogue, accuracy (%); {caption}")
-report.wide_table(t1, "accuracy")
+book.table(report.wide_table(t1, "accuracy"), f"Table 1 analogue, accuracy (%): ours [95 % CI] (paper); {caption}.")
 
-# %%
-print(f"Table 1 analogue, macro-F1 (%); {caption}")
-report.wide_table(t1, "macro_f1")
+# %% tags=["hide-input"]
+book.table(report.wide_table(t1, "macro_f1"), f"Table 1 analogue, macro-F1 (%): ours [95 % CI] (paper); {caption}.")
 
 # %% [markdown]
 # ## Table 2: target-fixed functionality prediction (CYP)
 
-# %%
-t2 = report.results_table(results, "Table 2", n_resamples, seed)
+# %% tags=["hide-input"]
+t2 = report.results_table(results, "Table 2", config.n_resamples, seed)
 t2.to_csv(out / "table2.csv", index=False)
-print(f"Table 2 analogue, accuracy (%); {caption}")
-report.wide_table(t2, "accuracy")
+book.table(report.wide_table(t2, "accuracy"), f"Table 2 analogue, accuracy (%): ours [95 % CI] (paper); {caption}.")
 
-# %%
-print(f"Table 2 analogue, macro-F1 (%); {caption}")
-report.wide_table(t2, "macro_f1")
+# %% tags=["hide-input"]
+book.table(report.wide_table(t2, "macro_f1"), f"Table 2 analogue, macro-F1 (%): ours [95 % CI] (paper); {caption}.")
 
 # %% [markdown]
 # ## Tables 3 and 8: layer-wise, element-wise and combined coefficients
 
-# %%
+# %% tags=["hide-input"]
 ablation = {k: results[k] for k in ("es-layer", "es-element", "es") if k in results}
-t8 = report.results_table(ablation, "Table 8", n_resamples, seed)
+t8 = report.results_table(ablation, "Table 8", config.n_resamples, seed)
 t8.to_csv(out / "table8.csv", index=False)
-print(f"Table 3 analogue (group averages of Table 8), accuracy (%); {caption}")
-report.wide_table(t8[t8["dataset"].str.startswith("Avg.")], "accuracy")
+book.table(report.wide_table(t8[t8["dataset"].str.startswith("Avg.")], "accuracy"),
+           f"Table 3 analogue (group averages of Table 8), accuracy (%); {caption}.")
 
-# %%
-print(f"Table 8 analogue, accuracy (%); {caption}")
-report.wide_table(t8, "accuracy")
+# %% tags=["hide-input"]
+book.table(report.wide_table(t8, "accuracy"), f"Table 8 analogue, accuracy (%); {caption}.")
 
 # %% [markdown]
 # ## Group averages beside the paper
@@ -258,7 +272,7 @@ report.wide_table(t8, "accuracy")
 # method (LLaMA-3.1-8B and the published specialists). Absolute levels are not comparable across
 # scales; the question is whether the *ordering* of methods carries over.
 
-# %%
+# %% tags=["hide-input"]
 group_rows = report.group_averages([t1, t2], ablation=t8)  # the ablation variants' paper values are in Table 8 only
 order = list(results)  # the models, the shuffled control, then the yardsticks
 fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharey=True)
@@ -277,21 +291,48 @@ axes[0].legend(frameon=False, fontsize=8)
 fig.suptitle(f"Group-average accuracy, ours (bars, 95% CI) vs paper (ticks); {caption}", fontsize=9)
 fig.tight_layout()
 plots.save(fig, out, "group_averages")
-plt.show()
+book.figure(fig, "Group-average accuracy per model: ours as bars with 95 % CIs, the paper's value for the same "
+                 "method as a black tick; the dotted line is chance.")
+
+# %% [markdown]
+# ## Per-benchmark accuracy beside the paper
+#
+# Every model's accuracy on every benchmark (left) and the paper's for the methods it reports (right),
+# on one colour scale. Absolute levels are not comparable across scales; the question is whether the
+# ordering carries over.
+
+# %% tags=["hide-input"]
+heat_rows = table[~table["method"].str.contains("@")]  # the budget-curve runs have their own table below
+fig = figures.accuracy_heatmap(heat_rows)
+plots.save(fig, out, "accuracy_heatmap")
+book.figure(fig, figures.heatmap_caption(heat_rows))
+
+# %% [markdown]
+# ## Budget curves
+#
+# AdaMerging and Avg+FT at every budget they ran at (`06_merging`): mean accuracy [95 % CI] over the
+# benchmarks each run covers (Avg+FT: the curve benchmarks only, at every budget).
+
+# %% tags=["hide-input"]
+curve = budget_curves.accuracy_curve(results, budgets, config.n_resamples, seed)
+curve.to_csv(out / "budget_curves.csv", index=False)
+book.table(curve, f"Mean accuracy (%) [95 % CI] of AdaMerging and Avg+FT at each budget they ran at; "
+                  f"{caption}.", digits=1)
 
 # %% [markdown]
 # ## Table 4: cost of finding the merge
 #
-# What each method recorded when it ran (`esmerge.json`, `info`), beside the paper's total FLOPs
-# (Table 4, no unit given). Our FLOPs are counted by `torch.utils.flop_counter` at this scale.
+# ES-Merging's search (probe forward passes, SWD, one gradient pass per probe and specialist) against
+# the two baselines that search, each at the budget its row states, beside the paper's budget and
+# FLOPs. FLOPs are counted the same way for all three, by `torch.utils.flop_counter` over every
+# forward and backward pass (`esmerge.report.cost`); memory is the peak the process reached while
+# searching. The training-free methods have no search step and get one line each.
 
-# %%
-# a method with one merged model per benchmark (Avg. Merging + FT) reports the sum of their costs
-method_dirs = report.merge_folders(merge_root, out / "merged")
-cost = report.cost_table(method_dirs)
-cost.to_csv(out / "table4.csv", index=False)
-print(f"Table 4 analogue; {caption}")
-cost
+# %% tags=["hide-input"]
+t4 = cost.table4(cost.merge_folders(merge_root))
+t4.table.to_csv(out / "table4.csv", index=False)
+print(t4.note)
+book.table(t4.table, f"Table 4 analogue: the cost of finding the merge; {caption}.", digits=2)
 
 # %% [markdown]
 # ## The retrieval-only yardstick on the full benchmarks
@@ -304,14 +345,14 @@ cost
 # the sizes of its App. A.1. The comparison says what the retrieved examples alone predict on data of
 # the same kind, not what they would predict on the paper's test rows.
 
-# %%
+# %% tags=["hide-input"]
 full_columns = ["dataset", "n_eval", "n_context", "majority_acc", "knn_acc", "knn_lo", "knn_hi", "paper_es_acc",
                 "verdict", "protocol"]
 full_path = REPO_ROOT / "benchmarks" / "results" / "yardstick_full.csv"
 full = pd.read_csv(full_path) if full_path.is_file() else pd.DataFrame(columns=full_columns)
-print(f"Retrieval-only yardstick, paper protocol on the full benchmarks, beside the paper's ES-Merging "
-      f"(accuracy, %): {full['protocol'].iloc[0] if len(full) else f'{full_path} not found: run benchmarks/yardstick_full.py'}")  # noqa: E501
-full[full_columns[:-1]].round(1)
+print(full["protocol"].iloc[0] if len(full) else f"{full_path} not found: run benchmarks/yardstick_full.py")
+book.table(full[full_columns[:-1]], "Retrieval-only yardstick, paper protocol on the full benchmarks, beside the "
+           "paper's ES-Merging (accuracy, %).", digits=1, pairs={"knn_acc": ("knn_lo", "knn_hi")})
 
 # %% [markdown]
 # The paper's claims, each checked against these numbers with a paired-bootstrap CI, are in the

@@ -51,133 +51,168 @@
 # CI of +-0.015 (+-0.02-0.03 per modality); `n_retention = 50` would give about +-0.013 in a
 # quarter of the time.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "remove-cell"]
 # esmerge-needs: 06_merging
 scale = "cpu"
 seed = 0
+specialist_seeds = None  # None: scales.get(scale).specialist_seeds
 n_retention = None  # None: esmerge.scales.get(scale).n_retention held-out examples per modality
 avg_ft_benchmarks = ("BindingDB", "GDSC2")  # the Avg.+FT adapters scored (each is a model of its own)
 batch_size = 8
 n_resamples = 1000
 
-# %%
+# %% tags=["hide-input"]
 import time
 
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
+from IPython.display import display
 
 from esmerge import plots, scales
-from esmerge.evaluate import retention
+from esmerge.evaluate import retention, retention_seeds
+from esmerge.methods.emr import ONE_MODEL, emr_one_model
 from esmerge.paths import run_dir
-from esmerge.run.merge import build_context, merge_once
+from esmerge.report import budget_curves, figures
+from esmerge.report.display import Numbered
+from esmerge.run.all_methods import curve_models, seed_folder
+from esmerge.run.merge import build_context
+from esmerge.specialists.adapters import load_merged
 from esmerge.specialists.captions import heldout_examples
 
+book = Numbered(9)
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))  # batched forwards: both cores of the book machine
-n_retention = n_retention or scales.get(scale).n_retention
+config = scales.get(scale)
+budgets = config.merge_budgets
+budget_notes = budget_curves.budget_notes(budgets, scales.get("paper").merge_budgets)
+specialist_seeds = tuple(specialist_seeds or config.specialist_seeds)
+n_retention = n_retention or config.n_retention
 out = run_dir(scale, "09_retention")
-context = build_context(scale, seed)
-base, specialists = context.base, context.specialists
-examples = {m: heldout_examples(m, scale, n_retention, seed) for m in specialists}
-caption = (f"scale={scale}, seed={seed}, n={'/'.join(str(len(v)) for v in examples.values())} held-out examples "
-           f"({'/'.join(examples)})")
+merge_root = run_dir(scale, "06_merging")
+context = build_context(scale, seed, specialist_seed=specialist_seeds[0])
+base = context.base
+examples = {m: heldout_examples(m, scale, n_retention, seed) for m in context.specialists}
+caption = (f"scale={scale}, seed={seed}, specialist seeds {', '.join(map(str, specialist_seeds))}, "
+           f"n={'/'.join(str(len(v)) for v in examples.values())} held-out examples ({'/'.join(examples)})")
 print(caption, "| base:", base.name)
 
 # %% [markdown]
 # ## Models
 #
-# The base, the three specialists, every merged model of `runs/{scale}/06_merging/`, and the
-# three ES-Merging variants (merged here with the registry defaults if that chapter did not).
+# At every specialist seed: the base, the three specialists and every merged model that
+# `06_merging` made from them, EMR both with its task routing (`emr`: each modality's own task
+# modulator, which an oracle chooses) and as one merged model (`emr-one`: the mean of its modulated
+# adapters, what a user would deploy). At the first seed also the budget-curve runs of AdaMerging
+# and Avg+FT. Every (model, modality) score is cached on disk, so a rerun reads them.
 
-# %%
-merge_root = run_dir(scale, "06_merging")
-found, _ = retention.retention_models({}, merge_root)
-extra = {name: merge_once(name, out / "merged" / name, context)[0]
-         for name in ("es", "es-layer", "es-element") if name not in found}
-models, notes = retention.retention_models(specialists, merge_root, list(avg_ft_benchmarks), extra)
+# %% tags=["hide-input"]
+start = time.perf_counter()
+by_seed, notes = {}, []
+for s in specialist_seeds:
+    seed_context = context if s == specialist_seeds[0] else build_context(scale, seed, specialist_seed=s)
+    folder = seed_folder(merge_root, s)
+    extra = {ONE_MODEL: emr_one_model(load_merged(folder / "emr").adapter)}
+    if s == specialist_seeds[0]:
+        for name in curve_models(budgets, tuple(b for b in avg_ft_benchmarks if b in budgets.curve_benchmarks)):
+            extra[name] = load_merged(merge_root / "curves" / name).adapter
+    models, seed_notes = retention.retention_models(seed_context.specialists, folder, list(avg_ft_benchmarks), extra)
+    notes += [f"seed {s}: {n}" for n in seed_notes]
+    by_seed[s] = retention.score_models(models, base, seed_context.specialists, examples, batch_size=batch_size)
+seconds = time.perf_counter() - start
 for note in notes:
     print(note)
-print(f"{len(models)} models:", ", ".join(models))
-
-# %%
-start = time.perf_counter()
-nlls, tokens = retention.score_models(models, base, specialists, examples, batch_size=batch_size)
-seconds = time.perf_counter() - start
+nlls, tokens = by_seed[specialist_seeds[0]]
 uids = {m: [ex.uid for ex in v] for m, v in examples.items()}
-retention.nll_frame(nlls, tokens, uids).to_csv(out / "retention_nlls.csv", index=False)
-print(f"{len(models)} models x {len(examples)} modalities: {seconds:.0f} s (cached entries are read, not computed); "
-      f"mean answer tokens per example: " + ", ".join(f"{m} {t.mean():.1f}" for m, t in tokens.items()))
+for s, (seed_nlls, seed_tokens) in by_seed.items():
+    retention.nll_frame(seed_nlls, seed_tokens, uids).to_csv(out / f"retention_nlls_seed{s}.csv", index=False)
+print(f"{len(models)} models x {len(examples)} modalities x {len(by_seed)} seeds: {seconds:.0f} s (cached entries "
+      f"are read, not computed); mean answer tokens per example: "
+      + ", ".join(f"{m} {t.mean():.1f}" for m, t in tokens.items()))
 
 # %% [markdown]
 # ## Retained fraction
 #
 # Mean answer NLL and retained fraction [95 % CI] per model and modality; `mean` is the mean of
-# the three fractions. `specialist_gain` (base NLL minus specialist NLL) is what there is to
-# retain: where its CI reaches 0 every fraction on that modality is unstable.
+# the three fractions. Each value is the mean over the specialist seeds of that seed's retained
+# fraction, and its CI comes from a two-level bootstrap: each resample draws the seeds with
+# replacement, then the examples (one draw per modality, shared by every model and seed, since
+# every seed is scored on the same examples), so the spread between seeds is inside the CI
+# (`esmerge.evaluate.retention_seeds`). `specialist_gain` (base NLL minus specialist NLL) is what
+# there is to retain: where its CI reaches 0 every fraction on that modality is unstable.
 
-# %%
-res = retention.resampled_retention(nlls, tokens, n_resamples=n_resamples, seed=seed)
+# %% tags=["hide-input"]
+res = retention_seeds.seeded_retention(by_seed, n_resamples=n_resamples, seed=seed)
+print(retention_seeds.seed_resolution_note(len(res.seeds)))
+left_out = [k for k in res.dropped if "@" not in k]  # the budget curves run at the first seed only
+if left_out:
+    print("left out (not merged at every seed):", ", ".join(left_out))
 table = retention.retention_table(res)
 table.to_csv(out / "retention.csv", index=False)
-print(f"Retained fraction of each specialist's held-out skill [95 % paired-bootstrap CI]; {caption}")
-retention.retention_wide(table)
+book.table(retention.retention_wide(table, digits=3),
+           f"Retained fraction of each specialist's held-out skill [95 % two-level bootstrap CI, seeds and "
+           f"examples]; {caption}.")
 
-# %%
+# %% tags=["hide-input"]
+per_seed = retention_seeds.seed_table(res)
+per_seed.to_csv(out / "retention_by_seed.csv", index=False)
+book.table(per_seed[per_seed["modality"] == "mean"].pivot(index="method", columns="seed", values="retained"),
+           f"Mean retained fraction at each specialist seed (columns); {caption}.", digits=3)
+
+# %% tags=["hide-input"]
 gains = table[table["method"] == "base"].set_index("modality")[["specialist_gain", "gain_lo", "gain_hi"]].dropna()
-nll_wide = table.pivot(index="method", columns="modality", values="nll").reindex(models)[list(examples)]
-print("Specialist gain over the base (nats per answer token):")
-print(gains.round(3).to_string())
-print("\nMean answer NLL (nats per answer token):")
-nll_wide.round(3)
+nll_wide = table.pivot(index="method", columns="modality", values="nll")[list(examples)]
+display(book.table(gains, "Specialist gain over the base (nats per answer token, mean over seeds) [95 % CI]; "
+                          f"{caption}.", digits=3))
+book.table(nll_wide, f"Mean answer NLL (nats per answer token, mean over seeds); {caption}.", digits=3)
 
 # %% [markdown]
 # The held-out cells mix PBMC68k cells (answer: a cell type) and CCLE lines (answer: primary site
-# and histology). Split by source (same resampling scheme within each):
+# and histology). Split by source, at the first specialist seed (same resampling scheme within each):
 
-# %%
+# %% tags=["hide-input"]
 by_source = retention.resampled_retention(*retention.split_by_source(nlls, tokens, uids), n_resamples=n_resamples,
                                           seed=seed, specialist_of=lambda m: "specialist-" + m.split("/")[0])
 source_table = retention.retention_table(by_source)
 source_table = source_table[source_table["modality"].str.startswith("cell/")]
 source_table.to_csv(out / "retention_cell_sources.csv", index=False)
-print(f"Retained fraction on held-out cells by source; {caption}")
-retention.retention_wide(source_table)
+book.table(retention.retention_wide(source_table, digits=3),
+           f"Retained fraction on held-out cells by source, specialist seed {specialist_seeds[0]}; {caption}.")
 
-# %%
-merged_names = [k for k in models if k != "base" and not k.startswith("specialist-")]
-columns = [*examples, "mean"]
-fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(merged_names) * len(columns) / 3), 4))
-width = 0.8 / len(columns)
-for j, m in enumerate(columns):
-    part = table[table["modality"] == m].set_index("method").reindex(merged_names)
-    x = np.arange(len(merged_names)) + (j - (len(columns) - 1) / 2) * width
-    err = np.abs(part[["lo", "hi"]].to_numpy().T - part["retained"].to_numpy())
-    ax.bar(x, part["retained"], width, yerr=err, capsize=2, label=m,
-           color=plots.MODALITY_COLORS.get(m, "#444444"), error_kw={"lw": 0.8})
-ax.axhline(1, color="k", lw=0.8, ls="--")
-ax.axhline(0, color="k", lw=0.8)
-ax.set_xticks(np.arange(len(merged_names)), merged_names, rotation=30, ha="right")
-ax.set(ylabel="retained fraction  (1 = specialist, 0 = base)",
-       title="How much of each specialist's held-out skill a merged model keeps")
-ax.legend(frameon=False, ncol=len(columns), fontsize=8)
-fig.suptitle(f"95 % paired-bootstrap CIs over examples; {caption}", fontsize=9)
-fig.tight_layout()
+# %% tags=["hide-input"]
+merged_names = [k for k in res.point if k != "base" and not k.startswith("specialist-") and "@" not in k]
+fig = figures.retention_bars(table[table["method"].isin(merged_names)])
+fig.suptitle(f"95 % two-level bootstrap CIs (seeds and examples); {caption}", fontsize=9)
 plots.save(fig, out, "retention")
-plt.show()
+book.figure(fig, figures.retention_caption(table[table["method"].isin(merged_names)]))
 
 # %% [markdown]
 # ## Claims: ES-Merging against every baseline
 #
-# For each baseline, the margin *mean retention of ES-Merging minus the baseline's* with a paired
-# 95 % CI (one resample of the examples for every model). Verdicts in the claims register's
-# words: *supported* (the CI lies above 0), *not supported* (below 0: the baseline retains
-# significantly more), *inconclusive* (the CI straddles 0). The first row is the claim over all
-# baselines (its margin is the smallest); `rank` is ES-Merging's rank among ES-Merging and the
-# baselines by mean retention.
+# For each baseline, the margin *mean retention of ES-Merging minus the baseline's* with its 95 %
+# CI from the same two-level bootstrap, and a bootstrap p-value Holm-adjusted over the compared
+# baselines. Verdicts in the claims register's words: *supported* (the CI lies above 0 and Holm
+# p < 0.05), *not supported* (the baseline retains significantly more, by the same two tests),
+# *inconclusive* otherwise. Where a mean over modalities nets significant effects of opposite sign,
+# each modality gets a row of its own. The first row is the claim over all baselines; `rank` is
+# ES-Merging's rank among ES-Merging and the baselines by mean retention. Every row carries the
+# seeds, the caveats that apply and what result would change it.
 
-# %%
-claims = retention.retention_claims(res)
+# %% tags=["hide-input"]
+baselines = [k for k in merged_names if not k.startswith("es")]
+claims = retention.retention_claims(res, baselines=baselines, budgets=budget_notes)
 claims.to_csv(out / "retention_claims.csv", index=False)
-print(f"ES-Merging vs every baseline on mean retention; {caption}")
-claims[["b", "ours", "lo", "hi", "verdict", "rank", "of"]].rename(columns={"b": "ES-Merging vs"}).round(3)
+book.table(claims.rename(columns={"b": "ES-Merging vs"}),
+           f"ES-Merging minus each baseline in retained fraction [95 % CI], Holm p and verdict; {caption}.",
+           digits=3, columns=["ES-Merging vs", "modality", "ours", "p_holm", "verdict", "rank", "of", "detail"])
+
+# %% [markdown]
+# ## Budget curves
+#
+# AdaMerging and Avg+FT at every budget they ran at (the first specialist seed only): whether
+# each had plateaued by the budget of the claims above.
+
+# %% tags=["hide-input"]
+first = retention.resampled_retention(nlls, tokens, n_resamples=n_resamples, seed=seed)
+curve = budget_curves.retention_curve(retention.retention_table(first), budgets)
+curve.to_csv(out / "retention_budget_curves.csv", index=False)
+book.table(curve, f"Mean retained fraction [95 % CI] of AdaMerging and Avg+FT at each budget they ran at, "
+                  f"specialist seed {specialist_seeds[0]}; {caption}.", digits=3)
