@@ -41,8 +41,8 @@ from esmerge.methods.es import coefficients_from_signals
 from esmerge.methods.es_signals import signals
 from esmerge.paths import run_dir
 from esmerge.report import es_coefficients
-from esmerge.report.es_ablation import ablation_table, differences_table
 from esmerge.report.display import Numbered
+from esmerge.report.es_ablation import ablation_table, differences_table
 from esmerge.run.merge import build_context
 
 out = run_dir(scale, "05_elementwise")
