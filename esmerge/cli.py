@@ -92,14 +92,14 @@ def _train(args) -> int:
 
 def _merge(args) -> int:
     from esmerge import methods
-    from esmerge.run import byo, merge
+    from esmerge.run import byo, merge, user_adapters
 
     hparams = methods.validate(args.method, methods.parse_set(args.set))  # first, before the options' fit
     _check_merge_options(args)
     if args.adapter:  # bring your own adapters: any PEFT LoRA folders on one base
         if not args.base:
             raise UsageError("--adapter needs --base (a hub id, a local model folder, or smoke/cpu)")
-        named = byo.named_adapters([_name_path(item) for item in args.adapter])  # a name twice is refused
+        named = user_adapters.named_adapters([user_adapters.split_name_path(item) for item in args.adapter])
         _refuse_output("merge", args.out, args.force, [*named.values(), args.probe, args.base])  # before loading
         _check_probe_options(args, methods.needing("probe"))
         out = byo.merge_adapters(args.base, named, args.probe, args.out, args.method, hparams, force=args.force,
@@ -151,30 +151,11 @@ def _refuse_output(kind: str, out, force: bool, inputs) -> None:
     outputs.check_replaceable(out, outputs.KINDS[kind], force, local)
 
 
-def _name_path(item: str) -> tuple[str, Path]:
-    name, sep, path = item.partition("=")
-    if not sep or not name or not path:
-        raise UsageError(f"--adapter {item!r}: write NAME=PATH, e.g. --adapter molecule=adapters/mol")
-    return name, Path(path)
-
-
-NEEDS_LEGEND = ("needs: - = the adapters alone; probe = probe texts (--probe with --adapter, else the scale's "
-                "probes); data = the scale's prompts (adamerging: evaluation prompts, avg-ft: training prompts), "
-                "so not with --adapter; labels = the training set's task labels (avg-ft). "
-                "`esmerge methods describe NAME`: every parameter's meaning and presets.")
-
-
-def method_needs(name: str) -> str:
-    """What a method needs besides the adapters (its registry entry's ``needs``), ``-`` for nothing."""
-    from esmerge import methods
-
-    return ", ".join(methods.get(name).needs) or "-"
-
-
 def _methods(args) -> int:
     import textwrap
 
     from esmerge import methods
+    from esmerge.methods.listing import NEEDS_LEGEND, methods_listing
 
     words = list(args.name)
     if words[:1] == ["describe"]:
@@ -188,35 +169,6 @@ def _methods(args) -> int:
     print("\n".join(methods_listing(words[0] if words else None)))
     print("\n".join(textwrap.wrap(NEEDS_LEGEND, 100)))
     return 0
-
-
-def methods_listing(name: str | None = None, width: int = 100) -> list[str]:
-    """The lines of `esmerge methods [NAME]`: method, what it needs, and its parameters' type, default and range;
-    one method alone also gets each parameter's doc, wrapped. No line is longer than ``width``."""
-    import textwrap
-
-    from esmerge import methods
-
-    rows = methods.describe(name)
-    head = ("method", "needs", "parameter", "type", "default", "range")
-    table = [(r["method"], method_needs(r["method"]), r["parameter"] or "(none)", r["type"], str(r["default"]),
-              r["range"]) for r in rows]
-    widths = [max(len(str(row[i])) for row in [head, *table]) for i in range(len(head))]
-    lines, last = [], None
-
-    def line(cells) -> str:
-        text = "  ".join(f"{c:<{w}}" for c, w in zip(cells, widths)).rstrip()
-        return text if len(text) <= width else text[:width - 3] + "..."
-
-    lines.append(line(head))
-    for row, source in zip(table, rows):
-        shown = row if row[0] != last else ("", "", *row[2:])
-        last = row[0]
-        lines.append(line(shown))
-        if name and source["doc"] and source["parameter"]:
-            indent = " " * (widths[0] + widths[1] + 4 + 2)
-            lines += textwrap.wrap(source["doc"], width, initial_indent=indent, subsequent_indent=indent)
-    return lines
 
 
 def _evaluate(args) -> int:

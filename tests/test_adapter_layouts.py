@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from esmerge.errors import InputError, UsageError
-from esmerge.run import byo, probe_file
+from esmerge.run import byo, probe_file, user_adapters
 from esmerge.specialists.adapters import Adapter, AdapterMismatchError, load_adapter, load_merged
 from esmerge.specialists.base_llm import byte_tokenizer
 from esmerge.specialists.lora_layout import delta_weights, factors, normalise
@@ -279,13 +279,14 @@ def test_peft_layouts_beyond_lora_factors_are_refused(llama, tmp_path, monkeypat
 # --------------------------------------------------------------------------- --dtype
 def test_dtype_is_how_the_base_loads(llama, tmp_path, monkeypatch):
     base, adapters = llama
-    assert byo.resolve_dtype(None, str(base)) == byo.resolve_dtype("auto", "smoke") == torch.float32  # no GPU here
+    resolve = user_adapters.resolve_dtype
+    assert resolve(None, str(base)) == resolve("auto", "smoke") == torch.float32  # no GPU here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert byo.resolve_dtype("auto", str(base)) == torch.bfloat16 and byo.resolve_dtype("auto", "cpu") == torch.float32
-    assert byo.resolve_dtype("auto", "cpu", "cuda") == torch.bfloat16
+    assert resolve("auto", str(base)) == torch.bfloat16 and resolve("auto", "cpu") == torch.float32
+    assert user_adapters.resolve_dtype("auto", "cpu", "cuda") == torch.bfloat16
     monkeypatch.undo()
     with pytest.raises(UsageError, match="--dtype 'half': choose one of float32, bfloat16, auto"):
-        byo.resolve_dtype("half", "smoke")
+        user_adapters.resolve_dtype("half", "smoke")
     seen = {}
     real = byo.load_base_for
 
@@ -321,8 +322,8 @@ def test_the_recorded_base_is_decided_by_its_weights_when_they_are_here(llama, t
         byo.merge_adapters(str(base), {"first": adapters["same_a"], "other": other}, None, tmp_path / "x", "avg")
     assert "\n" not in str(e.value)
     # A base that is not on this machine: its name decides (org/x and /models/x name one base).
-    assert byo.recorded_base_matches(f"org/{base.name}", byo.load_base_for(str(base), with_tokenizer=False)) == \
-        (True, None)
+    loaded = user_adapters.load_base_for(str(base), with_tokenizer=False)
+    assert user_adapters.recorded_base_matches(f"org/{base.name}", loaded) == (True, None)
 
 
 def test_the_cpu_base_accepts_adapters_naming_its_weights_anywhere(tmp_path, monkeypatch):
@@ -338,7 +339,7 @@ def test_the_cpu_base_accepts_adapters_naming_its_weights_anywhere(tmp_path, mon
     gguf.write_bytes(b"GGUF fake weights")
     monkeypatch.setattr(smollm2, "smollm2_gguf_path", lambda: gguf)
     monkeypatch.setattr(smollm2, "_gguf_to_folder", _fake_gguf_to_folder)
-    cpu = byo.load_base_for("cpu")
+    cpu = user_adapters.load_base_for("cpu")
     converted, _ = smollm2.cpu_base_folder()
     mine = shutil.copytree(converted, tmp_path / "my-base")  # what a user trained on, renamed
     model, _ = _fake_cpu_model()
@@ -347,7 +348,7 @@ def test_the_cpu_base_accepts_adapters_naming_its_weights_anywhere(tmp_path, mon
     type(model)(model.config).save_pretrained(lookalike)  # SmolLM2's name, other weights
     for named, fits in ((str(mine), True), (str(converted), True), (str(gguf), True), (str(lookalike), False),
                         ("no-such-org-here/SmolLM2-135M-Instruct", True), ("org/other-model", False)):
-        assert byo.recorded_base_matches(named, cpu)[0] is fits, named
+        assert user_adapters.recorded_base_matches(named, cpu)[0] is fits, named
     folder = tmp_path / "adapters"
     a = peft_adapter(mine, folder / "a", 1)
     b = _names(peft_adapter(mine, folder / "b", 2), str(gguf))

@@ -10,7 +10,7 @@ import torch
 
 from esmerge import methods
 from esmerge.errors import InputError, OutputExistsError, UsageError
-from esmerge.run import byo, probe_file
+from esmerge.run import byo, probe_file, user_adapters
 from esmerge.signals.probe import hidden_states
 from esmerge.specialists.adapters import (
     AdapterMismatchError,
@@ -251,7 +251,7 @@ def test_an_adapter_saved_as_bin_loads_as_its_safetensors_twin_and_a_planted_one
     tensors = load_file(twin / "adapter_model.safetensors")
     (twin / "adapter_model.safetensors").unlink()
     torch.save(tensors, twin / "adapter_model.bin")  # the layout PEFT writes with safe_serialization=False
-    loaded, _ = byo.read_adapter("protein", twin)
+    loaded, _ = user_adapters.read_adapter("protein", twin)
     reference = load_adapter(root / "protein")
     assert set(loaded.state) == set(reference.state)
     assert all(torch.equal(loaded.state[k], reference.state[k]) for k in reference.state)
@@ -259,7 +259,7 @@ def test_an_adapter_saved_as_bin_loads_as_its_safetensors_twin_and_a_planted_one
     monkeypatch.chdir(tmp_path)
     torch.save({"x": _Planted()}, twin / "adapter_model.bin")
     with pytest.raises(InputError, match=r"adapter_model.bin is not a weights-only PyTorch file") as err:
-        byo.read_adapter("protein", twin)
+        user_adapters.read_adapter("protein", twin)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "PLANTED_RAN").exists()
 

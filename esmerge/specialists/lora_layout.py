@@ -50,7 +50,7 @@ def module_path(head: str) -> str:
 
 def factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{head: (A, B)}`` of an adapter, ``head`` being a key without ``.lora_A.weight``; a key that is not
-    a LoRA factor, or a module with only one factor, is a ``ValueError`` (``byo.check_lora_config`` refuses
+    a LoRA factor, or a module with only one factor, is a ``ValueError`` (``user_adapters.check_lora_config`` refuses
     such adapters first, naming the file)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in adapter.state.items():
