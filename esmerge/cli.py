@@ -20,13 +20,11 @@ except for ``methods`` and ``data verify``, whose listing is their product (exit
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import sys
 from pathlib import Path
 
 from esmerge import scales
-from esmerge.errors import EsmergeError, UsageError
+from esmerge.errors import EsmergeError, GuardedStdout, UsageError
 from esmerge.specialists.encoders import MODALITIES
 
 
@@ -96,6 +94,14 @@ def _merge(args) -> int:
 
     hparams = methods.validate(args.method, methods.parse_set(args.set))  # first, before the options' fit
     _check_merge_options(args)
+    if args.dry_run:
+        if args.adapter or args.scale != "paper":
+            raise UsageError("--dry-run checks a paper-scale merge: use it with --scale paper (not --adapter)")
+        from esmerge.run import dry_run
+
+        return dry_run.print_plan(dry_run.merge_plan(args.method, hparams, base_path=args.base,
+                                                     specialists_dir=args.specialists, probe_k=args.probe_k,
+                                                     out=args.out, force=args.force))
     if args.adapter:  # bring your own adapters: any PEFT LoRA folders on one base
         if not args.base:
             raise UsageError("--adapter needs --base (a hub id, a local model folder, or smoke/cpu)")
@@ -174,6 +180,15 @@ def _methods(args) -> int:
 def _evaluate(args) -> int:
     import pandas as pd
 
+    if args.dry_run:
+        if args.scale != "paper":
+            raise UsageError("--dry-run checks a paper-scale evaluation: add --scale paper")
+        from esmerge.run import dry_run
+
+        return dry_run.print_plan(dry_run.evaluate_plan(args.model, args.benchmarks, n_eval=args.n_eval,
+                                                        n_shots=args.n_shots, scoring=args.scoring,
+                                                        max_new_tokens=args.max_new_tokens, seed=args.seed))
+
     from esmerge.run.evaluate_named import evaluate_by_name
 
     rows = evaluate_by_name(args.scale, args.model, args.benchmarks, seed=args.seed, out_dir=args.out,
@@ -192,13 +207,17 @@ def _convert(args) -> int:
     sources = (getattr(args, "src", None), getattr(args, "finetuned", None), args.base)
     _refuse_output("converted-specialist", args.out, args.force, sources)  # before reading any checkpoint
     if args.source_kind == "mol-llama":
-        print(f"wrote {convert.convert_mol_llama(args.src, args.out, base=args.base, force=args.force)}")
+        written = convert.convert_mol_llama(args.src, args.out, base=args.base, force=args.force,
+                                            base_sha256=args.base_sha256)
+        print(f"wrote {written}")
         return 0
     if args.source_kind == "prot2text":
-        result = convert.convert_prot2text(args.src, args.out, args.base, force=args.force, device=args.device)
+        result = convert.convert_prot2text(args.src, args.out, args.base, force=args.force, device=args.device,
+                                           error_budget=args.error_budget, max_rank=args.max_rank)
     else:
         result = convert.lora_extract(args.finetuned, args.base, args.out, rank=args.rank, modality=args.modality,
-                                      force=args.force, device=args.device)
+                                      force=args.force, device=args.device, error_budget=args.error_budget,
+                                      max_rank=args.max_rank)
     print(convert.summary(result.report))
     print(f"wrote {args.out}")
     return 0
@@ -278,6 +297,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists, unless --force)")
     g.add_argument("--force", action="store_true", help="replace a finished output directory")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dry-run", action="store_true",
+                   help="--scale paper: check files, shapes, encoders and tokenizer without loading a weight, print "
+                        "the plan (FLOPs, memory, hours); exit 1 on a blocking problem")
     g = p.add_argument_group("bring your own adapters (PEFT LoRA folders on one base)")
     g.add_argument("--base", default=None, help="the adapters' base: a hub id, a local model folder, or smoke/cpu "
                    "(also the base's hub id or folder at --scale paper)")
@@ -321,6 +343,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --scoring generate: reply length cap (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="results cache (default runs/<scale>/07_results/evals)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="--scale paper: check models, files, tokenizer and prompt lengths without loading a weight, "
+                        "print the plan (FLOPs, memory, hours); exit 1 on a blocking problem")
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("convert", parents=[common], help="convert a published checkpoint to a specialist folder")
@@ -329,6 +354,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("src", help="Mol-LLaMA checkpoint folder or file (hub id with internet)")
     k.add_argument("out", type=Path)
     k.add_argument("--base", default=None, help="base model path or id (default: the one the checkpoint names)")
+    k.add_argument("--base-sha256", default=None, help="expected weights sha256 of the base (checked, on the card)")
     k = kinds.add_parser("prot2text", parents=[common], help="Prot2Text-V2: a rank-8 LoRA by SVD of its merged decoder")
     k.add_argument("src")
     k.add_argument("out", type=Path)
@@ -341,6 +367,12 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--rank", type=int, default=8)
     k.add_argument("--modality", default=None, choices=MODALITIES)
     k.add_argument("--device", default=None)
+    for name in ("prot2text", "lora-extract"):
+        k = kinds.choices[name]
+        k.add_argument("--error-budget", type=float, default=None,
+                       help="the smallest rank whose worst per-matrix relative error is within this (e.g. 0.05); "
+                            "only r = 8 merges with the other specialists")
+        k.add_argument("--max-rank", type=int, default=None, help="with --error-budget: the largest rank to consider")
     for k in kinds.choices.values():
         k.add_argument("--force", action="store_true", help="replace a finished output folder")
     p.set_defaults(run=_convert)
@@ -363,42 +395,6 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-class _GuardedStdout:
-    """``sys.stdout`` while a command runs: a report line that cannot be written (a closed pipe, a full
-    disk) is dropped and remembered instead of interrupting the work; ``main`` says so after it."""
-
-    def __init__(self, stream):
-        self.stream, self.error = stream, None
-
-    def _fail(self, err: OSError) -> None:
-        self.error = err
-        try:  # what stays buffered would fail again at exit: send it, and the rest, to /dev/null
-            target = self.stream.fileno()
-            devnull = os.open(os.devnull, os.O_WRONLY)
-        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-            return  # not a file (a test's capture): nothing is flushed at exit
-        os.dup2(devnull, target)
-        os.close(devnull)
-
-    def write(self, text: str) -> int:
-        if self.error is None:
-            try:
-                return self.stream.write(text)
-            except OSError as err:
-                self._fail(err)
-        return len(text)
-
-    def flush(self) -> None:
-        if self.error is None:
-            try:
-                self.stream.flush()
-            except OSError as err:
-                self._fail(err)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 def _stdout_failed(args, err: OSError, code: int) -> int:
     """The exit code when stdout could not be written. A closed pipe (``| head``) is the reader's choice:
     the command's own code, silently. Otherwise one warning line; the code stays the command's when its
@@ -418,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as stop:  # argparse printed the usage error (or --help)
         return int(stop.code or 0)
-    guard = _GuardedStdout(sys.stdout)
+    guard = GuardedStdout(sys.stdout)
     sys.stdout = guard
     try:
         code = _run(args)

@@ -6,6 +6,9 @@ subclass) for bad input, never a bare ``ValueError`` that would reach the user a
 """
 from __future__ import annotations
 
+import io
+import os
+
 
 class EsmergeError(Exception):
     """Base of every refusal the CLI reports in one line (exit code 1)."""
@@ -56,3 +59,39 @@ def check_seed(seed, what: str = "--seed"):
         raise UsageError(f"{what} must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (a numpy/torch seed), "
                          f"got {seed!r}")
     return seed
+
+
+class GuardedStdout:
+    """``sys.stdout`` while a command runs: a report line that cannot be written (a closed pipe, a full
+    disk) is dropped and remembered instead of interrupting the work; the CLI says so after it."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def _fail(self, err: OSError) -> None:
+        self.error = err
+        try:  # what stays buffered would fail again at exit: send it, and the rest, to /dev/null
+            target = self.stream.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return  # not a file (a test's capture): nothing is flushed at exit
+        os.dup2(devnull, target)
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        if self.error is None:
+            try:
+                return self.stream.write(text)
+            except OSError as err:
+                self._fail(err)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as err:
+                self._fail(err)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)

@@ -158,3 +158,30 @@ for nb in discover(NOTEBOOKS_DIR).values():  # the regenerator's own parser of `
     rows.append((nb.path.name, title, ", ".join(nb.needs) or "-"))
 chapters = pd.DataFrame(rows, columns=["notebook", "title", "needs"])
 book.table(chapters, "The chapters, one notebook each, and the chapters whose results each reads.")
+
+# %% [markdown]
+# ## How to cite
+#
+# ````{admonition} Cite the paper for the method, and this companion for its numbers
+# :class: tip
+#
+# ```bibtex
+# @misc{lee2026esmerging,
+#   title  = {{ES-Merging}: Biological {MLLM} Merging via Embedding Space Signals},
+#   author = {Lee, Wonbin and Kim, Dongki and Hwang, Sung Ju},
+#   year   = {2026},
+#   note   = {Preprint, KAIST and DeepAuto.ai}
+# }
+#
+# @software{esmerge2026,
+#   title  = {esmerge: a reproducible companion to {ES-Merging}},
+#   author = {{esmerge contributors}},
+#   year   = {2026},
+#   note   = {Jupyter Book and Python package; cite the commit shown on each chapter's banner}
+# }
+# ```
+#
+# **Licence.** The code and this book are under the MIT licence (`LICENSE` at the repository's
+# root). The upstream data files keep their own licences, listed with their sources and sha256 in
+# the data manifest (chapter 1); nothing of them is copied into the repository.
+# ````

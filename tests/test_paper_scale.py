@@ -180,3 +180,37 @@ def test_paper_cell_substitute_trains_on_the_paper_base(paper, tmp_path, monkeyp
     spec = load_specialist(tmp_path / "cell", base)
     assert spec.card["base_weights_sha256"] == base.weights_sha256 and spec.card["scale"] == "paper"
     assert spec.projector is None and spec.adapter.config["r"] == 8
+
+
+def test_prot2text_encoder_keeps_rotary_frequencies_in_float32():
+    """A bf16 protein encoder keeps ESM's rotary inv_freq in float32, as the upstream bf16 model does: its blocks
+    equal that model's exactly, and differ once the frequencies are rounded to bf16 (as a plain .to() would)."""
+    from esmerge.specialists.encoders import Prot2TextEncoder, _prot2text_encoder
+
+    torch.manual_seed(0)
+    esm = dict(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               position_embedding_type="rotary", pad_token_id=1, mask_token_id=32, token_dropout=False)
+    entry = {"esm_config": esm, "adapter_config": {"input_dim": 32, "intermediate_dim": 16, "output_dim": 8}}
+    source = Prot2TextEncoder(esm, 32, 16, 8).eval()
+    encoder = {f"esm_encoder.{k}": v.to(torch.bfloat16) if v.is_floating_point() and not k.endswith("inv_freq")
+               else v for k, v in source.esm_encoder.state_dict().items()}
+    projector = {f"adapter.{k}": v.to(torch.bfloat16) for k, v in source.adapter.state_dict().items()}
+
+    def with_rotary(module, dtype):
+        for name, _ in list(module.named_buffers()):
+            if name.endswith("inv_freq"):
+                owner = module.get_submodule(name.rsplit(".", 1)[0])
+                owner.inv_freq = encoder[name].to(dtype)
+        return module
+
+    upstream = with_rotary(Prot2TextEncoder(esm, 32, 16, 8).to(torch.bfloat16), torch.float32).eval()
+    upstream.load_state_dict({**encoder, **projector}, strict=False)
+    built = _prot2text_encoder(entry, projector, encoder, "stand-in").eval()
+    assert {b.dtype for n, b in built.named_buffers() if n.endswith("inv_freq")} == {torch.float32}
+    assert next(built.parameters()).dtype == torch.bfloat16
+    rounded = with_rotary(_prot2text_encoder(entry, projector, encoder, "stand-in").eval(), torch.bfloat16)
+    protein = ["MKVLAGHWYE" * 60]  # 600 residues
+    with torch.no_grad():
+        want = upstream.blocks(protein)[0]
+        assert torch.equal(built.blocks(protein)[0], want)
+        assert not torch.equal(rounded.blocks(protein)[0], want)

@@ -190,7 +190,9 @@ class RawEncoder(nn.Module):
 # ESM-2's alphabet (fair-esm ``Alphabet.from_architecture("ESM-1b")``, as in facebook/esm2_* vocab.txt):
 # 4 specials, 25 residue letters, 4 more specials. Built in code so no tokenizer file is needed.
 ESM_VOCAB = ("<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO", ".", "-", "<null_1>", "<mask>")
-ESM_MAX_RESIDUES = 1022  # ESM-2 was trained on 1024 positions: BOS + 1022 residues + EOS
+# Prot2Text-V2 crops proteins to 1021 residues when it trains (its dataset's max_sequence_length), one
+# under ESM-2's 1022 + BOS + EOS positions: reading longer proteins than the model saw gains nothing.
+ESM_MAX_RESIDUES = 1021
 
 
 def esm_token_ids(sequence: str, max_residues: int = ESM_MAX_RESIDUES) -> list[int]:
@@ -284,7 +286,15 @@ def _prot2text_encoder(entry: dict, projector: dict, encoder: dict, folder) -> R
     if missing or unexpected:
         raise InputError(f"{folder}: protein encoder tensors do not fit (missing {missing[:2]}, "
                          f"unexpected {unexpected[:2]}); reconvert with `esmerge convert prot2text`")
-    return module.to(next(iter(encoder.values())).dtype if encoder else torch.float32)
+    dtype = next((v.dtype for k, v in encoder.items() if not k.endswith("inv_freq")), torch.float32)
+    module = module.to(dtype)
+    # Rotary frequencies stay float32 as upstream keeps them: in bf16 they round, and so do positions past 256
+    # (the converter stores them float32; ESM's rotary casts its output back to the query's dtype).
+    for name, _ in list(module.named_buffers()):
+        if name.endswith("rotary_embeddings.inv_freq"):
+            owner = module.get_submodule(name.rsplit(".", 1)[0])
+            owner.inv_freq = state[name].float() if name in state else owner.inv_freq.float()
+    return module
 
 
 ENCODER_BUILDERS = {"mol-llama": _mol_llama_encoder, "prot2text": _prot2text_encoder}

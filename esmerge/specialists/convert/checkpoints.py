@@ -9,8 +9,12 @@ A checkpoint is one of the layouts the paper's specialists and their bases are p
   keeps its tensors under ``state_dict``).
 
 Torch files are read with ``torch.load(weights_only=True)``: a file that needs anything more than
-tensors and plain containers is refused before any of its code runs. Safetensors files are read
-lazily, one tensor at a time, so an 8B checkpoint never has to fit in memory at once.
+tensors and plain containers is refused before any of its code runs. The one exception is a short
+admit-list of upstream config classes by name (Mol-LLaMA's Lightning ``.ckpt`` pickles its
+``MolLLaMAConfig`` in ``hyper_parameters``): each is rebuilt as an ``InertConfig`` that only keeps
+the pickled fields, never as the upstream class, and is read back as a plain dict
+(``TensorSource.hyper_parameters``). Safetensors files are read lazily, one tensor at a time, so an
+8B checkpoint never has to fit in memory at once.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ from esmerge.specialists.base_llm import checkpoint_sha256
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Buffers a module keeps besides its weights (BatchNorm's num_batches_tracked, BERT's position_ids):
+# carried with their dtype, never cast to float.
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 # The seven projections of a LLaMA block that the shared LoRA targets (models.LORA_TARGET_MODULES),
 # with the sub-module each lives in.
 TARGET_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -64,38 +71,88 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def _torch_tensors(file: Path) -> dict[str, torch.Tensor]:
+class InertConfig:
+    """What an admitted upstream config object becomes when unpickled: its pickled fields, no behaviour.
+
+    The weights-only unpickler calls ``__new__`` and ``__setstate__`` (or ``__init__`` with the
+    pickled arguments) on it; none of them runs anything of the upstream class.
+    """
+
+    qualified_name = ""
+
+    def __init__(self, *args, **kwargs):
+        self.fields = {"args": list(args), **kwargs} if args or kwargs else {}
+
+    def __setstate__(self, state):
+        self.fields = state if isinstance(state, dict) else {"state": state}
+
+
+def _inert_globals(names: tuple[str, ...]) -> list[tuple[type, str]]:
+    return [(type(name.rsplit(".", 1)[-1], (InertConfig,), {"qualified_name": name}), name) for name in names]
+
+
+def plain(obj):
+    """``obj`` with every ``InertConfig`` turned into a dict (``"__class__"``: the upstream name) and
+    tensors left out: what a card or a converter may read from a checkpoint's extra content."""
+    if isinstance(obj, InertConfig):
+        return {"__class__": obj.qualified_name, **plain(getattr(obj, "fields", {}))}
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj if not isinstance(v, torch.Tensor)]
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else repr(obj)
+
+
+def export_command(file: Path) -> str:
+    """A command to run in the upstream environment that turns a Lightning checkpoint into plain tensors."""
+    out = file.with_suffix(".safetensors")
+    return (f"python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{file}', "
+            f"map_location='cpu', weights_only=False)['state_dict']; save_file({{k: v.contiguous() for k, v in "
+            f"sd.items()}}, '{out}')\"")
+
+
+def _torch_tensors(file: Path, inert: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a torch file (under ``state_dict`` for Lightning) and its other content, made ``plain``."""
     try:
-        try:  # memory-mapped, so a large file is not read at once; only the zip format allows it
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (pre-1.6) format
+        with torch.serialization.safe_globals(_inert_globals(inert)):
+            try:  # memory-mapped, so a large file is not read at once; only the zip format allows it
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                obj = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (pre-1.6) format
     except Exception as err:  # UnpicklingError for planted objects, RuntimeError for a truncated zip
-        raise CheckpointError(f"{file}: not a plain tensor checkpoint ({type(err).__name__}); "
-                              "only tensors and plain containers are read (weights_only=True)") from None
+        hint = (f"if you trust it, export its state_dict upstream: {export_command(file)}"
+                if file.suffix == ".ckpt" else "re-save it as safetensors")
+        raise CheckpointError(f"{file}: not a plain tensor checkpoint ({type(err).__name__}); only tensors and "
+                              f"plain containers are read (weights_only=True); {hint}") from None
+    extra = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        extra = plain({k: v for k, v in obj.items() if k != "state_dict"})
         obj = obj["state_dict"]  # PyTorch Lightning keeps the weights here
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{file}: expected a dict of tensors (or one under 'state_dict')")
-    return obj
+    return obj, extra
 
 
 class TensorSource:
     """Named tensors of a checkpoint, read on demand: ``keys()``, ``shape(k)``, ``dtype(k)``, ``get(k)``."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, inert: tuple[str, ...] = ()):
+        """``inert``: fully qualified upstream class names a torch file may pickle (read as ``InertConfig``)."""
         self.path = Path(path)
         self._files: dict[str, Path] = {}  # key -> safetensors file
         self._loaded: dict[str, torch.Tensor] = {}  # key -> tensor of a torch file
         self._handles: dict[Path, object] = {}
+        self.extra: dict = {}  # a Lightning file's other content (hyper_parameters, epoch, ...), plain
         for file in self._weight_files():
             if file.suffix == ".safetensors":
                 for key in self._handle(file).keys():
                     self._files[key] = file
             else:
-                self._loaded.update(_torch_tensors(file))
+                tensors, extra = _torch_tensors(file, inert)
+                self._loaded.update(tensors)
+                self.extra.update(extra)
         if not self._files and not self._loaded:
             raise CheckpointError(f"{self.path}: no tensors found")
 
@@ -164,17 +221,22 @@ _SAFETENSORS_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def checked(source: TensorSource, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``source.get(key)`` after refusing a non-float dtype, a wrong shape, or NaN/Inf (naming the key)."""
+def checked(source: TensorSource, key: str, shape: tuple[int, ...] | None = None, *,
+            integers: bool = False) -> torch.Tensor:
+    """``source.get(key)`` after refusing a non-float dtype, a wrong shape, or NaN/Inf (naming the key).
+
+    ``integers``: an integer or bool buffer is returned as stored (a module's counters and index
+    tables, not weights) instead of refused.
+    """
     where = f"{source.file_of(key)}: {key}"
     dtype = source.dtype(key)
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES and not (integers and dtype in INTEGER_DTYPES):
         raise CheckpointError(f"{where} has dtype {dtype}; expected a float tensor (float32, float16 or bfloat16)")
     if shape is not None and source.shape(key) != tuple(shape):
         raise CheckpointError(f"{where} has shape {source.shape(key)}, but the base needs {tuple(shape)}; "
                               "convert against the base it was trained on")
     tensor = source.get(key)
-    if not torch.isfinite(tensor).all():
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise CheckpointError(f"{where} contains NaN or Inf; the checkpoint is corrupt")
     return tensor
 
@@ -228,6 +290,18 @@ def base_weights_sha256(source: TensorSource, tie_word_embeddings: bool = False)
     ``models.checkpoint_sha256`` of its safetensors files, or else the streamed state-dict digest."""
     return checkpoint_sha256(source.path if source.path.is_dir() else None) or state_digest(
         source, "", tie_word_embeddings)
+
+
+def cached_folder(model_id: str) -> Path | None:
+    """The local folder of ``model_id``: the path itself, or its snapshot already in the hub cache (no download)."""
+    if Path(model_id).expanduser().is_dir():
+        return Path(model_id).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # not cached, or not a hub id: the caller records that it could not compare
+        return None
 
 
 def describe(source: TensorSource) -> dict:

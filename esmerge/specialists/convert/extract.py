@@ -10,6 +10,11 @@ fine-tune changed (norms, embeddings), which a LoRA on the projections cannot ca
 
 The factors of each finished layer are stored in the output's temporary sibling, so an interrupted
 extraction (an 8B model is 224 SVDs) resumes at the first unfinished layer.
+
+With an error budget (``error_budget``), the rank is not fixed: a first pass takes the singular
+values of every delta (``select_rank``, also stored layer by layer), and the smallest rank whose
+worst per-matrix error is within the budget is extracted. Only r = 8 merges with the other
+specialists; the card says which rank was chosen and why.
 """
 from __future__ import annotations
 
@@ -22,12 +27,14 @@ from pathlib import Path
 import torch
 
 from esmerge import progress
+from esmerge.errors import UsageError
 from esmerge.specialists.base_llm import LORA_ALPHA, LORA_RANK, LORA_TARGET_MODULES
 from esmerge.specialists.convert import checkpoints as ck
 from esmerge.specialists.convert import lowrank, output
 
 CONVERTER_VERSION = 1
 FACTORS = "factors"
+SPECTRA = "spectra"
 # Relative size ||Delta|| / ||W_base|| above which a "fine-tune" is taken for a different model:
 # fine-tuning moves a projection by a few percent at most; two unrelated models differ by ~140%.
 MAX_RELATIVE_DELTA = 0.5
@@ -61,6 +68,76 @@ def _load_layer(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: fh.get_tensor(k) for k in fh.keys()}, json.loads(fh.metadata()["stats"])
 
 
+def _delta(finetuned: ck.TensorSource, ft_prefix: str, base: ck.TensorSource, layer: int, module: str,
+           device: str) -> tuple[torch.Tensor, float]:
+    """``W_ft - W_base`` of one target matrix in float32 on ``device``, and ``||Delta|| / ||W_base||``."""
+    reference = ck.checked(base, ck.target_key(layer, module))
+    tuned = ck.checked(finetuned, ck.target_key(layer, module, ft_prefix), tuple(reference.shape))
+    delta = tuned.to(device, torch.float32) - reference.to(device, torch.float32)
+    norm = torch.linalg.matrix_norm(reference.float()).item()
+    return delta, torch.linalg.matrix_norm(delta).item() / max(norm, 1e-30)
+
+
+def _check_fine_tune(finetuned: ck.TensorSource, base: ck.TensorSource, layer: int, relative: dict,
+                     max_relative_delta: float) -> None:
+    median = sorted(relative.values())[len(relative) // 2]
+    if median > max_relative_delta:
+        raise ck.CheckpointError(
+            f"{finetuned.path}: layer {layer} differs from the base {base.path} by {median:.0%} of its norm "
+            f"(median over the projections); it is not a fine-tune of that base: pass the right one")
+
+
+def check_budget(error_budget: float | None, max_rank: int | None) -> None:
+    """Refuse an error budget outside [0, 1) or a ``max_rank`` below 1 (one line, naming the value)."""
+    if error_budget is not None and not (isinstance(error_budget, (int, float)) and 0 <= error_budget < 1):
+        raise UsageError(f"--error-budget must be a relative error in [0, 1) (e.g. 0.05), got {error_budget!r}")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+        raise UsageError(f"--max-rank must be an integer >= 1, got {max_rank!r}")
+
+
+def select_rank(finetuned: ck.TensorSource, ft_prefix: str, base: ck.TensorSource, n_layers: int,
+                stage: output.Stage, error_budget: float, max_rank: int | None = None, device: str | None = None,
+                max_relative_delta: float = MAX_RELATIVE_DELTA, show_progress: bool = True) -> tuple[int, dict]:
+    """The smallest rank whose worst per-matrix relative error is within ``error_budget``, and the report.
+
+    Takes the singular values of every target delta (stored per layer in ``stage``, so this pass
+    resumes too) and applies ``lowrank.smallest_rank_within``. Refuses in one line when no rank up
+    to ``max_rank`` fits, naming the worst matrix there.
+    """
+    check_budget(error_budget, max_rank)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    curves = {}
+    bar = progress.track(total=n_layers, desc="singular values", unit="layer", disable=not show_progress)
+    for layer in range(n_layers):
+        file = stage.dir / SPECTRA / f"layer_{layer:03d}.safetensors"
+        if file.exists():
+            tensors, _ = _load_layer(file)
+        else:
+            tensors, relative = {}, {}
+            for module in LORA_TARGET_MODULES:
+                delta, relative[module] = _delta(finetuned, ft_prefix, base, layer, module, device)
+                tensors[module] = lowrank.error_by_rank(torch.linalg.svdvals(delta))
+            _check_fine_tune(finetuned, base, layer, relative, max_relative_delta)
+            _save_layer(file, tensors, {})
+        curves.update({f"layers.{layer}.{m}": c for m, c in tensors.items()})
+        bar.update()
+    bar.close()
+    rank = lowrank.smallest_rank_within(curves, error_budget, max_rank)
+    if rank is None:
+        full = max(len(c) for c in curves.values()) - 1
+        at = min(max_rank or full, full)
+        name, worst = max(((k, c[at].item() if at < len(c) else 0.0) for k, c in curves.items()), key=lambda kv: kv[1])
+        raise ck.CheckpointError(f"{finetuned.path}: no rank up to {max_rank} keeps every matrix within the error "
+                                 f"budget {error_budget:g} ({name} loses {worst:.4f} at rank {at}); "
+                                 "raise --max-rank or the budget")
+    needed = {k: lowrank.smallest_rank_within({k: c}, error_budget) for k, c in curves.items()}
+    report = {"error_budget": error_budget, "max_rank": max_rank, "chosen_rank": rank,
+              "predicted_max_error": max(c[rank].item() if rank < len(c) else 0.0 for c in curves.values()),
+              "rank_needed_per_matrix": needed, "mergeable": rank == LORA_RANK,
+              "rule": "smallest r with max over matrices of ||Delta - Delta_r||_F / ||Delta||_F <= error_budget"}
+    return rank, report
+
+
 def extract_layers(finetuned: ck.TensorSource, ft_prefix: str, base: ck.TensorSource, n_layers: int,
                    stage: output.Stage, rank: int = LORA_RANK, alpha: float = LORA_ALPHA, device: str | None = None,
                    max_relative_delta: float = MAX_RELATIVE_DELTA, show_progress: bool = True) -> Extraction:
@@ -80,24 +157,16 @@ def extract_layers(finetuned: ck.TensorSource, ft_prefix: str, base: ck.TensorSo
         else:
             tensors, stats = {}, {"error": {}, "relative_delta": {}, "residual_sq": 0.0, "delta_sq": 0.0}
             for module in LORA_TARGET_MODULES:
-                base_key = ck.target_key(layer, module)
-                reference = ck.checked(base, base_key)
-                tuned = ck.checked(finetuned, ck.target_key(layer, module, ft_prefix), tuple(reference.shape))
-                delta = tuned.to(device, torch.float32) - reference.to(device, torch.float32)
+                delta, relative = _delta(finetuned, ft_prefix, base, layer, module, device)
                 a, b, err = lowrank.lowrank_factors(delta, rank, alpha)
                 delta_norm = torch.linalg.matrix_norm(delta).item()
                 peft = f"base_model.model.model.layers.{layer}.{ck.TARGET_PARENT[module]}.{module}"
                 tensors[f"{peft}.lora_A.weight"], tensors[f"{peft}.lora_B.weight"] = a, b
                 stats["error"][module] = err
-                stats["relative_delta"][module] = delta_norm / max(torch.linalg.matrix_norm(reference.float()).item(),
-                                                                   1e-30)
+                stats["relative_delta"][module] = relative
                 stats["residual_sq"] += (err * delta_norm) ** 2
                 stats["delta_sq"] += delta_norm ** 2
-            median = sorted(stats["relative_delta"].values())[len(LORA_TARGET_MODULES) // 2]
-            if median > max_relative_delta:
-                raise ck.CheckpointError(
-                    f"{finetuned.path}: layer {layer} differs from the base {base.path} by {median:.0%} of its norm "
-                    f"(median over the projections); it is not a fine-tune of that base: pass the right one")
+            _check_fine_tune(finetuned, base, layer, stats["relative_delta"], max_relative_delta)
             _save_layer(file, tensors, stats)
         lora.update(tensors)
         for module in LORA_TARGET_MODULES:
@@ -109,6 +178,7 @@ def extract_layers(finetuned: ck.TensorSource, ft_prefix: str, base: ck.TensorSo
     report = {"rank": rank, "alpha": alpha, "per_matrix_relative_error": errors,
               "per_layer_relative_error": layer_errors,
               "max_relative_error": max(errors.values()) if errors else 0.0,
+              "mean_relative_error": sum(errors.values()) / len(errors) if errors else 0.0,
               "relative_delta": rel_deltas, "resumed_layers": resumed, "device": device,
               "error_definition": "||W_ft - W_base - (alpha/r) B A||_F / ||W_ft - W_base||_F"}
     return Extraction(lora, report)
@@ -140,15 +210,20 @@ def changed_other_tensors(finetuned: ck.TensorSource, ft_prefix: str, base: ck.T
 
 def lora_extract(finetuned: str | Path, base: str | Path, out: str | Path, rank: int = LORA_RANK, *,
                  modality: str | None = None, force: bool = False, device: str | None = None,
-                 max_relative_delta: float = MAX_RELATIVE_DELTA) -> Extraction:
+                 max_relative_delta: float = MAX_RELATIVE_DELTA, error_budget: float | None = None,
+                 max_rank: int | None = None) -> Extraction:
     """Extract a rank-``rank`` LoRA (alpha 32) from a fine-tuned LLaMA directory and its base into ``out``.
 
     ``finetuned`` and ``base`` are Hugging Face LLaMA directories (or hub ids); the fine-tune's
     decoder may sit under a prefix (e.g. ``llama_decoder.``). Writes a PEFT adapter directory with
     ``card.json`` (the error report under ``extraction``) and returns the ``Extraction``.
+    With ``error_budget`` (a relative Frobenius error, e.g. 0.05), ``rank`` is ignored and the
+    smallest rank (up to ``max_rank``) whose worst per-matrix error is within it is used
+    (``select_rank``; the choice is under ``extraction.rank_selection``).
     Only ``rank = 8`` merges with the other specialists (the shared LoRA config).
     """
     began = time.perf_counter()
+    check_budget(error_budget, max_rank)
     ft_path, base_path = ck.resolve(finetuned, "fine-tuned model"), ck.resolve(base, "base model")
     ft, base_source = ck.TensorSource(ft_path), ck.TensorSource(base_path)
     base_config = ck.llama_config(ck.read_config(base_path), base_path)
@@ -156,10 +231,12 @@ def lora_extract(finetuned: str | Path, base: str | Path, out: str | Path, rank:
     prefix = ck.llama_prefix(ft)
     changed = changed_other_tensors(ft, prefix, base_source, base_config["tie_word_embeddings"])
     recipe = {"converter": "lora-extract", "version": CONVERTER_VERSION, "source": ck.fingerprint(ft),
-              "base": ck.fingerprint(base_source), "rank": rank, "alpha": LORA_ALPHA}
+              "base": ck.fingerprint(base_source), "alpha": LORA_ALPHA,
+              **({"error_budget": error_budget, "max_rank": max_rank} if error_budget is not None else {"rank": rank})}
     with output.staged(out, recipe, force) as stage:
-        result = extract_layers(ft, prefix, base_source, base_config["num_hidden_layers"], stage, rank,
-                                device=device, max_relative_delta=max_relative_delta)
+        result = extract_with_budget(ft, prefix, base_source, base_config["num_hidden_layers"], stage, rank,
+                                     error_budget, max_rank, device, max_relative_delta)
+        rank = result.report["rank"]
         result.report["changed_other_tensors"] = changed
         output.write_parts(stage, result.lora, str(base), rank=rank)
         card = {"modality": modality, "scale": "paper",
@@ -170,7 +247,26 @@ def lora_extract(finetuned: str | Path, base: str | Path, out: str | Path, rank:
                 "projector": None, "extraction": result.report, "n_tokens": 0,
                 "steps": None, "batch_size": None, "lr": None, "seed": None,
                 "timings": {"wall_s": round(time.perf_counter() - began, 2)}}
-        output.finish(stage, card, scratch=(FACTORS,))
+        output.finish(stage, card, scratch=(FACTORS, SPECTRA))
+    return result
+
+
+def extract_with_budget(finetuned: ck.TensorSource, ft_prefix: str, base: ck.TensorSource, n_layers: int,
+                        stage: output.Stage, rank: int, error_budget: float | None, max_rank: int | None,
+                        device: str | None, max_relative_delta: float = MAX_RELATIVE_DELTA) -> Extraction:
+    """``extract_layers`` at ``rank``, or, with ``error_budget``, at the rank ``select_rank`` picks
+    (its report under ``rank_selection``, with the measured errors checked against the budget)."""
+    selection = None
+    if error_budget is not None:
+        rank, selection = select_rank(finetuned, ft_prefix, base, n_layers, stage, error_budget, max_rank, device,
+                                      max_relative_delta)
+    result = extract_layers(finetuned, ft_prefix, base, n_layers, stage, rank, device=device,
+                            max_relative_delta=max_relative_delta)
+    if selection is not None:
+        # The prediction is exact in exact arithmetic; the measured error adds float32 rounding.
+        selection["measured_max_error"] = result.report["max_relative_error"]
+        selection["measured_within_budget"] = result.report["max_relative_error"] <= error_budget + 1e-5
+        result.report["rank_selection"] = selection
     return result
 
 
@@ -187,4 +283,11 @@ def summary(report: dict) -> str:
              for i, e in enumerate(report["per_layer_relative_error"])]
     worst = max(report["per_matrix_relative_error"].items(), key=lambda kv: kv[1], default=("-", 0.0))
     lines.append(f"worst matrix at rank {report['rank']}: {worst[0]} {worst[1]:.4f}")
+    if "mean_relative_error" in report:
+        lines.append(f"mean over matrices: {report['mean_relative_error']:.4f}")
+    if report.get("rank_selection"):
+        sel = report["rank_selection"]
+        lines.append(f"rank {sel['chosen_rank']} is the smallest with every matrix within the error budget "
+                     f"{sel['error_budget']:g}" + ("" if sel["mergeable"] else
+                                                   f" (only r = {LORA_RANK} merges with the other specialists)"))
     return "\n".join(lines)

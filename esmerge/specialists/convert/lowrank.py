@@ -46,3 +46,48 @@ def lowrank_factors(delta: torch.Tensor, rank: int, alpha: float) -> tuple[torch
     residual = work - (alpha / rank) * (b @ a)
     error = torch.linalg.matrix_norm(residual).item() / norm
     return a.cpu(), b.cpu(), error
+
+
+def error_by_rank(singular_values: torch.Tensor) -> torch.Tensor:
+    """Relative error ``||delta - delta_r||_F / ||delta||_F`` of the best rank-r approximation, for r = 0..n.
+
+    ``singular_values`` is ``[n]`` (any order); the result is ``[n + 1]`` float64, entry r being
+    ``sqrt(sum_{i > r} s_i^2) / sqrt(sum_i s_i^2)`` (Eckart-Young), so entry 0 is 1 and entry n is 0.
+    A zero matrix has error 0 at every rank.
+
+    >>> s = torch.linalg.svdvals(torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])))
+    >>> [round(e, 4) for e in error_by_rank(s).tolist()]
+    [1.0, 0.6831, 0.4082, 0.1826, 0.0]
+    >>> abs(error_by_rank(s)[2].item() - (5 / 30) ** 0.5) < 1e-12
+    True
+    """
+    energy = torch.sort(singular_values.detach().to("cpu", torch.float64).flatten() ** 2, descending=True).values
+    # tail[r] = sum of the squared singular values a rank-r approximation drops
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    total = tail[0].item()
+    return (tail / total).clamp(min=0.0).sqrt() if total > 0 else torch.zeros_like(tail)
+
+
+def smallest_rank_within(curves: dict[str, torch.Tensor], budget: float, max_rank: int | None = None) -> int | None:
+    """The smallest rank r >= 1 at which every matrix's relative error is at most ``budget``.
+
+    ``curves`` maps a matrix name to its ``error_by_rank`` curve ``[n_k + 1]`` (a curve shorter than
+    r + 1 reaches 0 at its full rank, so it is within any budget beyond that). Ranks above
+    ``max_rank`` are not considered; ``None`` when no considered rank fits.
+
+    >>> diag = error_by_rank(torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    >>> smallest_rank_within({"m": diag}, 0.41), smallest_rank_within({"m": diag}, 0.40)
+    (2, 3)
+    >>> smallest_rank_within({"m": diag, "flat": error_by_rank(torch.ones(4))}, 0.41)  # the worst matrix decides
+    4
+    >>> smallest_rank_within({"m": diag}, 0.1, max_rank=3) is None
+    True
+    """
+    if not curves:
+        return None
+    full = max(len(c) - 1 for c in curves.values())
+    top = full if max_rank is None else min(max_rank, full)
+    for rank in range(1, top + 1):
+        if all((c[rank].item() if rank < len(c) else 0.0) <= budget for c in curves.values()):
+            return rank
+    return None

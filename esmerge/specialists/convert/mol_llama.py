@@ -14,7 +14,15 @@ The LoRA is already in the shared format, so conversion renames it to PEFT's sav
 against the base, and keeps the rest as the modality part: ``encoder.graph_encoder.*`` (frozen
 pretrained encoders, when present) in ``encoder.safetensors``; the blending module, Q-Former and
 ``llm_proj`` in ``projector.safetensors``, with the embedding rows the resized vocabulary added.
-Any base-model tensor the checkpoint carries must equal the given base's.
+Any base-model tensor the checkpoint carries must equal the given base's. Integer buffers of the
+encoder (BERT's ``position_ids``, BatchNorm's ``num_batches_tracked``) are carried with their dtype.
+
+The Lightning ``.ckpt`` pickles a ``MolLLaMAConfig`` under ``hyper_parameters["model"]``; its
+config classes are admitted by name as inert placeholders (``checkpoints.InertConfig``), so the
+file reads without running upstream code and its config names the base when no ``config.json``
+does. A checkpoint without base tensors (the hub's trainable-only layout, the Lightning file) can
+only name its base (``llm_config.llm_model``): a base given instead is compared with the named
+one by weights hash when that one is on this machine, and with ``base_sha256`` when given.
 """
 from __future__ import annotations
 
@@ -28,7 +36,11 @@ from esmerge.specialists.base_llm import LORA_ALPHA, LORA_RANK, LORA_TARGET_MODU
 from esmerge.specialists.convert import checkpoints as ck
 from esmerge.specialists.convert import output
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+# The classes upstream's utils/configuration_mol_llama.py defines; a Lightning .ckpt pickles them.
+CONFIG_CLASSES = tuple(f"utils.configuration_mol_llama.{name}" for name in (
+    "MolLLaMAConfig", "LLMConfig", "LoraConfig", "QformerConfig", "BlendingModuleConfig", "GraphEncoderConfig",
+    "UniMolConfig", "MoleculeSTMConfig"))
 _LORA = re.compile(r"^llm\.base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])"
                    r"(?:\.default)?\.weight$")
 _LLM = "llm.base_model.model."
@@ -47,25 +59,63 @@ def _lora_config_check(config: dict, where: Path) -> None:
                                      f"but ES-Merging needs the shared LoRA ({name} = {want})")
 
 
+def _source_config(source: ck.TensorSource, src_path: Path) -> dict:
+    """``config.json``, or else the ``MolLLaMAConfig`` a Lightning file pickled; refuses another model type."""
+    config = ck.read_config(src_path) or (source.extra.get("hyper_parameters") or {}).get("model") or {}
+    if not isinstance(config, dict):
+        raise ck.CheckpointError(f"{src_path}: hyper_parameters['model'] is {type(config).__name__}, not a config")
+    kind = config.get("model_type") or config.get("__class__", "").rsplit(".", 1)[-1]
+    if kind and kind not in ("mol_llama", "MolLLaMAConfig"):
+        raise ck.CheckpointError(f"{src_path}: the config's model type is {kind!r}, not 'mol_llama'; "
+                                 "is this a Mol-LLaMA checkpoint?")
+    return config
+
+
+def _check_named_base(named: str | None, base: str, base_path: Path, weights_sha256: str, base_sha256: str | None,
+                      tie: bool, src_path: Path) -> dict:
+    """Compare the given base with the one the checkpoint names (by weights hash, where it is on this
+    machine) and with ``base_sha256``; the record for the card, or a one-line refusal."""
+    record = {"named_by_checkpoint": named, "given": str(base), "weights_sha256": weights_sha256}
+    if base_sha256 is not None:
+        if base_sha256.lower() != weights_sha256:
+            raise ck.CheckpointError(f"{base_path}: weights sha256 {weights_sha256[:12]}... is not the expected "
+                                     f"{base_sha256[:12]}... (--base-sha256); pass the base you meant")
+        record["expected_sha256"] = "matched"
+    if named and str(named) != str(base):
+        folder = ck.cached_folder(str(named))
+        if folder is None:
+            record["named_weights_sha256"] = "not on this machine; not compared"
+        elif folder.resolve() != base_path.resolve():
+            named_sha = ck.base_weights_sha256(ck.TensorSource(folder), tie)
+            record["named_weights_sha256"] = named_sha
+            if named_sha != weights_sha256:
+                raise ck.CheckpointError(f"{src_path}: trained on {named}, but the base {base_path} has other weights "
+                                         f"(sha256 {weights_sha256[:12]}... vs {named_sha[:12]}...); "
+                                         f"pass --base {named} or leave --base out")
+    return record
+
+
 def convert_mol_llama(src: str | Path, out: str | Path, base: str | Path | None = None, *,
-                      force: bool = False) -> Path:
+                      force: bool = False, base_sha256: str | None = None) -> Path:
     """Convert a Mol-LLaMA checkpoint into a molecule specialist directory at ``out``.
 
     Args:
         src: the Hugging Face directory (or hub id) or the Lightning ``.ckpt`` file.
         out: the specialist directory to write (refused if finished, unless ``force``).
         base: the LLaMA base (directory or hub id); default the ``llm_config.llm_model`` of
-            the checkpoint's ``config.json``.
+            the checkpoint's config (``config.json`` or the Lightning file's hyper-parameters).
+        base_sha256: the expected weights hash of the base (``base_llm.checkpoint_sha256``), if known.
     Returns ``out``. Raises ``CheckpointError`` (one line) for a checkpoint that does not fit.
     """
     began = time.perf_counter()
     src_path = ck.resolve(src, "Mol-LLaMA checkpoint")
-    source = ck.TensorSource(src_path)
-    config = ck.read_config(src_path)
+    source = ck.TensorSource(src_path, inert=CONFIG_CLASSES)
+    config = _source_config(source, src_path)
     _lora_config_check(config, src_path)
-    base = base or (config.get("llm_config") or {}).get("llm_model")
+    named = (config.get("llm_config") or {}).get("llm_model")
+    base = base or named
     if not base:
-        raise ck.CheckpointError(f"{src_path}: no config.json names the base LLM; pass the base (--base PATH)")
+        raise ck.CheckpointError(f"{src_path}: no config names the base LLM; pass the base (--base PATH)")
     base_path = ck.resolve(base, "base model")
     base_source = ck.TensorSource(base_path)
     base_config = ck.llama_config(ck.read_config(base_path), base_path)
@@ -77,6 +127,8 @@ def convert_mol_llama(src: str | Path, out: str | Path, base: str | Path | None 
         match = _LORA.match(name)
         if match:
             lora_keys[(int(match.group(1)), match.group(3), match.group(4))] = key
+        elif name.startswith(_LLM) and name.endswith("rotary_emb.inv_freq"):
+            continue  # older transformers saved this buffer; the base recomputes it
         elif name.startswith(_LLM):
             base_keys[name[len(_LLM):].replace(".base_layer.", ".")] = key
         elif name.startswith("encoder.graph_encoder."):
@@ -110,24 +162,29 @@ def convert_mol_llama(src: str | Path, out: str | Path, base: str | Path | None 
 
     added_rows = _check_base_tensors(source, base_keys, base_source, base_path)
     hidden = base_config["hidden_size"]
-    proj = {name: ck.checked(source, key) for name, key in sorted(projector.items())}
+    proj = {name: ck.checked(source, key, integers=True) for name, key in sorted(projector.items())}
     if "llm_proj.weight" not in proj:
         raise ck.CheckpointError(f"{src_path}: llm_proj.weight is missing; the molecule tokens cannot reach the LLM")
     if proj["llm_proj.weight"].shape[0] != hidden:
         raise ck.CheckpointError(f"{source.file_of(projector['llm_proj.weight'])}: llm_proj.weight maps to "
                                  f"{proj['llm_proj.weight'].shape[0]} dims, but the base's hidden size is {hidden}")
     proj.update({f"vocab.{k}.added_rows": v for k, v in added_rows.items()})
-    enc = {name: ck.checked(source, key) for name, key in sorted(encoder.items())}
+    enc = {name: ck.checked(source, key, integers=True) for name, key in sorted(encoder.items())}
 
+    tie = base_config["tie_word_embeddings"]
+    weights_sha256 = ck.base_weights_sha256(base_source, tie)
+    base_check = _check_named_base(named, base, base_path, weights_sha256, base_sha256, tie, src_path)
     base_name = str(base)
     qformer = config.get("qformer_config") or {}
     card = {
         "modality": "molecule", "scale": "paper", "converter": {"name": "mol-llama", "version": CONVERTER_VERSION},
         "source": ck.describe(source) | {"model": "DongkiKim/Mol-Llama-3.1-8B-Instruct"},
         "base_name": base_name, "base_path": str(base_path),
-        "base_weights_sha256": ck.base_weights_sha256(base_source, base_config["tie_word_embeddings"]),
-        "base_identity": ("weights compared" if base_keys
-                          else "shapes and config only (no base tensors in the checkpoint)"),
+        "base_weights_sha256": weights_sha256,
+        "base_identity": _identity(base_keys, base_check),
+        "base_check": base_check | {"source_model_type": config.get("model_type") or config.get("__class__"),
+                                    "source_architectures": config.get("architectures")},
+        "integer_buffers": sorted(k for k, v in (proj | enc).items() if not v.is_floating_point()),
         "lora": {"r": LORA_RANK, "lora_alpha": LORA_ALPHA, "target_modules": sorted(LORA_TARGET_MODULES)},
         "projector": None,  # not the cpu-scale MLP: the modality part is described under "encoder"
         "encoder": {"kind": "mol-llama", "n_tokens": int(qformer.get("num_query_tokens", 8)), "token": "<mol>",
@@ -147,6 +204,16 @@ def convert_mol_llama(src: str | Path, out: str | Path, base: str | Path | None 
     with output.staged(out, recipe, force) as stage:
         output.write_parts(stage, lora, base_name, proj, enc)
         return output.finish(stage, card)
+
+
+def _identity(base_keys: dict, check: dict) -> str:
+    if base_keys:
+        return "weights compared"
+    if check.get("expected_sha256") == "matched":
+        return "weights hash equals the expected one (--base-sha256)"
+    if len(check.get("named_weights_sha256", "")) == 64:
+        return "weights hash equals the named base's"
+    return "shapes and config only (no base tensors in the checkpoint)"
 
 
 def _check_base_tensors(source: ck.TensorSource, base_keys: dict, base_source: ck.TensorSource,

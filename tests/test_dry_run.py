@@ -1,0 +1,209 @@
+"""`esmerge merge|evaluate --scale paper --dry-run` on the tiny paper stand-ins (``standins``).
+
+The dry run must build its plan without a weight in memory (the base on the ``meta`` device, the
+loaders replaced by ones that fail), and turn each fault into one named problem.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import standins
+import torch
+
+from esmerge.run import dry_run
+from esmerge.run.dry_run_plan import (
+    activation_bytes,
+    forward_flops,
+    gpu_hours,
+    gradient_flops,
+    kv_cache_bytes,
+    memory_bytes,
+)
+from esmerge.specialists import encoders
+
+STANDIN_PARAMS = 35296  # vocabulary 261, hidden 32, MLP 64, 2 layers, 4 heads, 2 KV heads, untied head (by hand)
+
+
+def _missing_data() -> str:
+    from esmerge.data import files
+    from esmerge.data.benchmarks import spec
+
+    try:
+        for path in spec("CYP2C9-substrate").files:
+            files.data_path(path)
+    except files.DataError as err:
+        return str(err)
+    return ""
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    """(base folder with 128 positions, the same base with 8192 positions, specialists root)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("paper")
+    base_model = standins.save_paper_base(root / "llama")
+    standins.paper_specialists(root / "specialists", root / "llama", base_model)
+    shutil.copytree(root / "llama", root / "llama8k")  # same weights (hash), longer context
+    config = json.loads((root / "llama8k" / "config.json").read_text())
+    (root / "llama8k" / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 8192}))
+    yield root / "llama", root / "llama8k", root / "specialists"
+    mp.undo()
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Every function that reads weights into memory fails if called."""
+    import transformers
+
+    from esmerge.specialists import adapters, base_llm, load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run loaded weights")
+
+    monkeypatch.setattr(base_llm, "load_paper", refuse)
+    monkeypatch.setattr(base_llm, "load_base", refuse)
+    monkeypatch.setattr(load, "load_specialist", refuse)
+    monkeypatch.setattr(adapters, "read_tensors", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def _all_meta(plan) -> bool:
+    return all(t.is_meta for t in [*plan.meta_model.parameters(), *plan.meta_model.buffers()])
+
+
+def test_merge_plan_checks_everything_without_a_weight(paper, no_loading):
+    plan = dry_run.merge_plan("avg", base_path=str(paper[1]), specialists_dir=paper[2])
+    assert plan.problems == [] and _all_meta(plan)
+    assert plan.params == STANDIN_PARAMS and plan.max_positions == 8192
+    text = "\n".join(plan.lines())
+    for what in ("base weights sha256", "tokenizer: chat template writes", "protein encoder: Prot2Text-V2",
+                 "cell specialist", "LoRA r=8 shapes", "no blocking problem found"):
+        assert what in text, what
+    # Mol-LLaMA's encoder is not needed by a parameter-space merge: a note, not a problem.
+    assert any("mol-llama encoder" in note for note in plan.notes)
+
+
+def test_es_plan_blocks_on_the_mol_llama_encoder_in_one_line(paper, no_loading, monkeypatch):
+    plan = dry_run.merge_plan("es", base_path=str(paper[1]), specialists_dir=paper[2], probe_k=10)
+    assert len(plan.problems) == 1 and "mol-llama encoder" in plan.problems[0]
+    assert "\n" not in plan.problems[0] and _all_meta(plan)
+    assert dry_run.print_plan(plan) == 1
+    # The estimates, by hand: 4 models forward over 10 probes; 3 specialists x (1 forward + 3 backward).
+    length = plan.prompt_tokens["probe"]
+    assert length > encoders.ESM_MAX_RESIDUES + 2 + 8 + 24
+    states, scores = plan.steps[1], plan.steps[2]
+    assert states.flops == 2 * STANDIN_PARAMS * 4 * 10 * length
+    assert scores.flops == 3 * 2 * STANDIN_PARAMS * 10 * length * (1 + 2 * 3)
+    # With a registered Mol-LLaMA encoder the plan has no problem; on the 128-position base, the probe is too long.
+    monkeypatch.setitem(encoders.ENCODER_BUILDERS, "mol-llama", standins.mol_llama_standin_builder)
+    assert dry_run.merge_plan("es", base_path=str(paper[1]), specialists_dir=paper[2]).problems == []
+    short = dry_run.merge_plan("es", base_path=str(paper[0]), specialists_dir=paper[2])
+    assert short.problems == [f"probe: {length} tokens exceed the base's 128 positions"]
+
+
+@pytest.mark.skipif(bool(_missing_data()), reason=_missing_data())
+def test_evaluate_plan_tokenises_prompts_and_checks_positions(paper, no_loading, capsys):
+    models = ["base", "specialist-protein", "specialist-cell"]
+    plan = dry_run.evaluate_plan(models, ["CYP2C9-substrate"], n_eval=8, base_path=str(paper[1]),
+                                 specialists_dir=paper[2])
+    assert plan.problems == [] and _all_meta(plan)
+    longest = plan.prompt_tokens["CYP2C9-substrate"]
+    base, protein, cell = plan.steps
+    assert protein.tokens > base.tokens == cell.tokens  # the protein as ESM-2 tokens (one per residue + 2)
+    assert base.flops == forward_flops(STANDIN_PARAMS, base.tokens)
+    assert dry_run.print_plan(plan) == 0 and "CYP2C9-substrate" in capsys.readouterr().out
+    short = dry_run.evaluate_plan(models, ["CYP2C9-substrate"], n_eval=8, base_path=str(paper[0]),
+                                  specialists_dir=paper[2])
+    assert short.problems == [f"CYP2C9-substrate: prompts of up to {longest} tokens (+256 generated) exceed the "
+                              "base's 128 positions"]
+    # specialist-molecule reads molecules through Mol-LLaMA's encoder, which esmerge cannot build.
+    mol = dry_run.evaluate_plan(["specialist-molecule"], ["CYP2C9-substrate"], n_eval=8, base_path=str(paper[1]),
+                                specialists_dir=paper[2])
+    assert len(mol.problems) == 1 and "mol-llama encoder" in mol.problems[0]
+
+
+def test_a_missing_specialist_file_is_one_named_problem(paper, no_loading, tmp_path):
+    shutil.copytree(paper[2], tmp_path / "specs", ignore=shutil.ignore_patterns("src"))
+    (tmp_path / "specs" / "protein" / "adapter_model.safetensors").unlink()
+    plan = dry_run.merge_plan("avg", base_path=str(paper[1]), specialists_dir=tmp_path / "specs")
+    assert len(plan.problems) == 1
+    assert plan.problems[0].startswith("protein specialist:") and "lacks adapter_model.safetensors" in plan.problems[0]
+    assert "esmerge convert prot2text" in plan.problems[0]
+    shutil.rmtree(tmp_path / "specs" / "cell")
+    assert [p.split(":")[0] for p in dry_run.merge_plan("avg", base_path=str(paper[1]),
+                                                        specialists_dir=tmp_path / "specs").problems] == \
+        ["protein specialist", "cell specialist"]
+
+
+def test_a_lora_of_the_wrong_shape_is_one_named_problem(paper, no_loading, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(paper[2], tmp_path / "specs", ignore=shutil.ignore_patterns("src"))
+    file = tmp_path / "specs" / "cell" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"
+    assert tensors[key].shape == (16, 8)
+    tensors[key] = torch.zeros(32, 8)  # k_proj's output is 2 KV heads x 8 = 16 wide, not 32
+    save_file(tensors, file)
+    plan = dry_run.merge_plan("avg", base_path=str(paper[1]), specialists_dir=tmp_path / "specs")
+    assert plan.problems == [f"cell specialist: 1 LoRA tensor(s) do not fit the base, e.g. {key}: [32, 8], the "
+                             "base's model.layers.1.self_attn.k_proj needs [16, 8]"]
+
+
+def test_a_missing_special_token_is_one_named_problem(paper, no_loading, tmp_path):
+    shutil.copytree(paper[1], tmp_path / "llama")
+    from esmerge.specialists.base_llm import byte_tokenizer
+
+    # LLaMA-3's chat template, but a tokenizer without <|start_header_id|>
+    tok = byte_tokenizer(specials=("<unk>", "<|begin_of_text|>", "<|end_header_id|>", "<|eot_id|>"),
+                         eos="<|eot_id|>", chat_template=standins.LLAMA3_TEMPLATE)
+    tok.save_pretrained(tmp_path / "llama")
+    plan = dry_run.merge_plan("avg", base_path=str(tmp_path / "llama"), specialists_dir=paper[2])
+    assert len(plan.problems) == 1 and "lacks the special token <|start_header_id|>" in plan.problems[0]
+
+
+def test_missing_base_is_one_problem_and_builds_nothing(tmp_path, no_loading, paper):
+    plan = dry_run.merge_plan("avg", base_path=str(tmp_path / "nowhere"), specialists_dir=paper[2])
+    assert plan.meta_model is None and plan.steps == []
+    assert plan.problems[0].startswith(f"base {str(tmp_path / 'nowhere')!r}: not a local folder")
+
+
+def test_estimates_match_hand_computed_values_on_a_tiny_config():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # embeddings 10x8, per layer q 8x8, k and v 4x8, o 8x8, gate/up/down 16x8, 2 norms of 8; final norm; head 10x8
+    params = 80 + 2 * (64 + 32 + 32 + 64 + 3 * 128 + 16) + 8 + 80
+    assert params == 1352 == sum(p.numel() for p in model.parameters())
+    assert forward_flops(params, 100) == 270_400
+    assert gradient_flops(params, 100) == 811_200 == 3 * forward_flops(params, 100)
+    assert gradient_flops(params, 100, backward_passes=3) == 7 * 270_400
+    assert kv_cache_bytes(2, 1, 4, 100) == 2 * 2 * 1 * 4 * 100 * 2 == 3_200
+    assert activation_bytes(2, 8, 100) == 34 * 2 * 8 * 100 == 54_400
+    assert memory_bytes(params, 2, 3_200, overhead=0.1) == pytest.approx((2_704 + 3_200) * 1.1)
+    assert gpu_hours(270_400 * 1e9, utilization=0.4, peak_flops=989e12) == pytest.approx(270.4e12 / 395.6e12 / 3600)
+
+
+def test_cli_dry_run_prints_the_plan_and_exits_1_on_a_blocking_problem(paper, no_loading, tmp_path, monkeypatch,
+                                                                         capsys):
+    """`esmerge merge --scale paper --dry-run`: the plan on stdout, exit 1 for the missing molecule encoder
+    (ES reads molecules), exit 0 for a method that needs no encoder; the flag is refused off the paper scale."""
+    from esmerge.cli import main
+
+    base, _, specialists = paper
+    monkeypatch.setenv("ESMERGE_PAPER_BASE", str(base))
+    monkeypatch.setenv("ESMERGE_PAPER_SPECIALISTS", str(specialists))
+    assert main(["merge", "--scale", "paper", "--method", "es", "--out", str(tmp_path / "es"), "--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("dry run:") and "PROBLEM: molecule specialist" in out
+    assert main(["merge", "--scale", "paper", "--method", "avg", "--out", str(tmp_path / "avg"), "--dry-run"]) == 0
+    assert not (tmp_path / "es").exists() and not (tmp_path / "avg").exists()
+    assert main(["merge", "--scale", "smoke", "--method", "avg", "--out", str(tmp_path / "x"), "--dry-run"]) == 2
+    assert "--dry-run checks a paper-scale merge" in capsys.readouterr().err
