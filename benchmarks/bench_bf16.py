@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.cache import atomic_write_json
 from esmerge.data import benchmarks
 from esmerge.errors import OutputExistsError
@@ -82,9 +83,9 @@ def measure(queries: tuple[int, int], threads: int, bench_names=ev.BENCHMARK_NAM
     batch starts after it) still covers every benchmark; the record counts what was scored.
     """
     started = time.perf_counter()
-    config = ev.default_config("cpu")
-    bases = {"fp32": load_base("cpu"), "bf16": load_base("cpu", dtype=torch.bfloat16)}
-    specs = load_specialists("cpu", bases["fp32"])
+    config = ev.default_config(scales.get("cpu"))
+    bases = {"fp32": load_base(scales.get("cpu")), "bf16": load_base(scales.get("cpu"), dtype=torch.bfloat16)}
+    specs = load_specialists(scales.get("cpu"), bases["fp32"])
     adapter = average_adapter([s.adapter for s in specs.values()])
     projectors = {m: s.projector for m, s in specs.items() if s.projector is not None}
     muts = {"base": {dt: ev.ModelUnderTest.base_only(b) for dt, b in bases.items()},

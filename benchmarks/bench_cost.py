@@ -65,17 +65,17 @@ def measure(scale: str = "smoke", seed: int = 0, probe_k: int | None = None, **b
     Avg+FT: optimiser steps summed over benchmarks); ``flops_at_paper_budget`` = flops x
     paper_budget_passes / passes.
     """
-    from esmerge import evaluate, methods
+    from esmerge import evaluate, methods, scales
     from esmerge.run import baseline_inputs
     from esmerge.run.merge import build_context
 
     settings = dict(BUDGETS.get(scale, BUDGETS["cpu"]), **budget)
     torch.manual_seed(seed)
-    context = build_context(scale, seed, probe_k)
+    context = build_context(scales.get(scale), seed, probe_k)
     context.cache = Path(tempfile.mkdtemp(prefix="bench_cost-"))  # cold: ES-Merging computes every signal
     adapters = [s.adapter for s in context.specialists.values()]
     benchmarks = list(settings["benchmarks"] or evaluate.BENCHMARK_NAMES)
-    eval_config = evaluate.default_config(scale)
+    eval_config = evaluate.default_config(scales.get(scale))
     rows = {}
 
     from torch.utils.flop_counter import FlopCounterMode

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from esmerge import scales
 from esmerge.signals import elementwise, gradients
 from esmerge.signals.element_scores import element_scores_by_distance
 from esmerge.signals.hooks import block_outputs, lora_parameters
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=gradients.BATCH_SIZE)
     args = parser.parse_args()
 
-    context = build_context(args.scale, args.seed, args.probe_k)
+    context = build_context(scales.get(args.scale), args.seed, args.probe_k)
     context.cache = Path(tempfile.mkdtemp(prefix="bench_es-"))  # cold: ES-Merging's own probes and states
     adapters = [s.adapter for s in context.specialists.values()]
     sig = signals(adapters, context, seed=args.seed, need_scores=False)

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.data import benchmarks
 from esmerge.evaluate.models import PeftCopies
 from esmerge.specialists.base_llm import load_base
@@ -65,9 +66,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="cpu")
     parser.add_argument("--n", type=int, default=8, help="examples timed per benchmark")
-    parser.add_argument("--shots", type=int, default=ev.default_config("cpu").n_shots)
-    parser.add_argument("--n-eval", type=int, default=ev.default_config("cpu").n_eval, help="n_eval to extrapolate to")
-    parser.add_argument("--batch-size", type=int, default=ev.default_config("cpu").batch_size)
+    cpu = ev.default_config(scales.get("cpu"))
+    parser.add_argument("--shots", type=int, default=cpu.n_shots)
+    parser.add_argument("--n-eval", type=int, default=cpu.n_eval, help="n_eval to extrapolate to")
+    parser.add_argument("--batch-size", type=int, default=cpu.batch_size)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--benchmarks", nargs="*", default=list(ev.BENCHMARK_NAMES))
     parser.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS))
@@ -120,8 +122,8 @@ def _timed(fn) -> float:
 
 def throughput(args) -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    base = load_base(args.scale, dtype=dtype)
-    cfg = ev.default_config(args.scale)
+    base = load_base(scales.get(args.scale), dtype=dtype)
+    cfg = ev.default_config(scales.get(args.scale))
     batches = [b for bench in ("BindingDB", "DrugComb") for b in _batches(bench, args.n, base, (), cfg, args.shots)]
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     passes = {"label_logits": ev.label_logits, "plain forward": plain_forward,
@@ -144,10 +146,10 @@ def throughput(args) -> None:
 def merge_effect(args) -> None:
     from esmerge.specialists.load import load_specialists  # only this part needs the shipped specialists
 
-    base = load_base(args.scale)
-    spec = load_specialists(args.scale, base)["molecule"]
+    base = load_base(scales.get(args.scale))
+    spec = load_specialists(scales.get(args.scale), base)["molecule"]
     mut = ev.ModelUnderTest.specialist(base, spec)
-    cfg = ev.default_config(args.scale)
+    cfg = ev.default_config(scales.get(args.scale))
     batches = _batches("BindingDB", args.n, base, mut.projectors, cfg, args.shots)
     seconds, scores = {}, {}
     with torch.no_grad():
@@ -167,11 +169,11 @@ def merge_effect(args) -> None:
 
 
 def cost(args) -> None:
-    base = load_base(args.scale)
+    base = load_base(scales.get(args.scale))
     emb = base.model.get_input_embeddings()
     projectors = {m: make_projector(m, emb) for m in ("molecule", "protein")}
     models = {"text entities (base)": {}, "token entities (merged)": projectors}
-    cfg = ev.default_config("cpu")
+    cfg = ev.default_config(scales.get("cpu"))
     totals = {name: 0.0 for name in models}
     totals_idle = {name: 0.0 for name in models}
     print(f"scale={args.scale} shots={args.shots} batch={args.batch_size} threads={args.threads} "

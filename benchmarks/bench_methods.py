@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import torch
 
-from esmerge import evaluate, methods
+from esmerge import evaluate, methods, scales
 from esmerge.run.baseline_inputs import answer_nll_loss, label_entropy_objective
 from esmerge.specialists.adapters import adapter_from_model
 from esmerge.specialists.base_llm import load_base, lora_config
@@ -29,7 +29,7 @@ PROMPTS = ["Does the molecule CCO inhibit CYP3A4? Answer:", "Is the cell line A5
 def random_adapters(scale: str, seed: int = 0):
     from peft import get_peft_model
 
-    base = load_base(scale, seed=seed)
+    base = load_base(scales.get(scale), seed=seed)
     model = get_peft_model(base.model, lora_config())
     model.requires_grad_(False)
     adapters = []

@@ -57,6 +57,7 @@ import pandas as pd
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.data import benchmarks
 from esmerge.evaluate import calibration as cal
 from esmerge.evaluate import yardstick
@@ -87,8 +88,8 @@ def protocol_pools(bench: str, args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     disjoint from ``args.scale``'s evaluation rows) and the context pool their shots and the fitted
     threshold come from -- the scale's context pool, less the protocol rows where they were taken
     from it (``source == "context"``)."""
-    config = ev.EvalConfig.for_scale(args.scale, seed=args.seed)
-    protocol_df = benchmarks.protocol_rows(bench, args.n_protocol, args.scale, args.seed)
+    config = ev.EvalConfig.for_scale(scales.get(args.scale), seed=args.seed)
+    protocol_df = benchmarks.protocol_rows(bench, scales.get(args.scale), args.n_protocol, args.seed)
     eval_df, context_df = yardstick.scale_pools(bench, config)
     assert not set(protocol_df.index) & set(eval_df.index), f"{bench}: protocol rows among the evaluation rows"
     return protocol_df, context_df.drop(index=protocol_df.index, errors="ignore"), protocol_df.attrs["protocol_source"]
@@ -97,7 +98,7 @@ def protocol_pools(bench: str, args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 def score_benchmark(base, bench: str, k: int, args, work: Path, retrieval, sets=SETS) -> dict:
     """Scores ``[n, 2]`` of the prompt sets ``sets`` (of ``SETS``) for ``bench`` at ``k`` shots on
     its protocol rows (cached; with ``base=None`` only what the cache holds)."""
-    config = ev.EvalConfig.for_scale(args.scale, n_shots=k, seed=args.seed)
+    config = ev.EvalConfig.for_scale(scales.get(args.scale), n_shots=k, seed=args.seed)
     eval_df, context_df, source = protocol_pools(bench, args)  # eval_df: the protocol rows
     fit_df, rest_df = cal.calibration_pools(context_df, args.n_fit, args.seed)
     kind = benchmarks.spec(bench).kind
@@ -204,7 +205,8 @@ def main(argv=None) -> None:
     work = args.work / f"protocol{args.n_protocol}-{args.scale}-f{args.n_fit}-s{args.seed}-{args.dtype}"
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    base = None if args.table_only else load_base("cpu", dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    base = None if args.table_only else load_base(scales.get("cpu"), dtype=dtype)
     retrieval = ev.RetrievalCache()
     all_scores: dict[int, dict[str, dict]] = {}
     for k in args.shots:
@@ -221,7 +223,7 @@ def main(argv=None) -> None:
     benches = sorted({b for per in all_scores.values() for b in per})
     from_context = sorted({b for per in all_scores.values() for b, s in per.items()
                            if s["protocol_source"] == "context"})
-    n_context = ev.EvalConfig.for_scale(args.scale).n_context
+    n_context = ev.EvalConfig.for_scale(scales.get(args.scale)).n_context
     header = (f"bench_shots: cpu base ({args.dtype}), {args.n_protocol} protocol rows per benchmark (disjoint from "
               f"the {args.scale} evaluation rows) x {len(benches)} benchmarks, shots from the {args.scale} context "
               f"pool ({n_context} rows), threshold fitted on {args.n_fit} context rows or cross-fitted over "

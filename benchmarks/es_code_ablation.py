@@ -178,13 +178,14 @@ def cpu_retention(scale: str, n: int | None, seed: int, out: Path):
     from esmerge.run.merge import build_context, merge_once
     from esmerge.specialists.captions import heldout_examples
 
-    context = build_context(scale, seed)
+    context = build_context(scales.get(scale), seed)
     n = n or scales.get(scale).n_retention
-    examples = {m: heldout_examples(m, scale, n, seed) for m in context.specialists}
+    examples = {m: heldout_examples(m, scales.get(scale), n, seed) for m in context.specialists}
     variants = {"es-paper": {}, "es-code": {"variant": "code"}, **BETA_ALONE}
     merged = {name: merge_once("es", out / name, context, **hp)[0] for name, hp in variants.items()}
     models, _ = retention.retention_models(context.specialists, None, None, merged)
-    nlls, tokens = retention.score_models(models, context.base, context.specialists, examples)
+    nlls, tokens = retention.score_models(models, context.base, context.specialists, examples,
+                                          scales.get(scale).train)
     res = retention.resampled_retention(nlls, tokens, seed=seed)
     return res, retention.retention_table(res)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from esmerge import scales
 from esmerge.cache import cached, content_key, tensor_digest
 from esmerge.methods import es_settings, es_signals
 from esmerge.signals import elementwise, layerwise, sliced
@@ -116,7 +117,7 @@ def zero_variance_columns(base_pooled: dict, spec_pooled: list[dict], eps: float
 def measure(scale: str, seed: int = 0, layout_beta: str = "code", log=print) -> dict:
     from esmerge.run.merge import build_context
 
-    context = build_context(scale, seed)
+    context = build_context(scales.get(scale), seed)
     adapters = [s.adapter for s in context.specialists.values()]
     names = list(context.specialists)
     rows: list[dict] = []

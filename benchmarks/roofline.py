@@ -251,7 +251,7 @@ def projectors_on(context, device: str) -> dict:
 
 def scoring_batches(context, sl: Slice) -> list:
     """One evaluation batch per benchmark of ``sl``, built and collated as ``evaluate`` does."""
-    config = evaluate.default_config(context.scale)
+    config = evaluate.default_config(scales.get(context.scale))
     projectors = projectors_of(context.specialists)
     tok = context.base.tokenizer
     batches = []
@@ -288,7 +288,7 @@ def evaluation_stages(context, merged, sl: Slice, device: str, reps: int) -> lis
     rows = [measure("07 scoring", f"label_logits, merged model, {'/'.join(sl.eval_benchmarks)} batches {sizes}",
                     device, score, reps)[0]]
 
-    examples = heldout_examples("molecule", context.scale, 2 * sl.nll_batch, context.seed)
+    examples = heldout_examples("molecule", scales.get(context.scale), 2 * sl.nll_batch, context.seed)
     max_tokens = scales.get(context.scale).train.max_tokens_for("molecule")
     spec = context.specialists["molecule"]
     nll = lambda: example_nlls(model, base.tokenizer, spec.projector, examples, max_tokens, sl.nll_batch)  # noqa: E731
@@ -321,7 +321,7 @@ def adamerging_stage(context, sl: Slice, device: str, reps: int) -> Row:
     ``baseline_inputs.adamerging_extras`` builds them (kept here so that each run gets a fresh objective)."""
     projectors = projectors_on(context, device)
     tok = context.base.tokenizer
-    config = evaluate.default_config(context.scale)
+    config = evaluate.default_config(scales.get(context.scale))
     prompts = [p for bench in sl.eval_benchmarks for p in
                baseline_inputs.benchmark_prompts(bench, tok, projectors, config, "eval", sl.ada_prompts, context.seed)]
     batches = baseline_inputs.prompt_batches(prompts, tok, projectors, sl.ada_batch, context.seed)
@@ -354,7 +354,7 @@ def lsmerge_stage(context, sl: Slice, reps: int) -> Row:
 def finetune_stage(context, sl: Slice, device: str, reps: int) -> Row:
     """Avg+FT: 2 Adam steps over BindingDB training prompts (``baseline_inputs.finetune_extras``)."""
     extras = baseline_inputs.finetune_extras(context.base, context.specialists, "BindingDB", sl.ft_examples,
-                                      sl.ft_batch, evaluate.default_config(context.scale), context.seed)
+                                      sl.ft_batch, evaluate.default_config(scales.get(context.scale)), context.seed)
     adapters = [on_device(s.adapter, device) for s in context.specialists.values()]
     def run():
         return methods.run("avg-ft", adapters, extras, epochs=1, count_cost=False, progress=False)
@@ -412,7 +412,7 @@ def gemm_rates(args) -> dict:
 
 def load_context(args):
     """The scale's base and specialists (``pipeline.build_context``), model and projectors on ``--device``."""
-    context = build_context(args.scale, args.seed)
+    context = build_context(scales.get(args.scale), args.seed)
     context.base.model.to(args.device)
     for spec in context.specialists.values():
         if spec.projector is not None:

@@ -25,6 +25,7 @@ import json
 import time
 from pathlib import Path
 
+from esmerge import scales
 from esmerge.signals import diagnostics
 
 NAMES = ("molecule", "protein", "cell")
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    context = build_context("cpu", args.seed)
+    context = build_context(scales.get("cpu"), args.seed)
     shipped = dict(context.specialists)
     results = []
     candidates = [{}] + [{"molecule": Path(f)} for f in args.molecule] + \
@@ -86,10 +87,11 @@ def main() -> None:
         if args.heldout:
             # the shipped specialists' losses are measured once, with the first (shipped) set
             for name in (NAMES if not folders else folders):
-                examples = captions.heldout_examples(name, "cpu", args.heldout, args.seed)
+                examples = captions.heldout_examples(name, scales.get("cpu"), args.heldout, args.seed)
                 spec = context.specialists[name]
                 model = attach_specialist(context.base, spec)
-                loss = round(heldout.specialist_loss(model, context.base, spec, examples), 4)
+                loss = round(heldout.specialist_loss(model, context.base, spec, examples,
+                                                     max_tokens=scales.get("cpu").train.max_tokens_for(name)), 4)
                 entry.setdefault("heldout_loss", {})[name] = loss
                 del model
             entry["n_heldout"] = args.heldout

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from esmerge import evaluate, report
+from esmerge import evaluate, report, scales
 from esmerge.cache import atomic_write_json
 from esmerge.data import benchmarks
 from esmerge.errors import OutputExistsError
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     for name in benchmarks.BENCHMARK_NAMES:
         t0 = time.time()
         for method, result in yardstick.full_protocol(name, args.seed, args.shots, args.test_fraction,
-                                                      args.n_resamples).items():
+                                                      args.n_resamples, scale_config=scales.get("cpu")).items():
             full[method][name] = result
         seconds[name] = round(time.time() - t0, 1)
         r = full["knn-shots"][name]
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
                     f"not the paper's; {args.shots} shots; seed {args.seed}"), args.out / FILES[0])
 
     t0 = time.time()
-    cpu_config = evaluate.default_config("cpu")
+    cpu_config = evaluate.default_config(scales.get("cpu"))
     cpu = yardstick.yardstick_all(benchmarks.BENCHMARK_NAMES, cpu_config)
     cpu_seconds = time.time() - t0
     write_csv(table(cpu, cpu_config.n_resamples, cpu_config.seed,

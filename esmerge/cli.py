@@ -79,7 +79,7 @@ def _train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or load.SHIPPED_DIR / args.scale / args.modality
-    load.train_for_scale(args.scale, args.modality, out, device=args.device, steps=args.steps,
+    load.train_for_scale(scales.get(args.scale), args.modality, out, device=args.device, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_tokens=args.max_tokens,
                                 resume=not args.no_resume, force=args.force, checkpoint_every=args.checkpoint_every,
                                 bf16=args.bf16, cell_top_k=args.cell_top_k,
@@ -112,7 +112,7 @@ def _merge(args) -> int:
                                  seed=args.seed, chat=not args.no_chat, device=args.device, dtype=args.dtype,
                                  space=args.space or "factors", rank=args.rank, report=print)
     else:
-        out = merge.merge_command(args.scale or "cpu", args.method, args.out, hparams, seed=args.seed,
+        out = merge.merge_command(scales.get(args.scale or "cpu"), args.method, args.out, hparams, seed=args.seed,
                                      probe_k=args.probe_k, force=args.force, base_path=args.base,
                                      specialists_dir=args.specialists)  # validates before loading a model
     print(f"merged with {args.method} -> {out}")
@@ -191,7 +191,7 @@ def _evaluate(args) -> int:
 
     from esmerge.run.evaluate_named import evaluate_by_name
 
-    rows = evaluate_by_name(args.scale, args.model, args.benchmarks, seed=args.seed, out_dir=args.out,
+    rows = evaluate_by_name(scales.get(args.scale), args.model, args.benchmarks, seed=args.seed, out_dir=args.out,
                             n_eval=args.n_eval, n_shots=args.n_shots, scoring=args.scoring,
                             max_new_tokens=args.max_new_tokens)
     with pd.option_context("display.width", 160, "display.max_rows", 500):

@@ -29,8 +29,10 @@ def runs_root() -> Path:
 
 
 def run_dir(scale: str, stem: str) -> Path:
-    """``runs/{scale}/{stem}``, created: where notebook ``stem`` saves figures, tables and results."""
-    scales.get(scale)  # refuses an unknown scale in one line
+    """``runs/{scale}/{stem}``, created: where notebook ``stem`` saves figures, tables and results.
+
+    ``scale`` is a scale's name (``ScaleConfig.name``), resolved (and so checked) where it was given.
+    """
     path = runs_root() / scale / stem
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -38,7 +40,6 @@ def run_dir(scale: str, stem: str) -> Path:
 
 def executed_dir(scale: str) -> Path:
     """``book/executed/{scale}``, created: the executed notebooks the book renders at that scale."""
-    scales.get(scale)
     path = BOOK_DIR / "executed" / scale
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -1,7 +1,8 @@
 """Every number that differs between the ``smoke``, ``cpu`` and ``paper`` scales, in one place.
 
 One frozen ``ScaleConfig`` per scale (as nanoGPT keeps its configuration in one dataclass); the
-rest of the package reads ``scales.get(scale)`` and hard-codes no scale's numbers.
+rest of the package receives the ``ScaleConfig`` resolved once from a name (``get(scale)``: at the command
+line, or in a notebook right after its parameters cell) and hard-codes no scale's numbers.
 
 >>> get("smoke").probe_k, get("cpu").probe_k
 (8, 110)

@@ -64,6 +64,7 @@ from esmerge.report import figures, headline
 from esmerge.report.display import Numbered
 from esmerge.specialists import base_llm
 
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(0)
 out = run_dir(scale, "00_overview")
 retention_dir, claims_dir = run_dir(scale, "09_retention"), run_dir(scale, "08_claims")
@@ -72,7 +73,7 @@ registers = {"retention": pd.read_csv(retention_dir / "retention_claims.csv"),
 numbers = headline.headline_numbers(pd.read_csv(retention_dir / "retention.csv"), registers["retention"],
                                     registers["accuracy"])
 numbers.update(scale=scale,
-               seeds=", ".join(map(str, scales.get(scale).specialist_seeds)))
+               seeds=", ".join(map(str, config.specialist_seeds)))
 for name, value in numbers.items():
     glue(name, value, display=False)
 

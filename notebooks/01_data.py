@@ -36,12 +36,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
+from esmerge import scales
 from esmerge.data import benchmarks as bm
 from esmerge.data import tables
 from esmerge.paths import run_dir
 from esmerge.report.display import Numbered
 
 logging.basicConfig(level=logging.WARNING)
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "01_data")
 book = Numbered(1)
 print(f"scale={scale} seed={seed}; results in {out}")

@@ -90,10 +90,11 @@ from esmerge.specialists.adapters import adapter_digest
 from esmerge.specialists.base_llm import load_base
 
 torch.set_num_threads(1)
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "02_specialists")
 book = Numbered(2)
-base = load_base(scale, seed=seed)
-specs = S.load_specialists(scale, base)
+base = load_base(config, seed=seed)
+specs = S.load_specialists(config, base)
 print(f"scale={scale} seed={seed} base: {base.name} ({base.num_layers} blocks, hidden {base.hidden_size})")
 
 # %% [markdown]
@@ -158,10 +159,10 @@ book.figure(fig, "Training loss (nats per answer token) of each specialist at ev
 # examples, so that table only checks the plumbing.
 
 # %% tags=["hide-input"]
-examples = {m: captions.heldout_examples(m, scale, n_heldout, seed) for m in specs}
+examples = {m: captions.heldout_examples(m, config, n_heldout, seed) for m in specs}
 key = content_key(base.weights_sha256, {m: adapter_digest(s.adapter) for m, s in specs.items()},
                   {m: [e.uid for e in ex] for m, ex in examples.items()}, captions.CODE_VERSION)
-table = cached(out / f"heldout_loss-{key}.pt", lambda: heldout.cross_loss_table(base, specs, examples))
+table = cached(out / f"heldout_loss-{key}.pt", lambda: heldout.cross_loss_table(base, specs, examples, config.train))
 row_names = ["base"] + [f"{m} specialist" for m in specs]
 loss = pd.DataFrame(table.numpy(), index=row_names, columns=[f"{m} (n={len(examples[m])})" for m in specs])
 loss.to_csv(out / "heldout_loss.csv")
@@ -225,7 +226,7 @@ book.table(summary, "Held-out loss change of each specialist on its own modality
 # Mol-LLaMA and Prot2Text-V2, not a replacement.
 
 # %% tags=["hide-input"]
-if not scales.get(scale).random_models:
+if not config.random_models:
     shown = []
     for m, spec in specs.items():
         model = S.attach_specialist(base, spec)

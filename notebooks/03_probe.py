@@ -37,15 +37,16 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from esmerge import plots
+from esmerge import plots, scales
 from esmerge.methods.es_signals import signals
 from esmerge.paths import run_dir
 from esmerge.report.display import Numbered
 from esmerge.run.merge import build_context
 
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "03_probe")
 book = Numbered(3)
-context = build_context(scale, seed, probe_k)
+context = build_context(config, seed, probe_k)
 adapters = [s.adapter for s in context.specialists.values()]
 sig = signals(adapters, context, seed=seed, need_scores=False)
 probes, states = sig["probes"], sig["states"]

@@ -24,7 +24,7 @@
 # esmerge-needs: 03_probe
 scale = "cpu"
 seed = 0
-specialist_seeds = None  # None: scales.get(scale).specialist_seeds
+specialist_seeds = None  # None: the scale's (ScaleConfig.specialist_seeds)
 probe_k = None
 tau = 0.5
 n_projections = 1024
@@ -43,10 +43,11 @@ from esmerge.report.display import Numbered
 from esmerge.run.merge import build_context
 from esmerge.signals import diagnostics, layerwise, sliced
 
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "04_layerwise")
 book = Numbered(4)
-specialist_seeds = tuple(specialist_seeds or scales.get(scale).specialist_seeds)
-context = build_context(scale, seed, probe_k, specialist_seed=specialist_seeds[0])
+specialist_seeds = tuple(specialist_seeds or config.specialist_seeds)
+context = build_context(config, seed, probe_k, specialist_seed=specialist_seeds[0])
 names = list(context.specialists)
 adapters = [s.adapter for s in context.specialists.values()]
 sig = signals(adapters, context, seed=seed, need_scores=False, n_projections=n_projections)
@@ -97,7 +98,7 @@ book.table(gap, "The Fig. 2 test per specialist: blocks where own-modality SWD e
 own_index = [modalities.index(n) for n in names]
 swds = {specialist_seeds[0]: swd}
 for s in specialist_seeds[1:]:
-    seed_context = build_context(scale, seed, probe_k, specialist_seed=s)
+    seed_context = build_context(config, seed, probe_k, specialist_seed=s)
     swds[s] = signals([sp.adapter for sp in seed_context.specialists.values()], seed_context, seed=seed,
                       need_scores=False, n_projections=n_projections)["swd"]
 by_seed = diagnostics.specialisation_by_seed(swds, own_index, names)

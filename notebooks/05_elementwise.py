@@ -36,7 +36,7 @@ code_distance = True  # also compute MSE-based scores (official code) to measure
 import matplotlib.pyplot as plt
 import torch
 
-from esmerge import plots
+from esmerge import plots, scales
 from esmerge.methods.es import coefficients_from_signals
 from esmerge.methods.es_signals import signals
 from esmerge.paths import run_dir
@@ -45,9 +45,10 @@ from esmerge.report.display import Numbered
 from esmerge.report.es_ablation import ablation_table, differences_table
 from esmerge.run.merge import build_context
 
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "05_elementwise")
 book = Numbered(5)
-context = build_context(scale, seed, probe_k)
+context = build_context(config, seed, probe_k)
 names = list(context.specialists)
 adapters = [s.adapter for s in context.specialists.values()]
 sig = signals(adapters, context, seed=seed, need_scores=True)

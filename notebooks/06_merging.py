@@ -37,7 +37,7 @@
 # esmerge-needs: 02_specialists
 scale = "cpu"
 seed = 0
-specialist_seeds = None  # None: scales.get(scale).specialist_seeds
+specialist_seeds = None  # None: the scale's (ScaleConfig.specialist_seeds)
 budget_overrides = {}  # fields of scales.MergeBudgets to change, e.g. {"adamerging_steps": 500}
 compat_prompts = 2
 
@@ -57,15 +57,15 @@ from esmerge.run import all_methods, baseline_inputs
 from esmerge.run.merge import build_context
 from esmerge.specialists.adapters import load_merged
 
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(6)
 torch.manual_seed(seed)
 torch.set_num_threads(1)  # the book's machines are shared; small tensor ops thrash with more threads
-config = scales.get(scale)
 budgets = replace(config.merge_budgets, **budget_overrides)
 specialist_seeds = tuple(specialist_seeds or config.specialist_seeds)
-eval_config = evaluate.default_config(scale)
+eval_config = evaluate.default_config(config)
 out = run_dir(scale, "06_merging")
-context = build_context(scale, seed, specialist_seed=specialist_seeds[0])
+context = build_context(config, seed, specialist_seed=specialist_seeds[0])
 specialists = context.specialists
 names = list(specialists)
 adapters = {m: s.adapter for m, s in specialists.items()}
@@ -252,7 +252,7 @@ book.table(merged_adapters.emr_table(meta["emr"]["info"]),
 # %% tags=["hide-input"]
 by_seed = {specialist_seeds[0]: (merged, adapters)}
 for s in specialist_seeds[1:]:
-    seed_context = build_context(scale, seed, specialist_seed=s)
+    seed_context = build_context(config, seed, specialist_seed=s)
     seed_merges = all_methods.merge_every_method(seed_context, all_methods.seed_folder(out, s), budgets,
                                                  eval_config, seed)
     by_seed[s] = (seed_merges.adapters, {m: sp.adapter for m, sp in seed_context.specialists.items()})

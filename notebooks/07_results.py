@@ -63,10 +63,10 @@
 # esmerge-needs: 06_merging
 scale = "cpu"
 seed = 0
-n_eval = None  # None: evaluate.default_config(scale)
+n_eval = None  # None: the scale's (evaluate.default_config(config))
 n_shots = None
 decision = None  # None: the scale's (evaluate.calibration.DECISIONS)
-benchmarks = None  # None: evaluate.default_benchmarks(scale) (all 13; smoke: one per group)
+benchmarks = None  # None: evaluate.default_benchmarks(config) (all 13; smoke: one per group)
 methods_only = None  # None: every model found; else a list of method names
 # None: the scale's merge_budgets.es_variants ("es" alone at cpu: the ablations' accuracy at n = 32
 # would add ten minutes and resolve nothing; `09_retention` measures them with far more power)
@@ -96,22 +96,23 @@ from esmerge.run.merge import build_context
 from esmerge.specialists.adapters import load_merged
 from esmerge.specialists.load import projectors_of
 
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(7)
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 out = run_dir(scale, "07_results")
-config = ev.default_config(scale)
-config = replace(config, seed=seed, n_resamples=n_resamples or config.n_resamples,
-                 **({"n_eval": n_eval} if n_eval else {}), **({"n_shots": n_shots} if n_shots else {}),
-                 **({"decision": decision} if decision else {}))
-benchmarks = list(benchmarks or ev.default_benchmarks(scale))
-context = build_context(scale, seed)
+eval_config = ev.default_config(config)
+eval_config = replace(eval_config, seed=seed, n_resamples=n_resamples or eval_config.n_resamples,
+                      **({"n_eval": n_eval} if n_eval else {}), **({"n_shots": n_shots} if n_shots else {}),
+                      **({"decision": decision} if decision else {}))
+benchmarks = list(benchmarks or ev.default_benchmarks(config))
+context = build_context(config, seed)
 base, specialists = context.base, context.specialists
 projectors = projectors_of(specialists)
-caption = (f"scale={scale}, seed={seed}, n={config.n_eval} examples per benchmark, {config.n_shots} shots, "
-           f"context pool {config.n_context}, decision {config.decision}")
+caption = (f"scale={scale}, seed={seed}, n={eval_config.n_eval} examples per benchmark, {eval_config.n_shots} shots, "
+           f"context pool {eval_config.n_context}, decision {eval_config.decision}")
 print(caption, "| base:", base.name)
-print("evaluation settings:", config)
+print("evaluation settings:", eval_config)
 
 # %% [markdown]
 # ## Models under test
@@ -127,7 +128,7 @@ print("evaluation settings:", config)
 
 # %% tags=["hide-input"]
 merge_root = run_dir(scale, "06_merging")
-budgets = scales.get(scale).merge_budgets
+budgets = config.merge_budgets
 es_variants = tuple(es_variants or budgets.es_variants)
 merged, covers, notes = ev.merged_models(merge_root, base, projectors, benchmarks, emr_adapter_for_benchmark)
 curves, curve_covers = {}, {}
@@ -164,13 +165,14 @@ book.table(ev.models_table(models), f"The models under test: which adapter each 
 session = ev.EvalSession()  # entity features, shots and the PEFT copy of the base, shared by every model
 results: dict[str, dict[str, dict]] = {}
 for name, mut in track(list(models.items()), desc="models", unit="model"):
-    results[name] = ev.evaluate_all(mut, covers.get(name, benchmarks), config, out_dir=out / "evals", session=session)
+    results[name] = ev.evaluate_all(mut, covers.get(name, benchmarks), eval_config, out_dir=out / "evals",
+                                    session=session)
 # The retrieval-only yardstick (no LLM: the context pool's majority label; the majority label of
 # the very shots each prompt shows) and the base on its shots-shuffled control, as rows like any model.
 control = ev.ModelUnderTest.base_only(base, name=report.SHUFFLED_CONTROL)
-results[report.SHUFFLED_CONTROL] = ev.evaluate_all(control, benchmarks, replace(config, shot_labels="shuffled"),
+results[report.SHUFFLED_CONTROL] = ev.evaluate_all(control, benchmarks, replace(eval_config, shot_labels="shuffled"),
                                                out_dir=out / "evals", session=session)
-results.update(yardstick.yardstick_all(benchmarks, config, retrieval=session.retrieval))
+results.update(yardstick.yardstick_all(benchmarks, eval_config, retrieval=session.retrieval))
 table = ev.summary(results)
 table.to_csv(out / "per_benchmark.csv", index=False)
 # every per-example answer, for the claims register (08_claims) and anyone re-analysing
@@ -202,7 +204,7 @@ book.table(overview, f"Mean over the evaluated benchmarks per model (predicted_p
 # %% tags=["hide-input"]
 shots_test = report.yardstick_claims(
     {k: results[k] for k in ("base", report.SHUFFLED_CONTROL, *report.YARDSTICKS) if k in results},
-    config.n_resamples, seed)
+    eval_config.n_resamples, seed)
 shots_test.to_csv(out / "shots_test.csv", index=False)
 book.table(shots_test, f"The base against its shots-shuffled control and the yardsticks (margin in accuracy "
                        f"points [95 % CI]); {caption}.", columns=["claim", "datasets", "ours", "verdict"])
@@ -222,8 +224,8 @@ power = report.power_table(results, reference="es")
 power.to_csv(out / "power.csv", index=False)
 if len(power):
     for q in (0.1, 0.3):
-        print(f"at a discordance of {q:.0%}: MDE {ev.minimal_detectable_difference([q] * len(benchmarks), [config.n_eval] * len(benchmarks)):.1f} "  # noqa: E501
-              f"points on the mean over {len(benchmarks)} benchmarks at n = {config.n_eval} each")
+        print(f"at a discordance of {q:.0%}: MDE {ev.minimal_detectable_difference([q] * len(benchmarks), [eval_config.n_eval] * len(benchmarks)):.1f} "  # noqa: E501
+              f"points on the mean over {len(benchmarks)} benchmarks at n = {eval_config.n_eval} each")
 book.table(power, f"Smallest paired difference from ES-Merging this build resolves (80 % power, alpha "
                   f"0.05), in accuracy points; {caption}.", digits=2)
 
@@ -234,7 +236,7 @@ book.table(power, f"Smallest paired difference from ES-Merging this build resolv
 # averages.
 
 # %% tags=["hide-input"]
-t1 = report.results_table(results, "Table 1", config.n_resamples, seed)
+t1 = report.results_table(results, "Table 1", eval_config.n_resamples, seed)
 t1.to_csv(out / "table1.csv", index=False)
 book.table(report.wide_table(t1, "accuracy"), f"Table 1 analogue, accuracy (%): ours [95 % CI] (paper); {caption}.")
 
@@ -245,7 +247,7 @@ book.table(report.wide_table(t1, "macro_f1"), f"Table 1 analogue, macro-F1 (%): 
 # ## Table 2: target-fixed functionality prediction (CYP)
 
 # %% tags=["hide-input"]
-t2 = report.results_table(results, "Table 2", config.n_resamples, seed)
+t2 = report.results_table(results, "Table 2", eval_config.n_resamples, seed)
 t2.to_csv(out / "table2.csv", index=False)
 book.table(report.wide_table(t2, "accuracy"), f"Table 2 analogue, accuracy (%): ours [95 % CI] (paper); {caption}.")
 
@@ -257,7 +259,7 @@ book.table(report.wide_table(t2, "macro_f1"), f"Table 2 analogue, macro-F1 (%): 
 
 # %% tags=["hide-input"]
 ablation = {k: results[k] for k in ("es-layer", "es-element", "es") if k in results}
-t8 = report.results_table(ablation, "Table 8", config.n_resamples, seed)
+t8 = report.results_table(ablation, "Table 8", eval_config.n_resamples, seed)
 t8.to_csv(out / "table8.csv", index=False)
 book.table(report.wide_table(t8[t8["dataset"].str.startswith("Avg.")], "accuracy"),
            f"Table 3 analogue (group averages of Table 8), accuracy (%); {caption}.")
@@ -314,7 +316,7 @@ book.figure(fig, figures.heatmap_caption(heat_rows))
 # benchmarks each run covers (Avg+FT: the curve benchmarks only, at every budget).
 
 # %% tags=["hide-input"]
-curve = budget_curves.accuracy_curve(results, budgets, config.n_resamples, seed)
+curve = budget_curves.accuracy_curve(results, budgets, eval_config.n_resamples, seed)
 curve.to_csv(out / "budget_curves.csv", index=False)
 book.table(curve, f"Mean accuracy (%) [95 % CI] of AdaMerging and Avg+FT at each budget they ran at; "
                   f"{caption}.", digits=1)

@@ -60,9 +60,9 @@ from esmerge.paths import run_dir
 from esmerge.report import budget_curves, figures
 from esmerge.report.display import Numbered
 
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(8)
 out = run_dir(scale, "08_claims")
-config = scales.get(scale)
 budget_notes = budget_curves.budget_notes(config.merge_budgets, scales.get("paper").merge_budgets)
 results = json.loads((run_dir(scale, "07_results") / "results.json").read_text())
 # the budget-curve runs (name@budget) are reported in their own tables, not as competitors

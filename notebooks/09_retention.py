@@ -55,8 +55,8 @@
 # esmerge-needs: 06_merging
 scale = "cpu"
 seed = 0
-specialist_seeds = None  # None: scales.get(scale).specialist_seeds
-n_retention = None  # None: esmerge.scales.get(scale).n_retention held-out examples per modality
+specialist_seeds = None  # None: the scale's (ScaleConfig.specialist_seeds)
+n_retention = None  # None: the scale's ScaleConfig.n_retention held-out examples per modality
 avg_ft_benchmarks = ("BindingDB", "GDSC2")  # the Avg.+FT adapters scored (each is a model of its own)
 batch_size = 8
 n_resamples = 1000
@@ -78,19 +78,19 @@ from esmerge.run.merge import build_context
 from esmerge.specialists.adapters import load_merged
 from esmerge.specialists.captions import heldout_examples
 
+config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(9)
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))  # batched forwards: both cores of the book machine
-config = scales.get(scale)
 budgets = config.merge_budgets
 budget_notes = budget_curves.budget_notes(budgets, scales.get("paper").merge_budgets)
 specialist_seeds = tuple(specialist_seeds or config.specialist_seeds)
 n_retention = n_retention or config.n_retention
 out = run_dir(scale, "09_retention")
 merge_root = run_dir(scale, "06_merging")
-context = build_context(scale, seed, specialist_seed=specialist_seeds[0])
+context = build_context(config, seed, specialist_seed=specialist_seeds[0])
 base = context.base
-examples = {m: heldout_examples(m, scale, n_retention, seed) for m in context.specialists}
+examples = {m: heldout_examples(m, config, n_retention, seed) for m in context.specialists}
 caption = (f"scale={scale}, seed={seed}, specialist seeds {', '.join(map(str, specialist_seeds))}, "
            f"n={'/'.join(str(len(v)) for v in examples.values())} held-out examples ({'/'.join(examples)})")
 print(caption, "| base:", base.name)
@@ -108,7 +108,7 @@ print(caption, "| base:", base.name)
 start = time.perf_counter()
 by_seed, notes = {}, []
 for s in specialist_seeds:
-    seed_context = context if s == specialist_seeds[0] else build_context(scale, seed, specialist_seed=s)
+    seed_context = context if s == specialist_seeds[0] else build_context(config, seed, specialist_seed=s)
     folder = seed_folder(merge_root, s)
     extra = {ONE_MODEL: emr_one_model(load_merged(folder / "emr").adapter)}
     if s == specialist_seeds[0]:
@@ -116,7 +116,8 @@ for s in specialist_seeds:
             extra[name] = load_merged(merge_root / "curves" / name).adapter
     models, seed_notes = retention.retention_models(seed_context.specialists, folder, list(avg_ft_benchmarks), extra)
     notes += [f"seed {s}: {n}" for n in seed_notes]
-    by_seed[s] = retention.score_models(models, base, seed_context.specialists, examples, batch_size=batch_size)
+    by_seed[s] = retention.score_models(models, base, seed_context.specialists, examples, config.train,
+                                     batch_size=batch_size)
 seconds = time.perf_counter() - start
 for note in notes:
     print(note)

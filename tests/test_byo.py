@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from esmerge import methods
+from esmerge import methods, scales
 from esmerge.errors import InputError, OutputExistsError, UsageError
 from esmerge.run import byo, probe_file, user_adapters
 from esmerge.signals.probe import hidden_states
@@ -39,7 +39,7 @@ def trained_fixture(tmp_path_factory):
     base = load_smoke(seed=0)
     for modality in ("molecule", "protein"):
         train_specialist(base, modality, steps=3, batch_size=2, lr=5e-3, seed=0, out_dir=root / modality,
-                         checkpoint_every=100, progress=False)
+                         checkpoint_every=100, progress=False, config=scales.get("smoke"))
     probes = root / "probes.jsonl"
     probes.write_text("// two spans per line: a molecule and a protein\n"
                       + "\n".join(json.dumps(p) for p in PROBES) + "\n")

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.errors import UsageError
 from esmerge.evaluate import calibration as cal
 from esmerge.evaluate import sweep
 from esmerge.specialists.base_llm import load_base
+
+CPU = scales.get("cpu")  # the settings these tests were written at
 
 # 24 distinct valid SMILES (a CYP benchmark reads molecules only), as in test_evaluate_calibration
 SMILES = ["C" * i + "O" for i in range(1, 9)] + ["C" * i + "N" for i in range(1, 9)] + \
@@ -96,7 +99,7 @@ def test_no_row_label_reaches_its_own_threshold():
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    return load_base("smoke")
+    return load_base(scales.get("smoke"))
 
 
 def _pools():
@@ -128,11 +131,11 @@ def test_cross_fit_evaluation_scores_no_calibration_prompt(base, tmp_path, monke
     mut = ev.ModelUnderTest.base_only(base)
     rows = _counting(monkeypatch)
     common = dict(n_eval=10, n_context=14, n_shots=2, batch_size=4, n_resamples=50, n_calibration=8)
-    fitted = ev.evaluate(mut, "CYP2C9", ev.EvalConfig(decision="context-threshold", **common),
+    fitted = ev.evaluate(mut, "CYP2C9", ev.EvalConfig.for_scale(CPU, decision="context-threshold", **common),
                          pools=(eval_df, context_df), out_dir=tmp_path / "a", progress=False)
     assert sum(rows) == 10 + 8 and fitted["decision"]["n_calibration"] == 8  # the counter does count them
     rows.clear()
-    config = ev.EvalConfig(decision="cross-fit", n_folds=3, **common)
+    config = ev.EvalConfig.for_scale(CPU, decision="cross-fit", n_folds=3, **common)
     result = ev.evaluate(mut, "CYP2C9", config, pools=(eval_df, context_df), out_dir=tmp_path / "b", progress=False)
     assert sum(rows) == 10  # the evaluation prompts only
     d = result["decision"]
@@ -164,20 +167,20 @@ def test_cross_fit_evaluation_scores_no_calibration_prompt(base, tmp_path, monke
 def test_cross_fit_config_keys_and_refusals():
     # other decisions keep the keys and printed form they had before n_folds existed
     for decision in ("argmax", "contextual", "context-threshold"):
-        config = ev.EvalConfig(decision=decision)
+        config = ev.EvalConfig.for_scale(CPU, decision=decision)
         assert "n_folds" not in config.key() and "n_folds" not in repr(config)
     # the cpu scale cross-fits its thresholds (chosen on protocol rows): its key carries the fold count
-    assert ev.default_config("cpu").decision == "cross-fit" and ev.default_config("cpu").key()["n_folds"] == 5
+    assert ev.default_config(CPU).decision == "cross-fit" and ev.default_config(CPU).key()["n_folds"] == 5
     # generation has no scores to threshold: asking for it at a cross-fitting scale takes the paper's argmax
-    assert ev.EvalConfig.for_scale("cpu", scoring="generate").decision == "argmax"
+    assert ev.EvalConfig.for_scale(CPU, scoring="generate").decision == "argmax"
     with pytest.raises(UsageError, match="scoring='generate' has none of"):  # but never silently when asked for
-        ev.EvalConfig.for_scale("cpu", scoring="generate", decision="cross-fit")
-    key = ev.EvalConfig(decision="cross-fit", n_folds=4).key()
+        ev.EvalConfig.for_scale(CPU, scoring="generate", decision="cross-fit")
+    key = ev.EvalConfig.for_scale(CPU, decision="cross-fit", n_folds=4).key()
     assert key["decision"] == "cross-fit" and key["n_folds"] == 4 and "n_calibration" not in key
-    assert ev.EvalConfig(decision="cross-fit").n_folds == cal.N_FOLDS == 5
-    assert ev.EvalConfig.for_scale("cpu", decision="cross-fit").key()["n_folds"] == 5
+    assert ev.EvalConfig.for_scale(CPU, decision="cross-fit").n_folds == cal.N_FOLDS == 5
+    assert ev.EvalConfig.for_scale(CPU, decision="cross-fit").key()["n_folds"] == 5
     with pytest.raises(UsageError, match="n_folds=1"):
-        ev.EvalConfig(decision="cross-fit", n_folds=1)
+        ev.EvalConfig.for_scale(CPU, decision="cross-fit", n_folds=1)
     with pytest.raises(UsageError, match="scoring='generate'"):
-        ev.EvalConfig(decision="cross-fit", scoring="generate")
+        ev.EvalConfig.for_scale(CPU, decision="cross-fit", scoring="generate")
     assert "cross-fit" in cal.DECISIONS

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esmerge import scales
 from esmerge.errors import InputError
 from esmerge.signals import elementwise, gradients, probe
 from esmerge.signals.element_scores import element_scores, element_scores_by_distance
@@ -37,8 +38,8 @@ def smoke_setup(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
     torch.manual_seed(0)
-    base = load_base("smoke")
-    specialists = load_specialists("smoke", base)
+    base = load_base(scales.get("smoke"))
+    specialists = load_specialists(scales.get("smoke"), base)
     projectors = {m: s.projector for m, s in specialists.items() if s.projector is not None}
     raw = {"molecule": SMILES, "protein": SEQUENCES, "cell": CELLS}
     blocks = probe.encode_blocks(base, projectors, raw, {"molecule": 4, "protein": 4, "cell": 6})

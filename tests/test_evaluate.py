@@ -11,11 +11,13 @@ import torch
 from test_data import needs_reference  # skips when ../shared/reference is not here
 
 from esmerge import evaluate as ev
-from esmerge import report
+from esmerge import report, scales
 from esmerge.evaluate import sweep
 from esmerge.specialists.adapters import adapter_from_model
 from esmerge.specialists.base_llm import load_base, lora_config
 from esmerge.specialists.encoders import make_projector
+
+CPU = scales.get("cpu")  # the settings these tests were written at
 
 SMILES = ["CCO", "CCN", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CCCCO", "CCOC(=O)C", "c1ccncc1", "CC(C)O",
           "c1ccccc1", "CCCCCC"]
@@ -25,7 +27,7 @@ PROT_A, PROT_B, PROT_C = "MKTAYIAKQRQISFVK", "GGSSLLAAVVGGSSLL", "MKTAYIAKQRQISF
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    return load_base("smoke")
+    return load_base(scales.get("smoke"))
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +96,15 @@ def test_prompt_labels_and_groups_come_from_the_one_benchmark_table(base):
         prompt = ev.build_prompt(name, df.iloc[0], df.iloc[1:2], base.tokenizer)
         assert prompt.labels == spec.labels and spec.prompt.system in prompt.text
         assert name in ev.GROUPS[spec.group] and report.PAPER_DATASET[name] == spec.paper_dataset
-    assert ev.default_config("smoke") == ev.EvalConfig(n_eval=3, n_context=12, n_shots=1, top_k_genes=3,
-                                                       protein_chars=12, smiles_chars=24, batch_size=3, n_resamples=100,
-                                                       decision="cross-fit", n_folds=3, n_calibration=32)
-    assert ev.default_config("cpu") == ev.EvalConfig() and ev.EvalConfig().n_eval == 32
-    assert ev.EvalConfig().decision == "cross-fit"  # the cpu base answers by its prompt, thresholds cross-fitted
-    assert ev.default_benchmarks("smoke") == ("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate")
-    assert ev.default_benchmarks("cpu") == ev.BENCHMARK_NAMES
+    assert ev.default_config(scales.get("smoke")) == ev.EvalConfig(
+        n_eval=3, n_context=12, n_shots=1, top_k_genes=3, protein_chars=12, smiles_chars=24, batch_size=3,
+        n_resamples=100, decision="cross-fit", n_folds=3, n_calibration=32, scoring="loglik")
+    assert ev.default_config(CPU) == ev.EvalConfig.for_scale(CPU) and ev.default_config(CPU).n_eval == 32
+    assert ev.default_config(CPU).decision == "cross-fit"  # the cpu base answers by its prompt, thresholds cross-fitted
+    with pytest.raises(TypeError, match="n_eval"):  # no scale's settings are hard-wired as defaults
+        ev.EvalConfig()
+    assert ev.default_benchmarks(scales.get("smoke")) == ("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate")
+    assert ev.default_benchmarks(CPU) == ev.BENCHMARK_NAMES
 
 
 # --------------------------------------------------------------------------- retrieval
@@ -347,7 +351,7 @@ def _pools():
 
 def test_evaluate_caches_and_resumes(base, projectors, tmp_path, monkeypatch):
     mut = ev.ModelUnderTest.merged(base, None, projectors, "merged")
-    config = ev.EvalConfig(n_eval=4, n_context=6, n_shots=2, batch_size=3, n_resamples=100)
+    config = ev.EvalConfig.for_scale(CPU, n_eval=4, n_context=6, n_shots=2, batch_size=3, n_resamples=100)
     first = ev.evaluate(mut, "Human", config, pools=_pools(), out_dir=tmp_path, progress=False)
     assert first["n"] == 4 and len(first["pred"]) == 4 and first["y"] == [0, 1, 1, 0]
     assert first["accuracy"] == pytest.approx(ev.accuracy(first["y"], first["pred"]))
@@ -362,7 +366,7 @@ def test_evaluate_caches_and_resumes(base, projectors, tmp_path, monkeypatch):
     assert again == first
     # a different setting is a different cache entry and does run
     with pytest.raises(AssertionError, match="must not run"):
-        ev.evaluate(mut, "Human", ev.EvalConfig(n_eval=4, n_context=6, n_shots=1), pools=_pools(),
+        ev.evaluate(mut, "Human", ev.EvalConfig.for_scale(CPU, n_eval=4, n_context=6, n_shots=1), pools=_pools(),
                     out_dir=tmp_path, progress=False)
 
 
@@ -462,7 +466,7 @@ def test_evaluate_refuses_bad_pools_before_scoring(base, tmp_path, monkeypatch, 
 
     _no_model_work(monkeypatch)
     mut = ev.ModelUnderTest.base_only(base)
-    config = ev.EvalConfig(n_eval=4, n_context=6, n_shots=2, batch_size=3, n_resamples=100)
+    config = ev.EvalConfig.for_scale(CPU, n_eval=4, n_context=6, n_shots=2, batch_size=3, n_resamples=100)
     with pytest.raises(InputError, match=message):
         ev.evaluate(mut, "Human", config, pools=spoil(*_pools()), out_dir=tmp_path, progress=False)
     assert not list(tmp_path.rglob("*.json"))
@@ -474,7 +478,7 @@ def test_evaluate_refuses_an_unknown_cell_line_before_scoring(base, tmp_path, mo
     _no_model_work(monkeypatch)
     genes = [["G1", "G2"], None, ["G3"], ["G1"], ["G4", "G5"], ["G2", "G6"]]
     df = frame(SMILES[:6], y=[0, 1, 0, 1, 0, 1], genes=genes, cell_ids=list("abcdef"))
-    config = ev.EvalConfig(n_eval=2, n_context=4, n_shots=1, n_resamples=100)
+    config = ev.EvalConfig.for_scale(CPU, n_eval=2, n_context=4, n_shots=1, n_resamples=100)
     with pytest.raises(InputError,
                        match=r"GDSC2 eval pool, row 1: cell line 'b' has no gene list \(unknown cell line\)"):
         ev.evaluate(ev.ModelUnderTest.base_only(base), "GDSC2", config, pools=(df.iloc[:2], df.iloc[2:]),

@@ -5,12 +5,14 @@ encoder (a tiny ESM-2 ``EsmModel`` + GELU adapter: one token per residue plus tw
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.errors import UsageError
 from esmerge.evaluate import sweep
 from esmerge.evaluate.generation import INVALID, score_replies
@@ -20,6 +22,8 @@ from esmerge.run.baseline_inputs import answer_nll_loss, label_entropy_objective
 from esmerge.specialists.adapters import adapter_from_model
 from esmerge.specialists.base_llm import load_smoke, lora_config
 from esmerge.specialists.encoders import Prot2TextEncoder, esm_token_ids, make_projector
+
+CPU = scales.get("cpu")  # the settings these tests were written at
 
 SMILES = ["CCO", "CCN", "c1ccccc1O", "CC(=O)O", "CCCCO", "CCOC(=O)C", "c1ccncc1", "CC(C)O"]
 PROTEINS = ["MKTAYIAKQR", "GAV", "MSTNPKPQRSTVWYAC", "MKTAYIAKQRW", "GGSSLLAAVV", "MAHHHHHHG", "PK", "MKV"]
@@ -168,31 +172,32 @@ def test_common_n_tokens():
 
 
 def test_loglik_settings_keep_their_keys_and_printed_form():
-    config = ev.EvalConfig()
+    config = ev.EvalConfig.for_scale(CPU)
     assert "scoring" not in config.key() and "max_new_tokens" not in config.key()
     assert "scoring" not in repr(config) and repr(config).startswith("EvalConfig(n_eval=32, n_context=512,")
-    generating = ev.EvalConfig(decision="argmax", scoring="generate", max_new_tokens=5)
+    generating = ev.EvalConfig.for_scale(CPU, decision="argmax", scoring="generate", max_new_tokens=5)
     assert generating.key()["scoring"] == "generate" and generating.key()["max_new_tokens"] == 5
     assert "scoring='generate'" in repr(generating)
-    assert ev.EvalConfig.for_scale("paper").scoring == "generate"
+    assert ev.EvalConfig.for_scale(scales.get("paper")).scoring == "generate"
     with pytest.raises(UsageError, match="scoring='generate' has none"):
-        ev.EvalConfig(scoring="generate")  # the cpu decision fits a threshold on scores
+        replace(ev.EvalConfig.for_scale(CPU), scoring="generate")  # the cpu decision fits a threshold on scores
     with pytest.raises(UsageError, match="choose one of loglik, generate"):
-        ev.EvalConfig(scoring="sample")
+        ev.EvalConfig.for_scale(CPU, scoring="sample")
 
 
 # --------------------------------------------------------------------------- (c) evaluate by generation
 def test_evaluate_by_generation_reads_answers_and_reports_invalid_rate(stand_in, tmp_path, monkeypatch):
     base, projectors = stand_in
     mut = ev.ModelUnderTest.merged(base, None, projectors, "merged")
-    config = ev.EvalConfig(n_eval=4, n_context=4, n_shots=1, batch_size=3, n_resamples=50, decision="argmax",
-                           scoring="generate", max_new_tokens=3)
+    config = ev.EvalConfig.for_scale(CPU, n_eval=4, n_context=4, n_shots=1, batch_size=3, n_resamples=50,
+                                     decision="argmax", scoring="generate", max_new_tokens=3)
     real = ev.evaluate(mut, "Human", config, pools=pools(), out_dir=tmp_path / "real", progress=False)
     assert real["scoring"] == "generate" and len(real["replies"]) == 4
     assert real["pred"] == score_replies(real["replies"], LABELS, real["y"])["pred"]  # parsed from its own replies
     assert real["invalid_rate"] == pytest.approx(100 * sum(p == INVALID for p in real["pred"]) / 4)
-    loglik_keys = set(ev.evaluate(mut, "Human", ev.EvalConfig(n_eval=4, n_context=4, n_shots=1, batch_size=3,
-                                                              n_resamples=50, decision="argmax"),
+    loglik = ev.EvalConfig.for_scale(CPU, n_eval=4, n_context=4, n_shots=1, batch_size=3, n_resamples=50,
+                                     decision="argmax")
+    loglik_keys = set(ev.evaluate(mut, "Human", loglik,
                                   pools=pools(), out_dir=tmp_path / "loglik", progress=False))
     assert loglik_keys < set(real) and real["scores"] is None and real["auroc"] != real["auroc"]  # NaN
 

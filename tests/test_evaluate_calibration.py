@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.data.benchmarks import spec
 from esmerge.errors import UsageError
 from esmerge.evaluate import calibration as cal
 from esmerge.evaluate import sweep
 from esmerge.specialists.base_llm import load_base
+
+CPU = scales.get("cpu")  # the settings these tests were written at
 
 # 24 distinct valid SMILES (a CYP benchmark reads molecules only)
 SMILES = ["C" * i + "O" for i in range(1, 9)] + ["C" * i + "N" for i in range(1, 9)] + \
@@ -26,7 +29,7 @@ KIND = spec("CYP2C9").kind
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    return load_base("smoke")
+    return load_base(scales.get("smoke"))
 
 
 def cyp_frame(y):
@@ -70,11 +73,11 @@ def test_fit_threshold_maximises_accuracy_and_prefers_the_argmax():
 # --------------------------------------------------------------------------- the shuffled control
 def test_shuffled_control_keeps_entities_order_and_label_multiset_on_a_hand_made_pool(base):
     eval_df, context_df = pools()
-    config = ev.EvalConfig(n_eval=8, n_context=16, n_shots=3, shot_labels="shuffled")
+    config = ev.EvalConfig.for_scale(CPU, n_eval=8, n_context=16, n_shots=3, shot_labels="shuffled")
     options = ev.PromptOptions(frozenset(), smiles_chars=None)
     session = ev.EvalSession()
-    real = sweep._prompts("CYP2C9", KIND, eval_df, context_df, ev.EvalConfig(n_shots=3), options, base.tokenizer,
-                          session)
+    real = sweep._prompts("CYP2C9", KIND, eval_df, context_df, ev.EvalConfig.for_scale(CPU, n_shots=3), options,
+                          base.tokenizer, session)
     control = sweep._prompts("CYP2C9", KIND, eval_df, context_df, config, options, base.tokenizer, session)
     shots = lambda p: re.findall(r"Example \d+: Molecule: (\S+) Final answer: ([^\n]+)", p.text)  # noqa: E731
     pool, positions = session.retrieval.shots(KIND, "CYP2C9", eval_df, context_df, 3)
@@ -101,8 +104,8 @@ def test_shuffled_control_keeps_entities_order_and_label_multiset_on_a_hand_made
 @pytest.mark.parametrize("decision", ["context-threshold", "contextual"])
 def test_fitted_decision_reads_context_labels_only(base, tmp_path, decision):
     eval_df, context_df = pools()
-    config = ev.EvalConfig(n_eval=8, n_context=16, n_shots=2, batch_size=4, n_resamples=50, decision=decision,
-                           n_calibration=8)
+    config = ev.EvalConfig.for_scale(CPU, n_eval=8, n_context=16, n_shots=2, batch_size=4, n_resamples=50,
+                                     decision=decision, n_calibration=8)
     mut = ev.ModelUnderTest.base_only(base)
     first = ev.evaluate(mut, "CYP2C9", config, pools=(eval_df, context_df), out_dir=tmp_path / "a", progress=False)
     # the evaluation rows' labels permuted (entities, order and index unchanged): a new cache entry
@@ -128,18 +131,18 @@ def test_fitted_decision_reads_context_labels_only(base, tmp_path, decision):
 
 
 def test_plain_argmax_keeps_its_old_cache_key_and_result_fields():
-    config = ev.EvalConfig(n_eval=4, n_context=6, n_shots=2, decision="argmax")
+    config = ev.EvalConfig.for_scale(CPU, n_eval=4, n_context=6, n_shots=2, decision="argmax")
     assert "decision" not in config.key() and "shot_labels" not in config.key()
     assert "n_calibration" not in config.key()
-    assert ev.EvalConfig(decision="contextual").key()["decision"] == "contextual"
+    assert ev.EvalConfig.for_scale(CPU, decision="contextual").key()["decision"] == "contextual"
     # smoke and cpu cross-fit their thresholds: the fold count is in the key, no calibration rows are
-    smoke = ev.default_config("smoke")
+    smoke = ev.default_config(scales.get("smoke"))
     assert smoke.decision == "cross-fit" and smoke.key()["n_folds"] == 3 and "n_calibration" not in smoke.key()
-    assert ev.EvalConfig(shot_labels="shuffled").key()["shot_labels"] == "shuffled"
+    assert ev.EvalConfig.for_scale(CPU, shot_labels="shuffled").key()["shot_labels"] == "shuffled"
     with pytest.raises(UsageError, match="decision='bogus'"):
-        ev.EvalConfig(decision="bogus")
+        ev.EvalConfig.for_scale(CPU, decision="bogus")
     with pytest.raises(UsageError, match="shot_labels"):
-        ev.EvalConfig(shot_labels="random")
+        ev.EvalConfig.for_scale(CPU, shot_labels="random")
 
 
 # --------------------------------------------------------------------------- power statement

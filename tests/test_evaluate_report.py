@@ -11,7 +11,7 @@ import torch
 from test_data import needs_reference  # skips when ../shared/reference is not here
 
 from esmerge import evaluate as ev
-from esmerge import report
+from esmerge import report, scales
 from esmerge.specialists.adapters import adapter_from_model, save_merged
 from esmerge.specialists.base_llm import load_base, lora_config
 
@@ -19,7 +19,7 @@ from esmerge.specialists.base_llm import load_base, lora_config
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
-    return load_base("smoke")
+    return load_base(scales.get("smoke"))
 
 
 @pytest.fixture(scope="module")

@@ -49,19 +49,20 @@ def test_editing_a_module_outside_a_notebooks_closure_keeps_its_key(tmp_path):
 
 
 def test_real_notebooks_rekey_only_on_modules_they_import(tmp_path):
-    """The repository's notebooks against a copy of the package: plots.py is outside 01_data's closure."""
+    """The repository's notebooks against a copy of the package: evaluate/yardstick.py is outside 01_data's
+    closure and inside 07_results'."""
     shutil.copytree(REPO / "esmerge", tmp_path / "esmerge", ignore=shutil.ignore_patterns("__pycache__"))
     layout = Layout(notebooks=REPO / "notebooks", runs=tmp_path / "runs", book=tmp_path / "book",
                     package=tmp_path / "esmerge", manifest=REPO / "data_manifest" / "files.yaml", cwd=tmp_path)
     before = input_keys.current_keys("smoke", layout)
     closure = input_keys.import_closure((REPO / "notebooks" / "01_data.py").read_text(), layout.package)
-    assert "esmerge.data.files" in closure and "esmerge.plots" not in closure
+    assert "esmerge.data.files" in closure and "esmerge.evaluate.yardstick" not in closure
 
-    with (layout.package / "plots.py").open("a") as fh:
-        fh.write("\n# a restyled plot\n")
+    with (layout.package / "evaluate" / "yardstick.py").open("a") as fh:
+        fh.write("\n# a yardstick change\n")
     after = input_keys.current_keys("smoke", layout)
     assert after["01_data"] == before["01_data"]
-    assert after["07_results"] != before["07_results"]  # it draws with plots
+    assert after["07_results"] != before["07_results"]  # it scores the yardstick rows
 
     with (layout.package / "data" / "files.py").open("a") as fh:
         fh.write("\n# a data change\n")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from esmerge import methods
+from esmerge import methods, scales
 from esmerge.errors import EsmergeError, OutputExistsError, UsageError
 from esmerge.run import merge
 from esmerge.run.merge import MergeContext, merge_once, run_merge
@@ -233,14 +233,12 @@ def test_probe_k_zero_is_refused_and_the_default_comes_from_the_scale(monkeypatc
     monkeypatch.setattr(merge, "load_base", lambda scale, seed=0: loaded.append(scale) or BASE)
     monkeypatch.setattr(merge, "load_specialists", lambda scale, base, seed=0: toy_context().specialists)
     with pytest.raises(UsageError, match="probe_k must be an integer >= 1 .*got 0"):
-        merge.build_context("smoke", probe_k=0)
+        merge.build_context(scales.get("smoke"), probe_k=0)
     assert loaded == []  # refused before any model was loaded
     with pytest.raises(UsageError, match="probe_k"):
         MergeContext(BASE, {}, "smoke", probe_k=0)
-    from esmerge import scales
-
-    assert merge.build_context("smoke").probe_k == scales.get("smoke").probe_k == 8
-    assert merge.build_context("smoke", probe_k=3).probe_k == 3
+    assert merge.build_context(scales.get("smoke")).probe_k == scales.get("smoke").probe_k == 8
+    assert merge.build_context(scales.get("smoke"), probe_k=3).probe_k == 3
     assert not hasattr(merge, "SCALE_DEFAULTS")
 
 
@@ -257,7 +255,7 @@ def test_set_values_are_refused_before_any_model_loads(tmp_path, monkeypatch, hp
     """Regression: --set tau=0.1 gave a TypeError, tau_layer=abc a str/int comparison error, after loading."""
     monkeypatch.setattr(merge, "build_context", lambda *a, **k: pytest.fail("loaded models before validating"))
     with pytest.raises(UsageError) as err:
-        merge.merge_command("smoke", "es", tmp_path / "out", hparams)
+        merge.merge_command(scales.get("smoke"), "es", tmp_path / "out", hparams)
     assert str(err.value) == message or str(err.value).startswith(message)
     assert "\n" not in str(err.value)
 
@@ -266,11 +264,11 @@ def test_merge_command_refuses_existing_output_and_unknown_method_before_loading
     monkeypatch.setattr(merge, "build_context", lambda *a, **k: pytest.fail("loaded models"))
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError, match="--force"):
-        merge.merge_command("smoke", "avg", tmp_path / "out", {})
+        merge.merge_command(scales.get("smoke"), "avg", tmp_path / "out", {})
     with pytest.raises(UsageError, match="unknown merge method 'nope'; available: adamerging"):
-        merge.merge_command("smoke", "nope", tmp_path / "new", {})
-    with pytest.raises(UsageError, match="unknown scale 'gpu'"):
-        merge.merge_command("gpu", "avg", tmp_path / "new", {})
+        merge.merge_command(scales.get("smoke"), "nope", tmp_path / "new", {})
+    with pytest.raises(UsageError, match="unknown scale 'gpu'"):  # refused where the name is resolved
+        merge.merge_command(scales.get("gpu"), "avg", tmp_path / "new", {})
     with pytest.raises(UsageError, match="write KEY=VALUE"):
         methods.parse_set(["tau_layer"])
 

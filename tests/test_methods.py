@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from esmerge import evaluate, methods
+from esmerge import evaluate, methods, scales
 from esmerge.methods import primitives as P
 from esmerge.methods.adamerging import coefficient_groups, layerwise_sum
 from esmerge.methods.emr import emr_benchmark_adapter, emr_task_adapter, emr_unified
@@ -42,7 +42,7 @@ def smoke():
 
     from esmerge.specialists.base_llm import load_base, lora_config
 
-    base = load_base("smoke", seed=0)
+    base = load_base(scales.get("smoke"), seed=0)
     model = get_peft_model(base.model, lora_config())
     model.requires_grad_(False)
     adapters = []
@@ -396,7 +396,7 @@ def test_every_method_end_to_end_loads_in_peft(name, smoke, tmp_path):
     assert all(torch.isfinite(v).all() for v in merged.state.values())
     assert result.info["cost"]["wall_seconds"] >= 0
     out = save_adapter(merged, tmp_path / name, metadata={"method": name, **result.info})
-    loaded = PeftModel.from_pretrained(load_base("smoke", seed=0).model, str(out))
+    loaded = PeftModel.from_pretrained(load_base(scales.get("smoke"), seed=0).model, str(out))
     state = get_peft_model_state_dict(loaded)
     for k, v in merged.state.items():
         torch.testing.assert_close(state[k], v)
@@ -531,7 +531,8 @@ def test_evaluation_backed_objectives_match_loaded_model(smoke):
     batch = evaluate.collate(prompts, tok)
     from esmerge.specialists.base_llm import load_base
 
-    model = trainable_copy(load_base("smoke", seed=0), smoke["adapters"][0])  # a fresh base: the fixture's holds LoRA
+    # a fresh base: the fixture's holds LoRA
+    model = trainable_copy(load_base(scales.get("smoke"), seed=0), smoke["adapters"][0])
     state = {k: v.clone().requires_grad_(True) for k, v in smoke["adapters"][1].state.items()}
     entropy = label_entropy_objective(model, [batch], {})(state)
     nll = answer_nll_loss(model, {})(state, batch)
@@ -624,3 +625,22 @@ def test_emr_one_model_is_the_mean_of_the_modulated_task_vectors_not_a_routed_on
     torch.testing.assert_close(emr_one_model(toy, ["cell"]).state[KEY_B], emr_task_adapter(toy, "cell").state[KEY_B])
     with pytest.raises(KeyError, match="not EMR's output"):
         emr_one_model(adapters[0])
+
+
+def test_emr_one_model_is_the_same_whatever_order_its_extras_were_stored_in():
+    """The mean of the modulated vectors is taken in one (sorted) task order: a reloaded EMR merge whose
+    extras come back in another order gives the same bits, so its digest (the evaluation cache key) holds.
+    The modulated values 1e8, 1, -1e8 sum to 0 or 1 in float32 depending on the order."""
+    from esmerge.methods.emr import emr_one_model
+    from esmerge.specialists.adapters import Adapter
+
+    rescale = {"a": 1e8, "b": 1.0, "c": -1e8}
+    extras = {}
+    for task, value in rescale.items():
+        extras[f"{task}.mask.w"] = torch.tensor([True])
+        extras[f"{task}.rescale"] = torch.tensor(value)
+    one = Adapter({"w": torch.tensor([1.0])}, {}, "emr", extras)
+    order = ["a", "c", "b"]
+    shuffled = {k: extras[k] for t in order for k in (f"{t}.mask.w", f"{t}.rescale")}
+    other = Adapter({"w": torch.tensor([1.0])}, {}, "emr", shuffled)
+    assert torch.equal(emr_one_model(one).state["w"], emr_one_model(other).state["w"])

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from esmerge import scales
 from esmerge.specialists import base_llm
 
 
@@ -28,8 +29,9 @@ def test_shared_lora_config_matches_paper():
 
 
 def test_unknown_scale_is_refused():
+    # where the name is resolved: load_base takes the resolved ScaleConfig
     with pytest.raises(ValueError, match="unknown scale 'gpu'"):
-        base_llm.load_base("gpu")
+        base_llm.load_base(scales.get("gpu"))
 
 
 def test_paper_scale_offline_error_is_actionable(monkeypatch, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import standins
 import torch
 
+from esmerge import scales
 from esmerge.methods import es_signals
 from esmerge.run.merge import PAPER_BASE_ENV, merge_command
 from esmerge.signals import probe
@@ -61,7 +62,7 @@ def test_load_paper_reads_the_local_base_in_llama3_chat_format(paper):
 
 def test_paper_specialists_build_their_encoders(paper, probe_inputs):
     base = load_paper(str(paper[0]), dtype=torch.float32, device="cpu")
-    specs = load_specialists("paper", base, root=paper[1])
+    specs = load_specialists(scales.get("paper"), base, root=paper[1])
     assert list(specs) == ["molecule", "protein", "cell"]
     protein = specs["protein"].projector
     assert isinstance(protein, Prot2TextEncoder) and protein.n_tokens is None
@@ -81,7 +82,7 @@ def test_paper_specialists_build_their_encoders(paper, probe_inputs):
 
 def test_mol_llama_encoder_missing_is_one_clear_line(paper):
     base = load_paper(str(paper[0]), dtype=torch.float32, device="cpu")
-    molecule = load_specialists("paper", base, root=paper[1])["molecule"].projector
+    molecule = load_specialists(scales.get("paper"), base, root=paper[1])["molecule"].projector
     with pytest.raises(EncoderUnavailableError, match="Mol-LLaMA's own encoder") as err:
         molecule.blocks(SMILES)
     assert "\n" not in str(err.value)
@@ -92,7 +93,7 @@ def test_missing_paper_specialist_names_the_converter(paper, tmp_path):
     shutil.copytree(paper[1] / "molecule", tmp_path / "molecule")  # the protein one is missing
     with pytest.raises(SpecialistError, match=r"protein holds no converted protein specialist; make it with "
                                               r"`esmerge convert prot2text"):
-        load_specialists("paper", base, root=tmp_path)
+        load_specialists(scales.get("paper"), base, root=tmp_path)
 
 
 def test_variable_length_element_scores_equal_each_sample_alone(paper, probe_inputs, tmp_path):
@@ -101,7 +102,7 @@ def test_variable_length_element_scores_equal_each_sample_alone(paper, probe_inp
     from esmerge.specialists.adapters import attach
 
     base = load_paper(str(paper[0]), dtype=torch.float32, device="cpu")  # fp32: bf16 rounding differs by layout
-    protein = load_specialists("paper", base, root=paper[1])["protein"]
+    protein = load_specialists(scales.get("paper"), base, root=paper[1])["protein"]
     blocks = {"protein": protein.projector.blocks(SEQUENCES[:3])}
     probes = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), blocks)
     assert probes.block_mask["protein"].sum(1).tolist() == [12, 14, 8]
@@ -130,7 +131,7 @@ def test_merge_command_paper_scale_end_to_end(paper, probe_inputs, tmp_path, mon
     monkeypatch.setenv(PAPER_BASE_ENV, str(paper[0]))
     monkeypatch.setenv(PAPER_SPECIALISTS_ENV, str(paper[1]))
     monkeypatch.setenv("ESMERGE_CACHE", str(tmp_path / "cache"))
-    out = merge_command("paper", "es", tmp_path / "es", {"n_projections": 16}, probe_k=4)
+    out = merge_command(scales.get("paper"), "es", tmp_path / "es", {"n_projections": 16}, probe_k=4)
     merged = load_merged(out)
     meta = json.loads((out / "esmerge.json").read_text())
     assert meta["scale"] == "paper" and meta["info"]["probe_k"] == 4
@@ -138,12 +139,12 @@ def test_merge_command_paper_scale_end_to_end(paper, probe_inputs, tmp_path, mon
     assert set(merged.projectors) == set()
     alpha = torch.tensor(meta["info"]["alpha"])
     assert alpha.shape == (3, 2) and torch.allclose(alpha.sum(0), torch.ones(2), atol=1e-5)
-    keys = set(load_specialists("paper", load_paper(str(paper[0]), device="cpu"),
+    keys = set(load_specialists(scales.get("paper"), load_paper(str(paper[0]), device="cpu"),
                                 root=paper[1])["protein"].adapter.state)
     assert set(merged.adapter.state) == keys
     assert all(torch.isfinite(v).all() for v in merged.adapter.state.values())
     # The same merge again is cached (probes with masks, states, SWD, scores): identical tensors.
-    again = load_merged(merge_command("paper", "es", tmp_path / "es2", {"n_projections": 16}, probe_k=4))
+    again = load_merged(merge_command(scales.get("paper"), "es", tmp_path / "es2", {"n_projections": 16}, probe_k=4))
     assert all(torch.equal(again.adapter.state[k], v) for k, v in merged.adapter.state.items())
 
 
@@ -154,7 +155,7 @@ def test_paper_scoring_generates_with_protein_blocks_of_their_own_length(paper):
     from esmerge.evaluate.prompts import MARK, Prompt
 
     base = load_paper(str(paper[0]), dtype=torch.float32, device="cpu")
-    protein = load_specialists("paper", base, root=paper[1])["protein"].projector
+    protein = load_specialists(scales.get("paper"), base, root=paper[1])["protein"].projector
     prompts = []
     for seq in SEQUENCES[:2]:
         text = base.tokenizer.apply_chat_template([{"role": "user", "content": f"Protein: {MARK.format(0)} binds?"}],
@@ -168,14 +169,14 @@ def test_paper_scoring_generates_with_protein_blocks_of_their_own_length(paper):
 
 def test_paper_cell_substitute_trains_on_the_paper_base(paper, tmp_path, monkeypatch):
     """`esmerge train --scale paper --modality cell` (train_for_scale) uses $ESMERGE_PAPER_BASE, the
-    base merge_command loads, so load_specialists("paper") accepts the folder it writes."""
+    base merge_command loads, so load_specialists(scales.get("paper")) accepts the folder it writes."""
     from esmerge.specialists.captions import load_examples
     from esmerge.specialists.load import load_specialist, train_for_scale
 
     monkeypatch.setenv(PAPER_BASE_ENV, str(paper[0]))
-    examples, info = load_examples("cell", "train", "smoke")
-    train_for_scale("paper", "cell", tmp_path / "cell", device="cpu", steps=2, batch_size=2, examples=examples,
-                    data_info=info, progress=False)
+    examples, info = load_examples("cell", "train", scales.get("smoke"))
+    train_for_scale(scales.get("paper"), "cell", tmp_path / "cell", device="cpu", steps=2, batch_size=2,
+                    examples=examples, data_info=info, progress=False)
     base = load_paper(str(paper[0]), device="cpu")
     spec = load_specialist(tmp_path / "cell", base)
     assert spec.card["base_weights_sha256"] == base.weights_sha256 and spec.card["scale"] == "paper"

@@ -72,7 +72,7 @@ def test_no_evaluation_row_is_a_protocol_row(name):
     df = benchmarks.load_benchmark(name)
     n_eval, n_context = SIZES["cpu"]
     ev, ctx = benchmarks.split_pools(df, n_eval, n_context, seed=0)
-    prot = benchmarks.protocol_rows(name)  # the cpu scale's, benchmarks.PROTOCOL_ROWS rows
+    prot = benchmarks.protocol_rows(name, scales.get("cpu"))  # the cpu scale's, benchmarks.PROTOCOL_ROWS rows
     assert len(prot) == benchmarks.PROTOCOL_ROWS
     assert not _ids(prot) & _ids(ev), f"{name}: {sorted(_ids(prot) & _ids(ev))[:5]} are evaluation rows"
     assert not benchmarks.instance_keys(prot).isin(benchmarks.instance_keys(ev)).any()
@@ -82,9 +82,9 @@ def test_no_evaluation_row_is_a_protocol_row(name):
     for scale in ("smoke", "paper"):
         other_ev, _ = benchmarks.split_pools(df, *SIZES[scale], seed=0)
         assert not _ids(prot) & _ids(other_ev), scale
-        assert sorted(benchmarks.protocol_rows(name, scale=scale).index) == sorted(prot.index)
+        assert sorted(benchmarks.protocol_rows(name, scales.get(scale)).index) == sorted(prot.index)
     # more rows than the small CYP substrate sets hold beyond their pools: from the context pool, never eval
-    big = benchmarks.protocol_rows(name, n_protocol=150)
+    big = benchmarks.protocol_rows(name, scales.get("cpu"), n_protocol=150)
     assert not _ids(big) & _ids(ev)
     if len(df) < 1000:
         assert big.attrs["protocol_source"] == "context" and _ids(big) <= _ids(ctx)
@@ -125,6 +125,6 @@ def test_bench_shots_scores_protocol_rows_only(name, n_protocol, source):
     queries, context, got = module.protocol_pools(name, args)
     ev, ctx = benchmarks.split_pools(benchmarks.load_benchmark(name), *SIZES["cpu"], seed=0)
     assert got == source
-    assert sorted(queries.index) == sorted(benchmarks.protocol_rows(name, n_protocol).index)
+    assert sorted(queries.index) == sorted(benchmarks.protocol_rows(name, scales.get("cpu"), n_protocol).index)
     assert not _ids(queries) & _ids(ev) and not _ids(queries) & _ids(context)
     assert _ids(context) == _ids(ctx) - _ids(queries)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from esmerge import scales
 from esmerge.evaluate import retention as R
 from esmerge.evaluate import retention_models as S
 from esmerge.evaluate.caveats import CAVEAT_COLUMNS
@@ -15,6 +16,9 @@ from esmerge.specialists import heldout
 from esmerge.specialists.adapters import save_merged
 from esmerge.specialists.base_llm import load_base
 from esmerge.specialists.encoders import MODALITIES
+
+SMOKE = scales.get("smoke")
+SMOKE_RECIPE, SMOKE_TOP_K = SMOKE.train, SMOKE.cell_top_k
 
 
 def hand_made(base=(3.0, 5.0), spec=(1.0, 3.0), **merged):
@@ -151,14 +155,14 @@ def smoke(tmp_path_factory):
     torch.set_num_threads(1)
     mp = pytest.MonkeyPatch()
     mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    base = load_base("smoke")
-    yield base, load_specialists("smoke", base)
+    base = load_base(scales.get("smoke"))
+    yield base, load_specialists(scales.get("smoke"), base)
     mp.undo()
 
 
 def test_example_nlls_match_specialist_loss_and_single_examples(smoke):
     base, specs = smoke
-    examples = C.smoke_examples("molecule")
+    examples = C.smoke_examples("molecule", SMOKE_TOP_K)
     model = base.model
     nll, tokens = S.example_nlls(model, base.tokenizer, specs["molecule"].projector, examples, 128, batch_size=3)
     assert R.mean_nll(nll, tokens) == pytest.approx(heldout.specialist_loss(model, base, specs["molecule"], examples,
@@ -177,21 +181,23 @@ def test_score_models_caches_per_model_and_reads_merged_folders(smoke, tmp_path,
     assert list(models) == ["base", "specialist-molecule", "specialist-protein", "specialist-cell", "avg",
                             "avg-ft/GDSC2"]
     assert any("junk" in n for n in notes)
-    examples = {m: C.smoke_examples(m)[:4] for m in ("molecule", "cell")}
+    examples = {m: C.smoke_examples(m, SMOKE_TOP_K)[:4] for m in ("molecule", "cell")}
     calls = []
     real = S.example_nlls
     monkeypatch.setattr(S, "example_nlls", lambda *a, **k: calls.append(1) or real(*a, **k))
-    nlls, tokens = S.score_models(models, base, specs, examples, batch_size=4, cache=tmp_path / "c", progress=False)
+    nlls, tokens = S.score_models(models, base, specs, examples, SMOKE_RECIPE, batch_size=4, cache=tmp_path / "c",
+                                  progress=False)
     # keyed by weights: "avg" and "avg-ft/GDSC2" hold specialists' adapters, so 4 distinct models x 2 modalities
     assert len(calls) == 8 and set(nlls["cell"]) == set(models)
     # the merged "avg" holds the molecule specialist's adapter: identical NLLs on every example
     np.testing.assert_array_equal(nlls["molecule"]["avg"], nlls["molecule"]["specialist-molecule"])
     assert not np.array_equal(nlls["molecule"]["base"], nlls["molecule"]["specialist-molecule"])
-    again, _ = S.score_models(models, base, specs, examples, batch_size=4, cache=tmp_path / "c", progress=False)
+    again, _ = S.score_models(models, base, specs, examples, SMOKE_RECIPE, batch_size=4, cache=tmp_path / "c",
+                               progress=False)
     assert len(calls) == 8  # every entry read back from the cache
     np.testing.assert_array_equal(again["cell"]["avg-ft/GDSC2"], nlls["cell"]["avg-ft/GDSC2"])
     other = {"molecule": examples["molecule"][:3], "cell": examples["cell"]}
-    S.score_models(models, base, specs, other, batch_size=4, cache=tmp_path / "c", progress=False)
+    S.score_models(models, base, specs, other, SMOKE_RECIPE, batch_size=4, cache=tmp_path / "c", progress=False)
     assert len(calls) == 12  # other examples: a new key for the molecule entries only
     res = R.resampled_retention(nlls, tokens, n_resamples=20)
     gain = res.gain["molecule"][0]

@@ -7,11 +7,12 @@ import hashlib
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.specialists.base_llm import load_base
 
 
 def test_model_id_separates_fp32_from_bf16_and_keeps_fp32_ids():
-    fp32 = load_base("smoke")
+    fp32 = load_base(scales.get("smoke"))
     bf16 = copy.copy(fp32)
     bf16.model = copy.deepcopy(fp32.model).to(torch.bfloat16)
     assert bf16.weights_sha256 == fp32.weights_sha256  # the weights hash names the stored weights

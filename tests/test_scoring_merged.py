@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.specialists.adapters import adapter_from_model
 from esmerge.specialists.base_llm import load_base, lora_config
 from esmerge.specialists.encoders import make_projector
@@ -19,7 +20,7 @@ PROTEINS = ["MKTAYIAKQRQISFVK", "GGSSLLAAVVGGSSLL", "MKTAYIAKQRQISFVA"] * 2
 
 @pytest.fixture(scope="module")
 def base():
-    return load_base("smoke")
+    return load_base(scales.get("smoke"))
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ def cache(tmp_path_factory):
 
 
 def test_each_specialist_seed_is_its_own_set_and_seed_zero_is_unchanged(cache):
-    seed0 = build_context("smoke", 0)
-    again = build_context("smoke", 0, specialist_seed=0)
-    seed1 = build_context("smoke", 0, specialist_seed=1)
+    seed0 = build_context(scales.get("smoke"), 0)
+    again = build_context(scales.get("smoke"), 0, specialist_seed=0)
+    seed1 = build_context(scales.get("smoke"), 0, specialist_seed=1)
     for m in seed0.specialists:
         assert adapter_digest(seed0.specialists[m].adapter) == adapter_digest(again.specialists[m].adapter)
         assert adapter_digest(seed0.specialists[m].adapter) != adapter_digest(seed1.specialists[m].adapter)
@@ -35,11 +35,11 @@ def test_each_specialist_seed_is_its_own_set_and_seed_zero_is_unchanged(cache):
 
 
 def test_paper_scale_has_one_seed_and_a_bad_seed_is_refused(cache):
-    base = build_context("smoke", 0).base
+    base = build_context(scales.get("smoke"), 0).base
     with pytest.raises(UsageError, match="specialist seed 1: the paper scale has one set"):
-        S.load_specialists("paper", base, seed=1)
+        S.load_specialists(scales.get("paper"), base, seed=1)
     with pytest.raises(UsageError, match="specialist seed"):
-        S.load_specialists("smoke", base, seed=-1)
+        S.load_specialists(scales.get("smoke"), base, seed=-1)
 
 
 def test_shipped_cpu_seed_replicates_verify_against_the_manifest():
@@ -49,10 +49,10 @@ def test_shipped_cpu_seed_replicates_verify_against_the_manifest():
 
 def test_every_method_at_a_second_seed_lands_in_its_own_folder_and_discovery_skips_it(cache, tmp_path):
     budgets = scales.get("smoke").merge_budgets
-    config = evaluate.default_config("smoke")
+    config = evaluate.default_config(scales.get("smoke"))
     root = tmp_path / "06_merging"
     for s in (0, 1):
-        context = build_context("smoke", 0, specialist_seed=s)
+        context = build_context(scales.get("smoke"), 0, specialist_seed=s)
         done = all_methods.merge_every_method(context, all_methods.seed_folder(root, s), budgets, config,
                                               es_variants=("es",))
         assert set(done.adapters) == {*all_methods.TRAINING_FREE, "ls-merge", "adamerging", "es"}

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from esmerge import scales
 from esmerge.cli import main as cli_main
 from esmerge.specialists import captions as C
 from esmerge.specialists import encoders, heldout
@@ -20,17 +21,18 @@ from esmerge.specialists.adapters import check_compatible
 from esmerge.specialists.base_llm import load_base, lora_config
 
 RECIPE = dict(steps=12, batch_size=4, lr=5e-3, seed=0, progress=False, checkpoint_every=5)
+SMOKE = scales.get("smoke")
 
 
 @pytest.fixture(scope="module")
 def base():
     torch.set_num_threads(1)
-    return load_base("smoke")
+    return load_base(scales.get("smoke"))
 
 
 @pytest.fixture(scope="module")
 def molecule(base, tmp_path_factory):
-    examples, info = C.load_examples("molecule", "train", "smoke")
+    examples, info = C.load_examples("molecule", "train", scales.get("smoke"))
     out = tmp_path_factory.mktemp("spec") / "molecule"
     return S.train_specialist(base, "molecule", out_dir=out, examples=examples, data_info=info, **RECIPE), out
 
@@ -39,14 +41,14 @@ def molecule(base, tmp_path_factory):
 def smoke_specs(base, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield S.load_specialists("smoke", base)
+    yield S.load_specialists(scales.get("smoke"), base)
     mp.undo()
 
 
 def test_collate_labels_only_the_answer_and_marks_the_slot(base):
     tok = base.tokenizer
     ex = C.molecule_example("CCO", "An alcohol.")
-    batch = C.collate_examples(tok, [ex, C.smoke_examples("cell")[0]], max_tokens=128)
+    batch = C.collate_examples(tok, [ex, C.smoke_examples("cell", SMOKE.cell_top_k)[0]], max_tokens=128)
     answer_ids = tok("An alcohol.", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert labelled == answer_ids
@@ -67,7 +69,7 @@ def test_collate_cuts_long_answers_and_rejects_prompts_that_do_not_fit(base):
 
 def test_projector_tokens_replace_exactly_the_slot(base, molecule):
     spec, _ = molecule
-    batch = C.collate_examples(base.tokenizer, C.smoke_examples("molecule")[:3])
+    batch = C.collate_examples(base.tokenizer, C.smoke_examples("molecule", SMOKE.cell_top_k)[:3])
     embeds = C.input_embeddings(base.model, spec.projector, batch, "molecule")
     tokens = spec.projector(encoders.molecule_features(batch["raw"]))
     assert tokens.shape == (3, C.N_TOKENS, base.hidden_size)
@@ -78,9 +80,10 @@ def test_projector_tokens_replace_exactly_the_slot(base, molecule):
 
 def test_smoke_training_reduces_caption_loss(base, smoke_specs):
     for modality, spec in smoke_specs.items():
-        examples = C.smoke_examples(modality)
-        before = heldout.specialist_loss(base.model, base, spec, examples)
-        after = heldout.specialist_loss(S.attach_specialist(base, spec), base, spec, examples)
+        examples = C.smoke_examples(modality, SMOKE.cell_top_k)
+        max_tokens = SMOKE.train.max_tokens_for(modality)
+        before = heldout.specialist_loss(base.model, base, spec, examples, max_tokens=max_tokens)
+        after = heldout.specialist_loss(S.attach_specialist(base, spec), base, spec, examples, max_tokens=max_tokens)
         # Trained-outcome bounds with margin, not a float path: over training seeds 0-3 the held-out
         # loss drops 0.47-0.76 nats and the mean of the last 10 steps is 0.28-0.45 below the first
         # 10 (per-step jitter ~0.05), whereas CPUs' kernels move these numbers by ~1e-5. An untrained
@@ -120,7 +123,7 @@ def test_save_load_round_trip_gives_identical_outputs(base, molecule, tmp_path):
     S.save_specialist(spec, tmp_path / "copy")
     loaded = S.load_specialist(tmp_path / "copy", base)
     assert loaded.card["loss_curve"] == spec.card["loss_curve"]
-    batch = C.collate_examples(base.tokenizer, C.smoke_examples("molecule")[:4])
+    batch = C.collate_examples(base.tokenizer, C.smoke_examples("molecule", SMOKE.cell_top_k)[:4])
     with torch.no_grad():
         a = C.answer_nll(S.attach_specialist(base, spec), spec.projector, batch, "molecule")[0]
         b = C.answer_nll(S.attach_specialist(base, loaded), loaded.projector, batch, "molecule")[0]
@@ -136,13 +139,13 @@ def test_save_load_round_trip_gives_identical_outputs(base, molecule, tmp_path):
 
 def test_load_refuses_a_different_base(molecule):
     _, out = molecule
-    other = load_base("smoke", seed=1)
+    other = load_base(scales.get("smoke"), seed=1)
     with pytest.raises(S.SpecialistError, match="base weights"):
         S.load_specialist(out, other)
 
 
 def test_resume_continues_from_the_checkpoint(base, tmp_path, capsys):
-    examples, info = C.load_examples("protein", "train", "smoke")
+    examples, info = C.load_examples("protein", "train", scales.get("smoke"))
     full = S.train_specialist(base, "protein", out_dir=tmp_path / "full", examples=examples, data_info=info, **RECIPE)
     out = tmp_path / "cut"
     assert S.train_specialist(base, "protein", out_dir=out, examples=examples, data_info=info, stop_after=5,
@@ -159,7 +162,7 @@ def test_resume_continues_from_the_checkpoint(base, tmp_path, capsys):
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(base, tmp_path):
-    examples, info = C.load_examples("cell", "train", "smoke")
+    examples, info = C.load_examples("cell", "train", scales.get("smoke"))
     S.train_specialist(base, "cell", out_dir=tmp_path, examples=examples, data_info=info, stop_after=5, **RECIPE)
     with pytest.raises(S.SpecialistError, match="lr"):
         S.train_specialist(base, "cell", out_dir=tmp_path, examples=examples, data_info=info,
@@ -168,7 +171,7 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(base, tmp_path):
 
 def test_finished_specialist_is_not_overwritten_without_force(base, molecule):
     spec, out = molecule
-    examples = C.smoke_examples("molecule")
+    examples = C.smoke_examples("molecule", SMOKE.cell_top_k)
     card = (out / "card.json").read_text()
     with pytest.raises(FileExistsError, match="force"):
         S.train_specialist(base, "molecule", out_dir=out, examples=examples, **RECIPE)
@@ -202,7 +205,7 @@ def test_cell_holdout_split_is_fixed_and_sized():
 
 def test_paper_scale_explains_the_conversion(base, tmp_path):
     with pytest.raises(C.SpecialistError, match="esmerge convert mol-llama"):
-        S.load_specialists("paper", base, root=tmp_path)
+        S.load_specialists(scales.get("paper"), base, root=tmp_path)
 
 
 def test_hash_mismatch_is_a_clear_error(tmp_path, monkeypatch):
@@ -226,11 +229,11 @@ def test_shipped_cpu_specialists_match_their_hashes():
         pytest.skip("cpu specialists not shipped yet")
     dirs = S.verify_shipped("cpu")
     cards = {m: json.loads((d / "card.json").read_text()) for m, d in dirs.items()}
-    base = load_base("cpu")
+    base = load_base(scales.get("cpu"))
     for m, card in cards.items():
         assert card["modality"] == m and card["base_weights_sha256"] == base.weights_sha256
         assert card["loss_last10"] < card["loss_first10"]
-    specs = S.load_specialists("cpu", base)
+    specs = S.load_specialists(scales.get("cpu"), base)
     check_compatible([s.adapter for s in specs.values()])
     assert specs["molecule"].projector.hidden_size == base.hidden_size == 576
 
@@ -247,7 +250,7 @@ class _Planted:
 
 
 def test_planted_checkpoint_runs_no_code_and_is_refused(base, tmp_path):
-    examples, info = C.load_examples("molecule", "train", "smoke")
+    examples, info = C.load_examples("molecule", "train", scales.get("smoke"))
     marker = tmp_path / "code-ran"
     ckpt = tmp_path / "out" / "checkpoint" / "state.pt"
     ckpt.parent.mkdir(parents=True)
@@ -288,9 +291,9 @@ def test_cpu_recipe_retrains_the_shipped_specialists():
 def test_training_takes_steps_and_bf16_from_the_recipe_unless_overridden(monkeypatch, tmp_path):
     captured = {}
     monkeypatch.setattr(S, "train_specialist", lambda base, modality, out_dir, **kw: captured.update(kw))
-    S.train_for_scale("cpu", "molecule", tmp_path, base=object())
+    S.train_for_scale(scales.get("cpu"), "molecule", tmp_path, base=object())
     assert (captured["steps"], captured["bf16"]) == (200, False)
-    S.train_for_scale("cpu", "molecule", tmp_path, base=object(), steps=7, bf16=True)
+    S.train_for_scale(scales.get("cpu"), "molecule", tmp_path, base=object(), steps=7, bf16=True)
     assert (captured["steps"], captured["bf16"]) == (7, True)
 
 

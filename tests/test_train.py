@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from esmerge import scales
 from esmerge.errors import InputError, OutputExistsError
 from esmerge.specialists import adapters, base_llm
 from esmerge.specialists import captions as C
@@ -31,12 +32,12 @@ class Crash(BaseException):
 @pytest.fixture(scope="module")
 def base():
     torch.set_num_threads(1)
-    return base_llm.load_base("smoke")
+    return base_llm.load_base(scales.get("smoke"))
 
 
 @pytest.fixture(scope="module")
 def molecule_data():
-    return C.load_examples("molecule", "train", "smoke")
+    return C.load_examples("molecule", "train", scales.get("smoke"))
 
 
 def _train(base, data, out, **extra):
@@ -152,7 +153,8 @@ def test_llama3_batches_end_each_answer_with_eot():
 
 
 def test_load_base_casts_and_keeps_the_weights_hash():
-    fp32, bf16 = base_llm.load_base("smoke"), base_llm.load_base("smoke", dtype=torch.bfloat16, device="cpu")
+    smoke = scales.get("smoke")
+    fp32, bf16 = base_llm.load_base(smoke), base_llm.load_base(smoke, dtype=torch.bfloat16, device="cpu")
     assert bf16.model.dtype == torch.bfloat16 and fp32.model.dtype == torch.float32
     assert bf16.weights_sha256 == fp32.weights_sha256
 
@@ -180,8 +182,8 @@ def test_load_paper_sets_a_pad_token_and_hashes_the_weights(paper_standin):
 def test_paper_scale_trains_an_r8_cell_lora(paper_standin, tmp_path):
     """``esmerge train --scale paper --modality cell`` as a library call, on the stand-in base."""
     base = base_llm.load_paper(str(paper_standin))
-    spec = S.train_for_scale("paper", "cell", tmp_path / "cell", base=base, examples=C.smoke_examples("cell"),
-                             steps=3, progress=False)
+    spec = S.train_for_scale(scales.get("paper"), "cell", tmp_path / "cell", base=base,
+                             examples=C.smoke_examples("cell", scales.get("smoke").cell_top_k), steps=3, progress=False)
     card = json.loads((tmp_path / "cell" / "card.json").read_text())
     assert card["scale"] == "paper" and card["max_tokens"] == 384 and card["base_weights_sha256"] == base.weights_sha256
     assert (card["lora"]["r"], card["lora"]["lora_alpha"]) == (8, 32) and spec.projector is None
@@ -248,9 +250,9 @@ def test_training_takes_the_projector_lr_scale_from_the_recipe_unless_overridden
 
     captured = {}
     monkeypatch.setattr(S, "train_specialist", lambda base, modality, out_dir, **kw: captured.update(kw))
-    S.train_for_scale("cpu", "molecule", tmp_path, base=object())
+    S.train_for_scale(scales.get("cpu"), "molecule", tmp_path, base=object())
     assert captured["projector_lr_scale"] == scales.get("cpu").train.projector_lr_scale
-    S.train_for_scale("cpu", "molecule", tmp_path, base=object(), projector_lr_scale=0.25)
+    S.train_for_scale(scales.get("cpu"), "molecule", tmp_path, base=object(), projector_lr_scale=0.25)
     assert captured["projector_lr_scale"] == 0.25
     seen = {}
     monkeypatch.setattr(S, "train_for_scale", lambda scale, modality, out, **kw: seen.update(kw))

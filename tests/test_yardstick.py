@@ -8,9 +8,12 @@ import pytest
 from test_data import needs_data, needs_reference  # skip when the upstream data / the paper's values are not here
 
 from esmerge import evaluate as ev
+from esmerge import scales
 from esmerge.data import benchmarks
 from esmerge.evaluate import yardstick as ys
 from esmerge.report import yardstick as ry
+
+CPU = scales.get("cpu")  # the settings these tests were written at
 
 ALCOHOLS = ["CCO", "CCCO", "CCCCO", "CCCCCO", "CCCCCCO", "OCCO"]
 AROMATICS = ["c1ccccc1", "Cc1ccccc1", "CCc1ccccc1", "c1ccc2ccccc2c1", "Oc1ccccc1C", "c1ccncc1"]
@@ -26,7 +29,7 @@ def frame(molecules, y, proteins=None, genes=None, molecule2=None, cell_ids=None
 
 
 def config(n_shots=3, n_resamples=200):
-    return ev.EvalConfig(n_eval=0, n_context=0, n_shots=n_shots, n_resamples=n_resamples)
+    return ev.EvalConfig.for_scale(CPU, n_eval=0, n_context=0, n_shots=n_shots, n_resamples=n_resamples)
 
 
 # --------------------------------------------------------------------------- votes on a known pool

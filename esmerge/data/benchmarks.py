@@ -38,10 +38,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from esmerge import scales
 from esmerge.data import sources
 from esmerge.data.files import CYP_FASTA
 from esmerge.errors import InputError, UsageError
+from esmerge.scales import ScaleConfig
 
 
 @dataclass(frozen=True)
@@ -392,15 +392,15 @@ def protocol_pool(df: pd.DataFrame, n_protocol: int, n_eval: int, n_context: int
     return out
 
 
-def protocol_rows(name: str, n_protocol: int = PROTOCOL_ROWS, scale: str = "cpu", seed: int = 0,
+def protocol_rows(name: str, config: ScaleConfig, n_protocol: int = PROTOCOL_ROWS, seed: int = 0,
                   n_eval: int | None = None, n_context: int | None = None) -> pd.DataFrame:
     """The protocol rows of benchmark ``name`` (``protocol_pool`` of ``load_benchmark(name)``),
-    disjoint from the evaluation rows of ``scale`` (its ``n_eval`` and ``n_context`` unless given)
+    disjoint from the evaluation rows of the scale ``config`` (its ``n_eval`` and ``n_context`` unless given)
     at ``seed``; ``attrs["protocol_source"]`` says whether they are held-out rows or context rows.
 
     The only place a protocol setting may take its rows from (``benchmarks/bench_shots.py``).
     """
-    defaults = scales.get(scale).evaluation
+    defaults = config.evaluation
     n_eval = defaults.n_eval if n_eval is None else n_eval
     n_context = defaults.n_context if n_context is None else n_context
     return protocol_pool(load_benchmark(name), n_protocol, n_eval, n_context, seed)

@@ -17,12 +17,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from esmerge import scales
 from esmerge.cache import atomic_write_json, cache_dir, content_key, key_lock, tensor_digest
 from esmerge.evaluate.models import PeftCopies
 from esmerge.methods.emr import emr_task_adapter
 from esmerge.paths import MERGE_ROOT_EXTRAS
 from esmerge.progress import track
+from esmerge.scales import TrainRecipe
 from esmerge.specialists.adapters import Adapter, is_merged, load_merged
 from esmerge.specialists.base_llm import state_dict_sha256
 from esmerge.specialists.captions import Example, answer_nll_per_example, collate_examples
@@ -111,7 +111,7 @@ def examples_digest(examples: list[Example]) -> str:
 
 
 def score_models(models: dict[str, RetentionModel], base, specialists: dict, examples: dict[str, list[Example]],
-                 batch_size: int = 8, cache: Path | None = None, progress: bool = True):
+                 recipe: TrainRecipe, batch_size: int = 8, cache: Path | None = None, progress: bool = True):
     """Per-example NLLs of every model on every modality's examples, cached on disk.
 
     Modality m's inputs go through specialist m's projector for every model (cells need none),
@@ -120,6 +120,7 @@ def score_models(models: dict[str, RetentionModel], base, specialists: dict, exa
     the base weights and dtype, the adapter, the projector, the examples and the settings; an
     interrupted run resumes at the next entry.
 
+    Sequences are cut at ``recipe.max_tokens_for(modality)`` (the scale's ``ScaleConfig.train``).
     Returns ``(nlls, tokens)``: ``nlls[modality][model]`` ``[n]`` arrays, ``tokens[modality]`` ``[n]``.
     """
     cache = Path(cache or cache_dir() / "retention")
@@ -131,7 +132,7 @@ def score_models(models: dict[str, RetentionModel], base, specialists: dict, exa
     for name, m in track(cells, desc="retention NLLs", unit="model x modality", disable=not progress):
         projector = getattr(specialists[m], "projector", None) if m in specialists else None
         adapter = models[name].adapter_for(m)
-        max_tokens = scales.get(base.scale).train.max_tokens_for(m)
+        max_tokens = recipe.max_tokens_for(m)
         key = content_key(base_id, dtype, tensor_digest(adapter.state) if adapter is not None else "no-adapter",
                           tensor_digest(projector.state_dict()) if projector is not None else "no-projector",
                           examples_digest(examples[m]), max_tokens, batch_size, CODE_VERSION)

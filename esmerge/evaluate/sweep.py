@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esmerge import scales
 from esmerge.cache import atomic_write_json
 from esmerge.data.benchmarks import BENCHMARK_NAMES, check_rows, load_benchmark, spec, split_pools
 from esmerge.errors import UsageError
@@ -33,38 +32,39 @@ from esmerge.evaluate.scoring import FeatureCache, collate, common_n_tokens, lab
 from esmerge.evaluate.stats import accuracy, auroc, bootstrap_ci, macro_f1
 from esmerge.paths import runs_root
 from esmerge.progress import track
+from esmerge.scales import ScaleConfig
 
 SHOT_LABELS = ("retrieved", "shuffled")
 PROMPT_VERSION = 1  # bump when prompts or scoring change, so cached results are recomputed
-_CPU = scales.get("cpu").evaluation
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, kw_only=True)
 class EvalConfig:
     """Everything that decides an evaluation's numbers (and hence its cache key).
 
-    The defaults are the ``cpu`` scale's (``scales.get("cpu").evaluation``); ``for_scale`` gives
-    any scale's. At cpu, n = 64 gives a 95 % CI of about +-12 points on a per-benchmark accuracy.
+    A scale's settings come from ``for_scale(config)`` (its ``ScaleConfig.evaluation``); the fields a
+    scale sets have no default of their own (keyword-only, in the order shown). At cpu, n = 64 gives a
+    95 % CI of about +-12 points on a per-benchmark accuracy.
     ``scoring``: ``"loglik"`` (the likelier answer, ``evaluate.scoring``) or ``"generate"`` (a greedy
     reply of at most ``max_new_tokens`` read by its ``Final answer:``, ``evaluate.generation``).
     ``decision="cross-fit"`` fits each of ``n_folds`` folds' threshold on the other folds' evaluation
     rows (``calibration.cross_fit_decision``) and scores no calibration prompts.
     """
 
-    n_eval: int = _CPU.n_eval
-    n_context: int = _CPU.n_context
-    n_shots: int = _CPU.n_shots
+    n_eval: int
+    n_context: int
+    n_shots: int
     seed: int = 0
-    top_k_genes: int = _CPU.top_k_genes
-    protein_chars: int = _CPU.protein_chars
-    smiles_chars: int | None = _CPU.smiles_chars
-    batch_size: int = _CPU.batch_size
-    n_resamples: int = _CPU.n_resamples
-    decision: str = _CPU.decision  # calibration.DECISIONS
-    n_calibration: int = _CPU.n_calibration  # read by "contextual" and "context-threshold" only
-    n_folds: int = calibration.N_FOLDS  # read by decision="cross-fit" only (no scale sets it yet)
+    top_k_genes: int
+    protein_chars: int
+    smiles_chars: int | None
+    batch_size: int
+    n_resamples: int
+    decision: str  # calibration.DECISIONS
+    n_calibration: int  # read by "contextual" and "context-threshold" only
+    n_folds: int = calibration.N_FOLDS  # read by decision="cross-fit" only
     shot_labels: str = "retrieved"  # "shuffled": the shots-shuffled control (calibration.shuffled_shot_labels)
-    scoring: str = _CPU.scoring  # generation.SCORINGS
+    scoring: str  # generation.SCORINGS
     max_new_tokens: int = MAX_NEW_TOKENS  # read only by scoring="generate"
 
     def prompt_options(self, token_modalities) -> PromptOptions:
@@ -72,9 +72,14 @@ class EvalConfig:
         return PromptOptions(frozenset(token_modalities), self.top_k_genes, self.protein_chars, self.smiles_chars)
 
     @classmethod
-    def for_scale(cls, scale: str, **overrides) -> "EvalConfig":
-        """The evaluation settings of ``scale`` (``scales.get(scale).evaluation``), with ``overrides``."""
-        defaults = scales.get(scale).evaluation
+    def for_scale(cls, config: ScaleConfig, **overrides) -> "EvalConfig":
+        """The evaluation settings of a scale (``config.evaluation``), with ``overrides``.
+
+        >>> from esmerge import scales
+        >>> EvalConfig.for_scale(scales.get("smoke"), n_eval=5).n_eval, EvalConfig.for_scale(scales.get("cpu")).n_eval
+        (5, 32)
+        """
+        defaults = config.evaluation
         own = {f.name for f in fields(cls)}
         chosen = {**{k: v for k, v in defaults.__dict__.items() if k in own}, **overrides}
         if overrides.get("scoring") == "generate" and "decision" not in overrides:
@@ -128,7 +133,9 @@ class EvalConfig:
 def check_pool_sizes(benchmark: str, config: EvalConfig, rows: int) -> None:
     """Refuse settings whose pools ``benchmark`` (``rows`` usable rows) cannot supply, in one line naming both.
 
-    >>> check_pool_sizes("CYP2C9-substrate", EvalConfig(n_eval=700, n_context=12), rows=666)
+    >>> from esmerge import scales
+    >>> config = EvalConfig.for_scale(scales.get("cpu"), n_eval=700, n_context=12)
+    >>> check_pool_sizes("CYP2C9-substrate", config, rows=666)
     ... # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
@@ -143,13 +150,14 @@ def check_pool_sizes(benchmark: str, config: EvalConfig, rows: int) -> None:
                          f"{config.n_context} rows; use at most {config.n_context}")
 
 
-def default_config(scale: str) -> EvalConfig:
-    return EvalConfig.for_scale(scale)
+def default_config(config: ScaleConfig) -> EvalConfig:
+    """A scale's evaluation settings: ``EvalConfig.for_scale(config)``."""
+    return EvalConfig.for_scale(config)
 
 
-def default_benchmarks(scale: str) -> tuple[str, ...]:
-    """The benchmarks a scale evaluates by default (all 13 unless ``scales`` names fewer)."""
-    return scales.get(scale).evaluation.benchmarks or BENCHMARK_NAMES
+def default_benchmarks(config: ScaleConfig) -> tuple[str, ...]:
+    """The benchmarks a scale evaluates by default (all 13 unless its ``evaluation.benchmarks`` names fewer)."""
+    return config.evaluation.benchmarks or BENCHMARK_NAMES
 
 
 def eval_dir(scale: str) -> Path:
@@ -166,7 +174,7 @@ class EvalSession:
     copies: PeftCopies = field(default_factory=PeftCopies)
 
 
-def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = None, *,
+def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig, *,
              pools: tuple[pd.DataFrame, pd.DataFrame] | None = None, out_dir: Path | None = None,
              progress: bool = True, session: EvalSession | None = None) -> dict:
     """Evaluate ``mut`` on ``benchmark``; cached as JSON under ``out_dir``.
@@ -187,7 +195,6 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig | None = No
     (counted wrong), ``scores`` is None and ``auroc`` NaN, and the result adds ``scoring``, ``replies``,
     ``invalid_rate`` (percent) and ``n_invalid``.
     """
-    config = config or EvalConfig()
     session = session or EvalSession()
     kind = spec(benchmark).kind
     if pools is None:
@@ -339,8 +346,7 @@ def decision_rule(result: dict) -> str:
     return result.get("decision", {}).get("rule", "argmax")
 
 
-def evaluate_all(mut: ModelUnderTest, benchmarks: Iterable[str] = BENCHMARK_NAMES,
-                 config: EvalConfig | None = None, out_dir: Path | None = None,
+def evaluate_all(mut: ModelUnderTest, benchmarks: Iterable[str], config: EvalConfig, out_dir: Path | None = None,
                  pools: dict[str, tuple[pd.DataFrame, pd.DataFrame]] | None = None,
                  session: EvalSession | None = None) -> dict[str, dict]:
     """``evaluate`` on each benchmark, sharing one ``session``; returns ``{benchmark: result}``

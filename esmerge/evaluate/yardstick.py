@@ -15,7 +15,7 @@ Two protocols:
 
 * ``yardstick_runs(benchmark, config)`` -- the pools and shots the LLMs see at a scale
   (``benchmarks.split_pools`` with the ``EvalConfig``'s sizes and seed, ``config.n_shots`` shots);
-* ``full_protocol(benchmark)`` -- the paper's protocol on the whole benchmark (App. A.4: 5 shots
+* ``full_protocol(benchmark, scale_config=...)`` -- the paper's protocol on the whole benchmark (App. A.4: 5 shots
   retrieved from the training side, evaluation on the whole test side). The project has no
   upstream train/test split per benchmark (``data_manifest/processing.md``: one file per
   benchmark), so ``paper_split`` draws one: a seeded, label-stratified 80/20 split of the rows
@@ -35,6 +35,7 @@ import pandas as pd
 from esmerge import evaluate
 from esmerge.data import benchmarks
 from esmerge.errors import UsageError
+from esmerge.scales import ScaleConfig
 
 METHODS = ("majority", "knn-shots")
 PAPER_SHOTS = 5  # App. A.4
@@ -174,13 +175,14 @@ def paper_split(df: pd.DataFrame, seed: int = 0, test_fraction: float = TEST_FRA
 
 
 def full_protocol(benchmark: str, seed: int = 0, n_shots: int = PAPER_SHOTS, test_fraction: float = TEST_FRACTION,
-                  n_resamples: int = 1000) -> dict[str, dict]:
+                  n_resamples: int = 1000, *, scale_config: ScaleConfig) -> dict[str, dict]:
     """Both yardsticks under the paper's protocol on the whole benchmark (``paper_split``; shots by
-    ``retrieve_all``, equal to ``evaluate.retrieve_examples`` but fast on a 40,000-row pool)."""
+    ``retrieve_all``, equal to ``evaluate.retrieve_examples`` but fast on a 40,000-row pool). The
+    settings the protocol leaves open (recorded in each result's ``config``) are ``scale_config``'s."""
     started = time.time()
     test_df, train_df = paper_split(benchmarks.load_benchmark(benchmark), seed, test_fraction)
-    config = evaluate.EvalConfig(n_eval=len(test_df), n_context=len(train_df), n_shots=n_shots, seed=seed,
-                                 n_resamples=n_resamples)
+    config = evaluate.EvalConfig.for_scale(scale_config, n_eval=len(test_df), n_context=len(train_df),
+                                           n_shots=n_shots, seed=seed, n_resamples=n_resamples)
     shots = retrieve_all(train_df, test_df, benchmarks.spec(benchmark).kind, n_shots)
     return yardstick_from_shots(benchmark, test_df, train_df, shots, config, time.time() - started)
 

@@ -299,7 +299,7 @@ def emr_one_model(result: MergeResult | Adapter, tasks: list[str] | None = None)
         EMR's output: per key a tensor of the key's shape (:math:`\tau_{uni}`), with extras
         ``"{task}.mask.{key}"`` (bool, the key's shape) and ``"{task}.rescale"`` (scalar).
     tasks : list of str, optional
-        The T tasks to average; default every task with EMR extras, in stored order.
+        The T tasks to average; default every task with EMR extras, in sorted order.
 
     Returns
     -------
@@ -330,7 +330,8 @@ def emr_one_model(result: MergeResult | Adapter, tasks: list[str] | None = None)
     """
     merged = result.adapter if isinstance(result, MergeResult) else result
     if tasks is None:
-        tasks = [k[: -len(".rescale")] for k in merged.extras if k.endswith(".rescale")]
+        # sorted: the extras' stored order varies between loads, and with it the mean's rounding (and digest)
+        tasks = sorted(k[: -len(".rescale")] for k in merged.extras if k.endswith(".rescale"))
     if not tasks:
         raise KeyError("no EMR mask/rescaler in this adapter: it is not EMR's output")
     parts = [emr_task_adapter(merged, t) for t in tasks]

@@ -43,7 +43,7 @@ def benchmark_pools(benchmark: str, config):
     return benchmarks.split_pools(frame, n_eval, n_context, config.seed)
 
 
-def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, split: str = "eval",
+def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config, split: str = "eval",
                       n: int | None = None, seed: int = 0) -> list:
     """Prompts of ``benchmark`` as ``esmerge.evaluate`` builds them.
 
@@ -51,8 +51,8 @@ def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config=None, 
     not see them, like AdaMerging, ignore ``y``); ``"train"`` -- queries from the in-context pool,
     with shots retrieved from the same pool (never the query itself).
     n : at most this many prompts (seeded sample), default all.
+    config : the ``evaluate.EvalConfig`` whose pools, shots and prompt options are used.
     """
-    config = config or evaluate.EvalConfig()
     eval_df, context_df = benchmark_pools(benchmark, config)  # cached: callers only read them
     options = config.prompt_options(projectors)
     index = evaluate.ContextIndex(context_df, evaluate.benchmark_kind(benchmark))
@@ -130,7 +130,7 @@ def answer_nll_loss(model, projectors: dict):
 
 
 def adamerging_extras(base, specialists: dict, benchmarks: list[str], n_per_benchmark: int, batch_size: int,
-                      config=None, seed: int = 0) -> dict:
+                      config, seed: int = 0) -> dict:
     """``{"entropy_objective": ...}`` over unlabeled evaluation prompts of ``benchmarks``, mixed and shuffled."""
     projectors = projectors_of(specialists)
     prompts = []
@@ -143,7 +143,7 @@ def adamerging_extras(base, specialists: dict, benchmarks: list[str], n_per_benc
 
 
 def finetune_extras(base, specialists: dict, benchmark: str, n_examples: int, batch_size: int,
-                    config=None, seed: int = 0) -> dict:
+                    config, seed: int = 0) -> dict:
     """``{"train_loss", "train_batches", "benchmark"}`` for Avg+FT on one benchmark."""
     projectors = projectors_of(specialists)
     prompts = benchmark_prompts(benchmark, base.tokenizer, projectors, config, "train", n_examples, seed)
@@ -153,7 +153,7 @@ def finetune_extras(base, specialists: dict, benchmark: str, n_examples: int, ba
             "benchmark": benchmark}
 
 
-def compatibility_table(base, specialists: dict, benchmarks: list[str], n_prompts: int, config=None, seed: int = 0,
+def compatibility_table(base, specialists: dict, benchmarks: list[str], n_prompts: int, config, seed: int = 0,
                         module_suffix: str = "mlp.down_proj") -> list[dict]:
     """Graft's activation compatibility (Eqs. 9-14) of each specialist with each benchmark.
 

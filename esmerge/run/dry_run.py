@@ -172,7 +172,7 @@ def evaluate_plan(models: list[str], benchmarks: list[str] | None = None, *, n_e
                   peak_flops: float = H100_BF16_DENSE_PEAK) -> Plan:
     """What ``esmerge evaluate --scale paper --model ... --dry-run`` checks and would cost; loads no weight.
 
-    Settings as ``evaluate_by_name`` (``EvalConfig.for_scale("paper", ...)``); ``n_prompts`` prompts per
+    Settings as ``evaluate_by_name`` (``EvalConfig.for_scale(scales.get("paper"), ...)``); ``n_prompts`` prompts per
     benchmark (and its longest-entity one) are rendered and tokenised.
     """
     from esmerge.data.benchmarks import BENCHMARK_NAMES
@@ -183,10 +183,11 @@ def evaluate_plan(models: list[str], benchmarks: list[str] | None = None, *, n_e
     if unknown:
         raise UsageError(f"--benchmarks: unknown {', '.join(unknown)}; choose from {', '.join(BENCHMARK_NAMES)}")
     overrides = {"n_eval": n_eval, "n_shots": n_shots, "scoring": scoring, "max_new_tokens": max_new_tokens}
-    config = EvalConfig.for_scale("paper", seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    paper = scales.get("paper")
+    config = EvalConfig.for_scale(paper, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     model_id = paper_base(base_path)
     plan = _new_plan("evaluate", model_id, utilization, peak_flops)
-    plan.models, plan.benchmarks = list(models), list(benchmarks or default_benchmarks("paper"))
+    plan.models, plan.benchmarks = list(models), list(benchmarks or default_benchmarks(paper))
     for name in models:
         if not (name == "base" or (name.startswith(SPECIALIST) and name[len(SPECIALIST):] in encoders.MODALITIES)
                 or (Path(name) / "esmerge.json").is_file()):

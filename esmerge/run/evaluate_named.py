@@ -19,6 +19,7 @@ from esmerge.evaluate.models import ModelUnderTest
 from esmerge.evaluate.sweep import EvalConfig, EvalSession, check_pool_sizes, default_benchmarks, evaluate_all, summary
 from esmerge.methods.emr import emr_adapter_for_benchmark
 from esmerge.run.merge import build_context
+from esmerge.scales import ScaleConfig
 from esmerge.specialists.adapters import is_merged, load_merged
 from esmerge.specialists.encoders import MODALITIES
 from esmerge.specialists.load import projectors_of
@@ -38,9 +39,9 @@ def model_kind(name: str) -> str:
                      "merged-model folder (one with esmerge.json, as `esmerge merge --out` writes)")
 
 
-def evaluate_by_name(scale: str, names: list[str], benchmarks: list[str] | None = None, seed: int = 0,
+def evaluate_by_name(config: ScaleConfig, names: list[str], benchmarks: list[str] | None = None, seed: int = 0,
                      out_dir: Path | None = None, **overrides) -> pd.DataFrame:
-    """Evaluate the models ``names`` at ``scale``; ``overrides`` are ``EvalConfig`` fields (``n_eval``, ...).
+    """Evaluate the models ``names`` at scale ``config``; ``overrides`` are ``EvalConfig`` fields (``n_eval``, ...).
 
     Returns ``run.summary`` rows (method, benchmark, n, seed, accuracy with its CI, ...).
     """
@@ -51,11 +52,11 @@ def evaluate_by_name(scale: str, names: list[str], benchmarks: list[str] | None 
     bad = {k: v for k, v in overrides.items() if v is not None and isinstance(v, int) and v < 1}
     if bad:
         raise UsageError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be at least 1")
-    config = EvalConfig.for_scale(scale, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
-    benchmarks = list(benchmarks or default_benchmarks(scale))
+    eval_config = EvalConfig.for_scale(config, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    benchmarks = list(benchmarks or default_benchmarks(config))
     for benchmark in benchmarks:  # before any model loads (the tables are read again, from memory, later)
-        check_pool_sizes(benchmark, config, len(load_benchmark(benchmark)))
-    context = build_context(scale, seed)
+        check_pool_sizes(benchmark, eval_config, len(load_benchmark(benchmark)))
+    context = build_context(config, seed)
     base, projectors = context.base, projectors_of(context.specialists)
     session, results = EvalSession(), {}
     for name, kind in kinds.items():
@@ -71,5 +72,5 @@ def evaluate_by_name(scale: str, names: list[str], benchmarks: list[str] | None 
                                            projectors, label)
             else:
                 model = ModelUnderTest.merged(base, merged.adapter, projectors, label)
-        results[model.name] = evaluate_all(model, benchmarks, config, out_dir, session=session)
+        results[model.name] = evaluate_all(model, benchmarks, eval_config, out_dir, session=session)
     return summary(results)

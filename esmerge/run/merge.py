@@ -21,6 +21,7 @@ from typing import Any, Callable
 from esmerge import methods, scales
 from esmerge.cache import cache_dir
 from esmerge.errors import UsageError
+from esmerge.scales import ScaleConfig
 from esmerge.signals.probe import Probes
 from esmerge.specialists.adapters import (
     Adapter,
@@ -146,29 +147,29 @@ def check_base(base, specialists: dict) -> None:
                 f"{base.name}; merge adapters trained on this base")
 
 
-def build_context(scale: str, seed: int = 0, probe_k: int | None = None, *, base_path: str | None = None,
+def build_context(config: ScaleConfig, seed: int = 0, probe_k: int | None = None, *, base_path: str | None = None,
                   specialists_dir: str | Path | None = None, specialist_seed: int = 0, **extras) -> MergeContext:
-    """Load the base and the three specialists of a scale into a ``MergeContext``.
+    """Load the base and the three specialists of the scale ``config`` into a ``MergeContext``.
 
     ``seed`` seeds the merge (probe sample, projections, baselines' data); ``specialist_seed`` is
-    the training seed of the specialists (``scales.get(scale).specialist_seeds``; see
+    the training seed of the specialists (``config.specialist_seeds``; see
     ``specialists.load.load_specialists``). ``probe_k``: probe samples per modality, default
-    ``scales.get(scale).probe_k``. At ``paper``
+    ``config.probe_k``. At ``paper``
     scale the base is ``paper_base(base_path)`` (hub id or local folder) and the specialists are
     read from ``specialists.paper_specialists_dir(specialists_dir)``; both are refused elsewhere.
     """
-    config = scales.get(scale)
+    scale = config.name
     k = config.probe_k if probe_k is None else check_probe_k(probe_k)
     if scale != "paper" and (base_path or specialists_dir):
         raise UsageError(f"a base path and a specialists folder are paper-scale settings, not {scale!r} ones; "
                          "to merge your own adapters use esmerge.run.byo.merge_adapters "
                          "(esmerge merge --base ... --adapter ...)")
     if scale == "paper":
-        base = load_base(scale, seed=seed, model_id=paper_base(base_path))
-        specs = load_specialists(scale, base, root=specialists_dir)
+        base = load_base(config, seed=seed, model_id=paper_base(base_path))
+        specs = load_specialists(config, base, root=specialists_dir)
     else:
-        base = load_base(scale, seed=seed)
-        specs = load_specialists(scale, base, seed=specialist_seed)
+        base = load_base(config, seed=seed)
+        specs = load_specialists(config, base, seed=specialist_seed)
     check_base(base, specs)
     return MergeContext(base, specs, scale, seed, k, cache_dir() / "es" / scale, dict(extras))
 
@@ -282,7 +283,7 @@ def merge_once(method: str, out: str | Path, context: MergeContext, refresh: boo
 
 
 # --------------------------------------------------------------------------- what `esmerge merge` calls
-def merge_command(scale: str, method: str, out: str | Path, hparams: dict, seed: int = 0,
+def merge_command(config: ScaleConfig, method: str, out: str | Path, hparams: dict, seed: int = 0,
                   probe_k: int | None = None, force: bool = False, *, base_path: str | None = None,
                   specialists_dir: str | Path | None = None) -> Path:
     """What ``esmerge merge`` does: every check that needs no model first, then load, merge, write.
@@ -290,10 +291,9 @@ def merge_command(scale: str, method: str, out: str | Path, hparams: dict, seed:
     ``base_path``/``specialists_dir`` (paper scale only): see ``build_context``.
     """
     hparams = methods.validate(method, hparams)
-    scales.get(scale)
     if probe_k is not None:
         check_probe_k(probe_k)
     given = [p for p in (base_path, specialists_dir) if p and str(p) not in scales.NAMES and os.path.exists(p)]
     refuse_existing(out, force, given)  # run_merge checks every input again once they are loaded
-    context = build_context(scale, seed, probe_k, base_path=base_path, specialists_dir=specialists_dir)
+    context = build_context(config, seed, probe_k, base_path=base_path, specialists_dir=specialists_dir)
     return write_merge(method, out, context, hparams, force=force)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from esmerge import scales
 from esmerge.cache import file_sha256
 from esmerge.errors import UsageError
 from esmerge.specialists.adapters import Adapter, AdapterFileError, AdapterMismatchError, load_adapter
@@ -105,7 +106,7 @@ def load_base_for(base: str, dtype: torch.dtype | None = None, device: str | Non
     anything else: a Hugging Face causal LM by hub id or local path (``base_llm.load_paper``; its
     tokenizer only ``with_tokenizer``)."""
     if base in ("smoke", "cpu"):
-        return load_base(base, dtype=dtype, device=device)
+        return load_base(scales.get(base), dtype=dtype, device=device)
     return load_paper(base, dtype=dtype or resolve_dtype(None, base, device), device=device,
                       with_tokenizer=with_tokenizer)
 

@@ -12,12 +12,12 @@ One code path, three scales:
   again (one warning line), so the base's identity (the GGUF's sha256) holds for the weights loaded.
 * ``paper`` -- LLaMA-3.1-8B-Instruct from the hub (or a local path) in bf16, as in the paper.
 
-``load_base(scale, dtype=..., device=...)`` casts and places any of them (fp32 on the CPU stays
-the default of ``smoke`` and ``cpu``); ``weights_sha256`` always names the weights as stored, so
-specialist cards match whatever dtype a base is loaded in. Where no weights hash decides, base
-*names* are compared by one rule, ``same_base_name``. Chat formats differ between bases
-(ChatML for SmolLM2, ``<|eot_id|>`` for LLaMA-3): ``end_of_turn_id`` reads the end-of-turn token
-from the tokenizer's own chat template.
+``load_base(config, dtype=..., device=...)`` (``config``: the scale's ``scales.ScaleConfig``) casts and
+places any of them (fp32 on the CPU stays the default of ``smoke`` and ``cpu``); ``weights_sha256``
+always names the weights as stored, so specialist cards match whatever dtype a base is loaded in.
+Where no weights hash decides, base *names* are compared by one rule, ``same_base_name``. Chat
+formats differ between bases (ChatML for SmolLM2, ``<|eot_id|>`` for LLaMA-3): ``end_of_turn_id``
+reads the end-of-turn token from the tokenizer's own chat template.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 from esmerge import scales
 from esmerge.cache import cache_dir, content_key, file_sha256, tensor_digest
 from esmerge.errors import InputError, ModelUnavailableError  # noqa: F401 (re-exported: models.ModelUnavailableError)
+from esmerge.scales import ScaleConfig
 from esmerge.specialists.smollm2 import SMOLLM2_GGUF, cpu_base_folder, smollm2_gguf_path  # noqa: F401 (re-exported)
 
 SCALES = scales.NAMES  # re-exported for notebook 00's scale table
@@ -316,16 +317,16 @@ def checkpoint_sha256(folder: Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def load_base(scale: str = "cpu", seed: int = 0, dtype: torch.dtype | None = None, device: str | None = None,
+def load_base(config: ScaleConfig, seed: int = 0, dtype: torch.dtype | None = None, device: str | None = None,
               **kwargs) -> BaseModel:
-    """Load the base LLM of a scale (``smoke``, ``cpu`` or ``paper``).
+    """Load the base LLM of the scale ``config`` (``smoke``, ``cpu`` or ``paper``).
 
     ``dtype`` defaults to float32 for ``smoke`` and ``cpu`` and bfloat16 for ``paper``; ``device``
     to the CPU for ``smoke`` and ``cpu`` (``"cuda"`` or ``"auto"``, the GPU when there is one, on
     request) and to ``device_map="auto"`` for ``paper``. ``seed`` builds the ``smoke`` weights;
     the other scales have fixed weights and ignore it.
     """
-    scales.get(scale)  # a UsageError naming the scales
+    scale = config.name
     if scale == "paper":
         return load_paper(dtype=dtype or torch.bfloat16, device=device, **kwargs)
     base = load_smoke(seed=seed, **kwargs) if scale == "smoke" else load_cpu(**kwargs)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from esmerge import scales
 from esmerge.cache import cache_dir, content_key, file_sha256
 from esmerge.data import benchmarks, files, sources
 from esmerge.errors import EsmergeError
+from esmerge.scales import ScaleConfig
 from esmerge.specialists import encoders
 from esmerge.specialists.base_llm import end_of_turn_id
 from esmerge.specialists.encoders import MODALITIES
@@ -126,10 +126,11 @@ SMOKE_DATA = {
 }
 
 
-def smoke_examples(modality: str) -> list[Example]:
-    """The hand-made examples of ``SMOKE_DATA`` as ``Example`` objects.
+def smoke_examples(modality: str, cell_top_k: int) -> list[Example]:
+    """The hand-made examples of ``SMOKE_DATA`` as ``Example`` objects, each cell written as its
+    top ``cell_top_k`` genes (the smoke scale's ``ScaleConfig.cell_top_k``).
 
-    >>> smoke_examples("cell")[0].instruction
+    >>> smoke_examples("cell", 5)[0].instruction
     'Top expressed genes of a cell: CD3D, CD3E, IL7R, LTB, CCR7. Which cell type is it?'
     """
     rows = SMOKE_DATA[check_modality(modality)]
@@ -137,8 +138,7 @@ def smoke_examples(modality: str) -> list[Example]:
         return [molecule_example(s, d, f"smoke-mol-{i}") for i, (s, d) in enumerate(rows)]
     if modality == "protein":
         return [protein_example(s, d, f"smoke-prot-{i}") for i, (s, d) in enumerate(rows)]
-    top_k = scales.get("smoke").cell_top_k
-    return [cell_type_example(g, t, top_k, f"smoke-cell-{i}") for i, (g, t) in enumerate(rows)]
+    return [cell_type_example(g, t, cell_top_k, f"smoke-cell-{i}") for i, (g, t) in enumerate(rows)]
 
 
 def check_modality(modality: str) -> str:
@@ -193,14 +193,14 @@ def _canonical(smiles: str) -> str | None:
     return None if mol is None else Chem.MolToSmiles(mol)
 
 
-def load_examples(modality: str, split: str, scale: str = "cpu", cell_top_k: int | None = None
+def load_examples(modality: str, split: str, config: ScaleConfig, cell_top_k: int | None = None
                   ) -> tuple[list[Example], dict]:
     """Caption examples of ``modality`` for ``split`` ("train" or "heldout"), and what was left out.
 
     cpu / paper scale: molecule train = ChEBI-20 ``validation``, held-out = ChEBI-20 ``test``;
     protein train = FAPM ``val``, held-out = FAPM ``test`` (the probe draws from the test sets,
     paper A.3); cell: a fixed seeded ``HOLDOUT_FRACTION`` of PBMC68k cells and of CCLE lines is
-    held out, each cell written as its top ``scales.get(scale).cell_top_k`` genes. Entities that
+    held out, each cell written as its top ``config.cell_top_k`` genes (``cell_top_k`` if given). Entities that
     benchmarks use (``benchmark_entities``) are never training targets. Molecules RDKit cannot
     parse and proteins without a standard residue are dropped.
 
@@ -210,9 +210,8 @@ def load_examples(modality: str, split: str, scale: str = "cpu", cell_top_k: int
     check_modality(modality)
     if split not in ("train", "heldout"):
         raise SpecialistError(f"split must be 'train' or 'heldout', got {split!r}")
-    config = scales.get(scale)
-    if scale == "smoke":
-        examples = smoke_examples(modality)
+    if config.name == "smoke":
+        examples = smoke_examples(modality, config.cell_top_k)
         return examples, {"sources": ["esmerge.specialists.load.SMOKE_DATA"], "n": len(examples), "excluded": {}}
     bench = (benchmark_entities() if split == "train"
              else {"molecule": set(), "protein": set(), "cell": set(), "checked": []})
@@ -275,9 +274,10 @@ def load_examples(modality: str, split: str, scale: str = "cpu", cell_top_k: int
     return examples, info
 
 
-def heldout_examples(modality: str, scale: str, n: int, seed: int = 0) -> list[Example]:
-    """A seeded sample of ``n`` held-out examples (all of them if fewer); see ``load_examples``."""
-    examples, _ = load_examples(modality, "heldout", scale)
+def heldout_examples(modality: str, config: ScaleConfig, n: int, seed: int = 0) -> list[Example]:
+    """A seeded sample of ``n`` held-out examples of the scale ``config`` (all of them if fewer); see
+    ``load_examples``."""
+    examples, _ = load_examples(modality, "heldout", config)
     if n >= len(examples):
         return examples
     return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), n))]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from esmerge import scales
 from esmerge.progress import track
+from esmerge.scales import TrainRecipe
 from esmerge.specialists.base_llm import BaseModel, end_of_turn_id
 from esmerge.specialists.captions import (
     N_TOKENS,
@@ -24,14 +24,14 @@ from esmerge.specialists.load import Specialist, attach_specialist
 
 @torch.no_grad()
 def specialist_loss(model, base: BaseModel, specialist_or_none, examples: list[Example],
-                    batch_size: int = 8, max_tokens: int | None = None) -> float:
+                    batch_size: int = 8, *, max_tokens: int) -> float:
     """Mean caption loss (nats per answer token) of ``model`` on ``examples``.
 
     ``model`` is what is evaluated (``base.model`` or ``attach_specialist(base, spec)``);
     ``specialist_or_none`` supplies the projector that encodes molecule / protein inputs
     (the modality's encoder f_m; every model sees the same modality tokens, as in the probe).
     Cells need no projector. Token-weighted over all answer tokens of all examples; sequences are
-    cut at ``max_tokens`` (default: the base's scale's ``TrainRecipe.max_tokens_for``).
+    cut at ``max_tokens`` (as trained: the scale's ``TrainRecipe.max_tokens_for(modality)``).
     """
     if not examples:
         raise SpecialistError("no examples to evaluate")
@@ -39,7 +39,6 @@ def specialist_loss(model, base: BaseModel, specialist_or_none, examples: list[E
     modality = examples[0].modality
     if any(ex.modality != modality for ex in examples):
         raise SpecialistError("specialist_loss needs examples of one modality")
-    max_tokens = max_tokens or scales.get(base.scale).train.max_tokens_for(modality)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -52,7 +51,7 @@ def specialist_loss(model, base: BaseModel, specialist_or_none, examples: list[E
 
 
 def cross_loss_table(base: BaseModel, specs: dict[str, Specialist], examples: dict[str, list[Example]],
-                     progress: bool = True) -> torch.Tensor:
+                     recipe: TrainRecipe, progress: bool = True) -> torch.Tensor:
     """Held-out caption loss of the base and of each specialist on every modality.
 
     Every model sees modality m's inputs through the same encoder f_m, specialist m's projector
@@ -61,6 +60,8 @@ def cross_loss_table(base: BaseModel, specs: dict[str, Specialist], examples: di
     Args:
         specs: modality -> specialist (``load_specialists``), in row order after the base.
         examples: modality -> held-out examples of that modality (column order).
+        recipe: the scale's training recipe (``ScaleConfig.train``); sequences are cut at its
+            ``max_tokens_for(modality)``.
 
     Returns:
         ``[1 + len(specs), len(examples)]`` float64 tensor of nats per answer token; row 0 is the base.
@@ -71,7 +72,8 @@ def cross_loss_table(base: BaseModel, specs: dict[str, Specialist], examples: di
     for i, j in track(cells, desc="held-out loss", disable=not progress):
         modality = list(examples)[j]
         encoder = specs[modality] if modality in specs else None
-        table[i, j] = specialist_loss(rows[i][1], base, encoder, examples[modality])
+        table[i, j] = specialist_loss(rows[i][1], base, encoder, examples[modality],
+                                      max_tokens=recipe.max_tokens_for(modality))
     return table
 
 

@@ -29,10 +29,11 @@ import torch
 import yaml
 from safetensors.torch import save as tensors_to_bytes
 
-from esmerge import outputs, scales
+from esmerge import outputs
 from esmerge.cache import cache_dir, content_key, file_sha256, key_lock
 from esmerge.errors import InputError, UsageError, check_seed
 from esmerge.paths import REPO_ROOT
+from esmerge.scales import ScaleConfig
 from esmerge.specialists import adapters as adapter_io
 from esmerge.specialists import encoders
 from esmerge.specialists.adapters import Adapter, load_adapter, read_tensors, save_adapter
@@ -200,14 +201,15 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
                      examples: list[Example] | None = None, data_info: dict | None = None,
                      checkpoint_every: int = 25, bf16: bool = False, cell_top_k: int | None = None,
                      stop_after: int | None = None, projector_lr_scale: float = 1.0,
-                     progress: bool = True) -> Specialist | None:
+                     progress: bool = True, config: ScaleConfig | None = None) -> Specialist | None:
     """Train one specialist (``train.train_lora``) and save it to ``out_dir``, at any scale.
 
     ``out_dir/checkpoint`` holds the resumable state while it runs (``resume``: continue from
     it, same recipe required). ``force`` replaces a finished specialist (otherwise
     ``OutputExistsError``). A second trainer into the same ``out_dir`` waits for the first and
     then refuses (or, with ``force``, retrains). ``examples, data_info`` default to
-    ``load_examples(modality, "train", base.scale, cell_top_k)``; ``stop_after`` stops as if
+    ``load_examples(modality, "train", config, cell_top_k)`` (``config``: the base's scale, needed
+    only then); ``stop_after`` stops as if
     interrupted (returns ``None``). Other arguments: ``train.train_lora``.
     """
     check_modality(modality)
@@ -217,13 +219,16 @@ def train_specialist(base: BaseModel, modality: str, steps: int, batch_size: int
                                                      max_tokens=max_tokens, resume=resume, bf16=bf16,
                                                      checkpoint_every=checkpoint_every, stop_after=stop_after,
                                                      projector_lr_scale=projector_lr_scale, progress=progress),
-                           force, examples, data_info, cell_top_k)
+                           force, examples, data_info, cell_top_k, config)
 
 
-def _train_into(base, modality, out: Path, settings: dict, force: bool, examples, data_info, cell_top_k):
+def _train_into(base, modality, out: Path, settings: dict, force: bool, examples, data_info, cell_top_k,
+                config: ScaleConfig | None = None):
     _check_replaceable(out, force)
     if examples is None:
-        examples, data_info = load_examples(modality, "train", base.scale, cell_top_k)
+        if config is None:
+            raise UsageError("train_specialist: give the training examples or the scale config to load them from")
+        examples, data_info = load_examples(modality, "train", config, cell_top_k)
     if force and is_finished(out):
         clear_checkpoint(out / CHECKPOINT)
     trained = train_lora(base, modality, examples, out / CHECKPOINT, **settings)
@@ -259,25 +264,25 @@ def _train_into(base, modality, out: Path, settings: dict, force: bool, examples
     return spec
 
 
-def train_for_scale(scale: str, modality: str, out_dir=None, *, base: BaseModel | None = None,
+def train_for_scale(config: ScaleConfig, modality: str, out_dir=None, *, base: BaseModel | None = None,
                     device: str | None = None, **overrides) -> Specialist | None:
-    """``esmerge train --scale S --modality M``: one specialist with scale ``S``'s recipe (``scales``).
+    """``esmerge train --scale S --modality M``: one specialist with scale ``S``'s recipe (``config.train``).
 
-    Loads the base (``models.load_base(scale, device=device)``; at ``paper`` scale ``paper_base()``,
+    Loads the base (``models.load_base(config, device=device)``; at ``paper`` scale ``paper_base()``,
     LLaMA-3.1-8B-Instruct or ``$ESMERGE_PAPER_BASE``, in bf16 on the GPU) unless one is given, and
     trains an r=8 / alpha=32 LoRA (plus projector) into ``out_dir`` (default
     ``data_manifest/specialists/<scale>/<modality>``). ``overrides``: ``steps``, ``batch_size``,
     ``lr``, ``seed``, ``max_tokens`` or any ``train_specialist`` keyword.
     """
-    recipe = scales.get(scale).train
+    scale, recipe = config.name, config.train
     check_modality(modality)
     settings = recipe.settings_for(modality)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if base is None:
         extra = {"model_id": paper_base()} if scale == "paper" else {}  # the base merge_command uses too
-        base = load_base(scale, seed=settings["seed"], device=device, **extra)
+        base = load_base(config, seed=settings["seed"], device=device, **extra)
     out = Path(out_dir) if out_dir is not None else SHIPPED_DIR / shipped_set(scale, settings["seed"]) / modality
-    return train_specialist(base, modality, out_dir=out, **settings)
+    return train_specialist(base, modality, out_dir=out, config=config, **settings)
 
 
 # --------------------------------------------------------------------------- shipped and per-scale specialists
@@ -378,14 +383,14 @@ def _paper_folder(root: Path, modality: str) -> Path:
     return folder
 
 
-def load_specialists(scale: str, base: BaseModel, root=None, seed: int = 0) -> dict[str, Specialist]:
-    """The three specialists of ``scale`` trained at ``seed``, ordered molecule, protein, cell.
+def load_specialists(config: ScaleConfig, base: BaseModel, root=None, seed: int = 0) -> dict[str, Specialist]:
+    """The three specialists of the scale ``config`` trained at ``seed``, ordered molecule, protein, cell.
 
     * ``cpu``: the shipped ones in ``data_manifest/specialists/<shipped_set(scale, seed)>/<modality>/``
       (seed 0: ``cpu/``; the seed replicates: ``cpu-seed1/``, ...), after checking their sha256
       against ``data_manifest/specialists.yaml``.
     * ``smoke``: tiny specialists on the hand-made examples, trained in seconds (the smoke
-      ``scales.TrainRecipe``) and cached under ``cache_dir()`` keyed by the base weights, recipe
+      ``config.train``) and cached under ``cache_dir()`` keyed by the base weights, recipe
       and code version; a second process waits for the first and reuses its specialists.
     * ``paper``: the converted ones (``esmerge convert``; the cell one trained by ``esmerge train
       --scale paper --modality cell``, a substitute for Cell-o1) in ``<root>/<modality>/``, ``root``
@@ -394,11 +399,12 @@ def load_specialists(scale: str, base: BaseModel, root=None, seed: int = 0) -> d
       Mol-LLaMA's own encoder for molecules when that optional extra is installed.
     """
     check_seed(seed, "specialist seed")
+    scale = config.name
     if scale == "cpu":
         dirs = verify_shipped("cpu", seed)
         return {m: load_specialist(dirs[m], base) for m in MODALITIES}
     if scale == "smoke":
-        recipe = replace(scales.get("smoke").train, seed=seed) if seed else scales.get("smoke").train
+        recipe = replace(config.train, seed=seed) if seed else config.train
         key = content_key(base.weights_sha256, asdict(recipe), CODE_VERSION)
         root = cache_dir() / "specialists" / "smoke" / key
         specs = {}
@@ -408,7 +414,7 @@ def load_specialists(scale: str, base: BaseModel, root=None, seed: int = 0) -> d
                 if is_finished(folder):
                     specs[modality] = load_specialist(folder, base)
                     continue
-                examples, info = load_examples(modality, "train", "smoke")
+                examples, info = load_examples(modality, "train", config)
                 settings = recipe.settings_for(modality) | dict(resume=True, checkpoint_every=25, stop_after=None,
                                                                 progress=False)
                 specs[modality] = _train_into(base, modality, folder, settings, False, examples, info, None)
@@ -419,8 +425,7 @@ def load_specialists(scale: str, base: BaseModel, root=None, seed: int = 0) -> d
                              "ones (seed 0)")
         root = paper_specialists_dir(root)
         return {m: load_specialist(_paper_folder(root, m), base) for m in MODALITIES}
-    scales.get(scale)  # a UsageError naming the scales
-    raise AssertionError("unreachable")
+    raise AssertionError(f"unreachable: scale {scale!r}")
 
 
 # --------------------------------------------------------------------------- CLI
