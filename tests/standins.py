@@ -210,6 +210,13 @@ def paper_specialists(root: Path, base_folder: Path, base_model) -> dict[str, Pa
     return {m: root / m for m in ("molecule", "protein", "cell")}
 
 
+def paper_tree(root: Path) -> tuple[Path, Path]:
+    """A paper-scale tree under ``root``: the base in ``llama/`` and its three specialists in ``specialists/``."""
+    base_model = save_paper_base(root / "llama")
+    paper_specialists(root / "specialists", root / "llama", base_model)
+    return root / "llama", root / "specialists"
+
+
 def mol_llama_standin_builder(entry: dict, projector: dict, encoder: dict, folder):
     """Mol-LLaMA's encoder is an optional extra; this stand-in keeps its interface (8 tokens per
     molecule through the checkpoint's ``query_tokens`` and ``llm_proj``) on fixed fingerprint features."""

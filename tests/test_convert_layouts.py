@@ -3,6 +3,7 @@ buffers), Lightning files with a pickled config, the hub's trainable-only layout
 release (rotary frequencies), and the rank an error budget picks (seconds)."""
 from __future__ import annotations
 
+# ruff: noqa: F811  (the fixtures imported from test_convert are redefined as test parameters, as pytest wants)
 import json
 import math
 import os
@@ -14,6 +15,9 @@ import standins
 import torch
 from safetensors.torch import load_file, save_file
 
+# the stand-in bases of test_convert (module-scoped: this module builds its own)
+from test_convert import base, ids, other_base, private_cache  # noqa: F401
+
 from esmerge.errors import UsageError
 from esmerge.specialists import convert
 from esmerge.specialists.adapters import attach, load_adapter
@@ -24,32 +28,6 @@ from esmerge.specialists.load import is_finished, load_specialist
 QFORMER_POSITION_IDS = "encoder.Qformer.bert.embeddings.position_ids"
 BATCH_NORM = "encoder.graph_encoder.moleculestm.molecule_node_model.batch_norms.0"
 GIN_NORM = "encoder.graph_encoder.moleculestm.molecule_node_model.gnns.0.mlp.1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, private_cache):
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("base") / "llama"
-    return folder, standins.save_base(folder, seed=0)
-
-
-@pytest.fixture(scope="module")
-def other_base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("other") / "llama"
-    return folder, standins.save_base(folder, seed=7)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, standins.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 def max_logit_gap(adapter_dir, base_model, reference, ids) -> float:

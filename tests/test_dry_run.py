@@ -45,8 +45,7 @@ def paper(tmp_path_factory):
     mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("paper")
-    base_model = standins.save_paper_base(root / "llama")
-    standins.paper_specialists(root / "specialists", root / "llama", base_model)
+    standins.paper_tree(root)
     shutil.copytree(root / "llama", root / "llama8k")  # same weights (hash), longer context
     config = json.loads((root / "llama8k" / "config.json").read_text())
     (root / "llama8k" / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 8192}))

@@ -35,10 +35,7 @@ def paper(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("paper")
-    base_model = standins.save_paper_base(root / "llama")
-    standins.paper_specialists(root / "specialists", root / "llama", base_model)
-    yield root / "llama", root / "specialists"
+    yield standins.paper_tree(tmp_path_factory.mktemp("paper"))
     mp.undo()
 
 

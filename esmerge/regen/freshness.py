@@ -157,23 +157,21 @@ def chapter_statuses(state: dict, executed: set[str], keys_now: dict[str, str],
     return out
 
 
-def banner_segments(status: ChapterStatus, origin: str, cold_seconds: float | None = None) -> list[tuple[str, str]]:
+def banner_segments(status: ChapterStatus, origin: str) -> list[tuple[str, str]]:
     """The chapter's freshness banner as ``(kind, text)`` pieces, ``kind`` ``text``, ``code`` or ``strong``.
 
     ``origin`` says where the rendered copy comes from ("shipped with the repository" or "a local
     run"). Pieces rather than markup, so the Sphinx extension builds nodes without parsing.
 
-    ``cold_seconds``, when known, is how long the chapter takes with empty caches on the machine
-    the book was built on (``ScaleConfig.notebook_seconds``, the Rerun page's table): a run that
-    found its caches filled takes far less, and the banner says both.
+    The run's duration is wall-clock, with whatever the content-keyed caches already held; the
+    Rerun page gives each chapter's time with empty caches.
 
     >>> s = ChapterStatus("04_layerwise", "fresh", "3fc57be349c6dba6127b", "3fc57be349c6dba6127b",
     ...                   {"parameters": {"scale": "cpu", "seed": 0}, "commit": "0123456789abcdef",
     ...                    "started": "2026-12-02T07:02:07+00:00", "seconds": 130.4})
-    >>> print(banner_plain(banner_segments(s, "shipped with the repository", 696)))
-    ... # doctest: +NORMALIZE_WHITESPACE
-    Executed at scale cpu, seed 0, on 2026-12-02 in 2m10s (cold, with empty caches: 11m36s) from commit
-    0123456789ab (shipped with the repository); input key 3fc57be349c6dba6127b: matches the code now.
+    >>> print(banner_plain(banner_segments(s, "shipped with the repository")))  # doctest: +NORMALIZE_WHITESPACE
+    Executed at scale cpu, seed 0, on 2026-12-02 in 2m10s from commit 0123456789ab (shipped with the
+    repository); input key 3fc57be349c6dba6127b: matches the code now.
     """
     from esmerge.progress import format_seconds
 
@@ -184,8 +182,7 @@ def banner_segments(status: ChapterStatus, origin: str, cold_seconds: float | No
     if entry.get("started"):
         parts.append(("text", f", on {entry['started'][:10]}"))
     if entry.get("seconds"):
-        cold = f" (cold, with empty caches: {format_seconds(cold_seconds)})" if cold_seconds else ""
-        parts.append(("text", f" in {format_seconds(float(entry['seconds']))}{cold}"))
+        parts.append(("text", f" in {format_seconds(float(entry['seconds']))}"))
     if entry.get("commit"):
         parts += [("text", " from commit "), ("code", entry["commit"][:12])]
         if entry.get("uncommitted_changes"):

@@ -21,7 +21,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from esmerge import scales
 from esmerge.paths import Layout
 from esmerge.regen.findings import PAGE as FINDINGS_PAGE
 from esmerge.regen.findings import write_findings_page
@@ -151,11 +150,6 @@ def chapter_source(scale: str, layout: Layout, prefer: str = "auto") -> ChapterS
                          f"shipped with the repository on {shipment.get('shipped', '?')[:10]} at {commit}")
 
 
-def cold_seconds(scale: str, stem: str) -> float | None:
-    """How long ``stem`` took with empty caches on the book's machine (the Rerun page's table), if measured."""
-    return dict(scales.get(scale).notebook_seconds).get(stem)
-
-
 def write_freshness(book: Path, scale: str, layout: Layout, source: ChapterSource) -> list:
     """Write ``book/_freshness.json`` (every rendered chapter's banner); return the chapter statuses."""
     state = load_state(source.state)
@@ -165,9 +159,7 @@ def write_freshness(book: Path, scale: str, layout: Layout, source: ChapterSourc
     notebooks = discover(layout.notebooks)
     texts = {stem: text_sha256(notebooks[stem].path) for stem in keys}
     statuses = chapter_statuses(state, executed, keys, texts)
-    banners = {f"{source.chapters_dir}/{s.stem}": {"status": s.status,
-                                                   "segments": banner_segments(s, source.origin,
-                                                                               cold_seconds(scale, s.stem))}
+    banners = {f"{source.chapters_dir}/{s.stem}": {"status": s.status, "segments": banner_segments(s, source.origin)}
                for s in statuses if s.stem in executed}
     text = json.dumps(banners, indent=1, sort_keys=True) + "\n"
     path = book / FRESHNESS_DATA
@@ -191,8 +183,7 @@ def build_book(scale: str, layout: Layout, log=print, prefer: str = "auto") -> P
     for line in summary_lines(rendered, source.chapters_dir):
         log(line)
     write_findings_page(layout.book, source.results, scale, chapters={
-        s.stem: (f"{source.chapters_dir}/{s.stem}.ipynb",
-                 banner_markdown(banner_segments(s, source.origin, cold_seconds(scale, s.stem))))
+        s.stem: (f"{source.chapters_dir}/{s.stem}.ipynb", banner_markdown(banner_segments(s, source.origin)))
         for s in rendered if s.status != NO_SOURCE})
     write_toc(layout.book, scale, layout.notebooks, source.chapters_dir)
     out = layout.book / "_build"
