@@ -34,9 +34,11 @@
 # claim that it beats every baseline is **{glue:text}`head_verdict`** here.
 #
 # **Does it answer the interaction benchmarks better?** Of the paper's {glue:text}`claims` accuracy
-# claims, {glue:text}`accuracy_supported` are supported, {glue:text}`accuracy_not_supported`
-# contradicted and {glue:text}`accuracy_inconclusive` inconclusive; by the threshold-free AUROC of
-# the answer margin, {glue:text}`auroc_supported`, {glue:text}`auroc_not_supported` and
+# claims, {glue:text}`accuracy_not_measured` are not measured at this scale (the accuracy of the
+# ES-Merging ablations; the retention chapter measures them). Of the others,
+# {glue:text}`accuracy_supported` are supported, {glue:text}`accuracy_not_supported` contradicted
+# and {glue:text}`accuracy_inconclusive` inconclusive; by the threshold-free AUROC of the answer
+# margin, {glue:text}`auroc_supported`, {glue:text}`auroc_not_supported` and
 # {glue:text}`auroc_inconclusive`. At this scale most accuracy differences are below what the
 # evaluation resolves.
 #

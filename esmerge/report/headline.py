@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-VERDICTS = ("supported", "not supported", "inconclusive")
+VERDICTS = ("supported", "not supported", "inconclusive", "not measured")
 
 
 def _count(verdicts: pd.Series, kind: str) -> int:
@@ -37,7 +37,7 @@ def headline_numbers(retention: pd.DataFrame, retention_claims: pd.DataFrame, ac
         ``a`` and the baselines), ``best`` and ``best_retained`` (the best baseline), counts
         ``retention_<verdict>`` over the baselines' mean rows, ``accuracy_<verdict>`` and
         ``auroc_<verdict>`` over the paper's accuracy claims (``<verdict>``: ``supported``,
-        ``not_supported``, ``inconclusive``), ``claims`` (how many), ``head_verdict``
+        ``not_supported``, ``inconclusive``, ``not_measured``), ``claims`` (how many), ``head_verdict``
         (the retention claim over every baseline).
 
     Examples
