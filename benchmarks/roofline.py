@@ -13,9 +13,9 @@ In one run, with one thread count for everything, this measures
   ================ ============================================================================
   07 scoring       ``evaluate.label_logits`` of a merged model (Avg. Merging of the three
                    specialists, LoRA merged into a copy's weights by ``PeftCopies`` as
-                   ``evaluate`` does, every projector) on one evaluation batch of BindingDB and one
-                   of GDSC2, prompts from ``run.baseline_inputs.benchmark_prompts`` collated as
-                   ``evaluate`` does (the scale's ``batch_size`` 8 / 3 and shots): 2 batches
+                   ``evaluate`` does, every projector) on 16 / 6 evaluation prompts of BindingDB
+                   and of GDSC2, from ``run.baseline_inputs.benchmark_prompts``, grouped by length
+                   and collated as ``evaluate`` does (the scale's ``batch_size`` 8 / 3): 4 batches
   09 NLL           ``retention_scoring.example_nlls`` of the same merged model on 16 / 8 held-out
                    molecule caption examples (``captions.heldout_examples``), batch 8 / 4: 2 batches
   03 probe states  ``probe.collect_states`` (the base with LoRA off, then each of the 3
@@ -25,7 +25,8 @@ In one run, with one thread count for everything, this measures
   scores           calls it) of the molecule specialist on the same 32 probes: 2 batches of 16,
                    each one forward and one backward per modality
   06 AdaMerging    ``methods.run("adamerging", steps=2)``: 2 Adam steps, one per batch of 2
-                   unlabeled evaluation prompts (BindingDB, GDSC2), plus the method's final
+                   unlabeled evaluation prompts (BindingDB, GDSC2; batched by length as
+                   ``baseline_inputs.prompt_batches`` batches them), plus the method's final
                    entropy forward
   06 LS-Merge      ``methods.run("ls-merge", epochs=4)``: 4 epochs of the chunk VAE (one optimiser
                    step per epoch at ``cpu``: 450 chunks of 16,384 < batch 512), plus its encode
@@ -110,7 +111,7 @@ from esmerge.specialists.load import projectors_of
 class Slice:
     """How much of each stage's real input one run takes (2 batches each, production batch sizes)."""
 
-    eval_benchmarks: tuple[str, ...] = ("BindingDB", "GDSC2")  # one scoring batch each
+    eval_benchmarks: tuple[str, ...] = ("BindingDB", "GDSC2")  # two length-grouped scoring batches each
     nll_batch: int = 8  # 09_retention's batch_size
     probe_k: int = 32  # 2 batches of element_gradients.BATCH_SIZE and of hidden_states' 16
     ada_prompts: int = 2  # per benchmark; 06_merging's adamerging_prompts_per_benchmark
@@ -250,16 +251,19 @@ def projectors_on(context, device: str) -> dict:
 
 
 def scoring_batches(context, sl: Slice) -> list:
-    """One evaluation batch per benchmark of ``sl``, built and collated as ``evaluate`` does."""
+    """Two evaluation batches per benchmark of ``sl``: its first 2 x ``batch_size`` evaluation prompts,
+    built as ``evaluate`` builds them and grouped by length (``evaluate.length_batches``) as it groups them."""
     config = evaluate.default_config(scales.get(context.scale))
     projectors = projectors_of(context.specialists)
     tok = context.base.tokenizer
+    n_tokens = common_n_tokens(projectors)
     batches = []
     for bench in sl.eval_benchmarks:
-        prompts = baseline_inputs.benchmark_prompts(bench, tok, projectors, config, "eval", config.batch_size,
+        prompts = baseline_inputs.benchmark_prompts(bench, tok, projectors, config, "eval", 2 * config.batch_size,
                                                     context.seed)
-        batches.append(evaluate.collate(prompts[:config.batch_size], tok, common_n_tokens(projectors),
-                                        projectors=projectors))
+        lengths = [len(evaluate.prompt_token_ids(p, tok, n_tokens, 0, projectors)[0]) for p in prompts]
+        batches += [evaluate.collate([prompts[i] for i in rows], tok, n_tokens, projectors=projectors)
+                    for rows in evaluate.length_batches(lengths, config.batch_size)]
     return batches
 
 

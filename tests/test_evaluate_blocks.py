@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -119,6 +120,23 @@ def test_batched_variable_blocks_score_as_each_prompt_alone(stand_in, dtype):
     assert (moved[0] - alone[0]).abs().max() > 1e-3
 
 
+def test_length_bucketed_scoring_returns_scores_in_prompt_order(stand_in, tmp_path):
+    """``evaluate`` scores prompts in batches of similar length; each row's scores are still its own."""
+    base, projectors = stand_in
+    mut = ev.ModelUnderTest.merged(base, None, projectors, "merged")
+    config = ev.EvalConfig.for_scale(CPU, n_eval=4, n_context=4, n_shots=1, batch_size=2, n_resamples=50,
+                                     decision="argmax")
+    prompts = sweep._prompts("Human", "mol-prot", *pools(), config, config.prompt_options(projectors),
+                             base.tokenizer, ev.EvalSession())
+    lengths = [len(ev.prompt_token_ids(p, base.tokenizer, None, 0, projectors)[0]) for p in prompts]
+    assert ev.length_batches(lengths, 2) != [[0, 1], [2, 3]]  # the batches do not follow the prompts' order
+    paired = ev.evaluate(mut, "Human", config, pools=pools(), out_dir=tmp_path / "pairs", progress=False)
+    single = ev.evaluate(mut, "Human", replace(config, batch_size=1), pools=pools(), out_dir=tmp_path / "one",
+                         progress=False)
+    np.testing.assert_allclose(paired["scores"], single["scores"], atol=2e-4)  # scores are kept to 4 decimals
+    assert len({tuple(row) for row in single["scores"]}) == 4
+
+
 # --------------------------------------------------------------------------- (b) fixed-size path
 def test_fixed_projectors_collate_exactly_as_a_hand_built_batch(stand_in):
     base, projectors = stand_in
@@ -201,9 +219,19 @@ def test_evaluate_by_generation_reads_answers_and_reports_invalid_rate(stand_in,
                                   pools=pools(), out_dir=tmp_path / "loglik", progress=False))
     assert loglik_keys < set(real) and real["scores"] is None and real["auroc"] != real["auroc"]  # NaN
 
-    # Canned replies (the model's generate patched): what is parsed, scored and seen.
+    # Each prompt's length: its log-likelihood layout (protein blocks of residues + 2) minus "Final answer:".
     tok = base.tokenizer
-    canned = iter(["Final answer: Does not interact", "Final answer: Interacts.", "no idea", "Final answer: Interacts"])
+    prompts = sweep._prompts("Human", "mol-prot", *pools(), config, config.prompt_options(projectors), tok,
+                             ev.EvalSession())
+    answer = len(ev.answer_tokens(tok, LABELS)[0])
+    lengths = [len(ev.prompt_token_ids(p, tok, None, 0, projectors)[0]) - answer for p in prompts]
+    # Prompts are generated in batches of similar length; the replies come back in the prompts' order.
+    order = [i for rows in ev.length_batches(lengths, 3) for i in rows]
+    assert sorted(order) == [0, 1, 2, 3] and len(set(lengths)) > 1
+
+    # Canned replies (the model's generate patched), one per prompt: what is parsed, scored and seen.
+    replies = ["Final answer: Does not interact", "Final answer: Interacts.", "no idea", "Final answer: Interacts"]
+    canned = iter([replies[i] for i in order])
     seen = []
 
     def fake_generate(inputs_embeds, attention_mask, **kwargs):
@@ -216,15 +244,11 @@ def test_evaluate_by_generation_reads_answers_and_reports_invalid_rate(stand_in,
     monkeypatch.setattr(sweep, "label_logits", lambda *a, **k: pytest.fail("generation scoring ran label_logits"))
     result = ev.evaluate(mut, "Human", config, pools=pools(), out_dir=tmp_path / "canned", progress=False)
     assert result["y"] == [0, 1, 1, 0] and result["pred"] == [0, 1, INVALID, 1]
+    assert result["replies"] == replies
     assert result["accuracy"] == 50.0 and result["invalid_rate"] == 25.0 and result["n_invalid"] == 1
     # by hand: class 0 TP=1 FP=0 FN=1 -> F1 2/3; class 1 TP=1 FP=1 FN=1 (the invalid reply) -> 1/2
     assert result["macro_f1"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
-    # Each prompt's length: its log-likelihood layout (protein blocks of residues + 2) minus "Final answer:".
-    prompts = sweep._prompts("Human", "mol-prot", *pools(), config, config.prompt_options(projectors), tok,
-                             ev.EvalSession())
-    answer = len(ev.answer_tokens(tok, LABELS)[0])
-    lengths = [len(ev.prompt_token_ids(p, tok, None, 0, projectors)[0]) - answer for p in prompts]
-    assert [n for batch, _ in seen for n in batch] == lengths and {m for _, m in seen} == {3}
+    assert [n for batch, _ in seen for n in batch] == [lengths[i] for i in order] and {m for _, m in seen} == {3}
     assert ev.summary({"merged": {"Human": result}})["predicted_positive"].iloc[0] == 0.5
 
 
@@ -235,7 +259,7 @@ def test_training_batches_carry_variable_blocks(stand_in):
     base, projectors = stand_in
     prompts = prompts_of(base, projectors, n=4)
     batches = prompt_batches(prompts, base.tokenizer, projectors, batch_size=3, seed=0)
-    assert [len(b.y) for b in batches] == [3, 1]
+    assert sorted(len(b.y) for b in batches) == [1, 3]
     seen = sorted(v for b in batches for v in b.values["protein"])
     assert seen == sorted(v for p in prompts for m, v in p.entities if m == "protein")
     for b in batches:

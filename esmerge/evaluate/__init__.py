@@ -26,6 +26,7 @@ from esmerge.evaluate.scoring import (
                                       answer_tokens,
                                       collate,
                                       label_logits,
+                                      length_batches,
                                       prompt_token_ids,
                                       splice_embeddings,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "METRICS", "ModelUnderTest", "PeftCopies", "Prompt", "PromptBatch", "PromptOptions", "RetrievalCache", "TASKS",
     "TaskPrompt", "accuracy", "answer_tokens", "auroc", "benchmark_kind", "bootstrap_ci", "build_prompt", "collate",
     "default_benchmarks", "default_config", "discordance", "eval_dir", "evaluate", "evaluate_all", "label_logits",
-    "macro_f1", "merged_models", "minimal_detectable_difference", "models_table", "overview", "paired_bootstrap",
-    "paired_mde", "prompt_token_ids", "retrieve_examples", "splice_embeddings", "summary", "tanimoto",
+    "length_batches", "macro_f1", "merged_models", "minimal_detectable_difference", "models_table", "overview",
+    "paired_bootstrap", "paired_mde", "prompt_token_ids", "retrieve_examples", "splice_embeddings", "summary",
+    "tanimoto",
 ]

@@ -9,6 +9,7 @@ many placeholder slots as its encoder emits for it (``entity_length``): 8 throug
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +138,39 @@ def prompt_token_ids(prompt: Prompt, tokenizer, n_tokens: int | None, pad_id: in
     """
     ids, starts, _ = _prompt_layout(prompt, tokenizer, n_tokens, pad_id, projectors)
     return ids, starts
+
+
+def length_batches(lengths: list[int], batch_size: int, seed: int | None = None) -> list[list[int]]:
+    """Row indices grouped into batches of at most ``batch_size`` rows of similar length.
+
+    Rows are sorted by length (ties keep their order) and cut in that order, so each batch pads only
+    up to its own longest row. With ``seed``, the order of the batches is shuffled by
+    ``random.Random(seed)``, for training loops that should not see short prompts first.
+
+    lengths : ``[n]`` tokens per row. Returns batches of indices into ``lengths``, covering each once.
+
+    >>> length_batches([5, 1, 4, 2, 3], 2)
+    [[1, 3], [4, 2], [0]]
+    >>> sorted(map(sorted, length_batches([5, 1, 4, 2, 3], 2, seed=0)))
+    [[0], [1, 3], [2, 4]]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    if seed is not None:
+        random.Random(seed).shuffle(batches)
+    return batches
+
+
+def padded_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of the tokens in ``batches`` that are padding: each batch is as long as its longest row.
+
+    >>> round(padded_fraction([3, 1, 2, 2], [[0, 1], [2, 3]]), 3)
+    0.2
+    """
+    total = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    return 1 - sum(lengths[i] for b in batches for i in b) / total if total else 0.0
 
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass

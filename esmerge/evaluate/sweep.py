@@ -23,7 +23,7 @@ import torch
 from esmerge.cache import atomic_write_json
 from esmerge.data.benchmarks import BENCHMARK_NAMES, check_rows, load_benchmark, spec, split_pools
 from esmerge.errors import UsageError
-from esmerge.evaluate import calibration
+from esmerge.evaluate import calibration, scoring
 from esmerge.evaluate.generation import MAX_NEW_TOKENS, SCORINGS, generate_replies, score_replies
 from esmerge.evaluate.models import ModelUnderTest, PeftCopies
 from esmerge.evaluate.prompts import PromptOptions, build_prompt
@@ -255,8 +255,9 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig, *,
 
 
 def _score_all(mut, benchmark, prompt_lists, config, session, n_tokens, progress, descs) -> list:
-    """``label_logits`` ``[n, 2]`` (numpy) of each list of prompts, in batches of ``config.batch_size``
-    (None for an empty list)."""
+    """``label_logits`` ``[n, 2]`` (numpy) of each list of prompts, in the prompts' order (None for an
+    empty list). Prompts are scored in ``length_batches`` of ``config.batch_size``: similar lengths
+    together, so little of each batch is padding."""
     tokenizer = mut.base.tokenizer
     out = []
     with mut.model_for(benchmark, session.copies) as model, torch.no_grad():
@@ -264,26 +265,31 @@ def _score_all(mut, benchmark, prompt_lists, config, session, n_tokens, progress
             if not todo:
                 out.append(None)
                 continue
-            chunks = range(0, len(todo), config.batch_size)
-            if progress:
-                chunks = track(chunks, desc=desc, unit="batch")
-            batches = (collate(todo[i: i + config.batch_size], tokenizer, n_tokens, session.features, mut.projectors)
-                       for i in chunks)
-            out.append(torch.cat([label_logits(model, batch, mut.projectors).float().cpu()
-                                  for batch in batches]).numpy())
+            groups = scoring.length_batches(_token_counts(todo, tokenizer, n_tokens, mut.projectors), config.batch_size)
+            scores = torch.empty(len(todo), 2)
+            for rows in track(groups, desc=desc, unit="batch", disable=not progress):
+                batch = collate([todo[i] for i in rows], tokenizer, n_tokens, session.features, mut.projectors)
+                scores[rows] = label_logits(model, batch, mut.projectors).float().cpu()
+            out.append(scores.numpy())
     return out
 
 
+def _token_counts(prompts, tokenizer, n_tokens, projectors) -> list[int]:
+    return [len(prompt_token_ids(p, tokenizer, n_tokens, 0, projectors)[0]) for p in prompts]
+
+
 def _generate_all(mut, benchmark, prompts, config, session, n_tokens, progress, desc) -> list[str]:
-    """Greedy replies (``generation.generate_replies``) to ``prompts``, in batches of ``config.batch_size``."""
-    replies = []
+    """Greedy replies (``generation.generate_replies``) to ``prompts``, in their order, generated in
+    ``length_batches`` of ``config.batch_size``."""
+    replies: list[str] = [""] * len(prompts)
+    lengths = _token_counts(prompts, mut.base.tokenizer, n_tokens, mut.projectors)
+    groups = scoring.length_batches(lengths, config.batch_size)
     with mut.model_for(benchmark, session.copies) as model:
-        chunks = range(0, len(prompts), config.batch_size)
-        if progress:
-            chunks = track(chunks, desc=desc, unit="batch")
-        for i in chunks:
-            replies += generate_replies(model, prompts[i: i + config.batch_size], mut.base.tokenizer, mut.projectors,
-                                        n_tokens, config.max_new_tokens, features=session.features)
+        for rows in track(groups, desc=desc, unit="batch", disable=not progress):
+            got = generate_replies(model, [prompts[i] for i in rows], mut.base.tokenizer, mut.projectors,
+                                   n_tokens, config.max_new_tokens, features=session.features)
+            for i, reply in zip(rows, got):
+                replies[i] = reply
     return replies
 
 
