@@ -31,8 +31,10 @@ import pandas as pd
 from esmerge.evaluate.caveats import BUDGETED, CAVEAT_COLUMNS, DEFAULT_CAVEATS, caveats_for, seeds_text, would_change
 from esmerge.evaluate.decisions import ALPHA, bootstrap_pvalue, holm, superiority_verdict
 
-# Re-exported: notebooks/09_retention.py calls them as ``retention.retention_models`` / ``.score_models``.
+# retention_models and score_models are re-exported: notebooks/09_retention.py calls them as
+# ``retention.retention_models`` / ``.score_models``.
 from esmerge.evaluate.retention_models import retention_models, score_models  # noqa: F401
+from esmerge.evaluate.stats import format_ci
 
 SOURCE = "retention: normalised performance (Ilharco et al. 2023, Yadav et al. 2023)"
 VERDICTS = ("supported", "not supported", "inconclusive", "not measured")  # esmerge.report.claims' words
@@ -173,8 +175,7 @@ def retention_wide(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     >>> retention_wide(t).loc["avg"].tolist()
     ['0.500 [0.400, 0.600]', '0.250 [0.100, 0.400]']
     """
-    cell = lambda r: f"{r.retained:.{digits}f} [{r.lo:.{digits}f}, {r.hi:.{digits}f}]"  # noqa: E731
-    text = table.assign(text=[cell(r) for r in table.itertuples()])
+    text = table.assign(text=[format_ci(r.retained, r.lo, r.hi, digits) for r in table.itertuples()])
     wide = text.pivot(index="method", columns="modality", values="text")
     return wide.reindex(index=list(dict.fromkeys(table["method"])), columns=list(dict.fromkeys(table["modality"])))
 

@@ -143,3 +143,17 @@ def paired_mde(runs_a: dict[str, dict], runs_b: dict[str, dict], alpha: float = 
     benches = list(runs_a)
     return minimal_detectable_difference([discordance(runs_a[b], runs_b[b]) for b in benches],
                                          [len(runs_a[b]["y"]) for b in benches], alpha, power)
+
+
+def format_ci(value, lo, hi, digits: int = 1, signed: bool = False) -> str:
+    """An estimate and its CI as the tables write it, ``value [lo, hi]``, each to ``digits`` decimals
+    (``+`` on positive numbers when ``signed``). No rule for a missing number: NaN prints as ``nan``
+    (``esmerge.report.display.ci_text`` is the cell that leaves such a value empty).
+
+    >>> format_ci(0.5, 0.4, 0.6, 3), format_ci(61.25, 58.0, 64.5)
+    ('0.500 [0.400, 0.600]', '61.2 [58.0, 64.5]')
+    >>> format_ci(-0.0226, -0.0301, 0.0152, 3, signed=True)
+    '-0.023 [-0.030, +0.015]'
+    """
+    spec = f"{'+' if signed else ''}.{digits}f"
+    return f"{value:{spec}} [{lo:{spec}}, {hi:{spec}}]"

@@ -121,11 +121,9 @@ def es_merge(adapters: list[Adapter], context, use_layer: bool = True, use_eleme
     >>> from esmerge.signals import probe
     >>> from pathlib import Path
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from esmerge.specialists.base_llm import tiny_llama
     >>> from esmerge.specialists.adapters import adapter_from_model
-    >>> _ = torch.manual_seed(0)
-    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> llama = tiny_llama()
     >>> peft_model = get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights=False))
     >>> adapter = adapter_from_model(peft_model, "x"); llama = peft_model.unload()
     >>> cache = tempfile.TemporaryDirectory()

@@ -72,11 +72,9 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     >>> import tempfile, types
     >>> from pathlib import Path
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from esmerge.specialists.base_llm import tiny_llama
     >>> from esmerge.specialists.adapters import adapter_from_model
-    >>> _ = torch.manual_seed(0)
-    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> llama = tiny_llama()
     >>> peft_model = get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights=False))
     >>> adapter = adapter_from_model(peft_model, "x"); llama = peft_model.unload()
     >>> cache = tempfile.TemporaryDirectory()
@@ -244,10 +242,8 @@ def element_scores(peft_model, probes: probe.Probes, base_tokens: dict, modaliti
     out, added to sample 1's:
 
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> from esmerge.specialists.base_llm import tiny_llama
+    >>> llama = tiny_llama()
     >>> model = get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights=False))
     >>> embeds, mask = torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 1, 1]])
     >>> probes = probe.Probes(embeds, {"m": torch.tensor([1, 2])}, attention_mask=mask,

@@ -11,6 +11,8 @@ import html
 
 import pandas as pd
 
+from esmerge.evaluate.stats import format_ci
+
 # CI column pairs the registers and tables use: the value column -> its (lower, upper) columns.
 CI_PAIRS = {"ours": ("lo", "hi"), "retained": ("lo", "hi"), "accuracy": ("lo", "hi"),
             "auroc_diff": ("auroc_lo", "auroc_hi"), "specialist_gain": ("gain_lo", "gain_hi"),
@@ -54,10 +56,9 @@ def ci_text(v, lo, hi, digits: int = 1, signed: bool = False, missing_ci: str = 
     """
     if not isinstance(v, (int, float)) or pd.isna(v):
         return "" if pd.isna(v) else str(v)
-    spec = f"{'+' if signed else ''}.{digits}f"
     if pd.isna(lo) or pd.isna(hi):
-        return f"{v:{spec}}" + (f" [{missing_ci}]" if missing_ci else "")
-    return f"{v:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+        return f"{v:{'+' if signed else ''}.{digits}f}" + (f" [{missing_ci}]" if missing_ci else "")
+    return format_ci(v, lo, hi, digits, signed)
 
 
 class Table:

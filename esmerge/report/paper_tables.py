@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from esmerge.data.benchmarks import BENCHMARKS, GROUPS
-from esmerge.evaluate.stats import paired_bootstrap
+from esmerge.evaluate.stats import format_ci, paired_bootstrap
 from esmerge.paths import REPO_ROOT
 
 TABLE_GROUPS = {"Table 1": ("Mol-Prot", "Mol-Cell"), "Table 2": ("CYP Inh.", "CYP Sub."),
@@ -79,7 +79,7 @@ def results_table(results: dict[str, dict[str, dict]], table: str = "Table 1", n
 def wide_table(long: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     """``results_table`` output as method x dataset cells ``"ours [lo, hi] (paper)"``."""
     part = long[long["metric"] == metric]
-    cell = part.apply(lambda r: f"{r.ours:.1f} [{r.lo:.1f}, {r.hi:.1f}]"
+    cell = part.apply(lambda r: format_ci(r.ours, r.lo, r.hi, 1)
                       + (f" ({r.paper:.1f})" if pd.notna(r.paper) else ""), axis=1)
     frame = part.assign(cell=cell).pivot(index="method", columns="dataset", values="cell")
     columns = list(dict.fromkeys(part["dataset"]))

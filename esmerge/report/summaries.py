@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from esmerge.evaluate.stats import discordance, paired_mde
+from esmerge.evaluate.stats import discordance, format_ci, paired_mde
 
 
 def power_table(results: dict[str, dict[str, dict]], reference: str = "es", alpha: float = 0.05,
@@ -42,7 +42,7 @@ def decided_verdicts(register: pd.DataFrame, power: pd.DataFrame | None = None) 
     decided = register[~register["verdict"].str.startswith(("inconclusive", "not measured"))]
     if len(decided):
         return [f"{len(decided)} of {len(register)} verdicts are not inconclusive:"] + [
-            f"- {r['claim']}: {r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] -> {r['verdict']}"
+            f"- {r['claim']}: {format_ci(r['ours'], r['lo'], r['hi'], signed=True)} -> {r['verdict']}"
             for _, r in decided.iterrows()]
     measured = register.dropna(subset=["ours"])
     lines = [f"No verdict of the {len(register)} is decided at this n."]
@@ -64,7 +64,7 @@ def disagreements(mechanism: pd.DataFrame, register: pd.DataFrame) -> list[str]:
     lines = [f"- {r['source']}: {r['claim']} -> does not hold here ({r['evidence']})"
              for _, r in mechanism[mechanism["verdict"] != "holds"].iterrows()]
     for _, r in register[~register["verdict"].str.startswith("supported")].iterrows():
-        ours = "not measured" if pd.isna(r["ours"]) else f"{r['ours']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]"
+        ours = "not measured" if pd.isna(r["ours"]) else format_ci(r["ours"], r["lo"], r["hi"], signed=True)
         paper = "not a claim of the paper" if pd.isna(r["paper"]) else f"paper margin {r['paper']:+.1f} pts"
         lines.append(f"- {r['source']}: {r['claim']}: {paper}; ours {ours} -> {r['verdict']}")
     lines += [f"- note: the paper's own numbers give this claim a margin of {r['paper']:+.1f} pts: {r['claim']}"

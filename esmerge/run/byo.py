@@ -136,7 +136,7 @@ def merge_adapters(base: str, adapters: dict[str, str | Path], probes: str | Pat
 
     Returns ``out``. Every check that needs no model runs before the base is loaded.
     """
-    hparams = methods.validate(method, dict(hparams or {}))
+    hparams = methods.validate(method, {} if hparams is None else hparams)  # checked values pass through
     check_method(method)
     check_space(space, method, hparams, rank)
     for name in adapters:

@@ -31,6 +31,7 @@ from esmerge.run.dry_run_plan import (
 )
 from esmerge.specialists import encoders
 from esmerge.specialists.load import paper_base, paper_specialists_dir
+from esmerge.specialists.raw_encoder import RawEncoder
 
 BASE_BYTES = 2  # load_paper loads the base in bf16
 ES_BATCH = 16  # probes per batched gradient pass (esmerge.signals.gradients.BATCH_SIZE)
@@ -38,7 +39,7 @@ PROBE_TOKENS = {"molecule": 8, "cell": 24}  # es_signals' probe blocks; a protei
 SPECIALIST = "specialist-"
 
 
-class _BlockLength(encoders.RawEncoder):
+class _BlockLength(RawEncoder):
     """Stands in for an encoder when counting tokens: the block length it gives, no weights."""
 
     def __init__(self, modality: str, n_tokens: int = 8):
@@ -114,9 +115,10 @@ def merge_plan(method: str = "es", hparams: dict | None = None, *, base_path: st
     """What ``esmerge merge --scale paper --method METHOD --dry-run`` checks and would cost; loads no weight.
 
     ``base_path``/``specialists_dir``: as ``merge_command`` (default ``$ESMERGE_PAPER_BASE`` and
-    ``$ESMERGE_PAPER_SPECIALISTS``). A bad method or hyper-parameter is a ``UsageError``, as in the real run.
+    ``$ESMERGE_PAPER_SPECIALISTS``). A bad method or hyper-parameter is a ``UsageError``, as in the real run;
+    ``hparams`` that ``methods.validate`` already returned (``esmerge merge`` checks them first) are not checked again.
     """
-    settings = methods.validate(method, dict(hparams or {}))
+    settings = methods.validate(method, {} if hparams is None else hparams)
     k = probe_k or scales.get("paper").probe_k
     probing, n = method in methods.needing("probe"), len(encoders.MODALITIES)
     if settings.get("probe_layout") == "code":  # the official code: M x probe_k probes (es_signals.signals)

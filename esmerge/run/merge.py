@@ -33,8 +33,8 @@ from esmerge.specialists.adapters import (
     save_merged,
 )
 from esmerge.specialists.base_llm import BaseModel, load_base, same_base_name
-from esmerge.specialists.encoders import RawEncoder
 from esmerge.specialists.load import PAPER_BASE_ENV, Specialist, load_specialists, paper_base  # noqa: F401 (PAPER_BASE_ENV re-exported)
+from esmerge.specialists.raw_encoder import RawEncoder
 
 
 def check_probe_k(probe_k) -> int:
@@ -288,7 +288,8 @@ def merge_command(config: ScaleConfig, method: str, out: str | Path, hparams: di
                   specialists_dir: str | Path | None = None) -> Path:
     """What ``esmerge merge`` does: every check that needs no model first, then load, merge, write.
 
-    ``base_path``/``specialists_dir`` (paper scale only): see ``build_context``.
+    ``base_path``/``specialists_dir`` (paper scale only): see ``build_context``. ``hparams``: as given, or
+    what ``methods.validate`` returned (the CLI's one check), which passes through unchecked.
     """
     hparams = methods.validate(method, hparams)
     if probe_k is not None:

@@ -67,10 +67,8 @@ def element_scores(
     A tiny LLaMA with a random LoRA, 2 probes and one modality block at tokens 1-2:
 
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> from esmerge.specialists.base_llm import tiny_llama
+    >>> llama = tiny_llama()
     >>> model = get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights=False))
     >>> embeds, pos, base = torch.randn(2, 3, 4), {"m": torch.tensor([1, 2])}, {"m": torch.zeros(2, 2, 2, 4)}
     >>> scores = element_scores(model, embeds, pos, base, progress=False)
@@ -124,10 +122,8 @@ def element_scores_by_distance(
     score times 2 r_F / (T_m d), with r_F the probe's distance at that layer:
 
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> from esmerge.specialists.base_llm import tiny_llama
+    >>> llama = tiny_llama()
     >>> model = get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights=False))
     >>> embeds, pos, base = torch.randn(2, 3, 4), {"m": torch.tensor([1, 2])}, {"m": torch.zeros(2, 2, 2, 4)}
     >>> one = {"m": base["m"][:, :1]}  # the first probe's base states, [L, 1, T_m, d]

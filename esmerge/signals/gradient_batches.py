@@ -187,10 +187,8 @@ def batch_mean_scores(
     With one probe per batch the scores are the paper's per-probe ones:
 
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> from esmerge.specialists.base_llm import tiny_llama
+    >>> llama = tiny_llama()
     >>> model = get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights=False))
     >>> embeds, pos, base = torch.randn(2, 3, 4), {"m": torch.tensor([1, 2])}, {"m": torch.zeros(2, 2, 2, 4)}
     >>> from esmerge.signals.element_scores import element_scores_by_distance

@@ -128,10 +128,8 @@ def batch_distance_gradients(
     output, and PEFT's B = 0 makes every gradient of A vanish:
 
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> from esmerge.specialists.base_llm import tiny_llama
+    >>> llama = tiny_llama()
     >>> model = get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"]))
     >>> embeds = torch.randn(2, 3, 4)
     >>> grads, dist = batch_distance_gradients(model, embeds, {"m": torch.tensor([1, 2])},
@@ -222,10 +220,8 @@ def sample_distance_gradients(
     The same values as row 1 of a batch:
 
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> from esmerge.specialists.base_llm import tiny_llama
+    >>> llama = tiny_llama()
     >>> model = get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"]))
     >>> embeds, pos = torch.randn(2, 3, 4), {"m": torch.tensor([1, 2])}
     >>> grads, dist = batch_distance_gradients(model, embeds, pos, {"m": torch.zeros(2, 2, 2, 4)})

@@ -332,10 +332,8 @@ def hidden_states(model: torch.nn.Module, probes: Probes, batch_size: int = 16, 
     The states are the model's own; the first block's output is Hugging Face's
     ``hidden_states[1]``:
 
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> from esmerge.specialists.base_llm import tiny_llama
+    >>> model = tiny_llama()
     >>> probes = Probes(torch.randn(2, 3, 4), {"m": torch.tensor([1, 2])})  # 2 probes, block at tokens 1-2
     >>> states = hidden_states(model, probes)
     >>> states["tokens"]["m"].shape, states["pooled"]["m"].shape
@@ -397,10 +395,8 @@ def collect_states(peft_model, adapter_names: list[str], probes: Probes, batch_s
     A fresh LoRA has B = 0, so its specialist equals the base:
 
     >>> from peft import LoraConfig, get_peft_model
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> _ = torch.manual_seed(0)
-    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
-    ...                                      num_attention_heads=1, num_key_value_heads=1))
+    >>> from esmerge.specialists.base_llm import tiny_llama
+    >>> model = tiny_llama()
     >>> peft_model = get_peft_model(model, LoraConfig(r=1, target_modules=["q_proj"]))
     >>> states = collect_states(peft_model, ["default"], Probes(torch.randn(2, 3, 4), {"m": torch.tensor([1, 2])}))
     >>> sorted(states), torch.equal(states["base"]["pooled"]["m"], states["default"]["pooled"]["m"])

