@@ -220,7 +220,8 @@ def paper_tree(root: Path) -> tuple[Path, Path]:
 def mol_llama_standin_builder(entry: dict, projector: dict, encoder: dict, folder):
     """Mol-LLaMA's encoder is an optional extra; this stand-in keeps its interface (8 tokens per
     molecule through the checkpoint's ``query_tokens`` and ``llm_proj``) on fixed fingerprint features."""
-    from esmerge.specialists.encoders import RawEncoder, molecule_features
+    from esmerge.specialists.encoders import molecule_features
+    from esmerge.specialists.raw_encoder import RawEncoder
 
     class StandinMolEncoder(RawEncoder):
         n_tokens = 8

@@ -14,8 +14,8 @@ from esmerge.specialists import convert
 from esmerge.specialists.adapters import attach, load_adapter
 from esmerge.specialists.base_llm import BaseModel, checkpoint_sha256, state_dict_sha256
 from esmerge.specialists.convert import extract, lowrank
-from esmerge.specialists.encoders import UnavailableEncoder
 from esmerge.specialists.load import SpecialistError, is_finished, load_specialist
+from esmerge.specialists.raw_encoder import UnavailableEncoder
 
 BASE_NAME = "meta-llama/Llama-3.1-8B-Instruct"
 

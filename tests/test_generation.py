@@ -9,7 +9,8 @@ from esmerge.evaluate import answer_tokens, collate, splice_embeddings
 from esmerge.evaluate.generation import INVALID, generate_replies, generation_inputs, parse_answer, score_replies
 from esmerge.evaluate.prompts import MARK, Prompt
 from esmerge.specialists.base_llm import end_of_turn_id, load_smoke
-from esmerge.specialists.encoders import RawEncoder, make_projector
+from esmerge.specialists.encoders import make_projector
+from esmerge.specialists.raw_encoder import RawEncoder
 
 LABELS = ("Not a substrate", "Substrate")
 

@@ -21,8 +21,9 @@ from esmerge.signals import probe
 from esmerge.specialists import encoders
 from esmerge.specialists.adapters import load_merged
 from esmerge.specialists.base_llm import load_paper
-from esmerge.specialists.encoders import EncoderUnavailableError, Prot2TextEncoder, esm_token_ids
+from esmerge.specialists.encoders import Prot2TextEncoder, esm_token_ids
 from esmerge.specialists.load import PAPER_SPECIALISTS_ENV, SpecialistError, load_specialists
+from esmerge.specialists.raw_encoder import EncoderUnavailableError
 
 SEQUENCES = ["MKTAYIAKQR", "GAVLIPFWMKTW", "MSTNPK", "MAHHHHHHGSMKKLLPTA"]  # 10, 12, 6, 18 residues
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN"]

@@ -20,7 +20,7 @@ from esmerge.evaluate.prompts import ANSWER_PREFIX, MARK_RE, Prompt
 from esmerge.evaluate.scoring import FeatureCache, entity_length
 from esmerge.evaluate.stats import accuracy, macro_f1
 from esmerge.specialists.base_llm import end_of_turn_id
-from esmerge.specialists.encoders import RawEncoder
+from esmerge.specialists.raw_encoder import RawEncoder
 
 INVALID = -1
 SCORINGS = ("loglik", "generate")

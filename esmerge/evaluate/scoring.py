@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from esmerge.evaluate.prompts import ANSWER_PREFIX, MARK_RE, Prompt
-from esmerge.specialists.encoders import FEATURISERS, RawEncoder
+from esmerge.specialists.encoders import FEATURISERS
+from esmerge.specialists.raw_encoder import RawEncoder
 
 
 @dataclass

@@ -15,8 +15,9 @@ projector (the projector is part of each specialist and is trained with its LoRA
 At ``paper`` scale each converted specialist brings its own encoder, built from its card's
 ``encoder`` entry by ``build_encoder`` behind one interface, ``RawEncoder.blocks(raw)`` -> K
 token blocks: Prot2Text-V2's ESM-2 (transformers ``EsmModel``) + adapter, one token per residue
-plus two, so blocks differ in length (``n_tokens`` None); Mol-LLaMA's own encoder, an optional
-extra plugged in with ``register_encoder`` (without it, ``UnavailableEncoder`` refuses in one line).
+plus two, so blocks differ in length (``n_tokens`` None); Mol-LLaMA's own encoder (``mol_llama``:
+MoleculeSTM 2D + Uni-Mol 3D + blending + Q-Former, 8 tokens), resolved from the card's ``encoder.kind``
+(where its weights cannot be had, ``UnavailableEncoder`` refuses to encode in one line).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from esmerge.errors import InputError
+from esmerge.specialists.raw_encoder import RawEncoder, UnavailableEncoder
 
 MODALITIES = ("molecule", "protein", "cell")
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -163,30 +165,6 @@ def encode(modality: str, raw: list, projector: "Projector | RawEncoder | None" 
     raise InputError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
 
 
-# --------------------------------------------------------------------------- paper-scale encoders
-# Every encoder maps K raw inputs of its modality to K token blocks in the LLM's embedding
-# space. The cpu/smoke ``Projector`` takes featurised inputs (``encode`` featurises first); a
-# ``RawEncoder`` takes the raw inputs itself and may emit blocks of different lengths, one per
-# input (``n_tokens`` None), which ``probe.build_probes`` pads and masks.
-class EncoderUnavailableError(InputError):
-    """A specialist's own modality encoder cannot run here; the message names what to install."""
-
-
-class RawEncoder(nn.Module):
-    """Base of encoders that take raw inputs: ``blocks(raw)`` -> K tensors ``[T_k, d]`` (or ``[K, T, d]``)."""
-
-    n_tokens: int | None = None  # fixed block length, or None when it depends on the input
-
-    def blocks(self, raw: list) -> list[torch.Tensor] | torch.Tensor:
-        raise NotImplementedError
-
-    def block_length(self, item) -> int:
-        """Tokens ``blocks([item])`` emits (a prompt reserves that many placeholder slots)."""
-        if self.n_tokens is None:
-            raise NotImplementedError(f"{type(self).__name__} emits blocks of varying length: define block_length")
-        return self.n_tokens
-
-
 # ESM-2's alphabet (fair-esm ``Alphabet.from_architecture("ESM-1b")``, as in facebook/esm2_* vocab.txt):
 # 4 specials, 25 residue letters, 4 more specials. Built in code so no tokenizer file is needed.
 ESM_VOCAB = ("<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO", ".", "-", "<null_1>", "<mask>")
@@ -246,30 +224,20 @@ class Prot2TextEncoder(RawEncoder):
         return out
 
 
-class UnavailableEncoder(RawEncoder):
-    """Stands in for an encoder whose package is missing: keeps its tensors (so a merged model still
-    carries them and digests still name them) and refuses to encode with ``message``."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], n_tokens: int | None, message: str):
-        super().__init__()
-        self.n_tokens, self.message = n_tokens, message
-        for i, (name, value) in enumerate(sorted(tensors.items())):
-            self.register_buffer(f"t{i}", value)
-        self.tensor_names = sorted(tensors)
-
-    def blocks(self, raw: list):
-        raise EncoderUnavailableError(self.message)
-
-
 def _mol_llama_encoder(entry: dict, projector: dict, encoder: dict, folder) -> RawEncoder:
-    # Mol-LLaMA's graph encoders (MoleculeSTM 2D, Uni-Mol 3D with conformers) and its blending
-    # module and Q-Former live in its own repository, not on PyPI; without them the molecule
-    # specialist still merges (its LoRA) but cannot encode molecules for the probe.
-    message = (f"{folder}: the molecule specialist needs Mol-LLaMA's own encoder (MoleculeSTM + Uni-Mol + "
-               "Q-Former), an optional extra not on PyPI: install github.com/DongkiKim95/Mol-LLaMA and register "
-               "it with esmerge.specialists.encoders.register_encoder('mol-llama', builder), or merge with a "
-               "method that needs no probe (e.g. --method avg)")
-    return UnavailableEncoder(projector | encoder, entry.get("n_tokens", 8), message)
+    """Mol-LLaMA's own encoder (``mol_llama.encoder.from_card``: MoleculeSTM + Uni-Mol + blending + Q-Former).
+
+    What truly cannot be built here (trained tensors missing, graph-encoder weights neither in the folder
+    nor resolvable from the hub) becomes an ``UnavailableEncoder``: the specialist still loads and merges
+    (its LoRA), and encoding a molecule refuses with the one-line reason and what to do.
+    """
+    from esmerge.specialists.mol_llama.encoder import from_card
+
+    try:
+        return from_card(entry, projector, encoder, folder)
+    except InputError as err:
+        hint = "; or merge with a method that needs no probe (e.g. --method avg)"
+        return UnavailableEncoder(projector | encoder, entry.get("n_tokens", 8), str(err) + hint)
 
 
 def _prot2text_encoder(entry: dict, projector: dict, encoder: dict, folder) -> RawEncoder:
@@ -302,7 +270,7 @@ ENCODER_BUILDERS = {"mol-llama": _mol_llama_encoder, "prot2text": _prot2text_enc
 
 def register_encoder(kind: str, builder) -> None:
     """Use ``builder(entry, projector_tensors, encoder_tensors, folder) -> RawEncoder`` for cards whose
-    ``encoder.kind`` is ``kind`` (how Mol-LLaMA's own encoder is plugged in when it is installed)."""
+    ``encoder.kind`` is ``kind`` (the built-in kinds need no registration; this replaces or adds one)."""
     ENCODER_BUILDERS[kind] = builder
 
 

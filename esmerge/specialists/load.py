@@ -48,6 +48,7 @@ from esmerge.specialists.captions import (
     check_modality,
     load_examples,
 )
+from esmerge.specialists.raw_encoder import RawEncoder
 from esmerge.specialists.train import DESCRIPTION, clear_checkpoint, mean, train_lora
 
 SHIPPED_DIR = REPO_ROOT / "data_manifest" / "specialists"
@@ -62,7 +63,7 @@ CHECKPOINT = "checkpoint"  # the resumable state of a run in progress, inside it
 class Specialist:
     modality: str  # "molecule" | "protein" | "cell"
     adapter: Adapter
-    projector: encoders.Projector | encoders.RawEncoder | None  # None for cell; a RawEncoder at paper scale
+    projector: encoders.Projector | RawEncoder | None  # None for cell; a RawEncoder at paper scale
     card: dict  # data, steps, loss curve, seed, base weights hash, timings, exclusions
     path: Path | None = None  # the folder it was read from (a merged model names paper-scale encoders by it)
 

@@ -35,6 +35,7 @@ import torch
 from esmerge.specialists.base_llm import LORA_ALPHA, LORA_RANK, LORA_TARGET_MODULES
 from esmerge.specialists.convert import checkpoints as ck
 from esmerge.specialists.convert import output
+from esmerge.specialists.mol_llama import weights as graph_files
 
 CONVERTER_VERSION = 2
 # The classes upstream's utils/configuration_mol_llama.py defines; a Lightning .ckpt pickles them.
@@ -191,6 +192,9 @@ def convert_mol_llama(src: str | Path, out: str | Path, base: str | Path | None 
                     "projector_tensors": sorted(proj), "encoder_tensors": len(enc),
                     "graph_encoder": "in encoder.safetensors" if enc else
                     "absent (frozen MoleculeSTM and Uni-Mol; load them from their own releases)",
+                    # where the encoder then gets them, and their sha256 when they are already in the hub cache
+                    "graph_encoder_files": None if enc else graph_files.with_cached_sha256(
+                        graph_files.upstream_files(config if isinstance(config, dict) else {})),
                     "config": {k: config.get(k) for k in ("qformer_config", "blending_module_config",
                                                           "graph_encoder_config") if k in config}},
         "vocab": {"base": base_config["vocab_size"],
