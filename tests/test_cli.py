@@ -34,6 +34,9 @@ BYO = ["--base", "smoke", "--adapter", "first=nowhere/a", "--adapter", "second=n
     (["merge", "--scale", "smoke", "--method", "nope", "--out", "X"], 2, ["nope"]),
     (["merge", "--scale", "smoke", "--set", "novalue", "--out", "X"], 2, ["KEY=VALUE"]),
     (["merge", "--adapter", "a=b", "--out", "X"], 2, ["--base"]),
+    (["merge", "--scale", "smoke", "--method", "adamerging", "--out", "X"], 2,
+     ["adamerging", "esmerge regenerate --scale smoke --only 06_merging"]),
+    (["merge", "--scale", "smoke", "--method", "avg-ft", "--out", "X"], 2, ["avg-ft", "06_merging"]),
     # options that do not apply are refused, not ignored
     (["merge", *BYO, "--method", "avg", "--probe", "p.jsonl", "--out", "X"], 2, ["--probe", "'avg'", "drop --probe"]),
     (["merge", *BYO, "--method", "ties", "--no-chat", "--out", "X"], 2, ["--no-chat", "'ties'"]),

@@ -83,12 +83,14 @@ def test_merge_plan_checks_everything_without_a_weight(paper, no_loading):
                  "cell specialist", "LoRA r=8 shapes", "no blocking problem found"):
         assert what in text, what
     # Mol-LLaMA's encoder is not needed by a parameter-space merge: a note, not a problem.
-    assert any("mol-llama encoder" in note for note in plan.notes)
+    assert any("Mol-LLaMA's encoder cannot be built" in note for note in plan.notes)
 
 
 def test_es_plan_blocks_on_the_mol_llama_encoder_in_one_line(paper, no_loading, monkeypatch):
     plan = dry_run.merge_plan("es", base_path=str(paper[1]), specialists_dir=paper[2], probe_k=10)
-    assert len(plan.problems) == 1 and "mol-llama encoder" in plan.problems[0]
+    # the stand-in's encoder tensors are not in Mol-LLaMA's layout: the real encoder cannot be built from them
+    assert len(plan.problems) == 1 and "Mol-LLaMA's encoder cannot be built" in plan.problems[0]
+    assert "esmerge convert mol-llama" in plan.problems[0]
     assert "\n" not in plan.problems[0] and _all_meta(plan)
     assert dry_run.print_plan(plan) == 1
     # The estimates, by hand: 4 models forward over 10 probes; 3 specialists x (1 forward + 3 backward).
@@ -119,10 +121,10 @@ def test_evaluate_plan_tokenises_prompts_and_checks_positions(paper, no_loading,
                                   specialists_dir=paper[2])
     assert short.problems == [f"CYP2C9-substrate: prompts of up to {longest} tokens (+256 generated) exceed the "
                               "base's 128 positions"]
-    # specialist-molecule reads molecules through Mol-LLaMA's encoder, which esmerge cannot build.
+    # specialist-molecule reads molecules through Mol-LLaMA's encoder, which the stand-in's tensors cannot build.
     mol = dry_run.evaluate_plan(["specialist-molecule"], ["CYP2C9-substrate"], n_eval=8, base_path=str(paper[1]),
                                 specialists_dir=paper[2])
-    assert len(mol.problems) == 1 and "mol-llama encoder" in mol.problems[0]
+    assert len(mol.problems) == 1 and "Mol-LLaMA's encoder cannot be built" in mol.problems[0]
 
 
 def test_a_missing_specialist_file_is_one_named_problem(paper, no_loading, tmp_path):
@@ -206,3 +208,82 @@ def test_cli_dry_run_prints_the_plan_and_exits_1_on_a_blocking_problem(paper, no
     assert not (tmp_path / "es").exists() and not (tmp_path / "avg").exists()
     assert main(["merge", "--scale", "smoke", "--method", "avg", "--out", str(tmp_path / "x"), "--dry-run"]) == 2
     assert "--dry-run checks a paper-scale merge" in capsys.readouterr().err
+
+
+def test_data_driven_baseline_estimates_match_a_hand_computation():
+    """AdaMerging: steps x batch x (forward + backward) = 6 x params x tokens; Avg+FT: rows x epochs x the same,
+    one run per benchmark; both from the paper scale's declared budgets (500 steps of 2 prompts; 2000 rows,
+    10 epochs, batches of 16)."""
+    from esmerge import scales
+    from esmerge.run.dry_run_plan import adamerging_cost, finetune_cost, trained_rows
+
+    budgets = scales.get("paper").merge_budgets
+    ada = adamerging_cost(1_000, budgets.adamerging_steps, budgets.adamerging_batch, tokens=3_000.0, longest=4_000,
+                          layers=2, hidden=8, encoder_params=10, encoder_tokens=500.0)
+    assert ada.flops == 500 * 2 * (6 * 1_000 * 3_000 + 2 * 10 * 500) == 18_010_000_000
+    assert ada.memory == pytest.approx((2 * 1_000 + 34 * 2 * 8 * 2 * 4_000) * 1.1)  # bf16 weights + activations
+    assert trained_rows(2000, 10, 16) == 20_000 and trained_rows(512, 10, 16) == 5_120
+    assert trained_rows(20, 2, 16, max_steps=3) == 20 + 16  # 2 batches per epoch (16 + 4): a full epoch + 1 batch
+    ft = finetune_cost(1_000, {"A": (budgets.ft_examples, 100.0), "B": (512, 200.0)}, budgets.ft_epochs,
+                       budgets.ft_batch, longest=300, layers=2, hidden=8)
+    assert ft.tokens == 20_000 * 100 + 5_120 * 200 == 3_024_000 and ft.flops == 6 * 1_000 * 3_024_000
+
+
+@pytest.mark.skipif(bool(_missing_data()), reason=_missing_data())
+def test_data_driven_baselines_are_costed_from_measured_prompts(paper, no_loading):
+    """On the stand-in: the prompts the merged model reads (molecules and proteins as blocks), measured as the
+    evaluation dry run measures them, times the declared budgets; CYP2C9-substrate (666 rows: 64 to evaluate,
+    512 in the in-context pool) trains on its 512 pool rows, fewer than the declared 2000, and says so."""
+    from esmerge import scales
+    from esmerge.evaluate.sweep import EvalConfig
+    from esmerge.run.dry_run import data_method_steps
+    from esmerge.scales import MergeBudgets
+    from esmerge.specialists.base_llm import load_tokenizer
+
+    plan = dry_run.merge_plan("avg", base_path=str(paper[1]), specialists_dir=paper[2])
+    tokenizer, budgets = load_tokenizer(str(paper[1])), MergeBudgets(benchmarks=("CYP2C9-substrate",))
+    merged = frozenset({"molecule", "protein"})
+    rows = dry_run.prompt_lengths("CYP2C9-substrate", tokenizer, EvalConfig.for_scale(scales.get("paper")),
+                                  [merged])[merged]
+    mean = sum(n for n, _ in rows) / len(rows)
+    (ada,) = data_method_steps("adamerging", {}, plan, plan.meta_model, tokenizer, 0, 0, budgets)
+    assert ada.flops == pytest.approx(500 * 6 * STANDIN_PARAMS * 2 * mean)
+    (capped,) = data_method_steps("adamerging", {"steps": 7}, plan, plan.meta_model, tokenizer, 0, 0, budgets)
+    assert capped.flops == pytest.approx(ada.flops * 7 / 500)  # --set steps=7 overrides the budget
+    (ft,) = data_method_steps("avg-ft", {}, plan, plan.meta_model, tokenizer, 0, 0, budgets)
+    assert ft.tokens == int(512 * 10 * mean) and ft.flops == pytest.approx(6 * STANDIN_PARAMS * 512 * 10 * mean)
+    assert any(note.startswith("avg-ft: 1 benchmark(s) train on fewer than the declared 2000 rows")
+               and "CYP2C9-substrate 512" in note for note in plan.notes)
+
+
+def test_mol_llama_encoder_check_reads_headers_and_the_hub_cache(monkeypatch, tmp_path):
+    """Trained tensors present and graph encoders in the hub cache: checked; a file absent: one line with the
+    command that fetches it; nothing is built or downloaded."""
+    from esmerge.run import dry_run_checks
+    from esmerge.run.dry_run_plan import Plan
+    from esmerge.specialists.mol_llama.encoder import TRAINED_KEYS
+
+    heads = {"projector.safetensors": {k: ((1,), "F32") for k in TRAINED_KEYS}, "encoder.safetensors": {}}
+    entry = {"kind": "mol-llama", "graph_encoder_files": {
+        "unimol": {"repo_id": "dptech/Uni-Mol-Models", "filename": "mol_pre_no_h_220816.pt"},
+        "moleculestm": {"repo_id": "chao1224/MoleculeSTM", "filename": "molecule_model.pth"}}}
+    cached = {"mol_pre_no_h_220816.pt", "molecule_model.pth"}
+    monkeypatch.setattr(dry_run_checks, "_in_hub_cache", lambda repo, name: name in cached)
+    plan = Plan("merge", "base")
+    dry_run_checks._check_mol_llama_encoder("molecule", tmp_path, entry, heads, plan, needed=True)
+    assert plan.problems == [] and any("graph encoders in the hub cache" in c for c in plan.checked)
+    cached.discard("molecule_model.pth")
+    plan = Plan("merge", "base")
+    dry_run_checks._check_mol_llama_encoder("molecule", tmp_path, entry, heads, plan, needed=True)
+    assert len(plan.problems) == 1 and "huggingface-cli download chao1224/MoleculeSTM molecule_model.pth" in \
+        plan.problems[0]
+    in_folder = heads | {"encoder.safetensors": {"encoder.graph_encoder.unimol.w": ((1,), "F32")}}
+    plan = Plan("merge", "base")
+    dry_run_checks._check_mol_llama_encoder("molecule", tmp_path, entry, in_folder, plan, needed=False)
+    assert plan.problems == plan.notes == [] and "in encoder.safetensors" in plan.checked[0]
+    del heads["projector.safetensors"][TRAINED_KEYS[0]]
+    plan = Plan("merge", "base")
+    dry_run_checks._check_mol_llama_encoder("molecule", tmp_path, entry, in_folder | {
+        "projector.safetensors": heads["projector.safetensors"]}, plan, needed=False)
+    assert plan.problems == [] and TRAINED_KEYS[0] in plan.notes[0] and "not needed by this run" in plan.notes[0]
+

@@ -23,6 +23,8 @@ from esmerge.run.dry_run_plan import (
     Plan,
     Step,
     activation_bytes,
+    adamerging_cost,
+    finetune_cost,
     forward_flops,
     gradient_flops,
     human,
@@ -126,8 +128,9 @@ def merge_plan(method: str = "es", hparams: dict | None = None, *, base_path: st
     model_id = paper_base(base_path)
     plan = _new_plan("merge", model_id, utilization, peak_flops)
     model, tokenizer, sha = check_base(model_id, plan)
+    encoded = probing or method in methods.needing("data")  # the data-driven baselines build prompts too
     sizes = check_specialists(paper_specialists_dir(specialists_dir), model, model_id, sha, plan,
-                              set(encoders.MODALITIES) if probing else set())
+                              set(encoders.MODALITIES) if encoded else set())
     plan.models = ["base", *(SPECIALIST + m for m in encoders.MODALITIES), f"merged ({method})"]
     if out is not None and Path(out).exists() and not force:
         plan.problems.append(f"--out {out} exists; choose another folder or pass --force")
@@ -135,11 +138,11 @@ def merge_plan(method: str = "es", hparams: dict | None = None, *, base_path: st
         return plan
     held, esm = sum(b for b, _ in sizes.values()), sizes.get("protein", (0, 0))[1]
     if not probing:
-        data = method in methods.needing("data")
-        if data:
-            plan.not_checked.append(f"{method}'s training passes (data-driven): not estimated by the dry run")
-        plan.steps.append(Step(f"{method}: base + encoders loaded, LoRA arithmetic", 0, 0.0,
-                               memory_bytes(plan.params, BASE_BYTES, held), "no model pass" if not data else "?"))
+        if method in methods.needing("data") and tokenizer is not None:
+            plan.steps += data_method_steps(method, settings, plan, model, tokenizer, held, esm)
+        else:
+            plan.steps.append(Step(f"{method}: base + encoders loaded, LoRA arithmetic", 0, 0.0,
+                                   memory_bytes(plan.params, BASE_BYTES, held), "no model pass"))
         return plan
     cfg = model.config
     length = probe_length(tokenizer) if tokenizer is not None else 0
@@ -160,11 +163,63 @@ def merge_plan(method: str = "es", hparams: dict | None = None, *, base_path: st
         plan.steps.append(Step(f"element scores: {n} specialists x {k} probes", n * k * length,
                                n * gradient_flops(plan.params, k * length, backward_passes=n),
                                memory_bytes(plan.params, BASE_BYTES, held + activation_bytes(
-                                   cfg.num_hidden_layers, cfg.hidden_size, ES_BATCH * length)),
-                               f"1 forward + {n} backward; activations of {ES_BATCH} probes"))
+                                   cfg.num_hidden_layers, cfg.hidden_size, length)),
+                               f"1 forward + {n} backward; activations of one probe (protein blocks vary in "
+                               "length, so es_signals.element_scores runs each probe alone)"))
     plan.assumptions.append(f"probe: {k} samples per specialist pass, padded to the longest possible protein "
                             f"({encoders.ESM_MAX_RESIDUES} residues + 2): {length} tokens each (an upper bound)")
     return plan
+
+
+# --------------------------------------------------------------------------- the data-driven baselines' passes
+def data_method_steps(method: str, settings: dict, plan: Plan, model, tokenizer, held_bytes: float,
+                      encoder_params: float, budgets=None, n_prompts: int = 3) -> list:
+    """The costed passes of AdaMerging or Avg+FT at paper scale (``dry_run_plan.adamerging_cost``,
+    ``finetune_cost``), from the declared budgets: the method's hyper-parameters where ``settings`` sets them
+    (``steps``; ``epochs``, ``max_steps``), else ``budgets`` (default the paper scale's ``MergeBudgets``: prompts
+    per benchmark, batch sizes, training rows), on the benchmarks ``budgets.benchmarks`` (all 13 by default).
+    Prompt lengths are measured as the evaluation dry run measures them (``n_prompts`` rendered prompts per
+    benchmark and its longest-entity one, as the merged model reads them: molecules and proteins as blocks).
+    Training rows are what ``run.baseline_inputs`` draws: at most ``ft_examples`` from the in-context pool."""
+    from esmerge.data.benchmarks import BENCHMARK_NAMES
+    from esmerge.evaluate.sweep import EvalConfig
+    from esmerge.run.baseline_inputs import benchmark_pools
+
+    paper = scales.get("paper")
+    budgets = budgets or paper.merge_budgets
+    config, tokens = EvalConfig.for_scale(paper), frozenset({"molecule", "protein"})
+    measured = {}
+    for benchmark in budgets.benchmarks or BENCHMARK_NAMES:
+        try:
+            rows = prompt_lengths(benchmark, tokenizer, config, [tokens], n_prompts)[tokens]
+            pool = len(benchmark_pools(benchmark, config)[1])
+        except (EsmergeError, ValueError) as err:
+            plan.problems.append(f"{method}: {benchmark}: {str(err).splitlines()[0]}")
+            continue
+        measured[benchmark] = (pool, sum(n for n, _ in rows) / len(rows), sum(p for _, p in rows) / len(rows),
+                               max(n for n, _ in rows))
+    if not measured:
+        return []
+    cfg, longest = model.config, max(m[3] for m in measured.values())
+    shape = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "held_bytes": held_bytes,
+             "encoder_params": encoder_params}
+    if method == "adamerging":
+        steps = settings.get("steps", budgets.adamerging_steps)
+        mean = sum(m[1] for m in measured.values()) / len(measured)  # the prompts mix every benchmark equally
+        residues = sum(m[2] for m in measured.values()) / len(measured)
+        plan.assumptions.append(f"adamerging: {budgets.adamerging_prompts_per_benchmark} unlabeled prompts per "
+                                f"benchmark x {len(measured)} benchmarks, batches of {budgets.adamerging_batch}")
+        return [adamerging_cost(plan.params, steps, budgets.adamerging_batch, mean, longest,
+                                encoder_tokens=residues, **shape)]
+    rows = {b: (min(budgets.ft_examples, m[0]), m[1]) for b, m in measured.items()}
+    short = sorted(b for b, (n, _) in rows.items() if n < budgets.ft_examples)
+    if short:  # the training rows come from the in-context pool (run.baseline_inputs.benchmark_prompts)
+        plan.notes.append(f"avg-ft: {len(short)} benchmark(s) train on fewer than the declared {budgets.ft_examples} "
+                          f"rows, as many as their in-context pool holds (n_context {config.n_context}), e.g. "
+                          f"{short[0]} {rows[short[0]][0]}")
+    return [finetune_cost(plan.params, rows, settings.get("epochs", budgets.ft_epochs), budgets.ft_batch, longest,
+                          max_steps=settings.get("max_steps"), encoder_tokens={b: m[2] for b, m in measured.items()},
+                          **shape)]
 
 
 def evaluate_plan(models: list[str], benchmarks: list[str] | None = None, *, n_eval: int | None = None,

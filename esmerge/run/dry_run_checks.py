@@ -41,6 +41,7 @@ from esmerge.specialists.base_llm import (
     same_base_name,
 )
 from esmerge.specialists.load import PAPER_SOURCES, read_card
+from esmerge.specialists.raw_encoder import UnavailableEncoder
 
 SPECIALIST_FILES = ("card.json", "adapter_config.json", "adapter_model.safetensors")
 ENCODER_FILES = {"prot2text": ("projector.safetensors", "encoder.safetensors"), "mol-llama": ("projector.safetensors",)}
@@ -250,6 +251,9 @@ def _check_encoder(modality: str, folder: Path, entry: dict, hidden: int | None,
             plan.checked.append(f"{modality} encoder: Prot2Text-V2 (ESM-2 + adapter) built on meta, "
                                 f"{len(module.state_dict())} tensors fit ({human(size[0], 'B')})")
         return size
+    if kind == "mol-llama" and builder.__module__ == encoders.__name__:
+        _check_mol_llama_encoder(modality, folder, entry, heads, plan, needed)
+        return size
     try:
         with torch.device("meta"):
             built = builder(entry, {}, {}, folder)
@@ -257,14 +261,37 @@ def _check_encoder(modality: str, folder: Path, entry: dict, hidden: int | None,
         plan.not_checked.append(f"{modality} encoder ({kind}): its registered builder needs the weights "
                                 f"({type(err).__name__}); built by the real run")
         return size
-    if isinstance(built, encoders.UnavailableEncoder):
-        line = (f"{modality} specialist: esmerge cannot build its {kind} encoder (Mol-LLaMA's MoleculeSTM + "
-                "Uni-Mol + Q-Former is not implemented; register one with esmerge.specialists.encoders."
-                "register_encoder('mol-llama', builder))")
+    if isinstance(built, UnavailableEncoder):
+        line = f"{modality} specialist: its {kind} encoder cannot be built here ({built.message})"
         (plan.problems if needed else plan.notes).append(line if needed else line + "; not needed by this run")
     else:
         plan.checked.append(f"{modality} encoder: {kind} built by its registered builder")
     return size
+
+
+def _check_mol_llama_encoder(modality: str, folder: Path, entry: dict, heads: dict, plan: Plan, needed: bool) -> None:
+    """Mol-LLaMA's encoder without building it: its trained tensors in projector.safetensors (headers), and
+    its frozen graph encoders in encoder.safetensors or already in the hub cache (nothing is downloaded)."""
+    from esmerge.specialists.mol_llama import weights
+    from esmerge.specialists.mol_llama.encoder import TRAINED_KEYS
+
+    problems = [f"no tensor {k} in projector.safetensors; reconvert with `esmerge convert mol-llama`"
+                for k in TRAINED_KEYS if k not in heads["projector.safetensors"]][:1]
+    if any(k.startswith("encoder.graph_encoder.") for k in heads["encoder.safetensors"]):
+        where = "in encoder.safetensors"
+    else:
+        files = entry.get("graph_encoder_files") or weights.upstream_files(entry.get("config"))
+        absent = [f for f in files.values() if not _in_hub_cache(f["repo_id"], f["filename"])]
+        where = "in the hub cache"
+        if absent:
+            fetch = " and ".join(f"`huggingface-cli download {f['repo_id']} {f['filename']}`" for f in absent)
+            problems.append(f"its frozen graph encoders are not in the hub cache; fetch them with {fetch}")
+    if problems:
+        line = f"{modality} specialist: Mol-LLaMA's encoder cannot be built from {folder}: {problems[0]}"
+        (plan.problems if needed else plan.notes).append(line if needed else line + "; not needed by this run")
+    else:
+        plan.checked.append(f"{modality} encoder: Mol-LLaMA (MoleculeSTM + Uni-Mol + Q-Former) trained tensors "
+                            f"present, graph encoders {where}")
 
 
 def check_specialists(root: Path, model, base_name: str, base_sha: str | None, plan: Plan,
@@ -332,3 +359,10 @@ def check_merged(folder: Path, model, plan: Plan) -> None:
     else:
         plan.checked.append(f"merged model {folder}: LoRA r={config.get('r')} shapes (headers)")
 
+
+def _in_hub_cache(repo_id: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)

@@ -94,6 +94,66 @@ def memory_bytes(params: float, bytes_per_param: float = 2, extra_bytes: float =
     return (params * bytes_per_param + extra_bytes) * (1 + overhead)
 
 
+def trained_rows(rows: int, epochs: int, batch: int, max_steps: int | None = None) -> int:
+    """Training rows one fine-tuning run passes through: ``epochs`` passes over ``rows`` rows in batches of
+    ``batch`` (the last one partial), stopped after ``max_steps`` optimiser steps (``methods.finetune``).
+
+    >>> trained_rows(2000, 10, 16)
+    20000
+    >>> trained_rows(100, 3, 16, max_steps=8)  # 7 batches per epoch (6 of 16, 1 of 4): 7 + 1 steps
+    116
+    """
+    per_epoch = -(-rows // batch)  # ceil: the last batch is partial
+    steps = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
+    full_epochs, rest = divmod(steps, per_epoch)
+    return full_epochs * rows + rest * batch  # rest < per_epoch: only full batches before the partial one
+
+
+def adamerging_cost(params: float, steps: int, batch: int, tokens: float, longest: int, layers: int, hidden: int,
+                    held_bytes: float = 0, encoder_params: float = 0, encoder_tokens: float = 0) -> Step:
+    """AdaMerging's search (``methods.adamerging``): ``steps`` Adam steps, each one forward and one backward
+    of the base over a batch of ``batch`` unlabeled prompts of ``tokens`` tokens on average (the entropy's
+    gradient reaches the coefficients through every layer), plus the frozen encoders' forward over the
+    batch's ``encoder_tokens`` per prompt. Peak memory: the bf16 base, ``held_bytes`` (encoders), and the
+    activations of one batch at the ``longest`` prompt.
+
+    >>> step = adamerging_cost(1_000, steps=500, batch=2, tokens=100, longest=150, layers=2, hidden=8)
+    >>> step.tokens, step.flops == 500 * 6 * 1_000 * 2 * 100
+    (100000, True)
+    """
+    flops = steps * (gradient_flops(params, batch * tokens) + forward_flops(encoder_params, batch * encoder_tokens))
+    memory = memory_bytes(params, 2, held_bytes + activation_bytes(layers, hidden, batch * longest))
+    return Step(f"adamerging: {steps} steps x {batch} prompts", int(steps * batch * tokens), flops, memory,
+                f"1 forward + 1 backward per step over ~{tokens:.0f} tokens a prompt; "
+                f"activations of {batch} x {longest}")
+
+
+def finetune_cost(params: float, rows: dict[str, tuple[int, float]], epochs: int, batch: int, longest: int,
+                  layers: int, hidden: int, held_bytes: float = 0, max_steps: int | None = None,
+                  encoder_params: float = 0, encoder_tokens: dict[str, float] | None = None) -> Step:
+    """Avg+FT's fine-tuning (``methods.finetune``), one run per benchmark: ``rows`` maps a benchmark to
+    ``(training rows, mean tokens per prompt)``; each run passes ``trained_rows(rows, epochs, batch,
+    max_steps)`` rows through one forward and one backward of the base (plus the frozen encoders' forward,
+    ``encoder_tokens`` per prompt). Peak memory: the bf16 base, ``held_bytes``, activations of one batch at
+    the ``longest`` prompt.
+
+    >>> step = finetune_cost(1_000, {"A": (2000, 50.0), "B": (512, 80.0)}, epochs=10, batch=16, longest=90,
+    ...                      layers=2, hidden=8)
+    >>> step.tokens == 20000 * 50 + 5120 * 80, step.flops == 6 * 1_000 * step.tokens
+    (True, True)
+    """
+    encoder_tokens = encoder_tokens or {}
+    seen = {b: trained_rows(n, epochs, batch, max_steps) for b, (n, _) in rows.items()}
+    tokens = sum(seen[b] * t for b, (_, t) in rows.items())
+    encoded = sum(seen[b] * encoder_tokens.get(b, 0.0) for b in rows)
+    flops = gradient_flops(params, tokens) + forward_flops(encoder_params, encoded)
+    memory = memory_bytes(params, 2, held_bytes + activation_bytes(layers, hidden, batch * longest))
+    cap = f", at most {max_steps} steps" if max_steps else ""
+    return Step(f"avg-ft: {len(rows)} benchmark(s) x {epochs} epochs", int(tokens), flops, memory,
+                f"{sum(seen.values())} training rows in batches of {batch}{cap}; 1 forward + 1 backward each; "
+                f"activations of {batch} x {longest}")
+
+
 def human(n: float, unit: str = "") -> str:
     """A number with an SI prefix (``unit`` "B": binary GiB/MiB).
 

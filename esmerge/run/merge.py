@@ -292,6 +292,10 @@ def merge_command(config: ScaleConfig, method: str, out: str | Path, hparams: di
     what ``methods.validate`` returned (the CLI's one check), which passes through unchecked.
     """
     hparams = methods.validate(method, hparams)
+    if method in methods.needing("data"):  # refused before any weight is loaded
+        raise UsageError(f"--method {method} trains on benchmark prompts (a test-time objective or a fine-tuning "
+                         "loop), which `esmerge merge` does not build; chapter 6 runs it: `esmerge regenerate "
+                         f"--scale {config.name} --only 06_merging` (budgets in esmerge.scales.MergeBudgets)")
     if probe_k is not None:
         check_probe_k(probe_k)
     given = [p for p in (base_path, specialists_dir) if p and str(p) not in scales.NAMES and os.path.exists(p)]
