@@ -13,7 +13,7 @@ One subpackage per pipeline stage, in the book's order; a stage imports only fro
 
 Shared by all: ``scales`` (every number that differs between smoke, cpu and paper), ``paths``,
 ``cache``, ``outputs`` (how an output folder is published), ``errors``, ``progress``, ``plots``;
-``cli`` declares every ``esmerge`` command.
+``cli/`` declares every ``esmerge`` command (``arguments``) and hands each to its stage (``commands``).
 """
 
 __version__ = "0.1.0"
