@@ -232,8 +232,8 @@ def test_data_driven_baseline_estimates_match_a_hand_computation():
 @pytest.mark.skipif(bool(_missing_data()), reason=_missing_data())
 def test_data_driven_baselines_are_costed_from_measured_prompts(paper, no_loading):
     """On the stand-in: the prompts the merged model reads (molecules and proteins as blocks), measured as the
-    evaluation dry run measures them, times the declared budgets; CYP2C9-substrate (666 rows: 64 to evaluate,
-    512 in the in-context pool) trains on its 512 pool rows, fewer than the declared 2000, and says so."""
+    evaluation dry run measures them, times the declared budgets; CYP2C9-substrate (666 rows, 64 of them to
+    evaluate) trains on the 602 rows outside its evaluation pool, fewer than the declared 2000, and says so."""
     from esmerge import scales
     from esmerge.evaluate.sweep import EvalConfig
     from esmerge.run.dry_run import data_method_steps
@@ -251,9 +251,23 @@ def test_data_driven_baselines_are_costed_from_measured_prompts(paper, no_loadin
     (capped,) = data_method_steps("adamerging", {"steps": 7}, plan, plan.meta_model, tokenizer, 0, 0, budgets)
     assert capped.flops == pytest.approx(ada.flops * 7 / 500)  # --set steps=7 overrides the budget
     (ft,) = data_method_steps("avg-ft", {}, plan, plan.meta_model, tokenizer, 0, 0, budgets)
-    assert ft.tokens == int(512 * 10 * mean) and ft.flops == pytest.approx(6 * STANDIN_PARAMS * 512 * 10 * mean)
+    assert ft.tokens == int(602 * 10 * mean) and ft.flops == pytest.approx(6 * STANDIN_PARAMS * 602 * 10 * mean)
     assert any(note.startswith("avg-ft: 1 benchmark(s) train on fewer than the declared 2000 rows")
-               and "CYP2C9-substrate 512" in note for note in plan.notes)
+               and "CYP2C9-substrate 602" in note for note in plan.notes)
+
+
+@pytest.mark.skipif(bool(_missing_data()), reason=_missing_data())
+def test_training_rows_never_hold_an_evaluation_row():
+    """Avg+FT's rows: the in-context pool when it is large enough, else every row outside the evaluation pool."""
+    from esmerge import scales
+    from esmerge.evaluate.sweep import EvalConfig
+    from esmerge.run.baseline_inputs import benchmark_pools, training_rows
+
+    config = EvalConfig.for_scale(scales.get("paper"))
+    eval_df, context_df = benchmark_pools("CYP2C9-substrate", config)
+    rows = training_rows("CYP2C9-substrate", config)
+    assert len(rows) == 666 - len(eval_df) > len(context_df)
+    assert not set(rows.index) & set(eval_df.index) and set(context_df.index) <= set(rows.index)
 
 
 def test_mol_llama_encoder_check_reads_headers_and_the_hub_cache(monkeypatch, tmp_path):

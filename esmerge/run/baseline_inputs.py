@@ -42,13 +42,23 @@ def benchmark_pools(benchmark: str, config):
     return benchmarks.split_pools(frame, n_eval, n_context, config.seed)
 
 
+def training_rows(benchmark: str, config):
+    """Every row of ``benchmark`` outside its evaluation pool (the in-context pool and the rows neither
+    pool drew): what a fine-tuning baseline may train on without seeing an evaluation row."""
+    eval_df, _ = benchmark_pools(benchmark, config)
+    frame = benchmarks.load_benchmark(benchmark)
+    return frame.drop(index=eval_df.index)
+
+
 def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config, split: str = "eval",
                       n: int | None = None, seed: int = 0) -> list:
     """Prompts of ``benchmark`` as ``esmerge.evaluate`` builds them.
 
     split : ``"eval"`` -- the evaluation queries (labels kept in ``Prompt.y``; callers that must
     not see them, like AdaMerging, ignore ``y``); ``"train"`` -- queries from the in-context pool,
-    with shots retrieved from the same pool (never the query itself).
+    with shots retrieved from the same pool (never the query itself), or, when ``n`` asks for more
+    rows than that pool holds (Avg+FT's 2,000 at paper scale), from every row outside the
+    evaluation pool, shots still from the in-context pool.
     n : at most this many prompts (seeded sample), default all.
     config : the ``evaluate.EvalConfig`` whose pools, shots and prompt options are used.
     """
@@ -58,7 +68,7 @@ def benchmark_prompts(benchmark: str, tokenizer, projectors: dict, config, split
     if split == "eval":
         queries = eval_df
     elif split == "train":
-        queries = context_df
+        queries = context_df if n is None or n <= len(context_df) else training_rows(benchmark, config)
     else:
         raise ValueError(f"split must be 'eval' or 'train', got {split!r}")
     if n is not None and n < len(queries):

@@ -180,10 +180,10 @@ def data_method_steps(method: str, settings: dict, plan: Plan, model, tokenizer,
     per benchmark, batch sizes, training rows), on the benchmarks ``budgets.benchmarks`` (all 13 by default).
     Prompt lengths are measured as the evaluation dry run measures them (``n_prompts`` rendered prompts per
     benchmark and its longest-entity one, as the merged model reads them: molecules and proteins as blocks).
-    Training rows are what ``run.baseline_inputs`` draws: at most ``ft_examples`` from the in-context pool."""
+    Training rows are what ``run.baseline_inputs`` draws: at most ``ft_examples``, from outside the evaluation pool."""
     from esmerge.data.benchmarks import BENCHMARK_NAMES
     from esmerge.evaluate.sweep import EvalConfig
-    from esmerge.run.baseline_inputs import benchmark_pools
+    from esmerge.run.baseline_inputs import training_rows
 
     paper = scales.get("paper")
     budgets = budgets or paper.merge_budgets
@@ -192,7 +192,7 @@ def data_method_steps(method: str, settings: dict, plan: Plan, model, tokenizer,
     for benchmark in budgets.benchmarks or BENCHMARK_NAMES:
         try:
             rows = prompt_lengths(benchmark, tokenizer, config, [tokens], n_prompts)[tokens]
-            pool = len(benchmark_pools(benchmark, config)[1])
+            pool = len(training_rows(benchmark, config))
         except (EsmergeError, ValueError) as err:
             plan.problems.append(f"{method}: {benchmark}: {str(err).splitlines()[0]}")
             continue
@@ -213,10 +213,10 @@ def data_method_steps(method: str, settings: dict, plan: Plan, model, tokenizer,
                                 encoder_tokens=residues, **shape)]
     rows = {b: (min(budgets.ft_examples, m[0]), m[1]) for b, m in measured.items()}
     short = sorted(b for b, (n, _) in rows.items() if n < budgets.ft_examples)
-    if short:  # the training rows come from the in-context pool (run.baseline_inputs.benchmark_prompts)
+    if short:  # the training rows: every row outside the evaluation pool (run.baseline_inputs.training_rows)
         plan.notes.append(f"avg-ft: {len(short)} benchmark(s) train on fewer than the declared {budgets.ft_examples} "
-                          f"rows, as many as their in-context pool holds (n_context {config.n_context}), e.g. "
-                          f"{short[0]} {rows[short[0]][0]}")
+                          f"rows, as many as they hold outside the evaluation pool, e.g. {short[0]} "
+                          f"{rows[short[0]][0]}")
     return [finetune_cost(plan.params, rows, settings.get("epochs", budgets.ft_epochs), budgets.ft_batch, longest,
                           max_steps=settings.get("max_steps"), encoder_tokens={b: m[2] for b, m in measured.items()},
                           **shape)]
