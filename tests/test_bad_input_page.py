@@ -60,7 +60,8 @@ def _literals(tree: ast.Module) -> list[str]:
 
 
 def refusal_literals(package: Path) -> list[str]:
-    """String literals of the modules under ``package`` that raise an ``EsmergeError`` subclass."""
+    """String literals of the modules under ``package`` that raise an ``EsmergeError`` subclass, or catch one
+    to print it (the CLI's entry point, which also prints its own warnings)."""
     trees = {path: ast.parse(path.read_text()) for path in sorted(package.rglob("*.py"))}
     family, grown = {"EsmergeError"}, True
     while grown:  # subclasses of subclasses, across modules
@@ -75,7 +76,10 @@ def refusal_literals(package: Path) -> list[str]:
     for tree in trees.values():
         raises = any(isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
                      and _class_name(node.exc.func) in family for node in ast.walk(tree))
-        if raises:
+        catches = any(isinstance(node, ast.ExceptHandler) and node.type is not None
+                      and any(_class_name(t) in family for t in getattr(node.type, "elts", [node.type]))
+                      for node in ast.walk(tree))
+        if raises or catches:
             literals += _literals(tree)
     return literals
 
