@@ -131,9 +131,11 @@ def full_state(llm_dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
             | {f"encoder.graph_encoder.unimol.{k}": t for k, t in unimol_part(seed + 2).items()})
 
 
-def mol_llama_full_checkpoint(out: Path, base_model, base_name: str, seed: int = 1, encoder_seed: int = 0):
-    """A Hugging Face ``MolLLaMA`` directory carrying the whole encoder (graph encoders included); returns
-    the source LLM (PEFT, vocabulary resized by [PAD] and <mol>) for reference logits."""
+def mol_llama_full_checkpoint(out: Path, base_model, base_name: str, seed: int = 1, encoder_seed: int = 0,
+                              *, graph_encoders: bool = True, shards: int = 2):
+    """A Hugging Face ``MolLLaMA`` directory carrying the whole encoder (graph encoders included; without
+    them with ``graph_encoders=False``, see ``mol_llama_hub_checkpoint``); returns the source LLM (PEFT,
+    vocabulary resized by [PAD] and <mol>) for reference logits."""
     import standins
 
     peft = standins._lora_model(base_model, 8, seed, base_model.config.vocab_size + standins.ADDED_TOKENS)
@@ -141,8 +143,21 @@ def mol_llama_full_checkpoint(out: Path, base_model, base_name: str, seed: int =
     config = {"model_type": "mol_llama", "architectures": ["MolLLaMA"],
               "llm_config": {"llm_model": base_name, "lora_config": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}},
               **CONFIG}
-    standins._save_shards(out, llm | full_state(base_model.config.hidden_size, encoder_seed), config, 2)
+    hidden = base_model.config.hidden_size
+    encoder = full_state(hidden, encoder_seed) if graph_encoders else trained_part(hidden, encoder_seed)
+    standins._save_shards(out, llm | encoder, config, shards)
     return peft
+
+
+def mol_llama_hub_checkpoint(out: Path, hub_cache: Path, base_model, base_name: str, seed: int = 1,
+                             encoder_seed: int = 0) -> dict[str, Path]:
+    """Mol-LLaMA as its hub release lays it out: a ``MolLLaMA`` directory (sharded safetensors + index) whose
+    encoder holds what upstream trains (query tokens, ``ln_graph``, blending module, Q-Former, ``llm_proj``,
+    sized for ``base_model``) and not the frozen MoleculeSTM and Uni-Mol, which go to a fake Hugging Face hub
+    cache at ``hub_cache`` (``fake_hub_cache``: where upstream's config names them). Point ``HF_HUB_CACHE`` at
+    ``hub_cache`` (and set ``HF_HUB_OFFLINE``) to use it. Returns the cached files' paths by file name."""
+    mol_llama_full_checkpoint(out, base_model, base_name, seed, encoder_seed, graph_encoders=False)
+    return fake_hub_cache(hub_cache, encoder_seed)
 
 
 def fake_hub_cache(root: Path, seed: int = 0) -> dict[str, Path]:

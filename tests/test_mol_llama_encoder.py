@@ -208,8 +208,11 @@ def test_atom_and_bond_features_by_hand():
 
 def test_unimol_inputs_and_seeded_conformer():
     symbols, coords = featurize.conformer("CCO")
+    assert featurize.conformer("CCO")[1] is coords  # memoised: embedded once per molecule
+    featurize.conformer.cache_clear()
     again = featurize.conformer("CCO")[1]
-    assert symbols == ["C", "C", "O"] and coords.shape == (3, 3) and (coords == again).all()  # bit-identical
+    assert symbols == ("C", "C", "O") and coords.shape == (3, 3) and (coords == again).all()  # bit-identical
+    assert again is not coords and not coords.flags.writeable
     uni = featurize.unimol_inputs(symbols, coords, featurize.UNIMOL_SYMBOLS)
     assert uni["tokens"].tolist() == [1, 4, 4, 6, 2]  # [CLS] C C O [SEP]
     assert uni["edge_type"][1, 3].item() == 4 * 31 + 6

@@ -14,6 +14,8 @@ reproducible. RDKit is imported lazily: without it ``EncoderUnavailableError`` s
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -99,20 +101,24 @@ def smiles_graph(smiles: str) -> dict[str, torch.Tensor]:
     return {"atoms": atoms, "edge_index": edge_index, "edges": torch.tensor(feats, dtype=torch.long).view(-1, 3)}
 
 
-def conformer(smiles: str, seed: int = CONFORMER_SEED) -> tuple[list[str], np.ndarray]:
-    """Heavy-atom symbols and coordinates ``[N, 3]`` (float64, Angstrom) of one seeded 3D conformer.
+@functools.lru_cache(maxsize=4096)
+def conformer(smiles: str, seed: int = CONFORMER_SEED) -> tuple[tuple[str, ...], np.ndarray]:
+    """Heavy-atom symbols and coordinates ``[N, 3]`` (float64, Angstrom, read-only) of one seeded 3D conformer.
 
     ETKDG with the molecule's hydrogens, then MMFF (where MMFF has parameters), then hydrogens
     removed, as upstream. Where ETKDG fails from its usual start it retries from random
     coordinates (upstream falls back to OpenBabel instead, not a pip dependency); where that fails
-    too the 2D depiction (z = 0) stands in, so every parsable molecule gets a block.
+    too the 2D depiction (z = 0) stands in, so every parsable molecule gets a block. Memoised: every
+    model that reads a molecule (each shot of each prompt) needs the same conformer, and embedding
+    plus MMFF costs up to seconds per molecule.
     """
     Chem, AllChem = rdkit()
     mol = parse(smiles)
     with_h = Chem.AddHs(mol)
     embedded = False
     for random_coords in (False, True):
-        ids = AllChem.EmbedMultipleConfs(with_h, numConfs=1, randomSeed=seed, pruneRmsThresh=1, maxAttempts=10000,
+        # one conformer: nothing to prune, and RMS pruning's symmetry set-up alone can take a minute
+        ids = AllChem.EmbedMultipleConfs(with_h, numConfs=1, randomSeed=seed, maxAttempts=10000,
                                          useRandomCoords=random_coords, numThreads=1)
         if len(ids):
             embedded = True
@@ -125,7 +131,9 @@ def conformer(smiles: str, seed: int = CONFORMER_SEED) -> tuple[list[str], np.nd
         mol = Chem.RemoveHs(with_h)  # a hydrogen it must keep (e.g. in [H][H]) is dropped by unimol_inputs
     else:
         AllChem.Compute2DCoords(mol)
-    return [a.GetSymbol() for a in mol.GetAtoms()], np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64)
+    coords = np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64)
+    coords.setflags(write=False)  # shared by every caller through the memo
+    return tuple(a.GetSymbol() for a in mol.GetAtoms()), coords
 
 
 def read_dictionary(path) -> tuple[str, ...]:
