@@ -115,8 +115,6 @@ class ScaleConfig:
     cell_top_k: int  # genes per cell in specialist prompts
     train: TrainRecipe
     evaluation: EvalDefaults = field(default_factory=EvalDefaults)
-    # (notebook stem, seconds) measured in book/rerun.md: `esmerge regenerate`'s estimate before a first run.
-    notebook_seconds: tuple[tuple[str, float], ...] = ()
     # held-out examples per modality on which 09_retention scores every model (n >= 200, so per-modality
     # CIs resolve a few hundredths)
     n_retention: int = 200
@@ -137,9 +135,6 @@ SCALES = {
                                 smiles_chars=24, batch_size=3, n_resamples=100,
                                 benchmarks=("BindingDB", "GDSC2", "CYP2C9", "CYP2C9-substrate"),
                                 decision="cross-fit", n_folds=3, noninferiority_margin=5.0),
-        notebook_seconds=(("00_overview", 8), ("01_data", 25), ("02_specialists", 16), ("03_probe", 19),
-                          ("04_layerwise", 28), ("05_elementwise", 32), ("06_merging", 54),
-                          ("07_results", 403)),
         n_retention=8,  # all of SMOKE_DATA
         # keeps the merging chapter well under a minute
         merge_budgets=MergeBudgets(adamerging_steps=2, ft_examples=4, ft_epochs=1, ft_batch=4, lsmerge_epochs=5,
@@ -163,11 +158,6 @@ SCALES = {
                                                                    ("projector_lr_scale", 1.0))),)),
                        evaluation=EvalDefaults(decision="cross-fit", n_eval=32, n_calibration=16,
                                                noninferiority_margin=5.0),
-                       # a cold run of 2026-12-02 (book/rerun.md); the next run's regenerate_state.json replaces them
-                       notebook_seconds=(("00_overview", 8), ("01_data", 22), ("02_specialists", 245),
-                                         ("03_probe", 486), ("04_layerwise", 696), ("05_elementwise", 51),
-                                         ("06_merging", 992), ("07_results", 5000), ("08_claims", 6),
-                                         ("09_retention", 1511)),
                        # one AdaMerging step on 2 prompts takes ~30 s and one fine-tuning step on 4 prompts
                        # ~12 s on one thread: far below the paper's budgets (chapter 6 says so)
                        merge_budgets=MergeBudgets(adamerging_steps=10, ft_examples=8, ft_epochs=1, ft_batch=4,

@@ -88,13 +88,14 @@ def test_on_a_terminal_the_block_is_redrawn_in_place_and_cleared_for_log_lines(t
 
 
 def test_estimates_before_a_first_run_are_the_figures_of_the_rerun_page():
-    """scales.ScaleConfig.notebook_seconds is the machine-readable copy of book/rerun.md's table: keep them equal."""
-    from esmerge import scales
+    """The monitor reads book/rerun.md's per-notebook table itself: every notebook has a cpu figure there."""
+    from esmerge.paths import NOTEBOOKS_DIR
+    from esmerge.regen import monitor
+    from esmerge.regen.notebook_graph import discover
 
-    rows = re.findall(r"^\| `(\d\d_\w+)` \| ([^|]*)\|[^|]*\| ([^|]*)\|$",
-                      (BOOK_DIR / "rerun.md").read_text(), re.M)
-    assert len(rows) >= 9, "the per-notebook table of book/rerun.md changed shape"
-    smoke_cold = {stem: float(m.group(1)) for stem, cold, _ in rows if (m := re.match(r"\s*(\d+) s", cold))}
-    cpu = {stem: float(re.match(r"\s*(\d+) s", col).group(1)) for stem, _, col in rows}
-    assert dict(scales.get("smoke").notebook_seconds) == smoke_cold
-    assert dict(scales.get("cpu").notebook_seconds) == cpu
+    figures = monitor.rerun_page_seconds((BOOK_DIR / "rerun.md").read_text())
+    stems = set(discover(NOTEBOOKS_DIR))
+    assert set(figures["cpu"]) == stems, "the per-notebook table of book/rerun.md changed shape or lost a notebook"
+    assert figures["cpu"]["07_results"] > figures["cpu"]["01_data"]
+    for stem, seconds in figures["cpu"].items():
+        assert monitor.estimate(stem, "cpu", {"notebooks": {}}) == monitor.Estimate(seconds, "rerun.md")

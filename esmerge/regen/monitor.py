@@ -6,11 +6,12 @@ and, on a terminal, redraws one line per running notebook about once a second; i
 redirected output) it prints a plain line per running notebook at most every 30 s instead.
 
 The estimate is the seconds ``regenerate_state.json`` recorded for that notebook's last run at
-this scale, or, before any run, the measured figure of ``book/rerun.md`` kept in
-``esmerge.scales`` (``ScaleConfig.notebook_seconds``).
+this scale, or, before any run, the measured figure in the per-notebook table of ``book/rerun.md``,
+read from the page itself so that the figures have one home (and re-measuring them re-keys no notebook).
 """
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import threading
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from esmerge import progress, scales
+from esmerge import progress
+from esmerge.paths import BOOK_DIR
 
 REDRAW_S = 1.0
 
@@ -28,6 +30,33 @@ REDRAW_S = 1.0
 class Estimate:
     seconds: float
     source: str  # "last run" or "rerun.md"
+
+
+# A row of the per-notebook table: | `07_results` | smoke cold | smoke warm | cpu cold |
+_ROW = re.compile(r"^\| `(\d\d_\w+)` \| ([^|]*)\|[^|]*\| ([^|]*)\|$", re.M)
+_SECONDS = re.compile(r"\s*(\d+) s")
+
+
+def rerun_page_seconds(text: str) -> dict[str, dict[str, float]]:
+    """Scale -> notebook -> cold seconds, from the per-notebook table of ``book/rerun.md``.
+
+    Cells that do not start with a number of seconds ("(added later)") give no figure.
+
+    >>> page = "| `07_results` | 403 s | 28 s | 5000 s (14 models) |\\n| `09_retention` | (added later) | - | 1511 s |"
+    >>> rerun_page_seconds(page)
+    {'smoke': {'07_results': 403.0}, 'cpu': {'07_results': 5000.0, '09_retention': 1511.0}}
+    """
+    figures: dict[str, dict[str, float]] = {"smoke": {}, "cpu": {}}
+    for stem, smoke_cold, cpu_cold in _ROW.findall(text):
+        for scale, cell in (("smoke", smoke_cold), ("cpu", cpu_cold)):
+            if match := _SECONDS.match(cell):
+                figures[scale][stem] = float(match.group(1))
+    return figures
+
+
+def _measured(scale: str) -> dict[str, float]:
+    page = BOOK_DIR / "rerun.md"  # absent from an installed wheel: then no estimate before a first run
+    return rerun_page_seconds(page.read_text()).get(scale, {}) if page.is_file() else {}
 
 
 def estimate(stem: str, scale: str, state: dict) -> Estimate | None:
@@ -43,7 +72,7 @@ def estimate(stem: str, scale: str, state: dict) -> Estimate | None:
     seconds = state.get("notebooks", {}).get(stem, {}).get("seconds")
     if seconds:
         return Estimate(float(seconds), "last run")
-    measured = dict(scales.get(scale).notebook_seconds).get(stem)
+    measured = _measured(scale).get(stem)
     return Estimate(float(measured), "rerun.md") if measured else None
 
 
