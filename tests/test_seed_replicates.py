@@ -86,3 +86,27 @@ def test_accuracy_curve_averages_avg_ft_over_the_curve_benchmarks_only():
     assert curve.loc[("avg-ft", 4), "accuracy"] == 0.0
     assert curve.loc[("adamerging", 10), "accuracy"] == 50.0 and bool(curve.loc[("adamerging", 10), "as_run"])
     assert "ties" not in curve.index.get_level_values("method")
+
+
+def test_the_seed_replicate_assist_merges_exactly_what_the_chapter_would(cache, tmp_path, monkeypatch):
+    """06_merging's assist runs the steps backwards in a fresh process: every merge must be the same bytes
+    as the chapter's forward run after its other work moved the global RNG, or the book would depend on
+    which process merged what."""
+    budgets = scales.get("smoke").merge_budgets
+    config = evaluate.default_config(scales.get("smoke"))
+    forward = tmp_path / "chapter" / "smoke" / "06_merging"
+    torch.manual_seed(0)
+    torch.rand(1000)  # the chapter's seed-0 merges and curves ran before the replicates
+    context = build_context(scales.get("smoke"), 0, specialist_seed=1)
+    all_methods.merge_every_method(context, all_methods.seed_folder(forward, 1), budgets, config)
+
+    monkeypatch.setenv("ESMERGE_RUNS_DIR", str(tmp_path / "assist"))
+    steps = len(all_methods.method_steps(context, tmp_path / "unused", budgets, config))
+    assert all_methods.fill_seed_merges("smoke") == steps  # smoke: seeds (0, 1), so seed 1 only
+    backward = tmp_path / "assist" / "smoke" / "06_merging" / "seeds" / "seed1"
+    made = sorted(p.relative_to(backward) for p in backward.rglob("adapter_model.safetensors"))
+    assert made == sorted(p.relative_to(all_methods.seed_folder(forward, 1))
+                          for p in all_methods.seed_folder(forward, 1).rglob("adapter_model.safetensors"))
+    assert len(made) == steps
+    for rel in made:
+        assert (backward / rel).read_bytes() == (all_methods.seed_folder(forward, 1) / rel).read_bytes(), rel

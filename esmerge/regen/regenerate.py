@@ -11,8 +11,9 @@ This module drives the pieces, one module each: ``notebook_graph`` (which notebo
 order), ``input_keys`` (when one must run again: its text, parameters, data, upstream keys and
 the package modules it imports), ``execute`` (one notebook under papermill; the executed copy
 at ``book/executed/{scale}/{stem}.ipynb`` appears only when every cell ran), ``monitor`` (cell,
-elapsed time and an estimate of what is left, on the terminal, never in the notebook) and
-``book`` (TOC, API page, Sphinx build, link check).
+elapsed time and an estimate of what is left, on the terminal, never in the notebook), ``assist``
+(a second process that fills a lone notebook's caches on the idle core) and ``book`` (TOC, API
+page, Sphinx build, link check).
 
 A failing notebook stops the run (its dependents are not started) with a message naming the
 notebook and the cell. ``Ctrl-C`` stops the running notebook without keeping any of it, keeps
@@ -44,6 +45,7 @@ from esmerge import scales
 from esmerge.cache import atomic_write_json, file_sha256
 from esmerge.errors import UsageError
 from esmerge.paths import Layout
+from esmerge.regen.assist import Assists, free_assist_slots
 from esmerge.regen.execute import KERNEL, KERNEL_START_ATTEMPTS, NotebookFailed, environ, execute_job, execute_notebook
 from esmerge.regen.freshness import source_commit, text_sha256
 from esmerge.regen.input_keys import current_keys, import_closure, input_keys, keys_now, load_state, stale_chapters
@@ -183,6 +185,7 @@ def run_notebooks(
     done = set(order) - set(todo)  # what is already up to date counts as finished
     running: dict = {}
     width = len(todo)
+    assists = Assists(progress_dir, layout.cwd, say)
     # Workers (and the kernels they start) inherit the environment, so set it before they exist.
     with environ(ESMERGE_RUNS_DIR=str(layout.runs), OMP_NUM_THREADS=kernel_threads(jobs)), monitor:
         pool = (futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -190,7 +193,9 @@ def run_notebooks(
         try:
             while pending or running:
                 ready = [s for s in pending if set(notebooks[s].needs) <= done] if report.failed is None else []
-                for stem in ready[: max(0, jobs - len(running))]:
+                starting = ready[: max(0, jobs - len(running))]
+                assists.keep(free_assist_slots(jobs, len(running), len(starting)))  # notebooks take slots back
+                for stem in starting:
                     pending.remove(stem)
                     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                     say(f"  running     {stem} [{len(report.executed) + len(running) + 1}/{width}] ...")
@@ -205,11 +210,16 @@ def run_notebooks(
                 if pool is None:
                     finished = list(running)
                 else:
+                    for stem in running:  # an idle core helps a running notebook fill its caches
+                        if notebooks[stem].assist and stem not in assists and free_assist_slots(
+                                jobs, len(running) + len(assists), 0) and report.failed is None:
+                            assists.start(stem, notebooks[stem].assist, parameters)
                     wait_on = {fut: stem for stem, (_, fut) in running.items()}
                     done_futs, _ = futures.wait(wait_on, return_when=futures.FIRST_COMPLETED)
                     finished = [wait_on[f] for f in done_futs]
                 for stem in finished:
                     started, outcome = running.pop(stem)
+                    assists.stop(stem)
                     monitor.finish(stem)
                     result = outcome if pool is None else outcome.result()
                     if result["ok"]:
@@ -228,6 +238,7 @@ def run_notebooks(
             say(interrupted_message(list(running), report, executed_dir, state_path))
             raise
         finally:
+            assists.stop_all()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             for path in progress_dir.glob("*"):

@@ -9,14 +9,19 @@ Every merge is saved with its settings and skipped on a rerun with the same sett
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
+import torch
+
+from esmerge import scales
 from esmerge.data.benchmarks import BENCHMARK_NAMES
-from esmerge.paths import MERGE_ROOT_EXTRAS
+from esmerge.evaluate.sweep import default_config
+from esmerge.paths import MERGE_ROOT_EXTRAS, run_dir
 from esmerge.report.budget_curves import curve_name
 from esmerge.run import baseline_inputs
-from esmerge.run.merge import MergeContext, merge_once
+from esmerge.run.merge import MergeContext, build_context, merge_once
 from esmerge.scales import MergeBudgets
 from esmerge.specialists.adapters import Adapter
 
@@ -67,6 +72,42 @@ class Merges:
     finetune: dict[str, dict] = field(default_factory=dict)
 
 
+def method_steps(context: MergeContext, out: str | Path, budgets: MergeBudgets, eval_config, seed: int = 0,
+                 es_variants: tuple[str, ...] = ES_VARIANTS) -> list[tuple[str, Callable[[], tuple[Adapter, dict]]]]:
+    """``merge_every_method``'s merges as ``(name, run)`` steps, in its order; each step sets up its own inputs.
+
+    ``name`` is the method, or ``avg-ft/<benchmark>`` for Avg+FT's per-benchmark adapters; ``run()``
+    merges (or reads the finished merge) into ``out/<name>`` and returns ``(adapter, esmerge.json)``.
+    The steps are independent, so they may run in any order (the seed-replicate assist runs them
+    backwards).
+    """
+    out = Path(out)
+    chosen = list(budgets.benchmarks or BENCHMARK_NAMES)
+
+    def plain(name: str, **hparams):
+        return lambda: merge_once(name, out / name, context, **hparams)
+
+    def adamerging():
+        context.extras.update(baseline_inputs.adamerging_extras(
+            context.base, context.specialists, chosen, budgets.adamerging_prompts_per_benchmark,
+            budgets.adamerging_batch, eval_config, seed))
+        return merge_once("adamerging", out / "adamerging", context, steps=budgets.adamerging_steps, progress=False)
+
+    def finetune(benchmark: str):
+        def run():
+            context.extras.update(baseline_inputs.finetune_extras(
+                context.base, context.specialists, benchmark, budgets.ft_examples, budgets.ft_batch, eval_config,
+                seed))
+            return merge_once("avg-ft", out / "avg-ft" / benchmark, context, epochs=budgets.ft_epochs, progress=False)
+        return run
+
+    return [*((name, plain(name)) for name in TRAINING_FREE),
+            ("ls-merge", plain("ls-merge", epochs=budgets.lsmerge_epochs, seed=seed, progress=False)),
+            ("adamerging", adamerging),
+            *((f"avg-ft/{benchmark}", finetune(benchmark)) for benchmark in chosen),
+            *((name, plain(name)) for name in es_variants)]
+
+
 def merge_every_method(context: MergeContext, out: str | Path, budgets: MergeBudgets, eval_config, seed: int = 0,
                        es_variants: tuple[str, ...] = ES_VARIANTS) -> Merges:
     """Merge ``context``'s specialists by every method into ``out/<method>``.
@@ -76,25 +117,13 @@ def merge_every_method(context: MergeContext, out: str | Path, budgets: MergeBud
     adapter per benchmark on rows of its in-context pool, ``baseline_inputs``); then
     ``es_variants``. ``seed`` seeds the baselines' data and LS-Merge.
     """
-    out = Path(out)
     done = Merges()
-    chosen = list(budgets.benchmarks or BENCHMARK_NAMES)
-    for name in TRAINING_FREE:
-        done.adapters[name], done.metas[name] = merge_once(name, out / name, context)
-    done.adapters["ls-merge"], done.metas["ls-merge"] = merge_once(
-        "ls-merge", out / "ls-merge", context, epochs=budgets.lsmerge_epochs, seed=seed, progress=False)
-    context.extras.update(baseline_inputs.adamerging_extras(
-        context.base, context.specialists, chosen, budgets.adamerging_prompts_per_benchmark,
-        budgets.adamerging_batch, eval_config, seed))
-    done.adapters["adamerging"], done.metas["adamerging"] = merge_once(
-        "adamerging", out / "adamerging", context, steps=budgets.adamerging_steps, progress=False)
-    for benchmark in chosen:
-        context.extras.update(baseline_inputs.finetune_extras(
-            context.base, context.specialists, benchmark, budgets.ft_examples, budgets.ft_batch, eval_config, seed))
-        _, done.finetune[benchmark] = merge_once("avg-ft", out / "avg-ft" / benchmark, context,
-                                                 epochs=budgets.ft_epochs, progress=False)
-    for name in es_variants:
-        done.adapters[name], done.metas[name] = merge_once(name, out / name, context)
+    for name, run in method_steps(context, out, budgets, eval_config, seed, es_variants):
+        adapter, meta = run()
+        if name.startswith("avg-ft/"):
+            done.finetune[name.split("/", 1)[1]] = meta
+        else:
+            done.adapters[name], done.metas[name] = adapter, meta
     return done
 
 
@@ -122,3 +151,27 @@ def merge_budget_curves(context: MergeContext, out: str | Path, budgets: MergeBu
             metas[f"{name}/{benchmark}"] = merge_once("avg-ft", out / name / benchmark, context,
                                                       epochs=budgets.ft_epochs, progress=False)[1]
     return metas
+
+
+def fill_seed_merges(scale: str, seed: int = 0, specialist_seeds: tuple[int, ...] | None = None,
+                     budget_overrides: dict | None = None) -> int:
+    """``06_merging``'s assist: merge the seed replicates from the far end (last seed, last method first).
+
+    The chapter merges the first seed, its budget curves, then each other seed in order; this walks
+    the other seeds' ``method_steps`` backwards, so the two meet in the middle (``merge_once`` keeps
+    one copy if both finish the same merge). The defaults are the chapter's parameters (a test keeps
+    them equal). Returns the number of merges visited.
+    """
+    config = scales.get(scale)
+    budgets = replace(config.merge_budgets, **(budget_overrides or {}))
+    eval_config = default_config(config)
+    out = run_dir(scale, "06_merging")
+    visited = 0
+    torch.set_num_threads(1)
+    for s in reversed(tuple(specialist_seeds or config.specialist_seeds)[1:]):
+        torch.manual_seed(seed)
+        context = build_context(config, seed, specialist_seed=s)
+        for _, run in reversed(method_steps(context, seed_folder(out, s), budgets, eval_config, seed)):
+            run()
+            visited += 1
+    return visited
