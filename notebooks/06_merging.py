@@ -31,14 +31,10 @@
 # budgets (the budget curves below). Every method is merged again from the specialists trained at
 # each other seed of the scale (`specialist_seeds`), so that the retention chapter can put the
 # spread between seeds inside its CIs. Every merge is saved with its settings and skipped on a
-# rerun with the same settings. While this chapter runs alone, `esmerge regenerate` lets a second
-# process merge the seed replicates from the other end on the idle core
-# (`esmerge.run.all_methods.fill_seed_merges`); the merges are the same bytes whichever process
-# makes them.
+# rerun with the same settings.
 
 # %% tags=["parameters", "remove-cell"]
 # esmerge-needs: 02_specialists
-# esmerge-assist: esmerge.run.all_methods:fill_seed_merges
 scale = "cpu"
 seed = 0
 specialist_seeds = None  # None: the scale's (ScaleConfig.specialist_seeds)

@@ -53,7 +53,6 @@
 
 # %% tags=["parameters", "remove-cell"]
 # esmerge-needs: 06_merging
-# esmerge-assist: esmerge.run.retention_runs:fill_retention
 scale = "cpu"
 seed = 0
 specialist_seeds = None  # None: the scale's (ScaleConfig.specialist_seeds)
@@ -70,11 +69,13 @@ from IPython.display import display
 
 from esmerge import plots, scales
 from esmerge.evaluate import retention, retention_seeds
+from esmerge.methods.emr import ONE_MODEL, emr_one_model
 from esmerge.paths import run_dir
 from esmerge.report import budget_curves, figures
 from esmerge.report.display import Numbered
-from esmerge.run import retention_runs
+from esmerge.run.all_methods import curve_models, seed_folder
 from esmerge.run.merge import build_context
+from esmerge.specialists.adapters import load_merged
 from esmerge.specialists.captions import heldout_examples
 
 config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
@@ -101,16 +102,19 @@ print(caption, "| base:", base.name)
 # `06_merging` made from them, EMR both with its task routing (`emr`: each modality's own task
 # modulator, which an oracle chooses) and as one merged model (`emr-one`: the mean of its modulated
 # adapters, what a user would deploy). At the first seed also the budget-curve runs of AdaMerging
-# and Avg+FT. Every (model, modality) score is cached on disk, so a rerun reads them. While this
-# chapter runs alone, `esmerge regenerate` lets a second process compute the same entries from
-# the end of the list on the idle core (`esmerge.run.retention_runs.fill_retention`); which
-# process computes an entry changes no number.
+# and Avg+FT. Every (model, modality) score is cached on disk, so a rerun reads them.
 
 # %% tags=["hide-input"]
 start = time.perf_counter()
 by_seed, notes = {}, []
-for s, seed_context, models, seed_notes in retention_runs.seed_models(
-        config, seed, specialist_seeds, merge_root, avg_ft_benchmarks, {specialist_seeds[0]: context}):
+for s in specialist_seeds:
+    seed_context = context if s == specialist_seeds[0] else build_context(config, seed, specialist_seed=s)
+    folder = seed_folder(merge_root, s)
+    extra = {ONE_MODEL: emr_one_model(load_merged(folder / "emr").adapter)}
+    if s == specialist_seeds[0]:
+        for name in curve_models(budgets, tuple(b for b in avg_ft_benchmarks if b in budgets.curve_benchmarks)):
+            extra[name] = load_merged(merge_root / "curves" / name).adapter
+    models, seed_notes = retention.retention_models(seed_context.specialists, folder, list(avg_ft_benchmarks), extra)
     notes += [f"seed {s}: {n}" for n in seed_notes]
     by_seed[s] = retention.score_models(models, base, seed_context.specialists, examples, config.train,
                                      batch_size=batch_size)

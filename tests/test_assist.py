@@ -6,7 +6,6 @@ import importlib
 import inspect
 import json
 import os
-import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +13,7 @@ from test_regenerate import make_layout, write_notebook
 
 from esmerge.paths import NOTEBOOKS_DIR
 from esmerge.regen import regenerate as rg
+from esmerge.regen.assist import ASSISTS
 from esmerge.regen.notebook_graph import discover
 from esmerge.run import retention_runs
 
@@ -41,12 +41,11 @@ WAITS_FOR_ITS_ASSIST = """\
 """
 
 
-def _assisted_notebook(root, body: str, target_source: str = ASSIST_TARGET):
+def _assisted_notebook(root, monkeypatch, body: str, target_source: str = ASSIST_TARGET):
     """Notebook ``01_long`` with ``body``, whose assist is ``assist_target:fill`` (``target_source``)."""
     (root / "assist_target.py").write_text(target_source)
-    nb = write_notebook(root, "01_long", body)
-    line = "# esmerge-needs: \n"
-    nb.write_text(nb.read_text().replace(line, line + "# esmerge-assist: assist_target:fill\n"))
+    write_notebook(root, "01_long", body)
+    monkeypatch.setitem(ASSISTS, "01_long", "assist_target:fill")
 
 
 def _alive(pid: int) -> bool:
@@ -57,9 +56,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_a_lone_notebook_gets_its_assist_which_stops_when_it_finishes(tmp_path):
+def test_a_lone_notebook_gets_its_assist_which_stops_when_it_finishes(tmp_path, monkeypatch):
     layout = make_layout(tmp_path)
-    _assisted_notebook(tmp_path, WAITS_FOR_ITS_ASSIST)
+    _assisted_notebook(tmp_path, monkeypatch, WAITS_FOR_ITS_ASSIST)
     said = []
 
     report = rg.run_notebooks("smoke", layout, seed=3, jobs=2, log=said.append)
@@ -73,9 +72,9 @@ def test_a_lone_notebook_gets_its_assist_which_stops_when_it_finishes(tmp_path):
     assert any("assist      01_long" in line for line in said)
 
 
-def test_no_assist_without_a_free_slot(tmp_path):
+def test_no_assist_without_a_free_slot(tmp_path, monkeypatch):
     layout = make_layout(tmp_path)
-    _assisted_notebook(tmp_path, "print('done')\n")
+    _assisted_notebook(tmp_path, monkeypatch, "print('done')\n")
 
     report = rg.run_notebooks("smoke", layout, jobs=1, log=lambda *_: None)  # one slot, taken by the notebook
 
@@ -83,10 +82,10 @@ def test_no_assist_without_a_free_slot(tmp_path):
     assert not (tmp_path / "runs" / "smoke" / "assisted.json").exists()
 
 
-def test_a_failing_assist_is_reported_and_the_notebook_still_finishes(tmp_path):
+def test_a_failing_assist_is_reported_and_the_notebook_still_finishes(tmp_path, monkeypatch):
     layout = make_layout(tmp_path)
     failing = "def fill(scale, seed):\n    raise ValueError('no merges yet')\n"
-    _assisted_notebook(tmp_path, "import time\ntime.sleep(4)\n", failing)
+    _assisted_notebook(tmp_path, monkeypatch, "import time\ntime.sleep(4)\n", failing)
     said = []
 
     report = rg.run_notebooks("smoke", layout, jobs=2, log=said.append)
@@ -105,12 +104,10 @@ def _parameters(path) -> dict:
             if isinstance(node, ast.Assign)}
 
 
-@pytest.mark.parametrize("stem,target", [("06_merging", "esmerge.run.all_methods:fill_seed_merges"),
-                                         ("09_retention", "esmerge.run.retention_runs:fill_retention")])
-def test_each_assist_takes_its_chapters_parameters_with_the_same_defaults(stem, target):
+@pytest.mark.parametrize("stem", sorted(ASSISTS))
+def test_each_assist_takes_its_chapters_parameters_with_the_same_defaults(stem):
     notebook = discover(NOTEBOOKS_DIR)[stem]
-    assert notebook.assist == target
-    module, function = target.split(":")
+    module, function = ASSISTS[stem].split(":")
     signature = inspect.signature(getattr(importlib.import_module(module), function))
     defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
     defaults = {k: {} if k == "budget_overrides" and v is None else v for k, v in defaults.items()}  # None: no change
@@ -160,14 +157,3 @@ def test_notebooks_come_before_assists(jobs, running, ready, free):
     from esmerge.regen.assist import free_assist_slots
 
     assert free_assist_slots(jobs, running, ready) == free
-
-
-def test_assist_line_is_read_from_the_notebook_text():
-    text = textwrap.dedent("""\
-        # esmerge-needs: 06_merging
-        # esmerge-assist: esmerge.run.retention_runs:fill_retention
-    """)
-    from esmerge.regen.notebook_graph import parse_assist
-
-    assert parse_assist(text) == "esmerge.run.retention_runs:fill_retention"
-    assert parse_assist(text.replace("fill_retention", "fill retention")) is None

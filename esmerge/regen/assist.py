@@ -2,9 +2,7 @@
 
 The notebook graph is two wide at best, so under ``esmerge regenerate --jobs 2`` one core idles
 whenever a long notebook runs alone (``06_merging`` after the probe chapters, ``09_retention``
-after ``07_results``). A notebook may name an assist on a line of its own::
-
-    # esmerge-assist: esmerge.run.retention_runs:fill_retention
+after ``07_results``). ``ASSISTS`` names, for such a chapter, a function that does part of its work.
 
 When a slot is free and no notebook is ready to start, the regenerator runs that function in a
 process of its own (``python -m esmerge.regen.assist``) with the notebook's injected parameters,
@@ -23,6 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
+
+# chapter -> "module:function" that fills its caches (imported only in the assist's own process); each
+# function takes the chapter's injected parameters (scale, seed) and has the chapter's defaults
+ASSISTS = {
+    "06_merging": "esmerge.run.all_methods:fill_seed_merges",
+    "09_retention": "esmerge.run.retention_runs:fill_retention",
+}
 
 
 def free_assist_slots(jobs: int, running: int, ready: int) -> int:

@@ -3,8 +3,7 @@
 A notebook is ``notebooks/NN_name.py`` (jupytext percent format) with a line
 ``# esmerge-needs: 01_data, 02_specialists`` naming the notebooks whose results it reads.
 ``discover`` finds them, ``topological_order`` orders them, ``with_ancestors`` closes a
-selection over what it needs. Notebook 00 lists the chapters with the same parser. A notebook may
-also name an *assist* (``# esmerge-assist: module:function``, ``esmerge.regen.assist``).
+selection over what it needs. Notebook 00 lists the chapters with the same parser.
 """
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ from pathlib import Path
 from esmerge.errors import EsmergeError
 
 NEEDS_RE = re.compile(r"^#\s*esmerge-needs:[ \t]*(.*)$", re.MULTILINE)
-ASSIST_RE = re.compile(r"^#\s*esmerge-assist:[ \t]*([\w.]+:\w+)[ \t]*$", re.MULTILINE)
 STEM_RE = re.compile(r"^\d\d_[A-Za-z0-9_]+$")
 
 
@@ -28,7 +26,6 @@ class Notebook:
     stem: str
     path: Path
     needs: tuple[str, ...] = field(default=())
-    assist: str | None = None  # "module:function" that fills this notebook's caches on an idle core
 
 
 def parse_needs(text: str) -> tuple[str, ...]:
@@ -45,18 +42,6 @@ def parse_needs(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in match.group(1).split(",") if s.strip())
 
 
-def parse_assist(text: str) -> str | None:
-    """The ``module:function`` on the notebook's ``# esmerge-assist:`` line, if any.
-
-    >>> parse_assist("# esmerge-needs: 06_merging\\n# esmerge-assist: esmerge.run.retention_runs:fill\\n")
-    'esmerge.run.retention_runs:fill'
-    >>> parse_assist("# esmerge-needs: 06_merging\\n") is None
-    True
-    """
-    match = ASSIST_RE.search(text)
-    return match.group(1) if match else None
-
-
 def discover(notebooks_dir: Path) -> dict[str, Notebook]:
     """Every ``NN_name.py`` notebook in ``notebooks_dir``, keyed by stem, in file-name order."""
     if not notebooks_dir.is_dir():
@@ -64,8 +49,7 @@ def discover(notebooks_dir: Path) -> dict[str, Notebook]:
     found = {}
     for path in sorted(notebooks_dir.glob("[0-9][0-9]_*.py")):
         if STEM_RE.match(path.stem):
-            text = path.read_text()
-            found[path.stem] = Notebook(path.stem, path, parse_needs(text), parse_assist(text))
+            found[path.stem] = Notebook(path.stem, path, parse_needs(path.read_text()))
     return found
 
 

@@ -45,7 +45,7 @@ from esmerge import scales
 from esmerge.cache import atomic_write_json, file_sha256
 from esmerge.errors import UsageError
 from esmerge.paths import Layout
-from esmerge.regen.assist import Assists, free_assist_slots
+from esmerge.regen.assist import ASSISTS, Assists, free_assist_slots
 from esmerge.regen.execute import KERNEL, KERNEL_START_ATTEMPTS, NotebookFailed, environ, execute_job, execute_notebook
 from esmerge.regen.freshness import source_commit, text_sha256
 from esmerge.regen.input_keys import current_keys, import_closure, input_keys, keys_now, load_state, stale_chapters
@@ -211,9 +211,9 @@ def run_notebooks(
                     finished = list(running)
                 else:
                     for stem in running:  # an idle core helps a running notebook fill its caches
-                        if notebooks[stem].assist and stem not in assists and free_assist_slots(
+                        if stem in ASSISTS and stem not in assists and free_assist_slots(
                                 jobs, len(running) + len(assists), 0) and report.failed is None:
-                            assists.start(stem, notebooks[stem].assist, parameters)
+                            assists.start(stem, ASSISTS[stem], parameters)
                     wait_on = {fut: stem for stem, (_, fut) in running.items()}
                     done_futs, _ = futures.wait(wait_on, return_when=futures.FIRST_COMPLETED)
                     finished = [wait_on[f] for f in done_futs]

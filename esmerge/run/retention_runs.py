@@ -2,9 +2,9 @@
 
 ``seed_models`` is the one place that says which models are scored at which seed: at every seed
 the base, the specialists, every merged model of ``06_merging`` at that seed and EMR as one merged
-model; at the first seed also the budget-curve runs. The chapter iterates it;
-``fill_retention``, the chapter's assist (``esmerge.regen.assist``), walks the same list from the
-other end and computes the cached (model, modality) entries the chapter will read.
+model; at the first seed also the budget-curve runs (the list the chapter's "Models" cell builds).
+``fill_retention``, the chapter's assist (``esmerge.regen.assist``), walks it from the other end and
+computes the cached (model, modality) entries the chapter will read.
 """
 from __future__ import annotations
 
