@@ -60,12 +60,10 @@ def fill_retention(scale: str, seed: int = 0, specialist_seeds: tuple[int, ...] 
     n = n_retention or config.n_retention
     first = build_context(config, seed, specialist_seed=seeds[0])
     examples = {m: heldout_examples(m, config, n, seed) for m in first.specialists}
-    runs = seed_models(config, seed, seeds[:1] + tuple(reversed(seeds[1:])), run_dir(scale, "06_merging"),
-                       tuple(avg_ft_benchmarks), {seeds[0]: first})
-    # the first seed goes last: seed_models gives it first, so hold it back
-    ordered = list(runs)
+    runs = list(seed_models(config, seed, seeds, run_dir(scale, "06_merging"), tuple(avg_ft_benchmarks),
+                            {seeds[0]: first}))
     visited = 0
-    for s, context, models, _ in ordered[1:] + ordered[:1]:
+    for s, context, models, _ in reversed(runs):
         for modality in reversed(list(examples)):
             for name in reversed(list(models)):
                 score_models({name: models[name]}, first.base, context.specialists, {modality: examples[modality]},
