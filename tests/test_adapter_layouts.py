@@ -92,17 +92,12 @@ def loads_in_peft(base_folder: Path, merged: Path) -> torch.Tensor:
     return logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory):
-    """esmerge's cache (weight hashes, ES intermediates) in a temporary folder."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+# Every test's weight-hash memos and conversions go to a temporary cache, never the user's.
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory, _private_cache):
+def llama(tmp_path_factory, private_cache):
     """A tiny Llama base folder and adapters of every layout on it."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("llama")

@@ -30,10 +30,8 @@ PROBES = [
 
 
 @pytest.fixture(scope="module", name="trained")
-def trained_fixture(tmp_path_factory):
+def trained_fixture(tmp_path_factory, private_cache):
     """Two smoke specialists trained in the test (a few steps), saved as PEFT directories."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("adapters")
     base = load_smoke(seed=0)
@@ -44,7 +42,6 @@ def trained_fixture(tmp_path_factory):
     probes.write_text("// two spans per line: a molecule and a protein\n"
                       + "\n".join(json.dumps(p) for p in PROBES) + "\n")
     yield base, root, probes
-    mp.undo()
 
 
 def adapters_of(root):

@@ -20,13 +20,8 @@ from esmerge.specialists.raw_encoder import UnavailableEncoder
 BASE_NAME = "meta-llama/Llama-3.1-8B-Instruct"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """Hash memos (models.checkpoint_sha256) go to a temporary cache, not the user's."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+# Every test's weight-hash memos and conversions go to a temporary cache, never the user's.
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -39,10 +39,8 @@ def _missing_data() -> str:
 
 
 @pytest.fixture(scope="module")
-def paper(tmp_path_factory):
+def paper(tmp_path_factory, private_cache):
     """(base folder with 128 positions, the same base with 8192 positions, specialists root)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("paper")
     standins.paper_tree(root)
@@ -50,7 +48,6 @@ def paper(tmp_path_factory):
     config = json.loads((root / "llama8k" / "config.json").read_text())
     (root / "llama8k" / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 8192}))
     yield root / "llama", root / "llama8k", root / "specialists"
-    mp.undo()
 
 
 @pytest.fixture()

@@ -29,12 +29,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+def _one_thread(private_cache):
     torch.set_num_threads(1)
-    yield
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,10 @@ CELLS = ["CD3E, CD2, IL7R, LTB, CCR7, MAL, LEF1, TCF7"] * 4
 
 
 @pytest.fixture(scope="module")
-def paper(tmp_path_factory):
+def paper(tmp_path_factory, private_cache):
     """(base folder, specialists root), built once; hash memos in a private cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
     torch.set_num_threads(1)
     yield standins.paper_tree(tmp_path_factory.mktemp("paper"))
-    mp.undo()
 
 
 @pytest.fixture()

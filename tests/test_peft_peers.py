@@ -32,16 +32,13 @@ RESULTS = {}  # max abs differences measured, printed at the end of the module (
 
 
 @pytest.fixture(scope="module")
-def three(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+def three(tmp_path_factory, private_cache):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("peers")
     base = save_base(root / "base")
     folders = {name: peft_adapter(base, root / name, seed, **config)
                for seed, (name, config) in enumerate(ADAPTERS.items(), 1)}
     yield base, folders
-    mp.undo()
     if RESULTS:
         print("\npeer max abs differences:", json.dumps(RESULTS, indent=1))
 

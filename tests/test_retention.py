@@ -149,15 +149,12 @@ def test_claims_without_es_are_not_measured():
 
 # --------------------------------------------------------------------------- NLLs of real (smoke) models
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(private_cache):
     from esmerge.specialists.load import load_specialists
 
     torch.set_num_threads(1)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
     base = load_base(scales.get("smoke"))
     yield base, load_specialists(scales.get("smoke"), base)
-    mp.undo()
 
 
 def test_example_nlls_match_specialist_loss_and_single_examples(smoke):

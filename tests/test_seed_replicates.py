@@ -15,12 +15,8 @@ from esmerge.specialists.adapters import adapter_digest, is_merged
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+def cache(private_cache):
     torch.set_num_threads(1)
-    yield
-    mp.undo()
 
 
 def test_each_specialist_seed_is_its_own_set_and_seed_zero_is_unchanged(cache):

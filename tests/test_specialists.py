@@ -38,11 +38,8 @@ def molecule(base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smoke_specs(base, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+def smoke_specs(base, private_cache):
     yield S.load_specialists(scales.get("smoke"), base)
-    mp.undo()
 
 
 def test_collate_labels_only_the_answer_and_marks_the_slot(base):
