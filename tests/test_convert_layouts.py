@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 # the stand-in bases of test_convert (module-scoped: this module builds its own)
-from test_convert import base, ids, other_base, private_cache  # noqa: F401
+from test_convert import base, ids, other_base  # noqa: F401
 
 from esmerge.errors import UsageError
 from esmerge.specialists import convert
@@ -24,6 +24,9 @@ from esmerge.specialists.adapters import attach, load_adapter
 from esmerge.specialists.base_llm import BaseModel, checkpoint_sha256
 from esmerge.specialists.convert import lowrank
 from esmerge.specialists.load import is_finished, load_specialist
+
+# Every test's weight-hash memos and conversions go to a temporary cache, never the user's.
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 QFORMER_POSITION_IDS = "encoder.Qformer.bert.embeddings.position_ids"
 BATCH_NORM = "encoder.graph_encoder.moleculestm.molecule_node_model.batch_norms.0"
