@@ -4,9 +4,12 @@ release (rotary frequencies), and the rank an error budget picks (seconds)."""
 from __future__ import annotations
 
 # ruff: noqa: F811  (the fixtures imported from test_convert are redefined as test parameters, as pytest wants)
+import argparse
 import json
 import math
 import os
+import shlex
+import subprocess
 import sys
 import types
 
@@ -23,6 +26,7 @@ from esmerge.specialists import convert
 from esmerge.specialists.adapters import attach, load_adapter
 from esmerge.specialists.base_llm import BaseModel, checkpoint_sha256
 from esmerge.specialists.convert import lowrank
+from esmerge.specialists.convert.checkpoints import export_command
 from esmerge.specialists.load import is_finished, load_specialist
 
 # Every test's weight-hash memos and conversions go to a temporary cache, never the user's.
@@ -202,6 +206,27 @@ class System:
 
     def __reduce__(self):
         return (os.system, (self.command,))
+
+
+def test_the_export_command_admits_only_confirmed_classes_and_writes_the_state_dict(tmp_path):
+    """The refusal's export command, run as a user would (stdin their answer): it names the classes the
+    file imports, writes plain tensors only after Enter, and nothing when the user stops at the question."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
+    ckpt = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(lr=1e-4)}, ckpt)
+    with pytest.raises(Exception):
+        torch.load(ckpt, weights_only=True)  # the class is not admitted by default: the case the command is for
+    argv = shlex.split(export_command(ckpt))
+    argv[0] = sys.executable
+
+    declined = subprocess.run(argv, input="", capture_output=True, text=True)  # Ctrl-D at the question
+    assert declined.returncode != 0 and "argparse.Namespace" in declined.stdout
+    assert not ckpt.with_suffix(".safetensors").exists()
+
+    confirmed = subprocess.run(argv, input="\n", capture_output=True, text=True)
+    assert confirmed.returncode == 0, confirmed.stderr
+    written = load_file(ckpt.with_suffix(".safetensors"))
+    assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
 
 
 def test_planted_pickles_execute_nothing(base, tmp_path, monkeypatch):

@@ -104,11 +104,26 @@ def plain(obj):
 
 
 def export_command(file: Path) -> str:
-    """A command to run in the upstream environment that turns a Lightning checkpoint into plain tensors."""
+    """A command to run in the upstream environment that turns a Lightning checkpoint into plain tensors.
+
+    It never unpickles blindly: it lists the classes the file would import
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``), goes on only when the user confirms
+    that they are the upstream project's own, and then loads with ``weights_only=True``, those
+    classes admitted, before saving the ``state_dict`` as safetensors beside the file.
+    """
     out = file.with_suffix(".safetensors")
-    return (f"python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{file}', "
-            f"map_location='cpu', weights_only=False)['state_dict']; save_file({{k: v.contiguous() for k, v in "
-            f"sd.items()}}, '{out}')\"")
+    steps = [
+        "import importlib, torch",
+        "from safetensors.torch import save_file",
+        f"f = '{file}'",
+        "names = torch.serialization.get_unsafe_globals_in_checkpoint(f)",
+        "input(f'{f} imports {names}: Enter if these are the upstream classes only, Ctrl-C otherwise ')",
+        "torch.serialization.add_safe_globals([getattr(importlib.import_module(n.rpartition('.')[0]), "
+        "n.rpartition('.')[2]) for n in names])",
+        "sd = torch.load(f, map_location='cpu', weights_only=True)['state_dict']",
+        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{out}')",
+    ]
+    return f'python -c "{"; ".join(steps)}"'
 
 
 def _torch_tensors(file: Path, inert: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
