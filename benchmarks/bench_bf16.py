@@ -4,7 +4,7 @@
     python benchmarks/bench_bf16.py --combine a.json b.json [--force]   # runs over disjoint --queries
 
 The prompts are the ones ``evaluate`` builds at ``cpu`` scale: each benchmark's evaluation pool
-(``benchmarks.split_pools`` with the cpu ``EvalConfig``), shots from ``RetrievalCache``, prompts
+(``benchmark_pools.split_pools`` with the cpu ``EvalConfig``), shots from ``RetrievalCache``, prompts
 from ``build_prompt``, batches from ``collate``; queries ``--queries START STOP`` of each of
 the 13 pools, for two models: the base LLM (every entity as text) and the element-wise average of
 the three shipped cpu specialists with all their projectors (molecules and proteins as tokens,
@@ -42,6 +42,7 @@ from esmerge import evaluate as ev
 from esmerge import scales
 from esmerge.cache import atomic_write_json
 from esmerge.data import benchmarks
+from esmerge.data.benchmark_pools import split_pools
 from esmerge.errors import OutputExistsError
 from esmerge.specialists.adapters import Adapter
 from esmerge.specialists.base_llm import load_base
@@ -65,7 +66,7 @@ def threads_for(choice: str) -> int:
 def _prompts(bench: str, queries: tuple[int, int], config, retrieval, tokenizer, token_modalities) -> tuple[list, list]:
     """Prompts ``queries[0]:queries[1]`` of those ``evaluate`` builds for ``bench`` at cpu, and their example ids."""
     frame = benchmarks.load_benchmark(bench)
-    eval_df, context_df = benchmarks.split_pools(frame, config.n_eval, config.n_context, config.seed)
+    eval_df, context_df = split_pools(frame, config.n_eval, config.n_context, config.seed)
     pool, positions = retrieval.shots(benchmarks.spec(bench).kind, bench, eval_df, context_df, config.n_shots)
     options = ev.PromptOptions(frozenset(token_modalities), config.top_k_genes, config.protein_chars,
                                config.smiles_chars)

@@ -55,6 +55,7 @@ import torch
 from esmerge import evaluate as ev
 from esmerge import scales
 from esmerge.data import benchmarks
+from esmerge.data.benchmark_pools import split_pools
 from esmerge.evaluate.models import PeftCopies
 from esmerge.specialists.base_llm import load_base
 from esmerge.specialists.encoders import make_projector
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
 def _batches(bench: str, n: int, base, token_modalities, cfg, shots: int) -> list:
     """``collate``d batches of the first ``n`` cpu evaluation prompts of ``bench``."""
     frame = benchmarks.load_benchmark(bench)
-    eval_df, context_df = benchmarks.split_pools(frame, cfg.n_eval, cfg.n_context, cfg.seed)
+    eval_df, context_df = split_pools(frame, cfg.n_eval, cfg.n_context, cfg.seed)
     pool, positions = ev.RetrievalCache().shots(benchmarks.spec(bench).kind, bench, eval_df, context_df, shots)
     options = ev.PromptOptions(frozenset(token_modalities), cfg.top_k_genes, cfg.protein_chars, cfg.smiles_chars)
     prompts = [ev.build_prompt(bench, row, pool.iloc[positions[i]], base.tokenizer, options)
@@ -181,7 +182,7 @@ def cost(args) -> None:
     print(f"{'benchmark':18s} {'model':26s} {'tokens':>7s} {'s/example':>10s} {'cpu-s/thread':>13s}")
     for bench in args.benchmarks:
         frame = benchmarks.load_benchmark(bench)
-        eval_df, context_df = benchmarks.split_pools(frame, args.n, min(cfg.n_context, len(frame) - args.n), 0)
+        eval_df, context_df = split_pools(frame, args.n, min(cfg.n_context, len(frame) - args.n), 0)
         index = ev.ContextIndex(context_df, ev.benchmark_kind(bench))
         for name, projs in models.items():
             options = ev.PromptOptions(frozenset(projs), cfg.top_k_genes, cfg.protein_chars, cfg.smiles_chars)

@@ -1,7 +1,7 @@
 """Does the cpu base read its shots? Decision rules and shot counts against the shots-shuffled control.
 
 For each option (a number of shots and a decision rule of ``esmerge.evaluate.calibration``) the
-base LLM is scored on the **protocol rows** of all 13 benchmarks (``benchmarks.protocol_rows``:
+base LLM is scored on the **protocol rows** of all 13 benchmarks (``benchmark_pools.protocol_rows``:
 ``--n-protocol`` rows per benchmark, stratified, seed ``--seed``, disjoint from the evaluation rows
 of ``--scale``; shots retrieved from that scale's context pool), and again on the shots-shuffled
 control (same prompts, shot labels permuted across the benchmark's prompts; the decision's fitted
@@ -14,7 +14,7 @@ yardsticks (majority, k-NN vote over the same shots) are printed for reference.
     timeout 3h python benchmarks/bench_shots.py --n-protocol 32 --shots 3 5 --dtype bf16
 
 A setting chosen here is chosen on rows no evaluation of ``--scale`` scores: the protocol rows are
-the tail of ``benchmarks.split_pools``' seeded draw, the evaluation rows its head (at the cpu and
+the tail of ``benchmark_pools.split_pools``' seeded draw, the evaluation rows its head (at the cpu and
 paper sizes every benchmark, the CYP substrate sets included, has up to 87 protocol rows beyond its
 evaluation and context rows; with more, a benchmark takes them from its context pool, says so in
 the header, and their shots then come from the rest of that pool).
@@ -58,7 +58,7 @@ import torch
 
 from esmerge import evaluate as ev
 from esmerge import scales
-from esmerge.data import benchmarks
+from esmerge.data import benchmark_pools, benchmarks
 from esmerge.evaluate import calibration as cal
 from esmerge.evaluate import yardstick
 from esmerge.specialists.base_llm import load_base
@@ -84,12 +84,12 @@ def _score(model, prompts, tokenizer, batch_size) -> np.ndarray:
 
 
 def protocol_pools(bench: str, args) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """``(protocol_df, context_df, source)``: the protocol rows of ``bench`` (``benchmarks.protocol_rows``,
+    """``(protocol_df, context_df, source)``: the protocol rows of ``bench`` (``benchmark_pools.protocol_rows``,
     disjoint from ``args.scale``'s evaluation rows) and the context pool their shots and the fitted
     threshold come from -- the scale's context pool, less the protocol rows where they were taken
     from it (``source == "context"``)."""
     config = ev.EvalConfig.for_scale(scales.get(args.scale), seed=args.seed)
-    protocol_df = benchmarks.protocol_rows(bench, scales.get(args.scale), args.n_protocol, args.seed)
+    protocol_df = benchmark_pools.protocol_rows(bench, scales.get(args.scale), args.n_protocol, args.seed)
     eval_df, context_df = yardstick.scale_pools(bench, config)
     assert not set(protocol_df.index) & set(eval_df.index), f"{bench}: protocol rows among the evaluation rows"
     return protocol_df, context_df.drop(index=protocol_df.index, errors="ignore"), protocol_df.attrs["protocol_source"]
@@ -184,8 +184,8 @@ def table(all_scores: dict[int, dict[str, dict]], n_resamples: int, seed: int, n
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-protocol", type=int, default=benchmarks.PROTOCOL_ROWS,
-                        help="protocol rows per benchmark (benchmarks.protocol_rows), never evaluation rows")
+    parser.add_argument("--n-protocol", type=int, default=benchmark_pools.PROTOCOL_ROWS,
+                        help="protocol rows per benchmark (benchmark_pools.protocol_rows), never evaluation rows")
     parser.add_argument("--scale", default="cpu", help="whose evaluation rows the protocol rows avoid and whose "
                         "context pool gives the shots")
     parser.add_argument("--n-folds", type=int, default=cal.N_FOLDS, help="folds of the cross-fitted threshold")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from esmerge.cli import main as cli_main
-from esmerge.data import benchmarks, files, sources
+from esmerge.data import benchmark_pools, benchmarks, files, sources
 from esmerge.errors import EsmergeError
 
 
@@ -280,26 +280,26 @@ def _toy(n_pos=30, n_neg=70):
 
 def test_split_pools_disjoint_stratified_seeded():
     df = _toy()
-    ev, ctx = benchmarks.split_pools(df, n_eval=20, n_context=50, seed=3)
+    ev, ctx = benchmark_pools.split_pools(df, n_eval=20, n_context=50, seed=3)
     assert len(ev) == 20 and len(ctx) == 50
     assert not set(ev.index) & set(ctx.index)
     assert set(ev.index) | set(ctx.index) <= set(df.index)
     assert ev["y"].sum() == 6 and ctx["y"].sum() == 15  # 30 % positives in each pool
-    ev2, ctx2 = benchmarks.split_pools(df, n_eval=20, n_context=50, seed=3)
+    ev2, ctx2 = benchmark_pools.split_pools(df, n_eval=20, n_context=50, seed=3)
     assert ev.index.tolist() == ev2.index.tolist() and ctx.index.tolist() == ctx2.index.tolist()
-    ev3, _ = benchmarks.split_pools(df, n_eval=20, n_context=50, seed=4)
+    ev3, _ = benchmark_pools.split_pools(df, n_eval=20, n_context=50, seed=4)
     assert set(ev3.index) != set(ev.index)
 
 
 def test_split_pools_rounding_and_exhaustion():
     df = _toy(n_pos=3, n_neg=7)
-    ev, ctx = benchmarks.split_pools(df, n_eval=5, n_context=5, seed=0)  # uses every row
+    ev, ctx = benchmark_pools.split_pools(df, n_eval=5, n_context=5, seed=0)  # uses every row
     assert sorted(ev.index.tolist() + ctx.index.tolist()) == df.index.tolist()
     assert ev["y"].sum() in (1, 2) and ev["y"].sum() + ctx["y"].sum() == 3
-    ev, _ = benchmarks.split_pools(df, n_eval=3, n_context=0, seed=0)
+    ev, _ = benchmark_pools.split_pools(df, n_eval=3, n_context=0, seed=0)
     assert ev["y"].sum() == 1  # 0.9 positives rounds to 1 (largest remainder), 2.1 negatives to 2
     with pytest.raises(ValueError, match="exceeds the 10 rows"):
-        benchmarks.split_pools(df, n_eval=8, n_context=3)
+        benchmark_pools.split_pools(df, n_eval=8, n_context=3)
 
 
 @needs_data
@@ -427,7 +427,7 @@ def test_split_pools_property_over_random_sizes():
         df = _toy(n_pos, n_neg)
         n_eval = int(rng.integers(0, len(df) + 1))
         n_context = int(rng.integers(0, len(df) - n_eval + 1))
-        ev, ctx = benchmarks.split_pools(df, n_eval, n_context, seed=trial)
+        ev, ctx = benchmark_pools.split_pools(df, n_eval, n_context, seed=trial)
         assert (len(ev), len(ctx)) == (n_eval, n_context)
         assert not set(ev.index) & set(ctx.index)
         p = n_pos / len(df)

@@ -11,14 +11,15 @@ from esmerge.methods import primitives as P
 from esmerge.methods.adamerging import coefficient_groups, layerwise_sum
 from esmerge.methods.emr import emr_benchmark_adapter, emr_task_adapter, emr_unified
 from esmerge.methods.graft import (
-    compatibility_score,
     dual_gate_weights,
     global_gate,
     graft_matrix,
     weight_entropy,
 )
+from esmerge.methods.graft_compatibility import compatibility_score
 from esmerge.methods.lsmerge import VAEConfig, chunk_vectors, train_vae
 from esmerge.methods.objectives import lora_state_swapped, mean_entropy
+from esmerge.methods.pcb_balance import keep_top_fraction, pcb_log_balance
 from esmerge.run.baseline_inputs import answer_nll_loss, label_entropy_objective
 from esmerge.signals.hooks import module_outputs
 from esmerge.specialists.adapters import (
@@ -165,7 +166,7 @@ def test_emr_unified_worked_example():
 
 def test_pcb_balance_worked_example():
     tau = torch.tensor([[1.0, 2.0], [2.0, 2.0]])
-    log_beta = P.pcb_log_balance(tau)
+    log_beta = pcb_log_balance(tau)
     # row 0: Norm(tau0^2) = [0, 1]; intra = softmax([0, 2]); Norm(tau0*tau0)=[0,1], Norm(tau0*tau1)=[0,1]
     intra0 = torch.softmax(torch.tensor([0.0, 2.0]), 0)
     inter0 = 2 * torch.softmax(torch.tensor([0.0, 1.0]), 0)
@@ -187,7 +188,7 @@ def test_pcb_drop_zero_equal_tasks_is_average_and_drop_removes_low_scores():
     tau, _, _ = P.flatten(adapters)
     out, _, _ = P.flatten([methods.run("pcb", adapters, drop=0.0).adapter])
     assert torch.all(out[0] <= tau.max(0).values + 1e-6) and torch.all(out[0] >= tau.min(0).values - 1e-6)
-    keep = P.keep_top_fraction(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), drop=0.5)
+    keep = keep_top_fraction(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), drop=0.5)
     assert torch.equal(keep, torch.tensor([[True, False, True, False]]))
 
 

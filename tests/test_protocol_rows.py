@@ -13,7 +13,7 @@ import pytest
 from test_data import needs_data  # skips when the upstream data is not here
 
 from esmerge import scales
-from esmerge.data import benchmarks
+from esmerge.data import benchmark_pools, benchmarks
 
 SIZES = {name: (scales.get(name).evaluation.n_eval, scales.get(name).evaluation.n_context) for name in scales.NAMES}
 
@@ -33,9 +33,9 @@ def test_protocol_pool_never_overlaps_the_evaluation_rows_on_random_sizes():
             continue
         n_eval, n_context = int(rng.integers(0, n // 2)), int(rng.integers(1, n // 2))
         n_protocol = int(rng.integers(0, n))
-        ev, ctx = benchmarks.split_pools(df, n_eval, n_context, seed=trial)
+        ev, ctx = benchmark_pools.split_pools(df, n_eval, n_context, seed=trial)
         try:
-            prot = benchmarks.protocol_pool(df, n_protocol, n_eval, n_context, seed=trial)
+            prot = benchmark_pools.protocol_pool(df, n_protocol, n_eval, n_context, seed=trial)
         except ValueError as err:
             assert n_protocol > len(df) - n_eval - n_context and "exceeds" in str(err)
             continue
@@ -46,23 +46,23 @@ def test_protocol_pool_never_overlaps_the_evaluation_rows_on_random_sizes():
         else:
             assert prot.attrs["protocol_source"] == "context" and _ids(prot) <= _ids(ctx), trial
         # the draw of split_pools is untouched by asking for protocol rows
-        ev2, ctx2 = benchmarks.split_pools(df, n_eval, n_context, seed=trial)
+        ev2, ctx2 = benchmark_pools.split_pools(df, n_eval, n_context, seed=trial)
         assert ev2.index.equals(ev.index) and ctx2.index.equals(ctx.index)
 
 
 def test_held_out_protocol_rows_do_not_depend_on_the_evaluation_sizes_and_are_stratified():
     df = pd.DataFrame({"y": [0] * 70 + [1] * 30})
-    a = benchmarks.protocol_pool(df, 10, 20, 40, seed=5)
-    b = benchmarks.protocol_pool(df, 10, 5, 60, seed=5)
+    a = benchmark_pools.protocol_pool(df, 10, 20, 40, seed=5)
+    b = benchmark_pools.protocol_pool(df, 10, 5, 60, seed=5)
     assert a.attrs["protocol_source"] == b.attrs["protocol_source"] == "held-out"
     assert sorted(a.index) == sorted(b.index)
     assert int(a["y"].sum()) == 3
     # too many for the rows left: from the context pool, still none an evaluation row
-    tight = benchmarks.protocol_pool(df, 10, 40, 55, seed=5)
-    ev, ctx = benchmarks.split_pools(df, 40, 55, seed=5)
+    tight = benchmark_pools.protocol_pool(df, 10, 40, 55, seed=5)
+    ev, ctx = benchmark_pools.split_pools(df, 40, 55, seed=5)
     assert tight.attrs["protocol_source"] == "context" and _ids(tight) <= _ids(ctx) and not _ids(tight) & _ids(ev)
     with pytest.raises(ValueError, match="n_protocol = 60 exceeds"):
-        benchmarks.protocol_pool(df, 60, 40, 55, seed=5)
+        benchmark_pools.protocol_pool(df, 60, 40, 55, seed=5)
 
 
 # --------------------------------------------------------------------------- the 13 benchmarks
@@ -71,20 +71,20 @@ def test_held_out_protocol_rows_do_not_depend_on_the_evaluation_sizes_and_are_st
 def test_no_evaluation_row_is_a_protocol_row(name):
     df = benchmarks.load_benchmark(name)
     n_eval, n_context = SIZES["cpu"]
-    ev, ctx = benchmarks.split_pools(df, n_eval, n_context, seed=0)
-    prot = benchmarks.protocol_rows(name, scales.get("cpu"))  # the cpu scale's, benchmarks.PROTOCOL_ROWS rows
-    assert len(prot) == benchmarks.PROTOCOL_ROWS
+    ev, ctx = benchmark_pools.split_pools(df, n_eval, n_context, seed=0)
+    prot = benchmark_pools.protocol_rows(name, scales.get("cpu"))  # the cpu scale's, benchmark_pools.PROTOCOL_ROWS rows
+    assert len(prot) == benchmark_pools.PROTOCOL_ROWS
     assert not _ids(prot) & _ids(ev), f"{name}: {sorted(_ids(prot) & _ids(ev))[:5]} are evaluation rows"
     assert not benchmarks.instance_keys(prot).isin(benchmarks.instance_keys(ev)).any()
     # at the cpu sizes every benchmark, the CYP substrate sets included, has them beyond its pools
     assert prot.attrs["protocol_source"] == "held-out" and not _ids(prot) & _ids(ctx)
     # and the same rows stay clear of the other scales' evaluation rows (same seed)
     for scale in ("smoke", "paper"):
-        other_ev, _ = benchmarks.split_pools(df, *SIZES[scale], seed=0)
+        other_ev, _ = benchmark_pools.split_pools(df, *SIZES[scale], seed=0)
         assert not _ids(prot) & _ids(other_ev), scale
-        assert sorted(benchmarks.protocol_rows(name, scales.get(scale)).index) == sorted(prot.index)
+        assert sorted(benchmark_pools.protocol_rows(name, scales.get(scale)).index) == sorted(prot.index)
     # more rows than the small CYP substrate sets hold beyond their pools: from the context pool, never eval
-    big = benchmarks.protocol_rows(name, scales.get("cpu"), n_protocol=150)
+    big = benchmark_pools.protocol_rows(name, scales.get("cpu"), n_protocol=150)
     assert not _ids(big) & _ids(ev)
     if len(df) < 1000:
         assert big.attrs["protocol_source"] == "context" and _ids(big) <= _ids(ctx)
@@ -99,7 +99,7 @@ POOL_DIGESTS = {"smoke": "a41161f108b60f63", "cpu": "eba5a8b6427f5572", "paper":
 def test_every_scale_keeps_its_evaluation_rows(scale):
     digest = hashlib.sha256()
     for name in benchmarks.BENCHMARK_NAMES:
-        ev, ctx = benchmarks.split_pools(benchmarks.load_benchmark(name), *SIZES[scale], seed=0)
+        ev, ctx = benchmark_pools.split_pools(benchmarks.load_benchmark(name), *SIZES[scale], seed=0)
         digest.update((name + repr(list(map(int, ev.index))) + repr(list(map(int, ctx.index)))).encode())
     assert digest.hexdigest()[:16] == POOL_DIGESTS[scale]
 
@@ -123,8 +123,8 @@ def test_bench_shots_scores_protocol_rows_only(name, n_protocol, source):
     module = _bench_shots()
     args = Namespace(n_protocol=n_protocol, scale="cpu", seed=0)
     queries, context, got = module.protocol_pools(name, args)
-    ev, ctx = benchmarks.split_pools(benchmarks.load_benchmark(name), *SIZES["cpu"], seed=0)
+    ev, ctx = benchmark_pools.split_pools(benchmarks.load_benchmark(name), *SIZES["cpu"], seed=0)
     assert got == source
-    assert sorted(queries.index) == sorted(benchmarks.protocol_rows(name, scales.get("cpu"), n_protocol).index)
+    assert sorted(queries.index) == sorted(benchmark_pools.protocol_rows(name, scales.get("cpu"), n_protocol).index)
     assert not _ids(queries) & _ids(ev) and not _ids(queries) & _ids(context)
     assert _ids(context) == _ids(ctx) - _ids(queries)

@@ -10,6 +10,7 @@ from test_data import needs_data, needs_reference  # skip when the upstream data
 from esmerge import evaluate as ev
 from esmerge import scales
 from esmerge.data import benchmarks
+from esmerge.data.benchmark_pools import split_pools
 from esmerge.evaluate import yardstick as ys
 from esmerge.report import yardstick as ry
 
@@ -124,7 +125,7 @@ def test_fast_retrieval_equals_evaluate_on_hand_made_pools():
 @needs_data
 @pytest.mark.parametrize("benchmark", ["BIOSNAP", "DrugComb", "GDSC2", "CYP2D6-substrate"])
 def test_fast_retrieval_equals_evaluate_on_real_pools(benchmark):
-    eval_df, context_df = benchmarks.split_pools(benchmarks.load_benchmark(benchmark), 12, 300, seed=3)
+    eval_df, context_df = split_pools(benchmarks.load_benchmark(benchmark), 12, 300, seed=3)
     _same_as_evaluate(context_df, eval_df, benchmarks.spec(benchmark).kind, ys.PAPER_SHOTS)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pandas as pd
 
 from esmerge.data import files, sources
-from esmerge.data.benchmarks import BENCHMARKS, split_pools
+from esmerge.data.benchmark_pools import split_pools
+from esmerge.data.benchmarks import BENCHMARKS
 
 
 def manifest_table() -> pd.DataFrame:

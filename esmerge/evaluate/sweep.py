@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 
 from esmerge.cache import atomic_write_json
-from esmerge.data.benchmarks import BENCHMARK_NAMES, check_rows, load_benchmark, spec, split_pools
+from esmerge.data.benchmark_pools import split_pools
+from esmerge.data.benchmarks import BENCHMARK_NAMES, check_rows, load_benchmark, spec
 from esmerge.errors import UsageError
 from esmerge.evaluate import calibration, scoring
 from esmerge.evaluate.generation import MAX_NEW_TOKENS, SCORINGS, generate_replies, score_replies
@@ -182,7 +183,7 @@ def evaluate(mut: ModelUnderTest, benchmark: str, config: EvalConfig, *,
     ``pools = (eval_df, context_df)`` overrides ``split_pools(load_benchmark(...))``; both are
     checked by ``benchmarks.check_rows`` first (``InputError`` naming the row: a label other than
     0/1, a repeated row, an unknown cell line, ...). ``session`` shares caches across calls. No
-    default evaluation row is a protocol row (``benchmarks.protocol_rows``, where a decision rule or
+    default evaluation row is a protocol row (``benchmark_pools.protocol_rows``, where a decision rule or
     shot count may be chosen): the evaluation rows are the head of ``split_pools``' draw, those the tail.
     Returns ``{method, benchmark, model_id, accuracy, accuracy_ci, macro_f1, macro_f1_ci, n, seed,
     config, example_ids, y, pred, scores, seconds}`` (metrics in percent, CIs at 95 %); a fitted

@@ -14,7 +14,7 @@ A tie in the context pool itself (exactly as many positives as negatives) goes t
 Two protocols:
 
 * ``yardstick_runs(benchmark, config)`` -- the pools and shots the LLMs see at a scale
-  (``benchmarks.split_pools`` with the ``EvalConfig``'s sizes and seed, ``config.n_shots`` shots);
+  (``benchmark_pools.split_pools`` with the ``EvalConfig``'s sizes and seed, ``config.n_shots`` shots);
 * ``full_protocol(benchmark, scale_config=...)`` -- the paper's protocol on the whole benchmark (App. A.4: 5 shots
   retrieved from the training side, evaluation on the whole test side). The project has no
   upstream train/test split per benchmark (``data_manifest/processing.md``: one file per
@@ -34,6 +34,7 @@ import pandas as pd
 
 from esmerge import evaluate
 from esmerge.data import benchmarks
+from esmerge.data.benchmark_pools import split_pools
 from esmerge.errors import UsageError
 from esmerge.scales import ScaleConfig
 
@@ -119,7 +120,7 @@ def yardstick_from_shots(benchmark: str, eval_df: pd.DataFrame, context_df: pd.D
 
 def scale_pools(benchmark: str, config: "evaluate.EvalConfig") -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(eval_df, context_df)`` exactly as ``evaluate.evaluate`` draws them for ``config``."""
-    return benchmarks.split_pools(benchmarks.load_benchmark(benchmark), config.n_eval, config.n_context, config.seed)
+    return split_pools(benchmarks.load_benchmark(benchmark), config.n_eval, config.n_context, config.seed)
 
 
 def yardstick_runs(benchmark: str, config: "evaluate.EvalConfig", *,
@@ -161,7 +162,7 @@ def yardstick_all(names: Iterable[str], config: "evaluate.EvalConfig",
 def paper_split(df: pd.DataFrame, seed: int = 0, test_fraction: float = TEST_FRACTION
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(test_df, train_df)``: a seeded, label-stratified split of all of ``df``'s rows
-    (``benchmarks.split_pools`` with ``n_eval = round(test_fraction * len(df))`` and the rest as context).
+    (``benchmark_pools.split_pools`` with ``n_eval = round(test_fraction * len(df))`` and the rest as context).
 
     >>> frame = pd.DataFrame({"y": [0] * 6 + [1] * 4})
     >>> test, train = paper_split(frame, seed=0, test_fraction=0.5)
@@ -171,7 +172,7 @@ def paper_split(df: pd.DataFrame, seed: int = 0, test_fraction: float = TEST_FRA
     if not 0 < test_fraction < 1:
         raise UsageError(f"test_fraction={test_fraction}: choose a fraction strictly between 0 and 1")
     n_test = int(round(test_fraction * len(df)))
-    return benchmarks.split_pools(df, n_test, len(df) - n_test, seed)
+    return split_pools(df, n_test, len(df) - n_test, seed)
 
 
 def full_protocol(benchmark: str, seed: int = 0, n_shots: int = PAPER_SHOTS, test_fraction: float = TEST_FRACTION,

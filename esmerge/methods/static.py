@@ -1,11 +1,12 @@
 """Training-free parameter-space baselines (paper App. A.2): Average, TIES, EMR, PCB, Consensus.
 
-Each is a composition of the primitives in :mod:`esmerge.methods.primitives` over the
-stacked LoRA task vectors ``tau`` (``[T, P]``, base = zero LoRA), applied element-wise to
-the A and B matrices as the paper's Eq. 1 does. Where an original method ranks or normalises
-over a whole model's task vector (TIES' top-k, PCB's softmaxes and drop), ``scope`` chooses
-between one LoRA tensor (default: A and B entries live on different scales) and the whole
-flattened adapter (the original's literal reading). EMR's rescalers are per whole adapter.
+Each is a composition of the primitives in :mod:`esmerge.methods.primitives` (PCB's in
+:mod:`esmerge.methods.pcb_balance`) over the stacked LoRA task vectors ``tau`` (``[T, P]``,
+base = zero LoRA), applied element-wise to the A and B matrices as the paper's Eq. 1 does.
+Where an original method ranks or normalises over a whole model's task vector (TIES' top-k,
+PCB's softmaxes and drop), ``scope`` chooses between one LoRA tensor (default: A and B entries
+live on different scales) and the whole flattened adapter (the original's literal reading).
+EMR's rescalers are per whole adapter.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from esmerge.methods import HParam, MergeResult, register
 from esmerge.methods import primitives as P
+from esmerge.methods.pcb_balance import balanced_mean, keep_top_fraction, pcb_log_balance
 from esmerge.specialists.adapters import Adapter, with_state
 from esmerge.specialists.encoders import MODALITIES
 
@@ -258,10 +260,10 @@ def pcb(adapters: list[Adapter], context=None, drop: float = 0.9, scaling_factor
     kept = []
 
     def merge(part: torch.Tensor) -> torch.Tensor:
-        log_beta = P.pcb_log_balance(part)
-        keep = P.keep_top_fraction(log_beta, drop)
+        log_beta = pcb_log_balance(part)
+        keep = keep_top_fraction(log_beta, drop)
         kept.append(keep.float().sum())
-        return P.balanced_mean(part, log_beta, keep)
+        return balanced_mean(part, log_beta, keep)
 
     merged = scaling_factor * _scoped(tau, shapes, scope, merge)
     info = {"hparams": {"drop": drop, "scaling_factor": scaling_factor, "scope": scope},

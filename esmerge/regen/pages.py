@@ -43,11 +43,11 @@ from esmerge.regen.sphinx_freshness import DATA as FRESHNESS_DATA
 STATIC_PAGES = ("paper_vs_code.md", "rerun.md", "bad_input.md", "api.md", "references.md")
 # Modules documented on the API page, when present in the package.
 API_MODULES = (
-    "data", "data.files", "data.benchmarks", "specialists", "specialists.base_llm", "specialists.adapters",
-    "specialists.encoders", "specialists.load", "signals", "signals.probe", "signals.sliced", "signals.layerwise",
-    "signals.diagnostics", "signals.elementwise", "signals.gradients", "signals.element_scores", "signals.combine",
-    "methods", "methods.es", "methods.es_settings", "evaluate",
-    "report", "run", "run.merge", "run.byo", "regen", "cache", "outputs", "paths", "progress",
+    "data", "data.files", "data.benchmarks", "data.benchmark_pools", "specialists", "specialists.base_llm",
+    "specialists.adapters", "specialists.encoders", "specialists.load", "signals", "signals.probe", "signals.sliced",
+    "signals.layerwise", "signals.diagnostics", "signals.elementwise", "signals.gradients", "signals.element_scores",
+    "signals.combine", "methods", "methods.es", "methods.es_settings", "evaluate", "report", "run", "run.merge",
+    "run.byo", "regen", "cache", "outputs", "paths", "progress",
 )
 
 

@@ -5,6 +5,7 @@
 * ``figures`` -- the results' figures (forest plots of the claims, accuracy heatmap, retention bars) with captions;
 * ``claims`` -- each claim of the paper checked against ours, with paired CIs and Holm-corrected tests,
   the AUROC difference beside accuracy, and on every row the caveats it rests on;
+* ``representation_claims`` -- the representation claims (Figs. 1, 2, 8; Table 7) on the chapters' tables;
 * ``summaries`` -- what this n resolves, decided verdicts, disagreements, ranks and answer bias;
 * ``headline`` -- the Overview's numbers; ``budget_curves`` -- the searching baselines at several budgets;
 * ``merged_adapters`` -- merged adapters compared with each other and with the specialists (chapter 6);
@@ -23,7 +24,6 @@ from esmerge.report.claims import (
                                    YARDSTICKS,
                                    Claim,
                                    claims,
-                                   mechanism_claims,
                                    method_label,
                                    yardstick_claims,
 )
@@ -46,6 +46,7 @@ from esmerge.report.paper_tables import (
                                    results_table,
                                    wide_table,
 )
+from esmerge.report.representation_claims import mechanism_claims
 from esmerge.report.summaries import (
                                    answer_bias,
                                    decided_verdicts,

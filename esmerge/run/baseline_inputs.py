@@ -9,7 +9,7 @@ they are evaluated with:
 * unlabeled test prompts: the evaluation pool's queries with ``y`` hidden (AdaMerging is a
   test-time method; the paper adapts on the test samples);
 * training examples: queries drawn from the benchmark's in-context pool (the training side of
-  ``benchmarks.split_pools``), each with in-context examples retrieved from the rest of that pool,
+  ``benchmark_pools.split_pools``), each with in-context examples retrieved from the rest of that pool,
   and its gold answer.
 
 The functions return plain callables/lists so the methods themselves stay data-agnostic.
@@ -23,8 +23,9 @@ import torch
 
 from esmerge import evaluate
 from esmerge.data import benchmarks
+from esmerge.data.benchmark_pools import split_pools
 from esmerge.evaluate.scoring import common_n_tokens, entity_tokens, length_batches, prompt_token_ids
-from esmerge.methods.graft import compatibility_score
+from esmerge.methods.graft_compatibility import compatibility_score
 from esmerge.methods.objectives import lora_state_swapped, mean_entropy
 from esmerge.signals.hooks import module_outputs
 from esmerge.specialists.adapters import Adapter, LoraState
@@ -33,13 +34,13 @@ from esmerge.specialists.load import attach_specialist, projectors_of
 
 @functools.lru_cache(maxsize=32)
 def benchmark_pools(benchmark: str, config):
-    """``(eval_df, context_df)`` as the evaluation draws them: ``benchmarks.split_pools`` with the
+    """``(eval_df, context_df)`` as the evaluation draws them: ``benchmark_pools.split_pools`` with the
     config's sizes, the in-context pool shrunk to the rows left when a benchmark is smaller than
     ``n_eval + n_context`` (e.g. the CYP substrate sets)."""
     frame = benchmarks.load_benchmark(benchmark)
     n_eval = min(config.n_eval, len(frame) // 2)
     n_context = min(config.n_context, len(frame) - n_eval)
-    return benchmarks.split_pools(frame, n_eval, n_context, config.seed)
+    return split_pools(frame, n_eval, n_context, config.seed)
 
 
 def training_rows(benchmark: str, config):

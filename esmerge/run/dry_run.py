@@ -67,7 +67,8 @@ def prompt_lengths(benchmark: str, tokenizer, config, token_sets: list[frozenset
     """``token modalities -> [(tokens, protein block tokens)]`` of ``n_prompts`` evaluation prompts of
     ``benchmark`` plus the one whose entities are longest, built as ``evaluate.sweep`` builds them
     (pools of ``config``, shots retrieved from the context pool, ``prompts.build_prompt``)."""
-    from esmerge.data.benchmarks import load_benchmark, spec, split_pools
+    from esmerge.data.benchmark_pools import split_pools
+    from esmerge.data.benchmarks import load_benchmark, spec
     from esmerge.evaluate.prompts import build_prompt
     from esmerge.evaluate.retrieval import RetrievalCache, as_text
     from esmerge.evaluate.scoring import prompt_token_ids
