@@ -7,6 +7,8 @@ SCALE   ?= cpu
 # Two notebooks at a time, one thread each: the notebook graph is two wide (03 beside 06, 07 beside 09), and
 # SmolLM2 at batch 8 runs barely faster on two threads than on one, so two kernels do nearly twice the work.
 JOBS    ?= 2
+# Where the models run (injected into every notebook): empty for the scale's own (the CPU), `cuda` for a GPU.
+DEVICE  ?=
 export PYTHONHASHSEED := 0
 
 # Upstream data files are read from $ESMERGE_DATA_DIR (else ../shared/data), then from the data cache,
@@ -76,7 +78,7 @@ reproduce-smoke: setup data
 	$(BIN)/python -m esmerge.regen.reproducibility runs/smoke $(REPRO)/runs/smoke
 
 regenerate: setup data
-	$(BIN)/esmerge regenerate --scale $(SCALE) --jobs $(JOBS) --no-book
+	$(BIN)/esmerge regenerate --scale $(SCALE) --jobs $(JOBS) --no-book $(if $(DEVICE),--device $(DEVICE))
 
 # Renders a local run's executed notebooks, or, on a fresh clone, those shipped in book/shipped/$(SCALE):
 # nothing is executed and no model is loaded.

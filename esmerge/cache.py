@@ -71,6 +71,18 @@ def tensor_digest(tensors: dict[str, torch.Tensor], length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+def keyed_on_device(identity: str, model: torch.nn.Module) -> str:
+    """``identity`` (a base's weights hash, say) as results that ``model`` computes are keyed: unchanged
+    on the CPU, ``identity@<device type>`` elsewhere, since a GPU sums in another order and its numbers
+    are its own (a run on the GPU never reads what the CPU cached, nor the other way round).
+
+    >>> keyed_on_device("abc", torch.nn.Linear(1, 1)), keyed_on_device("abc", torch.nn.Linear(1, 1, device="meta"))
+    ('abc', 'abc@meta')
+    """
+    device = next(model.parameters()).device
+    return identity if device.type == "cpu" else f"{identity}@{device.type}"
+
+
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (parameters, upstream hashes, code version)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

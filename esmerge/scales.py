@@ -13,6 +13,7 @@ esmerge.errors.UsageError: unknown scale 'gpu': choose smoke, cpu or paper
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from esmerge.errors import UsageError
@@ -124,6 +125,9 @@ class ScaleConfig:
     specialist_seeds: tuple[int, ...] = (0,)
     # the base and specialists are random (smoke): what they write is bytes, not worth showing
     random_models: bool = False
+    # where the models run: None is the scale's own (the CPU; paper: accelerate's device_map "auto");
+    # "cuda" runs this same scale on a GPU, every other setting unchanged (``get(name, device=...)``)
+    device: str | None = None
 
 
 SCALES = {
@@ -170,9 +174,32 @@ SCALES = {
 }
 
 
-def get(scale: str) -> ScaleConfig:
-    """The ``ScaleConfig`` of ``scale``; a ``UsageError`` naming the choices otherwise."""
+def get(scale: str, device: str | None = None) -> ScaleConfig:
+    """The ``ScaleConfig`` of ``scale``, run on ``device`` when one is given; a ``UsageError`` otherwise.
+
+    >>> get("cpu", device="cuda").device, get("cpu").device is None, get("cpu", "cuda").n_retention
+    ('cuda', True, 200)
+    """
     try:
-        return SCALES[scale]
+        config = SCALES[scale]
     except (KeyError, TypeError):
         raise UsageError(f"unknown scale {scale!r}: choose {', '.join(NAMES[:-1])} or {NAMES[-1]}") from None
+    return config if device is None else replace(config, device=check_device(device))
+
+
+def check_device(device: str) -> str:
+    """``device`` if it names where a scale can run: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+
+    Whether a GPU is there is checked where the model is loaded, not here.
+
+    >>> check_device("cuda:1")
+    'cuda:1'
+    >>> check_device("gpu")
+    Traceback (most recent call last):
+    ...
+    esmerge.errors.UsageError: unknown device 'gpu': choose cpu, cuda, cuda:N (a GPU's index) or auto
+    """
+    if isinstance(device, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        return device
+    raise UsageError(f"unknown device {device!r}: choose cpu, cuda, cuda:N (a GPU's index) or auto")
+

@@ -54,6 +54,7 @@
 # esmerge-needs: 08_claims, 09_retention
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 
 # %% tags=["remove-cell"]
 import pandas as pd
@@ -66,7 +67,7 @@ from esmerge.report import figures, headline
 from esmerge.report.display import Numbered
 from esmerge.specialists import base_llm
 
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(0)
 out = run_dir(scale, "00_overview")
 retention_dir, claims_dir = run_dir(scale, "09_retention"), run_dir(scale, "08_claims")

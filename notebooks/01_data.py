@@ -26,6 +26,7 @@
 # esmerge-needs:
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 n_eval = 200  # example pool sizes for the pool illustration below
 n_context = 1000
 
@@ -43,7 +44,7 @@ from esmerge.paths import run_dir
 from esmerge.report.display import Numbered
 
 logging.basicConfig(level=logging.WARNING)
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "01_data")
 book = Numbered(1)
 print(f"scale={scale} seed={seed}; results in {out}")

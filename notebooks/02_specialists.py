@@ -68,6 +68,7 @@
 # esmerge-needs:
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 n_heldout = 32  # held-out examples per modality for the loss table
 n_show = 2  # greedy answers shown per specialist
 
@@ -81,7 +82,7 @@ import torch
 from IPython.display import display
 
 from esmerge import plots, scales
-from esmerge.cache import cached, content_key
+from esmerge.cache import cached, content_key, keyed_on_device
 from esmerge.paths import run_dir
 from esmerge.report.display import Numbered
 from esmerge.specialists import captions, heldout
@@ -90,7 +91,7 @@ from esmerge.specialists.adapters import adapter_digest
 from esmerge.specialists.base_llm import load_base
 
 torch.set_num_threads(1)
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "02_specialists")
 book = Numbered(2)
 base = load_base(config, seed=seed)
@@ -160,7 +161,8 @@ book.figure(fig, "Training loss (nats per answer token) of each specialist at ev
 
 # %% tags=["hide-input"]
 examples = {m: captions.heldout_examples(m, config, n_heldout, seed) for m in specs}
-key = content_key(base.weights_sha256, {m: adapter_digest(s.adapter) for m, s in specs.items()},
+key = content_key(keyed_on_device(base.weights_sha256, base.model),
+                  {m: adapter_digest(s.adapter) for m, s in specs.items()},
                   {m: [e.uid for e in ex] for m, ex in examples.items()}, captions.CODE_VERSION)
 table = cached(out / f"heldout_loss-{key}.pt", lambda: heldout.cross_loss_table(base, specs, examples, config.train))
 row_names = ["base"] + [f"{m} specialist" for m in specs]

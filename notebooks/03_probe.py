@@ -28,6 +28,7 @@
 # esmerge-needs: 02_specialists
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 # probe samples per modality; None means the scale default, 110 as in the paper at cpu scale
 probe_k = None
 embedding_method = "pca"  # or "tsne"
@@ -43,7 +44,7 @@ from esmerge.paths import run_dir
 from esmerge.report.display import Numbered
 from esmerge.run.merge import build_context
 
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "03_probe")
 book = Numbered(3)
 context = build_context(config, seed, probe_k)

@@ -24,6 +24,7 @@
 # esmerge-needs: 03_probe
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 specialist_seeds = None  # None: the scale's (ScaleConfig.specialist_seeds)
 probe_k = None
 tau = 0.5
@@ -43,7 +44,7 @@ from esmerge.report.display import Numbered
 from esmerge.run.merge import build_context
 from esmerge.signals import diagnostics, layerwise, sliced
 
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "04_layerwise")
 book = Numbered(4)
 specialist_seeds = tuple(specialist_seeds or config.specialist_seeds)

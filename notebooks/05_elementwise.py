@@ -27,6 +27,7 @@
 # esmerge-needs: 04_layerwise
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 probe_k = None
 tau_layer = 0.5
 tau_element = 0.5
@@ -45,7 +46,7 @@ from esmerge.report.display import Numbered
 from esmerge.report.es_ablation import ablation_table, differences_table
 from esmerge.run.merge import build_context
 
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "05_elementwise")
 book = Numbered(5)
 context = build_context(config, seed, probe_k)

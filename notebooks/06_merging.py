@@ -37,6 +37,7 @@
 # esmerge-needs: 02_specialists
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 specialist_seeds = None  # None: the scale's (ScaleConfig.specialist_seeds)
 budget_overrides = {}  # fields of scales.MergeBudgets to change, e.g. {"adamerging_steps": 500}
 compat_prompts = 2
@@ -57,7 +58,7 @@ from esmerge.run import all_methods, baseline_inputs
 from esmerge.run.merge import build_context
 from esmerge.specialists.adapters import load_merged
 
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(6)
 torch.manual_seed(seed)
 torch.set_num_threads(1)  # the book's machines are shared; small tensor ops thrash with more threads

@@ -63,6 +63,7 @@
 # esmerge-needs: 06_merging
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 n_eval = None  # None: the scale's (evaluate.default_config(config))
 n_shots = None
 decision = None  # None: the scale's (evaluate.calibration.DECISIONS)
@@ -96,7 +97,7 @@ from esmerge.run.merge import build_context
 from esmerge.specialists.adapters import load_merged
 from esmerge.specialists.load import projectors_of
 
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(7)
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -47,6 +47,7 @@
 # esmerge-needs: 03_probe, 04_layerwise, 05_elementwise, 07_results, 09_retention
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 n_resamples = 1000
 
 # %% tags=["hide-input"]
@@ -60,7 +61,7 @@ from esmerge.paths import run_dir
 from esmerge.report import budget_curves, figures
 from esmerge.report.display import Numbered
 
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(8)
 out = run_dir(scale, "08_claims")
 budget_notes = budget_curves.budget_notes(config.merge_budgets, scales.get("paper").merge_budgets)

@@ -55,6 +55,7 @@
 # esmerge-needs: 06_merging
 scale = "cpu"
 seed = 0
+device = None  # None: the scale's (the CPU at smoke and cpu); "cuda" runs the same chapter on a GPU
 specialist_seeds = None  # None: the scale's (ScaleConfig.specialist_seeds)
 n_retention = None  # None: the scale's ScaleConfig.n_retention held-out examples per modality
 avg_ft_benchmarks = ("BindingDB", "GDSC2")  # the Avg.+FT adapters scored (each is a model of its own)
@@ -69,16 +70,14 @@ from IPython.display import display
 
 from esmerge import plots, scales
 from esmerge.evaluate import retention, retention_seeds
-from esmerge.methods.emr import ONE_MODEL, emr_one_model
 from esmerge.paths import run_dir
 from esmerge.report import budget_curves, figures
 from esmerge.report.display import Numbered
-from esmerge.run.all_methods import curve_models, seed_folder
 from esmerge.run.merge import build_context
-from esmerge.specialists.adapters import load_merged
+from esmerge.run.retention_runs import seed_models
 from esmerge.specialists.captions import heldout_examples
 
-config = scales.get(scale)  # the scale's settings, resolved once (an unknown name is refused here)
+config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 book = Numbered(9)
 torch.manual_seed(seed)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))  # batched forwards: both cores of the book machine
@@ -107,14 +106,8 @@ print(caption, "| base:", base.name)
 # %% tags=["hide-input"]
 start = time.perf_counter()
 by_seed, notes = {}, []
-for s in specialist_seeds:
-    seed_context = context if s == specialist_seeds[0] else build_context(config, seed, specialist_seed=s)
-    folder = seed_folder(merge_root, s)
-    extra = {ONE_MODEL: emr_one_model(load_merged(folder / "emr").adapter)}
-    if s == specialist_seeds[0]:
-        for name in curve_models(budgets, tuple(b for b in avg_ft_benchmarks if b in budgets.curve_benchmarks)):
-            extra[name] = load_merged(merge_root / "curves" / name).adapter
-    models, seed_notes = retention.retention_models(seed_context.specialists, folder, list(avg_ft_benchmarks), extra)
+for s, seed_context, models, seed_notes in seed_models(config, seed, specialist_seeds, merge_root,
+                                                       tuple(avg_ft_benchmarks), {specialist_seeds[0]: context}):
     notes += [f"seed {s}: {n}" for n in seed_notes]
     by_seed[s] = retention.score_models(models, base, seed_context.specialists, examples, config.train,
                                      batch_size=batch_size)

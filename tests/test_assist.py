@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -137,7 +138,7 @@ def test_the_retention_assist_visits_every_entry_of_the_chapter_from_the_far_end
         visits.append((int(model.rsplit("seed", 1)[1]), name, modality))
         assert (base, recipe, batch_size, progress) == ("base-model", "recipe", 8, False)
 
-    monkeypatch.setattr(retention_runs.scales, "get", lambda scale: config)
+    monkeypatch.setattr(retention_runs.scales, "get", lambda scale, device=None: config)
     monkeypatch.setattr(retention_runs, "build_context", lambda config, seed, specialist_seed: fake_context(
         specialist_seed))
     monkeypatch.setattr(retention_runs, "heldout_examples", lambda m, config, n, seed: [m] * n)
@@ -157,3 +158,27 @@ def test_notebooks_come_before_assists(jobs, running, ready, free):
     from esmerge.regen.assist import free_assist_slots
 
     assert free_assist_slots(jobs, running, ready) == free
+
+
+def test_seed_models_loads_the_base_once_for_every_seed(monkeypatch):
+    """Every other seed's context is built on the first context's base (it was loaded once per seed)."""
+    config = SimpleNamespace(merge_budgets=SimpleNamespace(curve_benchmarks=()))
+    built = []
+
+    def build(config, seed, specialist_seed, base=None):
+        built.append((specialist_seed, base))
+        return SimpleNamespace(base=base or f"base loaded for seed {specialist_seed}", specialists={})
+
+    monkeypatch.setattr(retention_runs, "build_context", build)
+    monkeypatch.setattr(retention_runs, "load_merged", lambda folder: SimpleNamespace(adapter=None))
+    monkeypatch.setattr(retention_runs, "emr_one_model", lambda adapter: "emr-one")
+    monkeypatch.setattr(retention_runs, "curve_models", lambda budgets, benchmarks: [])
+    monkeypatch.setattr(retention_runs, "retention_models", lambda specialists, folder, avg_ft, extra: ({}, []))
+
+    runs = list(retention_runs.seed_models(config, 0, (0, 1, 2), Path("merges"), ()))
+    assert built == [(0, None), (1, "base loaded for seed 0"), (2, "base loaded for seed 0")]
+    assert {context.base for _, context, _, _ in runs} == {"base loaded for seed 0"}
+    given = SimpleNamespace(base="the chapter's base", specialists={})
+    built.clear()
+    list(retention_runs.seed_models(config, 0, (0, 1), Path("merges"), (), {0: given}))
+    assert built == [(1, "the chapter's base")]

@@ -172,6 +172,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("regenerate", parents=[common], help="run every notebook (papermill) and build the book")
     scale_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed injected into every notebook (default: 0)")
+    p.add_argument("--device", default=None, help="where the models run, injected into every notebook: cuda runs "
+                   "the scale on a GPU with nothing else changed (default: the scale's, the CPU at smoke and cpu)")
     p.add_argument("--jobs", type=int, default=1, help="notebooks run in parallel when independent")
     p.add_argument("--only", nargs="+", metavar="STEM", help="run these notebooks (and any stale one they need)")
     p.add_argument("--force", action="store_true", help="re-run the selected notebooks even if unchanged")

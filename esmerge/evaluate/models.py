@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from esmerge.cache import tensor_digest
+from esmerge.cache import keyed_on_device, tensor_digest
 from esmerge.paths import MERGE_ROOT_EXTRAS
 from esmerge.specialists.adapters import Adapter, attach, is_merged, load_lora_state, load_merged, lora_config_of
 
@@ -62,9 +62,10 @@ class ModelUnderTest:
     def model_id(self, benchmark: str) -> str:
         """Hash of base weights, the adapter used on ``benchmark``, the projectors and, unless it is
         float32, the dtype the base runs in (so fp32 and bf16 results never share a cache entry,
-        while fp32 ids stay what they were before dtypes were recorded)."""
+        while fp32 ids stay what they were before dtypes were recorded); likewise the device, unless
+        it is the CPU (``cache.keyed_on_device``)."""
         adapter = self.adapter_for(benchmark)
-        parts = [self.base.weights_sha256 or self.base.name,
+        parts = [keyed_on_device(self.base.weights_sha256 or self.base.name, self.base.model),
                  tensor_digest(adapter.state) if adapter is not None else "no-adapter"]
         for modality in sorted(self.projectors):
             parts.append(f"{modality}:{tensor_digest(self.projectors[modality].state_dict())}")

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from esmerge.cache import atomic_write_json, cache_dir, content_key, key_lock, tensor_digest
+from esmerge.cache import atomic_write_json, cache_dir, content_key, key_lock, keyed_on_device, tensor_digest
 from esmerge.evaluate.models import PeftCopies
 from esmerge.methods.emr import emr_task_adapter
 from esmerge.paths import MERGE_ROOT_EXTRAS
@@ -124,7 +124,7 @@ def score_models(models: dict[str, RetentionModel], base, specialists: dict, exa
     Returns ``(nlls, tokens)``: ``nlls[modality][model]`` ``[n]`` arrays, ``tokens[modality]`` ``[n]``.
     """
     cache = Path(cache or cache_dir() / "retention")
-    base_id = base.weights_sha256 or state_dict_sha256(base.model)
+    base_id = keyed_on_device(base.weights_sha256 or state_dict_sha256(base.model), base.model)
     dtype = str(next(base.model.parameters()).dtype)
     copies = PeftCopies()
     nlls, tokens = {m: {} for m in examples}, {}

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from esmerge.cache import atomic_torch_save, atomic_write_json, cached, content_key, tensor_digest
+from esmerge.cache import atomic_torch_save, atomic_write_json, cached, content_key, keyed_on_device, tensor_digest
 from esmerge.errors import UsageError
 from esmerge.methods.es_settings import PAPER_SETTINGS, SCORE_SETTINGS, resolve_settings
 from esmerge.signals import elementwise, probe, sliced
@@ -98,10 +98,11 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     projectors = {m: s.projector for m, s in context.specialists.items() if getattr(s, "projector", None) is not None}
     given = getattr(context, "probes", None)  # ready-made probes (bring your own adapters: esmerge.run.byo)
     k = context.probe_k * (len(names) if settings["probe_layout"] == "code" else 1)
+    base_id = keyed_on_device(base.weights_sha256, base.model)
     if given is not None:
-        probe_key = content_key(base.weights_sha256, "given", tensor_digest(_probe_tensors(given)))
+        probe_key = content_key(base_id, "given", tensor_digest(_probe_tensors(given)))
     else:
-        probe_key = content_key(base.weights_sha256, k, seed,
+        probe_key = content_key(base_id, k, seed,
                                 {m: tensor_digest(p.state_dict()) for m, p in projectors.items()})
     states_key = content_key(probe_key, [adapter_digest(a) for a in adapters])
     root = context.cache

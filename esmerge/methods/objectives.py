@@ -110,8 +110,11 @@ def lora_state_swapped(peft_model: torch.nn.Module, state: LoraState, adapter_na
             if module is None or attr not in module._parameters:
                 raise KeyError(f"{key}: no LoRA parameter {module_name}.{attr} in the model "
                                "(different targets/base?)")
-            swapped.append((module, attr, module._parameters.pop(attr)))
-            setattr(module, attr, value)  # a plain attribute now, read by the module's forward
+            param = module._parameters.pop(attr)
+            swapped.append((module, attr, param))
+            # a plain attribute now, read by the module's forward; on the model's device (a CPU state
+            # on a GPU model: the copy is differentiable, so gradients still reach ``state``'s tensors)
+            setattr(module, attr, value.to(param.device))
         yield peft_model
     finally:
         for module, attr, param in reversed(swapped):

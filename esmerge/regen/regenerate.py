@@ -3,7 +3,7 @@
 Usage::
 
     esmerge regenerate [--scale smoke|cpu|paper] [--jobs N] [--only STEM ...] [--force]
-                       [--seed S] [--book-only [--shipped]] [--no-book]
+                       [--seed S] [--device cuda] [--book-only [--shipped]] [--no-book]
     esmerge regenerate --scale cpu --ship [--force]    copy the finished run into book/shipped/cpu
     esmerge regenerate --scale cpu --check             are the shipped results still those of the code?
 
@@ -122,6 +122,7 @@ def run_notebooks(
     force: bool = False,
     log=print,
     monitor: Monitor | None = None,
+    device: str | None = None,
 ) -> RunReport:
     """Execute every stale notebook of ``scale`` in dependency order, ``jobs`` at a time.
 
@@ -129,9 +130,13 @@ def run_notebooks(
     is missing; ``force`` re-runs the selected notebooks regardless. ``only`` restricts the run to
     those stems plus any stale notebook they need. Stops starting notebooks at the first failure.
     ``monitor`` shows progress while they run (default: a ``Monitor`` on standard error).
+    ``device`` (``"cuda"``, say) is injected into every notebook beside ``scale`` and ``seed``, and so
+    enters every input key: a run on a GPU and one on the CPU are never taken for each other.
     """
     if scale not in scales.NAMES:
         raise RegenerateError(f"unknown scale {scale!r}: expected one of {', '.join(scales.NAMES)}")
+    # the device only when given: the CPU's keys stay those of every run made before devices were injected
+    parameters = {"scale": scale, "seed": seed} | ({"device": scales.check_device(device)} if device else {})
     notebooks = discover(layout.notebooks)
     if not notebooks:
         raise RegenerateError(f"no NN_*.py notebooks in {layout.notebooks}")
@@ -139,7 +144,6 @@ def run_notebooks(
         wanted = with_ancestors(notebooks, only)
         notebooks = {s: nb for s, nb in notebooks.items() if s in wanted}
     order = topological_order(notebooks)
-    parameters = {"scale": scale, "seed": seed}
     keys = keys_now(notebooks, order, parameters, layout)
 
     executed_dir = layout.executed(scale)
@@ -323,6 +327,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError("--ship and --check run no notebooks and build no book: drop --book-only/--no-book/--only")
     if shipped and not args.book_only:
         raise UsageError("--shipped renders the shipped results: use it with --book-only")
+    if getattr(args, "device", None) and (ship_ or check or args.book_only):
+        raise UsageError("--device says where notebooks run; --ship, --check and --book-only run none: drop --device")
 
 
 LOCK_FILE = ".regenerate.lock"
@@ -366,7 +372,7 @@ def _regenerate_locked(args: argparse.Namespace, layout: Layout, log) -> int:
         t0 = time.perf_counter()
         try:
             report = run_notebooks(args.scale, layout, seed=args.seed, jobs=args.jobs, only=args.only,
-                                   force=args.force, log=log)
+                                   force=args.force, log=log, device=getattr(args, "device", None))
         except KeyboardInterrupt:
             write_produced(args.scale, layout)  # lists what the kept notebooks made
             return 130

@@ -154,7 +154,7 @@ def merge_budget_curves(context: MergeContext, out: str | Path, budgets: MergeBu
 
 
 def fill_seed_merges(scale: str, seed: int = 0, specialist_seeds: tuple[int, ...] | None = None,
-                     budget_overrides: dict | None = None) -> int:
+                     budget_overrides: dict | None = None, device: str | None = None) -> int:
     """``06_merging``'s assist: merge the seed replicates from the far end (last seed, last method first).
 
     The chapter merges the first seed, its budget curves, then each other seed in order; this walks
@@ -162,7 +162,7 @@ def fill_seed_merges(scale: str, seed: int = 0, specialist_seeds: tuple[int, ...
     one copy if both finish the same merge). The defaults are the chapter's parameters (a test keeps
     them equal). Returns the number of merges visited.
     """
-    config = scales.get(scale)
+    config = scales.get(scale, device=device)
     budgets = replace(config.merge_budgets, **(budget_overrides or {}))
     eval_config = default_config(config)
     out = run_dir(scale, "06_merging")

@@ -148,7 +148,8 @@ def check_base(base, specialists: dict) -> None:
 
 
 def build_context(config: ScaleConfig, seed: int = 0, probe_k: int | None = None, *, base_path: str | None = None,
-                  specialists_dir: str | Path | None = None, specialist_seed: int = 0, **extras) -> MergeContext:
+                  specialists_dir: str | Path | None = None, specialist_seed: int = 0, base: BaseModel | None = None,
+                  **extras) -> MergeContext:
     """Load the base and the three specialists of the scale ``config`` into a ``MergeContext``.
 
     ``seed`` seeds the merge (probe sample, projections, baselines' data); ``specialist_seed`` is
@@ -157,6 +158,8 @@ def build_context(config: ScaleConfig, seed: int = 0, probe_k: int | None = None
     ``config.probe_k``. At ``paper``
     scale the base is ``paper_base(base_path)`` (hub id or local folder) and the specialists are
     read from ``specialists.paper_specialists_dir(specialists_dir)``; both are refused elsewhere.
+    ``base``: the scale's base, already loaded (another specialist seed's context), used as it is
+    rather than loaded again (nothing changes a base: merges and evaluation work on copies of it).
     """
     scale = config.name
     k = config.probe_k if probe_k is None else check_probe_k(probe_k)
@@ -165,10 +168,10 @@ def build_context(config: ScaleConfig, seed: int = 0, probe_k: int | None = None
                          "to merge your own adapters use esmerge.run.byo.merge_adapters "
                          "(esmerge merge --base ... --adapter ...)")
     if scale == "paper":
-        base = load_base(config, seed=seed, model_id=paper_base(base_path))
+        base = base or load_base(config, seed=seed, model_id=paper_base(base_path))
         specs = load_specialists(config, base, root=specialists_dir)
     else:
-        base = load_base(config, seed=seed)
+        base = base or load_base(config, seed=seed)
         specs = load_specialists(config, base, seed=specialist_seed)
     check_base(base, specs)
     return MergeContext(base, specs, scale, seed, k, cache_dir() / "es" / scale, dict(extras))
@@ -186,6 +189,13 @@ def encoder_folders(context: MergeContext) -> dict[str, str]:
     """modality -> folder of the specialist whose own encoder the merged model uses (paper scale)."""
     return {m: str(s.path) for m, s in context.specialists.items()
             if isinstance(getattr(s, "projector", None), RawEncoder)}
+
+
+def compute_device(context: MergeContext) -> str:
+    """The type of device the context's base runs on (``"cpu"`` without a base): a merge made elsewhere
+    records it, and is not taken for the CPU's (``holds_merge``)."""
+    model = getattr(context.base, "model", None)
+    return next(model.parameters()).device.type if model is not None else "cpu"
 
 
 def specialist_digests(context: MergeContext) -> dict[str, str]:
@@ -237,6 +247,8 @@ def write_merge(method: str, out: str | Path, context: MergeContext, hparams: di
         "wall_seconds": seconds,
         "info": result.info,
     }
+    if compute_device(context) != "cpu":  # absent means the CPU, as in every merge made before devices
+        meta["device"] = compute_device(context)
     if encoder_folders(context):
         meta["encoders"] = encoder_folders(context)
     meta |= context.record  # e.g. esmerge.run.byo: the base and adapter paths
@@ -247,8 +259,9 @@ def _same(a, b) -> bool:
     return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
-def holds_merge(out: str | Path, method: str, hparams: dict, specialists: dict) -> bool:
-    """True when ``out`` is a finished merge of ``method`` with these hyper-parameters and specialists."""
+def holds_merge(out: str | Path, method: str, hparams: dict, specialists: dict, device: str = "cpu") -> bool:
+    """True when ``out`` is a finished merge of ``method`` with these hyper-parameters and specialists,
+    made on this type of ``device``."""
     if not is_merged(out):
         return False
     try:
@@ -258,7 +271,7 @@ def holds_merge(out: str | Path, method: str, hparams: dict, specialists: dict) 
     if not isinstance(meta, dict):
         return False
     return meta.get("method") == method and _same(meta.get("hparams", {}), hparams) \
-        and meta.get("specialists") == specialists
+        and meta.get("specialists") == specialists and meta.get("device", "cpu") == device
 
 
 def merge_once(method: str, out: str | Path, context: MergeContext, refresh: bool = False,
@@ -273,9 +286,9 @@ def merge_once(method: str, out: str | Path, context: MergeContext, refresh: boo
     """
     hparams = methods.validate(method, hparams)
     out = Path(out)
-    digests = specialist_digests(context)
-    if refresh or not holds_merge(out, method, hparams, digests):
-        same = None if refresh else (lambda existing: holds_merge(existing, method, hparams, digests))
+    digests, device = specialist_digests(context), compute_device(context)
+    if refresh or not holds_merge(out, method, hparams, digests, device):
+        same = None if refresh else (lambda existing: holds_merge(existing, method, hparams, digests, device))
         # force: an earlier merge here (any settings, or one published meanwhile) is replaced
         write_merge(method, out, context, hparams, force=True, same=same)
     merged = load_merged(out, name=method)

@@ -30,11 +30,15 @@ def seed_models(config: ScaleConfig, seed: int, specialist_seeds: tuple[int, ...
     """``(specialist seed, its context, name -> model, notes)`` for each of ``specialist_seeds`` in order.
 
     ``specialist_seeds[0]`` is the first seed, whose budget-curve runs are scored too. Contexts in
-    ``contexts`` (by seed) are used as they are; the others are built with ``build_context``.
+    ``contexts`` (by seed) are used as they are; the others are built with ``build_context``, on the
+    base of the first context built or given (one base in memory, loaded once).
     """
     first = specialist_seeds[0]
+    contexts = dict(contexts or {})
     for s in specialist_seeds:
-        context = (contexts or {}).get(s) or build_context(config, seed, specialist_seed=s)
+        base = next(iter(contexts.values())).base if contexts else None
+        context = contexts.get(s) or build_context(config, seed, specialist_seed=s, base=base)
+        contexts[s] = context
         folder = seed_folder(merge_root, s)
         extra = {ONE_MODEL: emr_one_model(load_merged(folder / "emr").adapter)}
         if s == first:
@@ -47,13 +51,13 @@ def seed_models(config: ScaleConfig, seed: int, specialist_seeds: tuple[int, ...
 
 def fill_retention(scale: str, seed: int = 0, specialist_seeds: tuple[int, ...] | None = None,
                    n_retention: int | None = None, avg_ft_benchmarks: tuple[str, ...] = ("BindingDB", "GDSC2"),
-                   batch_size: int = 8) -> int:
+                   batch_size: int = 8, device: str | None = None) -> int:
     """Compute ``09_retention``'s cached NLL entries from the far end: last seed, modality and model first.
 
     The defaults are the chapter's parameters (a test keeps them equal). Entries already cached
     are read, not recomputed. Returns the number of entries visited.
     """
-    config = scales.get(scale)
+    config = scales.get(scale, device=device)
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     seeds = tuple(specialist_seeds or config.specialist_seeds)

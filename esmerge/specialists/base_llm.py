@@ -32,7 +32,7 @@ import torch
 
 from esmerge import scales
 from esmerge.cache import cache_dir, content_key, file_sha256, tensor_digest
-from esmerge.errors import InputError, ModelUnavailableError  # noqa: F401 (re-exported: models.ModelUnavailableError)
+from esmerge.errors import InputError, ModelUnavailableError, UsageError  # noqa: F401 (re-exported: models.ModelUnavailableError)
 from esmerge.scales import ScaleConfig
 from esmerge.specialists.smollm2 import SMOLLM2_GGUF, cpu_base_folder, smollm2_gguf_path  # noqa: F401 (re-exported)
 
@@ -345,16 +345,21 @@ def load_base(config: ScaleConfig, seed: int = 0, dtype: torch.dtype | None = No
     """Load the base LLM of the scale ``config`` (``smoke``, ``cpu`` or ``paper``).
 
     ``dtype`` defaults to float32 for ``smoke`` and ``cpu`` and bfloat16 for ``paper``; ``device``
-    to the CPU for ``smoke`` and ``cpu`` (``"cuda"`` or ``"auto"``, the GPU when there is one, on
-    request) and to ``device_map="auto"`` for ``paper``. ``seed`` builds the ``smoke`` weights;
-    the other scales have fixed weights and ignore it.
+    defaults to ``config.device`` (``scales.get(name, device=...)``), else to the CPU for ``smoke``
+    and ``cpu`` and to ``device_map="auto"`` for ``paper``. ``"cuda"`` (or ``"cuda:N"``) runs a small
+    scale on a GPU with nothing else changed (float32 still); ``"auto"``, the GPU when there is one.
+    ``seed`` builds the ``smoke`` weights; the other scales have fixed weights and ignore it.
     """
     scale = config.name
+    device = device or config.device
     if scale == "paper":
         return load_paper(dtype=dtype or torch.bfloat16, device=device, **kwargs)
-    base = load_smoke(seed=seed, **kwargs) if scale == "smoke" else load_cpu(**kwargs)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r}: torch sees no GPU here (torch.cuda.is_available() is False); "
+                         "leave the device out to run on the CPU, or install a CUDA build of torch")
+    base = load_smoke(seed=seed, **kwargs) if scale == "smoke" else load_cpu(**kwargs)
     if dtype is not None or device is not None:
         base.model = base.model.to(device=device, dtype=dtype)
     return base

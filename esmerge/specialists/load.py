@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import save as tensors_to_bytes
 
 from esmerge import outputs
-from esmerge.cache import cache_dir, content_key, file_sha256, key_lock
+from esmerge.cache import cache_dir, content_key, file_sha256, key_lock, keyed_on_device
 from esmerge.errors import InputError, UsageError, check_seed
 from esmerge.paths import REPO_ROOT
 from esmerge.scales import ScaleConfig
@@ -406,7 +406,7 @@ def load_specialists(config: ScaleConfig, base: BaseModel, root=None, seed: int 
         return {m: load_specialist(dirs[m], base) for m in MODALITIES}
     if scale == "smoke":
         recipe = replace(config.train, seed=seed) if seed else config.train
-        key = content_key(base.weights_sha256, asdict(recipe), CODE_VERSION)
+        key = content_key(keyed_on_device(base.weights_sha256, base.model), asdict(recipe), CODE_VERSION)
         root = cache_dir() / "specialists" / "smoke" / key
         specs = {}
         for modality in MODALITIES:

@@ -206,10 +206,13 @@ def train_lora(base: BaseModel, modality: str, examples: list[Example], checkpoi
                    checkpoint_every=checkpoint_every, seed=seed)
     if not examples:
         raise SpecialistError(f"no {modality} training examples")
+    embedding_device = base.model.get_input_embeddings().weight.device
     recipe = {"modality": modality, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
               "max_tokens": max_tokens, "n_tokens": N_TOKENS, "bf16": bf16, "base": base.weights_sha256,
               # only when set, so checkpoints written before the option existed still resume
               **({"projector_lr_scale": projector_lr_scale} if projector_lr_scale != 1.0 else {}),
+              # likewise the device, off the CPU: a checkpoint resumes bit-identically only where it was made
+              **({"device": embedding_device.type} if embedding_device.type != "cpu" else {}),
               "examples": content_key([(e.uid, e.instruction, e.answer, e.raw) for e in examples])}
 
     from peft import get_peft_model  # peft is only needed to train
