@@ -157,14 +157,15 @@ def chapter_statuses(state: dict, executed: set[str], keys_now: dict[str, str],
     return out
 
 
-def banner_segments(status: ChapterStatus, origin: str) -> list[tuple[str, str]]:
+def banner_segments(status: ChapterStatus, origin: str, cold_seconds: float | None = None) -> list[tuple[str, str]]:
     """The chapter's freshness banner as ``(kind, text)`` pieces, ``kind`` ``text``, ``code`` or ``strong``.
 
     ``origin`` says where the rendered copy comes from ("shipped with the repository" or "a local
     run"). Pieces rather than markup, so the Sphinx extension builds nodes without parsing.
 
-    The run's duration is wall-clock, with whatever the content-keyed caches already held; the
-    Rerun page gives each chapter's time with empty caches.
+    The run's duration is wall-clock, with whatever the content-keyed caches already held; when that
+    is well under ``cold_seconds`` (the chapter's time with empty caches, from the Rerun page), the
+    banner gives both.
 
     >>> s = ChapterStatus("04_layerwise", "fresh", "3fc57be349c6dba6127b", "3fc57be349c6dba6127b",
     ...                   {"parameters": {"scale": "cpu", "seed": 0}, "commit": "0123456789abcdef",
@@ -172,6 +173,10 @@ def banner_segments(status: ChapterStatus, origin: str) -> list[tuple[str, str]]
     >>> print(banner_plain(banner_segments(s, "shipped with the repository")))  # doctest: +NORMALIZE_WHITESPACE
     Executed at scale cpu, seed 0, on 2026-12-02 in 2m10s from commit 0123456789ab (shipped with the
     repository); input key 3fc57be349c6dba6127b: matches the code now.
+    >>> print(banner_plain(banner_segments(s, "a local run", cold_seconds=4200)))  # doctest: +NORMALIZE_WHITESPACE
+    Executed at scale cpu, seed 0, on 2026-12-02 in 2m10s (reading what the caches held; 1h10m with empty
+    caches, book/rerun.md) from commit 0123456789ab (a local run); input key 3fc57be349c6dba6127b:
+    matches the code now.
     """
     from esmerge.progress import format_seconds
 
@@ -183,6 +188,9 @@ def banner_segments(status: ChapterStatus, origin: str) -> list[tuple[str, str]]
         parts.append(("text", f", on {entry['started'][:10]}"))
     if entry.get("seconds"):
         parts.append(("text", f" in {format_seconds(float(entry['seconds']))}"))
+        if cold_seconds and float(entry["seconds"]) < 0.8 * cold_seconds:
+            parts.append(("text", f" (reading what the caches held; {format_seconds(cold_seconds)} with empty "
+                                  "caches, book/rerun.md)"))
     if entry.get("commit"):
         parts += [("text", " from commit "), ("code", entry["commit"][:12])]
         if entry.get("uncommitted_changes"):

@@ -54,8 +54,9 @@ def rerun_page_seconds(text: str) -> dict[str, dict[str, float]]:
     return figures
 
 
-def _measured(scale: str) -> dict[str, float]:
-    page = BOOK_DIR / "rerun.md"  # absent from an installed wheel: then no estimate before a first run
+def cold_seconds(scale: str, page: Path = BOOK_DIR / "rerun.md") -> dict[str, float]:
+    """Notebook -> its measured time at ``scale`` with empty caches (``page``'s per-notebook table);
+    empty when the page is absent (an installed wheel: then no estimate before a first run)."""
     return rerun_page_seconds(page.read_text()).get(scale, {}) if page.is_file() else {}
 
 
@@ -72,7 +73,7 @@ def estimate(stem: str, scale: str, state: dict) -> Estimate | None:
     seconds = state.get("notebooks", {}).get(stem, {}).get("seconds")
     if seconds:
         return Estimate(float(seconds), "last run")
-    measured = _measured(scale).get(stem)
+    measured = cold_seconds(scale).get(stem)
     return Estimate(float(measured), "rerun.md") if measured else None
 
 

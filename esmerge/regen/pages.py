@@ -34,6 +34,7 @@ from esmerge.regen.freshness import (
     text_sha256,
 )
 from esmerge.regen.input_keys import current_keys, load_state
+from esmerge.regen.monitor import cold_seconds
 from esmerge.regen.notebook_graph import RegenerateError, discover
 from esmerge.regen.ship import load_shipment, shipped_dir
 from esmerge.regen.sphinx_freshness import DATA as FRESHNESS_DATA
@@ -159,7 +160,9 @@ def write_freshness(book: Path, scale: str, layout: Layout, source: ChapterSourc
     notebooks = discover(layout.notebooks)
     texts = {stem: text_sha256(notebooks[stem].path) for stem in keys}
     statuses = chapter_statuses(state, executed, keys, texts)
-    banners = {f"{source.chapters_dir}/{s.stem}": {"status": s.status, "segments": banner_segments(s, source.origin)}
+    cold = cold_seconds(scale, book / "rerun.md")
+    banners = {f"{source.chapters_dir}/{s.stem}": {"status": s.status,
+                                                   "segments": banner_segments(s, source.origin, cold.get(s.stem))}
                for s in statuses if s.stem in executed}
     text = json.dumps(banners, indent=1, sort_keys=True) + "\n"
     path = book / FRESHNESS_DATA
@@ -183,7 +186,9 @@ def build_book(scale: str, layout: Layout, log=print, prefer: str = "auto") -> P
     for line in summary_lines(rendered, source.chapters_dir):
         log(line)
     write_findings_page(layout.book, source.results, scale, chapters={
-        s.stem: (f"{source.chapters_dir}/{s.stem}.ipynb", banner_markdown(banner_segments(s, source.origin)))
+        s.stem: (f"{source.chapters_dir}/{s.stem}.ipynb",
+                 banner_markdown(banner_segments(s, source.origin, cold_seconds(scale, layout.book / "rerun.md")
+                                                 .get(s.stem))))
         for s in rendered if s.status != NO_SOURCE})
     write_toc(layout.book, scale, layout.notebooks, source.chapters_dir)
     out = layout.book / "_build"
