@@ -46,7 +46,7 @@ from esmerge.data.benchmark_pools import split_pools
 from esmerge.errors import OutputExistsError
 from esmerge.specialists.adapters import Adapter
 from esmerge.specialists.base_llm import load_base
-from esmerge.specialists.load import load_specialists
+from esmerge.specialists.per_scale import load_specialists
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -145,7 +145,7 @@ def throughput(args) -> None:
 
 
 def merge_effect(args) -> None:
-    from esmerge.specialists.load import load_specialists  # only this part needs the shipped specialists
+    from esmerge.specialists.per_scale import load_specialists  # only this part needs the shipped specialists
 
     base = load_base(scales.get(args.scale))
     spec = load_specialists(scales.get(args.scale), base)["molecule"]

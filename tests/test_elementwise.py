@@ -7,7 +7,7 @@ import torch
 
 from esmerge import scales
 from esmerge.errors import InputError
-from esmerge.signals import elementwise, gradients, probe
+from esmerge.signals import elementwise, gradients, probe, probe_states
 from esmerge.signals.element_scores import element_scores, element_scores_by_distance
 from esmerge.signals.hooks import block_outputs, lora_parameters
 from esmerge.specialists.adapters import attach
@@ -33,7 +33,7 @@ CELLS = ["CD3E, CD2, IL7R, LTB, CCR7", "MS4A1, CD79A, CD79B", "NKG7, GNLY, GZMB,
 def smoke_setup(tmp_path_factory):
     """The smoke base, its three trained specialists (cached in a temporary ESMERGE_CACHE) and real probes."""
     from esmerge.specialists.base_llm import load_base
-    from esmerge.specialists.load import load_specialists
+    from esmerge.specialists.per_scale import load_specialists
 
     patch = pytest.MonkeyPatch()
     patch.setenv("ESMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -45,7 +45,7 @@ def smoke_setup(tmp_path_factory):
     blocks = probe.encode_blocks(base, projectors, raw, {"molecule": 4, "protein": 4, "cell": 6})
     probes = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(), blocks, raw)
     peft_model = attach(base.model, {m: s.adapter for m, s in specialists.items()})
-    states = probe.collect_states(peft_model, list(specialists), probes)
+    states = probe_states.collect_states(peft_model, list(specialists), probes)
     yield peft_model, list(specialists), probes, states["base"]["tokens"]
     peft_model.unload()
     patch.undo()

@@ -214,7 +214,7 @@ def test_grad_batch_one_equals_the_per_probe_scores():
         context, adapters, probes = tiny_setting(None, seed=3)
         peft_model = attach(context.base.model, {"m": adapters[0]})
         try:
-            from esmerge.signals.probe import collect_states
+            from esmerge.signals.probe_states import collect_states
 
             tokens = collect_states(peft_model, ["m"], probes)["base"]["tokens"]
             per_probe = element_scores_by_distance(peft_model, probes.embeds, probes.positions, tokens, progress=False)

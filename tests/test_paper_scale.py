@@ -17,12 +17,13 @@ import torch
 from esmerge import scales
 from esmerge.methods import es_signals
 from esmerge.run.merge import PAPER_BASE_ENV, merge_command
-from esmerge.signals import probe
+from esmerge.signals import probe, probe_states
 from esmerge.specialists import encoders
 from esmerge.specialists.adapters import load_merged
 from esmerge.specialists.base_llm import load_paper
 from esmerge.specialists.encoders import Prot2TextEncoder, esm_token_ids
-from esmerge.specialists.load import PAPER_SPECIALISTS_ENV, SpecialistError, load_specialists
+from esmerge.specialists.load import SpecialistError
+from esmerge.specialists.per_scale import PAPER_SPECIALISTS_ENV, load_specialists
 from esmerge.specialists.raw_encoder import EncoderUnavailableError
 
 SEQUENCES = ["MKTAYIAKQR", "GAVLIPFWMKTW", "MSTNPK", "MAHHHHHHGSMKKLLPTA"]  # 10, 12, 6, 18 residues
@@ -104,14 +105,14 @@ def test_variable_length_element_scores_equal_each_sample_alone(paper, probe_inp
     peft_model = attach(base.model, {"protein": protein.adapter})
     try:
         with peft_model.disable_adapter():
-            states = probe.hidden_states(peft_model, probes)
+            states = probe_states.hidden_states(peft_model, probes)
         scores = es_signals.element_scores(peft_model, probes, states["tokens"])
         expected = None
         for k in range(3):
             alone = probe.build_probes(base.tokenizer, base.model.get_input_embeddings(),
                                        {"protein": blocks["protein"][k][None]})
             with peft_model.disable_adapter():
-                own = probe.hidden_states(peft_model, alone)["tokens"]
+                own = probe_states.hidden_states(peft_model, alone)["tokens"]
             one = element_scores_by_distance(peft_model, alone.embeds, alone.positions, own, progress=False)
             expected = one if expected is None else {d: {key: expected[d][key] + v for key, v in s.items()}
                                                      for d, s in one.items()}

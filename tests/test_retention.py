@@ -150,7 +150,7 @@ def test_claims_without_es_are_not_measured():
 # --------------------------------------------------------------------------- NLLs of real (smoke) models
 @pytest.fixture(scope="module")
 def smoke(private_cache):
-    from esmerge.specialists.load import load_specialists
+    from esmerge.specialists.per_scale import load_specialists
 
     torch.set_num_threads(1)
     base = load_base(scales.get("smoke"))

@@ -10,7 +10,7 @@ from esmerge.evaluate.retention_models import retention_models
 from esmerge.report import budget_curves
 from esmerge.run import all_methods
 from esmerge.run.merge import build_context
-from esmerge.specialists import load as S
+from esmerge.specialists import per_scale
 from esmerge.specialists.adapters import adapter_digest, is_merged
 
 
@@ -33,13 +33,13 @@ def test_each_specialist_seed_is_its_own_set_and_seed_zero_is_unchanged(cache):
 def test_paper_scale_has_one_seed_and_a_bad_seed_is_refused(cache):
     base = build_context(scales.get("smoke"), 0).base
     with pytest.raises(UsageError, match="specialist seed 1: the paper scale has one set"):
-        S.load_specialists(scales.get("paper"), base, seed=1)
+        per_scale.load_specialists(scales.get("paper"), base, seed=1)
     with pytest.raises(UsageError, match="specialist seed"):
-        S.load_specialists(scales.get("smoke"), base, seed=-1)
+        per_scale.load_specialists(scales.get("smoke"), base, seed=-1)
 
 
 def test_shipped_cpu_seed_replicates_verify_against_the_manifest():
-    dirs = {s: S.verify_shipped("cpu", s) for s in scales.get("cpu").specialist_seeds}
+    dirs = {s: per_scale.verify_shipped("cpu", s) for s in scales.get("cpu").specialist_seeds}
     assert [d["cell"].parent.name for d in dirs.values()] == ["cpu", "cpu-seed1", "cpu-seed2"]
 
 

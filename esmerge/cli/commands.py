@@ -50,10 +50,10 @@ def handle_data(args) -> int:
 def handle_train(args) -> int:
     import torch
 
-    from esmerge.specialists import load
+    from esmerge.specialists import load, per_scale
 
     if args.write_manifest:
-        print(f"wrote {load.write_manifest(args.scale, args.seed or 0)}")
+        print(f"wrote {per_scale.write_manifest(args.scale, args.seed or 0)}")
         return 0
     if args.modality is None:
         raise UsageError("--modality is required (molecule, protein or cell)")

@@ -170,7 +170,9 @@ def adamerging(adapters: list[Adapter], context=None, steps: int = 500, lr: floa
     group_of_key, labels = coefficient_groups(keys, granularity)
     groups = dict(zip(keys, group_of_key))
     stacked = {k: torch.stack([a.state[k].float() for a in adapters]) for k in keys}
-    coefficients = torch.full((len(adapters), len(labels)), float(init), requires_grad=True)
+    # on the adapters' device: the merged state is built there, and the objective puts it on the model's
+    coefficients = torch.full((len(adapters), len(labels)), float(init), requires_grad=True,
+                              device=stacked[keys[0]].device)
     optimizer = torch.optim.Adam([coefficients], lr=lr)
     history: list[float] = []
 

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import flop_registry
 from esmerge.cache import atomic_torch_save, atomic_write_json, cached, content_key, keyed_on_device, tensor_digest
 from esmerge.errors import UsageError
 from esmerge.methods.es_settings import PAPER_SETTINGS, SCORE_SETTINGS, resolve_settings
-from esmerge.signals import elementwise, probe, sliced
+from esmerge.signals import elementwise, probe, probe_states, sliced
 from esmerge.signals.element_scores import element_scores_by_distance
 from esmerge.signals.hooks import final_norm
 from esmerge.specialists.adapters import Adapter, adapter_digest, attach
@@ -125,7 +125,7 @@ def signals(adapters: list[Adapter], context, seed: int = 0, need_scores: bool =
     peft_model = attach(base.model, dict(zip(names, adapters)))
     try:
         states, pieces["states"] = counted(root / f"states-{states_key}.pt",
-                                           lambda: probe.collect_states(peft_model, names, probes))
+                                           lambda: probe_states.collect_states(peft_model, names, probes))
         equal = settings["equal_size"]
         if equal == "min":
             equal = len(probes)

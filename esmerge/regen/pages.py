@@ -45,10 +45,11 @@ STATIC_PAGES = ("paper_vs_code.md", "rerun.md", "bad_input.md", "api.md", "refer
 # Modules documented on the API page, when present in the package.
 API_MODULES = (
     "data", "data.files", "data.benchmarks", "data.benchmark_pools", "specialists", "specialists.base_llm",
-    "specialists.adapters", "specialists.encoders", "specialists.load", "signals", "signals.probe", "signals.sliced",
-    "signals.layerwise", "signals.diagnostics", "signals.elementwise", "signals.gradients", "signals.element_scores",
-    "signals.combine", "methods", "methods.es", "methods.es_settings", "evaluate", "report", "run", "run.merge",
-    "run.byo", "regen", "cache", "outputs", "paths", "progress",
+    "specialists.adapters", "specialists.encoders", "specialists.load", "specialists.per_scale", "signals",
+    "signals.probe", "signals.probe_states", "signals.sliced", "signals.layerwise", "signals.diagnostics",
+    "signals.elementwise", "signals.gradients", "signals.element_scores", "signals.combine", "methods", "methods.es",
+    "methods.es_settings", "evaluate", "report", "run", "run.merge", "run.byo", "regen", "cache", "outputs", "paths",
+    "progress",
 )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from esmerge.signals import elementwise, probe
+from esmerge.signals import elementwise, probe, probe_states
 from esmerge.signals.combine import combine, merge_lora
 from esmerge.specialists.adapters import Adapter, attach, parse_key, with_state
 
@@ -40,10 +40,10 @@ def merged_adapter(adapters: list[Adapter], lam: dict) -> Adapter:
 
 
 def merged_states(base_model, adapter: Adapter, probes: probe.Probes) -> dict:
-    """``probe.hidden_states`` of the base with ``adapter`` attached; the base is left clean afterwards."""
+    """``probe_states.hidden_states`` of the base with ``adapter`` attached; the base is left clean afterwards."""
     peft_model = attach(base_model, {"es": adapter})
     try:
-        return probe.hidden_states(peft_model, probes)
+        return probe_states.hidden_states(peft_model, probes)
     finally:
         peft_model.unload()
 
@@ -51,7 +51,7 @@ def merged_states(base_model, adapter: Adapter, probes: probe.Probes) -> dict:
 def merged_distances(merged: dict, states: dict, names: list[str], layer: int) -> pd.DataFrame:
     """Paper Fig. 8: mean distance between the merged model's and each specialist's pooled states at ``layer``.
 
-    Rows: the probe modality; columns: the specialist. ``merged`` as ``probe.hidden_states``
+    Rows: the probe modality; columns: the specialist. ``merged`` as ``probe_states.hidden_states``
     returns it; ``states[name]`` likewise per specialist.
 
     >>> pooled = lambda v: {"pooled": {"molecule": torch.full((1, 2, 3), v)}}

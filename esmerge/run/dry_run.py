@@ -32,7 +32,8 @@ from esmerge.run.dry_run_plan import (
     memory_bytes,
 )
 from esmerge.specialists import encoders
-from esmerge.specialists.load import paper_base, paper_specialists_dir
+from esmerge.specialists.load import paper_base
+from esmerge.specialists.per_scale import paper_specialists_dir
 from esmerge.specialists.raw_encoder import RawEncoder
 
 BASE_BYTES = 2  # load_paper loads the base in bf16

@@ -40,7 +40,8 @@ from esmerge.specialists.base_llm import (
     load_tokenizer,
     same_base_name,
 )
-from esmerge.specialists.load import PAPER_SOURCES, read_card
+from esmerge.specialists.load import read_card
+from esmerge.specialists.per_scale import PAPER_SOURCES
 from esmerge.specialists.raw_encoder import UnavailableEncoder
 
 SPECIALIST_FILES = ("card.json", "adapter_config.json", "adapter_model.safetensors")

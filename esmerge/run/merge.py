@@ -33,7 +33,8 @@ from esmerge.specialists.adapters import (
     save_merged,
 )
 from esmerge.specialists.base_llm import BaseModel, load_base, same_base_name
-from esmerge.specialists.load import PAPER_BASE_ENV, Specialist, load_specialists, paper_base  # noqa: F401 (PAPER_BASE_ENV re-exported)
+from esmerge.specialists.load import PAPER_BASE_ENV, Specialist, paper_base  # noqa: F401 (PAPER_BASE_ENV re-exported)
+from esmerge.specialists.per_scale import load_specialists
 from esmerge.specialists.raw_encoder import RawEncoder
 
 
@@ -154,7 +155,7 @@ def build_context(config: ScaleConfig, seed: int = 0, probe_k: int | None = None
 
     ``seed`` seeds the merge (probe sample, projections, baselines' data); ``specialist_seed`` is
     the training seed of the specialists (``config.specialist_seeds``; see
-    ``specialists.load.load_specialists``). ``probe_k``: probe samples per modality, default
+    ``specialists.per_scale.load_specialists``). ``probe_k``: probe samples per modality, default
     ``config.probe_k``. At ``paper``
     scale the base is ``paper_base(base_path)`` (hub id or local folder) and the specialists are
     read from ``specialists.paper_specialists_dir(specialists_dir)``; both are refused elsewhere.

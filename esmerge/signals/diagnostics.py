@@ -56,7 +56,7 @@ def massive_tokens(tokens: torch.Tensor, factor: float = 20.0, mask: torch.Tenso
     Parameters
     ----------
     tokens : Tensor, shape ``[L, K, T, d]``
-        Token states of one modality block (``probe.hidden_states``).
+        Token states of one modality block (``probe_states.hidden_states``).
     factor : float
         How many times the median norm a massive token exceeds.
     mask : Tensor, shape ``[K, T]``, optional

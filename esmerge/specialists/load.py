@@ -12,8 +12,8 @@ A specialist on disk is a standard PEFT adapter directory plus ``projector.safet
 are checked finite, it is written whole into a temporary sibling, ``card.json`` last (recording
 ``"esmerge_output": "specialist"``), and published by ``esmerge.outputs.publish`` while the
 trainer holds ``cache.key_lock`` on it; ``force`` replaces only an earlier trained specialist
-(never a merge, a converted specialist or a folder of other files). This module also checks
-the shipped ``cpu`` specialists against their sha256 and says how each scale gets its three.
+(never a merge, a converted specialist or a folder of other files). Which three each scale
+merges (the shipped ``cpu`` sets checked against their sha256) is ``esmerge.specialists.per_scale``.
 """
 from __future__ import annotations
 
@@ -21,17 +21,16 @@ import copy
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save as tensors_to_bytes
 
 from esmerge import outputs
-from esmerge.cache import cache_dir, content_key, file_sha256, key_lock, keyed_on_device
-from esmerge.errors import InputError, UsageError, check_seed
+from esmerge.cache import key_lock
+from esmerge.errors import InputError, UsageError
 from esmerge.paths import REPO_ROOT
 from esmerge.scales import ScaleConfig
 from esmerge.specialists import adapters as adapter_io
@@ -39,9 +38,7 @@ from esmerge.specialists import encoders
 from esmerge.specialists.adapters import Adapter, load_adapter, read_tensors, save_adapter
 from esmerge.specialists.base_llm import PAPER_MODEL_ID, BaseModel, load_base, lora_config
 from esmerge.specialists.captions import (
-    CODE_VERSION,
     INSTRUCTION,
-    MODALITIES,
     N_TOKENS,
     Example,
     SpecialistError,
@@ -52,9 +49,6 @@ from esmerge.specialists.raw_encoder import RawEncoder
 from esmerge.specialists.train import DESCRIPTION, clear_checkpoint, mean, train_lora
 
 SHIPPED_DIR = REPO_ROOT / "data_manifest" / "specialists"
-SHIPPED_MANIFEST = REPO_ROOT / "data_manifest" / "specialists.yaml"
-SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "projector.safetensors", "card.json")
-PAPER_SPECIALISTS_ENV = "ESMERGE_PAPER_SPECIALISTS"
 PAPER_BASE_ENV = "ESMERGE_PAPER_BASE"
 CHECKPOINT = "checkpoint"  # the resumable state of a run in progress, inside its output folder
 
@@ -286,13 +280,7 @@ def train_for_scale(config: ScaleConfig, modality: str, out_dir=None, *, base: B
     return train_specialist(base, modality, out_dir=out, config=config, **settings)
 
 
-# --------------------------------------------------------------------------- shipped and per-scale specialists
-def shipped_manifest() -> dict:
-    if not SHIPPED_MANIFEST.exists():
-        raise SpecialistError(f"{SHIPPED_MANIFEST} is missing: the shipped specialists cannot be verified")
-    return yaml.safe_load(SHIPPED_MANIFEST.read_text())
-
-
+# --------------------------------------------------------------------------- shipped set names, the paper base
 def shipped_set(scale: str, seed: int = 0) -> str:
     """The name of a shipped set of specialists: its folder under ``data_manifest/specialists`` and
     its section of ``specialists.yaml``. Seed 0 is the scale itself; the seed replicates (trained
@@ -304,129 +292,9 @@ def shipped_set(scale: str, seed: int = 0) -> str:
     return scale if seed == 0 else f"{scale}-seed{seed}"
 
 
-def verify_shipped(scale: str = "cpu", seed: int = 0) -> dict[str, Path]:
-    """Check every shipped specialist file of ``scale`` at training ``seed`` against its sha256 in
-    ``specialists.yaml``."""
-    name = shipped_set(scale, seed)
-    manifest = shipped_manifest().get(name)
-    if not manifest:
-        raise SpecialistError(f"{SHIPPED_MANIFEST} lists no {name!r} specialists")
-    dirs = {}
-    for modality in MODALITIES:
-        entry = manifest["specialists"][modality]
-        folder = REPO_ROOT / entry["path"]
-        for name, expected in entry["sha256"].items():
-            file = folder / name
-            if not file.exists():
-                raise SpecialistError(f"{file} is missing; restore it with "
-                                      f"`git checkout -- {file.relative_to(REPO_ROOT)}` "
-                                      f"or retrain with `esmerge train --scale {scale} --modality {modality} "
-                                      f"--seed {seed}`")
-            actual = file_sha256(file)
-            if actual != expected:
-                raise SpecialistError(f"{file}: sha256 {actual[:16]}... does not match {SHIPPED_MANIFEST.name} "
-                                      f"({expected[:16]}...); the file is corrupt or was retrained without "
-                                      "updating the manifest (`esmerge train --write-manifest`)")
-        dirs[modality] = folder
-    return dirs
-
-
-def write_manifest(scale: str = "cpu", seed: int = 0) -> Path:
-    """(Re)write the section of ``specialists.yaml`` of ``scale`` at training ``seed`` (``shipped_set``)
-    from the shipped directories."""
-    data = yaml.safe_load(SHIPPED_MANIFEST.read_text()) if SHIPPED_MANIFEST.exists() else {}
-    name = shipped_set(scale, seed)
-    section = {"specialists": {}}
-    for modality in MODALITIES:
-        folder = SHIPPED_DIR / name / modality
-        if not is_finished(folder):
-            raise SpecialistError(f"{folder} holds no finished specialist")
-        card = read_card(folder)
-        section["base_name"], section["base_weights_sha256"] = card["base_name"], card["base_weights_sha256"]
-        section["specialists"][modality] = {
-            "path": str(folder.relative_to(REPO_ROOT)),
-            "steps": card["steps"], "batch_size": card["batch_size"], "lr": card["lr"], "seed": card["seed"],
-            "sha256": {f: file_sha256(folder / f) for f in SHIPPED_FILES if (folder / f).exists()},
-        }
-    if any(entry["seed"] != seed for entry in section["specialists"].values()):
-        raise SpecialistError(f"{SHIPPED_DIR / name} holds specialists trained at another seed than {seed}")
-    data[name] = section
-    SHIPPED_MANIFEST.write_text(yaml.safe_dump(data, sort_keys=False))
-    return SHIPPED_MANIFEST
-
-
 def paper_base(base_path: str | None = None) -> str:
     """The ``paper`` base: ``base_path``, else ``$ESMERGE_PAPER_BASE``, else LLaMA-3.1-8B-Instruct's hub id."""
     return str(base_path or os.environ.get(PAPER_BASE_ENV) or PAPER_MODEL_ID)
-
-
-def paper_specialists_dir(root=None) -> Path:
-    """Where the converted paper-scale specialists live: ``root``, else ``$ESMERGE_PAPER_SPECIALISTS``,
-    else ``data_manifest/specialists/paper`` (one folder per modality)."""
-    return Path(root or os.environ.get(PAPER_SPECIALISTS_ENV) or SHIPPED_DIR / "paper")
-
-
-# How each paper-scale specialist folder is made (the published checkpoints; the cell one is a substitute).
-PAPER_SOURCES = {
-    "molecule": "esmerge convert mol-llama DongkiKim/Mol-Llama-3.1-8B-Instruct {folder}",
-    "protein": "esmerge convert prot2text xiao-fei/Prot2Text-V2-11B-Instruct-hf {folder} "
-               "--base meta-llama/Llama-3.1-8B-Instruct",
-    "cell": "esmerge train --scale paper --modality cell --out {folder}",
-}
-
-
-def _paper_folder(root: Path, modality: str) -> Path:
-    folder = root / modality
-    if not is_finished(folder):
-        raise SpecialistError(f"{folder} holds no converted {modality} specialist; make it with "
-                              f"`{PAPER_SOURCES[modality].format(folder=folder)}` (or point "
-                              f"{PAPER_SPECIALISTS_ENV} at the folder holding molecule/, protein/, cell/)")
-    return folder
-
-
-def load_specialists(config: ScaleConfig, base: BaseModel, root=None, seed: int = 0) -> dict[str, Specialist]:
-    """The three specialists of the scale ``config`` trained at ``seed``, ordered molecule, protein, cell.
-
-    * ``cpu``: the shipped ones in ``data_manifest/specialists/<shipped_set(scale, seed)>/<modality>/``
-      (seed 0: ``cpu/``; the seed replicates: ``cpu-seed1/``, ...), after checking their sha256
-      against ``data_manifest/specialists.yaml``.
-    * ``smoke``: tiny specialists on the hand-made examples, trained in seconds (the smoke
-      ``config.train``) and cached under ``cache_dir()`` keyed by the base weights, recipe
-      and code version; a second process waits for the first and reuses its specialists.
-    * ``paper``: the converted ones (``esmerge convert``; the cell one trained by ``esmerge train
-      --scale paper --modality cell``, a substitute for Cell-o1) in ``<root>/<modality>/``, ``root``
-      from ``paper_specialists_dir``. Each card's ``encoder`` entry builds its modality encoder
-      (``encoders.build_encoder``): ESM-2 + adapter for proteins (blocks of length + 2),
-      Mol-LLaMA's own encoder for molecules when that optional extra is installed.
-    """
-    check_seed(seed, "specialist seed")
-    scale = config.name
-    if scale == "cpu":
-        dirs = verify_shipped("cpu", seed)
-        return {m: load_specialist(dirs[m], base) for m in MODALITIES}
-    if scale == "smoke":
-        recipe = replace(config.train, seed=seed) if seed else config.train
-        key = content_key(keyed_on_device(base.weights_sha256, base.model), asdict(recipe), CODE_VERSION)
-        root = cache_dir() / "specialists" / "smoke" / key
-        specs = {}
-        for modality in MODALITIES:
-            folder = root / modality
-            with key_lock(folder):
-                if is_finished(folder):
-                    specs[modality] = load_specialist(folder, base)
-                    continue
-                examples, info = load_examples(modality, "train", config)
-                settings = recipe.settings_for(modality) | dict(resume=True, checkpoint_every=25, stop_after=None,
-                                                                progress=False)
-                specs[modality] = _train_into(base, modality, folder, settings, False, examples, info, None)
-        return specs
-    if scale == "paper":
-        if seed:
-            raise UsageError(f"specialist seed {seed}: the paper scale has one set of specialists, the published "
-                             "ones (seed 0)")
-        root = paper_specialists_dir(root)
-        return {m: load_specialist(_paper_folder(root, m), base) for m in MODALITIES}
-    raise AssertionError(f"unreachable: scale {scale!r}")
 
 
 # --------------------------------------------------------------------------- CLI
