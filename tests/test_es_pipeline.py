@@ -125,6 +125,7 @@ def test_element_scores_follow_the_active_adapter_when_several_are_attached(cont
     """With all three adapters in one PeftModel, scores of each must equal scores with it alone."""
     from esmerge.signals import probe as probe_mod
     from esmerge.signals.element_scores import element_scores
+    from esmerge.signals.probe_states import collect_states
     from esmerge.specialists.adapters import attach
 
     base = context.base
@@ -136,7 +137,7 @@ def test_element_scores_follow_the_active_adapter_when_several_are_attached(cont
     names = list(specs)
     together = attach(base.model, {n: specs[n].adapter for n in names})
     try:
-        base_tokens = probe_mod.collect_states(together, names, probes)["base"]["tokens"]
+        base_tokens = collect_states(together, names, probes)["base"]["tokens"]
         joint = {}
         for n in names:
             together.set_adapter(n)
