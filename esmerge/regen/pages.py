@@ -152,8 +152,12 @@ def chapter_source(scale: str, layout: Layout, prefer: str = "auto") -> ChapterS
                          f"shipped with the repository on {shipment.get('shipped', '?')[:10]} at {commit}")
 
 
-def write_freshness(book: Path, scale: str, layout: Layout, source: ChapterSource) -> list:
-    """Write ``book/_freshness.json`` (every rendered chapter's banner); return the chapter statuses."""
+def write_freshness(book: Path, scale: str, layout: Layout, source: ChapterSource,
+                    cold: dict[str, float] | None = None) -> list:
+    """Write ``book/_freshness.json`` (every rendered chapter's banner); return the chapter statuses.
+
+    ``cold``: notebook -> its time with empty caches (``monitor.cold_seconds``), shown beside a faster run's.
+    """
     state = load_state(source.state)
     executed = {p.stem for p in (book / source.chapters_dir).glob("[0-9][0-9]_*.ipynb")}
     seeds = {e.get("parameters", {}).get("seed", 0) for e in state["notebooks"].values()}
@@ -161,7 +165,7 @@ def write_freshness(book: Path, scale: str, layout: Layout, source: ChapterSourc
     notebooks = discover(layout.notebooks)
     texts = {stem: text_sha256(notebooks[stem].path) for stem in keys}
     statuses = chapter_statuses(state, executed, keys, texts)
-    cold = cold_seconds(scale, book / "rerun.md")
+    cold = cold or {}
     banners = {f"{source.chapters_dir}/{s.stem}": {"status": s.status,
                                                    "segments": banner_segments(s, source.origin, cold.get(s.stem))}
                for s in statuses if s.stem in executed}
@@ -182,14 +186,14 @@ def build_book(scale: str, layout: Layout, log=print, prefer: str = "auto") -> P
     source = chapter_source(scale, layout, prefer)
     log(f"  chapters    {source.chapters_dir}/ ({source.origin})")
     write_api_page(layout.book, layout.package)
-    statuses = write_freshness(layout.book, scale, layout, source)
+    cold = cold_seconds(scale, layout.book / "rerun.md")  # read once: every banner of the book shows it
+    statuses = write_freshness(layout.book, scale, layout, source, cold)
     rendered = [s for s in statuses if s.status != NOT_EXECUTED]
     for line in summary_lines(rendered, source.chapters_dir):
         log(line)
     write_findings_page(layout.book, source.results, scale, chapters={
         s.stem: (f"{source.chapters_dir}/{s.stem}.ipynb",
-                 banner_markdown(banner_segments(s, source.origin, cold_seconds(scale, layout.book / "rerun.md")
-                                                 .get(s.stem))))
+                 banner_markdown(banner_segments(s, source.origin, cold.get(s.stem))))
         for s in rendered if s.status != NO_SOURCE})
     write_toc(layout.book, scale, layout.notebooks, source.chapters_dir)
     out = layout.book / "_build"
